@@ -1,0 +1,128 @@
+"""A node's data directory: its key, its certificate, what it trusts, its ledger.
+
+Layout::
+
+    DIR/node.key        Ed25519 private key of this node (mode 0600)
+    DIR/store.key       the store key, only on the node that enrols others (mode 0600)
+    DIR/node.json       node id, store id, role, certificate and trust store
+    DIR/ledger.sqlite   the durable ledger (mesh.ledger)
+
+Invariants:
+ 1. ``node.json`` is replaced atomically (write to a temp file, fsync, rename), so a
+    crash leaves the old or the new file, never half of one.
+ 2. Loading re-verifies every certificate against the store key: a tampered file is
+    refused, not trusted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from mesh.identity import Certificate, NodeKey, TrustStore, issue_certificate
+
+__all__ = ["DEFAULT_VALIDITY_MS", "NodeIdentity", "enrol_node", "init_store", "load_identity"]
+
+#: Certificates issued by ``store init`` / join tokens are valid for a year; renewal
+#: re-issues them (a revoked node is refused whatever its expiry).
+DEFAULT_VALIDITY_MS = 365 * 24 * 3600 * 1000
+
+
+@dataclass(slots=True)
+class NodeIdentity:
+    data_dir: Path
+    node_id: str
+    store_id: str
+    role: str
+    key: NodeKey
+    certificate: Certificate
+    trust: TrustStore
+    store_key: NodeKey | None = None
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.data_dir / "ledger.sqlite"
+
+    def save(self) -> None:
+        """Write node.json atomically (invariant 1)."""
+        doc: dict[str, Any] = {
+            "node_id": self.node_id,
+            "store_id": self.store_id,
+            "role": self.role,
+            "certificate": self.certificate.to_dict(),
+            "trust": self.trust.to_dict(),
+        }
+        path = self.data_dir / "node.json"
+        tmp = path.with_suffix(".json.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+
+def init_store(
+    data_dir: Path, store_id: str, *, now_ms: int, node_id: str | None = None,
+    validity_ms: int = DEFAULT_VALIDITY_MS,
+) -> NodeIdentity:
+    """Create a store key and the store's first node (an edge node) in ``data_dir``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if (data_dir / "node.json").exists():
+        raise FileExistsError(f"{data_dir} already holds a node; use another directory")
+    store_key = NodeKey.load_or_create(data_dir / "store.key")
+    return enrol_node(
+        data_dir, store_key, store_id, "edge", now_ms=now_ms, node_id=node_id,
+        validity_ms=validity_ms, keep_store_key=True,
+    )
+
+
+def enrol_node(
+    data_dir: Path, store_key: NodeKey, store_id: str, role: str, *, now_ms: int,
+    node_id: str | None = None, validity_ms: int = DEFAULT_VALIDITY_MS,
+    keep_store_key: bool = False, trust: TrustStore | None = None,
+) -> NodeIdentity:
+    """Create (or reuse) the node key in ``data_dir`` and enrol it with ``store_key``.
+
+    This is the local path (the store owner's machine, tests). Over the network, a
+    register joins with a one-time token instead and receives the same certificate.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = NodeKey.load_or_create(data_dir / "node.key")
+    node_id = node_id or f"{role}-{key.fingerprint[:8]}"
+    cert = issue_certificate(
+        store_key, node_id=node_id, store_id=store_id, role=role,
+        public_key=key.public_key, not_after=now_ms + validity_ms,
+    )
+    trust = trust or TrustStore(store_id, store_key.public_key)
+    trust.add_certificate(cert)
+    ident = NodeIdentity(data_dir, node_id, store_id, role, key, cert, trust,
+                         store_key if keep_store_key else None)
+    ident.save()
+    return ident
+
+
+def load_identity(data_dir: Path) -> NodeIdentity:
+    """Load a node's identity; raises FileNotFoundError with a hint if there is none."""
+    path = data_dir / "node.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{data_dir} holds no node (no node.json): run 'storemesh store init' or join "
+            "with a token first"
+        )
+    doc = orjson.loads(path.read_bytes())
+    key = NodeKey.load_or_create(data_dir / "node.key")
+    cert = Certificate.from_dict(doc["certificate"])
+    trust = TrustStore.from_dict(doc["trust"])
+    trust.add_certificate(cert)
+    if cert.public_key != key.public_key:
+        raise ValueError(f"{data_dir}: node.key does not match the certificate in node.json")
+    store_key_path = data_dir / "store.key"
+    store_key = NodeKey.load_or_create(store_key_path) if store_key_path.exists() else None
+    return NodeIdentity(data_dir, doc["node_id"], doc["store_id"], doc["role"], key, cert,
+                        trust, store_key)

@@ -1,0 +1,149 @@
+"""Typed errors.
+
+Two kinds (STYLE.md): a *local* error is the caller's mistake and is raised with a
+message that says what to do (``CommandError`` and subclasses); a *remote* error is a
+peer's or an input's fault (``EnvelopeError`` and subclasses): the receiver drops the
+input, counts it under ``reason`` and keeps serving.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadSignature",
+    "BrokenChain",
+    "CertificateError",
+    "ClockSkew",
+    "CommandError",
+    "EnvelopeError",
+    "Equivocation",
+    "ExpiredCertificate",
+    "Forbidden",
+    "KeyPermissionError",
+    "LedgerError",
+    "Malformed",
+    "NotEnrolled",
+    "Oversized",
+    "RevokedCertificate",
+    "SeqGap",
+    "StorageFull",
+    "UnknownOrigin",
+    "UnknownSku",
+    "WrongStore",
+]
+
+
+class EnvelopeError(Exception):
+    """An envelope (or message) from outside was refused.
+
+    ``reason`` is a short stable label used as the metric/log key.
+    """
+
+    reason = "invalid"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+class Malformed(EnvelopeError):
+    reason = "malformed"
+
+
+class Oversized(EnvelopeError):
+    reason = "oversized"
+
+
+class UnknownOrigin(EnvelopeError):
+    reason = "unknown_origin"
+
+
+class CertificateError(EnvelopeError):
+    reason = "bad_certificate"
+
+
+class NotEnrolled(CertificateError):
+    reason = "not_enrolled"
+
+
+class RevokedCertificate(CertificateError):
+    reason = "revoked"
+
+
+class ExpiredCertificate(CertificateError):
+    reason = "expired"
+
+
+class BadSignature(EnvelopeError):
+    reason = "bad_signature"
+
+
+class WrongStore(EnvelopeError):
+    reason = "wrong_store"
+
+
+class Forbidden(EnvelopeError):
+    """The ops touch something the origin may not write."""
+
+    reason = "forbidden"
+
+
+class BrokenChain(EnvelopeError):
+    """``prev`` does not match the hash of the origin's previous envelope."""
+
+    reason = "broken_chain"
+
+
+class SeqGap(EnvelopeError):
+    """The envelope's seq is beyond what can be buffered (too far in the future)."""
+
+    reason = "seq_gap"
+
+
+class Equivocation(EnvelopeError):
+    """Two different signed envelopes for the same (origin, seq): proof of a faulty node."""
+
+    reason = "equivocation"
+
+    def __init__(self, message: str, origin: str, seq: int, first: bytes, second: bytes) -> None:
+        super().__init__(message)
+        self.origin = origin
+        self.seq = seq
+        self.first = first
+        self.second = second
+
+
+class ClockSkew(EnvelopeError):
+    """The envelope's HLC is further ahead of our clock than ``MAX_CLOCK_SKEW_MS``."""
+
+    reason = "clock_skew"
+
+
+class CommandError(Exception):
+    """A local command was refused (caller's mistake); nothing was changed.
+
+    ``field`` names the offending input field, for 4xx JSON bodies.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class UnknownSku(CommandError):
+    pass
+
+
+class KeyPermissionError(Exception):
+    """A key file is readable by others; refuse to use it."""
+
+
+class LedgerError(Exception):
+    """The durable ledger failed (I/O error, corruption)."""
+
+
+class StorageFull(LedgerError):
+    """The disk is full: the write was not made durable and was not acknowledged."""

@@ -1,0 +1,711 @@
+"""The replicated state of one store, as one node holds it.
+
+A ``Replica`` is pure: no I/O, no clock, no randomness. Local commands take ``now_ms``
+and return signed envelopes; remote envelopes (already verified by
+``mesh.envelope.verify``) go in through ``apply``. Persisting and pushing envelopes is
+the caller's job (``mesh.durable``, the node runtime, the simulator).
+
+Invariants:
+ 1. Per origin, envelopes are applied in seq order without gaps, each linking to the
+    hash of the one before (``prev``). ``vv[origin]`` is the highest applied seq.
+ 2. ``apply`` is idempotent by (origin, seq): a second copy of an applied envelope
+    changes nothing; a *different* envelope for an applied (origin, seq) is
+    equivocation, kept as evidence and raised, and changes nothing.
+ 3. An envelope that arrives ahead of a gap is buffered (bounded per origin) and
+    applied once the gap fills, so any arrival order gives the same state.
+ 4. An envelope is applied whole or not at all: every check that can fail runs before
+    the first mutation.
+ 5. ``stock[sku]`` is a PN-counter; ``reservations`` an add-wins OR-set of reservation
+    ids with immutable records; ``available = on_hand - reserved``.
+ 6. The oversell exception list is a function of the *set* of applied envelopes only:
+    stock events are ordered by (HLC, origin, seq) and every event that lowers
+    availability below zero is flagged — the same list at every replica holding the
+    same envelopes, whatever order they arrived in.
+ 7. A txn id is used once per origin: a repeated local command with the same txn id
+    and the same content returns the original result and changes nothing; the same
+    txn id with other content is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+import pycrdt
+
+from mesh import config
+from mesh.crdt import HLC, ORSet, PNCounter, VersionVector
+from mesh.envelope import Envelope, seal
+from mesh.errors import (
+    BrokenChain,
+    ClockSkew,
+    CommandError,
+    Equivocation,
+    Malformed,
+    SeqGap,
+    UnknownSku,
+    WrongStore,
+)
+from mesh.identity import NodeKey
+
+__all__ = [
+    "ApplyResult",
+    "CommandResult",
+    "OversellException",
+    "Replica",
+    "Reservation",
+]
+
+#: Event kinds that consume availability and can therefore be oversell losers.
+_CONSUMING: Final = ("sale", "reserve", "fulfil", "adjust")
+_KINDS: Final = (
+    "receipt", "sale", "return", "adjust", "reserve", "release", "fulfil", "expire", "catalog"
+)
+_KIND_CODE: Final = {k: i for i, k in enumerate(_KINDS)}
+
+
+class ApplyResult(enum.Enum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    PENDING = "pending"
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    id: str
+    sku: str
+    qty: int
+    channel: str
+    order: str | None
+    expires: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class OversellException:
+    """A stock event that took availability below zero (the loser of a race)."""
+
+    sku: str
+    origin: str
+    seq: int
+    hlc: int
+    kind: str
+    short: int  # units of this event that were not there
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sku": self.sku, "origin": self.origin, "seq": self.seq, "hlc": self.hlc,
+            "kind": self.kind, "short": self.short,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """What a local command did. ``envelope`` is None when nothing needed to change."""
+
+    envelope: Envelope | None
+    origin: str
+    seq: int
+    duplicate: bool = False
+    reservation_id: str | None = None
+
+
+class _SkuEvents:
+    """Stock events of one SKU in (HLC, origin, seq) order, as compact parallel arrays.
+
+    A million events cost ~30 MB here against ~170 MB as tuples.
+    """
+
+    __slots__ = ("cache", "d_oh", "d_res", "hlc", "kind", "origin", "seq")
+
+    def __init__(self) -> None:
+        self.hlc = array("q")
+        self.origin: list[str] = []
+        self.seq = array("q")
+        self.d_oh = array("q")
+        self.d_res = array("q")
+        self.kind = array("b")
+        self.cache: list[OversellException] | None = None
+
+    def insert(self, hlc: int, origin: str, seq: int, d_oh: int, d_res: int, kind: int) -> None:
+        n = len(self.hlc)
+        if n == 0 or (self.hlc[-1], self.origin[-1], self.seq[-1]) < (hlc, origin, seq):
+            i = n  # the common case: events mostly arrive in HLC order
+        else:
+            lo = bisect_left(self.hlc, hlc)
+            hi = bisect_right(self.hlc, hlc, lo)
+            i = lo
+            while i < hi and (self.origin[i], self.seq[i]) < (origin, seq):
+                i += 1
+        self.hlc.insert(i, hlc)
+        self.origin.insert(i, origin)
+        self.seq.insert(i, seq)
+        self.d_oh.insert(i, d_oh)
+        self.d_res.insert(i, d_res)
+        self.kind.insert(i, kind)
+        self.cache = None
+
+    def exceptions(self, sku: str) -> list[OversellException]:
+        if self.cache is None:
+            out: list[OversellException] = []
+            on_hand = reserved = 0
+            for i in range(len(self.hlc)):
+                d_oh, d_res = self.d_oh[i], self.d_res[i]
+                on_hand += d_oh
+                reserved += d_res
+                available = on_hand - reserved
+                lowered = d_res - d_oh
+                if lowered > 0 and available < 0:
+                    out.append(OversellException(
+                        sku, self.origin[i], self.seq[i], self.hlc[i], _KINDS[self.kind[i]],
+                        min(lowered, -available),
+                    ))
+            self.cache = out
+        return self.cache
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "hlc": base64.b64encode(self.hlc.tobytes()).decode(),
+            "origin": self.origin,
+            "seq": base64.b64encode(self.seq.tobytes()).decode(),
+            "d_oh": base64.b64encode(self.d_oh.tobytes()).decode(),
+            "d_res": base64.b64encode(self.d_res.tobytes()).decode(),
+            "kind": base64.b64encode(self.kind.tobytes()).decode(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> _SkuEvents:
+        ev = cls()
+        ev.hlc.frombytes(base64.b64decode(d["hlc"]))
+        ev.origin = list(d["origin"])
+        ev.seq.frombytes(base64.b64decode(d["seq"]))
+        ev.d_oh.frombytes(base64.b64decode(d["d_oh"]))
+        ev.d_res.frombytes(base64.b64decode(d["d_res"]))
+        ev.kind.frombytes(base64.b64decode(d["kind"]))
+        return ev
+
+
+def _check_qty(qty: object, field: str = "qty") -> int:
+    if type(qty) is not int or not 0 < qty <= config.MAX_QTY:
+        raise CommandError(f"{field} must be an integer in 1..{config.MAX_QTY}", field)
+    return qty
+
+
+def _check_id(value: object, field: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > config.MAX_ID_LEN:
+        raise CommandError(
+            f"{field} must be a non-empty string of at most {config.MAX_ID_LEN} characters", field
+        )
+    return value
+
+
+class Replica:
+    """One node's replica of a store's stock, reservations and catalog."""
+
+    def __init__(
+        self, store_id: str, node_id: str, role: str, key: NodeKey | None = None
+    ) -> None:
+        self.store_id = store_id
+        self.node_id = node_id
+        self.role = role
+        self.key = key
+        self.stock: dict[str, PNCounter] = {}
+        self.reservations = ORSet()
+        self.records: dict[str, Reservation] = {}
+        self.vv = VersionVector()
+        self.hlc = HLC()
+        self.catalog: pycrdt.Doc[Any] = pycrdt.Doc()
+        self.evidence: list[Equivocation] = []
+        self.last_change: dict[str, int] = {}  # sku -> HLC of the last event touching it
+        self._reserved: dict[str, int] = {}
+        self._dot_owner: dict[tuple[str, int], str] = {}
+        self._hashes: dict[str, bytearray] = {}  # origin -> 32-byte hashes, seq 1..vv
+        self._pending: dict[str, dict[int, Envelope]] = {}
+        self._events: dict[str, _SkuEvents] = {}
+        self._txns: dict[str, tuple[int, str]] = {}  # local txn -> (seq, fingerprint)
+
+    # --- queries ------------------------------------------------------------------
+
+    def on_hand(self, sku: str) -> int:
+        counter = self.stock.get(sku)
+        return counter.value if counter is not None else 0
+
+    def reserved(self, sku: str) -> int:
+        return self._reserved.get(sku, 0)
+
+    def available(self, sku: str) -> int:
+        return self.on_hand(sku) - self.reserved(sku)
+
+    def skus(self) -> list[str]:
+        return sorted(set(self.stock) | set(self._reserved))
+
+    def knows_sku(self, sku: str) -> bool:
+        return sku in self.stock or sku in self._events
+
+    def exceptions(self, sku: str | None = None) -> list[OversellException]:
+        if sku is not None:
+            events = self._events.get(sku)
+            return list(events.exceptions(sku)) if events else []
+        out: list[OversellException] = []
+        for s in sorted(self._events):
+            out.extend(self._events[s].exceptions(s))
+        return out
+
+    def oversold_units(self) -> int:
+        return sum(e.short for e in self.exceptions())
+
+    def active_reservations(self, sku: str | None = None) -> list[Reservation]:
+        recs = (self.records[r] for r in sorted(self.reservations.elements()))
+        return [r for r in recs if sku is None or r.sku == sku]
+
+    def head(self, origin: str) -> bytes | None:
+        """Hash of the newest applied envelope of ``origin``."""
+        return self.hash_at(origin, self.vv.get(origin))
+
+    def hash_at(self, origin: str, seq: int) -> bytes | None:
+        hashes = self._hashes.get(origin)
+        if hashes is None or not 0 < seq <= len(hashes) // 32:
+            return None
+        return bytes(hashes[(seq - 1) * 32 : seq * 32])
+
+    def pending_count(self) -> int:
+        return sum(len(p) for p in self._pending.values())
+
+    def state_digest(self) -> bytes:
+        """Canonical bytes of the converging state, for comparing replicas."""
+        return orjson.dumps(
+            {
+                "stock": {s: c.to_dict() for s, c in self.stock.items()},
+                "reservations": sorted(self.reservations.elements()),
+                "vv": self.vv.to_dict(),
+                "exceptions": [e.to_dict() for e in self.exceptions()],
+            },
+            option=orjson.OPT_SORT_KEYS,
+        )
+
+    # --- applying envelopes -----------------------------------------------------------
+
+    def apply(
+        self, env: Envelope, now_ms: int | None = None, *, check_skew: bool = True
+    ) -> list[Envelope]:
+        """Apply a verified envelope; returns the envelopes applied (in order).
+
+        That is ``[env]`` plus any buffered successors it unblocked; ``[]`` for a
+        duplicate or a buffered envelope (see ``classify``). Raises ``EnvelopeError``
+        subclasses for anything that must be refused; then nothing changed.
+        """
+        if env.store != self.store_id:
+            raise WrongStore(f"envelope for store {env.store!r}, this is {self.store_id!r}")
+        if check_skew and now_ms is not None:
+            ahead = (env.hlc >> 16) - now_ms
+            if ahead > config.MAX_CLOCK_SKEW_MS:
+                raise ClockSkew(f"HLC of {env.origin} seq {env.seq} is {ahead} ms ahead")
+        status = self.classify(env)
+        if status is not None:
+            if status is ApplyResult.PENDING:
+                self._pending.setdefault(env.origin, {})[env.seq] = env
+            return []
+        applied = [self._apply_next(env, now_ms)]
+        pending = self._pending.get(env.origin)
+        while pending:
+            nxt = pending.pop(self.vv.get(env.origin) + 1, None)
+            if nxt is None:
+                break
+            try:
+                applied.append(self._apply_next(nxt, now_ms))
+            except BrokenChain:
+                pending.clear()  # a fork from a faulty origin; anti-entropy re-fetches
+                break
+        if pending is not None and not pending:
+            del self._pending[env.origin]
+        return applied
+
+    def classify(self, env: Envelope) -> ApplyResult | None:
+        """Duplicate / pending / None (= applicable now). Raises on equivocation or gaps."""
+        head = self.vv.get(env.origin)
+        if env.seq <= head:
+            known = self.hash_at(env.origin, env.seq)
+            if known != env.hash:
+                self._equivocation(env, known)
+            return ApplyResult.DUPLICATE
+        if env.seq == head + 1:
+            return None
+        pending = self._pending.get(env.origin, {})
+        other = pending.get(env.seq)
+        if other is not None:
+            if other.hash != env.hash:
+                self._equivocation(env, None, other.raw)
+            return ApplyResult.DUPLICATE
+        if env.seq - head > config.MAX_PENDING_PER_ORIGIN or (
+            len(pending) >= config.MAX_PENDING_PER_ORIGIN
+        ):
+            raise SeqGap(
+                f"{env.origin} seq {env.seq} is too far ahead of {head}; fetch the gap first"
+            )
+        return ApplyResult.PENDING
+
+    def _equivocation(self, env: Envelope, known: bytes | None, first_raw: bytes = b"") -> None:
+        err = Equivocation(
+            f"{env.origin} signed two different envelopes for seq {env.seq}",
+            env.origin, env.seq, first_raw or (known or b""), env.raw,
+        )
+        if len(self.evidence) < config.MAX_EVIDENCE:
+            self.evidence.append(err)
+        raise err
+
+    def _apply_next(self, env: Envelope, now_ms: int | None) -> Envelope:
+        """Apply the envelope that directly follows the origin's head (invariant 4)."""
+        expected = self.head(env.origin)
+        if env.prev != expected:
+            raise BrokenChain(
+                f"{env.origin} seq {env.seq}: prev does not match the hash of seq {env.seq - 1}"
+            )
+        plan = self._plan(env)  # all checks; raises before any mutation
+        self._mutate(env, plan)
+        if now_ms is None:
+            if env.hlc > self.hlc.last:
+                self.hlc = HLC(env.hlc)
+        else:
+            self.hlc.update(env.hlc, now_ms)
+        self.vv.advance(env.origin, env.seq)
+        self._hashes.setdefault(env.origin, bytearray()).extend(env.hash)
+        if env.origin == self.node_id:
+            txn = env.meta["txn"]
+            self._txns[txn] = (env.seq, _fingerprint(env.meta))
+        return env
+
+    def _plan(self, env: Envelope) -> list[tuple[str, Any]]:
+        plan: list[tuple[str, Any]] = []
+        for op in env.ops:
+            t = op["t"]
+            if t == "pn":
+                old_p, old_n = self.stock[op["sku"]].entry(op["r"]) if op["sku"] in self.stock \
+                    else (0, 0)
+                if op["p"] < old_p or op["n"] < old_n:
+                    raise Malformed(f"{env.origin} seq {env.seq}: counter entry went backwards")
+                plan.append(("pn", (op, op["p"] - old_p - (op["n"] - old_n))))
+            elif t == "rs":
+                try:
+                    delta = ORSet.from_dict({"e": op["e"], "c": {"vv": {}, "cloud": op["c"]}})
+                except ValueError as exc:
+                    raise Malformed(f"reservation delta: {exc}") from None
+                plan.append(("rs", (op, delta)))
+            elif t == "cat":
+                plan.append(("cat", base64.b64decode(op["u"])))
+        return plan
+
+    def _mutate(self, env: Envelope, plan: list[tuple[str, Any]]) -> None:
+        d_oh: dict[str, int] = {}
+        d_res: dict[str, int] = {}
+        for t, item in plan:
+            if t == "cat":
+                # First, so a bad update is refused before anything else changed; a Yjs
+                # update applies in one transaction.
+                try:
+                    self.catalog.apply_update(item)
+                except Exception as exc:
+                    raise Malformed(f"catalog update does not apply: {exc}") from None
+        for t, item in plan:
+            if t == "pn":
+                op, diff = item
+                counter = self.stock.get(op["sku"])
+                if counter is None:
+                    counter = self.stock[op["sku"]] = PNCounter()
+                counter.merge(PNCounter({op["r"]: op["p"]}, {op["r"]: op["n"]}))
+                d_oh[op["sku"]] = d_oh.get(op["sku"], 0) + diff
+            elif t == "rs":
+                op, delta = item
+                for rid, rec in op.get("rec", {}).items():
+                    if rid not in self.records:
+                        self.records[rid] = Reservation(
+                            rid, rec["sku"], rec["qty"], rec["channel"], rec["order"],
+                            rec["expires"],
+                        )
+                affected = set(op["e"])
+                for r, c in op["c"]:
+                    owner = self._dot_owner.get((r, c))
+                    if owner is not None:
+                        affected.add(owner)
+                before = {rid: rid in self.reservations for rid in affected}
+                self.reservations.merge(delta)
+                for rid, was in before.items():
+                    now = rid in self.reservations
+                    for dot in self.reservations.dots(rid) if now else ():
+                        self._dot_owner[dot] = rid
+                    if was == now:
+                        continue
+                    rec = self.records[rid]
+                    change = rec.qty if now else -rec.qty
+                    self._reserved[rec.sku] = self._reserved.get(rec.sku, 0) + change
+                    d_res[rec.sku] = d_res.get(rec.sku, 0) + change
+                for r, c in op["c"]:
+                    owner = self._dot_owner.get((r, c))
+                    if owner is not None and (r, c) not in self.reservations.dots(owner):
+                        del self._dot_owner[(r, c)]
+        kind = _KIND_CODE[env.meta["kind"]]
+        for sku in sorted(set(d_oh) | set(d_res)):
+            events = self._events.get(sku)
+            if events is None:
+                events = self._events[sku] = _SkuEvents()
+            events.insert(env.hlc, env.origin, env.seq, d_oh.get(sku, 0), d_res.get(sku, 0), kind)
+            self.last_change[sku] = env.hlc
+
+    # --- local commands -------------------------------------------------------------
+
+    def _local(
+        self, ops: list[dict[str, Any]], meta: dict[str, Any], now_ms: int
+    ) -> Envelope:
+        if self.key is None:
+            raise CommandError("this replica has no node key; it cannot originate changes")
+        seq = self.vv.get(self.node_id) + 1
+        env = seal(
+            self.key, store=self.store_id, origin=self.node_id, seq=seq,
+            prev=self.head(self.node_id), hlc=self.hlc.now(now_ms), ops=ops,
+            meta={k: v for k, v in meta.items() if v is not None},
+        )
+        self._apply_next(env, None)
+        return env
+
+    def _seen_txn(self, meta: dict[str, Any]) -> CommandResult | None:
+        txn = _check_id(meta["txn"], "txn_id")
+        if meta.get("staff") is not None:
+            _check_id(meta["staff"], "staff_id")
+        if meta.get("reason") is not None:
+            _check_id(meta["reason"], "reason")
+        note = meta.get("note")
+        if note is not None and (not isinstance(note, str) or len(note) > config.MAX_TEXT_LEN):
+            raise CommandError(f"note must be at most {config.MAX_TEXT_LEN} characters", "note")
+        seen = self._txns.get(txn)
+        if seen is None:
+            return None
+        seq, fingerprint = seen
+        if fingerprint != _fingerprint({k: v for k, v in meta.items() if v is not None}):
+            raise CommandError(
+                f"txn_id {txn!r} was already used for a different operation; use a new txn_id",
+                "txn_id",
+            )
+        rid = f"{self.node_id}:{txn}" if meta["kind"] == "reserve" else None
+        return CommandResult(None, self.node_id, seq, duplicate=True, reservation_id=rid)
+
+    def _stock_change(
+        self, kind: str, sku: str, delta: int, now_ms: int, txn: str,
+        staff: str | None, reason: str | None, note: str | None, *, new_sku_ok: bool = False,
+    ) -> CommandResult:
+        _check_id(sku, "sku")
+        meta = {"kind": kind, "txn": txn, "staff": staff, "reason": reason, "note": note,
+                "sku": sku, "qty": delta}
+        seen = self._seen_txn(meta)
+        if seen is not None:
+            return seen
+        if not new_sku_ok and not self.knows_sku(sku):
+            raise UnknownSku(f"unknown SKU {sku!r}: receive stock for it first", "sku")
+        step = (self.stock.get(sku) or PNCounter()).copy()
+        if delta > 0:
+            step.increment(self.node_id, delta)
+        else:
+            step.decrement(self.node_id, -delta)
+        p, n = step.entry(self.node_id)
+        op = {"t": "pn", "sku": sku, "r": self.node_id, "p": p, "n": n}
+        env = self._local([op], meta, now_ms)
+        return CommandResult(env, self.node_id, env.seq)
+
+    def receive(self, sku: str, qty: int, *, txn: str, now_ms: int, staff: str | None = None,
+                reason: str | None = None, note: str | None = None) -> CommandResult:
+        """Goods received into the store (delivery, transfer in)."""
+        return self._stock_change("receipt", sku, _check_qty(qty), now_ms, txn, staff, reason,
+                                  note, new_sku_ok=True)
+
+    def sell(self, sku: str, qty: int, *, txn: str, now_ms: int, staff: str | None = None,
+             note: str | None = None, strict: bool = False) -> CommandResult:
+        """A sale. Offline-first: a register sells what the customer hands over even when its
+        view says none are left (the race is flagged as an exception). ``strict`` refuses
+        instead, for channels that cannot see the goods (online orders)."""
+        qty = _check_qty(qty)
+        if strict and self.available(sku) < qty:
+            seen = self._seen_txn({"kind": "sale", "txn": txn, "staff": staff, "note": note,
+                                   "sku": sku, "qty": -qty})
+            if seen is not None:
+                return seen
+            raise CommandError(f"only {self.available(sku)} of {sku!r} available", "qty")
+        return self._stock_change("sale", sku, -qty, now_ms, txn, staff, None, note)
+
+    def return_(self, sku: str, qty: int, *, txn: str, now_ms: int, staff: str | None = None,
+                reason: str | None = None, note: str | None = None) -> CommandResult:
+        """Goods returned by a customer, back on hand."""
+        return self._stock_change("return", sku, _check_qty(qty), now_ms, txn, staff, reason,
+                                  note)
+
+    def adjust(self, sku: str, delta: int, *, reason: str, txn: str, now_ms: int,
+               staff: str | None = None, note: str | None = None) -> CommandResult:
+        """Stock count correction (damage, shrink, recount). ``reason`` is required."""
+        if type(delta) is not int or delta == 0 or abs(delta) > config.MAX_QTY:
+            raise CommandError(f"delta must be a non-zero integer within ±{config.MAX_QTY}",
+                               "delta")
+        if not reason:
+            raise CommandError("an adjustment needs a reason code", "reason")
+        return self._stock_change("adjust", sku, delta, now_ms, txn, staff, reason, note)
+
+    def reserve(self, sku: str, qty: int, *, txn: str, now_ms: int, channel: str,
+                order: str | None = None, expires: int | None = None,
+                staff: str | None = None) -> CommandResult:
+        """Hold ``qty`` units for an order (e.g. buy online, pick up in store).
+
+        Refused when fewer than ``qty`` are available here: a reservation is a promise
+        to a customer who is not standing at the till."""
+        qty = _check_qty(qty)
+        _check_id(sku, "sku")
+        _check_id(channel, "channel")
+        if order is not None and (not isinstance(order, str) or len(order) > config.MAX_TEXT_LEN):
+            raise CommandError("order must be a string", "order")
+        if expires is not None and (type(expires) is not int or expires < 0):
+            raise CommandError("expires must be a timestamp in ms", "expires")
+        meta = {"kind": "reserve", "txn": txn, "staff": staff, "sku": sku, "qty": qty}
+        seen = self._seen_txn(meta)
+        if seen is not None:
+            return seen
+        if not self.knows_sku(sku):
+            raise UnknownSku(f"unknown SKU {sku!r}", "sku")
+        if self.available(sku) < qty:
+            raise CommandError(f"only {self.available(sku)} of {sku!r} available", "qty")
+        rid = f"{self.node_id}:{txn}"
+        delta = self.reservations.copy().add(self.node_id, rid)
+        d = delta.to_dict()
+        op = {"t": "rs", "e": d["e"], "c": _ctx_dots(d),
+              "rec": {rid: {"sku": sku, "qty": qty, "channel": channel, "order": order,
+                            "expires": expires}}}
+        env = self._local([op], meta, now_ms)
+        return CommandResult(env, self.node_id, env.seq, reservation_id=rid)
+
+    def _reservation(self, rid: object) -> Reservation:
+        _check_id(rid, "reservation_id")
+        assert isinstance(rid, str)
+        if rid not in self.reservations:
+            raise CommandError(f"no active reservation {rid!r}", "reservation_id")
+        return self.records[rid]
+
+    def release(self, reservation_id: str, *, txn: str, now_ms: int, staff: str | None = None,
+                reason: str | None = None) -> CommandResult:
+        """Cancel a reservation: the units become available again."""
+        meta = {"kind": "release", "txn": txn, "staff": staff, "reason": reason,
+                "note": reservation_id}
+        seen = self._seen_txn(meta)
+        if seen is not None:
+            return seen
+        self._reservation(reservation_id)
+        op = _remove_op(self.reservations, reservation_id)
+        env = self._local([op], meta, now_ms)
+        return CommandResult(env, self.node_id, env.seq, reservation_id=reservation_id)
+
+    def fulfil(self, reservation_id: str, *, txn: str, now_ms: int,
+               staff: str | None = None) -> CommandResult:
+        """Hand over a reserved order: remove the reservation and take the units off stock,
+        in one envelope so no replica ever sees half of it."""
+        meta = {"kind": "fulfil", "txn": txn, "staff": staff, "note": reservation_id}
+        seen = self._seen_txn(meta)
+        if seen is not None:
+            return seen
+        rec = self._reservation(reservation_id)
+        step = (self.stock.get(rec.sku) or PNCounter()).copy()
+        step.decrement(self.node_id, rec.qty)
+        p, n = step.entry(self.node_id)
+        ops = [_remove_op(self.reservations, reservation_id),
+               {"t": "pn", "sku": rec.sku, "r": self.node_id, "p": p, "n": n}]
+        env = self._local(ops, {**meta, "sku": rec.sku, "qty": -rec.qty}, now_ms)
+        return CommandResult(env, self.node_id, env.seq, reservation_id=reservation_id)
+
+    def expire(self, *, now_ms: int, txn: str) -> CommandResult | None:
+        """Release every reservation whose expiry has passed (one envelope), or None."""
+        due = [r.id for r in self.active_reservations()
+               if r.expires is not None and r.expires <= now_ms]
+        if not due:
+            return None
+        meta = {"kind": "expire", "txn": txn}
+        seen = self._seen_txn(meta)
+        if seen is not None:
+            return seen
+        ops = [_remove_op(self.reservations, rid) for rid in due[: config.MAX_OPS_PER_ENVELOPE]]
+        env = self._local(ops, meta, now_ms)
+        return CommandResult(env, self.node_id, env.seq)
+
+    def update_catalog(self, update: bytes, *, txn: str, now_ms: int,
+                       staff: str | None = None) -> CommandResult:
+        """Carry a Yjs update of the catalog document (edge/cloud roles only)."""
+        if self.role not in ("edge", "cloud"):
+            raise CommandError(f"a {self.role} node may not write the catalog", "role")
+        meta = {"kind": "catalog", "txn": txn, "staff": staff}
+        seen = self._seen_txn(meta)
+        if seen is not None:
+            return seen
+        op = {"t": "cat", "u": base64.b64encode(update).decode()}
+        env = self._local([op], meta, now_ms)
+        return CommandResult(env, self.node_id, env.seq)
+
+    # --- snapshots --------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Everything needed to resume without replaying the ledger (not pending/evidence)."""
+        state = {
+            "v": 1,
+            "store": self.store_id,
+            "node": self.node_id,
+            "stock": {s: c.to_dict() for s, c in self.stock.items()},
+            "reservations": self.reservations.to_dict(),
+            "records": {rid: [r.sku, r.qty, r.channel, r.order, r.expires]
+                        for rid, r in self.records.items()},
+            "vv": self.vv.to_dict(),
+            "hlc": self.hlc.last,
+            "hashes": {o: base64.b64encode(bytes(h)).decode() for o, h in self._hashes.items()},
+            "events": {s: e.to_dict() for s, e in self._events.items()},
+            "last_change": self.last_change,
+            "txns": self._txns,
+            "catalog": base64.b64encode(self.catalog.get_update()).decode(),
+        }
+        return orjson.dumps(state)
+
+    def restore(self, blob: bytes) -> None:
+        """Load a snapshot into this (fresh) replica."""
+        if self.vv.total():
+            raise RuntimeError("restore() needs a fresh replica")
+        s = orjson.loads(blob)
+        if s.get("v") != 1 or s["store"] != self.store_id or s["node"] != self.node_id:
+            raise ValueError("snapshot belongs to another store/node or version")
+        self.stock = {sku: PNCounter.from_dict(c) for sku, c in s["stock"].items()}
+        self.reservations = ORSet.from_dict(s["reservations"])
+        self.records = {rid: Reservation(rid, *rec) for rid, rec in s["records"].items()}
+        self.vv = VersionVector.from_dict(s["vv"])
+        self.hlc = HLC(s["hlc"])
+        self._hashes = {o: bytearray(base64.b64decode(h)) for o, h in s["hashes"].items()}
+        self._events = {sku: _SkuEvents.from_dict(e) for sku, e in s["events"].items()}
+        self.last_change = dict(s["last_change"])
+        self._txns = {t: (v[0], v[1]) for t, v in s["txns"].items()}
+        self.catalog.apply_update(base64.b64decode(s["catalog"]))
+        self._reserved = {}
+        self._dot_owner = {}
+        for rid in self.reservations.elements():
+            rec = self.records[rid]
+            self._reserved[rec.sku] = self._reserved.get(rec.sku, 0) + rec.qty
+            for dot in self.reservations.dots(rid):
+                self._dot_owner[dot] = rid
+
+
+def _fingerprint(meta: dict[str, Any]) -> str:
+    return orjson.dumps(meta, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _ctx_dots(delta: dict[str, Any]) -> list[list[Any]]:
+    """All dots of a delta's causal context, as a flat list (deltas are tiny)."""
+    ctx = delta["c"]
+    dots: list[list[Any]] = [list(d) for d in ctx["cloud"]]
+    for replica, top in ctx["vv"].items():
+        dots.extend([replica, c] for c in range(1, top + 1))
+    return sorted(dots)
+
+
+def _remove_op(orset: ORSet, rid: str) -> dict[str, Any]:
+    dots: Iterable[tuple[str, int]] = orset.dots(rid)
+    return {"t": "rs", "e": {}, "c": sorted([r, c] for r, c in dots)}
