@@ -83,9 +83,11 @@ class DurableReplica:
         self._since_snapshot = self.rebuild_stats.replayed
 
     @classmethod
-    def open(cls, data_dir: Path, snapshot_every: int = config.SNAPSHOT_EVERY) -> DurableReplica:
+    def open(cls, data_dir: Path, snapshot_every: int = config.SNAPSHOT_EVERY,
+             max_bytes: int | None = None) -> DurableReplica:
+        """Load the node in ``data_dir`` and rebuild its state from the ledger."""
         identity = load_identity(data_dir)
-        return cls(identity, Ledger(identity.ledger_path), snapshot_every)
+        return cls(identity, Ledger(identity.ledger_path, max_bytes=max_bytes), snapshot_every)
 
     def _fresh_replica(self) -> Replica:
         i = self.identity

@@ -80,12 +80,17 @@ def _is_full(exc: sqlite3.Error) -> bool:
 class Ledger:
     """Append-only envelope log with group commit on a writer thread."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, max_bytes: int | None = None) -> None:
+        """Open (or create) the ledger at ``path``. ``max_bytes`` caps the database size
+        (a quota): past it, appends fail with ``StorageFull`` just as on a full disk."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._wconn = _connect(self.path)
             self._wconn.executescript(_SCHEMA)
+            if max_bytes is not None:
+                page = self._wconn.execute("PRAGMA page_size").fetchone()[0]
+                self._wconn.execute(f"PRAGMA max_page_count={max(1, max_bytes // page)}")
             self._rconn = _connect(self.path, readonly=True)
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc

@@ -1,0 +1,50 @@
+"""Shared test helpers: a store with real keys and certificates, and replicas of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from mesh.identity import NodeKey, TrustStore, issue_certificate
+from mesh.replica import Replica
+
+NOW = 1_790_000_000_000  # a fixed "now" in ms (2026-09); the core never reads a clock
+YEAR_MS = 365 * 24 * 3600 * 1000
+
+
+@dataclass
+class StoreKit:
+    """A store key, its trust store and enrolled nodes (with their keys)."""
+
+    store_id: str = "store-1"
+    store_key: NodeKey = field(default_factory=NodeKey.generate)
+    keys: dict[str, NodeKey] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
+    trust: TrustStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.trust = TrustStore(self.store_id, self.store_key.public_key)
+
+    def enrol(self, node_id: str, role: str = "register", not_after: int = NOW + YEAR_MS,
+              trust: TrustStore | None = None) -> NodeKey:
+        key = self.keys.get(node_id) or NodeKey.generate()
+        self.keys[node_id] = key
+        self.roles[node_id] = role
+        cert = issue_certificate(self.store_key, node_id=node_id, store_id=self.store_id,
+                                 role=role, public_key=key.public_key, not_after=not_after)
+        (trust or self.trust).add_certificate(cert)
+        return key
+
+    def replica(self, node_id: str) -> Replica:
+        return Replica(self.store_id, node_id, self.roles[node_id], self.keys[node_id])
+
+
+@pytest.fixture
+def kit() -> StoreKit:
+    k = StoreKit()
+    k.enrol("edge", "edge")
+    k.enrol("r1")
+    k.enrol("r2")
+    k.enrol("cloud", "cloud")
+    return k
