@@ -1,0 +1,308 @@
+"""Durable replica + ledger: every refusal leaves state and ledger unchanged; disk full;
+group commit; snapshot + tail equals full replay; `storemesh ledger verify` finds damage."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mesh.cli import main as cli
+from mesh.datadir import NodeIdentity, enrol_node, init_store, load_identity
+from mesh.durable import DurableReplica, rebuild
+from mesh.envelope import decode, seal
+from mesh.errors import (
+    BadSignature,
+    BrokenChain,
+    EnvelopeError,
+    Equivocation,
+    ExpiredCertificate,
+    Forbidden,
+    Malformed,
+    NotEnrolled,
+    Oversized,
+    RevokedCertificate,
+    StorageFull,
+    WrongStore,
+)
+from mesh.identity import issue_revocations
+from mesh.ledger import Ledger
+from mesh.replica import Replica
+from tests.conftest import NOW, StoreKit
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> tuple[NodeIdentity, dict[str, Replica], StoreKit]:
+    """An edge node on disk, plus in-memory registers r1, r2 enrolled in its trust store."""
+    edge = init_store(tmp_path / "edge", "store-1", now_ms=NOW, node_id="edge")
+    assert edge.store_key is not None
+    kit = StoreKit(store_id="store-1", store_key=edge.store_key)
+    kit.trust = edge.trust
+    kit.enrol("r1")
+    kit.enrol("r2")
+    kit.enrol("short", not_after=NOW + 1000)
+    edge.save()
+    regs = {n: kit.replica(n) for n in ("r1", "r2")}
+    return edge, regs, kit
+
+
+def _ledger_rows(path: Path) -> list[bytes]:
+    with Ledger(path) as led:
+        return [raw for _, raw in led.scan()]
+
+
+def test_refusals_leave_state_and_ledger_unchanged(
+    store: tuple[NodeIdentity, dict[str, Replica], StoreKit], tmp_path: Path
+) -> None:
+    edge_ident, regs, kit = store
+    r1 = regs["r1"]
+    good = [r1.receive("SKU-1", 10, txn="rcv", now_ms=NOW).envelope,
+            r1.sell("SKU-1", 1, txn="s1", now_ms=NOW).envelope]
+    nxt = r1.sell("SKU-1", 1, txn="s2", now_ms=NOW).envelope
+    assert nxt is not None
+    dr = DurableReplica.open(edge_ident.data_dir)
+    for env in good:
+        assert env is not None
+        _, fut = dr.ingest(env.raw, NOW)
+        assert fut is not None
+        fut.result()
+    digest = dr.replica.state_digest()
+    rows = _ledger_rows(edge_ident.ledger_path)
+
+    flipped_sig = bytearray(nxt.raw)
+    flipped_sig[-5] = ord("0") if flipped_sig[-5] != ord("0") else ord("1")
+    flipped_body = nxt.raw.replace(b'"n":2', b'"n":9')
+    broken_prev = seal(kit.keys["r1"], store="store-1", origin="r1", seq=3, prev=b"\x01" * 32,
+                       hlc=nxt.hlc, ops=nxt.ops, meta=nxt.meta)
+    fork = kit.replica("r1")
+    fork.apply(decode(good[0].raw), NOW)  # type: ignore[union-attr]
+    equivocating = fork.sell("SKU-1", 5, txn="twin", now_ms=NOW).envelope
+    assert equivocating is not None and equivocating.seq == 2
+    forged_entry = seal(kit.keys["r1"], store="store-1", origin="r1", seq=3,
+                        prev=r1.hash_at("r1", 2), hlc=nxt.hlc,
+                        ops=[{"t": "pn", "sku": "SKU-1", "r": "r2", "p": 0, "n": 50}],
+                        meta={"kind": "sale", "txn": "forge"})
+    catalog_write = seal(kit.keys["r1"], store="store-1", origin="r1", seq=3,
+                         prev=r1.hash_at("r1", 2), hlc=nxt.hlc,
+                         ops=[{"t": "cat", "u": "AAA="}], meta={"kind": "catalog", "txn": "c"})
+    other = StoreKit(store_id="store-2")
+    other.enrol("r1")
+    foreign = other.replica("r1").receive("SKU-1", 1, txn="x", now_ms=NOW).envelope
+    stranger = StoreKit(store_id="store-1")  # same store id, a different (rogue) store key
+    stranger.enrol("r9")
+    unenrolled = stranger.replica("r9").receive("SKU-1", 1, txn="x", now_ms=NOW).envelope
+    kit.enrol("short")
+    expired = kit.replica("short").receive("SKU-1", 1, txn="x", now_ms=NOW).envelope
+    later = NOW + 10_000
+
+    cases: list[tuple[bytes, type[EnvelopeError], int]] = [
+        (bytes(flipped_sig), BadSignature, NOW),
+        (flipped_body, BadSignature, NOW),
+        (broken_prev.raw, BrokenChain, NOW),
+        (equivocating.raw, Equivocation, NOW),
+        (nxt.raw[:-7], Malformed, NOW),  # truncated JSON
+        (b"\x00garbage" * 10, Malformed, NOW),
+        (forged_entry.raw, Forbidden, NOW),
+        (catalog_write.raw, Forbidden, NOW),
+        (foreign.raw, WrongStore, NOW),  # type: ignore[union-attr]
+        (unenrolled.raw, NotEnrolled, NOW),  # type: ignore[union-attr]
+        (expired.raw, ExpiredCertificate, later),  # type: ignore[union-attr]
+        (b"{" + b" " * (10 * 1024 * 1024) + b"}", Oversized, NOW),
+    ]
+    for raw, err, now in cases:
+        with pytest.raises(err):
+            dr.ingest(raw, now)
+        assert dr.replica.state_digest() == digest, err
+    # Replays change nothing and are not errors.
+    for env in good:
+        assert dr.ingest(env.raw, NOW) == ([], None)  # type: ignore[union-attr]
+    # Revocation: r1 revoked by a signed list; its next envelope is refused.
+    assert edge_ident.store_key is not None
+    crl = issue_revocations(edge_ident.store_key, store_id="store-1", version=1,
+                            revoked=frozenset({"r1"}))
+    dr.identity.trust.apply_revocations(crl)
+    with pytest.raises(RevokedCertificate):
+        dr.ingest(nxt.raw, NOW)
+    assert dr.replica.state_digest() == digest
+    dr.ledger.flush()
+    assert _ledger_rows(edge_ident.ledger_path) == rows
+    assert dr.counters.rejected == {
+        "bad_signature": 2, "broken_chain": 1, "equivocation": 1, "malformed": 2,
+        "forbidden": 2, "wrong_store": 1, "not_enrolled": 1, "expired": 1, "oversized": 1,
+        "revoked": 1,
+    }
+    assert [(o, s) for o, s, _, _ in dr.ledger.evidence()] == [("r1", 2)]
+    dr.close()
+
+
+def test_pending_future_seq_is_applied_once_gap_fills(
+    store: tuple[NodeIdentity, dict[str, Replica], StoreKit]
+) -> None:
+    edge_ident, regs, _ = store
+    r1 = regs["r1"]
+    envs = [r1.receive("SKU-1", 10, txn="rcv", now_ms=NOW).envelope]
+    envs += [r1.sell("SKU-1", 1, txn=f"s{i}", now_ms=NOW).envelope for i in range(3)]
+    dr = DurableReplica.open(edge_ident.data_dir)
+    digest = dr.replica.state_digest()
+    assert dr.ingest(envs[3].raw, NOW)[0] == []  # type: ignore[union-attr]
+    assert dr.ingest(envs[2].raw, NOW)[0] == []  # type: ignore[union-attr]
+    assert dr.replica.state_digest() == digest
+    assert _ledger_rows(edge_ident.ledger_path) == []
+    applied, fut = dr.ingest(envs[1].raw, NOW)  # type: ignore[union-attr]
+    assert applied == [] and fut is None  # seq 2 still waits for seq 1
+    applied, fut = dr.ingest(envs[0].raw, NOW)  # type: ignore[union-attr]
+    assert [e.seq for e in applied] == [1, 2, 3, 4] and fut is not None
+    fut.result()
+    assert [decode(r).seq for r in _ledger_rows(edge_ident.ledger_path)] == [1, 2, 3, 4]
+    assert dr.replica.on_hand("SKU-1") == 7
+    dr.close()
+
+
+def test_disk_full_fails_loudly_and_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    ident = init_store(tmp_path / "n", "store-1", now_ms=NOW, node_id="edge")
+    dr = DurableReplica(ident, Ledger(ident.ledger_path, max_bytes=64 * 1024))
+    acked: list[str] = []
+    dr.execute(lambda r: r.receive("SKU-1", 1_000_000, txn="rcv", now_ms=NOW))[1].result()
+    error: BaseException | None = None
+    for i in range(5000):
+        _, fut = dr.execute(lambda r, i=i: r.sell("SKU-1", 1, txn=f"s{i}", now_ms=NOW + i,
+                                                  note="x" * 200))
+        try:
+            fut.result()
+        except StorageFull as exc:
+            error = exc
+            break
+        acked.append(f"s{i}")
+    assert isinstance(error, StorageFull) and "disk full" in str(error)
+    assert len(acked) > 10
+    # The next command rebuilds from disk first: the failed sale is gone from memory.
+    dr.ledger.close()
+    dr = DurableReplica(ident, Ledger(ident.ledger_path))  # the operator freed space
+    assert dr.replica.on_hand("SKU-1") == 1_000_000 - len(acked)
+    result, fut = dr.execute(lambda r: r.sell("SKU-1", 1, txn="after", now_ms=NOW))
+    fut.result()
+    assert result.seq == len(acked) + 2
+    dr.close()
+    txns = [decode(r).meta["txn"] for r in _ledger_rows(ident.ledger_path)]
+    assert txns == ["rcv", *acked, "after"]
+
+
+def test_recover_after_failure_in_process(tmp_path: Path) -> None:
+    ident = init_store(tmp_path / "n", "store-1", now_ms=NOW, node_id="edge")
+    dr = DurableReplica(ident, Ledger(ident.ledger_path, max_bytes=48 * 1024))
+    dr.execute(lambda r: r.receive("SKU-1", 100_000, txn="rcv", now_ms=NOW))[1].result()
+    futs = [dr.execute(lambda r, i=i: r.sell("SKU-1", 1, txn=f"s{i}", now_ms=NOW,
+                                             note="y" * 300))[1] for i in range(400)]
+    ok = 0
+    for fut in futs:
+        try:
+            fut.result()
+            ok += 1
+        except StorageFull:
+            pass
+    assert 0 < ok < 400
+    assert dr.ledger.failed is not None
+    # The next command triggers recover() first: memory drops what never reached the
+    # disk; the disk is still full, so this command fails too and is not acknowledged.
+    with pytest.raises(StorageFull):
+        dr.execute(lambda r: r.sell("SKU-1", 1, txn="again", now_ms=NOW,
+                                    note="y" * 300))[1].result()
+    dr.recover()
+    assert dr.replica.on_hand("SKU-1") == 100_000 - ok
+    assert dr.replica.vv.get("edge") == ok + 1
+    dr.close()
+
+
+def test_group_commit_batches_concurrent_appends(tmp_path: Path) -> None:
+    ident = init_store(tmp_path / "n", "store-1", now_ms=NOW, node_id="edge")
+    dr = DurableReplica.open(ident.data_dir)
+    dr.execute(lambda r: r.receive("SKU-1", 10_000, txn="rcv", now_ms=NOW))[1].result()
+    futs = [dr.execute(lambda r, i=i: r.sell("SKU-1", 1, txn=f"s{i}", now_ms=NOW))[1]
+            for i in range(2000)]
+    for fut in futs:
+        fut.result()
+    assert dr.ledger.count() == 2001
+    assert dr.ledger.batches < 1000, "appends were not grouped into shared commits"
+    dr.close()
+
+
+def test_snapshot_plus_tail_equals_full_replay(tmp_path: Path) -> None:
+    ident = init_store(tmp_path / "n", "store-1", now_ms=NOW, node_id="edge")
+    dr = DurableReplica.open(ident.data_dir, snapshot_every=50)
+    dr.execute(lambda r: r.receive("SKU-1", 500, txn="rcv", now_ms=NOW))[1].result()
+    res = dr.execute(lambda r: r.reserve("SKU-1", 3, txn="w", now_ms=NOW, channel="web"))
+    res[1].result()
+    snaps = 0
+    for i in range(180):
+        dr.execute(lambda r, i=i: r.sell("SKU-1", 1, txn=f"s{i}", now_ms=NOW + i))[1].result()
+        snaps += dr.maybe_snapshot()
+    assert snaps >= 2
+    digest = dr.replica.state_digest()
+    dr.close()
+    again = DurableReplica.open(ident.data_dir)
+    assert again.rebuild_stats.snapshot_upto > 0 and again.rebuild_stats.replayed < 60
+    assert again.replica.state_digest() == digest
+    # Full replay from row 1, without the snapshot, gives the same state.
+    fresh = Replica("store-1", "edge", "edge", ident.key)
+    for _, raw in again.ledger.scan():
+        fresh.apply(decode(raw), None, check_skew=False)
+    assert fresh.state_digest() == digest
+    # The restored node keeps going where it stopped (seq, prev, idempotency).
+    assert again.execute(lambda r: r.sell("SKU-1", 1, txn="s5", now_ms=NOW))[0].duplicate
+    again.close()
+
+
+def test_ledger_verify_cli_finds_damage(tmp_path: Path) -> None:
+    ident = init_store(tmp_path / "n", "store-1", now_ms=NOW, node_id="edge")
+    reg = enrol_node(tmp_path / "r", ident.store_key, "store-1", "register",  # type: ignore[arg-type]
+                     now_ms=NOW, node_id="r1")
+    ident.trust.add_certificate(reg.certificate)
+    ident.save()
+    dr = DurableReplica.open(ident.data_dir)
+    r1 = Replica("store-1", "r1", "register", reg.key)
+    dr.execute(lambda r: r.receive("SKU-1", 10, txn="rcv", now_ms=NOW))[1].result()
+    assert r1.apply(decode(dr.ledger.read_origin("edge", 1, 1)[0]), NOW)
+    for i in range(5):
+        env = r1.sell("SKU-1", 1, txn=f"s{i}", now_ms=NOW).envelope
+        assert env is not None
+        fut = dr.ingest(env.raw, NOW)[1]
+        assert fut is not None
+        fut.result()
+    dr.close()
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["ledger", "verify", str(ident.data_dir)])
+    assert ok.exit_code == 0, ok.output
+    assert "OK 6 envelopes verified" in ok.output
+    # Tamper with the disk: flip a byte inside r1's seq 3, delete seq 4.
+    db = sqlite3.connect(ident.ledger_path)
+    raw = db.execute("SELECT raw FROM envelopes WHERE origin='r1' AND seq=3").fetchone()[0]
+    bad = raw.replace(b'"n":3', b'"n":7')
+    assert bad != raw
+    db.execute("UPDATE envelopes SET raw=? WHERE origin='r1' AND seq=3", (bad,))
+    db.execute("DELETE FROM envelopes WHERE origin='r1' AND seq=4")
+    db.commit()
+    db.close()
+    out = runner.invoke(cli, ["ledger", "verify", str(ident.data_dir)])
+    assert out.exit_code == 1
+    assert "r1 seq 3: bad signature" in out.output
+    assert "r1: seq 4..4 missing" in out.output
+    assert "FAILED" in out.output
+
+
+def test_ledger_reads_do_not_block_on_writer(tmp_path: Path) -> None:
+    ident = init_store(tmp_path / "n", "store-1", now_ms=NOW, node_id="edge")
+    dr = DurableReplica.open(ident.data_dir)
+    dr.execute(lambda r: r.receive("SKU-1", 10, txn="rcv", now_ms=NOW))[1].result()
+    seen: list[int] = []
+    t = threading.Thread(target=lambda: seen.append(dr.ledger.count()))
+    t.start()
+    t.join(5)
+    assert seen == [1]
+    assert dr.ledger.heads() == {"edge": 1}
+    assert load_identity(ident.data_dir).node_id == "edge"
+    stats = rebuild(Replica("store-1", "edge", "edge", ident.key), dr.ledger)
+    assert stats.replayed == 1
+    dr.close()
