@@ -40,3 +40,29 @@ LEDGER_MAX_QUEUE: Final = 16_384
 SNAPSHOT_EVERY: Final = 50_000
 #: Envelopes read per page when streaming the ledger (rebuild, verify, catch-up).
 LEDGER_PAGE: Final = 2_000
+
+# --- sync -------------------------------------------------------------------------
+#: Largest sync message accepted from a peer. A page of 2,000 sale envelopes is ~0.8 MB;
+#: catalog envelopes can reach MAX_ENVELOPE_BYTES each, so batches are cut by bytes too.
+MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+#: Bytes of envelopes the sender puts in one batch message before starting another.
+MAX_BATCH_BYTES: Final = 1024 * 1024
+#: Most envelopes in one batch message.
+MAX_BATCH_ENVELOPES: Final = LEDGER_PAGE
+#: Envelopes sent to one peer and not yet acknowledged by its version vector: the
+#: catch-up window (back-pressure). Four pages keep a LAN link busy without letting a
+#: slow peer pin megabytes of our memory.
+MAX_INFLIGHT_PER_PEER: Final = 4 * LEDGER_PAGE
+#: A receiver acknowledges (sends its version vector) after this many envelopes from a
+#: peer, or after SYNC_ACK_DELAY_MS, whichever comes first.
+SYNC_ACK_EVERY: Final = 500
+SYNC_ACK_DELAY_MS: Final = 20
+#: Anti-entropy: every peer gets our version vector this often (jittered ±25%), which
+#: heals lost pushes, partitions and restarts.
+SYNC_INTERVAL_MS: Final = 1000
+#: Most origins (nodes) a version vector may name, and most peers we keep sessions
+#: with: a store has tens of registers; 512 leaves room for the cloud's view.
+MAX_ORIGINS: Final = 512
+MAX_PEERS: Final = 512
+#: Most certificates in one certificate message.
+MAX_CERTS_PER_MESSAGE: Final = MAX_ORIGINS
