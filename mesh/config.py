@@ -66,3 +66,6 @@ MAX_ORIGINS: Final = 512
 MAX_PEERS: Final = 512
 #: Most certificates in one certificate message.
 MAX_CERTS_PER_MESSAGE: Final = MAX_ORIGINS
+#: Envelopes sent to a peer and still not acknowledged after this long are taken as lost
+#: and sent again (lossy links; a peer that restarted without them).
+SYNC_RETRANSMIT_MS: Final = 3 * SYNC_INTERVAL_MS

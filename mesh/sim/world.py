@@ -1,0 +1,366 @@
+"""A deterministic discrete-event world that drives the real replica and sync core.
+
+Nothing here replicates anything: every node is a real ``Replica`` + ``SyncCore``
+with real signed envelopes; only the ports are simulated — a virtual clock, a network
+of links that delay, drop, duplicate and reorder, a disk that loses what was not yet
+durable when its node crashes, and clock skew.
+
+Invariants:
+ 1. One seed drives every random choice (``World.rng`` and generators derived from it
+    in a fixed order), so the same scenario and seed replay the same trace.
+ 2. Events at the same virtual time run in the order they were scheduled.
+ 3. A node's disk rows up to ``durable`` survive a crash; later rows are lost. A local
+    command is acknowledged only once its rows are durable, as on a real node.
+ 4. Messages on a link that is down are dropped; a link going down ends the sessions
+    across it (``peer_down`` on both ends) and coming back up re-opens them after the
+    discovery delay.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.crdt import VersionVector
+from mesh.envelope import Envelope, decode
+from mesh.identity import NodeKey, TrustStore, issue_certificate
+from mesh.replica import CommandResult, Replica
+from mesh.sync import Alert, Effect, Fetch, Persist, Send, SyncCore
+
+__all__ = ["LinkModel", "SimDisk", "SimNode", "World"]
+
+
+@dataclass(slots=True)
+class LinkModel:
+    """One direction of a link: latency in ms (base + uniform jitter), loss and
+    duplication probabilities, bandwidth in bytes/ms (None = unlimited)."""
+
+    latency_ms: float = 0.3
+    jitter_ms: float = 0.2
+    loss: float = 0.0
+    duplicate: float = 0.0
+    bandwidth: float | None = None
+    up: bool = True
+    kind: str = "lan"
+    busy_until: float = 0.0  # bandwidth queue
+    messages: int = 0
+    bytes: int = 0
+
+
+class SimDisk:
+    """The ledger of one node: rows in apply order; ``durable`` rows survive a crash."""
+
+    def __init__(self, fsync_ms: float = 0.5) -> None:
+        self.rows: list[bytes] = []
+        self.durable = 0
+        self.fsync_ms = fsync_ms
+        self.by_origin: dict[str, list[bytes]] = {}
+        self.syncing = False
+
+    def append(self, envs: list[Envelope]) -> None:
+        for env in envs:
+            self.rows.append(env.raw)
+
+    def crash(self) -> None:
+        del self.rows[self.durable:]
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self.by_origin = {}
+        for raw in self.rows[: self.durable]:
+            env = decode(raw)
+            self.by_origin.setdefault(env.origin, []).append(raw)
+
+    def mark_durable(self, upto: int) -> list[bytes]:
+        newly = self.rows[self.durable:upto]
+        for raw in newly:
+            env = decode(raw)
+            self.by_origin.setdefault(env.origin, []).append(raw)
+        self.durable = upto
+        return newly
+
+    def read_origin(self, origin: str, first: int, last: int) -> list[bytes]:
+        rows = self.by_origin.get(origin, [])
+        return rows[first - 1 : last]
+
+
+@dataclass(order=True, slots=True)
+class _Event:
+    at: float
+    seq: int
+    fn: Callable[[], None] = field(compare=False)
+
+
+class World:
+    """The event queue, the virtual clock and the network between nodes."""
+
+    def __init__(self, seed: int, store_id: str = "sim-store", start_ms: int = 1_790_000_000_000,
+                 discovery_ms: float = 50.0) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.start_ms = start_ms
+        self.discovery_ms = discovery_ms
+        self.store_id = store_id
+        self._queue: list[_Event] = []
+        self._seq = 0
+        self.nodes: dict[str, SimNode] = {}
+        self.links: dict[tuple[str, str], LinkModel] = {}
+        self.store_key = NodeKey.from_bytes(self.rng.randbytes(32))
+        self.trust_template = TrustStore(store_id, self.store_key.public_key)
+        self.certs: list[Any] = []
+        self.observers: list[Callable[[str, dict[str, Any]], None]] = []
+
+    # --- scheduling ---------------------------------------------------------------------
+
+    def at(self, when: float, fn: Callable[[], None]) -> None:
+        self._seq += 1
+        heapq.heappush(self._queue, _Event(max(when, self.now), self._seq, fn))
+
+    def after(self, delay: float, fn: Callable[[], None]) -> None:
+        self.at(self.now + delay, fn)
+
+    def run_until(self, until: float, max_events: int = 50_000_000) -> None:
+        n = 0
+        while self._queue and self._queue[0].at <= until:
+            ev = heapq.heappop(self._queue)
+            self.now = ev.at
+            ev.fn()
+            n += 1
+            if n >= max_events:
+                raise RuntimeError(f"more than {max_events} events before t={until}")
+        self.now = max(self.now, until)
+
+    def wall_ms(self, skew_ms: float = 0.0) -> int:
+        return self.start_ms + int(self.now + skew_ms)
+
+    def emit(self, kind: str, **data: Any) -> None:
+        for obs in self.observers:
+            obs(kind, data)
+
+    # --- topology -------------------------------------------------------------------------
+
+    def add_node(self, node_id: str, role: str = "register", *, skew_ms: float = 0.0,
+                 fsync_ms: float = 0.5) -> SimNode:
+        key = NodeKey.from_bytes(self.rng.randbytes(32))
+        cert = issue_certificate(self.store_key, node_id=node_id, store_id=self.store_id,
+                                 role=role, public_key=key.public_key,
+                                 not_after=self.start_ms + 10 * 365 * 24 * 3600 * 1000)
+        self.certs.append(cert)
+        node = SimNode(self, node_id, role, key, skew_ms=skew_ms, fsync_ms=fsync_ms)
+        self.nodes[node_id] = node
+        for other in self.nodes.values():
+            other.trust.add_certificate(cert)
+            if other is not node:
+                node.trust.add_certificate(other.certificate)
+        return node
+
+    def connect(self, a: str, b: str, model: LinkModel | None = None,
+                back: LinkModel | None = None) -> None:
+        """A link a<->b (two directions, each with its own model); sessions open at once."""
+        self.links[(a, b)] = model or LinkModel()
+        self.links[(b, a)] = back or LinkModel(**_copyable(self.links[(a, b)]))
+        self._session_up(a, b)
+
+    def _session_up(self, a: str, b: str) -> None:
+        na, nb = self.nodes[a], self.nodes[b]
+        if na.alive and nb.alive and self.links[(a, b)].up and self.links[(b, a)].up:
+            na.handle(na.core.peer_up(b, na.clock()))
+            nb.handle(nb.core.peer_up(a, nb.clock()))
+
+    def _session_down(self, a: str, b: str) -> None:
+        for x, y in ((a, b), (b, a)):
+            node = self.nodes[x]
+            if node.alive and node.core.is_up(y):
+                node.handle(node.core.peer_down(y, node.clock()))
+
+    def set_link(self, a: str, b: str, up: bool, *, both: bool = True) -> None:
+        """Cut or restore a link. A cut in either direction ends the session (a TCP
+        session cannot live on a one-way link); restoring re-opens it after discovery."""
+        pairs = [(a, b), (b, a)] if both else [(a, b)]
+        was = self.links[(a, b)].up and self.links[(b, a)].up
+        for p in pairs:
+            self.links[p].up = up
+        now_up = self.links[(a, b)].up and self.links[(b, a)].up
+        if was and not now_up:
+            self._session_down(a, b)
+        elif now_up and not was:
+            self.after(self.discovery_ms, lambda: self._reconnect(a, b))
+
+    def _reconnect(self, a: str, b: str) -> None:
+        na, nb = self.nodes[a], self.nodes[b]
+        if not (na.alive and nb.alive) or na.core.is_up(b):
+            return
+        self._session_up(a, b)
+
+    def send(self, src: str, dst: str, data: bytes) -> None:
+        link = self.links.get((src, dst))
+        if link is None or not link.up:
+            return
+        link.messages += 1
+        link.bytes += len(data)
+        if self.rng.random() < link.loss:
+            return
+        copies = 2 if self.rng.random() < link.duplicate else 1
+        for _ in range(copies):
+            delay = link.latency_ms + self.rng.random() * link.jitter_ms
+            if link.bandwidth:
+                start = max(self.now, link.busy_until)
+                link.busy_until = start + len(data) / link.bandwidth
+                delay += link.busy_until - self.now
+            self.after(delay, lambda d=data: self._deliver(src, dst, d))
+
+    def _deliver(self, src: str, dst: str, data: bytes) -> None:
+        node = self.nodes[dst]
+        link = self.links[(src, dst)]
+        if not node.alive or not link.up or not node.core.is_up(src):
+            return
+        node.handle(node.core.receive(data, src, node.clock()))
+
+
+def _copyable(m: LinkModel) -> dict[str, Any]:
+    return {"latency_ms": m.latency_ms, "jitter_ms": m.jitter_ms, "loss": m.loss,
+            "duplicate": m.duplicate, "bandwidth": m.bandwidth, "kind": m.kind}
+
+
+class SimNode:
+    """A real replica + sync core on simulated ports."""
+
+    def __init__(self, world: World, node_id: str, role: str, key: NodeKey, *,
+                 skew_ms: float, fsync_ms: float) -> None:
+        self.world = world
+        self.node_id = node_id
+        self.role = role
+        self.key = key
+        self.skew_ms = skew_ms
+        self.certificate = world.certs[-1]
+        self.trust = TrustStore(world.store_id, world.store_key.public_key)
+        self.trust.add_certificate(self.certificate)
+        self.disk = SimDisk(fsync_ms)
+        self.alive = True
+        self.alerts: list[Alert] = []
+        self.acked: list[CommandResult] = []
+        self._waiting: list[tuple[int, Callable[[], None]]] = []  # (row, on_durable)
+        self.replica = Replica(world.store_id, node_id, role, key)
+        self.core = SyncCore(self.replica, self.trust, random.Random(world.rng.random()))
+        self._timer_at: float | None = None
+        self._epoch = 0
+
+    def clock(self) -> int:
+        return self.world.wall_ms(self.skew_ms)
+
+    # --- commands -----------------------------------------------------------------------
+
+    def command(self, fn: Callable[[Replica], CommandResult],
+                on_ack: Callable[[CommandResult], None] | None = None) -> CommandResult | None:
+        """Run a local command; acknowledged (``on_ack``) once its envelope is durable."""
+        if not self.alive:
+            return None
+        result = fn(self.replica)
+        if result.envelope is None:
+            if on_ack:
+                on_ack(result)
+            return result
+        self.disk.append([result.envelope])
+
+        def acked() -> None:
+            self.acked.append(result)
+            if on_ack:
+                on_ack(result)
+        self._waiting.append((len(self.disk.rows), acked))
+        self._sync_disk()
+        return result
+
+    def _sync_disk(self) -> None:
+        """Group commit: one fsync covers every row appended before it starts."""
+        if self.disk.syncing or self.disk.durable >= len(self.disk.rows):
+            return
+        self.disk.syncing = True
+        upto = len(self.disk.rows)
+        epoch = self._epoch
+
+        def done() -> None:
+            if epoch != self._epoch:
+                return  # crashed meanwhile
+            self.disk.syncing = False
+            newly = self.disk.mark_durable(upto)
+            envs = [decode(r) for r in newly]
+            ready = [cb for row, cb in self._waiting if row <= upto]
+            self._waiting = [(row, cb) for row, cb in self._waiting if row > upto]
+            for cb in ready:
+                cb()
+            self.handle(self.core.durable(envs, self.clock()))
+            self._sync_disk()
+        self.world.after(self.disk.fsync_ms, done)
+
+    # --- effects ------------------------------------------------------------------------------
+
+    def handle(self, effects: list[Effect]) -> None:
+        for eff in effects:
+            if isinstance(eff, Send):
+                self.world.send(self.node_id, eff.peer, eff.data)
+            elif isinstance(eff, Persist):
+                self.disk.append(list(eff.envelopes))
+                self._sync_disk()
+                self.world.emit("applied", node=self.node_id, envelopes=eff.envelopes)
+            elif isinstance(eff, Fetch):
+                raws = self.disk.read_origin(eff.origin, eff.first, eff.last)
+                self.handle(self.core.fetched(eff.peer, eff.origin, eff.first, raws,
+                                              self.clock()))
+            elif isinstance(eff, Alert):
+                self.alerts.append(eff)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        nxt = self.core.next_timer()
+        if nxt is None:
+            return
+        at = nxt - self.world.start_ms - self.skew_ms
+        if self._timer_at is not None and self._timer_at <= at and self._timer_at >= self.world.now:
+            return
+        self._timer_at = at
+        epoch = self._epoch
+
+        def fire() -> None:
+            if epoch != self._epoch or not self.alive:
+                return
+            if self._timer_at != at:
+                return
+            self._timer_at = None
+            self.handle(self.core.on_timer(self.clock()))
+        self.world.at(at, fire)
+
+    # --- crash and restart ------------------------------------------------------------------
+
+    def crash(self) -> None:
+        """Power loss: memory gone, disk keeps only durable rows, sessions end."""
+        if not self.alive:
+            return
+        self.alive = False
+        self._epoch += 1
+        self.disk.crash()
+        self.disk.syncing = False
+        self._waiting = []
+        self._timer_at = None
+        for other in self.world.nodes.values():
+            if other is not self and other.alive and other.core.is_up(self.node_id):
+                other.handle(other.core.peer_down(self.node_id, other.clock()))
+
+    def restart(self) -> None:
+        """Boot: rebuild the replica from the disk, then reconnect after discovery."""
+        if self.alive:
+            return
+        self.replica = Replica(self.world.store_id, self.node_id, self.role, self.key)
+        for raw in self.disk.rows[: self.disk.durable]:
+            self.replica.apply(decode(raw), None, check_skew=False)
+        stored = VersionVector(self.replica.vv.to_dict())
+        self.core = SyncCore(self.replica, self.trust, random.Random(self.world.rng.random()),
+                             stored)
+        self.alive = True
+        for (a, b) in list(self.world.links):
+            if a == self.node_id:
+                self.world.after(self.world.discovery_ms,
+                                 lambda b=b: self.world._reconnect(self.node_id, b))
