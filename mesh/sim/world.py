@@ -22,6 +22,7 @@ import heapq
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from mesh.crdt import VersionVector
@@ -211,7 +212,7 @@ class World:
                 start = max(self.now, link.busy_until)
                 link.busy_until = start + len(data) / link.bandwidth
                 delay += link.busy_until - self.now
-            self.after(delay, lambda d=data: self._deliver(src, dst, d))
+            self.after(delay, partial(self._deliver, src, dst, data))
 
     def _deliver(self, src: str, dst: str, data: bytes) -> None:
         node = self.nodes[dst]
@@ -363,4 +364,4 @@ class SimNode:
         for (a, b) in list(self.world.links):
             if a == self.node_id:
                 self.world.after(self.world.discovery_ms,
-                                 lambda b=b: self.world._reconnect(self.node_id, b))
+                                 partial(self.world._reconnect, self.node_id, b))
