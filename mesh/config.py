@@ -69,3 +69,23 @@ MAX_CERTS_PER_MESSAGE: Final = MAX_ORIGINS
 #: Envelopes sent to a peer and still not acknowledged after this long are taken as lost
 #: and sent again (lossy links; a peer that restarted without them).
 SYNC_RETRANSMIT_MS: Final = 3 * SYNC_INTERVAL_MS
+
+# --- transport ----------------------------------------------------------------------
+#: A handshake step that takes longer than this fails (a peer that connects and stalls
+#: must not hold a slot).
+HANDSHAKE_TIMEOUT_S: Final = 5.0
+#: WebSocket ping interval; a peer that misses a pong is disconnected, so a pulled
+#: cable is noticed within ~2 intervals instead of at the next TCP timeout.
+HEARTBEAT_S: Final = 5.0
+#: Messages queued for one peer before the session is dropped as too slow.
+SESSION_MAX_QUEUE: Final = 10_000
+#: Reconnect backoff: first retry after DIAL_BACKOFF_MIN_S, doubling to DIAL_BACKOFF_MAX_S,
+#: each with ±50% jitter so a store's registers do not reconnect in lockstep.
+DIAL_BACKOFF_MIN_S: Final = 0.2
+DIAL_BACKOFF_MAX_S: Final = 10.0
+#: Largest HTTP request body the API accepts.
+MAX_HTTP_BODY: Final = 64 * 1024
+#: Stock-change events buffered per live-stream subscriber before it is dropped.
+SUBSCRIBER_QUEUE: Final = 1_000
+#: How often the node checks whether a snapshot is due.
+SNAPSHOT_CHECK_S: Final = 5.0

@@ -145,6 +145,12 @@ class DurableReplica:
 
     # --- durability -------------------------------------------------------------------
 
+    def persist(self, envs: Sequence[Envelope]) -> Future[int]:
+        """Append envelopes the caller already applied to ``replica`` (the sync core's
+        ``Persist`` effect)."""
+        self.counters.applied += len(envs)
+        return self._append(list(envs))
+
     def _append(self, envs: list[Envelope]) -> Future[int]:
         self._in_flight += 1
         fut = self.ledger.append(envs)
@@ -155,13 +161,21 @@ class DurableReplica:
     def _landed(self, _: Future[int]) -> None:
         self._in_flight -= 1
 
-    def maybe_snapshot(self) -> bool:
-        """Write a snapshot if enough envelopes were applied since the last one and
-        nothing is in flight (invariant 4). Call from the replica's own thread."""
-        if self._since_snapshot < self.snapshot_every or self._in_flight:
-            return False
-        self.ledger.save_snapshot(self.ledger.last_id, self.replica.snapshot())
+    def snapshot_due(self) -> bool:
+        """Enough envelopes since the last snapshot, and none in flight (invariant 4)."""
+        return self._since_snapshot >= self.snapshot_every and not self._in_flight
+
+    def take_snapshot(self) -> tuple[int, bytes]:
+        """The state and the ledger row it covers; call on the replica's own thread when
+        ``snapshot_due()``, then store it with ``ledger.save_snapshot`` (any thread)."""
         self._since_snapshot = 0
+        return self.ledger.last_id, self.replica.snapshot()
+
+    def maybe_snapshot(self) -> bool:
+        """Take and store a snapshot if one is due. Call from the replica's own thread."""
+        if not self.snapshot_due():
+            return False
+        self.ledger.save_snapshot(*self.take_snapshot())
         return True
 
     def recover(self) -> None:

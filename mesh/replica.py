@@ -228,6 +228,7 @@ class Replica:
         self._pending: dict[str, dict[int, Envelope]] = {}
         self._events: dict[str, _SkuEvents] = {}
         self._txns: dict[str, tuple[int, str]] = {}  # local txn -> (seq, fingerprint)
+        self._changed: set[str] = set()  # SKUs touched since drain_changed()
 
     # --- queries ------------------------------------------------------------------
 
@@ -454,6 +455,12 @@ class Replica:
                 events = self._events[sku] = _SkuEvents()
             events.insert(env.hlc, env.origin, env.seq, d_oh.get(sku, 0), d_res.get(sku, 0), kind)
             self.last_change[sku] = env.hlc
+            self._changed.add(sku)
+
+    def drain_changed(self) -> set[str]:
+        """SKUs whose stock or reservations changed since the last call (live streams)."""
+        changed, self._changed = self._changed, set()
+        return changed
 
     # --- local commands -------------------------------------------------------------
 

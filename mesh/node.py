@@ -1,0 +1,391 @@
+"""The asyncio driver of one store node: ledger + sync core + sessions + discovery + API.
+
+Everything that touches the replica or the sync core runs on the event loop thread;
+the ledger's writer thread only resolves futures, which come back to the loop with
+``call_soon_threadsafe``. The driver carries out the core's effects and re-arms one
+timer (the aioquic pattern).
+
+Invariants:
+ 1. A local command returns only once its envelope is durable; it is pushed to peers
+    only then (via ``SyncCore.durable``).
+ 2. Every task has an owner: the node's task set (cancelled and awaited on ``close``)
+    or a ``Session``. No fire-and-forget.
+ 3. No blocking call on the loop: ledger reads, evidence and identity writes go through
+    ``asyncio.to_thread``; rebuild at start-up too.
+ 4. At most one session per peer node id; with discovery, only the node with the
+    smaller id dials, so two nodes do not race to connect to each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from mesh import config, transport
+from mesh.datadir import NodeIdentity
+from mesh.durable import DurableReplica
+from mesh.envelope import Envelope
+from mesh.replica import CommandResult, Replica
+from mesh.sync import Alert, Effect, Fetch, Persist, Send, SyncCore, TrustChanged
+
+__all__ = ["Node"]
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """One running store node."""
+
+    def __init__(
+        self, data_dir: Path, *, http_host: str = "127.0.0.1", http_port: int = 0,
+        interface: str | None = None, peers: Sequence[str] = (), discovery: bool = True,
+        snapshot_every: int = config.SNAPSHOT_EVERY, advertise: bool = True,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.http_host = http_host
+        self.http_port = http_port
+        self.interface = interface
+        self.static_peers = list(peers)
+        self.discovery_enabled = discovery
+        self.advertise = advertise
+        self.snapshot_every = snapshot_every
+        self.rng = random.Random()  # noqa: S311 -- backoff jitter, not cryptography
+        self.started_ms = self.now_ms()
+        self.rejected_sessions: dict[str, int] = {}
+        self.sessions: dict[str, transport.Session] = {}
+        self.last_seen: dict[str, int] = {}
+        self.known_urls: dict[str, str] = {}  # node id -> URL (discovery, sessions)
+        self.app = web.Application(client_max_size=config.MAX_HTTP_BODY)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._dialers: dict[str, asyncio.Task[None]] = {}  # URL -> dial loop
+        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._durable_batch: list[Envelope] = []
+        self._timer_wake = asyncio.Event()
+        self._closed = False
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._discovery: Any = None
+        self.durable: DurableReplica
+        self.core: SyncCore
+        self.identity: NodeIdentity
+        self.url = ""
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    @staticmethod
+    def now_ms() -> int:
+        return time.time_ns() // 1_000_000
+
+    @property
+    def replica(self) -> Replica:
+        return self.durable.replica
+
+    async def start(self) -> None:
+        self.durable = await asyncio.to_thread(
+            DurableReplica.open, self.data_dir, self.snapshot_every)
+        self.identity = self.durable.identity
+        self.core = SyncCore(self.replica, self.identity.trust,
+                             random.Random())  # noqa: S311 -- sync timer jitter
+        self._loop = asyncio.get_running_loop()
+        self.app.router.add_get("/v1/sync", self._accept)
+        self._setup_optional_routes()
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.http_host, self.http_port)
+        await site.start()
+        server = site._server
+        assert server is not None and getattr(server, "sockets", None)
+        self.http_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.url = f"http://{self.http_host}:{self.http_port}"
+        self._http = aiohttp.ClientSession()
+        self._spawn(self._timer_loop(), "timer")
+        self._spawn(self._snapshot_loop(), "snapshots")
+        for url in self.static_peers:
+            self._ensure_dialer(url)
+        if self.discovery_enabled:
+            await self._start_discovery()
+        log.info("node %s (%s) of store %s listening on %s", self.identity.node_id,
+                 self.identity.role, self.identity.store_id, self.url)
+
+    def _setup_optional_routes(self) -> None:
+        from mesh import api, enrol
+
+        api.setup_routes(self.app, self)
+        enrol.setup_join_routes(self.app, self)
+
+    async def _start_discovery(self) -> None:
+        from mesh.discovery import Discovery
+
+        self._discovery = Discovery(
+            store_id=self.identity.store_id, node_id=self.identity.node_id,
+            role=self.identity.role, fingerprint=self.identity.key.fingerprint,
+            port=self.http_port, interface=self.interface,
+            on_peer=self._on_discovered, on_lost=self._on_lost)
+        await self._discovery.start()
+
+    async def close(self) -> None:
+        """Stop discovery, sessions, tasks and the HTTP server; flush the ledger."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._discovery is not None:
+            await self._discovery.close()
+        for session in list(self.sessions.values()):
+            session.close("shutdown")
+        for q in list(self._subscribers):
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait({"type": "shutdown"})
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await asyncio.to_thread(self.durable.close)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    # --- local commands -----------------------------------------------------------------
+
+    async def execute(self, fn: Callable[[Replica], CommandResult]) -> CommandResult:
+        """Run a local command; returns once its envelope is durable (invariant 1)."""
+        if self.durable.ledger.failed is not None:
+            self._recover()
+        result, fut = self.durable.execute(fn)
+        if result.envelope is None:
+            return result
+        self._publish([result.envelope])
+        await asyncio.wrap_future(fut)
+        self._on_durable([result.envelope])
+        return result
+
+    def _recover(self) -> None:
+        self.durable.recover()
+        self.core.replica = self.durable.replica
+        self.core.stored = self.durable.replica.vv.copy()
+
+    # --- effects --------------------------------------------------------------------------
+
+    def _on_durable(self, envs: list[Envelope]) -> None:
+        """Collect envelopes that became durable; hand them to the core in one batch per
+        loop iteration, so a group commit becomes one push per peer."""
+        if not self._durable_batch:
+            self._loop.call_soon(self._flush_durable)
+        self._durable_batch.extend(envs)
+
+    def _flush_durable(self) -> None:
+        batch, self._durable_batch = self._durable_batch, []
+        if batch and not self._closed:
+            self._handle(self.core.durable(batch, self.now_ms()))
+
+    def _handle(self, effects: list[Effect]) -> None:
+        for eff in effects:
+            if isinstance(eff, Send):
+                session = self.sessions.get(eff.peer)
+                if session is not None:
+                    session.send(eff.data, eff.priority)
+            elif isinstance(eff, Persist):
+                envs = list(eff.envelopes)
+                self._publish(envs)
+                fut = self.durable.persist(envs)
+                fut.add_done_callback(self._persisted_callback(envs))
+            elif isinstance(eff, Fetch):
+                self._spawn(self._fetch(eff), "fetch")
+            elif isinstance(eff, Alert):
+                log.warning("ALERT %s: %s seq %s", eff.kind, eff.origin, eff.seq)
+                self._spawn(asyncio.to_thread(self.durable.ledger.add_evidence, eff.origin,
+                                              eff.seq, eff.first, eff.second), "evidence")
+            elif isinstance(eff, TrustChanged):
+                self.trust_changed()
+        self._timer_wake.set()
+
+    def _persisted_callback(self, envs: list[Envelope]) -> Callable[[Future[int]], None]:
+        def done(fut: Future[int]) -> None:
+            if fut.exception() is None and not self._closed:
+                self._loop.call_soon_threadsafe(self._on_durable, envs)
+        return done
+
+    async def _fetch(self, eff: Fetch) -> None:
+        raws = await asyncio.to_thread(self.durable.ledger.read_origin, eff.origin, eff.first,
+                                       eff.last)
+        if not self._closed:
+            self._handle(self.core.fetched(eff.peer, eff.origin, eff.first, raws,
+                                           self.now_ms()))
+
+    def trust_changed(self) -> None:
+        """New certificates or revocations: persist them (peers learn via the core)."""
+        self._spawn(asyncio.to_thread(self.identity.save), "save-identity")
+
+    async def _timer_loop(self) -> None:
+        while True:
+            nxt = self.core.next_timer()
+            delay = None if nxt is None else max(0.0, (nxt - self.now_ms()) / 1000)
+            self._timer_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_wake.wait(), delay)
+            now = self.now_ms()
+            nxt = self.core.next_timer()
+            if nxt is not None and nxt <= now:
+                self._handle(self.core.on_timer(now))
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(config.SNAPSHOT_CHECK_S)
+            if self.durable.ledger.failed is None:
+                await asyncio.to_thread(self._maybe_snapshot_blocking)
+
+    def _maybe_snapshot_blocking(self) -> None:
+        # snapshot() reads replica state: take it on the loop thread, write it here
+        fut = asyncio.run_coroutine_threadsafe(self._take_snapshot(), self._loop)
+        blob = fut.result()
+        if blob is not None:
+            upto, state = blob
+            self.durable.ledger.save_snapshot(upto, state)
+
+    async def _take_snapshot(self) -> tuple[int, bytes] | None:
+        return self.durable.take_snapshot() if self.durable.snapshot_due() else None
+
+    # --- live stream ------------------------------------------------------------------------
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(config.SUBSCRIBER_QUEUE)
+        self._subscribers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[dict[str, Any]]) -> None:
+        self._subscribers.discard(q)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def _publish(self, envs: list[Envelope]) -> None:
+        """Tell live-stream subscribers the new stock of every SKU these envelopes touched."""
+        r = self.replica
+        changed = r.drain_changed()
+        if not self._subscribers or not changed or not envs:
+            return
+        newest = {env.meta.get("sku"): env for env in envs}
+        events = []
+        for sku in sorted(changed):
+            env = newest.get(sku, envs[-1])
+            events.append({"sku": sku, "on_hand": r.on_hand(sku), "reserved": r.reserved(sku),
+                           "available": r.available(sku), "origin": env.origin,
+                           "seq": env.seq, "kind": env.meta["kind"], "hlc": env.hlc,
+                           "at_ms": env.hlc >> 16})
+        for q in list(self._subscribers):
+            for ev in events:
+                try:
+                    q.put_nowait(ev)
+                except asyncio.QueueFull:
+                    # a subscriber that cannot keep up is told so and dropped
+                    self._subscribers.discard(q)
+                    with contextlib.suppress(asyncio.QueueEmpty):
+                        q.get_nowait()
+                    q.put_nowait({"type": "overflow"})
+                    break
+
+    # --- peers ----------------------------------------------------------------------------
+
+    def peer_status(self) -> list[dict[str, Any]]:
+        ids = set(self.sessions) | set(self.known_urls) | set(self.last_seen)
+        out = []
+        for pid in sorted(ids):
+            session = self.sessions.get(pid)
+            cert = self.identity.trust.certificate(pid)
+            out.append({
+                "node_id": pid, "url": self.known_urls.get(pid),
+                "role": cert.role if cert else None, "up": session is not None,
+                "lag": self.core.lag(pid), "last_seen_ms": self.last_seen.get(pid),
+                "queued": session.queued() if session else 0,
+            })
+        return out
+
+    def _on_discovered(self, info: Any) -> None:
+        self.known_urls[info.node_id] = info.url
+        if self.identity.node_id < info.node_id:  # invariant 4
+            self._ensure_dialer(info.url, info.node_id)
+
+    def _on_lost(self, node_id: str) -> None:
+        url = self.known_urls.get(node_id)
+        if url and url not in self.static_peers and node_id not in self.sessions:
+            task = self._dialers.pop(url, None)
+            if task is not None:
+                task.cancel()
+
+    def _ensure_dialer(self, url: str, node_id: str | None = None) -> None:
+        task = self._dialers.get(url)
+        if task is None or task.done():
+            self._dialers[url] = self._spawn(self._dial_loop(url), f"dial {url}")
+
+    async def _dial_loop(self, url: str) -> None:
+        """Keep a session to ``url`` up: reconnect with jittered exponential backoff."""
+        backoff = config.DIAL_BACKOFF_MIN_S
+        assert self._http is not None
+        while not self._closed:
+            try:
+                session = await transport.dial(self._http, url, self.identity, self.now_ms)
+            except transport.HandshakeError as exc:
+                self._reject(exc.reason)
+                log.info("dial %s refused: %s", url, exc)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.debug("dial %s failed: %r", url, exc)
+            else:
+                backoff = config.DIAL_BACKOFF_MIN_S
+                self.known_urls[session.peer_id] = url
+                await self._run_session(session)
+            await asyncio.sleep(backoff * self.rng.uniform(0.5, 1.5))
+            backoff = min(backoff * 2, config.DIAL_BACKOFF_MAX_S)
+
+    async def _accept(self, request: web.Request) -> web.StreamResponse:
+        return await transport.accept(request, self.identity, self.now_ms, self._run_session,
+                                      self._reject)
+
+    def _reject(self, reason: str) -> None:
+        self.rejected_sessions[reason] = self.rejected_sessions.get(reason, 0) + 1
+
+    async def _run_session(self, session: transport.Session) -> None:
+        pid = session.peer_id
+        if pid in self.sessions or self._closed:
+            self._reject("duplicate")
+            session.close("duplicate")
+            await session.ws.close()
+            return
+        self.sessions[pid] = session
+        self.last_seen[pid] = self.now_ms()
+        log.info("session up: %s (%s)", pid, "out" if session.outbound else "in")
+        try:
+            self._handle(self.core.peer_up(pid, self.now_ms()))
+            await session.run(self._on_message)
+        finally:
+            if self.sessions.get(pid) is session:
+                del self.sessions[pid]
+                if not self._closed:
+                    self._handle(self.core.peer_down(pid, self.now_ms()))
+            log.info("session down: %s (%s)", pid, session.close_reason)
+
+    def _on_message(self, peer_id: str, data: bytes) -> None:
+        now = self.now_ms()
+        self.last_seen[peer_id] = now
+        self._handle(self.core.receive(data, peer_id, now))

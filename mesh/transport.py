@@ -1,0 +1,259 @@
+"""Peer sessions over aiohttp WebSockets, with a handshake that proves who is talking.
+
+Handshake (JSON text frames, then binary sync messages):
+
+1. dialer -> listener ``{"t": "hello", "proto", "store", "node", "cert", "nonce"}``
+2. listener -> dialer  the same, plus ``sig`` = listener's node key over
+   ``HS_DOMAIN + b"listener" + dialer_nonce + listener_nonce + dialer_id + listener_id``
+3. dialer -> listener ``{"t": "auth", "sig"}`` over the same with ``b"dialer"`` and the
+   nonces swapped
+4. listener -> dialer ``{"t": "ok"}``
+
+Each side checks the other's certificate against the store key (so both belong to the
+same store), that it is neither revoked nor expired, that it names the node id claimed,
+and the signature over both fresh nonces (so the peer holds that certificate's key
+now, and the exchange cannot be replayed).
+
+Invariants:
+ 1. No sync message is read or sent before both sides are authenticated.
+ 2. Every task belongs to the ``Session`` that started it and is cancelled and awaited
+    when the session closes.
+ 3. Outgoing messages wait in two bounded queues (high before low priority); a peer
+    that lets more than ``SESSION_MAX_QUEUE`` messages pile up is disconnected rather
+    than allowed to grow our memory (anti-entropy catches it up after reconnecting).
+ 4. A remote fault (bad handshake, oversized frame, unexpected frame type) closes that
+    session with a reason and is counted; it never propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from mesh import config
+from mesh.datadir import NodeIdentity
+from mesh.errors import EnvelopeError
+from mesh.identity import Certificate, verify_signature
+
+__all__ = ["HS_DOMAIN", "PROTO", "HandshakeError", "Session", "accept", "dial"]
+
+log = logging.getLogger(__name__)
+
+PROTO: Final = 1
+HS_DOMAIN: Final = b"storemesh/handshake/v1\n"
+
+
+class HandshakeError(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+def _transcript(role: bytes, nonce_a: bytes, nonce_b: bytes, a: str, b: str) -> bytes:
+    return b"".join([HS_DOMAIN, role, nonce_a, nonce_b, a.encode(), b"\x00", b.encode()])
+
+
+def _hello(identity: NodeIdentity, nonce: bytes) -> dict[str, Any]:
+    return {"t": "hello", "proto": PROTO, "store": identity.store_id, "node": identity.node_id,
+            "cert": identity.certificate.to_dict(), "nonce": nonce.hex()}
+
+
+def _check_hello(identity: NodeIdentity, msg: object, now_ms: int) -> tuple[Certificate, bytes]:
+    """Validate a peer's hello; returns its certificate and nonce."""
+    if not isinstance(msg, dict) or msg.get("t") != "hello":
+        raise HandshakeError("bad_handshake", "expected a hello message")
+    if msg.get("proto") != PROTO:
+        raise HandshakeError("bad_protocol", f"protocol {msg.get('proto')!r}, we speak {PROTO}")
+    if msg.get("store") != identity.store_id:
+        raise HandshakeError("wrong_store", f"peer belongs to store {msg.get('store')!r}")
+    nonce_hex = msg.get("nonce")
+    if not isinstance(nonce_hex, str) or len(nonce_hex) != 64:
+        raise HandshakeError("bad_handshake", "nonce must be 32 bytes of hex")
+    try:
+        nonce = bytes.fromhex(nonce_hex)
+        cert = Certificate.from_dict(msg.get("cert"))
+        if cert.node_id != msg.get("node"):
+            raise HandshakeError("bad_handshake", "certificate names another node")
+        if cert.node_id == identity.node_id:
+            raise HandshakeError("self", "connected to ourselves")
+        identity.trust.add_certificate(cert)  # verifies it against the store key
+        identity.trust.check(cert.node_id, now_ms)
+    except EnvelopeError as exc:
+        reason = "unenrolled" if exc.reason in ("bad_signature", "wrong_store") else exc.reason
+        raise HandshakeError(reason, exc.message) from None
+    except ValueError as exc:
+        raise HandshakeError("bad_handshake", str(exc)) from None
+    return cert, nonce
+
+
+async def _recv_json(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> object:
+    msg = await asyncio.wait_for(ws.receive(), config.HANDSHAKE_TIMEOUT_S)
+    if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+        raise HandshakeError("refused", f"peer closed the connection: {msg.extra or ''}")
+    if msg.type != aiohttp.WSMsgType.TEXT:
+        raise HandshakeError("bad_handshake", f"expected a text frame, got {msg.type.name}")
+    try:
+        return orjson.loads(msg.data)
+    except orjson.JSONDecodeError:
+        raise HandshakeError("bad_handshake", "handshake frame is not JSON") from None
+
+
+class Session:
+    """One authenticated peer connection: a reader and a writer task."""
+
+    def __init__(self, peer_id: str, role: str, ws: web.WebSocketResponse
+                 | aiohttp.ClientWebSocketResponse, *, url: str | None, outbound: bool) -> None:
+        self.peer_id = peer_id
+        self.role = role
+        self.ws = ws
+        self.url = url
+        self.outbound = outbound
+        self._high: deque[bytes] = deque()
+        self._low: deque[bytes] = deque()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self.close_reason: str | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def send(self, data: bytes, priority: int = 0) -> None:
+        if self._closing:
+            return
+        if len(self._high) + len(self._low) >= config.SESSION_MAX_QUEUE:
+            self.close_reason = "slow_peer"
+            self._closing = True
+            self._wake.set()
+            return
+        (self._low if priority else self._high).append(data)
+        self._wake.set()
+
+    def queued(self) -> int:
+        return len(self._high) + len(self._low)
+
+    def close(self, reason: str = "closed") -> None:
+        if not self._closing:
+            self.close_reason = reason
+            self._closing = True
+        self._wake.set()
+
+    async def run(self, on_message: Callable[[str, bytes], None]) -> None:
+        """Pump messages until either side closes; returns then (tasks awaited)."""
+        reader = asyncio.create_task(self._reader(on_message))
+        writer = asyncio.create_task(self._writer())
+        try:
+            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, writer):
+                task.cancel()
+            for result in await asyncio.gather(reader, writer, return_exceptions=True):
+                if isinstance(result, Exception):
+                    log.debug("session %s ended: %r", self.peer_id, result)
+            with contextlib.suppress(Exception):
+                await self.ws.close()
+
+    async def _reader(self, on_message: Callable[[str, bytes], None]) -> None:
+        async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                self.bytes_in += len(msg.data)
+                on_message(self.peer_id, msg.data)
+            elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE):
+                break
+            else:
+                self.close_reason = "unexpected_frame"
+                break
+        if self.close_reason is None:
+            self.close_reason = "peer_closed"
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._high or self._low:
+                if self._closing:
+                    return
+                data = self._high.popleft() if self._high else self._low.popleft()
+                self.bytes_out += len(data)
+                await self.ws.send_bytes(data)
+            if self._closing:
+                return
+
+
+async def accept(request: web.Request, identity: NodeIdentity, now_ms: Callable[[], int],
+                 on_session: Callable[[Session], Awaitable[None]],
+                 on_reject: Callable[[str], None]) -> web.WebSocketResponse:
+    """Server side of ``GET /v1/sync``: handshake, then hand the session over."""
+    ws = web.WebSocketResponse(max_msg_size=config.MAX_MESSAGE_BYTES,
+                               heartbeat=config.HEARTBEAT_S)
+    await ws.prepare(request)
+    try:
+        cert, their_nonce = _check_hello(identity, await _recv_json(ws), now_ms())
+        nonce = os.urandom(32)
+        hello = _hello(identity, nonce)
+        hello["sig"] = identity.key.sign(
+            _transcript(b"listener", their_nonce, nonce, cert.node_id, identity.node_id)).hex()
+        await ws.send_str(orjson.dumps(hello).decode())
+        auth = await _recv_json(ws)
+        if not isinstance(auth, dict) or auth.get("t") != "auth" or not isinstance(
+                auth.get("sig"), str):
+            raise HandshakeError("bad_handshake", "expected an auth message")
+        try:
+            sig = bytes.fromhex(auth["sig"])
+        except ValueError:
+            raise HandshakeError("bad_handshake", "signature is not hex") from None
+        if not verify_signature(cert.public_key, sig, _transcript(
+                b"dialer", nonce, their_nonce, cert.node_id, identity.node_id)):
+            raise HandshakeError("bad_signature", "peer does not hold its certificate's key")
+        await ws.send_str('{"t":"ok"}')
+    except HandshakeError as exc:
+        on_reject(exc.reason)
+        log.info("refused session: %s", exc)
+        await ws.close(code=4403, message=exc.message[:120].encode())
+        return ws
+    except (TimeoutError, aiohttp.ClientError, ConnectionError):
+        on_reject("handshake_timeout")
+        await ws.close()
+        return ws
+    await on_session(Session(cert.node_id, cert.role, ws, url=None, outbound=False))
+    return ws
+
+
+async def dial(http: aiohttp.ClientSession, url: str, identity: NodeIdentity,
+               now_ms: Callable[[], int]) -> Session:
+    """Client side: connect to ``url`` (``http://host:port``) and authenticate both ways.
+    Raises ``HandshakeError`` (refused or forged) or aiohttp/OS errors (unreachable)."""
+    ws = await http.ws_connect(url.rstrip("/") + "/v1/sync", max_msg_size=config.MAX_MESSAGE_BYTES,
+                               heartbeat=config.HEARTBEAT_S,
+                               timeout=aiohttp.ClientWSTimeout(ws_close=2.0))
+    try:
+        nonce = os.urandom(32)
+        await ws.send_str(orjson.dumps(_hello(identity, nonce)).decode())
+        reply = await _recv_json(ws)
+        cert, their_nonce = _check_hello(identity, reply, now_ms())
+        assert isinstance(reply, dict)
+        try:
+            sig = bytes.fromhex(str(reply.get("sig", "")))
+        except ValueError:
+            raise HandshakeError("bad_handshake", "signature is not hex") from None
+        if not verify_signature(cert.public_key, sig, _transcript(
+                b"listener", nonce, their_nonce, identity.node_id, cert.node_id)):
+            raise HandshakeError("bad_signature", "peer does not hold its certificate's key")
+        mine = identity.key.sign(
+            _transcript(b"dialer", their_nonce, nonce, identity.node_id, cert.node_id))
+        await ws.send_str(orjson.dumps({"t": "auth", "sig": mine.hex()}).decode())
+        ok = await _recv_json(ws)
+        if ok != {"t": "ok"}:
+            raise HandshakeError("refused", "peer did not accept our authentication")
+    except BaseException:
+        await ws.close()
+        raise
+    return Session(cert.node_id, cert.role, ws, url=url, outbound=True)
