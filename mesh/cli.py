@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -56,6 +57,140 @@ def store_init(data_dir: Path, store_id: str, node_id: str | None) -> None:
         raise click.ClickException(str(exc)) from None
     console.print(f"store [bold]{ident.store_id}[/] created; edge node [bold]{ident.node_id}[/]"
                   f" in {data_dir} (key fingerprint {ident.key.fingerprint})")
+
+
+# --- node -------------------------------------------------------------------------------
+
+
+@main.command("node")
+@click.option("--data", "data_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path), help="The node's data directory.")
+@click.option("--http-port", default=8700, show_default=True, help="HTTP/WebSocket port (0: any).")
+@click.option("--http-host", default=None,
+              help="Address to listen on [default: --interface, else 0.0.0.0].")
+@click.option("--interface", default=None,
+              help="Interface address for mDNS discovery and listening, e.g. 127.0.0.1.")
+@click.option("--peer", "peers", multiple=True,
+              help="Static peer URL (repeatable), for links mDNS cannot cross.")
+@click.option("--join", "token", default=None, help="One-time join token (first start only).")
+@click.option("--node-id", default=None, help="Node id to ask for when joining.")
+@click.option("--no-discovery", is_flag=True, help="Do not use mDNS; only --peer URLs.")
+@click.option("--log-level", default="INFO", show_default=True)
+def node_cmd(data_dir: Path, http_port: int, http_host: str | None, interface: str | None,
+             peers: tuple[str, ...], token: str | None, node_id: str | None, no_discovery: bool,
+             log_level: str) -> None:
+    """Run a store node: sync with peers, serve the POS/channel API, until Ctrl-C."""
+    import asyncio
+    import logging
+    import signal
+
+    from mesh.node import Node
+
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def run() -> None:
+        if not (data_dir / "node.json").exists():
+            if token is None:
+                raise click.ClickException(
+                    f"{data_dir} holds no node: create a store with 'storemesh store init' or "
+                    "join one with --join TOKEN")
+            from mesh.enrol import JoinRefused, join
+
+            try:
+                ident = await join(data_dir, token, url=peers[0] if peers else None,
+                                   interface=interface, node_id=node_id)
+            except (JoinRefused, TimeoutError, ValueError) as exc:
+                raise click.ClickException(f"join failed: {exc}") from None
+            console.print(f"joined store [bold]{ident.store_id}[/] as {ident.node_id}")
+        node = Node(data_dir, http_host=http_host or interface or "0.0.0.0",  # noqa: S104
+                    http_port=http_port, interface=interface, peers=peers,
+                    discovery=not no_discovery)
+        await node.start()
+        print(f"storemesh node {node.identity.node_id} ({node.identity.role}) of store "
+              f"{node.identity.store_id} listening on {node.url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await node.close()
+
+    asyncio.run(run())
+
+
+@main.group()
+def token() -> None:
+    """One-time join tokens for new registers."""
+
+
+@token.command("create")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--role", type=click.Choice(["register", "edge", "cloud"]), default="register",
+              show_default=True)
+@click.option("--ttl", "ttl_s", default=3600, show_default=True, help="Seconds until it expires.")
+@click.option("--url", default=None, help="Edge URL to embed (else the joiner uses mDNS).")
+def token_create(data_dir: Path, role: str, ttl_s: int, url: str | None) -> None:
+    """Issue a one-time join token from the node in DATA_DIR (it must hold the store key)."""
+    from mesh.enrol import create_token
+    from mesh.errors import CommandError
+
+    try:
+        text = create_token(load_identity(data_dir), role=role, ttl_ms=ttl_s * 1000,
+                            now_ms=_now_ms(), url=url)
+    except (CommandError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(text)
+
+
+@main.command("status")
+@click.argument("url")
+def status_cmd(url: str) -> None:
+    """Show a running node's health, peers with their sync lag, and stock."""
+    import urllib.request
+
+    import orjson
+
+    def get(path: str) -> Any:
+        with urllib.request.urlopen(url.rstrip("/") + path, timeout=5) as resp:  # noqa: S310
+            return orjson.loads(resp.read())
+
+    try:
+        health, peers, stock = get("/v1/health"), get("/v1/peers"), get("/v1/stock")
+        exceptions = get("/v1/exceptions")
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+    console.print(f"[bold]{health['node_id']}[/] ({health['role']}) store "
+                  f"[bold]{health['store_id']}[/]: {health['status']}, "
+                  f"{health['envelopes']} envelopes, up {health['uptime_s']} s")
+    t = Table(title="peers")
+    for col in ("node", "role", "up", "lag (envelopes)", "last seen (ms ago)"):
+        t.add_column(col)
+    now = _now_ms()
+    for p in peers.get("peers", []):
+        seen = "" if p.get("last_seen_ms") is None else str(now - p["last_seen_ms"])
+        t.add_row(p["node_id"], str(p.get("role") or ""), "yes" if p["up"] else "[red]no[/]",
+                  str(p["lag"]), seen)
+    console.print(t)
+    t = Table(title="stock")
+    for col in ("sku", "on hand", "reserved", "available"):
+        t.add_column(col, justify="left" if col == "sku" else "right")
+    items = stock.get("items", stock) if isinstance(stock, dict) else stock
+    for item in items:
+        avail = item["available"]
+        t.add_row(item["sku"], str(item["on_hand"]), str(item["reserved"]),
+                  f"[red]{avail}[/]" if avail < 0 else str(avail))
+    console.print(t)
+    exc_list = exceptions.get("exceptions", []) if isinstance(exceptions, dict) else exceptions
+    if exc_list:
+        t = Table(title="oversell exceptions (same on every node)")
+        for col in ("sku", "origin", "seq", "kind", "short"):
+            t.add_column(col)
+        for e in exc_list:
+            t.add_row(e["sku"], e["origin"], str(e["seq"]), e["kind"], str(e["short"]))
+        console.print(t)
 
 
 # --- ledger -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -80,6 +81,7 @@ class DurableReplica:
         self.counters = _Counters()
         self.rebuild_stats = rebuild(self.replica, ledger)
         self._in_flight = 0
+        self._lock = threading.Lock()
         self._since_snapshot = self.rebuild_stats.replayed
 
     @classmethod
@@ -152,18 +154,24 @@ class DurableReplica:
         return self._append(list(envs))
 
     def _append(self, envs: list[Envelope]) -> Future[int]:
-        self._in_flight += 1
+        with self._lock:
+            self._in_flight += 1
         fut = self.ledger.append(envs)
         fut.add_done_callback(self._landed)
         self._since_snapshot += len(envs)
         return fut
 
     def _landed(self, _: Future[int]) -> None:
-        self._in_flight -= 1
+        with self._lock:  # runs on the ledger's writer thread
+            self._in_flight -= 1
 
     def snapshot_due(self) -> bool:
-        """Enough envelopes since the last snapshot, and none in flight (invariant 4)."""
-        return self._since_snapshot >= self.snapshot_every and not self._in_flight
+        """Enough envelopes since the last snapshot, none in flight, and no failed write
+        (after one, memory may hold what the disk does not: invariants 3 and 4)."""
+        with self._lock:
+            idle = self._in_flight == 0
+        return (self._since_snapshot >= self.snapshot_every and idle
+                and self.ledger.failed is None)
 
     def take_snapshot(self) -> tuple[int, bytes]:
         """The state and the ledger row it covers; call on the replica's own thread when

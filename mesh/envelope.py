@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -156,6 +157,8 @@ def decode(raw: bytes, *, max_bytes: int = config.MAX_ENVELOPE_BYTES) -> Envelop
         raise Malformed(f"unsupported envelope version {v!r}")
     store = body["store"]
     origin = body["origin"]
+    if type(origin) is str:
+        origin = sys.intern(origin)  # one string per node, not one per envelope in memory
     if type(store) is not str or not store or len(store) > config.MAX_ID_LEN:
         raise Malformed(f"store must be a non-empty string of at most {config.MAX_ID_LEN} chars")
     if type(origin) is not str or not origin or len(origin) > config.MAX_ID_LEN:

@@ -186,7 +186,7 @@ class Ledger:
         try:
             self._wconn.execute("BEGIN IMMEDIATE")
             cur = self._wconn.executemany(
-                "INSERT OR IGNORE INTO envelopes (origin, seq, hlc, hash, raw) "
+                "INSERT INTO envelopes (origin, seq, hlc, hash, raw) "
                 "VALUES (?, ?, ?, ?, ?)", rows)
             del cur
             self._wconn.execute("COMMIT")
@@ -235,6 +235,12 @@ class Ledger:
     def save_snapshot(self, upto: int, state: bytes) -> None:
         """Store a snapshot of the state after row ``upto``; keeps only the newest two."""
         def write(conn: sqlite3.Connection) -> None:
+            # On the writer thread, after every queued append: the snapshot must cover
+            # exactly the rows on disk, never a state a failed write left in memory.
+            if self._failed is not None or upto != self.last_id:
+                raise sqlite3.IntegrityError(
+                    f"snapshot covers row {upto} but the ledger holds {self.last_id} "
+                    f"(failed: {self._failed})")
             conn.execute("INSERT INTO snapshots (upto, state) VALUES (?, ?)", (upto, state))
             conn.execute("DELETE FROM snapshots WHERE id NOT IN "
                          "(SELECT id FROM snapshots ORDER BY id DESC LIMIT 2)")

@@ -38,6 +38,7 @@ EVENT_KINDS: Final = frozenset(
     {"receipt", "sale", "return", "adjust", "reserve", "release", "fulfil", "expire", "catalog"}
 )
 _META_FIELDS: Final = frozenset({"kind", "txn", "staff", "reason", "note", "sku", "qty"})
+_PN_KEYS: Final = frozenset({"t", "sku", "r", "p", "n"})
 
 
 def _ident(value: object, what: str) -> str:
@@ -88,7 +89,7 @@ def validate_record(rec: object) -> dict[str, Any]:
 
 
 def _validate_pn(op: dict[str, Any]) -> None:
-    if set(op) != {"t", "sku", "r", "p", "n"}:
+    if op.keys() != _PN_KEYS:
         raise Malformed("pn op needs exactly t, sku, r, p, n")
     _ident(op["sku"], "pn sku")
     _ident(op["r"], "pn replica")
@@ -151,7 +152,7 @@ def validate_meta(meta: object) -> dict[str, Any]:
     """The business event: who, which device, why. ``kind`` and ``txn`` are required."""
     if not isinstance(meta, dict):
         raise Malformed("meta must be an object")
-    if not set(meta) <= _META_FIELDS:
+    if not meta.keys() <= _META_FIELDS:
         raise Malformed(f"meta has unknown fields: {sorted(set(meta) - _META_FIELDS)}")
     if meta.get("kind") not in EVENT_KINDS:
         raise Malformed(f"meta kind must be one of {sorted(EVENT_KINDS)}")

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import base64
 import enum
+import hashlib
+import sys
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
@@ -182,7 +184,7 @@ class _SkuEvents:
     def from_dict(cls, d: dict[str, Any]) -> _SkuEvents:
         ev = cls()
         ev.hlc.frombytes(base64.b64decode(d["hlc"]))
-        ev.origin = list(d["origin"])
+        ev.origin = [sys.intern(o) for o in d["origin"]]
         ev.seq.frombytes(base64.b64decode(d["seq"]))
         ev.d_oh.frombytes(base64.b64decode(d["d_oh"]))
         ev.d_res.frombytes(base64.b64decode(d["d_res"]))
@@ -417,7 +419,7 @@ class Replica:
                 counter = self.stock.get(op["sku"])
                 if counter is None:
                     counter = self.stock[op["sku"]] = PNCounter()
-                counter.merge(PNCounter({op["r"]: op["p"]}, {op["r"]: op["n"]}))
+                counter.join_entry(op["r"], op["p"], op["n"])
                 d_oh[op["sku"]] = d_oh.get(op["sku"], 0) + diff
             elif t == "rs":
                 op, delta = item
@@ -701,7 +703,9 @@ class Replica:
 
 
 def _fingerprint(meta: dict[str, Any]) -> str:
-    return orjson.dumps(meta, option=orjson.OPT_SORT_KEYS).decode()
+    """Short digest of a command's content, to tell a replay from a reused txn id."""
+    digest = hashlib.blake2b(orjson.dumps(meta, option=orjson.OPT_SORT_KEYS), digest_size=8)
+    return digest.hexdigest()
 
 
 def _ctx_dots(delta: dict[str, Any]) -> list[list[Any]]:

@@ -109,6 +109,19 @@ class PNCounter:
                 self._value -= count - current
         return self
 
+    def join_entry(self, replica: str, p: int, n: int) -> PNCounter:
+        """Join one replica's (P, N) entry: ``merge`` of a one-entry delta without
+        building it (the replica's hot path; inputs were validated by the op schema)."""
+        cp = self._p.get(replica, 0)
+        if p > cp:
+            self._p[replica] = p
+            self._value += p - cp
+        cn = self._n.get(replica, 0)
+        if n > cn:
+            self._n[replica] = n
+            self._value -= n - cn
+        return self
+
     # -- reading -------------------------------------------------------------------
 
     @property
