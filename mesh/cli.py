@@ -74,11 +74,13 @@ def store_init(data_dir: Path, store_id: str, node_id: str | None) -> None:
               help="Static peer URL (repeatable), for links mDNS cannot cross.")
 @click.option("--join", "token", default=None, help="One-time join token (first start only).")
 @click.option("--node-id", default=None, help="Node id to ask for when joining.")
+@click.option("--url", "join_url", default=None,
+              help="Edge URL to join through (default: the token's, else mDNS).")
 @click.option("--no-discovery", is_flag=True, help="Do not use mDNS; only --peer URLs.")
 @click.option("--log-level", default="INFO", show_default=True)
 def node_cmd(data_dir: Path, http_port: int, http_host: str | None, interface: str | None,
-             peers: tuple[str, ...], token: str | None, node_id: str | None, no_discovery: bool,
-             log_level: str) -> None:
+             peers: tuple[str, ...], token: str | None, node_id: str | None,
+             join_url: str | None, no_discovery: bool, log_level: str) -> None:
     """Run a store node: sync with peers, serve the POS/channel API, until Ctrl-C."""
     import asyncio
     import logging
@@ -95,12 +97,14 @@ def node_cmd(data_dir: Path, http_port: int, http_host: str | None, interface: s
                 raise click.ClickException(
                     f"{data_dir} holds no node: create a store with 'storemesh store init' or "
                     "join one with --join TOKEN")
-            from mesh.enrol import JoinRefused, join
+            from mesh.enrol import JoinRefused, UntrustedEdge, join
+            from mesh.errors import Malformed
 
             try:
-                ident = await join(data_dir, token, url=peers[0] if peers else None,
+                ident = await join(data_dir, token, url=join_url or (peers[0] if peers else None),
                                    interface=interface, node_id=node_id)
-            except (JoinRefused, TimeoutError, ValueError) as exc:
+            except (JoinRefused, UntrustedEdge, Malformed, FileExistsError, ConnectionError,
+                    TimeoutError, ValueError) as exc:
                 raise click.ClickException(f"join failed: {exc}") from None
             console.print(f"joined store [bold]{ident.store_id}[/] as {ident.node_id}")
         node = Node(data_dir, http_host=http_host or interface or "0.0.0.0",  # noqa: S104
@@ -130,7 +134,8 @@ def token() -> None:
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--role", type=click.Choice(["register", "edge", "cloud"]), default="register",
               show_default=True)
-@click.option("--ttl", "ttl_s", default=3600, show_default=True, help="Seconds until it expires.")
+@click.option("--ttl", "ttl_s", default=3600, show_default=True,
+              help="Seconds until it expires (at most 7 days).")
 @click.option("--url", default=None, help="Edge URL to embed (else the joiner uses mDNS).")
 def token_create(data_dir: Path, role: str, ttl_s: int, url: str | None) -> None:
     """Issue a one-time join token from the node in DATA_DIR (it must hold the store key)."""
@@ -140,9 +145,39 @@ def token_create(data_dir: Path, role: str, ttl_s: int, url: str | None) -> None
     try:
         text = create_token(load_identity(data_dir), role=role, ttl_ms=ttl_s * 1000,
                             now_ms=_now_ms(), url=url)
-    except (CommandError, FileNotFoundError) as exc:
+    except (CommandError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(text)
+
+
+@token.command("list")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def token_list(data_dir: Path) -> None:
+    """List the join tokens issued from DATA_DIR (never their secrets)."""
+    from mesh.enrol import list_tokens
+
+    t = Table(title=f"join tokens of {data_dir}")
+    for col in ("id", "role", "state", "expires (UTC)"):
+        t.add_column(col)
+    now = _now_ms()
+    for row in list_tokens(data_dir):
+        t.add_row(row.token_id[:16], row.role, row.state(now),
+                  time.strftime("%Y-%m-%d %H:%M", time.gmtime(row.expires_ms / 1000)))
+    console.print(t)
+
+
+@token.command("revoke")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("which")
+def token_revoke(data_dir: Path, which: str) -> None:
+    """Withdraw an unused token (the token itself or its id from 'token list')."""
+    from mesh.enrol import revoke_token
+
+    try:
+        revoke_token(data_dir, which)
+    except (KeyError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    console.print("token revoked")
 
 
 @main.command("status")

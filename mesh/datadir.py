@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = ["DEFAULT_VALIDITY_MS", "NodeIdentity", "enrol_node", "init_store", "l
 #: Certificates issued by ``store init`` / join tokens are valid for a year; renewal
 #: re-issues them (a revoked node is refused whatever its expiry).
 DEFAULT_VALIDITY_MS = 365 * 24 * 3600 * 1000
+_SAVE_LOCK = threading.Lock()
 
 
 @dataclass(slots=True)
@@ -57,14 +59,21 @@ class NodeIdentity:
             "trust": self.trust.to_dict(),
         }
         path = self.data_dir / "node.json"
-        tmp = path.with_suffix(".json.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        data = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        with _SAVE_LOCK:  # saves may come from several threads (join, sync core)
+            tmp = path.with_suffix(f".json.{os.getpid()}.{threading.get_ident()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dfd = os.open(self.data_dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
 
 def init_store(
