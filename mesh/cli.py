@@ -212,7 +212,7 @@ def status_cmd(url: str) -> None:
     t = Table(title="stock")
     for col in ("sku", "on hand", "reserved", "available"):
         t.add_column(col, justify="left" if col == "sku" else "right")
-    items = stock.get("items", stock) if isinstance(stock, dict) else stock
+    items = stock.get("stock", []) if isinstance(stock, dict) else stock
     for item in items:
         avail = item["available"]
         t.add_row(item["sku"], str(item["on_hand"]), str(item["reserved"]),
@@ -226,6 +226,22 @@ def status_cmd(url: str) -> None:
         for e in exc_list:
             t.add_row(e["sku"], e["origin"], str(e["seq"]), e["kind"], str(e["short"]))
         console.print(t)
+
+
+@main.command("demo")
+@click.option("--dir", "base", default="demo-data", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Where the nodes keep their data (wiped first).")
+@click.option("--duration", type=float, default=None,
+              help="Seconds to keep the mesh up after the workload (default: until Ctrl-C).")
+def demo_cmd(base: Path, duration: float | None) -> None:
+    """Start an edge node and three registers on 127.0.0.1, sell, race, converge."""
+    import asyncio
+
+    from mesh.demo import prepare, run_demo
+
+    tokens = prepare(base)
+    raise SystemExit(asyncio.run(run_demo(base, tokens, duration)))
 
 
 # --- ledger -----------------------------------------------------------------------------

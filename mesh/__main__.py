@@ -1,0 +1,5 @@
+"""``python -m mesh`` is the ``storemesh`` command."""
+
+from mesh.cli import main
+
+main()

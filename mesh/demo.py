@@ -1,0 +1,305 @@
+"""`storemesh demo`: a small store mesh on this machine, doing real work.
+
+Starts an edge node and three registers as separate processes on 127.0.0.1. The
+registers join with one-time tokens and find the edge and each other with zeroconf
+(mDNS bound to loopback). Then it runs a short sales workload with a buy-online-pick-up
+order and a last-unit race, shows that every node converged to the same stock and the
+same oversell exceptions, and tells you which URLs to open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+from rich.table import Table
+
+from mesh.datadir import init_store
+from mesh.enrol import create_token
+
+__all__ = ["run_demo"]
+
+console = Console()
+SKUS = {"COFFEE-250G": 60, "OAT-MILK-1L": 60, "CROISSANT": 150, "TEA-GREEN": 50}
+LAST = "LAST-BIKE-HELMET"
+REGISTERS = ("register-1", "register-2", "register-3")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _Proc:
+    def __init__(self, name: str, args: list[str], log: Path) -> None:
+        self.name = name
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(  # noqa: S603 -- our own CLI, fixed arguments
+            [sys.executable, "-m", "mesh", *args], stdout=subprocess.PIPE,
+            stderr=self.log, text=True)
+        self.url = ""
+
+    async def wait_url(self, limit_s: float) -> str:
+        assert self.proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit_s
+        while loop.time() < deadline:
+            line = await asyncio.wait_for(loop.run_in_executor(None, self.proc.stdout.readline),
+                                          max(0.1, deadline - loop.time()))
+            if not line:
+                break
+            if " listening on " in line:
+                self.url = line.strip().rsplit(" ", 1)[1]
+                return self.url
+        raise RuntimeError(f"{self.name} did not start; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+async def _post(http: aiohttp.ClientSession, url: str, path: str,
+                body: dict[str, Any]) -> dict[str, Any]:
+    async with http.post(url + path, json=body) as resp:
+        data: dict[str, Any] = await resp.json()
+        if resp.status >= 400:
+            raise RuntimeError(f"{path} -> {resp.status} {data}")
+        return data
+
+
+async def _get(http: aiohttp.ClientSession, url: str, path: str) -> Any:
+    async with http.get(url + path) as resp:
+        return await resp.json()
+
+
+async def _wait_mesh(http: aiohttp.ClientSession, urls: dict[str, str], limit_s: float) -> float:
+    t0 = time.perf_counter()
+    want = len(urls) - 1
+    ups: list[int] = []
+    while time.perf_counter() - t0 < limit_s:
+        ups = []
+        for url in urls.values():
+            peers = await _get(http, url, "/v1/peers")
+            ups.append(sum(1 for p in peers["peers"] if p["up"]))
+        if all(n >= want for n in ups):
+            return time.perf_counter() - t0
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"the mesh did not form within {limit_s} s (peers up: {ups})")
+
+
+async def _converged(http: aiohttp.ClientSession, urls: dict[str, str],
+                     limit_s: float) -> tuple[float, dict[str, Any]]:
+    t0 = time.perf_counter()
+    while True:
+        views = {n: await _get(http, u, "/v1/stock") for n, u in urls.items()}
+        norm = {n: [(i["sku"], i["on_hand"], i["reserved"]) for i in v["stock"]]
+                for n, v in views.items()}
+        if len({repr(v) for v in norm.values()}) == 1:
+            return time.perf_counter() - t0, views
+        if time.perf_counter() - t0 > limit_s:
+            raise RuntimeError("nodes did not converge")
+        await asyncio.sleep(0.02)
+
+
+async def _workload(http: aiohttp.ClientSession, urls: dict[str, str]) -> dict[str, Any]:
+    edge = urls["edge"]
+    for sku, qty in SKUS.items():
+        await _post(http, edge, "/v1/receipts", {"sku": sku, "qty": qty, "txn_id": f"po-{sku}",
+                                                 "staff_id": "manager-anna"})
+    await _post(http, edge, "/v1/receipts", {"sku": LAST, "qty": 1, "txn_id": "po-last",
+                                             "staff_id": "manager-anna"})
+    await _converged(http, urls, 10)
+    # A busy few seconds at three tills.
+    t0 = time.perf_counter()
+    sales = 0
+
+    async def till(name: str, n: int) -> None:
+        nonlocal sales
+        skus = list(SKUS)
+        for i in range(n):
+            await _post(http, urls[name], "/v1/sales", {
+                "sku": skus[(i * 7 + len(name)) % len(skus)], "qty": 1,
+                "txn_id": f"{name}-{i}", "staff_id": f"cashier-{name[-1]}"})
+            sales += 1
+    await asyncio.gather(*(till(n, 40) for n in REGISTERS))
+    took = time.perf_counter() - t0
+    # Buy online, pick up in store: the web shop reserves through the edge node...
+    res = await _post(http, edge, "/v1/reservations", {
+        "sku": "TEA-GREEN", "qty": 2, "txn_id": "web-order-1001", "channel": "webshop",
+        "order": "ORD-1001"})
+    await _converged(http, urls, 10)
+    # ...and the customer collects it at register-2.
+    await _post(http, urls["register-2"], f"/v1/reservations/{res['reservation_id']}/fulfil",
+                {"txn_id": "pickup-1001", "staff_id": "cashier-2"})
+    # The last-unit race: two tills sell the last helmet at the same moment.
+    race = await asyncio.gather(
+        _post(http, urls["register-1"], "/v1/sales",
+              {"sku": LAST, "qty": 1, "txn_id": "race-a", "staff_id": "cashier-1"}),
+        _post(http, urls["register-3"], "/v1/sales",
+              {"sku": LAST, "qty": 1, "txn_id": "race-b", "staff_id": "cashier-3"}))
+    return {"sales": sales, "seconds": took, "race": race}
+
+
+async def _latency(http: aiohttp.ClientSession, urls: dict[str, str], n: int) -> list[float]:
+    """Time from a sale's acknowledgement at a register to its visibility at every other
+    node, observed through the other nodes' live streams (SSE)."""
+    others = [u for name, u in urls.items() if name != "register-1"]
+    seen: dict[int, list[float]] = {}
+    arrived = asyncio.Event()
+    ready = asyncio.Event()
+    started = 0
+
+    async def listen(url: str) -> None:
+        nonlocal started
+        async with http.get(url + "/v1/events") as resp:
+            started += 1
+            if started == len(others):
+                ready.set()
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if line.startswith("data:") and '"origin":"register-1"' in line:
+                    import orjson
+
+                    ev = orjson.loads(line[5:])
+                    seen.setdefault(ev["seq"], []).append(time.perf_counter())
+                    arrived.set()
+    tasks = [asyncio.create_task(listen(u)) for u in others]
+    try:
+        await asyncio.wait_for(ready.wait(), 5)
+        await asyncio.sleep(0.2)
+        out = []
+        for i in range(n):
+            r = await _post(http, urls["register-1"], "/v1/sales", {
+                "sku": "CROISSANT", "qty": 1, "txn_id": f"latency-{i}"})
+            acked = time.perf_counter()
+            while len(seen.get(r["seq"], [])) < len(others):
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), 2.0)
+                except TimeoutError:
+                    break
+            if len(seen.get(r["seq"], [])) == len(others):
+                out.append((max(seen[r["seq"]]) - acked) * 1000)
+            await asyncio.sleep(0.01)
+        return out
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _show(views: dict[str, Any], exceptions: dict[str, Any]) -> None:
+    t = Table(title="stock on every node (on hand / reserved / available)")
+    t.add_column("sku")
+    for name in views:
+        t.add_column(name, justify="right")
+    skus = [i["sku"] for i in next(iter(views.values()))["stock"]]
+    for sku in skus:
+        row = [sku]
+        for v in views.values():
+            item = next(i for i in v["stock"] if i["sku"] == sku)
+            avail = item["available"]
+            cell = f"{item['on_hand']} / {item['reserved']} / {avail}"
+            row.append(f"[red]{cell}[/]" if avail < 0 else cell)
+        t.add_row(*row)
+    console.print(t)
+    t = Table(title="oversell exceptions as each node computes them")
+    for col in ("node", "sku", "loser (origin, seq)", "kind", "units short"):
+        t.add_column(col)
+    for name, ex in exceptions.items():
+        for e in ex["exceptions"]:
+            t.add_row(name, e["sku"], f"{e['origin']} #{e['seq']}", e["kind"], str(e["short"]))
+    console.print(t)
+
+
+def prepare(base: Path) -> dict[str, str]:
+    """Wipe ``base``, create the store and its edge node, issue one token per register."""
+    if base.exists():
+        shutil.rmtree(base)
+    base.mkdir(parents=True)
+    console.rule("[bold]storemesh demo")
+    ident = init_store(base / "edge", "demo-store", now_ms=_now_ms(), node_id="edge")
+    tokens = {r: create_token(ident, role="register", ttl_ms=600_000, now_ms=_now_ms())
+              for r in REGISTERS}
+    console.print(f"store [bold]demo-store[/] created in {base}; 3 one-time join tokens issued")
+    return tokens
+
+
+async def run_demo(base: Path, tokens: dict[str, str], duration: float | None) -> int:
+    procs: list[_Proc] = []
+    common = ["--interface", "127.0.0.1", "--http-port", "0", "--log-level", "WARNING"]
+    try:
+        edge = _Proc("edge", ["node", "--data", str(base / "edge"), *common],
+                     base / "edge.log")
+        procs.append(edge)
+        urls = {"edge": await edge.wait_url(30)}
+        for r in REGISTERS:
+            p = _Proc(r, ["node", "--data", str(base / r), "--join", tokens[r],
+                          "--node-id", r, *common], base / f"{r}.log")
+            procs.append(p)
+        for p in procs[1:]:
+            urls[p.name] = await p.wait_url(30)
+        async with aiohttp.ClientSession() as http:
+            formed = await _wait_mesh(http, urls, 30)
+            console.print(f"4 nodes up; registers joined by token and found each other by "
+                          f"mDNS: full mesh in {formed:.1f} s")
+            w = await _workload(http, urls)
+            console.print(f"{w['sales']} sales at 3 tills in {w['seconds']:.2f} s "
+                          f"({w['sales'] / w['seconds']:.0f}/s, each acknowledged after fsync)")
+            console.print(f"last-unit race: both tills sold {LAST} "
+                          f"(seq {w['race'][0]['seq']} and {w['race'][1]['seq']}): "
+                          "offline-first, nobody is blocked")
+            took, views = await _converged(http, urls, 10)
+            console.print(f"all 4 nodes hold identical stock (checked {took * 1000:.0f} ms "
+                          "after the race)")
+            exceptions = {n: await _get(http, u, "/v1/exceptions") for n, u in urls.items()}
+            _show(views, exceptions)
+            same = len({repr(e["exceptions"]) for e in exceptions.values()}) == 1
+            console.print("[green]every node derived the same exception list[/]" if same
+                          else "[red]exception lists differ[/]")
+            lat = sorted(await _latency(http, urls, 50))
+            if lat:
+                console.print(f"sale acknowledged at register-1 -> visible on all 3 other "
+                              f"nodes: p50 {lat[len(lat) // 2]:.1f} ms, "
+                              f"p99 {lat[min(len(lat) - 1, int(len(lat) * 0.99))]:.1f} ms "
+                              f"({len(lat)} sales, live streams)")
+        console.rule("open these")
+        e = urls["edge"]
+        console.print(f"stock        {e}/v1/stock\nlive stream  {e}/v1/events\n"
+                      f"exceptions   {e}/v1/exceptions\nmetrics      {e}/metrics\n"
+                      f"status       .venv/bin/storemesh status {e}\n"
+                      f"audit trail  .venv/bin/storemesh ledger show {base / 'edge'}")
+        for name, url in urls.items():
+            console.print(f"  {name:<11} {url}")
+        if not same:
+            return 1
+        if duration is None:
+            console.print("the mesh keeps running; Ctrl-C stops it")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        elif duration > 0:
+            await asyncio.sleep(duration)
+        return 0
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        with contextlib.suppress(OSError):
+            os.sync()
