@@ -89,3 +89,8 @@ MAX_HTTP_BODY: Final = 64 * 1024
 SUBSCRIBER_QUEUE: Final = 1_000
 #: How often the node checks whether a snapshot is due.
 SNAPSHOT_CHECK_S: Final = 5.0
+#: How often a node sweeps for expired reservations, and how long past its expiry an
+#: edge/cloud node waits before releasing another node's reservation (its creator
+#: normally does it, and may just be offline for a moment).
+EXPIRY_CHECK_S: Final = 5.0
+EXPIRY_TAKEOVER_MS: Final = 60_000

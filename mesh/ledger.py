@@ -97,6 +97,9 @@ class Ledger:
         self._rlock = threading.Lock()
         self._queue: queue.Queue[object] = queue.Queue(maxsize=config.LEDGER_MAX_QUEUE)
         self._failed: BaseException | None = None
+        #: The error of the newest write if it failed, until a write succeeds: unlike
+        #: ``failed`` it survives ``reset_failure`` (health reports a disk still full).
+        self.last_error: LedgerError | None = None
         self._closed = False
         self.last_id = self._scalar("SELECT COALESCE(MAX(id), 0) FROM envelopes")
         self.batches = 0  # group commits done (for benchmarks and metrics)
@@ -198,12 +201,13 @@ class Ledger:
                 StorageFull(f"disk full: {len(rows)} envelopes not written ({exc})")
                 if _is_full(exc) else LedgerError(f"ledger write failed: {exc}")
             )
-            self._failed = err
+            self._failed = self.last_error = err
             for _, fut in batch:
                 fut.set_exception(err)
             return
         self.last_id = last
         self.batches += 1
+        self.last_error = None
         for _, fut in batch:
             fut.set_result(last)
 

@@ -25,6 +25,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from mesh import config, transport
 from mesh.datadir import NodeIdentity
 from mesh.durable import DurableReplica
 from mesh.envelope import Envelope
+from mesh.errors import CommandError, LedgerError
 from mesh.replica import CommandResult, Replica
 from mesh.sync import Alert, Effect, Fetch, Persist, Send, SyncCore, TrustChanged
 
@@ -50,6 +52,7 @@ class Node:
         self, data_dir: Path, *, http_host: str = "127.0.0.1", http_port: int = 0,
         interface: str | None = None, peers: Sequence[str] = (), discovery: bool = True,
         snapshot_every: int = config.SNAPSHOT_EVERY, advertise: bool = True,
+        max_bytes: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.http_host = http_host
@@ -59,6 +62,7 @@ class Node:
         self.discovery_enabled = discovery
         self.advertise = advertise
         self.snapshot_every = snapshot_every
+        self.max_bytes = max_bytes
         self.rng = random.Random()  # noqa: S311 -- backoff jitter, not cryptography
         self.started_ms = self.now_ms()
         self.rejected_sessions: dict[str, int] = {}
@@ -92,7 +96,7 @@ class Node:
 
     async def start(self) -> None:
         self.durable = await asyncio.to_thread(
-            DurableReplica.open, self.data_dir, self.snapshot_every)
+            DurableReplica.open, self.data_dir, self.snapshot_every, self.max_bytes)
         self.identity = self.durable.identity
         self.core = SyncCore(self.replica, self.identity.trust,
                              random.Random())  # noqa: S311 -- sync timer jitter
@@ -110,6 +114,7 @@ class Node:
         self._http = aiohttp.ClientSession()
         self._spawn(self._timer_loop(), "timer")
         self._spawn(self._snapshot_loop(), "snapshots")
+        self._spawn(self._expiry_loop(), "reservation-expiry")
         for url in self.static_peers:
             self._ensure_dialer(url)
         if self.discovery_enabled:
@@ -175,12 +180,20 @@ class Node:
         result, fut = self.durable.execute(fn)
         if result.envelope is None:
             return result
+        try:
+            await asyncio.wrap_future(fut)
+        except LedgerError:
+            # Memory holds a change the disk does not: drop it now, not at the next
+            # command, so no reader sees it (mesh.durable invariant 3).
+            self._recover()
+            raise
         self._publish([result.envelope])
-        await asyncio.wrap_future(fut)
         self._on_durable([result.envelope])
         return result
 
     def _recover(self) -> None:
+        if self.durable.ledger.failed is None:
+            return  # already recovered (several failed futures report one failure)
         self.durable.recover()
         self.core.replica = self.durable.replica
         self.core.stored = self.durable.replica.vv.copy()
@@ -207,8 +220,8 @@ class Node:
                     session.send(eff.data, eff.priority)
             elif isinstance(eff, Persist):
                 envs = list(eff.envelopes)
-                self._publish(envs)
                 fut = self.durable.persist(envs)
+                self._publish(envs)
                 fut.add_done_callback(self._persisted_callback(envs))
             elif isinstance(eff, Fetch):
                 self._spawn(self._fetch(eff), "fetch")
@@ -222,8 +235,12 @@ class Node:
 
     def _persisted_callback(self, envs: list[Envelope]) -> Callable[[Future[int]], None]:
         def done(fut: Future[int]) -> None:
-            if fut.exception() is None and not self._closed:
+            if self._closed:
+                return
+            if fut.exception() is None:
                 self._loop.call_soon_threadsafe(self._on_durable, envs)
+            else:  # the peers still hold these; anti-entropy brings them back later
+                self._loop.call_soon_threadsafe(self._recover)
         return done
 
     async def _fetch(self, eff: Fetch) -> None:
@@ -248,6 +265,19 @@ class Node:
             nxt = self.core.next_timer()
             if nxt is not None and nxt <= now:
                 self._handle(self.core.on_timer(now))
+
+    async def _expiry_loop(self) -> None:
+        """Release reservations whose hold has run out: our own at once, others' once
+        they are ``EXPIRY_TAKEOVER_MS`` overdue on an edge/cloud node (their creator may
+        be offline). Concurrent sweeps remove the same dots: harmless."""
+        takeover = config.EXPIRY_TAKEOVER_MS if self.identity.role in ("edge", "cloud") \
+            else 10**15
+        while True:
+            await asyncio.sleep(config.EXPIRY_CHECK_S)
+            try:
+                await self.execute(partial(_sweep, now=self.now_ms(), takeover=takeover))
+            except (LedgerError, CommandError) as exc:
+                log.warning("reservation expiry sweep failed: %s", exc)
 
     async def _snapshot_loop(self) -> None:
         while True:
@@ -389,3 +419,8 @@ class Node:
         now = self.now_ms()
         self.last_seen[peer_id] = now
         self._handle(self.core.receive(data, peer_id, now))
+
+
+def _sweep(replica: Replica, *, now: int, takeover: int) -> CommandResult:
+    done = replica.expire(now_ms=now, txn=f"expire-{now}", others_after_ms=takeover)
+    return done or CommandResult(None, replica.node_id, 0)

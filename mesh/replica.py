@@ -627,10 +627,17 @@ class Replica:
         env = self._local(ops, {**meta, "sku": rec.sku, "qty": -rec.qty}, now_ms)
         return CommandResult(env, self.node_id, env.seq, reservation_id=reservation_id)
 
-    def expire(self, *, now_ms: int, txn: str) -> CommandResult | None:
-        """Release every reservation whose expiry has passed (one envelope), or None."""
+    def expire(self, *, now_ms: int, txn: str,
+               others_after_ms: int | None = None) -> CommandResult | None:
+        """Release every reservation whose expiry has passed (one envelope), or None.
+
+        With ``others_after_ms``, reservations created by other nodes are released only
+        once they are that much overdue: their creator normally expires them, and a
+        sweeper elsewhere steps in only when the creator stays silent."""
+        mine = self.node_id + ":"
         due = [r.id for r in self.active_reservations()
-               if r.expires is not None and r.expires <= now_ms]
+               if r.expires is not None and r.expires <= now_ms - (
+                   0 if others_after_ms is None or r.id.startswith(mine) else others_after_ms)]
         if not due:
             return None
         meta = {"kind": "expire", "txn": txn}
