@@ -230,7 +230,8 @@ class SyncCore:
         peer = self.peers.get(peer_id)
         if peer is None:
             return 0
-        return sum(max(0, s - peer.acked.get(o)) for o, s in self.replica.vv.items())
+        return sum(max(0, s - peer.acked.get(o)) for o, s in self.replica.vv.items()
+                   if o != peer_id)
 
     # --- local and durable envelopes ---------------------------------------------------------
 
@@ -425,9 +426,17 @@ class SyncCore:
         decoded: list[tuple[Envelope, bytes]] = []
         for raw in raws:
             try:
-                decoded.append((decode(raw), raw))
+                env = decode(raw)
             except EnvelopeError as exc:
                 self._count(exc.reason)
+                continue
+            decoded.append((env, raw))
+        if decoded:
+            # The sender holds what it sends (contiguously): that acknowledges it too.
+            last = {env.origin: env.seq for env, _ in decoded}
+            for origin, seq in last.items():
+                if seq > peer.acked.get(origin):
+                    peer.acked.set(origin, seq)
         applied: list[Envelope] = []
         for run in _runs(decoded):
             applied.extend(self._apply_run(out, run, now))

@@ -7,18 +7,28 @@ durable when its node crashes, and clock skew.
 
 Invariants:
  1. One seed drives every random choice (``World.rng`` and generators derived from it
-    in a fixed order), so the same scenario and seed replay the same trace.
+    in a fixed order), so the same scenario and seed replay the same trace. Nothing
+    iterates a set of strings (hash order differs between processes).
  2. Events at the same virtual time run in the order they were scheduled.
  3. A node's disk rows up to ``durable`` survive a crash; later rows are lost. A local
     command is acknowledged only once its rows are durable, as on a real node.
  4. Messages on a link that is down are dropped; a link going down ends the sessions
     across it (``peer_down`` on both ends) and coming back up re-opens them after the
     discovery delay.
+ 5. Fault hooks (``LinkModel.blackhole``, ``SimNode.send_filter``,
+    ``SimDisk.lie_about_fsync``) only change what the simulated ports do; the replica
+    and the sync core are never touched.
+
+Observers (``World.observers``) see ``emit(kind, **data)`` calls: ``created`` (node,
+envelope: a local command signed it), ``acked`` (node, result: durable, acknowledged to
+the POS), ``applied`` (node, envelopes: a ``Persist`` of remote envelopes), ``crash`` and
+``restart`` (node).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,13 +41,23 @@ from mesh.identity import NodeKey, TrustStore, issue_certificate
 from mesh.replica import CommandResult, Replica
 from mesh.sync import Alert, Effect, Fetch, Persist, Send, SyncCore
 
-__all__ = ["LinkModel", "SimDisk", "SimNode", "World"]
+__all__ = ["DISTRIBUTIONS", "LinkModel", "SimDisk", "SimNode", "World"]
+
+
+#: Jitter distributions a link may draw from; each has mean ``jitter_ms`` except
+#: "uniform" (mean jitter/2, the historical default). Heavy tails are capped at
+#: ``_MAX_JITTER_FACTOR`` x jitter so one draw cannot stall a run.
+DISTRIBUTIONS = ("uniform", "normal", "exponential", "lognormal", "pareto")
+_MAX_JITTER_FACTOR = 50.0
 
 
 @dataclass(slots=True)
 class LinkModel:
-    """One direction of a link: latency in ms (base + uniform jitter), loss and
-    duplication probabilities, bandwidth in bytes/ms (None = unlimited)."""
+    """One direction of a link: latency in ms (base + jitter drawn from
+    ``distribution``), loss and duplication probabilities, extra reordering delay for a
+    fraction of messages, bandwidth in bytes/ms (None = unlimited). ``fifo`` keeps the
+    order of messages (a TCP stream); ``blackhole`` silently eats everything while the
+    session stays up (one direction of an asymmetric partition)."""
 
     latency_ms: float = 0.3
     jitter_ms: float = 0.2
@@ -46,42 +66,65 @@ class LinkModel:
     bandwidth: float | None = None
     up: bool = True
     kind: str = "lan"
+    distribution: str = "uniform"
+    reorder: float = 0.0
+    reorder_ms: float = 0.0
+    fifo: bool = False
+    blackhole: bool = False
     busy_until: float = 0.0  # bandwidth queue
+    last_arrival: float = 0.0  # fifo
     messages: int = 0
     bytes: int = 0
+    lost: int = 0  # dropped by ``loss`` or a blackhole
+    duplicated: int = 0
 
 
 class SimDisk:
-    """The ledger of one node: rows in apply order; ``durable`` rows survive a crash."""
+    """The ledger of one node: rows in apply order; ``durable`` rows survive a crash.
+
+    Rows keep the decoded envelope next to its raw bytes (as the real driver holds the
+    envelopes it handed to the ledger), so a group commit does not decode them again; a
+    restart still decodes the raw bytes, as a real node reading its ledger does.
+
+    ``lie_about_fsync`` is a fault: fsync reports success (the node acknowledges) but the
+    rows reach the platter only when the lie is switched off; a crash meanwhile loses
+    them. A correct node cannot survive that, so it is for showing the checker fails.
+    """
 
     def __init__(self, fsync_ms: float = 0.5) -> None:
-        self.rows: list[bytes] = []
+        self.rows: list[Envelope] = []
         self.durable = 0
         self.fsync_ms = fsync_ms
         self.by_origin: dict[str, list[bytes]] = {}
         self.syncing = False
+        self.lie_about_fsync = False
+        self._platter = 0  # rows really durable (== durable unless lying)
 
     def append(self, envs: list[Envelope]) -> None:
-        for env in envs:
-            self.rows.append(env.raw)
+        self.rows.extend(envs)
 
     def crash(self) -> None:
+        self.durable = self._platter
         del self.rows[self.durable:]
         self._reindex()
 
     def _reindex(self) -> None:
         self.by_origin = {}
-        for raw in self.rows[: self.durable]:
-            env = decode(raw)
-            self.by_origin.setdefault(env.origin, []).append(raw)
+        for env in self.rows[: self.durable]:
+            self.by_origin.setdefault(env.origin, []).append(env.raw)
 
-    def mark_durable(self, upto: int) -> list[bytes]:
+    def mark_durable(self, upto: int) -> list[Envelope]:
         newly = self.rows[self.durable:upto]
-        for raw in newly:
-            env = decode(raw)
-            self.by_origin.setdefault(env.origin, []).append(raw)
+        for env in newly:
+            self.by_origin.setdefault(env.origin, []).append(env.raw)
         self.durable = upto
+        if not self.lie_about_fsync:
+            self._platter = upto
         return newly
+
+    def durable_seqs(self) -> dict[str, int]:
+        """Per origin, the highest seq on disk (rows of one origin are contiguous)."""
+        return {origin: len(raws) for origin, raws in self.by_origin.items()}
 
     def read_origin(self, origin: str, first: int, last: int) -> list[bytes]:
         rows = self.by_origin.get(origin, [])
@@ -99,12 +142,14 @@ class World:
     """The event queue, the virtual clock and the network between nodes."""
 
     def __init__(self, seed: int, store_id: str = "sim-store", start_ms: int = 1_790_000_000_000,
-                 discovery_ms: float = 50.0) -> None:
+                 discovery_ms: float = 50.0, discovery_jitter_ms: float = 0.0) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.now = 0.0
         self.start_ms = start_ms
         self.discovery_ms = discovery_ms
+        self.discovery_jitter_ms = discovery_jitter_ms
+        self.events = 0  # events run so far (a deterministic measure of work)
         self.store_id = store_id
         self._queue: list[_Event] = []
         self._seq = 0
@@ -126,17 +171,32 @@ class World:
 
     def run_until(self, until: float, max_events: int = 50_000_000) -> None:
         n = 0
-        while self._queue and self._queue[0].at <= until:
-            ev = heapq.heappop(self._queue)
+        queue = self._queue
+        while queue and queue[0].at <= until:
+            ev = heapq.heappop(queue)
             self.now = ev.at
             ev.fn()
             n += 1
             if n >= max_events:
+                self.events += n
                 raise RuntimeError(f"more than {max_events} events before t={until}")
+        self.events += n
         self.now = max(self.now, until)
 
+    def pending_events(self) -> int:
+        return len(self._queue)
+
+    def discovery_delay(self) -> float:
+        """How long until two nodes that can reach each other again have a session."""
+        if self.discovery_jitter_ms <= 0:
+            return self.discovery_ms
+        return self.discovery_ms + self.rng.random() * self.discovery_jitter_ms
+
     def wall_ms(self, skew_ms: float = 0.0) -> int:
-        return self.start_ms + int(self.now + skew_ms)
+        # floor, with a little slack for float error: a timer armed for ``nxt - skew``
+        # must read ``nxt`` when it fires, or it re-arms at the same instant forever
+        # (with fractional skews, int(4142.333 - 83.333) was 4058, not 4059).
+        return self.start_ms + math.floor(self.now + skew_ms + 1e-6)
 
     def emit(self, kind: str, **data: Any) -> None:
         for obs in self.observers:
@@ -189,7 +249,7 @@ class World:
         if was and not now_up:
             self._session_down(a, b)
         elif now_up and not was:
-            self.after(self.discovery_ms, lambda: self._reconnect(a, b))
+            self.after(self.discovery_delay(), lambda: self._reconnect(a, b))
 
     def _reconnect(self, a: str, b: str) -> None:
         na, nb = self.nodes[a], self.nodes[b]
@@ -203,16 +263,51 @@ class World:
             return
         link.messages += 1
         link.bytes += len(data)
-        if self.rng.random() < link.loss:
+        if link.blackhole:
+            link.lost += 1
             return
-        copies = 2 if self.rng.random() < link.duplicate else 1
+        rng = self.rng
+        if rng.random() < link.loss:
+            link.lost += 1
+            return
+        copies = 2 if rng.random() < link.duplicate else 1
+        if copies == 2:
+            link.duplicated += 1
         for _ in range(copies):
-            delay = link.latency_ms + self.rng.random() * link.jitter_ms
+            delay = link.latency_ms + self._jitter(link)
+            if link.reorder and rng.random() < link.reorder:
+                delay += rng.random() * link.reorder_ms
             if link.bandwidth:
                 start = max(self.now, link.busy_until)
                 link.busy_until = start + len(data) / link.bandwidth
                 delay += link.busy_until - self.now
+            if link.fifo:
+                arrival = max(self.now + delay, link.last_arrival)
+                link.last_arrival = arrival
+                delay = arrival - self.now
             self.after(delay, partial(self._deliver, src, dst, data))
+
+    def _jitter(self, link: LinkModel) -> float:
+        j = link.jitter_ms
+        dist = link.distribution
+        if dist == "uniform" or j <= 0:
+            return self.rng.random() * j
+        if dist == "exponential":
+            x = self.rng.expovariate(1.0 / j)
+        elif dist == "normal":
+            x = abs(self.rng.gauss(0.0, j))
+        elif dist == "lognormal":
+            x = self.rng.lognormvariate(math.log(j) - 0.5, 1.0)
+        elif dist == "pareto":
+            x = (self.rng.paretovariate(2.5) - 1.0) * 1.5 * j
+        else:
+            raise ValueError(f"unknown latency distribution {dist!r}; use one of {DISTRIBUTIONS}")
+        return min(x, _MAX_JITTER_FACTOR * j)
+
+    def inject(self, src: str, dst: str, data: bytes, delay: float = 0.0) -> None:
+        """Put ``data`` on the wire from ``src`` to ``dst`` as if ``src`` had sent it,
+        outside the link model (a byzantine injector or a man in the middle)."""
+        self.after(delay, partial(self._deliver, src, dst, data))
 
     def _deliver(self, src: str, dst: str, data: bytes) -> None:
         node = self.nodes[dst]
@@ -224,7 +319,9 @@ class World:
 
 def _copyable(m: LinkModel) -> dict[str, Any]:
     return {"latency_ms": m.latency_ms, "jitter_ms": m.jitter_ms, "loss": m.loss,
-            "duplicate": m.duplicate, "bandwidth": m.bandwidth, "kind": m.kind}
+            "duplicate": m.duplicate, "bandwidth": m.bandwidth, "kind": m.kind,
+            "distribution": m.distribution, "reorder": m.reorder, "reorder_ms": m.reorder_ms,
+            "fifo": m.fifo}
 
 
 class SimNode:
@@ -249,6 +346,10 @@ class SimNode:
         self.core = SyncCore(self.replica, self.trust, random.Random(world.rng.random()))
         self._timer_at: float | None = None
         self._epoch = 0
+        #: Fault hook: sees every message this node sends (peer, bytes) and returns the
+        #: bytes to send (maybe altered) or None to drop them. Tests use it to build
+        #: deliberately broken nodes; the sync core never knows.
+        self.send_filter: Callable[[str, bytes], bytes | None] | None = None
 
     def clock(self) -> int:
         return self.world.wall_ms(self.skew_ms)
@@ -266,9 +367,11 @@ class SimNode:
                 on_ack(result)
             return result
         self.disk.append([result.envelope])
+        self.world.emit("created", node=self.node_id, envelope=result.envelope)
 
         def acked() -> None:
             self.acked.append(result)
+            self.world.emit("acked", node=self.node_id, result=result)
             if on_ack:
                 on_ack(result)
         self._waiting.append((len(self.disk.rows), acked))
@@ -287,8 +390,7 @@ class SimNode:
             if epoch != self._epoch:
                 return  # crashed meanwhile
             self.disk.syncing = False
-            newly = self.disk.mark_durable(upto)
-            envs = [decode(r) for r in newly]
+            envs = self.disk.mark_durable(upto)
             ready = [cb for row, cb in self._waiting if row <= upto]
             self._waiting = [(row, cb) for row, cb in self._waiting if row > upto]
             for cb in ready:
@@ -302,7 +404,11 @@ class SimNode:
     def handle(self, effects: list[Effect]) -> None:
         for eff in effects:
             if isinstance(eff, Send):
-                self.world.send(self.node_id, eff.peer, eff.data)
+                data: bytes | None = eff.data
+                if self.send_filter is not None:
+                    data = self.send_filter(eff.peer, eff.data)
+                if data is not None:
+                    self.world.send(self.node_id, eff.peer, data)
             elif isinstance(eff, Persist):
                 self.disk.append(list(eff.envelopes))
                 self._sync_disk()
@@ -349,19 +455,21 @@ class SimNode:
         for other in self.world.nodes.values():
             if other is not self and other.alive and other.core.is_up(self.node_id):
                 other.handle(other.core.peer_down(self.node_id, other.clock()))
+        self.world.emit("crash", node=self.node_id)
 
     def restart(self) -> None:
         """Boot: rebuild the replica from the disk, then reconnect after discovery."""
         if self.alive:
             return
         self.replica = Replica(self.world.store_id, self.node_id, self.role, self.key)
-        for raw in self.disk.rows[: self.disk.durable]:
-            self.replica.apply(decode(raw), None, check_skew=False)
+        for env in self.disk.rows[: self.disk.durable]:
+            self.replica.apply(decode(env.raw), None, check_skew=False)
         stored = VersionVector(self.replica.vv.to_dict())
         self.core = SyncCore(self.replica, self.trust, random.Random(self.world.rng.random()),
                              stored)
         self.alive = True
+        self.world.emit("restart", node=self.node_id)
         for (a, b) in list(self.world.links):
             if a == self.node_id:
-                self.world.after(self.world.discovery_ms,
+                self.world.after(self.world.discovery_delay(),
                                  partial(self.world._reconnect, self.node_id, b))
