@@ -72,6 +72,9 @@ def store_init(data_dir: Path, store_id: str, node_id: str | None) -> None:
               help="Interface address for mDNS discovery and listening, e.g. 127.0.0.1.")
 @click.option("--peer", "peers", multiple=True,
               help="Static peer URL (repeatable), for links mDNS cannot cross.")
+@click.option("--cloud", "cloud_urls", multiple=True,
+              help="Cloud peer URL (http://HQ:PORT/stores/STORE): a WAN link, compressed "
+                   "and batched; the store dials out, so no inbound access is needed.")
 @click.option("--join", "token", default=None, help="One-time join token (first start only).")
 @click.option("--node-id", default=None, help="Node id to ask for when joining.")
 @click.option("--url", "join_url", default=None,
@@ -79,7 +82,8 @@ def store_init(data_dir: Path, store_id: str, node_id: str | None) -> None:
 @click.option("--no-discovery", is_flag=True, help="Do not use mDNS; only --peer URLs.")
 @click.option("--log-level", default="INFO", show_default=True)
 def node_cmd(data_dir: Path, http_port: int, http_host: str | None, interface: str | None,
-             peers: tuple[str, ...], token: str | None, node_id: str | None,
+             peers: tuple[str, ...], cloud_urls: tuple[str, ...], token: str | None,
+             node_id: str | None,
              join_url: str | None, no_discovery: bool, log_level: str) -> None:
     """Run a store node: sync with peers, serve the POS/channel API, until Ctrl-C."""
     import asyncio
@@ -109,10 +113,73 @@ def node_cmd(data_dir: Path, http_port: int, http_host: str | None, interface: s
             console.print(f"joined store [bold]{ident.store_id}[/] as {ident.node_id}")
         node = Node(data_dir, http_host=http_host or interface or "0.0.0.0",  # noqa: S104
                     http_port=http_port, interface=interface, peers=peers,
-                    discovery=not no_discovery)
+                    wan_peers=cloud_urls, discovery=not no_discovery)
         await node.start()
         print(f"storemesh node {node.identity.node_id} ({node.identity.role}) of store "
               f"{node.identity.store_id} listening on {node.url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await node.close()
+
+    asyncio.run(run())
+
+
+@main.group()
+def cloud() -> None:
+    """The cloud analytics peer: one replica per store, one server."""
+
+
+@cloud.command("join")
+@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("token")
+@click.option("--url", default=None, help="Edge URL to redeem the token at (else the token's).")
+def cloud_join_cmd(root: Path, token: str, url: str | None) -> None:
+    """Enrol the cloud in a store with a join token made with '--role cloud'."""
+    import asyncio
+
+    from mesh.cloud import cloud_join
+    from mesh.enrol import JoinRefused, UntrustedEdge
+    from mesh.errors import Malformed
+
+    try:
+        data_dir = asyncio.run(cloud_join(root, token, url=url))
+    except (JoinRefused, UntrustedEdge, Malformed, FileExistsError, ConnectionError,
+            TimeoutError, ValueError) as exc:
+        raise click.ClickException(f"join failed: {exc}") from None
+    console.print(f"cloud enrolled; store data in {data_dir}")
+
+
+@cloud.command("run")
+@click.option("--data", "root", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Root directory with one sub-directory per store.")
+@click.option("--http-host", default="0.0.0.0", show_default=True)  # noqa: S104
+@click.option("--http-port", default=8800, show_default=True)
+@click.option("--log-level", default="INFO", show_default=True)
+def cloud_run(root: Path, http_host: str, http_port: int, log_level: str) -> None:
+    """Serve every store under ROOT: sync, analytics, dashboard, until Ctrl-C."""
+    import asyncio
+    import logging
+    import signal
+
+    from mesh.cloud import CloudNode
+
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def run() -> None:
+        node = CloudNode(root, http_host=http_host, http_port=http_port)
+        try:
+            await node.start()
+        except (FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        print(f"storemesh cloud for {len(node.nodes)} store(s) listening on {node.url}",
+              flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -94,3 +94,8 @@ SNAPSHOT_CHECK_S: Final = 5.0
 #: normally does it, and may just be offline for a moment).
 EXPIRY_CHECK_S: Final = 5.0
 EXPIRY_TAKEOVER_MS: Final = 60_000
+#: On a WAN session (to/from the cloud) the writer waits this long after the first
+#: queued message so a burst becomes one batch, which per-message deflate then
+#: compresses well. 50 ms is invisible next to a WAN round trip and the 150 ms "near
+#: real time" bar, and cuts bytes per sale several-fold.
+WAN_LINGER_S: Final = 0.05

@@ -52,13 +52,24 @@ class Node:
         self, data_dir: Path, *, http_host: str = "127.0.0.1", http_port: int = 0,
         interface: str | None = None, peers: Sequence[str] = (), discovery: bool = True,
         snapshot_every: int = config.SNAPSHOT_EVERY, advertise: bool = True,
-        max_bytes: int | None = None,
+        max_bytes: int | None = None, wan_peers: Sequence[str] = (), serve: bool = True,
+        wan: bool = False,
     ) -> None:
+        """``peers``: static LAN peer URLs. ``wan_peers``: URLs reached over the WAN (the
+        cloud: compressed, batched). ``serve=False``: do not listen; the caller mounts
+        ``app`` (the cloud hosts one node per store). ``wan``: every session of this node
+        is a WAN session (the cloud's side)."""
         self.data_dir = Path(data_dir)
         self.http_host = http_host
         self.http_port = http_port
         self.interface = interface
         self.static_peers = list(peers)
+        self.wan_peers = list(wan_peers)
+        self.serve = serve
+        self.wan = wan
+        #: Called on the loop thread with every batch of envelopes that became durable
+        #: (local and remote), in apply order: analytics and other consumers.
+        self.listeners: list[Callable[[list[Envelope]], None]] = []
         self.discovery_enabled = discovery
         self.advertise = advertise
         self.snapshot_every = snapshot_every
@@ -103,20 +114,23 @@ class Node:
         self._loop = asyncio.get_running_loop()
         self.app.router.add_get("/v1/sync", self._accept)
         self._setup_optional_routes()
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.http_host, self.http_port)
-        await site.start()
-        server = site._server
-        assert server is not None and getattr(server, "sockets", None)
-        self.http_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-        self.url = f"http://{self.http_host}:{self.http_port}"
+        if self.serve:
+            self._runner = web.AppRunner(self.app, access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.http_host, self.http_port)
+            await site.start()
+            server = site._server
+            assert server is not None and getattr(server, "sockets", None)
+            self.http_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+            self.url = f"http://{self.http_host}:{self.http_port}"
         self._http = aiohttp.ClientSession()
         self._spawn(self._timer_loop(), "timer")
         self._spawn(self._snapshot_loop(), "snapshots")
         self._spawn(self._expiry_loop(), "reservation-expiry")
         for url in self.static_peers:
             self._ensure_dialer(url)
+        for url in self.wan_peers:
+            self._ensure_dialer(url, wan=True)
         if self.discovery_enabled:
             await self._start_discovery()
         log.info("node %s (%s) of store %s listening on %s", self.identity.node_id,
@@ -211,6 +225,11 @@ class Node:
         batch, self._durable_batch = self._durable_batch, []
         if batch and not self._closed:
             self._handle(self.core.durable(batch, self.now_ms()))
+            for listener in self.listeners:
+                try:
+                    listener(batch)
+                except Exception:
+                    log.exception("durable-envelope listener failed")
 
     def _handle(self, effects: list[Effect]) -> None:
         for eff in effects:
@@ -364,18 +383,20 @@ class Node:
             if task is not None:
                 task.cancel()
 
-    def _ensure_dialer(self, url: str, node_id: str | None = None) -> None:
+    def _ensure_dialer(self, url: str, node_id: str | None = None, *, wan: bool = False) -> None:
         task = self._dialers.get(url)
         if task is None or task.done():
-            self._dialers[url] = self._spawn(self._dial_loop(url), f"dial {url}")
+            self._dialers[url] = self._spawn(self._dial_loop(url, wan or self.wan),
+                                             f"dial {url}")
 
-    async def _dial_loop(self, url: str) -> None:
+    async def _dial_loop(self, url: str, wan: bool) -> None:
         """Keep a session to ``url`` up: reconnect with jittered exponential backoff."""
         backoff = config.DIAL_BACKOFF_MIN_S
         assert self._http is not None
         while not self._closed:
             try:
-                session = await transport.dial(self._http, url, self.identity, self.now_ms)
+                session = await transport.dial(self._http, url, self.identity, self.now_ms,
+                                               wan=wan)
             except transport.HandshakeError as exc:
                 self._reject(exc.reason)
                 log.info("dial %s refused: %s", url, exc)
@@ -390,7 +411,7 @@ class Node:
 
     async def _accept(self, request: web.Request) -> web.StreamResponse:
         return await transport.accept(request, self.identity, self.now_ms, self._run_session,
-                                      self._reject)
+                                      self._reject, wan=self.wan)
 
     def _reject(self, reason: str) -> None:
         self.rejected_sessions[reason] = self.rejected_sessions.get(reason, 0) + 1

@@ -23,6 +23,9 @@ Invariants:
     than allowed to grow our memory (anti-entropy catches it up after reconnecting).
  4. A remote fault (bad handshake, oversized frame, unexpected frame type) closes that
     session with a reason and is counted; it never propagates.
+ 5. Envelope batches waiting in one queue are merged into one message (bounded by
+    ``MAX_BATCH_BYTES`` and ``MAX_BATCH_ENVELOPES``); on WAN sessions the writer first
+    lingers ``WAN_LINGER_S`` so a burst of sales becomes one compressed message.
 """
 
 from __future__ import annotations
@@ -112,7 +115,9 @@ class Session:
     """One authenticated peer connection: a reader and a writer task."""
 
     def __init__(self, peer_id: str, role: str, ws: web.WebSocketResponse
-                 | aiohttp.ClientWebSocketResponse, *, url: str | None, outbound: bool) -> None:
+                 | aiohttp.ClientWebSocketResponse, *, url: str | None, outbound: bool,
+                 linger_s: float = 0.0) -> None:
+        self.linger_s = linger_s
         self.peer_id = peer_id
         self.role = role
         self.ws = ws
@@ -178,22 +183,52 @@ class Session:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self.linger_s and not self._closing:
+                await asyncio.sleep(self.linger_s)  # WAN: gather a batch (invariant 5)
             while self._high or self._low:
                 if self._closing:
                     return
-                data = self._high.popleft() if self._high else self._low.popleft()
+                data = _coalesce(self._high if self._high else self._low)
                 self.bytes_out += len(data)
                 await self.ws.send_bytes(data)
             if self._closing:
                 return
 
 
+def _frames(data: bytes) -> int:
+    """Number of envelopes in an ``E`` message (walks the length prefixes)."""
+    n, pos, end = 0, 1, len(data)
+    while pos + 4 <= end:
+        pos += 4 + int.from_bytes(data[pos : pos + 4], "big")
+        n += 1
+    return n
+
+
+def _coalesce(queue: deque[bytes]) -> bytes:
+    """Pop the next message; merge the ``E`` messages right behind it into it."""
+    data = queue.popleft()
+    if data[:1] != b"E" or not queue or queue[0][:1] != b"E":
+        return data
+    parts, size, count = [data], len(data), _frames(data)
+    while queue and queue[0][:1] == b"E":
+        nxt = queue[0]
+        n = _frames(nxt)
+        if (size + len(nxt) > config.MAX_BATCH_BYTES
+                or count + n > config.MAX_BATCH_ENVELOPES):
+            break
+        parts.append(queue.popleft())
+        size += len(nxt) - 1
+        count += n
+    return b"E" + b"".join(p[1:] for p in parts)
+
+
 async def accept(request: web.Request, identity: NodeIdentity, now_ms: Callable[[], int],
                  on_session: Callable[[Session], Awaitable[None]],
-                 on_reject: Callable[[str], None]) -> web.WebSocketResponse:
-    """Server side of ``GET /v1/sync``: handshake, then hand the session over."""
+                 on_reject: Callable[[str], None], *, wan: bool = False) -> web.WebSocketResponse:
+    """Server side of ``GET /v1/sync``: handshake, then hand the session over. Offers
+    per-message deflate to clients that ask for it (WAN peers do)."""
     ws = web.WebSocketResponse(max_msg_size=config.MAX_MESSAGE_BYTES,
-                               heartbeat=config.HEARTBEAT_S)
+                               heartbeat=config.HEARTBEAT_S, compress=True)
     await ws.prepare(request)
     try:
         cert, their_nonce = _check_hello(identity, await _recv_json(ws), now_ms())
@@ -223,16 +258,18 @@ async def accept(request: web.Request, identity: NodeIdentity, now_ms: Callable[
         on_reject("handshake_timeout")
         await ws.close()
         return ws
-    await on_session(Session(cert.node_id, cert.role, ws, url=None, outbound=False))
+    await on_session(Session(cert.node_id, cert.role, ws, url=None, outbound=False,
+                             linger_s=config.WAN_LINGER_S if wan or ws.compress else 0.0))
     return ws
 
 
 async def dial(http: aiohttp.ClientSession, url: str, identity: NodeIdentity,
-               now_ms: Callable[[], int]) -> Session:
+               now_ms: Callable[[], int], *, wan: bool = False) -> Session:
     """Client side: connect to ``url`` (``http://host:port``) and authenticate both ways.
+    ``wan``: ask for per-message deflate and batch with a linger (links to the cloud).
     Raises ``HandshakeError`` (refused or forged) or aiohttp/OS errors (unreachable)."""
     ws = await http.ws_connect(url.rstrip("/") + "/v1/sync", max_msg_size=config.MAX_MESSAGE_BYTES,
-                               heartbeat=config.HEARTBEAT_S,
+                               heartbeat=config.HEARTBEAT_S, compress=15 if wan else 0,
                                timeout=aiohttp.ClientWSTimeout(ws_close=2.0))
     try:
         nonce = os.urandom(32)
@@ -256,4 +293,5 @@ async def dial(http: aiohttp.ClientSession, url: str, identity: NodeIdentity,
     except BaseException:
         await ws.close()
         raise
-    return Session(cert.node_id, cert.role, ws, url=url, outbound=True)
+    return Session(cert.node_id, cert.role, ws, url=url, outbound=True,
+                   linger_s=config.WAN_LINGER_S if wan else 0.0)

@@ -1,0 +1,109 @@
+"""The cloud peer: one more replica of every store it is enrolled in — not a master.
+
+``storemesh cloud run --data ROOT`` hosts one ``Node`` per store directory under ROOT
+(each a normal node data dir with role ``cloud``) behind one HTTP server. Store
+``s``'s node is mounted at ``/stores/s/``: its sync endpoint is
+``/stores/s/v1/sync`` (store edge nodes dial out to it with ``--cloud URL``, so no
+inbound access to store LANs is needed), and its full node API (reservations for
+buy-online-pick-up-in-store, catalog, stock) is under ``/stores/s/v1/...``. Fleet-wide
+views (analytics, dashboard) are served at the root.
+
+Invariants:
+ 1. Every store's replica is independent: its own key, certificate, trust store,
+    ledger and sync core; an envelope of one store can never reach another's replica
+    (the handshake and every envelope check the store id).
+ 2. The cloud verifies every envelope like every other node and originates only what
+    its role allows (reservations, catalog, releases).
+ 3. Every session of the cloud is a WAN session: compressed and batched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from mesh.enrol import join, parse_token
+from mesh.node import Node
+
+__all__ = ["CloudNode", "cloud_join"]
+
+log = logging.getLogger(__name__)
+
+
+async def cloud_join(root: Path, token: str, *, url: str | None,
+                     node_id: str | None = None) -> Path:
+    """Enrol the cloud in one more store with a join token (role ``cloud``): creates
+    ``ROOT/<store id>/``. Returns that directory."""
+    parsed = parse_token(token)
+    if parsed.role != "cloud":
+        raise ValueError(f"this token enrols a {parsed.role}; ask for one with --role cloud")
+    data_dir = root / parsed.store_id
+    await join(data_dir, token, url=url, node_id=node_id or f"cloud-{parsed.store_id}")
+    return data_dir
+
+
+class CloudNode:
+    """Many store replicas in one process, behind one HTTP server."""
+
+    def __init__(self, root: Path, *, http_host: str = "127.0.0.1", http_port: int = 0) -> None:
+        self.root = Path(root)
+        self.http_host = http_host
+        self.http_port = http_port
+        self.nodes: dict[str, Node] = {}
+        self.app = web.Application()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        #: hooks run after the store nodes start and before the server is frozen, to add
+        #: fleet-wide routes (analytics, dashboard)
+        self.setup_hooks: list[Callable[[CloudNode], None]] = []
+
+    def store_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if (p / "node.json").exists())
+
+    async def start(self) -> None:
+        dirs = await asyncio.to_thread(self.store_dirs)
+        if not dirs:
+            raise FileNotFoundError(
+                f"{self.root} holds no store: enrol the cloud with 'storemesh cloud join'")
+        for data_dir in dirs:
+            node = Node(data_dir, serve=False, discovery=False, wan=True)
+            await node.start()
+            if node.identity.role != "cloud":
+                await node.close()
+                raise ValueError(f"{data_dir} holds a {node.identity.role} node, not a cloud one")
+            self.nodes[node.identity.store_id] = node
+            self.app.add_subapp(f"/stores/{node.identity.store_id}/", node.app)
+        self.app.router.add_get("/v1/stores", self._stores)
+        for hook in self.setup_hooks:
+            hook(self)
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.http_host, self.http_port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.http_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.url = f"http://{self.http_host}:{self.http_port}"
+        for store_id, node in self.nodes.items():
+            node.url = f"{self.url}/stores/{store_id}"
+        log.info("cloud peer for %d store(s) listening on %s", len(self.nodes), self.url)
+
+    async def close(self) -> None:
+        for node in self.nodes.values():
+            await node.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _stores(self, request: web.Request) -> web.Response:
+        out: list[dict[str, Any]] = []
+        for store_id, node in sorted(self.nodes.items()):
+            out.append({"store_id": store_id, "node_id": node.identity.node_id,
+                        "url": node.url, "peers": node.peer_status()})
+        return web.json_response({"stores": out})
