@@ -72,6 +72,8 @@ class NodeView(Protocol):
 
     def peer_status(self) -> list[dict[str, Any]]: ...
 
+    def wan_bytes(self) -> tuple[int, int]: ...
+
 
 def rejection_counts(node: NodeView) -> dict[str, int]:
     """Refused envelopes and sessions by reason: the sync core's refusals plus the
@@ -162,6 +164,14 @@ class NodeCollector:
         sync_bytes.add_metric(["in"], core.bytes_in)
         sync_bytes.add_metric(["out"], core.bytes_out)
         yield sync_bytes
+        wan = CounterMetricFamily(
+            "storemesh_wan_bytes", "Bytes on the wire over WAN sessions (the cloud link), "
+            "after compression, from the kernel's TCP counters.", labels=["direction"],
+        )
+        sent, received = node.wan_bytes()
+        wan.add_metric(["out"], sent)
+        wan.add_metric(["in"], received)
+        yield wan
         yield GaugeMetricFamily(
             "storemesh_subscribers", "Live stock-change subscribers (e.g. SSE streams).",
             value=node.subscriber_count,

@@ -79,6 +79,7 @@ class Node:
         self.rejected_sessions: dict[str, int] = {}
         self.sessions: dict[str, transport.Session] = {}
         self.last_seen: dict[str, int] = {}
+        self._wan_closed = [0, 0]  # wire bytes (sent, received) of ended WAN sessions
         self.known_urls: dict[str, str] = {}  # node id -> URL (discovery, sessions)
         self.app = web.Application(client_max_size=config.MAX_HTTP_BODY)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -357,6 +358,17 @@ class Node:
 
     # --- peers ----------------------------------------------------------------------------
 
+    def wan_bytes(self) -> tuple[int, int]:
+        """Bytes (sent, received) on the wire over WAN sessions (the cloud link), after
+        compression: what the store pays for."""
+        sent, received = self._wan_closed
+        for session in self.sessions.values():
+            if session.wan:
+                s, r = session.wire_bytes()
+                sent += s
+                received += r
+        return sent, received
+
     def peer_status(self) -> list[dict[str, Any]]:
         ids = set(self.sessions) | set(self.known_urls) | set(self.last_seen)
         out = []
@@ -430,6 +442,10 @@ class Node:
             self._handle(self.core.peer_up(pid, self.now_ms()))
             await session.run(self._on_message)
         finally:
+            if session.wan:
+                sent, received = session.last_wire
+                self._wan_closed[0] += sent
+                self._wan_closed[1] += received
             if self.sessions.get(pid) is session:
                 del self.sessions[pid]
                 if not self._closed:
