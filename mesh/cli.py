@@ -7,6 +7,7 @@ rich. Errors the user can fix exit with status 2 and a one-line message.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,21 @@ console = Console()
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+async def _until_signal(close: Callable[[], Awaitable[None]]) -> None:
+    """Serve until SIGINT or SIGTERM, then close cleanly."""
+    import asyncio
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await close()
 
 
 @click.group()
@@ -88,7 +104,6 @@ def node_cmd(data_dir: Path, http_port: int, http_host: str | None, interface: s
     """Run a store node: sync with peers, serve the POS/channel API, until Ctrl-C."""
     import asyncio
     import logging
-    import signal
 
     from mesh.node import Node
 
@@ -117,14 +132,7 @@ def node_cmd(data_dir: Path, http_port: int, http_host: str | None, interface: s
         await node.start()
         print(f"storemesh node {node.identity.node_id} ({node.identity.role}) of store "
               f"{node.identity.store_id} listening on {node.url}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await node.close()
+        await _until_signal(node.close)
 
     asyncio.run(run())
 
@@ -165,7 +173,6 @@ def cloud_run(root: Path, http_host: str, http_port: int, log_level: str) -> Non
     """Serve every store under ROOT: sync, analytics, dashboard, until Ctrl-C."""
     import asyncio
     import logging
-    import signal
 
     from mesh.cloud import CloudNode
 
@@ -180,14 +187,7 @@ def cloud_run(root: Path, http_host: str, http_port: int, log_level: str) -> Non
             raise click.ClickException(str(exc)) from None
         print(f"storemesh cloud for {len(node.nodes)} store(s) listening on {node.url}",
               flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await node.close()
+        await _until_signal(node.close)
 
     asyncio.run(run())
 
