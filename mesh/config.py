@@ -53,13 +53,18 @@ MAX_BATCH_ENVELOPES: Final = LEDGER_PAGE
 #: catch-up window (back-pressure). Four pages keep a LAN link busy without letting a
 #: slow peer pin megabytes of our memory.
 MAX_INFLIGHT_PER_PEER: Final = 4 * LEDGER_PAGE
+#: Room beyond MAX_INFLIGHT_PER_PEER that only fresh pushes may use, so live sales are
+#: not queued behind a catch-up that filled the window.
+PUSH_RESERVE: Final = LEDGER_PAGE
 #: A receiver acknowledges (sends its version vector) after this many envelopes from a
-#: peer, or after SYNC_ACK_DELAY_MS, whichever comes first.
+#: peer; otherwise its periodic summary acknowledges them.
 SYNC_ACK_EVERY: Final = 500
-SYNC_ACK_DELAY_MS: Final = 20
 #: Anti-entropy: every peer gets our version vector this often (jittered ±25%), which
 #: heals lost pushes, partitions and restarts.
 SYNC_INTERVAL_MS: Final = 1000
+#: The same on WAN links (the cloud): they are metered, and heartbeats already notice a
+#: dead link; lost pushes there heal within this interval.
+SYNC_WAN_INTERVAL_MS: Final = 15_000
 #: Most origins (nodes) a version vector may name, and most peers we keep sessions
 #: with: a store has tens of registers; 512 leaves room for the cloud's view.
 MAX_ORIGINS: Final = 512

@@ -439,7 +439,7 @@ class Node:
         self.last_seen[pid] = self.now_ms()
         log.info("session up: %s (%s)", pid, "out" if session.outbound else "in")
         try:
-            self._handle(self.core.peer_up(pid, self.now_ms()))
+            self._handle(self.core.peer_up(pid, self.now_ms(), wan=session.wan))
             await session.run(self._on_message)
         finally:
             if session.wan:

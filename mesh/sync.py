@@ -21,8 +21,10 @@ Invariants:
  2. Per peer and origin, ``sent`` only grows while the session lives and we send an
     envelope of ``origin`` only if it directly follows ``sent`` — so a peer receives
     each origin's envelopes in order, without gaps, on a reliable link.
- 3. Outstanding envelopes per peer (``sent - acked``) never exceed
-    ``MAX_INFLIGHT_PER_PEER``: catch-up is paced by the receiver's acknowledgements.
+ 3. Envelopes outstanding per peer (sent or being read, and not acknowledged) never
+    exceed ``MAX_INFLIGHT_PER_PEER`` for catch-up, plus ``PUSH_RESERVE`` for fresh
+    pushes: catch-up is paced by the receiver's acknowledgements, and a live sale is
+    not stuck behind a catch-up.
  4. We only fetch from storage what is durable (``stored`` vector), so a fetch never
     misses an envelope that memory holds but disk does not yet.
  5. Anything a peer sends that is malformed, oversized, forged or inconsistent is
@@ -141,17 +143,19 @@ class _Peer:
     acked: VersionVector = field(default_factory=VersionVector)
     sent: VersionVector = field(default_factory=VersionVector)
     links: frozenset[str] = frozenset()
-    fetching: set[str] = field(default_factory=set)
+    fetching: dict[str, int] = field(default_factory=dict)  # origin -> envelopes asked
     gap_since: dict[str, int] = field(default_factory=dict)  # origin -> when it stalled
     sent_at: dict[str, int] = field(default_factory=dict)  # origin -> when we last sent
     unacked_in: int = 0  # envelopes received since we last sent it our vv
-    ack_due: int | None = None
     next_vv: int = 0
+    interval: int = config.SYNC_INTERVAL_MS
     certs: int = 0
     crl: int = -1
 
     def inflight(self) -> int:
-        return sum(max(0, s - self.acked.get(o)) for o, s in self.sent.items())
+        """Envelopes sent or being read for this peer and not yet acknowledged."""
+        sent = sum(max(0, s - self.acked.get(o)) for o, s in self.sent.items())
+        return sent + sum(self.fetching.values())
 
 
 def _priority(env: Envelope) -> int:
@@ -194,9 +198,8 @@ class SyncCore:
     def _send_vv(self, out: list[Effect], peer: _Peer, now: int) -> None:
         self._send(out, peer.id, self._vv_message())
         peer.unacked_in = 0
-        peer.ack_due = None
         jitter = self.rng.uniform(0.75, 1.25)
-        peer.next_vv = now + int(config.SYNC_INTERVAL_MS * jitter)
+        peer.next_vv = now + int(peer.interval * jitter)
 
     def _certs_message(self) -> bytes:
         crl = self.trust.crl
@@ -207,13 +210,16 @@ class SyncCore:
 
     # --- sessions --------------------------------------------------------------------------
 
-    def peer_up(self, peer_id: str, now: int) -> list[Effect]:
-        """A session with ``peer_id`` (authenticated by the transport) is established."""
+    def peer_up(self, peer_id: str, now: int, *, wan: bool = False) -> list[Effect]:
+        """A session with ``peer_id`` (authenticated by the transport) is established.
+        ``wan``: a metered link (the cloud): summaries go out less often there."""
         out: list[Effect] = []
         if peer_id not in self.peers and len(self.peers) >= config.MAX_PEERS:
             self._count("peer_table_full")
             return out
         peer = self.peers[peer_id] = _Peer(peer_id)
+        if wan:
+            peer.interval = config.SYNC_WAN_INTERVAL_MS
         self._send(out, peer_id, self._certs_message(), LOW)
         self._send_vv(out, peer, now)
         return out
@@ -264,8 +270,8 @@ class SyncCore:
         for env in envs:
             if env.seq != peer.sent.get(env.origin) + 1 or env.origin == peer.id:
                 continue
-            if peer.inflight() >= config.MAX_INFLIGHT_PER_PEER:
-                break
+            if peer.inflight() >= config.MAX_INFLIGHT_PER_PEER + config.PUSH_RESERVE:
+                break  # fresh envelopes may use the reserve a catch-up cannot
             peer.sent.set(env.origin, env.seq)
             peer.sent_at[env.origin] = now
             (low if _priority(env) == LOW else high).append(env.raw)
@@ -296,7 +302,7 @@ class SyncCore:
                     or not self._eligible(peer, origin, now)):
                 continue
             last = min(have, sent + min(room, config.LEDGER_PAGE))
-            peer.fetching.add(origin)
+            peer.fetching[origin] = last - sent
             room -= last - sent
             out.append(Fetch(peer.id, origin, sent + 1, last))
 
@@ -307,7 +313,7 @@ class SyncCore:
         peer = self.peers.get(peer_id)
         if peer is None:
             return out
-        peer.fetching.discard(origin)
+        peer.fetching.pop(origin, None)
         if first != peer.sent.get(origin) + 1 or not raws:
             self._pump(out, peer, now)
             return out
@@ -447,9 +453,7 @@ class SyncCore:
             out.append(Persist(tuple(applied)))
             self._relay(out, peer, applied, now)
         if peer.unacked_in >= config.SYNC_ACK_EVERY:
-            self._send_vv(out, peer, now)
-        elif peer.ack_due is None:
-            peer.ack_due = now + config.SYNC_ACK_DELAY_MS
+            self._send_vv(out, peer, now)  # opens the sender's window during catch-up
 
     def _apply_run(self, out: list[Effect], run: list[tuple[Envelope, bytes]],
                    now: int) -> list[Envelope]:
@@ -505,13 +509,12 @@ class SyncCore:
 
     def next_timer(self) -> int | None:
         times = [p.next_vv for p in self.peers.values()]
-        times += [p.ack_due for p in self.peers.values() if p.ack_due is not None]
         return min(times) if times else None
 
     def on_timer(self, now: int) -> list[Effect]:
         out: list[Effect] = []
         for peer in list(self.peers.values()):
-            if peer.next_vv <= now or (peer.ack_due is not None and peer.ack_due <= now):
+            if peer.next_vv <= now:
                 self._send_vv(out, peer, now)
         return out
 

@@ -25,7 +25,8 @@ Invariants:
     session with a reason and is counted; it never propagates.
  5. Envelope batches waiting in one queue are merged into one message (bounded by
     ``MAX_BATCH_BYTES`` and ``MAX_BATCH_ENVELOPES``); on WAN sessions the writer first
-    lingers ``WAN_LINGER_S`` so a burst of sales becomes one compressed message.
+    lingers ``WAN_LINGER_S`` so a burst of sales becomes one message, and every message
+    goes through the session's ``WanCodec``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import logging
 import os
 import socket
 import struct
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -69,9 +71,9 @@ def _transcript(role: bytes, nonce_a: bytes, nonce_b: bytes, a: str, b: str) -> 
     return b"".join([HS_DOMAIN, role, nonce_a, nonce_b, a.encode(), b"\x00", b.encode()])
 
 
-def _hello(identity: NodeIdentity, nonce: bytes) -> dict[str, Any]:
+def _hello(identity: NodeIdentity, nonce: bytes, wan: bool = False) -> dict[str, Any]:
     return {"t": "hello", "proto": PROTO, "store": identity.store_id, "node": identity.node_id,
-            "cert": identity.certificate.to_dict(), "nonce": nonce.hex()}
+            "cert": identity.certificate.to_dict(), "nonce": nonce.hex(), "wan": wan}
 
 
 def _check_hello(identity: NodeIdentity, msg: object, now_ms: int) -> tuple[Certificate, bytes]:
@@ -137,6 +139,7 @@ class Session:
                  linger_s: float = 0.0) -> None:
         self.linger_s = linger_s
         self.wan = linger_s > 0
+        self.codec = WanCodec() if self.wan else None
         self.sock: socket.socket | None = None
         self.last_wire = (0, 0)
         self.peer_id = peer_id
@@ -199,11 +202,12 @@ class Session:
             if msg.type == aiohttp.WSMsgType.BINARY:
                 data = msg.data
                 self.bytes_in += len(data)
-                if data[:1] == b"P":
+                if self.codec is not None:
                     try:
-                        data = unpack_wan(data)
-                    except ValueError:
-                        data = b"P"  # the core counts it as malformed
+                        data = self.codec.decode(data)
+                    except (ValueError, zlib.error):
+                        self.close_reason = "bad_wan_message"
+                        break  # the compressed stream is unusable now
                 on_message(self.peer_id, data)
             elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE):
                 break
@@ -223,8 +227,8 @@ class Session:
                 if self._closing:
                     return
                 data = _coalesce(self._high if self._high else self._low)
-                if self.wan:
-                    data = pack_wan(data)
+                if self.codec is not None:
+                    data = self.codec.encode(data)
                 self.bytes_out += len(data)
                 await self.ws.send_bytes(data)
             if self._closing:
@@ -260,56 +264,96 @@ def _coalesce(queue: deque[bytes]) -> bytes:
 
 _PREV = b'"prev":"'
 _ELIDED = b'"prev":"="'
+_SIG_TAIL = 130  # 128 hex chars + '"}' at the end of every raw envelope
+_F_PREV, _F_SIG = 1, 2
 
 
-def pack_wan(data: bytes) -> bytes:
-    """``E`` -> ``P``: drop each ``prev`` hash that the receiver can recompute (it is the
-    SHA-256 of the previous frame of the same origin in this message). ``prev`` is 64
-    hex chars of pure entropy per envelope, which deflate cannot shrink: on the WAN
-    this saves about a third of the compressed bytes per sale."""
-    if data[:1] != b"E":
-        return data
-    out = [b"P"]
-    last: dict[bytes, bytes] = {}  # origin field bytes -> hash of the previous raw
-    pos, end = 1, len(data)
-    while pos + 4 <= end:
-        n = int.from_bytes(data[pos : pos + 4], "big")
-        raw = data[pos + 4 : pos + 4 + n]
-        pos += 4 + n
-        at = raw.find(_PREV)
-        origin = _origin_of(raw)
-        packed = raw
-        if at >= 0 and origin in last and raw[at + 8 : at + 72] == last[origin].hex().encode():
-            packed = raw[:at] + _ELIDED + raw[at + 73:]
-        last[origin] = hashlib.sha256(raw).digest()
-        out.append(len(packed).to_bytes(4, "big"))
-        out.append(packed)
-    return b"".join(out)
+class WanCodec:
+    """Per-session WAN encoding (both directions of one session).
+
+    ``E`` batches become ``P`` batches: a frame's ``prev`` hash is dropped when it is
+    the hash of the previous envelope of the same origin carried on this session
+    (the receiver recomputes it), and the signature travels as 64 raw bytes instead of
+    128 hex characters. Then every message is compressed with zlib level 9 in one
+    stream per direction (like permessage-deflate with context takeover, but at the
+    best level). Both need the ordered, reliable WebSocket stream; after any decode
+    error the session must be closed, since the stream state is then unknown.
+    """
+
+    def __init__(self) -> None:
+        self._tx = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+        self._rx = zlib.decompressobj(-15)
+        self._tx_last: dict[bytes, bytes] = {}
+        self._rx_last: dict[bytes, bytes] = {}
+
+    def encode(self, msg: bytes) -> bytes:
+        if msg[:1] == b"E":
+            msg = self._pack(msg)
+        return b"Z" + self._tx.compress(msg) + self._tx.flush(zlib.Z_SYNC_FLUSH)
+
+    def decode(self, data: bytes) -> bytes:
+        if data[:1] != b"Z":
+            raise ValueError("expected a compressed WAN message")
+        msg = self._rx.decompress(data[1:], config.MAX_MESSAGE_BYTES + 1)
+        if self._rx.unconsumed_tail or len(msg) > config.MAX_MESSAGE_BYTES:
+            raise ValueError("WAN message inflates beyond the message bound")
+        return self._unpack(msg) if msg[:1] == b"P" else msg
+
+    def _pack(self, data: bytes) -> bytes:
+        out = [b"P"]
+        pos, end = 1, len(data)
+        while pos + 4 <= end:
+            n = int.from_bytes(data[pos : pos + 4], "big")
+            raw = data[pos + 4 : pos + 4 + n]
+            pos += 4 + n
+            origin = _origin_of(raw)
+            flags, packed = 0, raw
+            at = packed.find(_PREV)
+            last = self._tx_last.get(origin)
+            if at >= 0 and last is not None and packed[at + 8 : at + 72] == last.hex().encode():
+                packed = packed[:at] + _ELIDED + packed[at + 73:]
+                flags |= _F_PREV
+            sighex = packed[-_SIG_TAIL:-2]
+            if packed.endswith(b'"}') and _is_lower_hex(sighex):
+                packed = packed[:-_SIG_TAIL] + bytes.fromhex(sighex.decode())
+                flags |= _F_SIG
+            self._tx_last[origin] = hashlib.sha256(raw).digest()
+            out.append((len(packed) + 1).to_bytes(4, "big"))
+            out.append(bytes((flags,)))
+            out.append(packed)
+        return b"".join(out)
+
+    def _unpack(self, data: bytes) -> bytes:
+        out = [b"E"]
+        pos, end = 1, len(data)
+        while pos < end:
+            if pos + 5 > end:
+                raise ValueError("truncated frame header")
+            n = int.from_bytes(data[pos : pos + 4], "big")
+            if n > config.MAX_ENVELOPE_BYTES or pos + 4 + n > end or n < 1:
+                raise ValueError("bad frame length")
+            flags = data[pos + 4]
+            raw = data[pos + 5 : pos + 4 + n]
+            pos += 4 + n
+            if flags & _F_SIG:
+                if len(raw) < 64:
+                    raise ValueError("frame too short for its signature")
+                raw = raw[:-64] + raw[-64:].hex().encode() + b'"}'
+            origin = _origin_of(raw)
+            if flags & _F_PREV:
+                last = self._rx_last.get(origin)
+                at = raw.find(_ELIDED)
+                if last is None or at < 0:
+                    raise ValueError("elided prev with nothing to restore it from")
+                raw = raw[:at] + _PREV + last.hex().encode() + b'"' + raw[at + len(_ELIDED):]
+            self._rx_last[origin] = hashlib.sha256(raw).digest()
+            out.append(len(raw).to_bytes(4, "big"))
+            out.append(raw)
+        return b"".join(out)
 
 
-def unpack_wan(data: bytes) -> bytes:
-    """``P`` -> ``E``, restoring every elided ``prev``; ``ValueError`` if it cannot."""
-    out = [b"E"]
-    last: dict[bytes, bytes] = {}
-    pos, end = 1, len(data)
-    while pos < end:
-        if pos + 4 > end:
-            raise ValueError("truncated frame header")
-        n = int.from_bytes(data[pos : pos + 4], "big")
-        if n > config.MAX_ENVELOPE_BYTES or pos + 4 + n > end:
-            raise ValueError("bad frame length")
-        raw = data[pos + 4 : pos + 4 + n]
-        pos += 4 + n
-        at = raw.find(_PREV)
-        origin = _origin_of(raw)
-        if at >= 0 and raw[at : at + len(_ELIDED)] == _ELIDED:
-            if origin not in last:
-                raise ValueError("elided prev without a previous frame of its origin")
-            raw = raw[:at] + _PREV + last[origin].hex().encode() + b'"' + raw[at + 10:]
-        last[origin] = hashlib.sha256(raw).digest()
-        out.append(len(raw).to_bytes(4, "big"))
-        out.append(raw)
-    return b"".join(out)
+def _is_lower_hex(b: bytes) -> bool:
+    return len(b) == 128 and all(c in b"0123456789abcdef" for c in b)
 
 
 def _origin_of(raw: bytes) -> bytes:
@@ -323,12 +367,14 @@ async def accept(request: web.Request, identity: NodeIdentity, now_ms: Callable[
     """Server side of ``GET /v1/sync``: handshake, then hand the session over. Offers
     per-message deflate to clients that ask for it (WAN peers do)."""
     ws = web.WebSocketResponse(max_msg_size=config.MAX_MESSAGE_BYTES,
-                               heartbeat=config.HEARTBEAT_S, compress=True)
+                               heartbeat=config.HEARTBEAT_S)
     await ws.prepare(request)
     try:
-        cert, their_nonce = _check_hello(identity, await _recv_json(ws), now_ms())
+        hello_msg = await _recv_json(ws)
+        cert, their_nonce = _check_hello(identity, hello_msg, now_ms())
+        wan = wan or (isinstance(hello_msg, dict) and hello_msg.get("wan") is True)
         nonce = os.urandom(32)
-        hello = _hello(identity, nonce)
+        hello = _hello(identity, nonce, wan)
         hello["sig"] = identity.key.sign(
             _transcript(b"listener", their_nonce, nonce, cert.node_id, identity.node_id)).hex()
         await ws.send_str(orjson.dumps(hello).decode())
@@ -354,7 +400,7 @@ async def accept(request: web.Request, identity: NodeIdentity, now_ms: Callable[
         await ws.close()
         return ws
     session = Session(cert.node_id, cert.role, ws, url=None, outbound=False,
-                      linger_s=config.WAN_LINGER_S if wan or ws.compress else 0.0)
+                      linger_s=config.WAN_LINGER_S if wan else 0.0)
     transport_ = request.transport
     session.sock = transport_.get_extra_info("socket") if transport_ is not None else None
     await on_session(session)
@@ -364,14 +410,14 @@ async def accept(request: web.Request, identity: NodeIdentity, now_ms: Callable[
 async def dial(http: aiohttp.ClientSession, url: str, identity: NodeIdentity,
                now_ms: Callable[[], int], *, wan: bool = False) -> Session:
     """Client side: connect to ``url`` (``http://host:port``) and authenticate both ways.
-    ``wan``: ask for per-message deflate and batch with a linger (links to the cloud).
+    ``wan``: a metered link (to the cloud): WanCodec compression and linger batching.
     Raises ``HandshakeError`` (refused or forged) or aiohttp/OS errors (unreachable)."""
     ws = await http.ws_connect(url.rstrip("/") + "/v1/sync", max_msg_size=config.MAX_MESSAGE_BYTES,
-                               heartbeat=config.HEARTBEAT_S, compress=15 if wan else 0,
+                               heartbeat=config.HEARTBEAT_S, compress=0,
                                timeout=aiohttp.ClientWSTimeout(ws_close=2.0))
     try:
         nonce = os.urandom(32)
-        await ws.send_str(orjson.dumps(_hello(identity, nonce)).decode())
+        await ws.send_str(orjson.dumps(_hello(identity, nonce, wan)).decode())
         reply = await _recv_json(ws)
         cert, their_nonce = _check_hello(identity, reply, now_ms())
         assert isinstance(reply, dict)
