@@ -77,6 +77,7 @@ class Node:
         self.rng = random.Random()  # noqa: S311 -- backoff jitter, not cryptography
         self.started_ms = self.now_ms()
         self.rejected_sessions: dict[str, int] = {}
+        self.duplicate_sessions = 0
         self.sessions: dict[str, transport.Session] = {}
         self.last_seen: dict[str, int] = {}
         self._wan_closed = [0, 0]  # wire bytes (sent, received) of ended WAN sessions
@@ -275,12 +276,18 @@ class Node:
         self._spawn(asyncio.to_thread(self.identity.save), "save-identity")
 
     async def _timer_loop(self) -> None:
+        # Sleep until the core's next deadline, but never longer than one sync interval:
+        # deadlines are wall-clock times, and a clock set backwards must not stall us.
+        cap = config.SYNC_INTERVAL_MS / 1000
         while True:
             nxt = self.core.next_timer()
-            delay = None if nxt is None else max(0.0, (nxt - self.now_ms()) / 1000)
+            delay = cap if nxt is None else min(cap, max(0.0, (nxt - self.now_ms()) / 1000))
             self._timer_wake.clear()
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._timer_wake.wait(), delay)
+            except TimeoutError:
+                self._handle(self.core.on_timer(self.now_ms()))
+                continue
             now = self.now_ms()
             nxt = self.core.next_timer()
             if nxt is not None and nxt <= now:
@@ -384,6 +391,11 @@ class Node:
         return out
 
     def _on_discovered(self, info: Any) -> None:
+        old = self.known_urls.get(info.node_id)
+        if old is not None and old != info.url and old not in self.static_peers:
+            task = self._dialers.pop(old, None)  # it moved (restart on a new port)
+            if task is not None:
+                task.cancel()
         self.known_urls[info.node_id] = info.url
         if self.identity.node_id < info.node_id:  # invariant 4
             self._ensure_dialer(info.url, info.node_id)
@@ -405,7 +417,14 @@ class Node:
         """Keep a session to ``url`` up: reconnect with jittered exponential backoff."""
         backoff = config.DIAL_BACKOFF_MIN_S
         assert self._http is not None
+        peer_id: str | None = None  # learnt at the first handshake
         while not self._closed:
+            existing = self.sessions.get(peer_id) if peer_id else None
+            if existing is not None:
+                # It dialled us (both sides name each other as static peers): keep its
+                # session, and dial again only once that one has ended.
+                await existing.done.wait()
+                continue
             try:
                 session = await transport.dial(self._http, url, self.identity, self.now_ms,
                                                wan=wan)
@@ -415,26 +434,33 @@ class Node:
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.debug("dial %s failed: %r", url, exc)
             else:
-                backoff = config.DIAL_BACKOFF_MIN_S
-                self.known_urls[session.peer_id] = url
-                await self._run_session(session)
+                peer_id = session.peer_id
+                self.known_urls[peer_id] = url
+                if await self._run_session(session):
+                    backoff = config.DIAL_BACKOFF_MIN_S  # a session that really ran
             await asyncio.sleep(backoff * self.rng.uniform(0.5, 1.5))
             backoff = min(backoff * 2, config.DIAL_BACKOFF_MAX_S)
 
     async def _accept(self, request: web.Request) -> web.StreamResponse:
-        return await transport.accept(request, self.identity, self.now_ms, self._run_session,
+        return await transport.accept(request, self.identity, self.now_ms, self._accepted,
                                       self._reject, wan=self.wan)
+
+    async def _accepted(self, session: transport.Session) -> None:
+        await self._run_session(session)
 
     def _reject(self, reason: str) -> None:
         self.rejected_sessions[reason] = self.rejected_sessions.get(reason, 0) + 1
 
-    async def _run_session(self, session: transport.Session) -> None:
+    async def _run_session(self, session: transport.Session) -> bool:
+        """Run an authenticated session until it ends; False if it was a duplicate of a
+        live session with the same peer (invariant 4) and was closed at once."""
         pid = session.peer_id
         if pid in self.sessions or self._closed:
-            self._reject("duplicate")
+            self.duplicate_sessions += 1  # normal when both sides dial: not a refusal
             session.close("duplicate")
             await session.ws.close()
-            return
+            session.done.set()
+            return False
         self.sessions[pid] = session
         self.last_seen[pid] = self.now_ms()
         log.info("session up: %s (%s)", pid, "out" if session.outbound else "in")
@@ -451,6 +477,7 @@ class Node:
                 if not self._closed:
                     self._handle(self.core.peer_down(pid, self.now_ms()))
             log.info("session down: %s (%s)", pid, session.close_reason)
+        return True
 
     def _on_message(self, peer_id: str, data: bytes) -> None:
         now = self.now_ms()

@@ -33,7 +33,7 @@ import enum
 import hashlib
 import sys
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -152,23 +152,42 @@ class _SkuEvents:
         self.kind.insert(i, kind)
         self.cache = None
 
-    def exceptions(self, sku: str) -> list[OversellException]:
-        if self.cache is None:
-            out: list[OversellException] = []
-            on_hand = reserved = 0
-            for i in range(len(self.hlc)):
+    def exceptions(self, sku: str,
+                   releases: list[tuple[int, str, int, int, int]]) -> list[OversellException]:
+        """Replay this SKU's events merged with ``releases`` ((hlc, origin, seq, kind,
+        units released), sorted) in (HLC, origin, seq) order; flag every event that
+        lowers availability below zero (invariant 6)."""
+        if self.cache is not None:
+            return self.cache
+        out: list[OversellException] = []
+        on_hand = reserved = 0
+        i = j = 0
+        n, m = len(self.hlc), len(releases)
+        while i < n or j < m:
+            key_i = (self.hlc[i], self.origin[i], self.seq[i]) if i < n else None
+            key_j = releases[j][:3] if j < m else None
+            d_oh = d_res = 0
+            if key_j is None or (key_i is not None and key_i <= key_j):
+                assert key_i is not None
+                key, kind = key_i, self.kind[i]
                 d_oh, d_res = self.d_oh[i], self.d_res[i]
-                on_hand += d_oh
-                reserved += d_res
-                available = on_hand - reserved
-                lowered = d_res - d_oh
-                if lowered > 0 and available < 0:
-                    out.append(OversellException(
-                        sku, self.origin[i], self.seq[i], self.hlc[i], _KINDS[self.kind[i]],
-                        min(lowered, -available),
-                    ))
-            self.cache = out
-        return self.cache
+                i += 1
+                if key_j == key:  # the same envelope also released reservations
+                    d_res -= releases[j][4]
+                    j += 1
+            else:
+                key, kind = key_j, releases[j][3]
+                d_res = -releases[j][4]
+                j += 1
+            on_hand += d_oh
+            reserved += d_res
+            available = on_hand - reserved
+            lowered = d_res - d_oh
+            if lowered > 0 and available < 0:
+                out.append(OversellException(sku, key[1], key[2], key[0], _KINDS[kind],
+                                             min(lowered, -available)))
+        self.cache = out
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -225,7 +244,11 @@ class Replica:
         self.evidence: list[Equivocation] = []
         self.last_change: dict[str, int] = {}  # sku -> HLC of the last event touching it
         self._reserved: dict[str, int] = {}
-        self._dot_owner: dict[tuple[str, int], str] = {}
+        self._dot_rid: dict[tuple[str, int], str] = {}  # every reservation's dot, forever
+        #: Envelopes that removed reservation dots, sorted by (hlc, origin, seq): their
+        #: effect on ``reserved`` is derived from the set of envelopes, not arrival order.
+        self._removals: list[tuple[int, str, int, int, tuple[tuple[str, int], ...]]] = []
+        self._releases: dict[str, list[tuple[int, str, int, int, int]]] | None = None
         self._hashes: dict[str, bytearray] = {}  # origin -> 32-byte hashes, seq 1..vv
         self._pending: dict[str, dict[int, Envelope]] = {}
         self._events: dict[str, _SkuEvents] = {}
@@ -251,13 +274,35 @@ class Replica:
         return sku in self.stock or sku in self._events
 
     def exceptions(self, sku: str | None = None) -> list[OversellException]:
+        releases = self._release_effects()
         if sku is not None:
             events = self._events.get(sku)
-            return list(events.exceptions(sku)) if events else []
+            return list(events.exceptions(sku, releases.get(sku, []))) if events else []
         out: list[OversellException] = []
         for s in sorted(self._events):
-            out.extend(self._events[s].exceptions(s))
+            out.extend(self._events[s].exceptions(s, releases.get(s, [])))
         return out
+
+    def _release_effects(self) -> dict[str, list[tuple[int, str, int, int, int]]]:
+        """Per SKU, (hlc, origin, seq, kind, units) of every envelope that released a
+        reservation: the first removal of a reservation in (HLC, origin, seq) order
+        releases its units; later (concurrent) removals of it release nothing."""
+        if self._releases is None:
+            released: set[str] = set()
+            by_sku: dict[str, list[tuple[int, str, int, int, int]]] = {}
+            for hlc, origin, seq, kind, dots in self._removals:
+                units: dict[str, int] = {}
+                for dot in dots:
+                    rid = self._dot_rid.get(dot)
+                    if rid is None or rid in released:
+                        continue
+                    released.add(rid)
+                    rec = self.records[rid]
+                    units[rec.sku] = units.get(rec.sku, 0) + rec.qty
+                for sku, qty in units.items():
+                    by_sku.setdefault(sku, []).append((hlc, origin, seq, kind, qty))
+            self._releases = by_sku
+        return self._releases
 
     def oversold_units(self) -> int:
         return sum(e.short for e in self.exceptions())
@@ -429,27 +474,30 @@ class Replica:
                             rid, rec["sku"], rec["qty"], rec["channel"], rec["order"],
                             rec["expires"],
                         )
-                affected = set(op["e"])
-                for r, c in op["c"]:
-                    owner = self._dot_owner.get((r, c))
-                    if owner is not None:
-                        affected.add(owner)
+                added: set[tuple[str, int]] = set()
+                if op["e"]:
+                    self._releases = None  # a late add can complete an earlier removal
+                for rid, dots in op["e"].items():
+                    dot = (dots[0][0], dots[0][1])
+                    added.add(dot)
+                    self._dot_rid[dot] = rid
+                    rec = self.records[rid]  # an add holds its units from this event on
+                    d_res[rec.sku] = d_res.get(rec.sku, 0) + rec.qty
+                removed = tuple(sorted((r, c) for r, c in op["c"] if (r, c) not in added))
+                if removed:
+                    self._add_removal(env, removed)
+                affected = set(op["e"]) | {self._dot_rid[(r, c)] for r, c in op["c"]
+                                           if (r, c) in self._dot_rid}
                 before = {rid: rid in self.reservations for rid in affected}
-                self.reservations.merge(delta)
+                self.reservations.merge(delta)  # the live state: a CRDT, order-free
                 for rid, was in before.items():
-                    now = rid in self.reservations
-                    for dot in self.reservations.dots(rid) if now else ():
-                        self._dot_owner[dot] = rid
-                    if was == now:
-                        continue
-                    rec = self.records[rid]
-                    change = rec.qty if now else -rec.qty
-                    self._reserved[rec.sku] = self._reserved.get(rec.sku, 0) + change
-                    d_res[rec.sku] = d_res.get(rec.sku, 0) + change
-                for r, c in op["c"]:
-                    owner = self._dot_owner.get((r, c))
-                    if owner is not None and (r, c) not in self.reservations.dots(owner):
-                        del self._dot_owner[(r, c)]
+                    if was != (rid in self.reservations):
+                        rec = self.records[rid]
+                        change = -rec.qty if was else rec.qty
+                        self._reserved[rec.sku] = self._reserved.get(rec.sku, 0) + change
+                        self._changed.add(rec.sku)
+                        self.last_change[rec.sku] = max(self.last_change.get(rec.sku, 0),
+                                                        env.hlc)
         kind = _KIND_CODE[env.meta["kind"]]
         for sku in sorted(set(d_oh) | set(d_res)):
             events = self._events.get(sku)
@@ -458,6 +506,18 @@ class Replica:
             events.insert(env.hlc, env.origin, env.seq, d_oh.get(sku, 0), d_res.get(sku, 0), kind)
             self.last_change[sku] = env.hlc
             self._changed.add(sku)
+
+    def _add_removal(self, env: Envelope, dots: tuple[tuple[str, int], ...]) -> None:
+        entry = (env.hlc, env.origin, env.seq, _KIND_CODE[env.meta["kind"]], dots)
+        if self._removals and self._removals[-1][:3] > entry[:3]:
+            insort(self._removals, entry)
+        else:
+            self._removals.append(entry)
+        self._releases = None
+        for dot in dots:  # a removal can move the exceptions of the SKUs it touches
+            rid = self._dot_rid.get(dot)
+            if rid is not None and (ev := self._events.get(self.records[rid].sku)):
+                ev.cache = None
 
     def drain_changed(self) -> set[str]:
         """SKUs whose stock or reservations changed since the last call (live streams)."""
@@ -679,6 +739,9 @@ class Replica:
             "events": {s: e.to_dict() for s, e in self._events.items()},
             "last_change": self.last_change,
             "txns": self._txns,
+            "dot_rid": [[list(d), rid] for d, rid in self._dot_rid.items()],
+            "removals": [[h, o, q, k, [list(d) for d in dots]]
+                         for h, o, q, k, dots in self._removals],
             "catalog": base64.b64encode(self.catalog.get_update()).decode(),
         }
         return orjson.dumps(state)
@@ -701,12 +764,13 @@ class Replica:
         self._txns = {t: (v[0], v[1]) for t, v in s["txns"].items()}
         self.catalog.apply_update(base64.b64decode(s["catalog"]))
         self._reserved = {}
-        self._dot_owner = {}
+        self._dot_rid = {(d[0], d[1]): rid for d, rid in s["dot_rid"]}
+        self._removals = [(h, sys.intern(o), q, k, tuple((r, c) for r, c in dots))
+                          for h, o, q, k, dots in s["removals"]]
+        self._releases = None
         for rid in self.reservations.elements():
             rec = self.records[rid]
             self._reserved[rec.sku] = self._reserved.get(rec.sku, 0) + rec.qty
-            for dot in self.reservations.dots(rid):
-                self._dot_owner[dot] = rid
 
 
 def _fingerprint(meta: dict[str, Any]) -> str:

@@ -512,9 +512,12 @@ class SyncCore:
         return min(times) if times else None
 
     def on_timer(self, now: int) -> list[Effect]:
+        """Send summaries that are due. A deadline more than two intervals ahead means
+        the wall clock jumped backwards since it was set: treat it as due, or a node
+        whose clock was set back an hour would go quiet for an hour."""
         out: list[Effect] = []
         for peer in list(self.peers.values()):
-            if peer.next_vv <= now:
+            if peer.next_vv <= now or peer.next_vv > now + 2 * peer.interval:
                 self._send_vv(out, peer, now)
         return out
 

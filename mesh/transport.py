@@ -150,6 +150,7 @@ class Session:
         self._high: deque[bytes] = deque()
         self._low: deque[bytes] = deque()
         self._wake = asyncio.Event()
+        self.done = asyncio.Event()  # set when the session has ended
         self._closing = False
         self.close_reason: str | None = None
         self.bytes_in = 0
@@ -196,6 +197,7 @@ class Session:
             self.last_wire = self.wire_bytes()
             with contextlib.suppress(Exception):
                 await self.ws.close()
+            self.done.set()
 
     async def _reader(self, on_message: Callable[[str, bytes], None]) -> None:
         async for msg in self.ws:
