@@ -180,7 +180,10 @@ def cloud_run(root: Path, http_host: str, http_port: int, log_level: str) -> Non
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def run() -> None:
+        from mesh.dashboard import setup_dashboard
+
         node = CloudNode(root, http_host=http_host, http_port=http_port)
+        node.setup_hooks.append(setup_dashboard)  # fleet analytics + the dashboard page
         try:
             await node.start()
         except (FileNotFoundError, ValueError) as exc:

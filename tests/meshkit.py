@@ -1,0 +1,663 @@
+"""Helpers for tests that run store nodes as real processes (tests/test_mesh_processes.py).
+
+* ``Cluster``: starts ``python -m mesh node`` processes (optionally inside a network
+  namespace), waits for each one's "listening on URL" line (bounded), kills and
+  restarts them by pid, and on ``close()`` stops every process it started (SIGTERM;
+  a node still running after ``STOP_TIMEOUT_S`` gets SIGABRT, so its faulthandler
+  writes every thread's stack to its log, then SIGKILL; that is reported as a failure)
+  and every proxy registered with it. The ``cluster`` fixture guarantees ``close()``.
+  Each node's stderr (its log) goes to ``<tmp_path>/<name>.log``.
+* Stores on disk: ``new_store`` (store key + edge node), ``enrol_direct`` (the local
+  path: a certificate from the store key), ``join_token`` (a one-time token).
+* HTTP: ``get_json``, ``post_json``, ``stock_table``, ``audit_txns``, ``wait_mesh``,
+  ``wait_converged``, ``metric_families``, ``rejections``; ``SseReader`` for
+  ``/v1/events``; ``until`` polls anything with a bound.
+* Network namespaces: ``ip`` runs iproute2; ``run_in_netns`` runs a function in a
+  thread that entered a namespace (setns), so the test's own HTTP client can reach nodes
+  that live only inside namespaces the test created.
+
+Every wait is bounded in time and in count; every failure message says what was awaited,
+for how long, and what was seen last (with the tail of the node's log where useful).
+Nodes bind HTTP and zeroconf to the address given (127.0.0.1 by default), so no packet
+leaves the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mesh.datadir import NodeIdentity, enrol_node, init_store
+from mesh.enrol import create_token
+from mesh.identity import TrustStore
+
+LOOPBACK = "127.0.0.1"
+#: A node prints its URL after opening its ledger, binding HTTP and probing its mDNS
+#: name (~1 s); 30 s covers a loaded 2-core machine and a token join (edge lookup).
+START_TIMEOUT_S = 30.0
+#: SIGTERM -> exit: the node closes sessions, sends mDNS goodbyes, flushes its ledger.
+STOP_TIMEOUT_S = 10.0
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10)
+#: Lines of a node's log quoted in a failure message.
+LOG_TAIL_LINES = 30
+#: Most stdout lines kept per process (a node prints two or three).
+MAX_STDOUT_LINES = 1000
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def tag() -> str:
+    """A short random tag: store ids and node ids are unique per test, so other test
+    runs advertising ``_storemesh._tcp`` on this machine cannot interfere (and mDNS
+    instance names, derived from node ids, never clash)."""
+    return uuid.uuid4().hex[:6]
+
+
+# --- stores on disk ------------------------------------------------------------------
+
+
+def new_store(base: Path, store_id: str, edge_id: str) -> NodeIdentity:
+    """A store key and its first (edge) node in ``base/edge_id``."""
+    return init_store(base / edge_id, store_id, now_ms=now_ms(), node_id=edge_id)
+
+
+def enrol_direct(base: Path, edge: NodeIdentity, node_id: str,
+                 role: str = "register") -> NodeIdentity:
+    """Enrol ``node_id`` with the edge's store key, locally (no token, no network)."""
+    assert edge.store_key is not None, "the edge of new_store holds the store key"
+    trust = TrustStore.from_dict(edge.trust.to_dict())
+    return enrol_node(base / node_id, edge.store_key, edge.store_id, role, now_ms=now_ms(),
+                      node_id=node_id, trust=trust)
+
+
+def join_token(edge: NodeIdentity, role: str = "register", url: str | None = None) -> str:
+    return create_token(edge, role=role, ttl_ms=600_000, now_ms=now_ms(), url=url)
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)  # one object per node, hashed by identity
+class NodeProc:
+    """One ``storemesh node`` process (and, after ``Cluster.restart``, its successor)."""
+
+    name: str
+    data_dir: Path
+    argv: list[str]
+    log_path: Path
+    netns: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    url: str = ""
+    node_id: str = ""
+    role: str = ""
+    store_id: str = ""
+    starts: int = 0
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    _reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError as exc:
+            return f"(no log: {exc})"
+        return "\n".join(lines[-n:])
+
+
+class Cluster:
+    """Node processes (and proxies) of one test; ``close()`` stops all of them."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.nodes: dict[str, NodeProc] = {}
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._closeables: list[Closeable] = []
+
+    # --- starting -----------------------------------------------------------------
+
+    def launch(self, name: str, data_dir: Path, *, interface: str = LOOPBACK,
+               http_port: int = 0, peers: Sequence[str] = (), discovery: bool = True,
+               join: str | None = None, node_id: str | None = None,
+               netns: str | None = None, log_level: str = "INFO") -> NodeProc:
+        """Start a node process; ``wait_ready`` returns once it listens."""
+        argv = ["node", "--data", str(data_dir), "--interface", interface,
+                "--http-port", str(http_port), "--log-level", log_level]
+        for url in peers:
+            argv += ["--peer", url]
+        if not discovery:
+            argv.append("--no-discovery")
+        if join is not None:
+            argv += ["--join", join]
+        if node_id is not None:
+            argv += ["--node-id", node_id]
+        node = NodeProc(name, data_dir, argv, self.base / f"{name}.log", netns)
+        if name in self.nodes:
+            raise ValueError(f"a node named {name!r} is already in this cluster")
+        self.nodes[name] = node
+        self._spawn(node)
+        return node
+
+    def _spawn(self, node: NodeProc) -> None:
+        cmd = [sys.executable, "-m", "mesh", *node.argv]
+        if node.netns is not None:
+            # `ip netns exec` execs the command: the pid we hold is the node's own.
+            cmd = ["ip", "netns", "exec", node.netns, *cmd]
+        node.starts += 1
+        node.url = ""
+        node.lines = queue.Queue()
+        with node.log_path.open("ab") as log:
+            log.write(f"=== start {node.starts}: {' '.join(cmd)}\n".encode())
+            log.flush()
+            # PYTHONFAULTHANDLER: a node that hangs on SIGTERM gets SIGABRT before SIGKILL
+            # and leaves every thread's stack in its log (``_force``).
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    cwd=self.base,  # import mesh as installed, not from cwd
+                                    env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+        self._procs.append(proc)
+        node.proc = proc
+        node._reader = threading.Thread(target=_read_lines, args=(proc, node.lines),
+                                        name=f"stdout {node.name}", daemon=True)
+        node._reader.start()
+
+    async def wait_ready(self, *nodes: NodeProc, within: float = START_TIMEOUT_S) -> None:
+        """Wait (concurrently) until every node printed its URL line."""
+        await asyncio.gather(*(self._wait_one(n, within) for n in nodes))
+
+    async def _wait_one(self, node: NodeProc, within: float) -> None:
+        if node.url:  # this start of it is already listening
+            return
+        deadline = time.monotonic() + within
+        seen: list[str] = []
+        for _poll in range(int(within / 0.02) + MAX_STDOUT_LINES):
+            if time.monotonic() > deadline:
+                break
+            try:
+                line = node.lines.get_nowait()
+            except queue.Empty:
+                if node.proc is not None and node.proc.poll() is not None \
+                        and node.lines.empty() and not _reader_alive(node):
+                    pytest.fail(f"node {node.name} exited with status {node.proc.returncode} "
+                                f"before listening; stdout {seen}\nlog:\n{node.log_tail()}")
+                await asyncio.sleep(0.02)
+                continue
+            seen.append(line)
+            if line.startswith("storemesh node ") and " listening on " in line:
+                # "storemesh node ID (ROLE) of store S listening on URL"
+                words = line.split()
+                node.node_id, node.role = words[2], words[3].strip("()")
+                node.store_id, node.url = words[6], words[-1]
+                return
+        pytest.fail(f"node {node.name} did not print its URL within {within} s; stdout "
+                    f"{seen}\nlog:\n{node.log_tail()}")
+
+    async def start(self, name: str, data_dir: Path, **kwargs: Any) -> NodeProc:
+        node = self.launch(name, data_dir, **kwargs)
+        await self.wait_ready(node)
+        return node
+
+    # --- stopping -----------------------------------------------------------------
+
+    def kill(self, node: NodeProc) -> None:
+        """SIGKILL, by pid: no goodbye, no flush, no cleanup."""
+        assert node.proc is not None
+        if node.proc.poll() is None:
+            os.kill(node.proc.pid, signal.SIGKILL)
+        node.proc.wait(STOP_TIMEOUT_S)
+        self._reap(node)
+
+    def stop(self, node: NodeProc) -> int:
+        """SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``; returns the exit status."""
+        assert node.proc is not None
+        proc = node.proc
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                _force(proc)
+                self._reap(node)
+                raise AssertionError(f"node {node.name} did not exit within {STOP_TIMEOUT_S} s "
+                                     f"of SIGTERM; its stacks:\n{node.log_tail(60)}") from None
+        self._reap(node)
+        return proc.returncode
+
+    def restart(self, node: NodeProc, *, same_port: bool = True) -> NodeProc:
+        """Start the node again on its data dir (without ``--join``: it has joined)."""
+        assert node.proc is not None and node.proc.poll() is not None, "stop or kill it first"
+        argv = list(node.argv)
+        if "--join" in argv:
+            i = argv.index("--join")
+            del argv[i:i + 2]
+        if same_port and node.url:
+            argv[argv.index("--http-port") + 1] = str(node.port)
+        node.argv = argv
+        self._spawn(node)
+        return node
+
+    def _reap(self, node: NodeProc) -> None:
+        if node._reader is not None:
+            node._reader.join(STOP_TIMEOUT_S)
+        if node.proc is not None and node.proc.stdout is not None:
+            node.proc.stdout.close()
+
+    def add(self, thing: Closeable) -> Any:
+        """Close ``thing`` (a proxy, say) in ``close()``, before the processes stop."""
+        self._closeables.append(thing)
+        return thing
+
+    def close(self) -> None:
+        errors: list[str] = []
+        for thing in reversed(self._closeables):
+            try:
+                thing.close()
+            except Exception as exc:
+                errors.append(f"closing {thing!r}: {exc!r}")
+        for proc in self._procs:  # every process ever started, by pid
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for proc in self._procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _force(proc)
+                stuck = [n for n in self.nodes.values() if n.proc is proc]
+                where = stuck[0].log_path if stuck else "?"
+                errors.append(f"node {[n.name for n in stuck] or '?'} (pid {proc.pid}) did not "
+                              f"exit within {STOP_TIMEOUT_S} s of SIGTERM; killed (stacks in "
+                              f"{where})")
+        for node in self.nodes.values():
+            self._reap(node)
+        for proc in self._procs:
+            if proc.stdout is not None and not proc.stdout.closed:
+                proc.stdout.close()
+        if errors:
+            raise AssertionError("cluster teardown: " + "; ".join(errors))
+
+
+def _force(proc: subprocess.Popen[bytes]) -> None:
+    """A node ignored SIGTERM: SIGABRT (its faulthandler logs every thread's stack),
+    then SIGKILL; by pid."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGABRT)
+    try:
+        proc.wait(3)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(STOP_TIMEOUT_S)
+
+
+def _read_lines(proc: subprocess.Popen[bytes], out: queue.Queue[str]) -> None:
+    """Drain a node's stdout (so it never blocks on a full pipe), keeping its lines."""
+    assert proc.stdout is not None
+    n = 0
+    with contextlib.suppress(ValueError, OSError):  # closed under us at teardown
+        for raw in proc.stdout:
+            if n < MAX_STDOUT_LINES:
+                out.put(raw.decode(errors="replace").rstrip("\n"))
+                n += 1
+
+
+def _reader_alive(node: NodeProc) -> bool:
+    return node._reader is not None and node._reader.is_alive()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A ``Cluster`` in ``tmp_path`` whose every process is stopped after the test."""
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+# --- HTTP --------------------------------------------------------------------------------
+
+
+def client() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=HTTP_TIMEOUT)
+
+
+async def get_json(http: aiohttp.ClientSession, url: str, path: str) -> Any:
+    async with http.get(url + path) as resp:
+        body = await resp.read()
+        assert resp.status == 200, f"GET {url}{path} -> {resp.status} {body[:300]!r}"
+        return orjson.loads(body)
+
+
+async def post_json(http: aiohttp.ClientSession, url: str, path: str,
+                    body: dict[str, Any]) -> tuple[int, Any]:
+    async with http.post(url + path, data=orjson.dumps(body),
+                         headers={"Content-Type": "application/json"}) as resp:
+        raw = await resp.read()
+        try:
+            return resp.status, orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return resp.status, raw.decode(errors="replace")
+
+
+async def post_ok(http: aiohttp.ClientSession, url: str, path: str,
+                  body: dict[str, Any]) -> Any:
+    status, data = await post_json(http, url, path, body)
+    assert status in (200, 201), f"POST {url}{path} {body} -> {status} {data}"
+    return data
+
+
+async def until(probe: Callable[[], Awaitable[Any]], *, within: float, what: str,
+                interval: float = 0.02) -> tuple[float, Any]:
+    """Call ``probe`` until it returns a truthy value; returns (seconds taken, value).
+    Fails after ``within`` s with the last value seen (or the last error)."""
+    start = time.monotonic()
+    last: Any = None
+    for _attempt in range(int(within / max(interval, 0.001)) + 1000):
+        try:
+            last = await probe()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            last = exc
+        else:
+            if last:
+                return time.monotonic() - start, last
+        if time.monotonic() - start > within:
+            break
+        await asyncio.sleep(interval)
+    pytest.fail(f"not within {within} s: {what}; last seen: {last!r}"[:4000])
+
+
+async def stock_table(http: aiohttp.ClientSession, url: str) -> dict[str, tuple[int, int, int]]:
+    """Every SKU's (on_hand, reserved, available) at one node (all pages)."""
+    out: dict[str, tuple[int, int, int]] = {}
+    after: str | None = None
+    for _page in range(1000):
+        path = "/v1/stock?limit=10000" + ("" if after is None else f"&after={after}")
+        data = await get_json(http, url, path)
+        for i in data["stock"]:
+            out[i["sku"]] = (i["on_hand"], i["reserved"], i["available"])
+        after = data["next"]
+        if after is None:
+            return out
+    raise AssertionError(f"{url}/v1/stock: more than 1000 pages")
+
+
+async def stock_views(http: aiohttp.ClientSession,
+                      nodes: Sequence[NodeProc]) -> dict[str, dict[str, tuple[int, int, int]]]:
+    tables = await asyncio.gather(*(stock_table(http, n.url) for n in nodes))
+    return {n.name: t for n, t in zip(nodes, tables, strict=True)}
+
+
+async def wait_converged(http: aiohttp.ClientSession, nodes: Sequence[NodeProc], *,
+                         within: float,
+                         expect: dict[str, int] | None = None) -> tuple[float, dict[str, Any]]:
+    """Wait until every node reports the same stock (and, if given, ``expect``'s on_hand
+    for those SKUs); returns (seconds, the common stock table)."""
+    last: dict[str, Any] = {}
+
+    async def probe() -> dict[str, Any] | None:
+        nonlocal last
+        last = await stock_views(http, nodes)
+        tables = list(last.values())
+        if any(t != tables[0] for t in tables):
+            return None
+        if expect is not None and any(
+                tables[0].get(sku, (None,))[0] != n for sku, n in expect.items()):
+            return None
+        return tables[0]
+
+    start = time.monotonic()
+    for _attempt in range(int(within / 0.02) + 1000):
+        try:
+            table = await probe()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            table = None
+        if table is not None:
+            return time.monotonic() - start, table
+        if time.monotonic() - start > within:
+            break
+        await asyncio.sleep(0.02)
+    pytest.fail(f"nodes did not converge within {within} s (expected on hand {expect}); "
+                f"last views: {_fmt_views(last)}")
+
+
+def _fmt_views(views: dict[str, dict[str, tuple[int, int, int]]]) -> str:
+    return "; ".join(f"{name}: {sorted(t.items())}" for name, t in views.items())[:4000]
+
+
+async def peers_up(http: aiohttp.ClientSession, node: NodeProc) -> set[str]:
+    data = await get_json(http, node.url, "/v1/peers")
+    return {p["node_id"] for p in data["peers"] if p["up"]}
+
+
+async def wait_mesh(http: aiohttp.ClientSession, nodes: Sequence[NodeProc], *,
+                    within: float) -> float:
+    """Wait until every node has a live session with every other one."""
+    ids = {n.node_id for n in nodes}
+
+    async def probe() -> bool:
+        ups = await asyncio.gather(*(peers_up(http, n) for n in nodes))
+        return all(up >= ids - {n.node_id} for n, up in zip(nodes, ups, strict=True))
+
+    async def show() -> str:
+        ups = await asyncio.gather(*(peers_up(http, n) for n in nodes),
+                                   return_exceptions=True)
+        return ", ".join(f"{n.name} sees {u}" for n, u in zip(nodes, ups, strict=True))
+
+    start = time.monotonic()
+    deadline = start + within
+    for _attempt in range(int(within / 0.05) + 1000):
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+            if await probe():
+                return time.monotonic() - start
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    pytest.fail(f"no full mesh of {sorted(ids)} within {within} s: {await show()}\n"
+                + "\n".join(f"--- {n.name} log:\n{n.log_tail(15)}" for n in nodes))
+
+
+async def audit_txns(http: aiohttp.ClientSession, url: str,
+                     kind: str | None = None) -> list[tuple[str, str, int, str]]:
+    """Every ledger entry at one node as (txn_id, origin, seq, kind), newest first,
+    optionally only of ``kind`` (walks ``/v1/audit`` to the start of the ledger)."""
+    out: list[tuple[str, str, int, str]] = []
+    before: int | None = None
+    for _page in range(10_000):
+        path = "/v1/audit?limit=1000" + ("" if before is None else f"&before={before}")
+        data = await get_json(http, url, path)
+        for e in data["entries"]:
+            if kind is None or e["kind"] == kind:
+                out.append((e["txn_id"], e["origin"], e["seq"], e["kind"]))
+        before = data["next_before"]
+        if before is None:
+            return out
+    raise AssertionError(f"{url}/v1/audit: more than 10,000 pages")
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+
+async def metric_families(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    """``/metrics`` parsed with prometheus_client: family name -> Metric."""
+    async with http.get(url + "/metrics") as resp:
+        text = await resp.text()
+        assert resp.status == 200, f"GET {url}/metrics -> {resp.status}: {text[:300]}"
+    return {fam.name: fam for fam in text_string_to_metric_families(text)}
+
+
+async def rejections(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """``storemesh_envelopes_rejected_total`` by ``reason`` at one node."""
+    fams = await metric_families(http, url)
+    fam = fams.get("storemesh_envelopes_rejected")
+    if fam is None:
+        return {}
+    return {s.labels["reason"]: s.value for s in fam.samples if s.name.endswith("_total")}
+
+
+# --- live stream --------------------------------------------------------------------------
+
+
+@dataclass
+class SseEvent:
+    at: float  # time.perf_counter() when the event's last line arrived
+    data: dict[str, Any]
+    event: str = "message"
+
+
+class SseReader:
+    """Reads a node's ``/v1/events`` stream in a task; events are kept with their arrival
+    time. ``start()`` returns once the node confirmed the subscription; ``close()``
+    cancels and awaits the task."""
+
+    MAX_EVENTS = 100_000
+
+    def __init__(self, http: aiohttp.ClientSession, node: NodeProc) -> None:
+        self.http = http
+        self.node = node
+        self.events: list[SseEvent] = []
+        self.subscribed = asyncio.Event()
+        self.changed = asyncio.Event()
+        self.error: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, within: float = 10.0) -> SseReader:
+        self._task = asyncio.create_task(self._run(), name=f"sse {self.node.name}")
+        try:
+            await asyncio.wait_for(self.subscribed.wait(), within)
+        except TimeoutError:
+            await self.close()
+            pytest.fail(f"{self.node.name}: no ': subscribed' on /v1/events within {within} s"
+                        f" ({self.error!r})")
+        return self
+
+    async def _run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        try:
+            async with self.http.get(self.node.url + "/v1/events", timeout=timeout) as resp:
+                assert resp.status == 200, f"/v1/events -> {resp.status}"
+                event, data = "message", b""
+                async for raw in resp.content:
+                    line = raw.rstrip(b"\r\n")
+                    if line == b": subscribed":
+                        self.subscribed.set()
+                    elif line.startswith(b"event:"):
+                        event = line[6:].strip().decode()
+                    elif line.startswith(b"data:"):
+                        data += line[5:].strip()
+                    elif not line and data:
+                        if len(self.events) < self.MAX_EVENTS:
+                            self.events.append(SseEvent(time.perf_counter(),
+                                                        orjson.loads(data), event))
+                        event, data = "message", b""
+                        self.changed.set()
+        except (aiohttp.ClientError, OSError, AssertionError) as exc:
+            self.error = exc
+
+    async def wait_for(self, match: Callable[[dict[str, Any]], bool], *, within: float,
+                       start_index: int = 0) -> SseEvent | None:
+        """The first event from ``start_index`` on that ``match``es, waiting at most
+        ``within`` s for it; None if none came."""
+        deadline = time.monotonic() + within
+        i = start_index
+        for _round in range(self.MAX_EVENTS + 1):  # each round sees an event or times out
+            while i < len(self.events):
+                if match(self.events[i].data):
+                    return self.events[i]
+                i += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._task is None or self._task.done():
+                return None
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+        return None
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+# --- network namespaces --------------------------------------------------------------------
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``ip ARGS`` (iproute2), bounded in time."""
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20,
+                          check=check)
+
+
+def run_in_netns(netns: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a new thread that has entered network namespace ``netns`` (setns(2)
+    moves only the calling thread), so every socket it opens lives in that namespace.
+    Returns ``fn``'s result or raises its exception."""
+    import ctypes
+
+    clone_newnet = 0x40000000
+    libc = ctypes.CDLL(None, use_errno=True)
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, clone_newnet) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            # Make sure before any socket opens: never run the caller's traffic in the
+            # namespace this process started in.
+            here = os.stat("/proc/thread-self/ns/net")
+            there = os.stat(f"/run/netns/{netns}")
+            if (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino):
+                raise OSError(f"setns into {netns} reported success but did not take effect")
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=body, name=f"in netns {netns}", daemon=True)
+    thread.start()
+    thread.join(300)
+    if thread.is_alive():
+        raise AssertionError(f"the code run in netns {netns} did not end within 300 s")
+    if error:
+        raise error[0]
+    return result[0]

@@ -1,0 +1,192 @@
+"""The fleet dashboard end to end in headless Chromium (Debian's ``chromium`` package).
+
+A cloud peer and two stores run in this process on 127.0.0.1; a register makes a sale;
+Chromium loads the dashboard (its script polls ``/v1/fleet/*`` and renders), and the
+DOM it dumps must show that sale and the stock it left. A screenshot of the page is
+kept in the test's tmp dir. Chromium talks to loopback only: every background service
+that could reach out (updates, sync, QUIC, field trials) is switched off.
+
+Setup: if ``chromium`` is missing and we are root with apt-get, the session fixture
+installs it (bounded); otherwise the test is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from tests.test_analytics import Fleet, until
+
+log = logging.getLogger(__name__)
+
+#: apt-get update + install of chromium and its libraries: ~150 MB on a slow mirror.
+INSTALL_TIMEOUT_S = 900
+#: One Chromium run (start, load, virtual-time budget, dump, exit) on a loaded machine.
+CHROMIUM_TIMEOUT_S = 45
+#: Virtual ms the page may run before the DOM is dumped: several 1.5 s polls.
+VIRTUAL_TIME_MS = 6000
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None and hasattr(os, "geteuid") and os.geteuid() == 0 \
+            and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        log.warning("chromium missing: installing Debian's package with apt-get")
+        deadline = time.monotonic() + INSTALL_TIMEOUT_S
+        for cmd in (["apt-get", "update", "-q"],
+                    ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]):
+            try:
+                done = subprocess.run(cmd, env=env, capture_output=True, check=False,
+                                      timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s timed out", " ".join(cmd))
+                break
+            log.warning("%s -> %d\n%s", " ".join(cmd), done.returncode,
+                        done.stdout.decode(errors="replace")[-2000:]
+                        + done.stderr.decode(errors="replace")[-2000:])
+            if done.returncode != 0:
+                break
+        path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("headless Chromium is not available (no 'chromium' on PATH, and it "
+                    "could not be installed with apt-get: not root, no apt-get, or no mirror)")
+    return path
+
+
+def chromium_argv(binary: str, profile: Path) -> list[str]:
+    return [
+        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-default-apps",
+        "--disable-extensions", "--disable-domain-reliability", "--disable-breakpad",
+        "--disable-field-trial-config", "--metrics-recording-only", "--mute-audio",
+        "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
+        f"--virtual-time-budget={VIRTUAL_TIME_MS}",
+    ]
+
+
+async def run_chromium(argv: list[str]) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), CHROMIUM_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail(f"chromium did not finish within {CHROMIUM_TIMEOUT_S} s: {argv}")
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+class Cells(HTMLParser):
+    """Text of ``td[data-col]`` cells by (table id, row data-store, column), and of
+    elements with an id, from a DOM dump."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cells: dict[tuple[str, str, str], str] = {}
+        self.by_id: dict[str, str] = {}
+        self.body: dict[str, str | None] = {}
+        self._table = ""
+        self._row = ""
+        self._open: list[tuple[str, object]] = []  # (tag, key) of elements being read
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "body":
+            self.body = a
+        if tag == "table":
+            self._table = a.get("id") or ""
+        if tag == "tr":
+            self._row = a.get("data-store") or ""
+        if tag == "td" and a.get("data-col"):
+            self._open.append((tag, (self._table, self._row, a["data-col"])))
+        elif a.get("id"):
+            self._open.append((tag, a["id"]))
+        else:
+            self._open.append((tag, None))
+
+    def handle_endtag(self, tag: str) -> None:
+        while self._open:
+            t, _ = self._open.pop()
+            if t == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        for _, key in self._open:
+            if isinstance(key, tuple):
+                self.cells[key] = self.cells.get(key, "") + data  # type: ignore[index]
+            elif isinstance(key, str):
+                self.by_id[key] = self.by_id.get(key, "") + data
+
+
+@pytest_asyncio.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    f = Fleet(tmp_path, ["s1", "s2"])
+    try:
+        yield f
+    finally:
+        await f.close()
+
+
+@pytest.mark.asyncio
+async def test_dashboard_shows_a_sale_made_a_moment_before(fleet: Fleet, chromium: str,
+                                                           tmp_path: Path) -> None:
+    await fleet.start_cloud()
+    await fleet.start_stores()
+    await fleet.receive("s1", "sku-a", 40)
+    await fleet.receive("s2", "sku-a", 25)
+    await fleet.receive("s2", "sku-b", 1)
+    await fleet.sell("s2", "sku-a", 5)
+    await fleet.sell("s2", "sku-b", 3)  # two short: an oversell exception
+    await fleet.sell("s1", "sku-a", 2)
+    await fleet.sell("s1", "sku-a", 1)  # the sale a moment before the page loads
+
+    async def at_cloud() -> bool:
+        node = fleet.cloud.nodes["s1"] if fleet.cloud else None
+        return node is not None and node.replica.on_hand("sku-a") == 37
+    await until(at_cloud, within=10, what="the sale reaches the cloud")
+    await fleet.analytics.flush()
+
+    url = f"{fleet.url}/?sku=sku-a"
+    code, dom, err = await run_chromium(
+        [*chromium_argv(chromium, tmp_path / "profile"), "--dump-dom", url])
+    assert code == 0, err.decode(errors="replace")[-3000:]
+    (tmp_path / "dashboard.html").write_bytes(dom)
+    page = Cells()
+    page.feed(dom.decode())
+    assert int(page.body.get("data-refreshes") or 0) >= 1, "the script never refreshed"
+    assert page.by_id.get("conn") == "live", page.by_id.get("conn")
+    stock = {(store, col): text for (table, store, col), text in page.cells.items()
+             if table == "stock-table"}
+    assert stock[("s1", "on_hand")] == "37" and stock[("s2", "on_hand")] == "20", stock
+    assert page.cells[("sales-by-store", "s1", "sales")] == "2"
+    assert page.cells[("sales-by-store", "s1", "units")] == "3"
+    assert page.by_id["sales-count"] == "3" and page.by_id["sales-units"] == "8"
+    assert page.cells[("exceptions", "s2", "sku")] == "sku-b"
+    assert page.cells[("exceptions", "s2", "short")] == "2"
+    assert page.by_id["card-exceptions"] == "1" and page.by_id["card-sales"] == "4"
+    assert page.cells[("stores", "s1", "status")] == "online"
+    assert page.cells[("stores", "s2", "envelopes")].isdigit()
+    assert page.by_id["card-online"] == "2 / 2"
+
+    shot = tmp_path / "dashboard.png"
+    code, _, err = await run_chromium(
+        [*chromium_argv(chromium, tmp_path / "profile"), f"--screenshot={shot}",
+         "--window-size=1280,900", url])
+    assert code == 0 and shot.exists(), err.decode(errors="replace")[-3000:]
+    assert shot.stat().st_size > 20_000, "the screenshot looks blank"
+    log.info("dashboard screenshot: %s", shot)
