@@ -240,7 +240,8 @@ def _query_ident(request: web.Request, name: str) -> str | None:
 
 
 def _ours(path: str) -> bool:
-    return path.startswith("/v1/") or path == "/metrics"
+    # Also under a mount prefix: the cloud serves each store's node at /stores/<id>/.
+    return "/v1/" in path or path.endswith("/metrics")
 
 
 @web.middleware

@@ -59,6 +59,10 @@ PUSH_RESERVE: Final = LEDGER_PAGE
 #: A receiver acknowledges (sends its version vector) after this many envelopes from a
 #: peer; otherwise its periodic summary acknowledges them.
 SYNC_ACK_EVERY: Final = 500
+#: After refusing an envelope or finding a gap, a receiver sends its summary at once
+#: (at most this often per peer), so the sender repairs in one round trip instead of
+#: waiting for the next periodic summary (15 s on the WAN).
+SYNC_NACK_MS: Final = 50
 #: Anti-entropy: every peer gets our version vector this often (jittered ±25%), which
 #: heals lost pushes, partitions and restarts.
 SYNC_INTERVAL_MS: Final = 1000

@@ -112,18 +112,38 @@ async def _converged(http: aiohttp.ClientSession, urls: dict[str, str],
         if len({repr(v) for v in norm.values()}) == 1:
             return time.perf_counter() - t0, views
         if time.perf_counter() - t0 > limit_s:
-            raise RuntimeError("nodes did not converge")
+            diag = {}
+            for n, u in urls.items():
+                async with http.get(u + "/metrics") as resp:
+                    text = await resp.text()
+                diag[n] = [ln for ln in text.splitlines()
+                           if ln.startswith(("storemesh_envelopes_rejected", "storemesh_peers_up",
+                                             "storemesh_peer_lag", "storemesh_envelopes_rec"))]
+            raise RuntimeError(f"nodes did not converge within {limit_s} s: {norm} {diag}")
         await asyncio.sleep(0.02)
 
 
-async def _workload(http: aiohttp.ClientSession, urls: dict[str, str]) -> dict[str, Any]:
+async def _fleet_sales(http: aiohttp.ClientSession, cloud_url: str, want: int) -> int:
+    """Sales the cloud's analytics hold for the store (waits briefly for the WAN batch)."""
+    total = 0
+    for _ in range(100):
+        body = await _get(http, cloud_url, "/v1/fleet/sales?store=demo-store&hours=24")
+        total = int(body["totals"]["sales"])
+        if total >= want:
+            break
+        await asyncio.sleep(0.1)
+    return total
+
+
+async def _workload(http: aiohttp.ClientSession, urls: dict[str, str], store_on_cloud: str,
+                    everyone: dict[str, str]) -> dict[str, Any]:
     edge = urls["edge"]
     for sku, qty in SKUS.items():
         await _post(http, edge, "/v1/receipts", {"sku": sku, "qty": qty, "txn_id": f"po-{sku}",
                                                  "staff_id": "manager-anna"})
     await _post(http, edge, "/v1/receipts", {"sku": LAST, "qty": 1, "txn_id": "po-last",
                                              "staff_id": "manager-anna"})
-    await _converged(http, urls, 10)
+    await _converged(http, everyone, 10)
     # A busy few seconds at three tills.
     t0 = time.perf_counter()
     sales = 0
@@ -138,11 +158,11 @@ async def _workload(http: aiohttp.ClientSession, urls: dict[str, str]) -> dict[s
             sales += 1
     await asyncio.gather(*(till(n, 40) for n in REGISTERS))
     took = time.perf_counter() - t0
-    # Buy online, pick up in store: the web shop reserves through the edge node...
-    res = await _post(http, edge, "/v1/reservations", {
+    # Buy online, pick up in store: the web shop reserves through the cloud peer...
+    res = await _post(http, store_on_cloud, "/v1/reservations", {
         "sku": "TEA-GREEN", "qty": 2, "txn_id": "web-order-1001", "channel": "webshop",
         "order": "ORD-1001"})
-    await _converged(http, urls, 10)
+    await _converged(http, everyone, 10)
     # ...and the customer collects it at register-2.
     await _post(http, urls["register-2"], f"/v1/reservations/{res['reservation_id']}/fulfil",
                 {"txn_id": "pickup-1001", "staff_id": "cashier-2"})
@@ -236,38 +256,65 @@ def prepare(base: Path) -> dict[str, str]:
     ident = init_store(base / "edge", "demo-store", now_ms=_now_ms(), node_id="edge")
     tokens = {r: create_token(ident, role="register", ttl_ms=600_000, now_ms=_now_ms())
               for r in REGISTERS}
-    console.print(f"store [bold]demo-store[/] created in {base}; 3 one-time join tokens issued")
+    tokens["cloud"] = create_token(ident, role="cloud", ttl_ms=600_000, now_ms=_now_ms())
+    console.print(f"store [bold]demo-store[/] created in {base}; one-time join tokens issued "
+                  "for 3 registers and the cloud peer")
     return tokens
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 async def run_demo(base: Path, tokens: dict[str, str], duration: float | None) -> int:
     procs: list[_Proc] = []
-    common = ["--interface", "127.0.0.1", "--http-port", "0", "--log-level", "WARNING"]
+    common = ["--interface", "127.0.0.1", "--http-port", "0", "--log-level",
+              os.environ.get("STOREMESH_LOG_LEVEL", "WARNING")]
     try:
-        edge = _Proc("edge", ["node", "--data", str(base / "edge"), *common],
-                     base / "edge.log")
+        cloud_url = f"http://127.0.0.1:{_free_port()}"
+        store_on_cloud = f"{cloud_url}/stores/demo-store"
+        edge = _Proc("edge", ["node", "--data", str(base / "edge"), "--cloud", store_on_cloud,
+                              *common], base / "edge.log")
         procs.append(edge)
         urls = {"edge": await edge.wait_url(30)}
+        # The cloud enrols with its token at the edge, then the edge dials out to it.
+        join = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mesh", "cloud", "join", str(base / "hq"), tokens["cloud"],
+            "--url", urls["edge"], stdout=asyncio.subprocess.DEVNULL)
+        if await join.wait() != 0:
+            raise RuntimeError("the cloud could not join the store")
+        cloud = _Proc("cloud", ["cloud", "run", "--data", str(base / "hq"), "--http-host",
+                                "127.0.0.1", "--http-port", cloud_url.rsplit(":", 1)[1],
+                                "--log-level", "WARNING"], base / "cloud.log")
+        procs.append(cloud)
+        await cloud.wait_url(30)
         for r in REGISTERS:
             p = _Proc(r, ["node", "--data", str(base / r), "--join", tokens[r],
                           "--node-id", r, *common], base / f"{r}.log")
             procs.append(p)
-        for p in procs[1:]:
+        for p in procs[2:]:
             urls[p.name] = await p.wait_url(30)
+        everyone = {**urls, "cloud": store_on_cloud}
         async with aiohttp.ClientSession() as http:
             formed = await _wait_mesh(http, urls, 30)
             console.print(f"4 nodes up; registers joined by token and found each other by "
-                          f"mDNS: full mesh in {formed:.1f} s")
-            w = await _workload(http, urls)
+                          f"mDNS: full mesh in {formed:.1f} s; the edge dialled out to the "
+                          f"cloud peer at {cloud_url}")
+            w = await _workload(http, urls, store_on_cloud, everyone)
             console.print(f"{w['sales']} sales at 3 tills in {w['seconds']:.2f} s "
                           f"({w['sales'] / w['seconds']:.0f}/s, each acknowledged after fsync)")
             console.print(f"last-unit race: both tills sold {LAST} "
                           f"(seq {w['race'][0]['seq']} and {w['race'][1]['seq']}): "
                           "offline-first, nobody is blocked")
-            took, views = await _converged(http, urls, 10)
-            console.print(f"all 4 nodes hold identical stock (checked {took * 1000:.0f} ms "
-                          "after the race)")
-            exceptions = {n: await _get(http, u, "/v1/exceptions") for n, u in urls.items()}
+            took, views = await _converged(http, everyone, 10)
+            console.print(f"all 4 store nodes and the cloud hold identical stock (checked "
+                          f"{took * 1000:.0f} ms after the race)")
+            exceptions = {n: await _get(http, u, "/v1/exceptions") for n, u in everyone.items()}
             _show(views, exceptions)
             same = len({repr(e["exceptions"]) for e in exceptions.values()}) == 1
             console.print("[green]every node derived the same exception list[/]" if same
@@ -278,9 +325,13 @@ async def run_demo(base: Path, tokens: dict[str, str], duration: float | None) -
                               f"nodes: p50 {lat[len(lat) // 2]:.1f} ms, "
                               f"p99 {lat[min(len(lat) - 1, int(len(lat) * 0.99))]:.1f} ms "
                               f"({len(lat)} sales, live streams)")
+            fleet = await _fleet_sales(http, cloud_url, w["sales"] + 2)
+            console.print(f"cloud analytics counted {fleet} sales for demo-store "
+                          "(every acknowledged sale, once)")
         console.rule("open these")
         e = urls["edge"]
-        console.print(f"stock        {e}/v1/stock\nlive stream  {e}/v1/events\n"
+        console.print(f"dashboard    {cloud_url}/   (the cloud peer's fleet view)\n"
+                      f"stock        {e}/v1/stock\nlive stream  {e}/v1/events\n"
                       f"exceptions   {e}/v1/exceptions\nmetrics      {e}/metrics\n"
                       f"status       .venv/bin/storemesh status {e}\n"
                       f"audit trail  .venv/bin/storemesh ledger show {base / 'edge'}")

@@ -139,9 +139,10 @@ class Node:
                  self.identity.role, self.identity.store_id, self.url)
 
     def _setup_optional_routes(self) -> None:
-        from mesh import api, enrol
+        from mesh import api, catalog, enrol
 
         api.setup_routes(self.app, self)
+        catalog.setup_catalog_routes(self.app, self)
         enrol.setup_join_routes(self.app, self)
 
     async def _start_discovery(self) -> None:
@@ -284,7 +285,10 @@ class Node:
             delay = cap if nxt is None else min(cap, max(0.0, (nxt - self.now_ms()) / 1000))
             self._timer_wake.clear()
             try:
-                await asyncio.wait_for(self._timer_wake.wait(), delay)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that lands as the event fires, and close() would hang
+                async with asyncio.timeout(delay):
+                    await self._timer_wake.wait()
             except TimeoutError:
                 self._handle(self.core.on_timer(self.now_ms()))
                 continue

@@ -709,11 +709,14 @@ class Replica:
         return CommandResult(env, self.node_id, env.seq)
 
     def update_catalog(self, update: bytes, *, txn: str, now_ms: int,
-                       staff: str | None = None) -> CommandResult:
-        """Carry a Yjs update of the catalog document (edge/cloud roles only)."""
+                       staff: str | None = None, sku: str | None = None,
+                       note: str | None = None) -> CommandResult:
+        """Carry a Yjs update of the catalog document (edge/cloud roles only). ``sku`` and
+        ``note`` (the change as the caller asked for it) go into the audit meta and the
+        txn fingerprint, so a reused txn id with another change is refused."""
         if self.role not in ("edge", "cloud"):
             raise CommandError(f"a {self.role} node may not write the catalog", "role")
-        meta = {"kind": "catalog", "txn": txn, "staff": staff}
+        meta = {"kind": "catalog", "txn": txn, "staff": staff, "sku": sku, "note": note}
         seen = self._seen_txn(meta)
         if seen is not None:
             return seen

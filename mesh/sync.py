@@ -7,9 +7,10 @@ drive this same class; only the drivers differ.
 
 Wire messages (bytes, first byte is the type):
 
-* ``V`` + orjson ``{"vv": {origin: seq}, "links": [node ids], "nc": n, "crl": v}`` — our
-  version vector (highest contiguous seq held per origin), the peers we have live
-  sessions with, and how many certificates / which revocation list we hold. It is the
+* ``V`` + orjson ``{"vv": {origin: seq}, "links": [node ids], "nc": digest, "crl": v,
+  "rx": n}`` — our version vector (highest contiguous seq held per origin), the peers we
+  have live sessions with, a digest of the certificates and the revocation list version
+  we hold, and how many envelopes we received from this peer in this session. It is the
   anti-entropy summary *and* the acknowledgement that opens the sender's window.
 * ``E`` + frames of ``u32 big-endian length + raw envelope`` — envelopes, verbatim.
 * ``C`` + orjson ``{"certs": [...], "crl": {...} | null}`` — certificates signed by the
@@ -35,6 +36,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import random
 import struct
 from collections.abc import Iterable, Sequence
@@ -146,7 +148,11 @@ class _Peer:
     fetching: dict[str, int] = field(default_factory=dict)  # origin -> envelopes asked
     gap_since: dict[str, int] = field(default_factory=dict)  # origin -> when it stalled
     sent_at: dict[str, int] = field(default_factory=dict)  # origin -> when we last sent
+    sent_tx: dict[str, int] = field(default_factory=dict)  # origin -> tx after that send
+    vv_at: int = 0  # when we last sent it our summary
     unacked_in: int = 0  # envelopes received since we last sent it our vv
+    tx: int = 0  # envelopes sent to it in this session
+    rx: int = 0  # envelopes received from it in this session
     next_vv: int = 0
     interval: int = config.SYNC_INTERVAL_MS
     certs: int = 0
@@ -182,6 +188,9 @@ class SyncCore:
 
     # --- helpers -------------------------------------------------------------------------
 
+    def _refusals(self) -> int:
+        return sum(v for k, v in self.stats.items() if k != "duplicate")
+
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
 
@@ -189,15 +198,23 @@ class SyncCore:
         self.bytes_out += len(data)
         out.append(Send(peer, data, priority))
 
-    def _vv_message(self) -> bytes:
+    def _vv_message(self, rx: int) -> bytes:
         links = sorted(p.id for p in self.peers.values())
         crl = self.trust.crl_version
         return b"V" + orjson.dumps({"vv": self.replica.vv.to_dict(), "links": links,
-                                    "nc": len(self.trust.certificates()), "crl": crl})
+                                    "nc": self._cert_digest(), "crl": crl, "rx": rx})
+
+    def _cert_digest(self) -> str:
+        """Which certificates we hold, in 16 hex chars: peers that differ swap them."""
+        h = hashlib.sha256()
+        for c in self.trust.certificates():
+            h.update(f"{c.node_id}\x00{c.not_after}\x00".encode())
+        return h.hexdigest()[:16]
 
     def _send_vv(self, out: list[Effect], peer: _Peer, now: int) -> None:
-        self._send(out, peer.id, self._vv_message())
+        self._send(out, peer.id, self._vv_message(peer.rx))
         peer.unacked_in = 0
+        peer.vv_at = now
         jitter = self.rng.uniform(0.75, 1.25)
         peer.next_vv = now + int(peer.interval * jitter)
 
@@ -220,7 +237,7 @@ class SyncCore:
         peer = self.peers[peer_id] = _Peer(peer_id)
         if wan:
             peer.interval = config.SYNC_WAN_INTERVAL_MS
-        self._send(out, peer_id, self._certs_message(), LOW)
+        self._send(out, peer_id, self._certs_message(), HIGH)
         self._send_vv(out, peer, now)
         return out
 
@@ -274,10 +291,12 @@ class SyncCore:
                 break  # fresh envelopes may use the reserve a catch-up cannot
             peer.sent.set(env.origin, env.seq)
             peer.sent_at[env.origin] = now
+            peer.sent_tx[env.origin] = peer.tx + len(high) + len(low) + 1
             (low if _priority(env) == LOW else high).append(env.raw)
         for raws, prio in ((high, HIGH), (low, LOW)):
             if raws:
                 self.sent_envelopes += len(raws)
+                peer.tx += len(raws)
                 for chunk in _chunks(raws):
                     self._send(out, peer.id, encode_batch(chunk), prio)
 
@@ -321,6 +340,8 @@ class SyncCore:
         peer.sent.set(origin, first + len(raws) - 1)
         peer.sent_at[origin] = now
         self.sent_envelopes += len(raws)
+        peer.tx += len(raws)
+        peer.sent_tx[origin] = peer.tx
         for chunk in _chunks(raws):
             self._send(out, peer.id, encode_batch(chunk), HIGH)
         self._pump(out, peer, now)
@@ -371,9 +392,10 @@ class SyncCore:
             isinstance(x, str) for x in links
         ):
             raise Malformed("links must be a list of node ids")
-        certs, crl = msg.get("nc", 0), msg.get("crl", -1)
-        if type(certs) is not int or type(crl) is not int:
-            raise Malformed("nc and crl must be integers")
+        certs, crl, their_rx = msg.get("nc", ""), msg.get("crl", -1), msg.get("rx", -1)
+        if type(certs) is not str or type(crl) is not int or type(their_rx) is not int:
+            raise Malformed("nc must be a string, crl and rx integers")
+
         first = not peer.ready
         peer.ready = True
         peer.links = frozenset(links)
@@ -383,8 +405,11 @@ class SyncCore:
         for origin, seq in list(peer.sent.items()):
             if theirs.get(origin) > seq:
                 peer.sent.set(origin, theirs.get(origin))  # it got them elsewhere
-            elif (theirs.get(origin) < seq
-                  and now - peer.sent_at.get(origin, now) > config.SYNC_RETRANSMIT_MS):
+            elif theirs.get(origin) < seq and (
+                    # everything up to our last send of this origin has arrived, so the
+                    # gap was refused (e.g. its certificate was missing) or lost: resend
+                    their_rx >= peer.sent_tx.get(origin, 2**62)
+                    or now - peer.sent_at.get(origin, now) > config.SYNC_RETRANSMIT_MS):
                 # Sent long ago and still not acknowledged: lost (lossy link or a peer
                 # that restarted without them). Send again from what it holds.
                 peer.sent = _lowered(peer.sent, origin, theirs.get(origin))
@@ -393,8 +418,8 @@ class SyncCore:
                 peer.gap_since.pop(origin, None)
             elif origin not in peer.gap_since or theirs.get(origin) > previous.get(origin):
                 peer.gap_since[origin] = now  # behind, but making progress
-        if certs < len(self.trust.certificates()) or crl < self.trust.crl_version:
-            self._send(out, peer.id, self._certs_message(), LOW)
+        if certs != self._cert_digest() or crl < self.trust.crl_version:
+            self._send(out, peer.id, self._certs_message(), HIGH)  # before any resend
         self._pump(out, peer, now)
 
     def _on_certs(self, out: list[Effect], data: bytes) -> None:
@@ -444,16 +469,24 @@ class SyncCore:
                 if seq > peer.acked.get(origin):
                     peer.acked.set(origin, seq)
         applied: list[Envelope] = []
+        refused_before = self._refusals()
+        pending_before = self.replica.pending_count()
         for run in _runs(decoded):
             applied.extend(self._apply_run(out, run, now))
         n = len(raws)
+        peer.rx += n
         peer.unacked_in += n
         if applied:
             self.received += len(applied)
             out.append(Persist(tuple(applied)))
             self._relay(out, peer, applied, now)
-        if peer.unacked_in >= config.SYNC_ACK_EVERY:
-            self._send_vv(out, peer, now)  # opens the sender's window during catch-up
+        gap = (self._refusals() != refused_before
+               or self.replica.pending_count() > pending_before)
+        if peer.unacked_in >= config.SYNC_ACK_EVERY or (
+                gap and now - peer.vv_at >= config.SYNC_NACK_MS):
+            # Opens the sender's window during catch-up; after a refusal or a gap, tells
+            # it soon what we lack (and which certificates we hold) so it can repair.
+            self._send_vv(out, peer, now)
 
     def _apply_run(self, out: list[Effect], run: list[tuple[Envelope, bytes]],
                    now: int) -> list[Envelope]:
