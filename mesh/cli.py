@@ -440,5 +440,14 @@ def ledger_show(data_dir: Path, limit: int) -> None:
     console.print(table)
 
 
+def _add_sim() -> None:
+    from mesh.sim.cli import sim
+
+    main.add_command(sim)
+
+
+_add_sim()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
