@@ -31,7 +31,7 @@ import heapq
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -77,6 +77,8 @@ class LinkModel:
     bytes: int = 0
     lost: int = 0  # dropped by ``loss`` or a blackhole
     duplicated: int = 0
+    wire_bytes: int = 0  # after the WAN codec on "wan" links, else == bytes
+    codec: Any = None  # mesh.transport.WanCodec of the current session ("wan" links)
 
 
 class SimDisk:
@@ -131,11 +133,9 @@ class SimDisk:
         return rows[first - 1 : last]
 
 
-@dataclass(order=True, slots=True)
-class _Event:
-    at: float
-    seq: int
-    fn: Callable[[], None] = field(compare=False)
+#: A scheduled event: (virtual time, scheduling order, action). A plain tuple: the heap
+#: compares millions of them, and (at, seq) is unique, so ``fn`` is never compared.
+_Event = tuple[float, int, Callable[[], None]]
 
 
 class World:
@@ -164,7 +164,7 @@ class World:
 
     def at(self, when: float, fn: Callable[[], None]) -> None:
         self._seq += 1
-        heapq.heappush(self._queue, _Event(max(when, self.now), self._seq, fn))
+        heapq.heappush(self._queue, (max(when, self.now), self._seq, fn))
 
     def after(self, delay: float, fn: Callable[[], None]) -> None:
         self.at(self.now + delay, fn)
@@ -172,10 +172,10 @@ class World:
     def run_until(self, until: float, max_events: int = 50_000_000) -> None:
         n = 0
         queue = self._queue
-        while queue and queue[0].at <= until:
-            ev = heapq.heappop(queue)
-            self.now = ev.at
-            ev.fn()
+        while queue and queue[0][0] <= until:
+            at, _, fn = heapq.heappop(queue)
+            self.now = at
+            fn()
             n += 1
             if n >= max_events:
                 self.events += n
@@ -228,9 +228,16 @@ class World:
 
     def _session_up(self, a: str, b: str) -> None:
         na, nb = self.nodes[a], self.nodes[b]
-        if na.alive and nb.alive and self.links[(a, b)].up and self.links[(b, a)].up:
-            na.handle(na.core.peer_up(b, na.clock()))
-            nb.handle(nb.core.peer_up(a, nb.clock()))
+        ab, ba = self.links[(a, b)], self.links[(b, a)]
+        if na.alive and nb.alive and ab.up and ba.up:
+            wan = ab.kind == "wan"
+            if wan:
+                # A new session, a new compression stream per direction (as the transport).
+                from mesh.transport import WanCodec
+
+                ab.codec, ba.codec = WanCodec(), WanCodec()
+            na.handle(na.core.peer_up(b, na.clock(), wan=wan))
+            nb.handle(nb.core.peer_up(a, nb.clock(), wan=wan))
 
     def _session_down(self, a: str, b: str) -> None:
         for x, y in ((a, b), (b, a)):
@@ -263,6 +270,12 @@ class World:
             return
         link.messages += 1
         link.bytes += len(data)
+        if link.codec is not None:
+            # What the real WAN transport would put on the wire (prev elided, raw
+            # signatures, one zlib stream per direction): the metered figure.
+            link.wire_bytes += len(link.codec.encode(data))
+        else:
+            link.wire_bytes += len(data)
         if link.blackhole:
             link.lost += 1
             return

@@ -1,0 +1,241 @@
+"""The safety checker of a simulation run: it watches the world, never steers it.
+
+It sees every envelope a node signs (``created``), acknowledges (``acked``) or applies
+from a peer (``applied``), and every crash, through ``World.observers``; it samples
+every replica periodically; and it runs the end-of-run checks.
+
+Invariants checked on every step (the safety phase, as in TigerBeetle's VOPR):
+ 1. Per node and origin, envelopes are applied in seq order, each exactly once: an
+    (origin, seq) applied twice at one node is a *duplicate apply*, one that skips a
+    seq is an *out-of-order apply*. A crash resets a node's marks to what its disk
+    kept (what was lost may, and must, be applied again).
+ 2. No forged or tampered envelope (``forged``, filled by the injector) is applied.
+ 3. No replica holds more of an origin's chain than that origin ever made durable
+    (*phantom* envelopes), checked at each sample.
+Checked at the end (the liveness phase, after the heal):
+ 4. Every acknowledged operation is present, byte for byte (its envelope hash), at
+    every replica: otherwise it is *lost*.
+ 5. Every replica derives the same oversell exception list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.envelope import Envelope
+from mesh.replica import CommandResult
+from mesh.sim.world import World
+
+__all__ = ["Checker", "Sample", "percentiles"]
+
+#: Sync-core stats that count refusals of a peer's input (the rest are bookkeeping).
+NOT_REJECTIONS = ("duplicate", "not_connected")
+#: Failures described in detail; the counts go on regardless.
+MAX_EXAMPLES = 10
+
+
+@dataclass(slots=True)
+class Sample:
+    """Availability of the tracked SKUs at every replica at one instant (None: down)."""
+
+    t_ms: float
+    available: dict[str, list[int | None]]
+    partitioned: bool
+
+
+@dataclass(slots=True)
+class _CatchUp:
+    label: str
+    healed_ms: float
+    target: dict[str, int]
+    done_ms: float | None = None
+
+
+@dataclass(slots=True)
+class Checker:
+    world: World
+    tracked: list[str]
+    #: Divergence counts from here on (before it, the initial stock is still spreading).
+    watch_from_ms: float = 0.0
+    duplicate_applies: int = 0
+    out_of_order_applies: int = 0
+    invalid_accepted: int = 0
+    phantom_envelopes: int = 0
+    examples: list[str] = field(default_factory=list)
+    forged: dict[bytes, tuple[str, int]] = field(default_factory=dict)
+    lags: list[float] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    peak_divergence: int = 0
+    peak_divergence_partitioned: int = 0
+    peak_at_ms: float | None = None
+    peak_sku: str | None = None
+    catchups: list[_CatchUp] = field(default_factory=list)
+    carried_stats: dict[str, int] = field(default_factory=dict)
+    _marks: dict[str, dict[str, int]] = field(default_factory=dict)
+    _ack_at: dict[tuple[str, int], float] = field(default_factory=dict)
+    _acked_high: dict[str, int] = field(default_factory=dict)
+    _accepted_forged: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._marks = {n: {} for n in self.world.nodes}
+        self.world.observers.append(self.observe)
+
+    def _fail(self, text: str) -> None:
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(f"t={self.world.now / 1000:.3f}s {text}")
+
+    # --- every step ------------------------------------------------------------------------
+
+    def observe(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "applied":
+            node = data["node"]
+            now = self.world.now
+            for env in data["envelopes"]:
+                self._mark(node, env)
+                t = self._ack_at.get((env.origin, env.seq))
+                if t is not None:
+                    self.lags.append(now - t)
+        elif kind == "created":
+            self._mark(data["node"], data["envelope"])
+        elif kind == "acked":
+            res: CommandResult = data["result"]
+            self._ack_at[(res.origin, res.seq)] = self.world.now
+            if res.seq > self._acked_high.get(res.origin, 0):
+                self._acked_high[res.origin] = res.seq
+        elif kind == "crash":
+            node = self.world.nodes[data["node"]]
+            self._marks[node.node_id] = node.disk.durable_seqs()
+            for reason, n in node.core.stats.items():
+                self.carried_stats[reason] = self.carried_stats.get(reason, 0) + n
+
+    def _mark(self, node: str, env: Envelope) -> None:
+        marks = self._marks[node]
+        have = marks.get(env.origin, 0)
+        if env.seq <= have:
+            self.duplicate_applies += 1
+            self._fail(f"{node} applied {env.origin} seq {env.seq} twice")
+        elif env.seq != have + 1:
+            self.out_of_order_applies += 1
+            self._fail(f"{node} applied {env.origin} seq {env.seq} after seq {have}")
+        if env.seq > have:
+            marks[env.origin] = env.seq
+        if env.hash in self.forged:
+            self.invalid_accepted += 1
+            self._accepted_forged.append(env.hash)
+            self._fail(f"{node} applied a forged envelope {env.origin} seq {env.seq}")
+
+    # --- samples ----------------------------------------------------------------------------
+
+    def sample(self, partitioned: bool) -> None:
+        nodes = list(self.world.nodes.values())
+        avail: dict[str, list[int | None]] = {}
+        now = self.world.now
+        for sku in self.tracked:
+            row = [n.replica.available(sku) if n.alive else None for n in nodes]
+            avail[sku] = row
+            live = [x for x in row if x is not None]
+            if len(live) > 1 and now >= self.watch_from_ms:
+                div = max(live) - min(live)
+                if div > self.peak_divergence:
+                    self.peak_divergence, self.peak_at_ms, self.peak_sku = div, now, sku
+                if partitioned and div > self.peak_divergence_partitioned:
+                    self.peak_divergence_partitioned = div
+        self.samples.append(Sample(now, avail, partitioned))
+        self._check_phantoms()
+
+    def _check_phantoms(self) -> None:
+        made: dict[str, int] = {}
+        for n in self.world.nodes.values():
+            if n.alive:
+                made[n.node_id] = n.replica.vv.get(n.node_id)
+            else:
+                made[n.node_id] = len(n.disk.by_origin.get(n.node_id, ()))
+        for n in self.world.nodes.values():
+            if not n.alive:
+                continue
+            for origin, seq in n.replica.vv.items():
+                if origin in made and seq > made[origin]:
+                    self.phantom_envelopes += 1
+                    self._fail(f"{n.node_id} holds {origin} seq {seq}, but {origin} made "
+                               f"only {made[origin]}")
+
+    def healed(self, label: str) -> None:
+        """A cut or crash ended: time how long until everyone holds what was acked."""
+        if not self._acked_high:
+            return
+        c = _CatchUp(label, self.world.now, dict(self._acked_high))
+        self.catchups.append(c)
+
+        def watch() -> None:
+            self._check_catchup(c)
+            if c.done_ms is None:
+                # Resolution ~10% of the time taken so far: fine early, cheap late.
+                elapsed = self.world.now - c.healed_ms
+                self.world.after(min(1000.0, 10.0 + elapsed / 10), watch)
+        self.world.after(0.0, watch)
+
+    def check_catchups(self) -> None:
+        for c in self.catchups:
+            self._check_catchup(c)
+
+    def _check_catchup(self, c: _CatchUp) -> None:
+        if c.done_ms is None and all(
+            n.alive and all(n.replica.vv.get(o) >= s for o, s in c.target.items())
+            for n in self.world.nodes.values()
+        ):
+            c.done_ms = self.world.now
+
+    def pending_catchups(self) -> bool:
+        return any(c.done_ms is None for c in self.catchups)
+
+    # --- the end ----------------------------------------------------------------------------
+
+    def lost_ops(self) -> tuple[int, int]:
+        """(acknowledged operations, those missing or different at some live replica)."""
+        live = [n for n in self.world.nodes.values() if n.alive]
+        acked = lost = 0
+        for node in self.world.nodes.values():
+            for res in node.acked:
+                if res.envelope is None:
+                    continue
+                acked += 1
+                h = res.envelope.hash
+                missing = [m.node_id for m in live if m.replica.hash_at(res.origin, res.seq) != h]
+                if missing:
+                    lost += 1
+                    self._fail(f"acknowledged {res.origin} seq {res.seq} "
+                               f"({res.envelope.meta.get('kind')}) missing at {missing[:5]}")
+        return acked, lost
+
+    def forged_in_state(self) -> int:
+        """Forged envelopes found in any replica's chain at the end (belt and braces)."""
+        found = 0
+        for h, (origin, seq) in self.forged.items():
+            if h in self._accepted_forged:
+                continue
+            for n in self.world.nodes.values():
+                if n.replica.hash_at(origin, seq) == h:
+                    found += 1
+                    self._fail(f"forged {origin} seq {seq} is in {n.node_id}'s chain")
+                    break
+        return found
+
+    def stats(self) -> dict[str, int]:
+        out = dict(self.carried_stats)
+        for n in self.world.nodes.values():
+            for reason, k in n.core.stats.items():
+                out[reason] = out.get(reason, 0) + k
+        return dict(sorted(out.items()))
+
+
+def percentiles(values: list[float], ps: tuple[float, ...] = (50, 90, 99)) -> dict[str, Any]:
+    """Nearest-rank percentiles in ms (rounded to µs), plus max and count."""
+    if not values:
+        return {"count": 0, "max": None, **{f"p{p:g}": None for p in ps}}
+    xs = sorted(values)
+    out: dict[str, Any] = {"count": len(xs), "max": round(xs[-1], 3)}
+    for p in ps:
+        k = max(0, min(len(xs) - 1, -(-len(xs) * p // 100) - 1))
+        out[f"p{p:g}"] = round(xs[int(k)], 3)
+    return out

@@ -1,0 +1,331 @@
+"""The fault plane of a simulation run: schedules partitions, heals, flapping links,
+degraded links, crashes, restarts and clock jumps onto the world.
+
+Invariants:
+ 1. A link is down while at least one active fault cuts it (cuts are counted per
+    fault), so overlapping partitions heal only when the last one ends.
+ 2. ``heal_all`` ends every cut, blackhole and degradation and restarts every crashed
+    node; afterwards nothing scheduled by this plane changes the world any more.
+ 3. Every random choice (flap timings) comes from the ``random.Random`` given at
+    construction, drawn while scheduling, in fault order.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from mesh.sim.scenario import CUTTING, FaultSpec, LinkSpec, Scenario, resolve
+from mesh.sim.world import LinkModel, World
+
+__all__ = ["FaultPlane", "Interval", "link_model"]
+
+Pair = tuple[str, str]
+
+
+def link_model(spec: LinkSpec, kind: str) -> LinkModel:
+    return LinkModel(
+        latency_ms=spec.latency_ms, jitter_ms=spec.jitter_ms, loss=spec.loss,
+        duplicate=spec.duplicate,
+        bandwidth=None if spec.bandwidth_mbps is None else spec.bandwidth_mbps * 125.0,
+        kind=kind, distribution=spec.distribution, reorder=spec.reorder,
+        reorder_ms=spec.reorder_ms, fifo=spec.fifo,
+    )
+
+
+@dataclass(slots=True)
+class Interval:
+    """When a fault was in force, for the report and the plot's shading."""
+
+    kind: str
+    label: str
+    start_ms: float
+    end_ms: float | None = None
+
+
+_PHYSICS = ("latency_ms", "jitter_ms", "loss", "duplicate", "distribution", "reorder",
+            "reorder_ms", "fifo")
+
+
+class FaultPlane:
+    def __init__(self, world: World, sc: Scenario, rng: random.Random,
+                 on_heal: Callable[[str], None], mid_sale: Callable[[str], None]) -> None:
+        self.world = world
+        self.sc = sc
+        self.rng = rng
+        self.on_heal = on_heal
+        self.mid_sale = mid_sale
+        self.order = {n: i for i, n in enumerate(world.nodes)}
+        self._cuts: dict[Pair, list[int]] = {}
+        self._holes: dict[Pair, list[int]] = {}
+        self._saved: dict[int, list[tuple[LinkModel, dict[str, object]]]] = {}
+        self.intervals: list[Interval] = []
+        self.crashes = 0
+        self.restarts = 0
+        self.closed = False
+        self.last_heal_ms = 0.0
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _pair(self, a: str, b: str) -> Pair:
+        return (a, b) if self.order[a] < self.order[b] else (b, a)
+
+    def _pairs(self, xs: list[str], ys: list[str]) -> list[Pair]:
+        out: list[Pair] = []
+        for a in xs:
+            for b in ys:
+                if a != b and (a, b) in self.world.links:
+                    p = self._pair(a, b)
+                    if p not in out:
+                        out.append(p)
+        return out
+
+    def _at(self, t_ms: float, fn: Callable[[], None]) -> None:
+        def guarded() -> None:
+            if not self.closed:
+                fn()
+        self.world.at(t_ms, guarded)
+
+    def cut(self, pair: Pair, uid: int) -> None:
+        users = self._cuts.setdefault(pair, [])
+        users.append(uid)
+        if len(users) == 1:
+            self.world.set_link(pair[0], pair[1], False)
+
+    def uncut(self, pair: Pair, uid: int) -> None:
+        users = self._cuts.get(pair, [])
+        if uid in users:
+            users.remove(uid)
+            if not users:
+                del self._cuts[pair]
+                self.world.set_link(pair[0], pair[1], True)
+
+    def _hole(self, a: str, b: str, uid: int, on: bool) -> None:
+        users = self._holes.setdefault((a, b), [])
+        if on:
+            users.append(uid)
+        elif uid in users:
+            users.remove(uid)
+        self.world.links[(a, b)].blackhole = bool(users)
+        if not users:
+            del self._holes[(a, b)]
+
+    def partitioned(self) -> bool:
+        return bool(self._cuts) or bool(self._holes)
+
+    # --- scheduling ---------------------------------------------------------------------------
+
+    def schedule(self, faults: tuple[FaultSpec, ...]) -> None:
+        end_ms = self.sc.duration_s * 1000
+        for uid, f in enumerate(faults, start=1):
+            at = f.at_s * 1000
+            if at >= end_ms:
+                continue  # after the run: the heal happens at the end anyway
+            self._schedule_one(uid, f, at, None if f.end_s is None else f.end_s * 1000)
+
+    def _schedule_one(self, uid: int, f: FaultSpec, at: float, end: float | None) -> None:
+        nodes = self.sc.nodes
+        sel = resolve(f.nodes, nodes) if f.nodes else []
+        interval = Interval(f.kind, f.label or f.kind, at, end)
+        if f.kind in CUTTING or f.kind == "crash":
+            self._at(at, lambda: self.intervals.append(interval))
+        if f.kind == "partition":
+            groups = [resolve(g, nodes) for g in f.groups]
+            listed = [n for g in groups for n in g]
+            rest = [n for n in self.sc.node_ids() if n not in listed]
+            if rest:
+                groups.append(rest)
+            pairs: list[Pair] = []
+            for i, g in enumerate(groups):
+                for h in groups[i + 1:]:
+                    pairs += [p for p in self._pairs(g, h) if p not in pairs]
+            self._cut_window(uid, pairs, at, end, interval)
+        elif f.kind == "isolate":
+            self._cut_window(uid, self._pairs(sel, self.sc.node_ids()), at, end, interval)
+        elif f.kind == "link_down":
+            self._cut_window(uid, self._pairs(sel, resolve(f.to, nodes)), at, end, interval)
+        elif f.kind == "asymmetric":
+            self._asymmetric(uid, sel, resolve(f.to, nodes), f.detect_s * 1000, at, end,
+                             interval)
+        elif f.kind == "flap":
+            assert end is not None
+            self._flap(uid, f, self._pairs(sel, self.sc.node_ids()), at, end, interval)
+        elif f.kind == "crash":
+            for n in sel:
+                self._crash(n, at, end, f.mid_sale, interval)
+        elif f.kind == "restart":
+            for n in sel:
+                self._at(at, partial(self._restart, n, "restart"))
+        elif f.kind == "clock_jump":
+            for n in sel:
+                self._at(at, partial(self._jump, n, f.skew_ms))
+        elif f.kind == "degrade":
+            assert f.link is not None
+            self._degrade(uid, f, sel, at, end)
+        elif f.kind == "heal":
+            self._at(at, self._heal_cuts)
+
+    def _cut_window(self, uid: int, pairs: list[Pair], at: float, end: float | None,
+                    interval: Interval) -> None:
+        def down() -> None:
+            for p in pairs:
+                self.cut(p, uid)
+
+        def up() -> None:
+            for p in pairs:
+                self.uncut(p, uid)
+            self._healed(interval)
+        self._at(at, down)
+        if end is not None:
+            self._at(end, up)
+
+    def _asymmetric(self, uid: int, src: list[str], dst: list[str], detect_ms: float,
+                    at: float, end: float | None, interval: Interval) -> None:
+        """One direction eats everything while both ends still think the session lives;
+        the transport's heartbeat notices after ``detect_ms`` and the session drops (and
+        cannot re-open: a handshake needs both directions) until the heal."""
+        directed = [(a, b) for a in src for b in dst if a != b and (a, b) in self.world.links]
+        pairs = self._pairs(src, dst)
+        state = {"cut": False, "over": False}
+
+        def start() -> None:
+            for a, b in directed:
+                self._hole(a, b, uid, True)
+
+        def detect() -> None:
+            if not state["over"]:
+                state["cut"] = True
+                for p in pairs:
+                    self.cut(p, uid)
+
+        def stop() -> None:
+            state["over"] = True
+            for a, b in directed:
+                self._hole(a, b, uid, False)
+            if state["cut"]:
+                for p in pairs:
+                    self.uncut(p, uid)
+            self._healed(interval)
+        self._at(at, start)
+        if end is None or at + detect_ms < end:
+            self._at(at + detect_ms, detect)
+        if end is not None:
+            self._at(end, stop)
+
+    def _flap(self, uid: int, f: FaultSpec, pairs: list[Pair], at: float, end: float,
+              interval: Interval) -> None:
+        def down() -> None:
+            for p in pairs:
+                self.cut(p, uid)
+
+        def up() -> None:
+            for p in pairs:
+                self.uncut(p, uid)
+        t = at
+        while t < end:
+            d_end = min(t + self.rng.uniform(*f.down_s) * 1000, end)
+            self._at(t, down)
+            self._at(d_end, up)
+            t = d_end + self.rng.uniform(*f.up_s) * 1000
+        self._at(end, lambda: self._healed(interval))
+
+    def _crash(self, node: str, at: float, end: float | None, mid_sale: bool,
+               interval: Interval) -> None:
+        def crash() -> None:
+            n = self.world.nodes[node]
+            if not n.alive:
+                return
+            if mid_sale:
+                # A sale goes in, and the power goes before its fsync completes.
+                self.mid_sale(node)
+                self._at(self.world.now + n.disk.fsync_ms / 2, lambda: self._do_crash(node))
+            else:
+                self._do_crash(node)
+        self._at(at, crash)
+        if end is not None:
+            self._at(end, lambda: self._restart(node, interval.label, interval))
+
+    def _jump(self, node: str, skew_ms: float) -> None:
+        """The node's wall clock steps (NTP correction, a dead RTC battery)."""
+        self.world.nodes[node].skew_ms = skew_ms
+
+    def _do_crash(self, node: str) -> None:
+        n = self.world.nodes[node]
+        if n.alive:
+            self.crashes += 1
+            n.crash()
+
+    def _restart(self, node: str, label: str, interval: Interval | None = None) -> None:
+        n = self.world.nodes[node]
+        if not n.alive:
+            self.restarts += 1
+            n.restart()
+            if interval is not None:
+                self._healed(interval)
+            else:
+                self.last_heal_ms = self.world.now
+                self.on_heal(label)
+
+    def _degrade(self, uid: int, f: FaultSpec, sel: list[str], at: float,
+                 end: float | None) -> None:
+        assert f.link is not None
+        spec = f.link
+        targets = [k for k in self.world.links
+                   if (not sel or k[0] in sel or k[1] in sel)
+                   and (f.link_class in (None, "any") or self.world.links[k].kind == f.link_class)]
+
+        def start() -> None:
+            saved = []
+            for k in targets:
+                link = self.world.links[k]
+                saved.append((link, {a: getattr(link, a) for a in _PHYSICS}))
+                new = link_model(spec, link.kind)
+                for a in _PHYSICS:
+                    setattr(link, a, getattr(new, a))
+            self._saved[uid] = saved
+
+        def stop() -> None:
+            for link, old in self._saved.pop(uid, []):
+                for a, v in old.items():
+                    setattr(link, a, v)
+        self._at(at, start)
+        if end is not None:
+            self._at(end, stop)
+
+    def _healed(self, interval: Interval) -> None:
+        interval.end_ms = self.world.now
+        self.last_heal_ms = self.world.now
+        self.on_heal(interval.label)
+
+    def _heal_cuts(self, notify: bool = True) -> None:
+        for pair in list(self._cuts):
+            del self._cuts[pair]
+            self.world.set_link(pair[0], pair[1], True)
+        for a, b in list(self._holes):
+            del self._holes[(a, b)]
+            self.world.links[(a, b)].blackhole = False
+        for iv in self.intervals:
+            if iv.end_ms is None and iv.kind != "crash":
+                iv.end_ms = self.world.now
+        if notify:
+            self.last_heal_ms = self.world.now
+            self.on_heal("heal")
+
+    def heal_all(self) -> bool:
+        """End every fault now (the start of the liveness phase); True if any was active."""
+        active = self.partitioned() or bool(self._saved) or any(
+            not n.alive for n in self.world.nodes.values())
+        self._heal_cuts(notify=active)
+        for uid in list(self._saved):
+            for link, old in self._saved.pop(uid):
+                for a, v in old.items():
+                    setattr(link, a, v)
+        for node in self.world.nodes:
+            self._restart(node, "restart at heal")
+        for iv in self.intervals:
+            if iv.end_ms is None:
+                iv.end_ms = self.world.now
+        self.closed = True
+        return active
