@@ -66,6 +66,11 @@ SYNC_NACK_MS: Final = 50
 #: Anti-entropy: every peer gets our version vector this often (jittered ±25%), which
 #: heals lost pushes, partitions and restarts.
 SYNC_INTERVAL_MS: Final = 1000
+#: One timer wake-up sends every summary due within this many ms (fewer wake-ups).
+SYNC_TIMER_SLACK_MS: Final = 100
+#: Up to this many peers every peer gets the full summary rate; beyond it, peers that
+#: already hold everything we hold get it n/SYNC_FULL_RATE_PEERS times less often.
+SYNC_FULL_RATE_PEERS: Final = 8
 #: The same on WAN links (the cloud): they are metered, and heartbeats already notice a
 #: dead link; lost pushes there heal within this interval.
 SYNC_WAN_INTERVAL_MS: Final = 15_000

@@ -404,7 +404,8 @@ _TRUST_KEYS: Final = frozenset(
 class TrustStore:
     """Who may write to this store: the store key, certificates and revocations seen."""
 
-    __slots__ = ("_certs", "_crl", "_local_revoked", "_revoked", "store_id", "store_public_key")
+    __slots__ = ("_certs", "_crl", "_local_revoked", "_revoked", "store_id", "store_public_key",
+                 "version")
 
     def __init__(self, store_id: str, store_public_key: bytes) -> None:
         _local_ident(store_id, "store_id")
@@ -416,6 +417,8 @@ class TrustStore:
         self._crl: RevocationList | None = None
         self._local_revoked: set[str] = set()
         self._revoked: frozenset[str] = frozenset()  # crl ∪ local, for a cheap check()
+        #: Bumped on every change, so derived values (digests) can be cached.
+        self.version = 0
 
     def __repr__(self) -> str:
         return (
@@ -439,13 +442,16 @@ class TrustStore:
                 f"certificate of node {cert.node_id!r} is for store {cert.store_id!r}, "
                 f"not {self.store_id!r}"
             )
-        cert.verify(self.store_public_key)
         held = self._certs.get(cert.node_id)
+        if held == cert:
+            return  # already held (and verified): gossip repeats certificates a lot
+        cert.verify(self.store_public_key)
         if held is None or (cert.not_after, cert.body_bytes()) > (
             held.not_after,
             held.body_bytes(),
         ):
             self._certs[cert.node_id] = cert
+            self.version += 1
 
     def apply_revocations(self, crl: RevocationList) -> None:
         """Verify and adopt ``crl`` if it is newer than the list held; else ignore it."""
@@ -459,11 +465,13 @@ class TrustStore:
             return
         self._crl = crl
         self._revoked = crl.revoked | self._local_revoked
+        self.version += 1
 
     def revoke(self, node_id: str) -> None:
         """Refuse ``node_id`` from now on, on this replica only."""
         self._local_revoked.add(node_id)
         self._revoked = self._revoked | {node_id}
+        self.version += 1
 
     def check(self, node_id: str, now_ms: int) -> Certificate:
         """The certificate under which ``node_id`` may write at ``now_ms``, or raise."""

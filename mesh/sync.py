@@ -155,6 +155,7 @@ class _Peer:
     rx: int = 0  # envelopes received from it in this session
     next_vv: int = 0
     interval: int = config.SYNC_INTERVAL_MS
+    cur_interval: int = config.SYNC_INTERVAL_MS  # the one the current deadline used
     certs: int = 0
     crl: int = -1
 
@@ -185,6 +186,7 @@ class SyncCore:
         self.sent_envelopes = 0
         self.bytes_out = 0
         self.bytes_in = 0
+        self._digest: tuple[int, str] = (-1, "")
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -206,17 +208,32 @@ class SyncCore:
 
     def _cert_digest(self) -> str:
         """Which certificates we hold, in 16 hex chars: peers that differ swap them."""
-        h = hashlib.sha256()
-        for c in self.trust.certificates():
-            h.update(f"{c.node_id}\x00{c.not_after}\x00".encode())
-        return h.hexdigest()[:16]
+        if self._digest[0] != self.trust.version:
+            h = hashlib.sha256()
+            for c in self.trust.certificates():
+                h.update(f"{c.node_id}\x00{c.not_after}\x00".encode())
+            self._digest = (self.trust.version, h.hexdigest()[:16])
+        return self._digest[1]
 
     def _send_vv(self, out: list[Effect], peer: _Peer, now: int) -> None:
         self._send(out, peer.id, self._vv_message(peer.rx))
         peer.unacked_in = 0
         peer.vv_at = now
         jitter = self.rng.uniform(0.75, 1.25)
-        peer.next_vv = now + int(peer.interval * jitter)
+        peer.cur_interval = self._interval(peer, now)
+        peer.next_vv = now + int(peer.cur_interval * jitter)
+
+    def _interval(self, peer: _Peer, now: int) -> int:
+        """Summary interval for ``peer``. In a big store summaries would cost O(peers²)
+        per second, so a peer that is keeping up hears from us n/SYNC_FULL_RATE_PEERS
+        times less often: pushes still reach everyone at once, and a receiver that sees
+        a gap or refuses something says so at once (SYNC_NACK_MS). A peer whose gap has
+        not moved for an interval gets the full rate."""
+        n = len(self.peers)
+        if n <= config.SYNC_FULL_RATE_PEERS or any(
+                now - since >= peer.interval for since in peer.gap_since.values()):
+            return peer.interval
+        return peer.interval * n // config.SYNC_FULL_RATE_PEERS
 
     def _certs_message(self) -> bytes:
         crl = self.trust.crl
@@ -273,9 +290,10 @@ class SyncCore:
         if local:
             for peer in self.peers.values():
                 self._push(out, peer, local, now)
+        advanced = {env.origin for env in envs}
         for peer in self.peers.values():
             if peer.ready:
-                self._pump(out, peer, now)
+                self._pump(out, peer, now, advanced)
         return out
 
     def _push(self, out: list[Effect], peer: _Peer, envs: Sequence[Envelope], now: int) -> None:
@@ -310,10 +328,16 @@ class SyncCore:
         since = peer.gap_since.get(origin)
         return since is not None and now - since >= config.SYNC_INTERVAL_MS
 
-    def _pump(self, out: list[Effect], peer: _Peer, now: int) -> None:
-        """Fetch what the peer lacks from storage, within its window (invariant 3)."""
+    def _pump(self, out: list[Effect], peer: _Peer, now: int,
+              origins: set[str] | None = None) -> None:
+        """Fetch what the peer lacks from storage, within its window (invariant 3);
+        only for ``origins`` if given (those whose stored head just advanced)."""
         room = config.MAX_INFLIGHT_PER_PEER - peer.inflight()
-        for origin, have in self.stored.items():
+        if room <= 0:
+            return
+        items = (self.stored.items() if origins is None
+                 else ((o, self.stored.get(o)) for o in origins))
+        for origin, have in items:
             if room <= 0:
                 return
             sent = peer.sent.get(origin)
@@ -545,12 +569,14 @@ class SyncCore:
         return min(times) if times else None
 
     def on_timer(self, now: int) -> list[Effect]:
-        """Send summaries that are due. A deadline more than two intervals ahead means
-        the wall clock jumped backwards since it was set: treat it as due, or a node
-        whose clock was set back an hour would go quiet for an hour."""
+        """Send summaries that are due (or nearly: one timer wake-up serves every peer
+        due within ``SYNC_TIMER_SLACK_MS``). A deadline more than two intervals ahead
+        means the wall clock jumped backwards since it was set: treat it as due, or a
+        node whose clock was set back an hour would go quiet for an hour."""
         out: list[Effect] = []
         for peer in list(self.peers.values()):
-            if peer.next_vv <= now or peer.next_vv > now + 2 * peer.interval:
+            if (peer.next_vv <= now + config.SYNC_TIMER_SLACK_MS
+                    or peer.next_vv > now + 2 * peer.cur_interval):
                 self._send_vv(out, peer, now)
         return out
 
