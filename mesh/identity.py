@@ -63,6 +63,7 @@ __all__ = [
     "NodeKey",
     "RevocationList",
     "TrustStore",
+    "clear_verify_cache",
     "fingerprint",
     "issue_certificate",
     "issue_revocations",
@@ -188,13 +189,27 @@ def fingerprint(public_key: bytes) -> str:
 
 
 _pubkey_cache: dict[bytes, Ed25519PublicKey] = {}
+#: Successful signature checks remembered (see verify_signature): 64k entries ~ 6 MB.
+_VERIFIED_MAX: Final = 65_536
+_verified: dict[bytes, None] = {}
+
+
+def clear_verify_cache() -> None:
+    """Forget remembered signature checks (benchmarks measure the real cost)."""
+    _verified.clear()
 
 
 def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
     """True iff ``signature`` is a valid Ed25519 signature of ``data`` by ``public_key``.
 
-    Total: a malformed key or signature is just ``False``.
+    Total: a malformed key or signature is just ``False``. Successful checks are
+    remembered (bounded, keyed by a hash of key, signature and data), so the same bytes
+    are not verified twice in one process: a relay that sees an envelope again, or the
+    simulator, which hosts every node of a store in one process.
     """
+    memo = hashlib.sha256(public_key + signature + data).digest()
+    if memo in _verified:
+        return True
     pk = _pubkey_cache.get(public_key)
     if pk is None:
         try:
@@ -208,6 +223,9 @@ def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
         pk.verify(signature, data)
     except (InvalidSignature, ValueError, TypeError):
         return False
+    if len(_verified) >= _VERIFIED_MAX:
+        del _verified[next(iter(_verified))]  # oldest first
+    _verified[memo] = None
     return True
 
 
