@@ -239,9 +239,10 @@ def seal(
     )
 
 
-def verify(raw: bytes, trust: TrustStore, now_ms: int) -> Envelope:
-    """Decode ``raw`` and check store, certificate, rights and signature (in that order)."""
-    env = decode(raw)
+def verify(raw: bytes | Envelope, trust: TrustStore, now_ms: int) -> Envelope:
+    """Decode ``raw`` (unless given decoded) and check store, certificate, rights and
+    signature (in that order)."""
+    env = raw if isinstance(raw, Envelope) else decode(raw)
     if env.store != trust.store_id:
         raise WrongStore(f"envelope of {env.origin!r} is for store {env.store!r}")
     cert = trust.check(env.origin, now_ms)
@@ -257,7 +258,8 @@ def _check_signature(env: Envelope, public_key: bytes) -> None:
 
 
 def verify_chain(
-    raws: Sequence[bytes], trust: TrustStore, now_ms: int, *, prev: bytes | None
+    raws: Sequence[bytes] | Sequence[Envelope], trust: TrustStore, now_ms: int, *,
+    prev: bytes | None,
 ) -> list[Envelope]:
     """Verify a contiguous page of one origin's envelopes with ONE signature check.
 
@@ -289,7 +291,7 @@ def verify_chain(
         return []
     if len(raws) > config.LEDGER_PAGE:
         raise Malformed(f"page of {len(raws)} envelopes exceeds {config.LEDGER_PAGE}")
-    envs = [decode(raw) for raw in raws]
+    envs = [raw if isinstance(raw, Envelope) else decode(raw) for raw in raws]
     first = envs[0]
     store, origin = first.store, first.origin
     if store != trust.store_id:

@@ -243,7 +243,6 @@ class Node:
             elif isinstance(eff, Persist):
                 envs = list(eff.envelopes)
                 fut = self.durable.persist(envs)
-                self._publish(envs)
                 fut.add_done_callback(self._persisted_callback(envs))
             elif isinstance(eff, Fetch):
                 self._spawn(self._fetch(eff), "fetch")
@@ -260,10 +259,15 @@ class Node:
             if self._closed:
                 return
             if fut.exception() is None:
-                self._loop.call_soon_threadsafe(self._on_durable, envs)
+                self._loop.call_soon_threadsafe(self._remote_durable, envs)
             else:  # the peers still hold these; anti-entropy brings them back later
                 self._loop.call_soon_threadsafe(self._recover)
         return done
+
+    def _remote_durable(self, envs: list[Envelope]) -> None:
+        if not self._closed:
+            self._publish(envs)
+            self._on_durable(envs)
 
     async def _fetch(self, eff: Fetch) -> None:
         raws = await asyncio.to_thread(self.durable.ledger.read_origin, eff.origin, eff.first,
@@ -342,19 +346,18 @@ class Node:
         return len(self._subscribers)
 
     def _publish(self, envs: list[Envelope]) -> None:
-        """Tell live-stream subscribers the new stock of every SKU these envelopes touched."""
-        r = self.replica
-        changed = r.drain_changed()
-        if not self._subscribers or not changed or not envs:
+        """Tell live-stream subscribers the new stock of every SKU these (durable)
+        envelopes touched, one event per envelope and SKU."""
+        if not self._subscribers or not envs:
             return
-        newest = {env.meta.get("sku"): env for env in envs}
+        r = self.replica
         events = []
-        for sku in sorted(changed):
-            env = newest.get(sku, envs[-1])
-            events.append({"sku": sku, "on_hand": r.on_hand(sku), "reserved": r.reserved(sku),
-                           "available": r.available(sku), "origin": env.origin,
-                           "seq": env.seq, "kind": env.meta["kind"], "hlc": env.hlc,
-                           "at_ms": env.hlc >> 16})
+        for env in envs:
+            for sku in sorted(r.touched_skus(env)):
+                events.append({"sku": sku, "on_hand": r.on_hand(sku), "reserved": r.reserved(sku),
+                               "available": r.available(sku), "origin": env.origin,
+                               "seq": env.seq, "kind": env.meta["kind"], "hlc": env.hlc,
+                               "at_ms": env.hlc >> 16})
         for q in list(self._subscribers):
             for ev in events:
                 try:

@@ -253,7 +253,6 @@ class Replica:
         self._pending: dict[str, dict[int, Envelope]] = {}
         self._events: dict[str, _SkuEvents] = {}
         self._txns: dict[str, tuple[int, str]] = {}  # local txn -> (seq, fingerprint)
-        self._changed: set[str] = set()  # SKUs touched since drain_changed()
 
     # --- queries ------------------------------------------------------------------
 
@@ -495,7 +494,6 @@ class Replica:
                         rec = self.records[rid]
                         change = -rec.qty if was else rec.qty
                         self._reserved[rec.sku] = self._reserved.get(rec.sku, 0) + change
-                        self._changed.add(rec.sku)
                         self.last_change[rec.sku] = max(self.last_change.get(rec.sku, 0),
                                                         env.hlc)
         kind = _KIND_CODE[env.meta["kind"]]
@@ -505,7 +503,6 @@ class Replica:
                 events = self._events[sku] = _SkuEvents()
             events.insert(env.hlc, env.origin, env.seq, d_oh.get(sku, 0), d_res.get(sku, 0), kind)
             self.last_change[sku] = env.hlc
-            self._changed.add(sku)
 
     def _add_removal(self, env: Envelope, dots: tuple[tuple[str, int], ...]) -> None:
         entry = (env.hlc, env.origin, env.seq, _KIND_CODE[env.meta["kind"]], dots)
@@ -519,10 +516,20 @@ class Replica:
             if rid is not None and (ev := self._events.get(self.records[rid].sku)):
                 ev.cache = None
 
-    def drain_changed(self) -> set[str]:
-        """SKUs whose stock or reservations changed since the last call (live streams)."""
-        changed, self._changed = self._changed, set()
-        return changed
+    def touched_skus(self, env: Envelope) -> set[str]:
+        """The SKUs an applied envelope changed (stock, or reservations it added or
+        removed): what a live stream reports for it."""
+        out: set[str] = set()
+        for op in env.ops:
+            if op["t"] == "pn":
+                out.add(op["sku"])
+            elif op["t"] == "rs":
+                out.update(rec["sku"] for rec in op.get("rec", {}).values())
+                for r, c in op["c"]:
+                    rid = self._dot_rid.get((r, c))
+                    if rid is not None:
+                        out.add(self.records[rid].sku)
+        return out
 
     # --- local commands -------------------------------------------------------------
 

@@ -146,7 +146,11 @@ class _Peer:
     sent: VersionVector = field(default_factory=VersionVector)
     links: frozenset[str] = frozenset()
     fetching: dict[str, int] = field(default_factory=dict)  # origin -> envelopes asked
-    gap_since: dict[str, int] = field(default_factory=dict)  # origin -> when it stalled
+    #: origins where it lacked, at its previous summary, what we held then
+    held_at_report: dict[str, int] = field(default_factory=dict)
+    #: origins where it still lacks what we held at its previous summary (not healed by
+    #: the origin's own pushes within a whole summary period): we serve those too
+    stuck: frozenset[str] = frozenset()
     sent_at: dict[str, int] = field(default_factory=dict)  # origin -> when we last sent
     sent_tx: dict[str, int] = field(default_factory=dict)  # origin -> tx after that send
     vv_at: int = 0  # when we last sent it our summary
@@ -230,8 +234,7 @@ class SyncCore:
         a gap or refuses something says so at once (SYNC_NACK_MS). A peer whose gap has
         not moved for an interval gets the full rate."""
         n = len(self.peers)
-        if n <= config.SYNC_FULL_RATE_PEERS or any(
-                now - since >= peer.interval for since in peer.gap_since.values()):
+        if n <= config.SYNC_FULL_RATE_PEERS or peer.stuck:
             return peer.interval
         return peer.interval * n // config.SYNC_FULL_RATE_PEERS
 
@@ -321,12 +324,12 @@ class SyncCore:
     def _eligible(self, peer: _Peer, origin: str, now: int) -> bool:
         """Whether we serve ``origin``'s envelopes to ``peer`` from storage. Every node
         serves its own; a third party's only when the peer has no live session with that
-        origin, or its gap has not moved for a whole sync interval (a lost push): so a
-        rejoining register is not flooded with one copy per peer."""
+        origin, or is stuck on it (it still lacks what we held at its previous summary:
+        a lost push): so a rejoining register is not flooded with one copy per peer, and
+        envelopes merely in flight are not sent twice."""
         if origin == self.replica.node_id or origin not in peer.links:
             return True
-        since = peer.gap_since.get(origin)
-        return since is not None and now - since >= config.SYNC_INTERVAL_MS
+        return origin in peer.stuck
 
     def _pump(self, out: list[Effect], peer: _Peer, now: int,
               origins: set[str] | None = None) -> None:
@@ -423,7 +426,7 @@ class SyncCore:
         first = not peer.ready
         peer.ready = True
         peer.links = frozenset(links)
-        previous, peer.acked = peer.acked, theirs
+        peer.acked = theirs
         if first:
             peer.sent = theirs.copy()
         for origin, seq in list(peer.sent.items()):
@@ -437,11 +440,10 @@ class SyncCore:
                 # Sent long ago and still not acknowledged: lost (lossy link or a peer
                 # that restarted without them). Send again from what it holds.
                 peer.sent = _lowered(peer.sent, origin, theirs.get(origin))
-        for origin, have in self.stored.items():
-            if theirs.get(origin) >= have:
-                peer.gap_since.pop(origin, None)
-            elif origin not in peer.gap_since or theirs.get(origin) > previous.get(origin):
-                peer.gap_since[origin] = now  # behind, but making progress
+        peer.stuck = frozenset(o for o, had in peer.held_at_report.items()
+                               if theirs.get(o) < had)
+        peer.held_at_report = {o: have for o, have in self.stored.items()
+                               if theirs.get(o) < have}
         if certs != self._cert_digest() or crl < self.trust.crl_version:
             self._send(out, peer.id, self._certs_message(), HIGH)  # before any resend
         self._pump(out, peer, now)
@@ -524,7 +526,7 @@ class SyncCore:
         applied: list[Envelope] = []
         if fresh[0][0].seq == head + 1 and len(fresh) > 1:
             try:
-                envs = verify_chain([r for _, r in fresh], self.trust, now,
+                envs = verify_chain([e for e, _ in fresh], self.trust, now,
                                     prev=self.replica.head(origin))
             except EnvelopeError:
                 envs = []  # fall back to one-at-a-time below, to keep the good prefix
@@ -532,9 +534,9 @@ class SyncCore:
                 applied.extend(self._apply_one(out, env, now))
             if envs:
                 return applied
-        for _, raw in fresh:
+        for decoded, _ in fresh:
             try:
-                env = verify(raw, self.trust, now)
+                env = verify(decoded, self.trust, now)
             except EnvelopeError as exc:
                 self._count(exc.reason)
                 break  # the rest of this origin's run cannot link past a bad envelope
