@@ -489,11 +489,14 @@ class SyncCore:
                 continue
             decoded.append((env, raw))
         if decoded:
-            # The sender holds what it sends (contiguously): that acknowledges it too.
+            # The sender holds what it sends (contiguously): that acknowledges it too,
+            # and we must never send those back to it.
             last = {env.origin: env.seq for env, _ in decoded}
             for origin, seq in last.items():
                 if seq > peer.acked.get(origin):
                     peer.acked.set(origin, seq)
+                if seq > peer.sent.get(origin):
+                    peer.sent.set(origin, seq)
         applied: list[Envelope] = []
         refused_before = self._refusals()
         pending_before = self.replica.pending_count()
