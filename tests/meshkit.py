@@ -152,10 +152,12 @@ class Cluster:
     def launch(self, name: str, data_dir: Path, *, interface: str = LOOPBACK,
                http_port: int = 0, peers: Sequence[str] = (), discovery: bool = True,
                join: str | None = None, node_id: str | None = None,
-               netns: str | None = None, log_level: str = "INFO") -> NodeProc:
-        """Start a node process; ``wait_ready`` returns once it listens."""
+               netns: str | None = None, log_level: str = "INFO",
+               extra: Sequence[str] = ()) -> NodeProc:
+        """Start a node process; ``wait_ready`` returns once it listens. ``extra``:
+        more ``storemesh node`` arguments (e.g. ``--cloud URL``)."""
         argv = ["node", "--data", str(data_dir), "--interface", interface,
-                "--http-port", str(http_port), "--log-level", log_level]
+                "--http-port", str(http_port), "--log-level", log_level, *extra]
         for url in peers:
             argv += ["--peer", url]
         if not discovery:
