@@ -46,10 +46,9 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from mesh import config
-from mesh.api import ApiError
+from mesh.api import ApiError, _json, _json_errors, _query_ident, _query_int
 from mesh.envelope import Envelope
 from mesh.metrics import rejection_counts
 
@@ -489,52 +488,6 @@ def wan_bytes(node: Node) -> dict[str, Any]:
     return {"out": sent, "in": received, "source": "wire"}
 
 
-def _q_int(request: web.Request, name: str, lo: int, hi: int, default: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = lo - 1
-    if not lo <= value <= hi:
-        raise ApiError(400, f"{name} must be an integer in {lo}..{hi}", name)
-    return value
-
-
-def _q_ident(request: web.Request, name: str) -> str | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    if not raw or len(raw) > config.MAX_ID_LEN:
-        raise ApiError(400, f"{name} must be a non-empty string of at most "
-                            f"{config.MAX_ID_LEN} characters", name)
-    return raw
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
-@web.middleware
-async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure of a fleet endpoint is a JSON error, as in ``mesh.api``."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return _json({"error": {"field": exc.field, "message": exc.message}}, exc.status)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        message = exc.reason
-        if exc.status == 404:
-            message = f"no such endpoint: {request.method} {request.path} (see docs/api.md)"
-        return _json({"error": {"field": None, "message": message}}, exc.status)
-    except Exception:
-        log.exception("%s %s failed", request.method, request.path)
-        return _json({"error": {"field": None, "message": "internal error (logged)"}}, 500)
-
-
 _APP_KEY: Final = web.AppKey("mesh.analytics", object)
 
 
@@ -560,7 +513,7 @@ class Analytics:
             listener = partial(self._on_durable, store_id)
             self._listeners[store_id] = listener
             node.listeners.append(listener)
-        fleet = web.Application(middlewares=[_json_errors])
+        fleet = web.Application(middlewares=[_json_errors])  # mesh.api's
         fleet.router.add_get("/stock", self.stock)
         fleet.router.add_get("/sales", self.sales)
         fleet.router.add_get("/exceptions", self.exceptions)
@@ -606,9 +559,9 @@ class Analytics:
     # --- GET /v1/fleet/stock -------------------------------------------------------------
 
     async def stock(self, request: web.Request) -> web.Response:
-        sku = _q_ident(request, "sku")
-        after = _q_ident(request, "after")
-        limit = _q_int(request, "limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
+        sku = _query_ident(request, "sku")
+        after = _query_ident(request, "after")
+        limit = _query_int(request, "limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
         nodes = sorted(self.cloud.nodes.items())
         if sku is not None:
             skus = [sku] if any(n.replica.knows_sku(sku) for _, n in nodes) else []
@@ -638,10 +591,10 @@ class Analytics:
     # --- GET /v1/fleet/sales ----------------------------------------------------------------
 
     async def sales(self, request: web.Request) -> web.Response:
-        sku = _q_ident(request, "sku")
-        store = _q_ident(request, "store")
-        hours = _q_int(request, "hours", 1, MAX_HOURS, 24)
-        limit = _q_int(request, "limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
+        sku = _query_ident(request, "sku")
+        store = _query_ident(request, "store")
+        hours = _query_int(request, "hours", 1, MAX_HOURS, 24)
+        limit = _query_int(request, "limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
         self._node(store)
         until = (self._now() // HOUR_MS + 1) * HOUR_MS  # end of the current hour
         since = until - hours * HOUR_MS
@@ -653,9 +606,9 @@ class Analytics:
     # --- GET /v1/fleet/exceptions -----------------------------------------------------------
 
     async def exceptions(self, request: web.Request) -> web.Response:
-        sku = _q_ident(request, "sku")
-        store = _q_ident(request, "store")
-        limit = _q_int(request, "limit", 1, MAX_LIMIT, 100)
+        sku = _query_ident(request, "sku")
+        store = _query_ident(request, "store")
+        limit = _query_int(request, "limit", 1, MAX_LIMIT, 100)
         self._node(store)
         found: list[dict[str, Any]] = []
         by_store: dict[str, dict[str, int]] = {}
