@@ -84,6 +84,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from benchkit import print_summary  # scripts/ is on sys.path when run as a script
 from rich.console import Console
 from rich.table import Table
 
@@ -1474,13 +1475,7 @@ def summary(results: dict[str, Any], sz: Sizes) -> list[dict[str, Any]]:
         if w["edge_ack_after_s"] is not None:
             add("edge learns the cloud is current (its lag -> 0) after the backlog landed",
                 f"+{w['edge_ack_after_s']:.1f} s", "reported", None)
-    t = Table(title="Summary" + (" (--quick sizes)" if sz is QUICK else ""))
-    for col in ("figure", "value", "goal", "pass"):
-        t.add_column(col)
-    for row in rows:
-        mark = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "-"}[row["pass"]]
-        t.add_row(row["figure"], row["value"], row["goal"], mark)
-    console.print(t)
+    print_summary(console, rows, sz is QUICK)
     return rows
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from benchkit import print_summary  # scripts/ is on sys.path when run as a script
 from rich.console import Console
 from rich.table import Table
 
@@ -738,13 +739,7 @@ def summary(results: dict[str, Any], sz: Sizes) -> list[dict[str, Any]]:
             add(f"{label}: wall", f"{c['open_s']:.2f} s", "< 60 s", c["open_s"] < 60)
             add(f"{label}: peak RSS", f"{c['maxrss_mb']:.0f} MB", "< 500 MB",
                 c["maxrss_mb"] < 500)
-    t = Table(title="Summary" + (" (--quick sizes)" if sz is QUICK else ""))
-    for col in ("figure", "value", "goal", "pass"):
-        t.add_column(col)
-    for row in rows:
-        mark = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "-"}[row["pass"]]
-        t.add_row(row["figure"], row["value"], row["goal"], mark)
-    console.print(t)
+    print_summary(console, rows, sz is QUICK)
     return rows
 
 

@@ -71,6 +71,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from benchkit import print_summary  # scripts/ is on sys.path when run as a script
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.table import Table
@@ -1477,13 +1478,7 @@ def summary(results: dict[str, Any], sz: Sizes) -> list[dict[str, Any]]:
             and cu["current"] and cu["stock_equal"])
         add("  ... from the register's process spawn", f"{cu['spawn_to_current_s']:.2f} s",
             f"< {GOAL_CATCHUP_S:.0f} s", cu["spawn_to_current_s"] < GOAL_CATCHUP_S)
-    t = Table(title="Summary" + (" (--quick sizes)" if sz is QUICK else ""))
-    for col in ("figure", "value", "goal", "pass"):
-        t.add_column(col)
-    for row in rows:
-        mark = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "-"}[row["pass"]]
-        t.add_row(row["figure"], row["value"], row["goal"], mark)
-    console.print(t)
+    print_summary(console, rows, sz is QUICK)
     return rows
 
 
