@@ -339,7 +339,8 @@ class Ledger:
         self._closed = True
         self._queue.put(_STOP)
         self._writer.join()
-        self._rconn.close()
+        with self._rlock:  # never under a reader on another thread (SQLite would crash)
+            self._rconn.close()
         self._wconn.close()
 
     def __enter__(self) -> Ledger:

@@ -318,7 +318,10 @@ class Node:
         while True:
             await asyncio.sleep(config.SNAPSHOT_CHECK_S)
             if self.durable.ledger.failed is None:
-                await asyncio.to_thread(self._maybe_snapshot_blocking)
+                try:
+                    await asyncio.to_thread(self._maybe_snapshot_blocking)
+                except LedgerError as exc:  # e.g. a sale landed between capture and write
+                    log.info("snapshot skipped, retried later: %s", exc)
 
     def _maybe_snapshot_blocking(self) -> None:
         # snapshot() reads replica state: take it on the loop thread, write it here
@@ -347,17 +350,18 @@ class Node:
 
     def _publish(self, envs: list[Envelope]) -> None:
         """Tell live-stream subscribers the new stock of every SKU these (durable)
-        envelopes touched, one event per envelope and SKU."""
+        envelopes touched: one event per SKU, naming the newest envelope that touched it."""
         if not self._subscribers or not envs:
             return
         r = self.replica
-        events = []
-        for env in envs:
-            for sku in sorted(r.touched_skus(env)):
-                events.append({"sku": sku, "on_hand": r.on_hand(sku), "reserved": r.reserved(sku),
-                               "available": r.available(sku), "origin": env.origin,
-                               "seq": env.seq, "kind": env.meta["kind"], "hlc": env.hlc,
-                               "at_ms": env.hlc >> 16})
+        newest: dict[str, Envelope] = {}  # one event per SKU per batch (a catch-up page
+        for env in envs:                  # must not flood, let alone drop, subscribers)
+            for sku in r.touched_skus(env):
+                newest[sku] = env
+        events = [{"sku": sku, "on_hand": r.on_hand(sku), "reserved": r.reserved(sku),
+                   "available": r.available(sku), "origin": env.origin, "seq": env.seq,
+                   "kind": env.meta["kind"], "hlc": env.hlc, "at_ms": env.hlc >> 16}
+                  for sku, env in sorted(newest.items())]
         for q in list(self._subscribers):
             for ev in events:
                 try:
