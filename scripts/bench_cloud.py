@@ -84,7 +84,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from benchkit import print_summary  # scripts/ is on sys.path when run as a script
+from benchkit import common_args, print_summary  # scripts/ is on sys.path when run as a script
 from rich.console import Console
 from rich.table import Table
 
@@ -1481,11 +1481,7 @@ def summary(results: dict[str, Any], sz: Sizes) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run (~2 min)")
-    ap.add_argument("--json", metavar="FILE", type=Path, help="also write the numbers as JSON")
-    ap.add_argument("--dir", type=Path, default=None,
-                    help="parent of the temporary data directories (default: system temp)")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary directories")
+    common_args(ap, "small sizes for a smoke run (~2 min)", "keep the temporary directories")
     ap.add_argument("--catchup-n", type=int, default=None,
                     help="sales in the outage backlog (default 100,000; --quick 20,000)")
     ap.add_argument("--only", choices=("bytes", "catchup"), action="append",

@@ -71,7 +71,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from benchkit import print_summary  # scripts/ is on sys.path when run as a script
+from benchkit import common_args, print_summary  # scripts/ is on sys.path when run as a script
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.table import Table
@@ -1527,11 +1527,7 @@ async def run_all(args: argparse.Namespace, sz: Sizes, root: Path,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run (< 60 s)")
-    ap.add_argument("--json", metavar="FILE", type=Path, help="also write the numbers as JSON")
-    ap.add_argument("--dir", type=Path, default=None,
-                    help="parent of the temporary data directories (default: system temp)")
-    ap.add_argument("--keep", action="store_true", help="keep data directories and node logs")
+    common_args(ap, "small sizes for a smoke run (< 60 s)", "keep data directories and node logs")
     ap.add_argument("--only", choices=("latency", "ramp", "catchup"), action="append",
                     help="run only these sections (repeatable; latency includes the costs)")
     ap.add_argument("--catchup-n", type=int, default=None,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["print_summary"]
+__all__ = ["common_args", "print_summary"]
 
 
 def print_summary(console: Console, rows: list[dict[str, Any]], quick: bool) -> None:
@@ -19,3 +21,12 @@ def print_summary(console: Console, rows: list[dict[str, Any]], quick: bool) -> 
         mark = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "-"}[row["pass"]]
         t.add_row(row["figure"], row["value"], row["goal"], mark)
     console.print(t)
+
+
+def common_args(ap: argparse.ArgumentParser, quick_help: str, keep_help: str) -> None:
+    """The options every benchmark takes: --quick, --json FILE, --dir DIR, --keep."""
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--json", metavar="FILE", type=Path, help="also write the numbers as JSON")
+    ap.add_argument("--dir", type=Path, default=None,
+                    help="parent of the temporary data directories (default: system temp)")
+    ap.add_argument("--keep", action="store_true", help=keep_help)
