@@ -68,9 +68,14 @@ SYNC_NACK_MS: Final = 50
 SYNC_INTERVAL_MS: Final = 1000
 #: One timer wake-up sends every summary due within this many ms (fewer wake-ups).
 SYNC_TIMER_SLACK_MS: Final = 100
+#: When our sessions change, LAN peers get our summary (which lists them) within this
+#: many ms: one summary per peer for a burst of changes, such as start-up.
+SYNC_LINKS_MS: Final = 250
 #: Up to this many peers every peer gets the full summary rate; beyond it, peers that
-#: already hold everything we hold get it n/SYNC_FULL_RATE_PEERS times less often.
-SYNC_FULL_RATE_PEERS: Final = 8
+#: keep up get it n/SYNC_FULL_RATE_PEERS times less often: a node sends about this many
+#: periodic summaries per interval however big the store (O(n) per store, not O(n²)).
+#: Pushes still go to everyone at once; gaps and refusals are reported at once.
+SYNC_FULL_RATE_PEERS: Final = 2
 #: The same on WAN links (the cloud): they are metered, and heartbeats already notice a
 #: dead link; lost pushes there heal within this interval.
 SYNC_WAN_INTERVAL_MS: Final = 15_000

@@ -26,7 +26,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from mesh.datadir import NodeIdentity
 from mesh.durable import DurableReplica
 from mesh.replica import CommandResult, Replica
-from mesh.sync import SyncCore
+from mesh.sync import NOT_REFUSALS, SyncCore
 
 __all__ = [
     "CONTENT_TYPE",
@@ -40,9 +40,8 @@ __all__ = [
 #: Content type of ``render``'s output (Prometheus text exposition format 0.0.4).
 CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 
-#: Sync-core stats keys that are not refusals: a duplicate is expected traffic (the
-#: same envelope relayed by two peers), not a rejected envelope.
-_NOT_REFUSALS: Final = frozenset({"duplicate"})
+#: Sync-core stats keys that are not refusals (expected traffic: see mesh.sync).
+_NOT_REFUSALS: Final = NOT_REFUSALS
 
 
 class NodeView(Protocol):

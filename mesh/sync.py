@@ -37,10 +37,12 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+import heapq
 import random
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import orjson
 
@@ -52,6 +54,7 @@ from mesh.identity import Certificate, RevocationList, TrustStore
 from mesh.replica import Replica
 
 __all__ = [
+    "NOT_REFUSALS",
     "Alert",
     "Effect",
     "Fetch",
@@ -64,6 +67,9 @@ __all__ = [
 ]
 
 _LEN = struct.Struct(">I")
+#: ``stats`` keys that count expected traffic, not a peer's fault: the same envelope
+#: relayed by two peers; a summary overtaken by a newer one on a reordering link.
+NOT_REFUSALS = frozenset({"duplicate", "stale_summary"})
 HIGH, LOW = 0, 1  # send priorities: stock-moving events first, catalog after
 
 
@@ -145,6 +151,8 @@ class _Peer:
     acked: VersionVector = field(default_factory=VersionVector)
     sent: VersionVector = field(default_factory=VersionVector)
     links: frozenset[str] = frozenset()
+    reach: frozenset[str] = frozenset()  # links and the peer itself
+    wan: bool = False
     fetching: dict[str, int] = field(default_factory=dict)  # origin -> envelopes asked
     #: origins where it lacked, at its previous summary, what we held then
     held_at_report: dict[str, int] = field(default_factory=dict)
@@ -157,6 +165,7 @@ class _Peer:
     unacked_in: int = 0  # envelopes received since we last sent it our vv
     tx: int = 0  # envelopes sent to it in this session
     rx: int = 0  # envelopes received from it in this session
+    their_rx: int = -1  # the rx of its latest summary (older ones arriving late: stale)
     next_vv: int = 0
     interval: int = config.SYNC_INTERVAL_MS
     cur_interval: int = config.SYNC_INTERVAL_MS  # the one the current deadline used
@@ -165,7 +174,12 @@ class _Peer:
 
     def inflight(self) -> int:
         """Envelopes sent or being read for this peer and not yet acknowledged."""
-        sent = sum(max(0, s - self.acked.get(o)) for o, s in self.sent.items())
+        acked = self.acked.view().get
+        sent = 0
+        for o, s in self.sent.items():
+            a = acked(o, 0)
+            if s > a:
+                sent += s - a
         return sent + sum(self.fetching.values())
 
 
@@ -191,11 +205,25 @@ class SyncCore:
         self.bytes_out = 0
         self.bytes_in = 0
         self._digest: tuple[int, str] = (-1, "")
+        #: (deadline, peer) for every summary deadline set; entries whose peer is gone
+        #: or whose deadline moved are skipped when they come up (lazy deletion)
+        self._deadlines: list[tuple[int, str]] = []
+        #: the latest ``now`` a deadline was set or checked at: an on_timer with an
+        #: earlier ``now`` means the wall clock went back (see on_timer)
+        self._timer_now = 0
+        #: (peer, origin) -> whether another of the peer's peers has a session with
+        #: origin (see _eligible); cleared whenever sessions or links change.
+        self._covered: dict[tuple[str, str], bool] = {}
+        #: (source, origin) -> peers to relay that origin's envelopes to (see _relay)
+        self._relay_targets: dict[tuple[str, str], tuple[str, ...]] = {}
+        #: origin -> peers without a session with it (see durable)
+        self._unreached: dict[str, tuple[str, ...]] = {}
+        self._stuck_peers: set[str] = set()  # peers whose ``stuck`` is not empty
 
     # --- helpers -------------------------------------------------------------------------
 
     def _refusals(self) -> int:
-        return sum(v for k, v in self.stats.items() if k != "duplicate")
+        return sum(v for k, v in self.stats.items() if k not in NOT_REFUSALS)
 
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
@@ -205,7 +233,7 @@ class SyncCore:
         out.append(Send(peer, data, priority))
 
     def _vv_message(self, rx: int) -> bytes:
-        links = sorted(p.id for p in self.peers.values())
+        links = sorted(self.peers)
         crl = self.trust.crl_version
         return b"V" + orjson.dumps({"vv": self.replica.vv.to_dict(), "links": links,
                                     "nc": self._cert_digest(), "crl": crl, "rx": rx})
@@ -226,6 +254,9 @@ class SyncCore:
         jitter = self.rng.uniform(0.75, 1.25)
         peer.cur_interval = self._interval(peer, now)
         peer.next_vv = now + int(peer.cur_interval * jitter)
+        heapq.heappush(self._deadlines, (peer.next_vv, peer.id))
+        if now > self._timer_now:
+            self._timer_now = now
 
     def _interval(self, peer: _Peer, now: int) -> int:
         """Summary interval for ``peer``. In a big store summaries would cost O(peers²)
@@ -254,16 +285,37 @@ class SyncCore:
         if peer_id not in self.peers and len(self.peers) >= config.MAX_PEERS:
             self._count("peer_table_full")
             return out
-        peer = self.peers[peer_id] = _Peer(peer_id)
+        peer = self.peers[peer_id] = _Peer(peer_id, reach=frozenset((peer_id,)))
         if wan:
+            peer.wan = True
             peer.interval = config.SYNC_WAN_INTERVAL_MS
-        self._send(out, peer_id, self._certs_message(), HIGH)
+        # Certificates follow only if its summary shows it holds other ones (_on_vv):
+        # in a store where everyone already holds everyone's, none cross at all.
         self._send_vv(out, peer, now)
+        self._links_changed(now, peer)
         return out
 
     def peer_down(self, peer_id: str, now: int) -> list[Effect]:
-        self.peers.pop(peer_id, None)
+        self._stuck_peers.discard(peer_id)
+        if self.peers.pop(peer_id, None) is not None:
+            self._links_changed(now, None)
         return []
+
+    def _topology_changed(self) -> None:
+        self._covered.clear()
+        self._relay_targets.clear()
+        self._unreached.clear()
+
+    def _links_changed(self, now: int, new: _Peer | None) -> None:
+        """Our sessions changed: tell the LAN peers soon (debounced, so a burst of
+        sessions at start-up costs one summary per peer). Relaying decides by the
+        peers' links; stale links mean copies sent twice, or not relayed at all."""
+        self._topology_changed()
+        due = now + config.SYNC_LINKS_MS
+        for peer in self.peers.values():
+            if peer is not new and not peer.wan and peer.next_vv > due:
+                peer.next_vv = due
+                heapq.heappush(self._deadlines, (due, peer.id))
 
     def is_up(self, peer_id: str) -> bool:
         return peer_id in self.peers
@@ -294,9 +346,29 @@ class SyncCore:
             for peer in self.peers.values():
                 self._push(out, peer, local, now)
         advanced = {env.origin for env in envs}
-        for peer in self.peers.values():
-            if peer.ready:
-                self._pump(out, peer, now, advanced)
+        heads = [(o, self.stored.get(o)) for o in advanced]
+        me = self.replica.node_id
+        only_others = me not in advanced
+        peers: Iterable[_Peer] = self.peers.values()
+        if only_others and len(advanced) == 1 and not self._stuck_peers:
+            # The common case (one peer's envelopes, nobody stuck): only the peers with
+            # no session with that origin can need a pump; memoised per topology.
+            (origin,) = advanced
+            pids = self._unreached.get(origin)
+            if pids is None:
+                pids = self._unreached[origin] = tuple(
+                    p.id for p in self.peers.values() if origin not in p.reach)
+            peers = [self.peers[pid] for pid in pids if pid in self.peers]
+        for peer in peers:
+            if not peer.ready or (only_others and not peer.stuck and advanced <= peer.reach):
+                continue  # it has sessions with all those origins: they serve it
+            # Inline pre-check (this runs for every peer after every group commit): a
+            # pump is needed only where the peer may be served an origin it lacks.
+            for origin, have in heads:
+                if (have > peer.sent.get(origin) and origin != peer.id
+                        and self._eligible(peer, origin, now)):
+                    self._pump(out, peer, now, advanced)
+                    break
         return out
 
     def _push(self, out: list[Effect], peer: _Peer, envs: Sequence[Envelope], now: int) -> None:
@@ -305,11 +377,15 @@ class SyncCore:
             return
         high: list[bytes] = []
         low: list[bytes] = []
+        inflight = -1  # computed once, on the first envelope that qualifies
         for env in envs:
             if env.seq != peer.sent.get(env.origin) + 1 or env.origin == peer.id:
                 continue
-            if peer.inflight() >= config.MAX_INFLIGHT_PER_PEER + config.PUSH_RESERVE:
+            if inflight < 0:
+                inflight = peer.inflight()
+            if inflight >= config.MAX_INFLIGHT_PER_PEER + config.PUSH_RESERVE:
                 break  # fresh envelopes may use the reserve a catch-up cannot
+            inflight += 1
             peer.sent.set(env.origin, env.seq)
             peer.sent_at[env.origin] = now
             peer.sent_tx[env.origin] = peer.tx + len(high) + len(low) + 1
@@ -323,30 +399,51 @@ class SyncCore:
 
     def _eligible(self, peer: _Peer, origin: str, now: int) -> bool:
         """Whether we serve ``origin``'s envelopes to ``peer`` from storage. Every node
-        serves its own; a third party's only when the peer has no live session with that
-        origin, or is stuck on it (it still lacks what we held at its previous summary:
-        a lost push): so a rejoining register is not flooded with one copy per peer, and
-        envelopes merely in flight are not sent twice."""
-        if origin == self.replica.node_id or origin not in peer.links:
+        serves its own. A third party's only when the peer is stuck on it (it still
+        lacks what we held at its previous summary: a lost push), or when the peer has
+        no live session with that origin and nobody nearer serves it: if we have a
+        session with the origin, no other peer of the peer with a smaller id has one
+        too; if we have none, none of its peers (as far as we know them) has one. So a
+        rejoining register is not flooded with one copy per peer, envelopes merely in
+        flight are not sent twice, and the cloud's envelopes reach registers from one
+        edge node holding the WAN link, not from every register."""
+        if origin == self.replica.node_id or origin in peer.stuck:
             return True
-        return origin in peer.stuck
+        if origin in peer.links:
+            return False
+        key = (peer.id, origin)
+        covered = self._covered.get(key)
+        if covered is None:  # memoised until any session or any peer's links change
+            me = self.replica.node_id
+            peers = self.peers
+            bridge = origin in peers
+            covered = self._covered[key] = any(
+                q != me and q in peers and origin in peers[q].links and (q < me or not bridge)
+                for q in peer.links)
+        return not covered
 
     def _pump(self, out: list[Effect], peer: _Peer, now: int,
               origins: set[str] | None = None) -> None:
         """Fetch what the peer lacks from storage, within its window (invariant 3);
         only for ``origins`` if given (those whose stored head just advanced)."""
-        room = config.MAX_INFLIGHT_PER_PEER - peer.inflight()
-        if room <= 0:
-            return
-        items = (self.stored.items() if origins is None
-                 else ((o, self.stored.get(o)) for o in origins))
-        for origin, have in items:
-            if room <= 0:
-                return
+        room = -1  # the window is computed (O(origins)) only once something qualifies
+        if origins is None:
+            # Only these can be eligible (see _eligible): our own, those it is stuck
+            # on, and those it has no session with: a short list, not every origin.
+            cand = self.stored.origins() - peer.reach
+            cand |= peer.stuck
+            cand.add(self.replica.node_id)
+            origins = cand
+        for origin in sorted(origins):
+            have = self.stored.get(origin)
             sent = peer.sent.get(origin)
             if (have <= sent or origin in peer.fetching or origin == peer.id
                     or not self._eligible(peer, origin, now)):
                 continue
+            if room < 0:
+                room = config.MAX_INFLIGHT_PER_PEER - peer.inflight()
+            if room <= 0:
+                return
             last = min(have, sent + min(room, config.LEDGER_PAGE))
             peer.fetching[origin] = last - sent
             room -= last - sent
@@ -401,6 +498,58 @@ class SyncCore:
             self._count(exc.reason)
         return out
 
+    def receive_many(self, items: Sequence[tuple[bytes, str]], now: int) -> list[Effect]:
+        """Messages that arrived together, ``(data, peer_id)`` in arrival order: the same
+        as ``receive`` on each in turn, except that consecutive ``E`` messages of one peer
+        are applied as one batch (of at most ``LEDGER_PAGE`` envelopes), so that an
+        origin's run across them is verified as one hash chain (one signature check) and
+        yields one ``Persist``. Each peer's messages keep their order; the peers are taken
+        one after the other (in the order of their first message), so a bad envelope from
+        one peer costs the others nothing and every count stays with its peer. A message
+        that repeats an envelope of this call (a retransmission) is taken on its own, as
+        ``receive`` takes it (counted as a duplicate). Never raises for the peers'
+        faults."""
+        out: list[Effect] = []
+        by_peer: dict[str, list[bytes]] = {}
+        for data, peer_id in items:
+            by_peer.setdefault(peer_id, []).append(data)
+        for peer_id, msgs in by_peer.items():
+            peer = self.peers.get(peer_id)
+            batch: list[bytes] = []  # frames of consecutive E messages, not yet applied
+            held: set[bytes] = set()  # its frames so far, to spot a repeated envelope
+            for data in [*msgs, b""]:  # b"": the end of this peer's messages
+                frames: list[bytes] | None = None
+                repeated = False
+                if (peer is not None and data[:1] == b"E"
+                        and len(data) <= config.MAX_MESSAGE_BYTES):
+                    self.bytes_in += len(data)
+                    try:
+                        frames = split_batch(data)
+                    except EnvelopeError as exc:
+                        self._count(exc.reason)
+                        continue
+                    repeated = not held.isdisjoint(frames)
+                    held.update(frames)
+                    if not repeated and len(batch) + len(frames) <= config.LEDGER_PAGE:
+                        batch.extend(frames)
+                        continue
+                todo = [batch] if batch else []
+                batch = []
+                if repeated:
+                    assert frames is not None
+                    todo.append(frames)  # on its own, as ``receive`` would take it
+                elif frames is not None:
+                    batch = frames
+                for chunk in todo:
+                    assert peer is not None  # only a connected peer's frames are batched
+                    try:
+                        self._on_envelopes(out, peer, chunk, now)
+                    except EnvelopeError as exc:
+                        self._count(exc.reason)
+                if frames is None and data:
+                    out.extend(self.receive(data, peer_id, now))
+        return out
+
     def _on_vv(self, out: list[Effect], peer: _Peer, data: bytes, now: int) -> None:
         try:
             msg = orjson.loads(data[1:])
@@ -416,20 +565,32 @@ class SyncCore:
             raise Malformed(f"bad version vector: {exc}") from None
         links = msg.get("links", [])
         if not isinstance(links, list) or len(links) > config.MAX_PEERS or not all(
-            isinstance(x, str) for x in links
+            map(isinstance, links, repeat(str))
         ):
             raise Malformed("links must be a list of node ids")
         certs, crl, their_rx = msg.get("nc", ""), msg.get("crl", -1), msg.get("rx", -1)
         if type(certs) is not str or type(crl) is not int or type(their_rx) is not int:
             raise Malformed("nc must be a string, crl and rx integers")
 
+        if their_rx < peer.their_rx:
+            # Overtaken by a newer summary (a reordering link; rx only grows within a
+            # session): what it says is out of date. Acting on it would lower what the
+            # peer acknowledged, open the window twice and "repair" by resending.
+            self._count("stale_summary")
+            return
+        peer.their_rx = their_rx
         first = not peer.ready
         peer.ready = True
-        peer.links = frozenset(links)
+        new_links = frozenset(links)
+        if new_links != peer.links:
+            peer.links = new_links
+            peer.reach = new_links | {peer.id}
+            self._topology_changed()
         peer.acked = theirs
         if first:
             peer.sent = theirs.copy()
-        for origin, seq in list(peer.sent.items()):
+        tget = theirs.view().get
+        for origin, seq in [(o, q) for o, q in peer.sent.items() if tget(o, 0) != q]:
             if theirs.get(origin) > seq:
                 peer.sent.set(origin, theirs.get(origin))  # it got them elsewhere
             elif theirs.get(origin) < seq and (
@@ -441,9 +602,13 @@ class SyncCore:
                 # that restarted without them). Send again from what it holds.
                 peer.sent = _lowered(peer.sent, origin, theirs.get(origin))
         peer.stuck = frozenset(o for o, had in peer.held_at_report.items()
-                               if theirs.get(o) < had)
+                               if tget(o, 0) < had)
+        if peer.stuck:
+            self._stuck_peers.add(peer.id)
+        else:
+            self._stuck_peers.discard(peer.id)
         peer.held_at_report = {o: have for o, have in self.stored.items()
-                               if theirs.get(o) < have}
+                               if tget(o, 0) < have}
         if certs != self._cert_digest() or crl < self.trust.crl_version:
             self._send(out, peer.id, self._certs_message(), HIGH)  # before any resend
         self._pump(out, peer, now)
@@ -459,6 +624,10 @@ class SyncCore:
             raise Malformed("too many certificates in one message")
         changed = False
         for item in msg["certs"]:
+            if isinstance(item, dict) and isinstance(item.get("node_id"), str):
+                held = self.trust.certificate(item["node_id"])
+                if held is not None and held.to_dict() == item:
+                    continue  # one we hold already: nothing to parse or check
             try:
                 cert = Certificate.from_dict(item)
                 held = self.trust.certificate(cert.node_id)
@@ -559,19 +728,64 @@ class SyncCore:
     def _relay(self, out: list[Effect], source: _Peer, applied: list[Envelope],
                now: int) -> None:
         """Forward fresh third-party envelopes at once to peers that have no session
-        with their origin (links); peers that do get them from the origin itself."""
+        with their origin (links); peers that do get them from the origin itself. Nor
+        to peers that have a session with the node we got them from: that node relays
+        to them itself (or they are covered, by the same rule, one hop nearer the
+        origin). Without that rule, an envelope of the cloud reaching a store of 40
+        registers that have no WAN link was relayed by every register to every other."""
+        origins = {e.origin for e in applied}
+        if len(origins) == 1:  # the common case: memoised targets, no scan of all peers
+            (origin,) = origins
+            key = (source.id, origin)
+            targets = self._relay_targets.get(key)
+            if targets is None:
+                targets = self._relay_targets[key] = self._relay_targets_for(source, origin)
+            for pid in targets:
+                peer = self.peers.get(pid)
+                if peer is not None and peer.ready:
+                    self._push(out, peer, applied, now)
+            return
         for peer in self.peers.values():
-            if peer is source or not peer.ready:
+            if (peer is source or not peer.ready or origins <= peer.reach
+                    or source.id in peer.links):
                 continue
-            envs = [e for e in applied if e.origin not in peer.links and e.origin != peer.id]
-            if envs:
-                self._push(out, peer, envs, now)
+            missing = origins - peer.reach
+            if missing:
+                self._push(out, peer, [e for e in applied if e.origin in missing], now)
+
+    def _relay_targets_for(self, source: _Peer, origin: str) -> tuple[str, ...]:
+        """Peers we relay ``origin``'s envelopes to when they came from ``source``: those
+        with no session with the origin or the source. When we had them from the origin
+        itself, and another peer of the target (with a smaller id) has a session with
+        the origin too, that one relays instead: two edge nodes holding the cloud's WAN
+        link do not both send each cloud envelope to every register."""
+        me = self.replica.node_id
+        bridges = sorted(q for q, p in self.peers.items() if origin in p.links and q < me)
+        out = []
+        for p in self.peers.values():
+            if p is source or origin in p.reach or source.id in p.links:
+                continue
+            if source.id == origin and any(q in p.links for q in bridges):
+                continue
+            out.append(p.id)
+        return tuple(out)
 
     # --- timers -------------------------------------------------------------------------------
 
+    def _live_deadline(self) -> tuple[int, str] | None:
+        """The earliest deadline still current (drops stale heap entries)."""
+        heap = self._deadlines
+        while heap:
+            at, pid = heap[0]
+            peer = self.peers.get(pid)
+            if peer is not None and peer.next_vv == at:
+                return heap[0]
+            heapq.heappop(heap)
+        return None
+
     def next_timer(self) -> int | None:
-        times = [p.next_vv for p in self.peers.values()]
-        return min(times) if times else None
+        top = self._live_deadline()
+        return None if top is None else top[0]
 
     def on_timer(self, now: int) -> list[Effect]:
         """Send summaries that are due (or nearly: one timer wake-up serves every peer
@@ -579,10 +793,17 @@ class SyncCore:
         means the wall clock jumped backwards since it was set: treat it as due, or a
         node whose clock was set back an hour would go quiet for an hour."""
         out: list[Effect] = []
-        for peer in list(self.peers.values()):
-            if (peer.next_vv <= now + config.SYNC_TIMER_SLACK_MS
-                    or peer.next_vv > now + 2 * peer.cur_interval):
-                self._send_vv(out, peer, now)
+        soon = now + config.SYNC_TIMER_SLACK_MS
+        if now < self._timer_now:  # the clock went back: scan every deadline
+            self._timer_now = now
+            for peer in list(self.peers.values()):
+                if peer.next_vv <= soon or peer.next_vv > now + 2 * peer.cur_interval:
+                    self._send_vv(out, peer, now)
+            return out
+        self._timer_now = now
+        while (top := self._live_deadline()) is not None and top[0] <= soon:
+            heapq.heappop(self._deadlines)
+            self._send_vv(out, self.peers[top[1]], now)  # pushes its next deadline
         return out
 
 

@@ -203,3 +203,43 @@ def test_same_seed_same_trace() -> None:
         return h.hexdigest()
     assert trace(11) == trace(11)
     assert trace(11) != trace(12)
+
+
+def test_a_summary_overtaken_by_a_newer_one_does_not_reopen_the_window() -> None:
+    """A reordering link can deliver a peer's older summary after a newer one. What the
+    peer acknowledged must not go back down, or the sender counts those envelopes as
+    unacknowledged again and may resend them all (and exceed its window)."""
+    import orjson
+
+    w = _store(21, registers=1)
+    _receive(w)
+    for i in range(5):
+        _sell(w, "edge", i)
+    w.run_until(w.now + 50)
+    edge = w.nodes["edge"].core
+    peer = edge.peers["r1"]
+    assert w.nodes["edge"].replica.vv.get("edge") == 6
+    newer = b"V" + orjson.dumps({"vv": {"edge": 6}, "links": ["edge"], "nc": "", "crl": -1,
+                                  "rx": 6})
+    older = b"V" + orjson.dumps({"vv": {}, "links": ["edge"], "nc": "", "crl": -1, "rx": 0})
+    edge.receive(newer, "r1", w.nodes["edge"].clock())
+    effects = edge.receive(older, "r1", w.nodes["edge"].clock())
+    assert peer.acked.get("edge") == 6
+    assert peer.inflight() == 0
+    assert not [e for e in effects if type(e).__name__ == "Fetch"]
+
+
+def test_a_clock_set_back_before_any_timer_fired_still_sends_summaries() -> None:
+    """The summary deadlines are wall-clock times. If the clock goes back (NTP step,
+    staff fixing the date) before the first timer fired, the next wake-up must notice
+    and send, not wait until the clock catches up with the old deadline."""
+    w = World(5)
+    w.add_node("edge", "edge")
+    w.add_node("r1")
+    w.connect("edge", "r1")
+    edge = w.nodes["edge"]
+    core: SyncCore = edge.core
+    effects = core.on_timer(edge.clock() - 10 * 60_000)
+    sent = [e for e in effects if type(e).__name__ == "Send" and e.data[:1] == b"V"]
+    assert [e.peer for e in sent] == ["r1"]
+    assert core.next_timer() is not None and core.next_timer() < edge.clock()

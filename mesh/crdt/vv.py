@@ -18,6 +18,9 @@ from collections.abc import ItemsView, Iterator, Mapping
 
 __all__ = ["VersionVector"]
 
+_STR = {str}
+_INT = {int}
+
 
 def _check_entry(origin: object, seq: object) -> None:
     if not isinstance(origin, str):
@@ -37,7 +40,18 @@ class VersionVector:
         self._v: dict[str, int] = {}
         self._total = 0
         if entries:
-            for origin, seq in entries.items():
+            v = dict(entries)
+            # Validate in C (map/set/min) first; on any doubt, entry by entry, so the
+            # error names the bad entry. Summaries of 40+ origins arrive many times a
+            # second in a big store.
+            if (set(map(type, v)) <= _STR and set(map(type, v.values())) <= _INT
+                    and min(v.values()) >= 0):
+                if 0 in v.values():
+                    v = {o: q for o, q in v.items() if q}
+                self._v = v
+                self._total = sum(v.values())
+                return
+            for origin, seq in v.items():
                 _check_entry(origin, seq)
                 if seq:
                     self._v[origin] = seq
@@ -55,6 +69,14 @@ class VersionVector:
     def items(self) -> ItemsView[str, int]:
         """Read-only view of the non-zero entries."""
         return self._v.items()
+
+    def view(self) -> Mapping[str, int]:
+        """The entries as a read-only mapping (no copy: for hot loops; never mutate)."""
+        return self._v
+
+    def origins(self) -> set[str]:
+        """The origins with a non-zero entry, as a new set."""
+        return set(self._v)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._v)
