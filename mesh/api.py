@@ -72,6 +72,9 @@ _AUDIT_WINDOW: Final = 500
 #: Seconds between SSE keepalive comments: under the 30-60 s idle timeouts of common
 #: proxies and load balancers, so an idle stream is not cut. (Not Final: tests shorten it.)
 SSE_KEEPALIVE_S = 15.0
+#: Most live-stream events written to a client in one write: the events already queued
+#: go out together (one write, not one per event) up to this many (~30 KB).
+SSE_MAX_WRITE_EVENTS: Final = 256
 _DISK_FULL: Final = ("this node's disk is full: the operation was NOT recorded; free disk "
                      "space, then retry with the same txn_id")
 #: Body fields whose replica-side name differs from the API's.
@@ -535,21 +538,34 @@ class _Api:
 
     async def _stream(self, queue: asyncio.Queue[dict[str, Any]],
                       resp: web.StreamResponse) -> None:
+        """Write the queued events, all that are waiting in one write (a batch of durable
+        envelopes queues one event per SKU at once); a keepalive when idle."""
         while not self._closing:
-            try:
-                async with asyncio.timeout(SSE_KEEPALIVE_S):
-                    event = await queue.get()
-            except TimeoutError:
-                await resp.write(b": keepalive\n\n")
-                continue
-            kind = event.get("type")
-            if kind == "overflow":  # the node dropped us: tell the client to resync
-                await resp.write(b"event: overflow\ndata: " + orjson.dumps(event) + b"\n\n")
+            if queue.empty():
+                try:
+                    async with asyncio.timeout(SSE_KEEPALIVE_S):
+                        events = [await queue.get()]
+                except TimeoutError:
+                    await resp.write(b": keepalive\n\n")
+                    continue
+            else:
+                events = [queue.get_nowait()]
+            while len(events) < SSE_MAX_WRITE_EVENTS and not queue.empty():
+                events.append(queue.get_nowait())
+            chunks = []
+            end = False
+            for event in events:
+                kind = event.get("type")
+                # overflow: the node dropped us, the client must resync; shutdown: the end
+                if kind in ("overflow", "shutdown"):
+                    chunks.append(f"event: {kind}\ndata: ".encode() + orjson.dumps(event)
+                                  + b"\n\n")
+                    end = True
+                    break
+                chunks.append(b"data: " + orjson.dumps(event) + b"\n\n")
+            await resp.write(b"".join(chunks))
+            if end:
                 return
-            if kind == "shutdown":
-                await resp.write(b"event: shutdown\ndata: " + orjson.dumps(event) + b"\n\n")
-                return
-            await resp.write(b"data: " + orjson.dumps(event) + b"\n\n")
 
     async def on_shutdown(self, app: web.Application) -> None:
         """End the SSE streams so the server's graceful shutdown does not wait on them."""

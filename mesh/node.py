@@ -5,6 +5,13 @@ the ledger's writer thread only resolves futures, which come back to the loop wi
 ``call_soon_threadsafe``. The driver carries out the core's effects and re-arms one
 timer (the aioquic pattern).
 
+Receive path: sessions only queue their messages (``_on_message``); once per loop
+iteration ``_drain`` hands everything that arrived, from every session, to the core in
+one call (``SyncCore.receive_many``). The core verifies each origin's run across those
+messages as one hash chain (one signature check), and the driver makes every envelope
+applied in that iteration durable with ONE ledger append, so one group commit, one
+thread hand-off back and one live-stream publish pass per iteration, not per message.
+
 Invariants:
  1. A local command returns only once its envelope is durable; it is pushed to peers
     only then (via ``SyncCore.durable``).
@@ -14,6 +21,11 @@ Invariants:
     ``asyncio.to_thread``; rebuild at start-up too.
  4. At most one session per peer node id; with discovery, only the node with the
     smaller id dials, so two nodes do not race to connect to each other.
+ 5. Messages of one session reach the core in the order received; every message
+    queued by ``_on_message`` is handed to the core by the next ``_drain`` (dropped only
+    once the node is closing, like a message still in a socket buffer).
+ 6. The envelopes of all ``Persist`` effects of one ``_handle`` call go to the ledger
+    as one append, in effect order (= apply order: ledger invariant 1).
 """
 
 from __future__ import annotations
@@ -87,7 +99,12 @@ class Node:
         self._dialers: dict[str, asyncio.Task[None]] = {}  # URL -> dial loop
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
         self._durable_batch: list[Envelope] = []
+        #: Messages received in this loop iteration, (data, peer id), in arrival order.
+        self._inbox: list[tuple[bytes, str]] = []
         self._timer_wake = asyncio.Event()
+        #: Wall-clock ms the timer loop sleeps until (it wakes early only for an earlier
+        #: deadline); -1 while it is not sleeping (it re-reads the deadline first).
+        self._timer_at = -1
         self._closed = False
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -235,15 +252,14 @@ class Node:
                     log.exception("durable-envelope listener failed")
 
     def _handle(self, effects: list[Effect]) -> None:
+        persist: list[Envelope] = []
         for eff in effects:
             if isinstance(eff, Send):
                 session = self.sessions.get(eff.peer)
                 if session is not None:
                     session.send(eff.data, eff.priority)
             elif isinstance(eff, Persist):
-                envs = list(eff.envelopes)
-                fut = self.durable.persist(envs)
-                fut.add_done_callback(self._persisted_callback(envs))
+                persist.extend(eff.envelopes)  # one append for all (invariant 6)
             elif isinstance(eff, Fetch):
                 self._spawn(self._fetch(eff), "fetch")
             elif isinstance(eff, Alert):
@@ -252,7 +268,14 @@ class Node:
                                               eff.seq, eff.first, eff.second), "evidence")
             elif isinstance(eff, TrustChanged):
                 self.trust_changed()
-        self._timer_wake.set()
+        if persist:
+            fut = self.durable.persist(persist)
+            fut.add_done_callback(self._persisted_callback(persist))
+        # Wake the timer loop only for a deadline earlier than the one it sleeps until:
+        # waking it after every message cost a task switch and a new timeout each time.
+        nxt = self.core.next_timer()
+        if nxt is not None and nxt < self._timer_at:
+            self._timer_wake.set()
 
     def _persisted_callback(self, envs: list[Envelope]) -> Callable[[Future[int]], None]:
         def done(fut: Future[int]) -> None:
@@ -286,16 +309,20 @@ class Node:
         cap = config.SYNC_INTERVAL_MS / 1000
         while True:
             nxt = self.core.next_timer()
-            delay = cap if nxt is None else min(cap, max(0.0, (nxt - self.now_ms()) / 1000))
+            now = self.now_ms()
+            delay = cap if nxt is None else min(cap, max(0.0, (nxt - now) / 1000))
             self._timer_wake.clear()
+            self._timer_at = now + int(delay * 1000)
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
                 # cancellation that lands as the event fires, and close() would hang
                 async with asyncio.timeout(delay):
                     await self._timer_wake.wait()
             except TimeoutError:
+                self._timer_at = -1
                 self._handle(self.core.on_timer(self.now_ms()))
                 continue
+            self._timer_at = -1
             now = self.now_ms()
             nxt = self.core.next_timer()
             if nxt is not None and nxt <= now:
@@ -491,9 +518,22 @@ class Node:
         return True
 
     def _on_message(self, peer_id: str, data: bytes) -> None:
+        """A session received a message: queue it for this iteration's ``_drain``."""
+        if not self._inbox:
+            self._loop.call_soon(self._drain)
+        self._inbox.append((data, peer_id))
+
+    def _drain(self) -> None:
+        """Hand every message queued since the last call to the core in one batch.
+        Scheduled with ``call_soon`` by the first message, so it runs after every reader
+        woken in the same loop iteration has queued its messages."""
+        items, self._inbox = self._inbox, []
+        if not items or self._closed:
+            return
         now = self.now_ms()
-        self.last_seen[peer_id] = now
-        self._handle(self.core.receive(data, peer_id, now))
+        for _, peer_id in items:
+            self.last_seen[peer_id] = now
+        self._handle(self.core.receive_many(items, now))
 
 
 def _sweep(replica: Replica, *, now: int, takeover: int) -> CommandResult:

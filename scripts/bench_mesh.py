@@ -25,7 +25,14 @@ Sections, each bounded in count and in time:
    rate without SSE, then the total rate stepped up (SSE on every node) until the p99
    visibility passes 150 ms (or the rate is not achieved, or a sale is not seen
    everywhere).
-4. ``catchup``: a register is stopped, the edge's ledger gets N envelopes from 8 other
+4. ``recv``: the receive path alone. ONE node process; this process dials it as 1 or 3
+   enrolled registers (real handshake) and feeds envelopes signed beforehand, one per
+   message, paced at a fixed total rate; the node's CPU per 1,000 envelopes applied.
+   No sender process shares the machine's cores or the node's figures. With
+   ``--baseline DIR`` (a directory holding another ``mesh/``, e.g. from
+   ``git archive HEAD mesh | tar -x -C DIR``) every regime runs alternately on a node
+   importing that copy and on one importing the working tree's, in the same run.
+5. ``catchup``: a register is stopped, the edge's ledger gets N envelopes from 8 other
    registers (written offline with ``DurableReplica.ingest_verified``), the register is
    started again; time until its ledger holds everything the edge holds.
 
@@ -42,6 +49,7 @@ Usage::
     .venv/bin/python scripts/bench_mesh.py --json out.json  # also dump the numbers
     .venv/bin/python scripts/bench_mesh.py --profile DIR    # py-spy the nodes (not for the record)
     .venv/bin/python scripts/bench_mesh.py --observer-nice -5   # on a shared machine
+    .venv/bin/python scripts/bench_mesh.py --only recv --baseline DIR   # A/B receive cost
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +86,12 @@ from rich.console import Console
 from rich.table import Table
 from yarl import URL
 
-from mesh.datadir import enrol_node, init_store, load_identity
+from mesh import transport
+from mesh.datadir import NodeIdentity, enrol_node, init_store, load_identity
 from mesh.durable import DurableReplica
 from mesh.envelope import decode
 from mesh.replica import Replica
+from mesh.sync import encode_batch
 
 STORE = "bench-mesh"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -124,6 +135,8 @@ class Sizes:
     catchup_n: int
     catchup_origins: int
     skus: int
+    recv_seconds: float  # length of one measured round of the recv section
+    recv_rounds: int
 
 
 FULL = Sizes(
@@ -131,14 +144,14 @@ FULL = Sizes(
     cost_rate=400, cost_seconds=20.0, cost_rounds=5, idle_seconds=3.0,
     ramp_registers=8, ramp_steps=(50, 100, 200, 400, 800, 1_200, 1_600, 2_000, 2_400, 3_200),
     ramp_seconds=6.0, ramp_cost_rate=1_600, ramp_cost_seconds=8.0,
-    catchup_n=100_000, catchup_origins=8, skus=200,
+    catchup_n=100_000, catchup_origins=8, skus=200, recv_seconds=3.0, recv_rounds=5,
 )
 QUICK = Sizes(
     lat_ref_rate=150, lat_ref_seconds=2.0, lat_rate=1_200, lat_seconds=3.0,
     cost_rate=400, cost_seconds=3.0, cost_rounds=2, idle_seconds=1.0,
     ramp_registers=4, ramp_steps=(400, 1_200), ramp_seconds=2.0,
     ramp_cost_rate=800, ramp_cost_seconds=2.0,
-    catchup_n=10_000, catchup_origins=4, skus=50,
+    catchup_n=10_000, catchup_origins=4, skus=50, recv_seconds=2.0, recv_rounds=2,
 )
 
 
@@ -264,8 +277,10 @@ def _node_priority() -> None:
 class NodeProc:
     """One ``python -m mesh node`` process that this script started (stopped by pid)."""
 
-    def __init__(self, name: str, data_dir: Path, log_dir: Path) -> None:
+    def __init__(self, name: str, data_dir: Path, log_dir: Path,
+                 code: Path | None = None) -> None:
         self.name = name  # node id
+        self.code = code  # where it imports mesh from (default: CODE_DIR)
         self.data_dir = data_dir
         self.log_path = log_dir / f"{name}.log"
         self.port = 0
@@ -292,9 +307,10 @@ class NodeProc:
             args += ["--peer", url]
         env = dict(os.environ)
         cwd = REPO
-        if CODE_DIR is not None:  # sys.path[0] (cwd) and PYTHONPATH beat the editable install
-            cwd = CODE_DIR
-            env["PYTHONPATH"] = str(CODE_DIR)
+        code = self.code or CODE_DIR
+        if code is not None:  # sys.path[0] (cwd) and PYTHONPATH beat the editable install
+            cwd = code
+            env["PYTHONPATH"] = str(code)
         with self.log_path.open("a") as log:
             self.started_at = time.perf_counter()
             self.proc = subprocess.Popen(
@@ -1160,6 +1176,149 @@ async def cost_run(http: aiohttp.ClientSession, cl: Cluster, sellers: list[int],
     return res
 
 
+# --- section 4: the receive path alone -----------------------------------------------------
+
+#: (senders, envelopes per second in total), one envelope per message: a register's pushes
+#: at a typical rate, three registers at the issue's 1,200/s, and an offered load near
+#: what one core should absorb (the goal: 6,600/s).
+RECV_REGIMES = ((1, 400), (3, 1_200), (3, 6_000))
+
+
+class Feeder:
+    """Registers of the store dialled into one node from this process (real handshake)."""
+
+    def __init__(self, idents: Sequence[NodeIdentity], chains: Sequence[list[bytes]]) -> None:
+        self.idents = idents
+        self.chains = chains
+        self.pos = [0] * len(chains)
+        self.sessions: list[transport.Session] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def connect(self, http: aiohttp.ClientSession, url: str) -> None:
+        for ident in self.idents:
+            s = await transport.dial(http, url, ident, now_ms)
+            self.sessions.append(s)
+            self.tasks.append(asyncio.create_task(s.run(lambda _p, _d: None)))
+
+    async def feed(self, senders: int, per_s: int, n: int) -> float:
+        """``n`` envelopes from the first ``senders`` registers, round-robin, ONE per
+        message (written to the WebSocket directly: the session queue would merge
+        them), paced at ``per_s`` in total; returns the seconds it took to send."""
+        interval = 1.0 / per_s
+        t0 = time.perf_counter()
+        async with asyncio.timeout(2 * n * interval + REQUEST_TIMEOUT_S):
+            for i in range(n):
+                k = i % senders
+                raw = self.chains[k][self.pos[k]]
+                self.pos[k] += 1
+                await self.sessions[k].ws.send_bytes(encode_batch([raw]))
+                delay = t0 + (i + 1) * interval - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        return time.perf_counter() - t0
+
+    async def close(self) -> None:
+        for s in self.sessions:
+            s.close()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def _wait_rows(http: aiohttp.ClientSession, node: NodeProc, want: int) -> None:
+    deadline = time.perf_counter() + CONVERGE_TIMEOUT_S
+    while (await ledger_counts(http, [node]))[0] < want:
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"{node.name} did not apply {want} envelopes in time")
+        await asyncio.sleep(0.02)
+
+
+async def section_recv(root: Path, sz: Sizes, prof: Profiler, rng: random.Random,
+                       baseline: Path | None = None) -> dict[str, Any]:
+    base = root / "recv"
+    (base / "logs").mkdir(parents=True)
+    ident = init_store(base / "recv-new", STORE, now_ms=now_ms(), node_id="recv-new")
+    assert ident.store_key is not None
+    codes: list[tuple[str, Path | None]] = [("working tree", None)]
+    if baseline is not None:
+        enrol_node(base / "recv-base", ident.store_key, STORE, "edge", now_ms=now_ms(),
+                   node_id="recv-base")
+        codes.insert(0, ("baseline", baseline))
+    dirs = []
+    for k in range(max(s for s, _ in RECV_REGIMES)):
+        nid = f"reg-{k + 1:02d}"
+        enrol_node(base / nid, ident.store_key, STORE, "register", now_ms=now_ms(), node_id=nid)
+        dirs.append((str(base / nid), nid))
+    warm = 300
+    per_sender = warm + sum(int(r * sz.recv_seconds) * sz.recv_rounds // s + 1
+                            for s, r in RECV_REGIMES)
+    with ProcessPoolExecutor(max_workers=min(len(dirs), os.cpu_count() or 1)) as pool:
+        futs = [pool.submit(_gen_chain, d, nid, sz.skus, per_sender, 7 + k, now_ms())
+                for k, (d, nid) in enumerate(dirs)]
+        chains = [f.result(timeout=600) for f in futs]
+    idents = [load_identity(Path(d)) for d, _ in dirs]
+    nodes = []
+    for label, code in codes:
+        name = "recv-base" if code is not None else "recv-new"
+        n = NodeProc(name, base / name, base / "logs", code=code)
+        n.port = free_port()
+        nodes.append((label, n, Feeder(idents, [list(c) for c in chains])))
+    http = aiohttp.ClientSession()
+    out: dict[str, Any] = {"regimes": [], "codes": [label for label, _ in codes],
+                           "baseline": str(baseline) if baseline else None}
+    try:
+        for _, n, f in nodes:
+            n.spawn()
+            await n.wait_listening()
+            await f.connect(http, n.url)
+            await f.feed(len(idents), 2_000, warm * len(idents))
+            await _wait_rows(http, n, sum(f.pos))
+        idle = await idle_rates([n for _, n, _ in nodes], sz.idle_seconds)
+        for senders, per_s in RECV_REGIMES:
+            count = int(per_s * sz.recv_seconds)
+            rows: dict[str, list[dict[str, float]]] = {label: [] for label, _ in codes}
+            for r in range(sz.recv_rounds):
+                for i, (label, n, f) in enumerate(nodes):
+                    w = CpuWindow.begin([n])
+                    if r == 0:
+                        prof.start(f"recv-{senders}x{per_s}-{n.name}", [n], sz.recv_seconds)
+                    sent_s = await f.feed(senders, per_s, count)
+                    await _wait_rows(http, n, sum(f.pos))
+                    w.end([n])
+                    prof.collect()
+                    net = w.net(idle[i:i + 1])[0]
+                    rows[label].append({"ms_per_1k": net / count * 1e6,
+                                        "loop_ms_per_1k": w.loop[0] / count * 1e6,
+                                        "achieved": count / sent_s,
+                                        "other_cores": w.other_cores})
+            out["regimes"].append({"senders": senders, "rate": per_s, "envelopes": count,
+                                   "rounds": rows})
+    finally:
+        for _, _, f in nodes:
+            await f.close()
+        await http.close()
+        for _, n, _ in nodes:
+            n.stop()
+    recv_table(out)
+    return out
+
+
+def recv_table(out: dict[str, Any]) -> None:
+    t = Table(title="4. Receive path alone: CPU of ONE node per 1,000 envelopes applied, "
+                    "one envelope per message (median of the rounds, idle subtracted)")
+    for col in ("senders", "rate/s", "mesh/", "ms / 1,000", "min", "loop thread",
+                "achieved/s", "other (cores)"):
+        t.add_column(col, justify="right")
+    for reg in out["regimes"]:
+        for label, rounds in reg["rounds"].items():
+            ms = sorted(x["ms_per_1k"] for x in rounds)
+            med = pct(ms, 50)
+            reg.setdefault("median_ms_per_1k", {})[label] = med
+            t.add_row(str(reg["senders"]), f"{reg['rate']:,}", label, f"{med:.0f}",
+                      f"{ms[0]:.0f}", f"{pct([x['loop_ms_per_1k'] for x in rounds], 50):.0f}",
+                      rate(pct([x["achieved"] for x in rounds], 50)),
+                      f"{pct([x['other_cores'] for x in rounds], 50):.2f}")
+    console.print(t)
+
+
 # --- section 3: ramp (1 edge + 8 registers) ----------------------------------------------
 
 
@@ -1470,6 +1629,18 @@ def summary(results: dict[str, Any], sz: Sizes) -> list[dict[str, Any]]:
             f"{ramp['max_sustained']:,}/s{detail}{fail}",
             "reported (this 2-core box)" if ff is not None else "not reached: raise the steps",
             None)
+    rv = results.get("recv")
+    if rv:
+        for reg in rv["regimes"]:
+            meds = reg["median_ms_per_1k"]
+            mine = meds["working tree"]
+            vs = (f" (baseline {meds['baseline']:.0f} ms, {mine / meds['baseline'] - 1:+.0%})"
+                  if "baseline" in meds else "")
+            top = reg is rv["regimes"][-1]
+            add(f"receive path alone: CPU per 1,000 envelopes, {reg['senders']} sender(s) at "
+                f"{reg['rate']:,}/s, 1 per message", f"{mine:.0f} ms{vs}",
+                f"<= {GOAL_RECV_MS_PER_1K:.0f} ms" if top else "reported",
+                mine <= GOAL_RECV_MS_PER_1K if top else None)
     cu = results.get("catchup")
     if cu:
         add(f"catch-up of {cu['missed']:,} envelopes: listening -> current",
@@ -1509,12 +1680,14 @@ async def run_all(args: argparse.Namespace, sz: Sizes, root: Path,
                   prof: Profiler) -> dict[str, Any]:
     rng = random.Random(42)
     results: dict[str, Any] = {}
-    sections = args.only or ["latency", "ramp", "catchup"]
+    sections = args.only or ["latency", "ramp", "recv", "catchup"]
     steps: list[tuple[str, Callable[..., Awaitable[dict[str, Any]]]]] = []
     if "latency" in sections:
         steps.append(("latency", section_latency))
     if "ramp" in sections:
         steps.append(("ramp", section_ramp))
+    if "recv" in sections:
+        steps.append(("recv", partial(section_recv, baseline=args.baseline)))
     if "catchup" in sections:
         steps.append(("catchup", section_catchup))
     for name, fn in steps:
@@ -1528,7 +1701,7 @@ async def run_all(args: argparse.Namespace, sz: Sizes, root: Path,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     common_args(ap, "small sizes for a smoke run (< 60 s)", "keep data directories and node logs")
-    ap.add_argument("--only", choices=("latency", "ramp", "catchup"), action="append",
+    ap.add_argument("--only", choices=("latency", "ramp", "recv", "catchup"), action="append",
                     help="run only these sections (repeatable; latency includes the costs)")
     ap.add_argument("--catchup-n", type=int, default=None,
                     help="envelopes the rejoining register missed (default 100,000; "
@@ -1537,6 +1710,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="record py-spy profiles of the nodes into DIR (perturbs the figures)")
     ap.add_argument("--py-spy", default=shutil.which("py-spy"),
                     help="path of py-spy (default: from PATH)")
+    ap.add_argument("--baseline", metavar="DIR", type=Path, default=None,
+                    help="recv section: also run a node importing DIR/mesh, alternately "
+                         "with the working tree's (A/B in one run)")
     ap.add_argument("--observer-nice", type=int, default=0, metavar="N",
                     help="run this process (load generator + SSE readers) at niceness N, "
                          "e.g. -5 on a machine shared with other work (nodes keep the default)")
@@ -1549,6 +1725,8 @@ def main(argv: list[str] | None = None) -> int:
         if not 1_000 <= args.catchup_n <= 1_000_000:
             ap.error("--catchup-n must be within 1,000..1,000,000")
         sz = Sizes(**{**asdict(sz), "catchup_n": args.catchup_n})
+    if args.baseline is not None and not (args.baseline / "mesh" / "__init__.py").is_file():
+        ap.error(f"--baseline: {args.baseline}/mesh/__init__.py not found")
     if args.profile is not None and not args.py_spy:
         ap.error("--profile needs py-spy (pip install py-spy, or --py-spy PATH)")
     prof = Profiler(args.py_spy if args.profile else None, args.profile)
