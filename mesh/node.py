@@ -26,6 +26,10 @@ Invariants:
     once the node is closing, like a message still in a socket buffer).
  6. The envelopes of all ``Persist`` effects of one ``_handle`` call go to the ledger
     as one append, in effect order (= apply order: ledger invariant 1).
+ 7. The live stream shows a local change once it is durable here (when the command
+    is acknowledged), a peer's change once it is applied here (it was durable at its
+    origin before it was pushed): the stream never runs ahead of ``GET /v1/stock``,
+    and never shows a change that no disk holds.
 """
 
 from __future__ import annotations
@@ -271,6 +275,10 @@ class Node:
         if persist:
             fut = self.durable.persist(persist)
             fut.add_done_callback(self._persisted_callback(persist))
+            # Peers' envelopes are durable at their origin already (pushed only then),
+            # and GET /v1/stock shows them from this moment: the live stream shows them
+            # now too, not one local fsync later (invariant 7).
+            self._publish(persist)
         # Wake the timer loop only for a deadline earlier than the one it sleeps until:
         # waking it after every message cost a task switch and a new timeout each time.
         nxt = self.core.next_timer()
@@ -289,7 +297,6 @@ class Node:
 
     def _remote_durable(self, envs: list[Envelope]) -> None:
         if not self._closed:
-            self._publish(envs)
             self._on_durable(envs)
 
     async def _fetch(self, eff: Fetch) -> None:
@@ -376,8 +383,9 @@ class Node:
         return len(self._subscribers)
 
     def _publish(self, envs: list[Envelope]) -> None:
-        """Tell live-stream subscribers the new stock of every SKU these (durable)
-        envelopes touched: one event per SKU, naming the newest envelope that touched it."""
+        """Tell live-stream subscribers the new stock of every SKU these envelopes
+        touched (invariant 7 says when): one event per SKU, naming the newest envelope
+        that touched it."""
         if not self._subscribers or not envs:
             return
         r = self.replica
