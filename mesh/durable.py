@@ -140,7 +140,7 @@ class DurableReplica:
             self.counters.duplicates += 1
             return applied, None
         self.counters.applied += len(applied)
-        return applied, self._append(applied)
+        return applied, self._append(applied, sync=False)
 
     def _count(self, reason: str) -> None:
         self.counters.rejected[reason] = self.counters.rejected.get(reason, 0) + 1
@@ -151,12 +151,12 @@ class DurableReplica:
         """Append envelopes the caller already applied to ``replica`` (the sync core's
         ``Persist`` effect)."""
         self.counters.applied += len(envs)
-        return self._append(list(envs))
+        return self._append(list(envs), sync=False)
 
-    def _append(self, envs: list[Envelope]) -> Future[int]:
+    def _append(self, envs: list[Envelope], *, sync: bool = True) -> Future[int]:
         with self._lock:
             self._in_flight += 1
-        fut = self.ledger.append(envs)
+        fut = self.ledger.append(envs, sync=sync)
         fut.add_done_callback(self._landed)
         self._since_snapshot += len(envs)
         return fut

@@ -4,9 +4,15 @@ Invariants:
  1. Rows are appended in the order the replica applied the envelopes, so per origin
     they are in seq order without gaps, and a replay in rowid order rebuilds the same
     state.
- 2. ``append`` resolves its future only after the rows are committed with
-    ``synchronous=FULL`` in WAL mode, i.e. fsynced. A crash loses at most appends whose
-    futures were never resolved — never an acknowledged one.
+ 2. ``append`` resolves its future only after the rows are committed in WAL mode. A
+    group commit that holds any ``sync=True`` append (a local command, acknowledged to
+    a POS once durable) is ``synchronous=FULL``, i.e. fsynced, and so makes every row
+    before it durable too. Envelopes received from peers are appended with
+    ``sync=False`` and may be committed with ``synchronous=NORMAL`` (no fsync of their
+    own): a process crash loses none of them, a power cut can lose the newest ones
+    since the last fsync, which is safe because they are durable at their origin and
+    peers send them again (a new session starts from what the ledger holds). A crash
+    therefore never loses an acknowledged local command.
  3. One writer thread owns the write connection and batches every append waiting in
     its queue into one transaction (group commit): one fsync for up to
     ``LEDGER_MAX_BATCH`` envelopes. If a batch fails, it and every append queued after
@@ -68,7 +74,7 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     else:
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA synchronous=FULL")  # the writer lowers it per batch (inv. 2)
     conn.execute("PRAGMA busy_timeout=5000")
     return conn
 
@@ -87,6 +93,7 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._wconn = _connect(self.path)
+            self._sync_full = True  # the write connection's synchronous mode (inv. 2)
             self._wconn.executescript(_SCHEMA)
             if max_bytes is not None:
                 page = self._wconn.execute("PRAGMA page_size").fetchone()[0]
@@ -109,9 +116,10 @@ class Ledger:
 
     # --- writing -----------------------------------------------------------------------
 
-    def append(self, envs: Sequence[Envelope]) -> Future[int]:
+    def append(self, envs: Sequence[Envelope], *, sync: bool = True) -> Future[int]:
         """Queue envelopes for the next group commit; the future gives the last row id
-        once they are durable (or raises ``StorageFull`` / ``LedgerError``)."""
+        once they are committed (or raises ``StorageFull`` / ``LedgerError``): fsynced
+        when ``sync``, otherwise possibly not (invariant 2: peers' envelopes)."""
         fut: Future[int] = Future()
         if self._closed:
             fut.set_exception(LedgerError("ledger is closed"))
@@ -119,7 +127,7 @@ class Ledger:
         if self._failed is not None:
             fut.set_exception(self._failed)
             return fut
-        self._queue.put((list(envs), fut))  # blocks when full: back-pressure
+        self._queue.put((list(envs), fut, sync))  # blocks when full: back-pressure
         return fut
 
     def append_sync(self, envs: Sequence[Envelope]) -> int:
@@ -133,7 +141,7 @@ class Ledger:
             item = self._queue.get()
             if item is _STOP:
                 return
-            batch: list[tuple[list[Envelope], Future[int]]] = []
+            batch: list[tuple[list[Envelope], Future[int], bool]] = []
             stop = False
             rows = 0
             while True:
@@ -162,8 +170,14 @@ class Ledger:
             if stop:
                 return
 
+    def _set_sync(self, full: bool) -> None:
+        if full != self._sync_full:
+            self._wconn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+            self._sync_full = full
+
     def _run_job(self, fn: Callable[[sqlite3.Connection], None], fut: Future[int]) -> None:
         try:
+            self._set_sync(True)  # snapshots, evidence, compaction: always fsynced
             self._wconn.execute("BEGIN IMMEDIATE")
             fn(self._wconn)
             self._wconn.execute("COMMIT")
@@ -174,19 +188,20 @@ class Ledger:
             return
         fut.set_result(0)
 
-    def _commit(self, batch: list[tuple[list[Envelope], Future[int]]]) -> None:
+    def _commit(self, batch: list[tuple[list[Envelope], Future[int], bool]]) -> None:
         if not batch:
             return
         if self._failed is not None:
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 fut.set_exception(self._failed)
             return
-        rows = [(e.origin, e.seq, e.hlc, e.hash, e.raw) for envs, _ in batch for e in envs]
+        rows = [(e.origin, e.seq, e.hlc, e.hash, e.raw) for envs, _, _ in batch for e in envs]
         if not rows:
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 fut.set_result(self.last_id)
             return
         try:
+            self._set_sync(any(sync for _, _, sync in batch))
             self._wconn.execute("BEGIN IMMEDIATE")
             cur = self._wconn.executemany(
                 "INSERT INTO envelopes (origin, seq, hlc, hash, raw) "
@@ -202,13 +217,13 @@ class Ledger:
                 if _is_full(exc) else LedgerError(f"ledger write failed: {exc}")
             )
             self._failed = self.last_error = err
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 fut.set_exception(err)
             return
         self.last_id = last
         self.batches += 1
         self.last_error = None
-        for _, fut in batch:
+        for _, fut, _ in batch:
             fut.set_result(last)
 
     def reset_failure(self) -> None:
@@ -224,7 +239,8 @@ class Ledger:
         return self._failed
 
     def flush(self) -> None:
-        """Wait until everything queued so far is durable."""
+        """Wait until everything queued so far is committed (fsynced if it was
+        appended with ``sync``; see invariant 2)."""
         self.append([]).result()
 
     def _job(self, fn: Callable[[sqlite3.Connection], None], what: str) -> None:

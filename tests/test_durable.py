@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mesh.cli import main as cli
 from mesh.datadir import NodeIdentity, enrol_node, init_store, load_identity
 from mesh.durable import DurableReplica, rebuild
-from mesh.envelope import decode, seal
+from mesh.envelope import Envelope, decode, seal
 from mesh.errors import (
     BadSignature,
     BrokenChain,
@@ -309,3 +309,68 @@ def test_ledger_reads_do_not_block_on_writer(tmp_path: Path) -> None:
     stats = rebuild(Replica("store-1", "edge", "edge", ident.key), dr.ledger)
     assert stats.replayed == 1
     dr.close()
+
+
+def _sales(tmp_path: Path, n: int) -> list[Envelope]:
+    ident = init_store(tmp_path / "origin", "store-1", now_ms=NOW, node_id="edge")
+    r = Replica(ident.store_id, ident.node_id, ident.role, ident.key)
+    out = [r.receive("SKU-1", 10_000, txn="rcv", now_ms=NOW).envelope]
+    out += [r.sell("SKU-1", 1, txn=f"s{i}", now_ms=NOW).envelope for i in range(n - 1)]
+    return [e for e in out if e is not None]
+
+
+def test_peers_envelopes_are_committed_without_an_fsync_local_ones_with(
+        tmp_path: Path) -> None:
+    """Ledger invariant 2: a group commit of peers' envelopes only is synchronous=NORMAL
+    (they are durable at their origin); one holding a local command's envelope is FULL,
+    which also makes every row before it durable; jobs (snapshots) are always FULL."""
+    envs = _sales(tmp_path, 8)
+    lg = Ledger(tmp_path / "l" / "ledger.db")
+    lg.append(envs[:3], sync=False).result()
+    assert lg._sync_full is False
+    lg.append(envs[3:4]).result()  # a local command: fsynced, and the rows before it
+    assert lg._sync_full is True
+    lg.append(envs[4:6], sync=False).result()
+    assert lg._sync_full is False
+    lg.save_snapshot(6, b"{}")
+    assert lg._sync_full is True
+    assert lg.count() == 6
+    lg.close()
+
+
+def test_a_process_crash_loses_no_peer_envelope_committed_without_fsync(
+        tmp_path: Path) -> None:
+    """synchronous=NORMAL loses nothing on a process crash (the WAL is in the OS page
+    cache); only a power cut can lose the newest such rows, and peers resend those."""
+    import subprocess
+    import sys
+
+    envs = _sales(tmp_path, 50)
+    blob = tmp_path / "envs.bin"
+    blob.write_bytes(b"".join(len(e.raw).to_bytes(4, "big") + e.raw for e in envs))
+    db = tmp_path / "l" / "ledger.db"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from mesh.envelope import decode\n"
+        "from mesh.ledger import Ledger\n"
+        "data = open(sys.argv[1], 'rb').read(); envs = []; i = 0\n"
+        "while i < len(data):\n"
+        "    n = int.from_bytes(data[i:i + 4], 'big'); envs.append(decode(data[i + 4:i + 4 + n]))\n"
+        "    i += 4 + n\n"
+        "lg = Ledger(sys.argv[2])\n"
+        "for k in range(0, len(envs), 5):\n"
+        "    lg.append(envs[k:k + 5], sync=False).result()\n"
+        "print('done', flush=True)\n"
+        "time.sleep(60)\n"), str(blob), str(db)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "done"
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        if child.stdout is not None:
+            child.stdout.close()
+    lg = Ledger(db)
+    assert lg.count() == 50
+    assert lg.read_origin("edge", 1, 50) == [e.raw for e in envs]
+    lg.close()
