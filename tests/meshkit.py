@@ -65,6 +65,15 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+async def wait_until(predicate: Callable[[], bool], within: float, what: str) -> None:
+    """Poll ``predicate`` every 10 ms on the running loop, for at most ``within`` s."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 def tag() -> str:
     """A short random tag: store ids and node ids are unique per test, so other test
     runs advertising ``_storemesh._tcp`` on this machine cannot interfere (and mDNS

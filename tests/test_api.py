@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh import api
 from mesh.datadir import enrol_node, init_store
 from mesh.node import Node
+from tests.meshkit import now_ms, wait_until
 
 pytestmark = pytest.mark.asyncio
 
 Json = Any
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-async def wait_until(predicate: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest_asyncio.fixture

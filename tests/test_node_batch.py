@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from mesh.node import Node
 from mesh.replica import Replica
 from mesh.sync import Persist, SyncCore, encode_batch
 from tests.conftest import NOW, StoreKit
+from tests.meshkit import now_ms, wait_until
 
 
 def _chain(r: Replica, n: int, sku: str = "A", now: int = NOW) -> list[Envelope]:
@@ -188,16 +189,6 @@ def test_messages_of_an_unknown_type_and_oversized_ones_are_counted(kit: StoreKi
 # --- the node: one drain per loop iteration ---------------------------------------------
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-async def wait_until(predicate: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Peers:
@@ -251,9 +242,9 @@ def _count_appends(node: Node) -> list[int]:
     ledger = node.durable.ledger
     real = ledger.append
 
-    def counting(envs: Any) -> Any:
+    def counting(envs: Any, **kw: Any) -> Any:
         counts.append(len(envs))
-        return real(envs)
+        return real(envs, **kw)
 
     ledger.append = counting  # type: ignore[method-assign]
     return counts
