@@ -539,7 +539,7 @@ class _Api:
     async def _stream(self, queue: asyncio.Queue[dict[str, Any]],
                       resp: web.StreamResponse) -> None:
         """Write the queued events, all that are waiting in one write (a batch of durable
-        envelopes queues one event per SKU at once); a keepalive when idle."""
+        envelopes queues one event per SKU and origin at once); a keepalive when idle."""
         while not self._closing:
             if queue.empty():
                 try:

@@ -384,19 +384,21 @@ class Node:
 
     def _publish(self, envs: list[Envelope]) -> None:
         """Tell live-stream subscribers the new stock of every SKU these envelopes
-        touched (invariant 7 says when): one event per SKU, naming the newest envelope
-        that touched it."""
+        touched (invariant 7 says when): one event per SKU and origin, naming that
+        origin's newest envelope that touched the SKU. Per origin, not per SKU only: a
+        batch can hold several origins' changes to one SKU, and a subscriber tracking
+        (origin, seq) must see each origin's latest."""
         if not self._subscribers or not envs:
             return
         r = self.replica
-        newest: dict[str, Envelope] = {}  # one event per SKU per batch (a catch-up page
-        for env in envs:                  # must not flood, let alone drop, subscribers)
+        newest: dict[tuple[str, str], Envelope] = {}  # a catch-up page must not flood,
+        for env in envs:                                # let alone drop, subscribers
             for sku in r.touched_skus(env):
-                newest[sku] = env
+                newest[(sku, env.origin)] = env
         events = [{"sku": sku, "on_hand": r.on_hand(sku), "reserved": r.reserved(sku),
                    "available": r.available(sku), "origin": env.origin, "seq": env.seq,
                    "kind": env.meta["kind"], "hlc": env.hlc, "at_ms": env.hlc >> 16}
-                  for sku, env in sorted(newest.items())]
+                  for (sku, _), env in sorted(newest.items())]
         for q in list(self._subscribers):
             for ev in events:
                 try:

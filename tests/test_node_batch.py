@@ -277,6 +277,34 @@ async def test_messages_of_one_iteration_become_one_append_and_one_event_per_sku
 
 
 @pytest.mark.asyncio
+async def test_one_sku_changed_by_two_origins_in_one_batch_names_each_origin(
+        live: tuple[Node, Peers, list[Replica]]) -> None:
+    """A subscriber that waits for (origin, seq) must see every origin's newest change
+    of a SKU, even when two origins' changes to it land in one batch."""
+    node, _, (r1, r2) = live
+    a = _chain(r1, 3, "A", now_ms())  # receipt + 2 sales by reg-1
+    r2.apply(a[0], now_ms())  # reg-2 has heard of the receipt: it may sell A too
+    b = [r2.sell("A", 1, txn=f"r2-A-{i}", now_ms=now_ms()).envelope for i in range(2)]
+    c = r1.sell("A", 1, txn="r1-A-x", now_ms=now_ms()).envelope
+    assert c is not None and all(e is not None for e in b)
+    rows = node.durable.ledger.count()
+    for env in a:
+        node._on_message("reg-1", encode_batch([env.raw]))
+    await wait_until(lambda: node.durable.ledger.count() == rows + 3, 5, "reg-1 durable")
+    events = node.subscribe()
+    for env in [*b, c]:  # both origins change A in one iteration
+        assert env is not None
+        node._on_message("reg-2" if env.origin == "reg-2" else "reg-1",
+                         encode_batch([env.raw]))
+    await wait_until(lambda: events.qsize() >= 2, 5, "live-stream events")
+    await asyncio.sleep(0.05)
+    got = [events.get_nowait() for _ in range(events.qsize())]
+    assert [(e["sku"], e["origin"], e["seq"]) for e in got] == [("A", "reg-1", 4),
+                                                               ("A", "reg-2", 2)]
+    assert got[0]["on_hand"] == got[1]["on_hand"] == 10**6 - 2 - 1 - 2
+
+
+@pytest.mark.asyncio
 async def test_a_forged_envelope_in_a_drain_costs_the_other_peer_nothing(
         live: tuple[Node, Peers, list[Replica]]) -> None:
     node, _, (r1, r2) = live
