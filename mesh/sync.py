@@ -594,9 +594,12 @@ class SyncCore:
             if theirs.get(origin) > seq:
                 peer.sent.set(origin, theirs.get(origin))  # it got them elsewhere
             elif theirs.get(origin) < seq and (
+                    # we never sent it this origin in this session: what made us think
+                    # it holds them was wrong (it lost them, or said so falsely): resend
+                    origin not in peer.sent_at
                     # everything up to our last send of this origin has arrived, so the
                     # gap was refused (e.g. its certificate was missing) or lost: resend
-                    their_rx >= peer.sent_tx.get(origin, 2**62)
+                    or their_rx >= peer.sent_tx.get(origin, 2**62)
                     or now - peer.sent_at.get(origin, now) > config.SYNC_RETRANSMIT_MS):
                 # Sent long ago and still not acknowledged: lost (lossy link or a peer
                 # that restarted without them). Send again from what it holds.
@@ -657,20 +660,26 @@ class SyncCore:
                 self._count(exc.reason)
                 continue
             decoded.append((env, raw))
-        if decoded:
-            # The sender holds what it sends (contiguously): that acknowledges it too,
-            # and we must never send those back to it.
-            last = {env.origin: env.seq for env, _ in decoded}
-            for origin, seq in last.items():
-                if seq > peer.acked.get(origin):
-                    peer.acked.set(origin, seq)
-                if seq > peer.sent.get(origin):
-                    peer.sent.set(origin, seq)
         applied: list[Envelope] = []
         refused_before = self._refusals()
         pending_before = self.replica.pending_count()
         for run in _runs(decoded):
             applied.extend(self._apply_run(out, run, now))
+        # The sender holds what it sends: that acknowledges it too, and we must never
+        # send those back to it. Only for envelopes we now hold with the same hash
+        # (applied, or genuine duplicates): a forged or garbled copy of an envelope it
+        # lacks must not make us believe it holds it, or we would never send it the
+        # genuine one.
+        last: dict[str, int] = {}
+        hash_at = self.replica.hash_at
+        for env, _ in decoded:
+            if env.seq > last.get(env.origin, 0) and hash_at(env.origin, env.seq) == env.hash:
+                last[env.origin] = env.seq
+        for origin, seq in last.items():
+            if seq > peer.acked.get(origin):
+                peer.acked.set(origin, seq)
+            if seq > peer.sent.get(origin):
+                peer.sent.set(origin, seq)
         n = len(raws)
         peer.rx += n
         peer.unacked_in += n

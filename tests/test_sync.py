@@ -243,3 +243,25 @@ def test_a_clock_set_back_before_any_timer_fired_still_sends_summaries() -> None
     sent = [e for e in effects if type(e).__name__ == "Send" and e.data[:1] == b"V"]
     assert [e.peer for e in sent] == ["r1"]
     assert core.next_timer() is not None and core.next_timer() < edge.clock()
+
+
+def test_a_forged_copy_of_an_envelope_does_not_stop_the_genuine_one() -> None:
+    """An envelope a peer sends acknowledges that the peer holds it, but only once we
+    have verified it: a forged copy of r1's next envelope, injected on edge's session
+    to r1 before r1 made it, must not make r1 believe edge holds it (r1 would then
+    never push the genuine one). Found by the swarm (a byzantine injector)."""
+    from mesh.identity import NodeKey
+    from mesh.replica import Replica
+
+    w = _store(31, registers=1)
+    w.run_until(w.now + 10)
+    r1 = w.nodes["r1"]
+    impostor = Replica(w.store_id, "r1", "register", NodeKey.generate())
+    forged = impostor.receive("A", 5, txn="forged", now_ms=r1.clock()).envelope
+    assert forged is not None
+    r1.handle(r1.core.receive(encode_batch([forged.raw]), "edge", r1.clock()))
+    assert r1.core.stats.get("bad_signature") == 1
+    r1.command(lambda r: r.receive("A", 7, txn="genuine", now_ms=r1.clock()))
+    w.run_until(w.now + 50)
+    assert w.nodes["edge"].replica.vv.get("r1") == 1
+    assert w.nodes["edge"].replica.on_hand("A") == 7
