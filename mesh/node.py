@@ -522,6 +522,9 @@ class Node:
                 self._wan_closed[1] += received
             if self.sessions.get(pid) is session:
                 del self.sessions[pid]
+                # What it queued and the core has not seen dies with it: a next session
+                # of the same peer must not get this one's messages (sync: stale rx).
+                self._inbox = [(d, p) for d, p in self._inbox if p != pid]
                 if not self._closed:
                     self._handle(self.core.peer_down(pid, self.now_ms()))
             log.info("session down: %s (%s)", pid, session.close_reason)

@@ -263,9 +263,10 @@ class SyncCore:
         per second, so a peer that is keeping up hears from us n/SYNC_FULL_RATE_PEERS
         times less often: pushes still reach everyone at once, and a receiver that sees
         a gap or refuses something says so at once (SYNC_NACK_MS). A peer whose gap has
-        not moved for an interval gets the full rate."""
+        not moved for an interval gets the full rate, and so does a WAN link (its
+        interval is long already, and does not grow with the store's size)."""
         n = len(self.peers)
-        if n <= config.SYNC_FULL_RATE_PEERS or peer.stuck:
+        if peer.wan or n <= config.SYNC_FULL_RATE_PEERS or peer.stuck:
             return peer.interval
         return peer.interval * n // config.SYNC_FULL_RATE_PEERS
 
@@ -416,11 +417,34 @@ class SyncCore:
         if covered is None:  # memoised until any session or any peer's links change
             me = self.replica.node_id
             peers = self.peers
-            bridge = origin in peers
-            covered = self._covered[key] = any(
-                q != me and q in peers and origin in peers[q].links and (q < me or not bridge)
-                for q in peer.links)
+            if origin in peers:  # we are a bridge: defer only to a preferred one
+                covered = any(q != me and self._preferred_bridge(q, origin)
+                              for q in peer.links)
+            else:
+                covered = any(q != me and q in peers and origin in peers[q].links
+                              for q in peer.links)
+            self._covered[key] = covered
         return not covered
+
+    def _preferred_bridge(self, q: str, origin: str) -> bool:
+        """Whether peer ``q``, like us a bridge to ``origin`` (a node with a session to
+        it), should relay and serve ``origin``'s envelopes instead of us. Both ``q`` and
+        the origin must report that session (the origin's summary comes within
+        SYNC_LINKS_MS of a change; a WAN peer's may be minutes old). A LAN node never
+        defers to a peer it reaches over WAN (the cloud: a detour over the metered
+        link); a node whose sessions are all WAN (the cloud) defers to any LAN bridge.
+        Otherwise the smaller node id relays."""
+        peers = self.peers
+        p = peers.get(q)
+        o = peers.get(origin)
+        if p is None or o is None or origin not in p.links or q not in o.links:
+            return False
+        if self._wan_only():
+            return True
+        return not p.wan and q < self.replica.node_id
+
+    def _wan_only(self) -> bool:
+        return bool(self.peers) and all(p.wan for p in self.peers.values())
 
     def _pump(self, out: list[Effect], peer: _Peer, now: int,
               origins: set[str] | None = None) -> None:
@@ -576,6 +600,8 @@ class SyncCore:
             # Overtaken by a newer summary (a reordering link; rx only grows within a
             # session): what it says is out of date. Acting on it would lower what the
             # peer acknowledged, open the window twice and "repair" by resending.
+            # (A session's messages never reach the next one: the transport's session
+            # object, and the simulator's per-pair session numbers, see to that.)
             self._count("stale_summary")
             return
         peer.their_rx = their_rx
@@ -589,11 +615,14 @@ class SyncCore:
         peer.acked = theirs
         if first:
             peer.sent = theirs.copy()
+        else:
+            # What it holds it got somewhere: never send it those (for every origin it
+            # reports, also those we never sent it; else a node that takes over relaying
+            # an origin, or serves one lost push, would start from seq 1).
+            peer.sent.merge(theirs)
         tget = theirs.view().get
-        for origin, seq in [(o, q) for o, q in peer.sent.items() if tget(o, 0) != q]:
-            if theirs.get(origin) > seq:
-                peer.sent.set(origin, theirs.get(origin))  # it got them elsewhere
-            elif theirs.get(origin) < seq and (
+        for origin in [o for o, q in peer.sent.items() if tget(o, 0) < q]:
+            if (
                     # we never sent it this origin in this session: what made us think
                     # it holds them was wrong (it lost them, or said so falsely): resend
                     origin not in peer.sent_at
@@ -715,13 +744,21 @@ class SyncCore:
                 applied.extend(self._apply_one(out, env, now))
             if envs:
                 return applied
-        for decoded, _ in fresh:
+        i = 0
+        while i < len(fresh):
             try:
-                env = verify(decoded, self.trust, now)
+                env = verify(fresh[i][0], self.trust, now)
             except EnvelopeError as exc:
                 self._count(exc.reason)
-                break  # the rest of this origin's run cannot link past a bad envelope
+                # The rest of the run cannot link past a bad envelope, unless the run
+                # holds another copy of the one we still need (a retransmission merged
+                # into this batch): go on from that copy.
+                need = self.replica.vv.get(origin) + 1
+                i = next((k for k in range(i + 1, len(fresh)) if fresh[k][0].seq == need),
+                         len(fresh))
+                continue
             applied.extend(self._apply_one(out, env, now))
+            i += 1
         return applied
 
     def _apply_one(self, out: list[Effect], env: Envelope, now: int) -> list[Envelope]:
@@ -765,11 +802,10 @@ class SyncCore:
     def _relay_targets_for(self, source: _Peer, origin: str) -> tuple[str, ...]:
         """Peers we relay ``origin``'s envelopes to when they came from ``source``: those
         with no session with the origin or the source. When we had them from the origin
-        itself, and another peer of the target (with a smaller id) has a session with
-        the origin too, that one relays instead: two edge nodes holding the cloud's WAN
-        link do not both send each cloud envelope to every register."""
-        me = self.replica.node_id
-        bridges = sorted(q for q, p in self.peers.items() if origin in p.links and q < me)
+        itself, and another peer of the target is a preferred bridge to the origin
+        (``_preferred_bridge``), that one relays instead: two edge nodes holding the
+        cloud's WAN link do not both send each cloud envelope to every register."""
+        bridges = [q for q in self.peers if self._preferred_bridge(q, origin)]
         out = []
         for p in self.peers.values():
             if p is source or origin in p.reach or source.id in p.links:

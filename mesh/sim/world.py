@@ -155,6 +155,8 @@ class World:
         self._seq = 0
         self.nodes: dict[str, SimNode] = {}
         self.links: dict[tuple[str, str], LinkModel] = {}
+        #: session number per node pair (sorted): bumped when a session opens
+        self._sessions: dict[tuple[str, str], int] = {}
         self.store_key = NodeKey.from_bytes(self.rng.randbytes(32))
         self.trust_template = TrustStore(store_id, self.store_key.public_key)
         self.certs: list[Any] = []
@@ -230,6 +232,10 @@ class World:
         na, nb = self.nodes[a], self.nodes[b]
         ab, ba = self.links[(a, b)], self.links[(b, a)]
         if na.alive and nb.alive and ab.up and ba.up:
+            # A new session: what the old one still has in flight is never delivered
+            # into it (a TCP connection's bytes die with it).
+            pair = (a, b) if a < b else (b, a)
+            self._sessions[pair] = self._sessions.get(pair, 0) + 1
             wan = ab.kind == "wan"
             if wan:
                 # A new session, a new compression stream per direction (as the transport).
@@ -268,6 +274,7 @@ class World:
         link = self.links.get((src, dst))
         if link is None or not link.up:
             return
+        session = self._session_of(src, dst)
         link.messages += 1
         link.bytes += len(data)
         if link.codec is not None:
@@ -298,7 +305,10 @@ class World:
                 arrival = max(self.now + delay, link.last_arrival)
                 link.last_arrival = arrival
                 delay = arrival - self.now
-            self.after(delay, partial(self._deliver, src, dst, data))
+            self.after(delay, partial(self._deliver, src, dst, data, session))
+
+    def _session_of(self, a: str, b: str) -> int:
+        return self._sessions.get((a, b) if a < b else (b, a), 0)
 
     def _jitter(self, link: LinkModel) -> float:
         j = link.jitter_ms
@@ -322,11 +332,13 @@ class World:
         outside the link model (a byzantine injector or a man in the middle)."""
         self.after(delay, partial(self._deliver, src, dst, data))
 
-    def _deliver(self, src: str, dst: str, data: bytes) -> None:
+    def _deliver(self, src: str, dst: str, data: bytes, session: int | None = None) -> None:
         node = self.nodes[dst]
         link = self.links[(src, dst)]
         if not node.alive or not link.up or not node.core.is_up(src):
             return
+        if session is not None and session != self._session_of(src, dst):
+            return  # sent in an earlier session of this pair
         node.handle(node.core.receive(data, src, node.clock()))
 
 
