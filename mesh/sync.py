@@ -613,26 +613,28 @@ class SyncCore:
             peer.reach = new_links | {peer.id}
             self._topology_changed()
         peer.acked = theirs
+        tget = theirs.view().get
         if first:
             peer.sent = theirs.copy()
-        else:
+        elif peer.sent.view() != theirs.view():  # (equal: the common case, nothing to do)
             # What it holds it got somewhere: never send it those (for every origin it
             # reports, also those we never sent it; else a node that takes over relaying
             # an origin, or serves one lost push, would start from seq 1).
             peer.sent.merge(theirs)
-        tget = theirs.view().get
-        for origin in [o for o, q in peer.sent.items() if tget(o, 0) < q]:
-            if (
-                    # we never sent it this origin in this session: what made us think
-                    # it holds them was wrong (it lost them, or said so falsely): resend
-                    origin not in peer.sent_at
-                    # everything up to our last send of this origin has arrived, so the
-                    # gap was refused (e.g. its certificate was missing) or lost: resend
-                    or their_rx >= peer.sent_tx.get(origin, 2**62)
-                    or now - peer.sent_at.get(origin, now) > config.SYNC_RETRANSMIT_MS):
-                # Sent long ago and still not acknowledged: lost (lossy link or a peer
-                # that restarted without them). Send again from what it holds.
-                peer.sent = _lowered(peer.sent, origin, theirs.get(origin))
+            for origin in [o for o, q in peer.sent.items() if tget(o, 0) < q]:
+                if (
+                        # we never sent it this origin in this session: what made us
+                        # think it holds them was wrong (it lost them, or said so
+                        # falsely): resend
+                        origin not in peer.sent_at
+                        # everything up to our last send of this origin has arrived, so
+                        # the gap was refused (e.g. its certificate was missing) or
+                        # lost: resend
+                        or their_rx >= peer.sent_tx.get(origin, 2**62)
+                        or now - peer.sent_at.get(origin, now) > config.SYNC_RETRANSMIT_MS):
+                    # Sent long ago and still not acknowledged: lost (lossy link or a
+                    # peer that restarted without them). Send again from what it holds.
+                    peer.sent = _lowered(peer.sent, origin, theirs.get(origin))
         peer.stuck = frozenset(o for o, had in peer.held_at_report.items()
                                if tget(o, 0) < had)
         if peer.stuck:
