@@ -781,25 +781,25 @@ class SyncCore:
         to them itself (or they are covered, by the same rule, one hop nearer the
         origin). Without that rule, an envelope of the cloud reaching a store of 40
         registers that have no WAN link was relayed by every register to every other."""
-        origins = {e.origin for e in applied}
-        if len(origins) == 1:  # the common case: memoised targets, no scan of all peers
-            (origin,) = origins
-            key = (source.id, origin)
-            targets = self._relay_targets.get(key)
-            if targets is None:
-                targets = self._relay_targets[key] = self._relay_targets_for(source, origin)
-            for pid in targets:
-                peer = self.peers.get(pid)
-                if peer is not None and peer.ready:
-                    self._push(out, peer, applied, now)
-            return
-        for peer in self.peers.values():
-            if (peer is source or not peer.ready or origins <= peer.reach
-                    or source.id in peer.links):
-                continue
-            missing = origins - peer.reach
-            if missing:
-                self._push(out, peer, [e for e in applied if e.origin in missing], now)
+        targets: dict[str, tuple[str, ...]] = {}  # origin -> peers (memoised per topology)
+        for env in applied:
+            if env.origin not in targets:
+                key = (source.id, env.origin)
+                t = self._relay_targets.get(key)
+                if t is None:
+                    t = self._relay_targets[key] = self._relay_targets_for(source, env.origin)
+                targets[env.origin] = t
+        if len(targets) == 1:  # the common case: one origin, push the batch as it is
+            by_peer = dict.fromkeys(next(iter(targets.values())), applied)
+        else:
+            by_peer = {}
+            for env in applied:
+                for pid in targets[env.origin]:
+                    by_peer.setdefault(pid, []).append(env)
+        for pid, envs in by_peer.items():
+            peer = self.peers.get(pid)
+            if peer is not None and peer.ready:
+                self._push(out, peer, envs, now)
 
     def _relay_targets_for(self, source: _Peer, origin: str) -> tuple[str, ...]:
         """Peers we relay ``origin``'s envelopes to when they came from ``source``: those
