@@ -102,6 +102,14 @@ class FaultPlane:
                 del self._cuts[pair]
                 self.world.set_link(pair[0], pair[1], True)
 
+    def cut_all(self, pairs: list[Pair], uid: int) -> None:
+        for p in pairs:
+            self.cut(p, uid)
+
+    def uncut_all(self, pairs: list[Pair], uid: int) -> None:
+        for p in pairs:
+            self.uncut(p, uid)
+
     def _hole(self, a: str, b: str, uid: int, on: bool) -> None:
         users = self._holes.setdefault((a, b), [])
         if on:
@@ -169,15 +177,10 @@ class FaultPlane:
 
     def _cut_window(self, uid: int, pairs: list[Pair], at: float, end: float | None,
                     interval: Interval) -> None:
-        def down() -> None:
-            for p in pairs:
-                self.cut(p, uid)
-
         def up() -> None:
-            for p in pairs:
-                self.uncut(p, uid)
+            self.uncut_all(pairs, uid)
             self._healed(interval)
-        self._at(at, down)
+        self._at(at, partial(self.cut_all, pairs, uid))
         if end is not None:
             self._at(end, up)
 
@@ -197,16 +200,14 @@ class FaultPlane:
         def detect() -> None:
             if not state["over"]:
                 state["cut"] = True
-                for p in pairs:
-                    self.cut(p, uid)
+                self.cut_all(pairs, uid)
 
         def stop() -> None:
             state["over"] = True
             for a, b in directed:
                 self._hole(a, b, uid, False)
             if state["cut"]:
-                for p in pairs:
-                    self.uncut(p, uid)
+                self.uncut_all(pairs, uid)
             self._healed(interval)
         self._at(at, start)
         if end is None or at + detect_ms < end:
@@ -216,13 +217,8 @@ class FaultPlane:
 
     def _flap(self, uid: int, f: FaultSpec, pairs: list[Pair], at: float, end: float,
               interval: Interval) -> None:
-        def down() -> None:
-            for p in pairs:
-                self.cut(p, uid)
-
-        def up() -> None:
-            for p in pairs:
-                self.uncut(p, uid)
+        down = partial(self.cut_all, pairs, uid)
+        up = partial(self.uncut_all, pairs, uid)
         t = at
         while t < end:
             d_end = min(t + self.rng.uniform(*f.down_s) * 1000, end)
