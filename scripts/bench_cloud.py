@@ -70,7 +70,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -84,7 +83,11 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from benchkit import common_args, print_summary  # scripts/ is on sys.path when run as a script
+from benchkit import (  # scripts/ is on sys.path when run as a script
+    common_args,
+    print_summary,
+    run_dir,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -1492,10 +1495,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1_000 <= n <= 2_000_000:
         ap.error("--catchup-n must be within 1,000..2,000,000")
     sections = args.only or ["bytes", "catchup"]
-    if args.dir is not None:
-        args.dir.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="bench_cloud-", dir=args.dir))
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    root, started = run_dir("bench_cloud", args.dir)
     console.print(f"bench_cloud {'--quick ' if args.quick else ''}started {started}; "
                   f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; data in {root}")
     results: dict[str, Any] = {}

@@ -38,7 +38,6 @@ import sqlite3
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -48,7 +47,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from benchkit import common_args, print_summary  # scripts/ is on sys.path when run as a script
+from benchkit import (  # scripts/ is on sys.path when run as a script
+    common_args,
+    print_summary,
+    run_dir,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -763,10 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1_000 <= n_rebuild <= 10_000_000:
         ap.error("--rebuild-n must be within 1,000..10,000,000")
     sections = args.only or ["sales", "verify", "rebuild"]
-    if args.dir is not None:
-        args.dir.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="bench_core-", dir=args.dir))
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    root, started = run_dir("bench_core", args.dir)
     console.print(f"bench_core {'--quick ' if args.quick else ''}started {started}; "
                   f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; data in {root}")
     results: dict[str, Any] = {}

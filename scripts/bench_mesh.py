@@ -68,7 +68,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -80,7 +79,11 @@ from typing import Any
 
 import aiohttp
 import orjson
-from benchkit import common_args, print_summary  # scripts/ is on sys.path when run as a script
+from benchkit import (  # scripts/ is on sys.path when run as a script
+    common_args,
+    print_summary,
+    run_dir,
+)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.table import Table
@@ -1730,10 +1733,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile is not None and not args.py_spy:
         ap.error("--profile needs py-spy (pip install py-spy, or --py-spy PATH)")
     prof = Profiler(args.py_spy if args.profile else None, args.profile)
-    if args.dir is not None:
-        args.dir.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="bench_mesh-", dir=args.dir))
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    root, started = run_dir("bench_mesh", args.dir)
     global CODE_DIR
     CODE_DIR = snapshot_code(root)
     code0 = code_fingerprint(CODE_DIR)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["common_args", "print_summary"]
+__all__ = ["common_args", "print_summary", "run_dir"]
 
 
 def print_summary(console: Console, rows: list[dict[str, Any]], quick: bool) -> None:
@@ -30,3 +32,12 @@ def common_args(ap: argparse.ArgumentParser, quick_help: str, keep_help: str) ->
     ap.add_argument("--dir", type=Path, default=None,
                     help="parent of the temporary data directories (default: system temp)")
     ap.add_argument("--keep", action="store_true", help=keep_help)
+
+
+def run_dir(name: str, parent: Path | None) -> tuple[Path, str]:
+    """A fresh data directory for one run (under ``--dir`` if given) and the start time
+    as printed in the banner and stored in the JSON."""
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent))
+    return root, time.strftime("%Y-%m-%d %H:%M:%S %Z")
