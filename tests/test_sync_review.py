@@ -209,8 +209,9 @@ def test_relayer_takeover_does_not_resend_the_origins_history() -> None:
     assert took < 100
 
 
-def test_one_lost_push_is_repaired_without_resending_history() -> None:
-    w = World(2)
+def _full_mesh(seed: int) -> World:
+    """An edge and three registers, every pair with a session, after 100 ms."""
+    w = World(seed)
     w.add_node("edge", "edge")
     for r in ("r1", "r2", "r3"):
         w.add_node(r)
@@ -219,6 +220,11 @@ def test_one_lost_push_is_repaired_without_resending_history() -> None:
         for b in ids[i + 1:]:
             w.connect(a, b)
     w.run_until(100)
+    return w
+
+
+def test_one_lost_push_is_repaired_without_resending_history() -> None:
+    w = _full_mesh(2)
     _stock(w.nodes["edge"], qty=10**6)
     w.run_until(w.now + 50)
     r1, r2 = w.nodes["r1"], w.nodes["r2"]
@@ -374,15 +380,7 @@ def test_a_node_enrolled_after_the_others_converges_without_an_initial_c(
 
 
 def test_a_revocation_reaches_every_node_and_later_envelopes_are_refused() -> None:
-    w = World(4)
-    w.add_node("edge", "edge")
-    for r in ("r1", "r2", "r3"):
-        w.add_node(r)
-    ids = list(w.nodes)
-    for i, a in enumerate(ids):
-        for b in ids[i + 1:]:
-            w.connect(a, b)
-    w.run_until(100)
+    w = _full_mesh(4)
     _stock(w.nodes["edge"])
     w.run_until(w.now + 100)
     crl = issue_revocations(w.store_key, store_id=w.store_id, version=1, revoked={"r3"})
