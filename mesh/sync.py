@@ -616,7 +616,7 @@ class SyncCore:
         tget = theirs.view().get
         if first:
             peer.sent = theirs.copy()
-        elif peer.sent.view() != theirs.view():  # (equal: the common case, nothing to do)
+        elif peer.sent != theirs:  # (equal: the common case, nothing to do)
             # What it holds it got somewhere: never send it those (for every origin it
             # reports, also those we never sent it; else a node that takes over relaying
             # an origin, or serves one lost push, would start from seq 1).
