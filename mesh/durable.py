@@ -16,6 +16,10 @@ Invariants:
     in memory and nothing acknowledged is lost.
  4. A snapshot is written only when no append is in flight, so it covers exactly the
     rows up to the last committed one.
+ 5. A replayed command (same txn id, same content) is acknowledged no earlier than its
+    original: while the original's envelope is still being written, the replay gets the
+    original's own future, so a crash in that window cannot lose a sale that a retrying
+    till was told is recorded. If the original's write fails, so does the replay.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from mesh import config
@@ -81,6 +86,9 @@ class DurableReplica:
         self.counters = _Counters()
         self.rebuild_stats = rebuild(self.replica, ledger)
         self._in_flight = 0
+        #: seq -> the durability future of our own envelopes not yet on disk: a replay
+        #: of their command is answered with the original's future (invariant 5).
+        self._pending_local: dict[int, Future[int]] = {}
         self._lock = threading.Lock()
         self._since_snapshot = self.rebuild_stats.replayed
 
@@ -104,10 +112,18 @@ class DurableReplica:
             self.recover()
         result = command(self.replica)
         if result.envelope is None:
+            pending = self._pending_local.get(result.seq) if result.duplicate else None
+            if pending is not None:
+                return result, pending  # the original is still being written
             done: Future[int] = Future()
             done.set_result(self.ledger.last_id)
             return result, done
-        return result, self._append([result.envelope])
+        fut = self._append([result.envelope])
+        if not fut.done():
+            seq = result.envelope.seq
+            self._pending_local[seq] = fut
+            fut.add_done_callback(partial(self._written, seq))
+        return result, fut
 
     # --- remote envelopes -------------------------------------------------------------
 
@@ -161,6 +177,9 @@ class DurableReplica:
         self._since_snapshot += len(envs)
         return fut
 
+    def _written(self, seq: int, _: Future[int]) -> None:
+        self._pending_local.pop(seq, None)  # on the writer thread; dict ops are atomic
+
     def _landed(self, _: Future[int]) -> None:
         with self._lock:  # runs on the ledger's writer thread
             self._in_flight -= 1
@@ -189,6 +208,7 @@ class DurableReplica:
     def recover(self) -> None:
         """After a failed write: drop memory state and rebuild from what is on disk."""
         self.ledger.reset_failure()
+        self._pending_local.clear()  # their commands are not on disk: a replay is new
         self.replica = self._fresh_replica()
         self.rebuild_stats = rebuild(self.replica, self.ledger)
         self._since_snapshot = self.rebuild_stats.replayed

@@ -217,6 +217,8 @@ class Node:
             self._recover()
         result, fut = self.durable.execute(fn)
         if result.envelope is None:
+            if not fut.done():  # a replay of a command still being written (durable inv. 5)
+                await asyncio.wrap_future(fut)
             return result
         try:
             await asyncio.wrap_future(fut)

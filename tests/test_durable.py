@@ -374,3 +374,63 @@ def test_a_process_crash_loses_no_peer_envelope_committed_without_fsync(
     assert lg.count() == 50
     assert lg.read_origin("edge", 1, 50) == [e.raw for e in envs]
     lg.close()
+
+
+def _hold_writer(ledger: Ledger) -> threading.Event:
+    """Occupy the ledger's writer thread until the returned event is set: whatever is
+    appended meanwhile is queued, not yet written (the window a crash can hit)."""
+    release = threading.Event()
+    started = threading.Event()
+
+    def job(_conn: sqlite3.Connection) -> None:
+        started.set()
+        release.wait(10)
+
+    threading.Thread(target=ledger._job, args=(job, "hold"), daemon=True).start()
+    assert started.wait(5)
+    return release
+
+
+def test_replay_is_acknowledged_only_once_the_original_is_durable(tmp_path: Path) -> None:
+    """Issue 10 item 1: a till retrying a sale while the original is still being written
+    must not get its ``duplicate`` answer before the original is on disk."""
+    ident = init_store(tmp_path / "n", "store-1", now_ms=NOW, node_id="edge")
+    dr = DurableReplica.open(ident.data_dir)
+    dr.execute(lambda r: r.receive("SKU-1", 10, txn="rcv", now_ms=NOW))[1].result()
+    release = _hold_writer(dr.ledger)
+    first, fut1 = dr.execute(lambda r: r.sell("SKU-1", 1, txn="sale-1", now_ms=NOW))
+    again, fut2 = dr.execute(lambda r: r.sell("SKU-1", 1, txn="sale-1", now_ms=NOW))
+    assert again.duplicate and again.seq == first.seq
+    assert not fut1.done()
+    assert not fut2.done(), "the replay was acknowledged before the original was durable"
+    release.set()
+    assert fut2.result(5) == fut1.result(5)
+    # once durable, a replay is answered at once
+    late, fut3 = dr.execute(lambda r: r.sell("SKU-1", 1, txn="sale-1", now_ms=NOW))
+    assert late.duplicate and fut3.done()
+    dr.close()
+
+
+def test_replay_of_a_failed_write_fails_too(tmp_path: Path) -> None:
+    ident = init_store(tmp_path / "n", "store-1", now_ms=NOW, node_id="edge")
+    dr = DurableReplica(ident, Ledger(ident.ledger_path, max_bytes=40 * 1024))
+    dr.execute(lambda r: r.receive("SKU-1", 10**6, txn="rcv", now_ms=NOW))[1].result()
+    failed = None
+    for i in range(2000):
+        release = _hold_writer(dr.ledger)
+        _, fut1 = dr.execute(lambda r, i=i: r.sell("SKU-1", 1, txn=f"s{i}", now_ms=NOW,
+                                                   note="z" * 300))
+        again, fut2 = dr.execute(lambda r, i=i: r.sell("SKU-1", 1, txn=f"s{i}", now_ms=NOW,
+                                                       note="z" * 300))
+        assert again.duplicate
+        release.set()
+        try:
+            fut1.result(5)
+        except StorageFull as exc:
+            failed = exc
+            with pytest.raises(StorageFull):
+                fut2.result(5)
+            break
+        fut2.result(5)
+    assert failed is not None
+    dr.close()
