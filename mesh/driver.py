@@ -64,7 +64,6 @@ class Faults:
 
     unbatched_receive: bool = False  #: hand each message to the core on its own
     ack_before_durable: bool = False  #: acknowledge a command before its fsync
-    no_duplicate_wait: bool = False  #: answer a replay at once, original still writing
     no_recover: bool = False  #: keep memory after a failed write
     flat_priority: bool = False  #: send everything at HIGH priority
 
@@ -134,9 +133,6 @@ class Driver:
         result, fut = self.durable.execute(fn)
         env = result.envelope
         if env is None:
-            if self.faults.no_duplicate_wait and not fut.done():
-                done(result, None)
-                return result
             self._when(fut, lambda f: done(result, f.exception()))
             return result
         for listener in self.signed_listeners:
@@ -177,20 +173,20 @@ class Driver:
     def session_up(self, peer: str, *, wan: bool) -> None:
         now = self.clock.realtime_ms()
         self.last_seen[peer] = now
-        self._carry_out(self.core.peer_up(peer, now, wan=wan))
+        self.carry_out(self.core.peer_up(peer, now, wan=wan))
 
     def session_down(self, peer: str) -> None:
         # What it queued and the core has not seen dies with it (invariant 2).
         self._inbox = [(d, p) for d, p in self._inbox if p != peer]
         if not self.closed:
-            self._carry_out(self.core.peer_down(peer, self.clock.realtime_ms()))
+            self.carry_out(self.core.peer_down(peer, self.clock.realtime_ms()))
 
     def message(self, peer: str, data: bytes) -> None:
         """A session received a message: queue it for this batch boundary's drain."""
         if self.closed:
             return
         if self.faults.unbatched_receive:
-            self._carry_out(self.core.receive(data, peer, self.clock.realtime_ms()))
+            self.carry_out(self.core.receive(data, peer, self.clock.realtime_ms()))
             return
         if not self._inbox:
             self.clock.call_soon(self._drain)
@@ -203,11 +199,11 @@ class Driver:
         now = self.clock.realtime_ms()
         for _, peer in items:
             self.last_seen[peer] = now
-        self._carry_out(self.core.receive_many(items, now))
+        self.carry_out(self.core.receive_many(items, now))
 
     # --- effects ------------------------------------------------------------------------------
 
-    def _carry_out(self, effects: list[Effect]) -> None:
+    def carry_out(self, effects: list[Effect]) -> None:
         persist: list[Envelope] = []
         for eff in effects:
             if isinstance(eff, Send):
@@ -244,7 +240,7 @@ class Driver:
         raws = [] if exc is not None else fut.result()
         if exc is not None:
             log.warning("ledger read for %s failed: %s", eff.origin, exc)
-        self._carry_out(self.core.fetched(eff.peer, eff.origin, eff.first, raws,
+        self.carry_out(self.core.fetched(eff.peer, eff.origin, eff.first, raws,
                                           self.clock.realtime_ms()))
 
     def _alert(self, eff: Alert) -> None:
@@ -266,7 +262,7 @@ class Driver:
         batch, self._durable_batch = self._durable_batch, []
         if not batch or self.closed:
             return
-        self._carry_out(self.core.durable(batch, self.clock.realtime_ms()))
+        self.carry_out(self.core.durable(batch, self.clock.realtime_ms()))
         for listener in self.durable_listeners:
             try:
                 listener(batch)
@@ -292,7 +288,7 @@ class Driver:
     def _fire(self) -> None:
         self._timer = None
         if not self.closed:
-            self._carry_out(self.core.on_timer(self.clock.realtime_ms()))
+            self.carry_out(self.core.on_timer(self.clock.realtime_ms()))
 
     # --- snapshots ----------------------------------------------------------------------------
 
