@@ -22,9 +22,10 @@ Invariants:
     append, in effect order (= apply order: ledger invariant 1).
  4. After a failed write the replica is rebuilt from storage (``recover``) before any
     further command, and the core's view of what is stored is reset with it.
- 5. Envelopes that became durable during one batch boundary reach the core in one
-    ``SyncCore.durable`` call (a group commit becomes one push per peer), and then the
-    ``durable`` listeners, in apply order.
+ 5. Storage completions that arrive together (one group commit) are taken in one
+    batch boundary, and the envelopes they made durable reach the core in one
+    ``SyncCore.durable`` call (one push per peer), then the ``durable`` listeners, in
+    apply order.
  6. One timer is armed at a time, for the core's next deadline (never further than one
     sync interval away: deadlines are wall-clock times, and a wall clock set back must
     not stall the node). When it fires, ``SyncCore.on_timer`` runs.
@@ -35,6 +36,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -66,6 +68,7 @@ class Faults:
     ack_before_durable: bool = False  #: acknowledge a command before its fsync
     no_recover: bool = False  #: keep memory after a failed write
     flat_priority: bool = False  #: send everything at HIGH priority
+    empty_snapshot: bool = False  #: snapshot a fresh replica instead of ours
 
 
 class Driver:
@@ -88,13 +91,17 @@ class Driver:
         self.applied_listeners: list[Callable[[list[Envelope], bool], None]] = []
         #: Called with a local envelope as soon as a command signed it (not yet durable).
         self.signed_listeners: list[Callable[[Envelope], None]] = []
+        #: Called after ``recover`` rebuilt the replica from storage.
+        self.recovered_listeners: list[Callable[[], None]] = []
         self.alerts: list[Alert] = []
         self.last_seen: dict[str, int] = {}
         self.closed = False
         self._inbox: list[tuple[bytes, str]] = []  # (data, peer) since the last drain
         self._durable_batch: list[Envelope] = []
+        self._done: deque[tuple[Callable[[Future[Any]], None], Future[Any]]] = deque()
         self._timer: Cancel | None = None
         self._timer_at = 0.0
+        self._timer_deadline = 0  # the wall-clock time the armed timer serves
         self._snapshot_timer: Cancel | None = None
 
     @property
@@ -120,8 +127,22 @@ class Driver:
 
     def _when(self, fut: Future[Any], fn: Callable[[Future[Any]], None]) -> None:
         """Call ``fn(fut)`` on the driver's thread once ``fut`` is done (storage futures
-        may complete on a writer thread)."""
-        fut.add_done_callback(lambda f: self.clock.call_soon(partial(fn, f)))
+        may complete on a writer thread). Completions that arrive together (one group
+        commit) are taken in one batch boundary (invariant 5)."""
+        done = self._done
+
+        def landed(f: Future[Any]) -> None:
+            done.append((fn, f))  # deque: atomic, from any thread
+            if len(done) == 1:
+                self.clock.call_soon(self._run_done)
+        fut.add_done_callback(landed)
+
+    def _run_done(self) -> None:
+        done = self._done
+        while done:
+            fn, f = done.popleft()
+            fn(f)
+        self._flush_durable()
 
     # --- local commands -----------------------------------------------------------------
 
@@ -167,6 +188,8 @@ class Driver:
         self.durable.recover()
         self.core.replica = self.durable.replica
         self.core.stored = self.durable.replica.vv.copy()
+        for listener in self.recovered_listeners:
+            listener()
 
     # --- sessions and messages --------------------------------------------------------------
 
@@ -254,9 +277,7 @@ class Driver:
         self.worker.run(self.identity.save, _log_failure("trust store not saved"))
 
     def _became_durable(self, envs: list[Envelope]) -> None:
-        if not self._durable_batch:
-            self.clock.call_soon(self._flush_durable)
-        self._durable_batch.extend(envs)
+        self._durable_batch.extend(envs)  # flushed at the end of this _run_done
 
     def _flush_durable(self) -> None:
         batch, self._durable_batch = self._durable_batch, []
@@ -276,13 +297,17 @@ class Driver:
         nxt = self.core.next_timer()
         if nxt is None or self.closed:
             return
-        delay = min(max(0, nxt - self.clock.realtime_ms()), config.SYNC_INTERVAL_MS)
+        if self._timer is not None and nxt >= self._timer_deadline:
+            return  # the armed one comes first (the common case: no clock reads)
+        now = self.clock.realtime_ms()
+        delay = min(max(0, nxt - now), config.SYNC_INTERVAL_MS)
         at = self.clock.monotonic_ms() + delay
         if self._timer is not None:
             if self._timer_at <= at:
                 return  # the armed one comes first; it re-arms when it fires
             self._timer.cancel()
         self._timer_at = at
+        self._timer_deadline = now + delay
         self._timer = self.clock.call_at(at, self._fire)
 
     def _fire(self) -> None:
@@ -308,6 +333,8 @@ class Driver:
         if self.storage.failed is not None or not self.durable.snapshot_due():
             return False
         upto, state = self.durable.take_snapshot()
+        if self.faults.empty_snapshot:
+            state = self.durable._fresh_replica().snapshot()
         self.worker.run(partial(self.storage.save_snapshot, upto, state),
                         _log_failure("snapshot skipped, retried later"))
         return True

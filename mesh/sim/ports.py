@@ -6,6 +6,8 @@ Invariants:
  1. ``SimClock``: ``monotonic_ms`` is the world's virtual time; ``realtime_ms`` is that
     plus the node's skew (which a ``clock_jump`` fault steps); ``call_soon`` runs at the
     same virtual instant after everything already scheduled for it (the batch boundary).
+    While the node is frozen (``freeze`` fault, SIGSTOP-like) nothing it scheduled runs;
+    it all runs, in order, when the node resumes.
  2. ``SimDisk``: rows replay in append order. A group commit covers every row appended
     before it starts; its futures resolve ``fsync_ms`` (plus any injected slowness)
     later, and only then are the rows durable. A crash keeps exactly the durable rows
@@ -14,7 +16,7 @@ Invariants:
     and fails every later append until ``reset_failure``.
  3. ``SimTransport`` only hands messages to ``World.send`` (priority, send filter);
     the world's links model queueing, physics and the WAN codec, both ways.
- 4. ``SimWorker`` runs a call inline, as a zero-latency thread would.
+ 4. ``SimWorker`` runs a call ``latency_ms`` later, as a thread would.
 """
 
 from __future__ import annotations
@@ -38,15 +40,20 @@ T = TypeVar("T")
 
 
 class _Call:
-    __slots__ = ("cancelled", "fn")
+    __slots__ = ("cancelled", "fn", "node")
 
-    def __init__(self, fn: Callable[[], None]) -> None:
+    def __init__(self, fn: Callable[[], None], node: SimNode) -> None:
         self.fn = fn
+        self.node = node
         self.cancelled = False
 
     def __call__(self) -> None:
-        if not self.cancelled:
-            self.fn()
+        if self.cancelled:
+            return
+        if self.node.frozen:
+            self.node.defer(self)  # a stopped process runs its timers once resumed
+            return
+        self.fn()
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -68,25 +75,36 @@ class SimClock:
         return self.world.wall_ms(self.node.skew_ms)
 
     def call_at(self, monotonic_ms: float, fn: Callable[[], None]) -> _Call:
-        call = _Call(fn)
+        call = _Call(fn, self.node)
         self.world.at(monotonic_ms, call)
         return call
 
     def call_soon(self, fn: Callable[[], None]) -> None:
-        self.world.at(self.world.now, fn)
+        if self.node.frozen:
+            self.node.defer(fn)
+        else:
+            self.world.at(self.world.now, fn)
 
 
 class SimWorker:
-    """``Worker``: the call runs now, inline."""
+    """``Worker``: the call runs ``latency_ms`` later (a thread hop and a read), then
+    ``done``; never inline, so a driver that loops on reads advances virtual time."""
 
-    @staticmethod
-    def run(fn: Callable[[], T], done: Callable[[Future[T]], None]) -> None:
-        fut: Future[T] = Future()
-        try:
-            fut.set_result(fn())
-        except Exception as exc:
-            fut.set_exception(exc)
-        done(fut)
+    __slots__ = ("clock", "latency_ms")
+
+    def __init__(self, clock: SimClock, latency_ms: float = 0.05) -> None:
+        self.clock = clock
+        self.latency_ms = latency_ms
+
+    def run(self, fn: Callable[[], T], done: Callable[[Future[T]], None]) -> None:
+        def call() -> None:
+            fut: Future[T] = Future()
+            try:
+                fut.set_result(fn())
+            except Exception as exc:
+                fut.set_exception(exc)
+            done(fut)
+        self.clock.call_at(self.clock.monotonic_ms() + self.latency_ms, call)
 
 
 @dataclass(slots=True)
@@ -147,6 +165,7 @@ class SimDisk:
         self.failed: BaseException | None = None
         self.fsyncs = 0
         self.batches = 0
+        self.appends = 0
         self.snapshots: list[tuple[int, bytes]] = []
         self.evidence: list[tuple[str, int, bytes, bytes]] = []
         self._queue: list[tuple[int, Future[int]]] = []  # (rows up to, future)
@@ -164,6 +183,7 @@ class SimDisk:
         if self.failed is not None:
             fut.set_exception(self.failed)
             return fut
+        self.appends += 1
         self.rows.extend(envs)
         self._queue.append((len(self.rows), fut))
         self._kick()

@@ -138,7 +138,8 @@ def run_scenario(sc: Scenario, seed: int | None = None, *, randomise: bool = Fal
                         max(sc.warmup_s * 1000, (sc.byzantine.start_s or 0) * 1000),
                         min(end_ms, (sc.byzantine.end_s or sc.duration_s) * 1000))
     _connect(w, sc)
-    faults = FaultPlane(w, sc, fault_rng, checker.healed, workload.mid_sale)
+    faults = FaultPlane(w, sc, fault_rng, checker.healed, workload.mid_sale,
+                        workload.retry_now)
     if setup is not None:
         setup(RunContext(w, checker, workload, faults))
     workload.start()

@@ -223,7 +223,10 @@ class World:
                 link.low.clear()
             node = self.nodes[x]
             if node.alive and node.core.is_up(y):
-                node.driver.session_down(y)
+                if node.frozen:  # it learns when it runs again
+                    node.defer(partial(node.lost_session, y))
+                else:
+                    node.driver.session_down(y)
 
     def drop_session(self, a: str, b: str, reason: str) -> None:
         """A transport ended the session a<->b (slow peer, bad WAN message): both ends
@@ -248,7 +251,7 @@ class World:
 
     def _reconnect(self, a: str, b: str) -> None:
         na, nb = self.nodes[a], self.nodes[b]
-        if not (na.alive and nb.alive) or na.core.is_up(b):
+        if not (na.alive and nb.alive) or na.frozen or nb.frozen or na.core.is_up(b):
             return
         self._session_up(a, b)
 
@@ -358,6 +361,9 @@ class World:
             return
         if session is not None and session != self._session_of(src, dst):
             return  # sent in an earlier session of this pair
+        if node.frozen:  # the kernel holds it until the process runs again
+            node.defer(partial(self._deliver, src, dst, data, session))
+            return
         node.driver.message(src, data)
 
 
@@ -389,8 +395,11 @@ class SimNode:
         self.disk = SimDisk(world, fsync_ms)
         self.sim_clock = SimClock(world, self)
         self.transport = SimTransport(world, self)
-        self.worker = SimWorker()
+        self.worker = SimWorker(self.sim_clock)
         self.alive = True
+        #: SIGSTOP-like: nothing of this process runs; what it would run waits here
+        self.frozen = False
+        self._deferred: list[Callable[[], None]] = []
         self.alerts: list[Alert] = []
         self.acked: list[CommandResult] = []
         #: Fault hook: sees every message this node sends (peer, bytes) and returns the
@@ -414,6 +423,7 @@ class SimNode:
         self.driver.alerts = self.alerts
         self.driver.signed_listeners.append(self._signed)
         self.driver.applied_listeners.append(self._applied)
+        self.driver.recovered_listeners.append(self._recovered)
         for hook in self.on_boot:
             hook(self.driver)
         self.driver.start()
@@ -431,6 +441,9 @@ class SimNode:
 
     def _signed(self, env: Envelope) -> None:
         self.world.emit("created", node=self.node_id, envelope=env)
+
+    def _recovered(self) -> None:
+        self.world.emit("recovered", node=self.node_id)
 
     def _applied(self, envs: list[Envelope], local: bool) -> None:
         if not local:
@@ -477,7 +490,32 @@ class SimNode:
         """Carry out effects a test took from the core directly."""
         self.driver.carry_out(effects)
 
-    # --- crash and restart ------------------------------------------------------------------
+    # --- freeze, crash and restart --------------------------------------------------------
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        self._deferred.append(fn)
+
+    def lost_session(self, peer: str) -> None:
+        if self.core.is_up(peer):
+            self.driver.session_down(peer)
+
+    def freeze(self) -> None:
+        """SIGSTOP: timers, message deliveries and completions wait until ``resume``."""
+        if self.alive:
+            self.frozen = True
+
+    def resume(self) -> None:
+        """SIGCONT: everything that waited runs now, in order; dropped sessions re-open."""
+        if not self.frozen:
+            return
+        self.frozen = False
+        todo, self._deferred = self._deferred, []
+        for fn in todo:
+            self.world.at(self.world.now, fn)
+        for (a, b) in list(self.world.links):
+            if a == self.node_id and not self.core.is_up(b):
+                self.world.after(self.world.discovery_delay(),
+                                 partial(self.world._reconnect, self.node_id, b))
 
     def crash(self) -> None:
         """Power loss: the process (driver, replica, core) is gone, the disk keeps only
@@ -485,6 +523,8 @@ class SimNode:
         if not self.alive:
             return
         self.alive = False
+        self.frozen = False
+        self._deferred = []
         self.driver.close()
         self.disk.crash()
         for other in self.world.nodes.values():
