@@ -26,6 +26,7 @@ SHIPPED = {
     "busy_saturday_40": 0.01,
     "cloud_cut_off_day": 0.01,
     "swarm_small": 1.0,
+    "driver_faults": 1.0,
 }
 
 REQUIRED_KEYS = ("converged", "convergence_ms", "lost_ops", "duplicate_applies",
