@@ -127,7 +127,9 @@ class SimIdentity:
     def reload(self) -> None:
         """A restart: the trust store is what was last saved."""
         if self.saved:
+            verifier = self.trust.verifier
             self.trust = TrustStore.from_dict(self.saved)
+            self.trust.verifier = verifier
 
 
 @dataclass(slots=True)

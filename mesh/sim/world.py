@@ -47,7 +47,7 @@ from mesh import config
 from mesh.driver import Driver
 from mesh.durable import DurableReplica
 from mesh.envelope import Envelope, decode
-from mesh.identity import NodeKey, TrustStore, issue_certificate
+from mesh.identity import NodeKey, TrustStore, Verifier, issue_certificate
 from mesh.replica import CommandResult, Replica
 from mesh.sim.ports import SimClock, SimDisk, SimIdentity, SimTransport, SimWorker
 from mesh.sync import HIGH, Alert, Effect, SyncCore
@@ -127,6 +127,9 @@ class World:
         #: session number per node pair (sorted): bumped when a session opens
         self._sessions: dict[tuple[str, str], int] = {}
         self.store_key = NodeKey.from_bytes(self.rng.randbytes(32))
+        #: One signature-check memory for every node hosted in this process (an object
+        #: the world owns, not process-global state).
+        self.verifier = Verifier()
         self.trust_template = TrustStore(store_id, self.store_key.public_key)
         self.certs: list[Any] = []
         self.observers: list[Callable[[str, dict[str, Any]], None]] = []
@@ -389,6 +392,7 @@ class SimNode:
         self.snapshot_every = snapshot_every
         self.certificate = world.certs[-1]
         trust = TrustStore(world.store_id, world.store_key.public_key)
+        trust.verifier = world.verifier
         trust.add_certificate(self.certificate)
         self.identity = SimIdentity(node_id, world.store_id, role, key, trust,
                                     self.certificate)
