@@ -83,7 +83,7 @@ class SimClock:
         if self.node.frozen:
             self.node.defer(fn)
         else:
-            self.world.at(self.world.now, fn)
+            self.world.soon(fn)
 
 
 class SimWorker:

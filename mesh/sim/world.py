@@ -21,14 +21,16 @@ Invariants:
  6. Per directed link, messages queue while the link is busy (bandwidth) or a LOW one
     waits; HIGH leaves before LOW; more than ``SESSION_MAX_QUEUE`` queued drops the
     session (a slow peer), as the real ``Session`` does.
- 5. Fault hooks (``LinkModel.blackhole``, ``SimNode.send_filter``,
-    ``SimDisk.lie_about_fsync``) only change what the simulated ports do; the replica
-    and the sync core are never touched.
+ 5. Fault hooks (``LinkModel.blackhole``, ``SimNode.send_filter``, ``SimDisk.faults``,
+    ``SimDisk.lie_about_fsync``, ``SimNode.freeze``) only change what the simulated
+    ports do; the replica, the sync core and the driver are never touched (tests break
+    the driver on purpose only through ``Driver.faults``).
 
 Observers (``World.observers``) see ``emit(kind, **data)`` calls: ``created`` (node,
 envelope: a local command signed it), ``acked`` (node, result: durable, acknowledged to
-the POS), ``applied`` (node, envelopes: a ``Persist`` of remote envelopes), ``crash`` and
-``restart`` (node).
+the POS; a replay answered as a duplicate carries its original's envelope), ``applied``
+(node, envelopes: a ``Persist`` of remote envelopes), ``recovered`` (node: memory rebuilt
+from disk after a failed write), ``crash`` and ``restart`` (node).
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ class World:
         self.events = 0  # events run so far (a deterministic measure of work)
         self.store_id = store_id
         self._queue: list[_Event] = []
+        #: (seq, fn) to run at ``now`` (``soon``), in order; empty whenever time moves
+        self._soon: deque[tuple[int, Callable[[], None]]] = deque()
         self._seq = 0
         self.nodes: dict[str, SimNode] = {}
         self.links: dict[tuple[str, str], LinkModel] = {}
@@ -142,15 +146,27 @@ class World:
         self._seq += 1
         heapq.heappush(self._queue, (max(when, self.now), self._seq, fn))
 
+    def soon(self, fn: Callable[[], None]) -> None:
+        """``at(now, fn)``, cheaper: the batch boundary (``SimClock.call_soon``) is
+        half of all events. Same order as the heap would give (invariant 2)."""
+        self._seq += 1
+        self._soon.append((self._seq, fn))
+
     def after(self, delay: float, fn: Callable[[], None]) -> None:
         self.at(self.now + delay, fn)
 
     def run_until(self, until: float, max_events: int = 50_000_000) -> None:
         n = 0
         queue = self._queue
-        while queue and queue[0][0] <= until:
-            at, _, fn = heapq.heappop(queue)
-            self.now = at
+        soon = self._soon
+        while True:
+            if soon and (not queue or queue[0][0] > self.now or queue[0][1] > soon[0][0]):
+                fn = soon.popleft()[1]  # at ``now``, scheduled before the heap's next
+            elif queue and queue[0][0] <= until:
+                at, _, fn = heapq.heappop(queue)
+                self.now = at
+            else:
+                break
             fn()
             n += 1
             if n >= max_events:
@@ -160,7 +176,7 @@ class World:
         self.now = max(self.now, until)
 
     def pending_events(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._soon)
 
     def discovery_delay(self) -> float:
         """How long until two nodes that can reach each other again have a session."""
