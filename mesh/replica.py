@@ -547,7 +547,14 @@ class Replica:
         self._apply_next(env, None)
         return env
 
-    def _seen_txn(self, meta: dict[str, Any]) -> CommandResult | None:
+    def _seen_txn(self, meta: dict[str, Any], *, rid: str | None = None,
+                  same: bool = True) -> CommandResult | None:
+        """The original result if ``meta``'s txn id was used before (invariant 7), None
+        for a new one. A replay is the same kind with the same meta fields (the
+        fingerprint, ``_fingerprint``) and, where the caller says so, the same ``same``
+        (content that lives outside the meta, e.g. a reservation's record); anything
+        else is a reused txn id and refused. ``rid`` is the reservation the command is
+        about, answered in the replay as in the original."""
         txn = _check_id(meta["txn"], "txn_id")
         if meta.get("staff") is not None:
             _check_id(meta["staff"], "staff_id")
@@ -560,12 +567,12 @@ class Replica:
         if seen is None:
             return None
         seq, fingerprint = seen
-        if fingerprint != _fingerprint({k: v for k, v in meta.items() if v is not None}):
+        if not same or fingerprint != _fingerprint(
+                {k: v for k, v in meta.items() if v is not None}):
             raise CommandError(
                 f"txn_id {txn!r} was already used for a different operation; use a new txn_id",
                 "txn_id",
             )
-        rid = f"{self.node_id}:{txn}" if meta["kind"] == "reserve" else None
         return CommandResult(None, self.node_id, seq, duplicate=True, reservation_id=rid)
 
     def _stock_change(
@@ -641,14 +648,19 @@ class Replica:
         if expires is not None and (type(expires) is not int or expires < 0):
             raise CommandError("expires must be a timestamp in ms", "expires")
         meta = {"kind": "reserve", "txn": txn, "staff": staff, "sku": sku, "qty": qty}
-        seen = self._seen_txn(meta)
+        rid = f"{self.node_id}:{txn}"
+        # The channel, order and expiry are in the reservation's record, not the meta:
+        # a replay must match them too (a txn id seen as a reserve has its record here).
+        rec = self.records.get(rid)
+        seen = self._seen_txn(meta, rid=rid, same=rec is None or (
+            rec.sku, rec.qty, rec.channel, rec.order, rec.expires) == (
+            sku, qty, channel, order, expires))
         if seen is not None:
             return seen
         if not self.knows_sku(sku):
             raise UnknownSku(f"unknown SKU {sku!r}", "sku")
         if self.available(sku) < qty:
             raise CommandError(f"only {self.available(sku)} of {sku!r} available", "qty")
-        rid = f"{self.node_id}:{txn}"
         delta = self.reservations.copy().add(self.node_id, rid)
         d = delta.to_dict()
         op = {"t": "rs", "e": d["e"], "c": _ctx_dots(d),
@@ -669,7 +681,7 @@ class Replica:
         """Cancel a reservation: the units become available again."""
         meta = {"kind": "release", "txn": txn, "staff": staff, "reason": reason,
                 "note": reservation_id}
-        seen = self._seen_txn(meta)
+        seen = self._seen_txn(meta, rid=reservation_id)
         if seen is not None:
             return seen
         self._reservation(reservation_id)
@@ -681,8 +693,12 @@ class Replica:
                staff: str | None = None) -> CommandResult:
         """Hand over a reserved order: remove the reservation and take the units off stock,
         in one envelope so no replica ever sees half of it."""
-        meta = {"kind": "fulfil", "txn": txn, "staff": staff, "note": reservation_id}
-        seen = self._seen_txn(meta)
+        meta: dict[str, Any] = {"kind": "fulfil", "txn": txn, "staff": staff,
+                                "note": reservation_id}
+        known = self.records.get(reservation_id) if isinstance(reservation_id, str) else None
+        if known is not None:  # the envelope's meta names what it took off stock
+            meta.update(sku=known.sku, qty=-known.qty)
+        seen = self._seen_txn(meta, rid=reservation_id)
         if seen is not None:
             return seen
         rec = self._reservation(reservation_id)
@@ -691,7 +707,7 @@ class Replica:
         p, n = step.entry(self.node_id)
         ops = [_remove_op(self.reservations, reservation_id),
                {"t": "pn", "sku": rec.sku, "r": self.node_id, "p": p, "n": n}]
-        env = self._local(ops, {**meta, "sku": rec.sku, "qty": -rec.qty}, now_ms)
+        env = self._local(ops, meta, now_ms)
         return CommandResult(env, self.node_id, env.seq, reservation_id=reservation_id)
 
     def expire(self, *, now_ms: int, txn: str,

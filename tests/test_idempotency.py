@@ -1,0 +1,126 @@
+"""Idempotency keys (txn ids), from the replica up to the HTTP API: a replay (same key,
+same content) returns the original result and changes nothing; the same key with any
+other content is refused (issue 10 items 1, 5, 6, 7); every identifier a write accepts
+can be addressed by path (item 8)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from mesh.errors import CommandError
+from mesh.replica import CommandResult, Replica
+from tests.conftest import NOW, StoreKit
+
+# --- the replica ------------------------------------------------------------------------------
+
+_Command = Callable[..., CommandResult]
+
+
+def _stocked(kit: StoreKit) -> Replica:
+    edge = kit.replica("edge")
+    for sku in ("SKU-1", "SKU-2"):
+        edge.receive(sku, 100, txn=f"rcv-{sku}", now_ms=NOW)
+    for txn in ("res-a", "res-b"):
+        edge.reserve("SKU-1", 1, txn=txn, now_ms=NOW, channel="web")
+    return edge
+
+
+def _catalog(r: Replica, **kw: Any) -> CommandResult:
+    return r.update_catalog(b"\x00\x00", **kw)
+
+
+#: kind -> (command, its arguments, the variations that make it another operation).
+#: Every field that the docs say is part of the content has a variation here.
+KINDS: dict[str, tuple[_Command, dict[str, Any], dict[str, Any]]] = {
+    "receipt": (Replica.receive, {"sku": "SKU-1", "qty": 3, "staff": "ann",
+                                  "reason": "delivery", "note": "grn 7"},
+                {"sku": "SKU-2", "qty": 4, "staff": "bob", "reason": "transfer",
+                 "note": "grn 8"}),
+    "sale": (Replica.sell, {"sku": "SKU-1", "qty": 3, "staff": "ann", "note": "till 2"},
+             {"sku": "SKU-2", "qty": 4, "staff": "bob", "note": "till 3"}),
+    "return": (Replica.return_, {"sku": "SKU-1", "qty": 1, "staff": "ann",
+                                 "reason": "unwanted", "note": "n"},
+               {"sku": "SKU-2", "qty": 2, "staff": "bob", "reason": "faulty", "note": "m"}),
+    "adjust": (Replica.adjust, {"sku": "SKU-1", "delta": -2, "reason": "damaged",
+                                "staff": "ann", "note": "aisle 4"},
+               {"sku": "SKU-2", "delta": 2, "reason": "recount", "staff": "bob",
+                "note": "aisle 5"}),
+    "reserve": (Replica.reserve, {"sku": "SKU-1", "qty": 2, "channel": "web", "order": "W-1",
+                                  "expires": NOW + 60_000, "staff": "ann"},
+                {"sku": "SKU-2", "qty": 3, "channel": "app", "order": "W-2",
+                 "expires": NOW + 120_000, "staff": "bob"}),
+    "release": (Replica.release, {"reservation_id": "edge:res-a", "staff": "ann",
+                                  "reason": "cancelled"},
+                {"reservation_id": "edge:res-b", "staff": "bob", "reason": "no_show"}),
+    "fulfil": (Replica.fulfil, {"reservation_id": "edge:res-a", "staff": "ann"},
+               {"reservation_id": "edge:res-b", "staff": "bob"}),
+    "catalog": (_catalog, {"sku": "SKU-1", "note": '{"price_cents":100}', "staff": "ann"},
+                {"sku": "SKU-2", "note": '{"price_cents":200}', "staff": "bob"}),
+}
+#: Optional fields whose absence is also another operation.
+OPTIONAL = {"staff", "note", "reason", "order", "expires"}
+REQUIRED_REASON = {"adjust"}
+
+
+def _variants(kind: str) -> list[tuple[str, dict[str, Any]]]:
+    _, args, other = KINDS[kind]
+    out = [(f"{name}={value!r}", {**args, name: value}) for name, value in other.items()]
+    out += [(f"no {name}", {k: v for k, v in args.items() if k != name})
+            for name in args if name in OPTIONAL
+            and not (name == "reason" and kind in REQUIRED_REASON)]
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_replay_returns_the_original_and_any_other_content_is_refused(
+        kit: StoreKit, kind: str) -> None:
+    """Items 5 (fulfil replays were refused), 6 (a reservation's channel, order and
+    expiry were not compared) and 7 (release/fulfil replays lost reservation_id)."""
+    r = _stocked(kit)
+    command, args, _ = KINDS[kind]
+    first = command(r, txn="t-1", now_ms=NOW, **args)
+    assert first.envelope is not None and not first.duplicate
+    state = r.state_digest()
+
+    again = command(r, txn="t-1", now_ms=NOW, **args)
+    assert again.duplicate and again.envelope is None
+    assert (again.origin, again.seq, again.reservation_id) == (
+        first.origin, first.seq, first.reservation_id)
+    if kind in ("reserve", "release", "fulfil"):
+        assert again.reservation_id is not None
+    assert r.state_digest() == state
+
+    for name, changed in _variants(kind):
+        with pytest.raises(CommandError, match="already used") as err:
+            command(r, txn="t-1", now_ms=NOW, **changed)
+        assert err.value.field == "txn_id", name
+        assert r.state_digest() == state, name
+
+    # A snapshot keeps the keys: a replay after a restart is still a replay.
+    copy = kit.replica("edge")
+    copy.restore(r.snapshot())
+    late = command(copy, txn="t-1", now_ms=NOW, **args)
+    assert late.duplicate and (late.seq, late.reservation_id) == (first.seq,
+                                                                  first.reservation_id)
+
+
+def test_a_key_is_one_operation_across_kinds(kit: StoreKit) -> None:
+    r = _stocked(kit)
+    r.sell("SKU-1", 1, txn="t-9", now_ms=NOW)
+    for kind, (command, args, _) in KINDS.items():
+        if kind == "sale":
+            continue
+        with pytest.raises(CommandError, match="already used"):
+            command(r, txn="t-9", now_ms=NOW, **args)
+
+
+def test_a_strict_flag_is_not_content(kit: StoreKit) -> None:
+    """``strict`` only decides whether a new sale may go below zero: a replay with or
+    without it is the same sale, even once nothing is left."""
+    r = _stocked(kit)
+    first = r.sell("SKU-1", 98, txn="t-s", now_ms=NOW, strict=True)
+    assert r.sell("SKU-1", 98, txn="t-s", now_ms=NOW).seq == first.seq
+    assert r.sell("SKU-1", 98, txn="t-s", now_ms=NOW, strict=True).duplicate
