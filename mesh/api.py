@@ -37,7 +37,14 @@ from aiohttp.typedefs import Handler
 
 from mesh import config
 from mesh.envelope import Envelope, decode
-from mesh.errors import CommandError, EnvelopeError, LedgerError, StorageFull, UnknownSku
+from mesh.errors import (
+    CommandError,
+    EnvelopeError,
+    LedgerError,
+    StorageFull,
+    TxnReused,
+    UnknownSku,
+)
 from mesh.ledger import Ledger
 from mesh.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mesh.metrics import NodeView, make_registry, render
@@ -48,6 +55,7 @@ __all__ = [
     "AUDIT_MAX_SCAN",
     "MAX_BODY_BYTES",
     "MAX_PAGE",
+    "PATH_ID",
     "ApiError",
     "setup_routes",
 ]
@@ -77,6 +85,12 @@ SSE_KEEPALIVE_S = 15.0
 SSE_MAX_WRITE_EVENTS: Final = 256
 _DISK_FULL: Final = ("this node's disk is full: the operation was NOT recorded; free disk "
                      "space, then retry with the same txn_id")
+#: Pattern of an identifier in a path (``{rid:...}``): any characters but ``/``, which the
+#: client percent-encodes (``%2F``) with everything reserved. aiohttp's default,
+#: ``[^{}/]+``, would leave ids holding ``{`` or ``}`` unaddressable (issue 10 item 8):
+#: every id a write accepts must be addressable. (``%2F`` and ``%25`` stay encoded while
+#: routes match and are decoded in ``match_info``.)
+PATH_ID: Final = "[^/]+"
 #: Body fields whose replica-side name differs from the API's.
 _API_FIELD: Final = {"expires": "expires_ms"}
 
@@ -327,10 +341,10 @@ class _Api:
             return await self.node.execute(fn)
         except UnknownSku as exc:
             raise ApiError(404, exc.message, "sku") from None
+        except TxnReused as exc:
+            raise ApiError(422, exc.message, "txn_id") from None
         except CommandError as exc:
             field = _API_FIELD.get(exc.field or "", exc.field)
-            if exc.field == "txn_id":  # its format was checked: this is a reused key
-                raise ApiError(422, exc.message, field) from None
             raise ApiError(409 if exc.field in conflict else 400, exc.message, field) from None
         except StorageFull as exc:
             log.error("disk full: %s", exc)
@@ -668,10 +682,10 @@ def setup_routes(app: web.Application, node: NodeView) -> None:
     r.add_post("/v1/adjustments", api.adjustments)
     r.add_post("/v1/reservations", api.reserve)
     r.add_get("/v1/reservations", api.reservations)
-    r.add_post("/v1/reservations/{rid}/release", api.release)
-    r.add_post("/v1/reservations/{rid}/fulfil", api.fulfil)
+    r.add_post(f"/v1/reservations/{{rid:{PATH_ID}}}/release", api.release)
+    r.add_post(f"/v1/reservations/{{rid:{PATH_ID}}}/fulfil", api.fulfil)
     r.add_get("/v1/stock", api.stock_all)
-    r.add_get("/v1/stock/{sku}", api.stock_one)
+    r.add_get(f"/v1/stock/{{sku:{PATH_ID}}}", api.stock_one)
     r.add_get("/v1/exceptions", api.exceptions)
     r.add_get("/v1/peers", api.peers)
     r.add_get("/v1/health", api.health)

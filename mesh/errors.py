@@ -26,6 +26,7 @@ __all__ = [
     "RevokedCertificate",
     "SeqGap",
     "StorageFull",
+    "TxnReused",
     "UnknownOrigin",
     "UnknownSku",
     "WrongStore",
@@ -135,6 +136,10 @@ class CommandError(Exception):
 
 class UnknownSku(CommandError):
     pass
+
+
+class TxnReused(CommandError):
+    """The txn id was already used for a different operation (the HTTP API's 422)."""
 
 
 class KeyPermissionError(Exception):

@@ -51,6 +51,7 @@ from mesh.errors import (
     Equivocation,
     Malformed,
     SeqGap,
+    TxnReused,
     UnknownSku,
     WrongStore,
 )
@@ -569,7 +570,7 @@ class Replica:
         seq, fingerprint = seen
         if not same or fingerprint != _fingerprint(
                 {k: v for k, v in meta.items() if v is not None}):
-            raise CommandError(
+            raise TxnReused(
                 f"txn_id {txn!r} was already used for a different operation; use a new txn_id",
                 "txn_id",
             )
@@ -657,6 +658,12 @@ class Replica:
             sku, qty, channel, order, expires))
         if seen is not None:
             return seen
+        if len(rid) > config.MAX_ID_LEN:  # envelope validation would refuse it (mesh.ops)
+            raise CommandError(
+                f"txn_id is too long for a reservation: the reservation id "
+                f"'<node id>:<txn_id>' has at most {config.MAX_ID_LEN} characters, so a "
+                f"txn_id here has at most {config.MAX_ID_LEN - len(self.node_id) - 1}",
+                "txn_id")
         if not self.knows_sku(sku):
             raise UnknownSku(f"unknown SKU {sku!r}", "sku")
         if self.available(sku) < qty:
