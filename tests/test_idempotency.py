@@ -5,6 +5,7 @@ can be addressed by path (item 8)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,7 +26,9 @@ from mesh.errors import CommandError
 from mesh.node import Node
 from mesh.replica import CommandResult, Replica
 from tests.conftest import NOW, StoreKit
-from tests.meshkit import now_ms
+from tests.meshkit import now_ms, wait_until
+from tests.test_api import set_disk_quota
+from tests.test_durable import _hold_writer
 
 # --- the replica ------------------------------------------------------------------------------
 
@@ -240,3 +243,123 @@ async def test_every_identifier_a_write_accepts_is_addressable_by_path(
 
 _COUNTER = itertools.count()
 _SEEN_TXNS: set[str] = set()
+
+
+async def post(http: aiohttp.ClientSession, node: Node, path: str, body: Any
+               ) -> tuple[int, Any]:
+    return await call(http, node, "POST", path, body)
+
+
+@pytest.mark.asyncio
+async def test_reservation_replays_over_http(http: aiohttp.ClientSession, node: Node) -> None:
+    """Items 5, 6 and 7 as a client sees them: a fulfil replay is a 200 duplicate (it was
+    a 422), release and fulfil replays carry reservation_id, and a reservation's key
+    reused with another channel, order or expiry is a 422 (it was a 200 duplicate)."""
+    await post(http, node, "/v1/receipts", {"sku": "S", "qty": 10, "txn_id": "rcv"})
+    order = {"sku": "S", "qty": 2, "txn_id": "web-1", "channel": "web", "order": "W-1",
+             "expires_ms": now_ms() + 3_600_000}
+    status, res = await post(http, node, "/v1/reservations", order)
+    assert status == 201
+    rid = res["reservation_id"]
+    for name, value in (("channel", "app"), ("order", "W-2"), ("order", None),
+                        ("expires_ms", order["expires_ms"] + 1), ("expires_ms", None),
+                        ("qty", 3), ("staff_id", "ann")):
+        status, err = await post(http, node, "/v1/reservations", {**order, name: value})
+        assert (status, err["error"]["field"]) == (422, "txn_id"), (name, value, err)
+    status, again = await post(http, node, "/v1/reservations", order)
+    assert status == 200 and again["duplicate"] and again["reservation_id"] == rid
+
+    status, ful = await post(http, node, f"/v1/reservations/{q(rid)}/fulfil",
+                             {"txn_id": "pickup-1", "staff_id": "bob"})
+    assert status == 201 and ful["on_hand"] == 8
+    status, replay = await post(http, node, f"/v1/reservations/{q(rid)}/fulfil",
+                                {"txn_id": "pickup-1", "staff_id": "bob"})
+    assert status == 200, replay
+    assert replay == {**ful, "duplicate": True}
+    status, err = await post(http, node, f"/v1/reservations/{q(rid)}/fulfil",
+                             {"txn_id": "pickup-1", "staff_id": "eve"})
+    assert (status, err["error"]["field"]) == (422, "txn_id")
+
+    status, res = await post(http, node, "/v1/reservations",
+                             {"sku": "S", "qty": 1, "txn_id": "web-2", "channel": "web"})
+    rid2 = res["reservation_id"]
+    cancel = {"txn_id": "cancel-2", "reason": "customer_cancelled"}
+    status, rel = await post(http, node, f"/v1/reservations/{q(rid2)}/release", cancel)
+    assert status == 201 and rel["reservation_id"] == rid2
+    status, replay = await post(http, node, f"/v1/reservations/{q(rid2)}/release", cancel)
+    assert status == 200 and replay == {**rel, "duplicate": True}
+    # the same release key for the other reservation is another operation
+    status, err = await post(http, node, f"/v1/reservations/{q(rid)}/release", cancel)
+    assert (status, err["error"]["field"]) == (422, "txn_id")
+
+
+def _count_commands(node: Node, monkeypatch: pytest.MonkeyPatch) -> list[CommandResult]:
+    """The results of the commands the node runs from now on (a spy: each still runs)."""
+    results: list[CommandResult] = []
+    execute = node.durable.execute
+
+    def spy(fn: Callable[[Replica], CommandResult]) -> tuple[CommandResult, Any]:
+        out = execute(fn)
+        results.append(out[0])
+        return out
+
+    monkeypatch.setattr(node.durable, "execute", spy)
+    return results
+
+
+async def _sale_and_replay(http: aiohttp.ClientSession, node: Node, sale: dict[str, Any],
+                           commands: list[CommandResult]
+                           ) -> tuple[tuple[int, Any], tuple[int, Any]]:
+    """POST ``sale`` twice while the ledger's writer is held: the replay's answer must
+    not come before the writer is released (and the original written)."""
+    release = _hold_writer(node.durable.ledger)
+    first = asyncio.create_task(post(http, node, "/v1/sales", sale))
+    replay: asyncio.Task[tuple[int, Any]] | None = None
+    try:
+        await wait_until(lambda: len(commands) == 1, 5, "the sale's command")
+        replay = asyncio.create_task(post(http, node, "/v1/sales", sale))
+        await wait_until(lambda: len(commands) == 2, 5, "the replay's command")
+        await asyncio.sleep(0.3)  # ample time for a wrong early answer to arrive
+        early = (first.done(), replay.done())
+    finally:
+        release.set()
+        answers = await asyncio.gather(first, *([replay] if replay else []))
+    assert commands[1].duplicate and commands[1].seq == commands[0].seq
+    assert early == (False, False), "the replay was answered before the original was durable"
+    commands.clear()
+    return answers[0], answers[1]
+
+
+@pytest.mark.asyncio
+async def test_a_replay_is_answered_only_once_the_original_is_durable(
+        http: aiohttp.ClientSession, node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 1 over HTTP: a till retrying a sale while the original is still being
+    written must not be told ``duplicate`` before the original is on disk."""
+    await post(http, node, "/v1/receipts", {"sku": "S", "qty": 10, "txn_id": "rcv"})
+    commands = _count_commands(node, monkeypatch)
+    (s1, b1), (s2, b2) = await _sale_and_replay(
+        http, node, {"sku": "S", "qty": 1, "txn_id": "till-1-0001"}, commands)
+    assert (s1, s2) == (201, 200) and b2["duplicate"] is True
+    assert (b2["origin"], b2["seq"]) == (b1["origin"], b1["seq"])
+    assert await asyncio.to_thread(node.durable.ledger.count) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_replay_of_a_failed_write_fails_the_same_way(
+        http: aiohttp.ClientSession, node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 1: if the original's write fails (disk full: 507), the replay that waited
+    for it gets the same 507, and a later retry records the sale once."""
+    await post(http, node, "/v1/receipts", {"sku": "S", "qty": 10**6, "txn_id": "rcv"})
+    await set_disk_quota(node, full=True)
+    commands = _count_commands(node, monkeypatch)
+    for i in range(50):  # each sale takes ~1 KB: a new page is needed within a few
+        sale = {"sku": "S", "qty": 1, "txn_id": f"till-{i}", "note": "n" * 500}
+        (s1, b1), (s2, b2) = await _sale_and_replay(http, node, sale, commands)
+        if s1 != 201:
+            break
+        assert s2 == 200 and (b2["origin"], b2["seq"]) == (b1["origin"], b1["seq"])
+    assert (s1, s2) == (507, 507), (b1, b2)
+    assert b2 == b1
+    await set_disk_quota(node, full=False)
+    status, again = await post(http, node, "/v1/sales", sale)
+    assert status == 201 and again["duplicate"] is False  # it was not recorded before
