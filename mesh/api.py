@@ -21,6 +21,10 @@ Invariants:
  5. Every response is bounded: request bodies (``MAX_BODY_BYTES``), list pages
     (``MAX_PAGE``), audit pages and the ledger rows one audit request may examine.
  6. An SSE stream always unsubscribes from the node when it ends, however it ends.
+ 7. A request that fails by the client's doing (cut short mid-body, unparseable) is
+    counted by reason in ``/metrics`` and logged at most once a minute
+    (``mesh.httpfaults``), never with a traceback per request: anyone who can reach
+    the port can send them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any, Final
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from mesh import config
@@ -45,6 +50,7 @@ from mesh.errors import (
     TxnReused,
     UnknownSku,
 )
+from mesh.httpfaults import CLIENT_FAULTS, ClientFaults
 from mesh.ledger import Ledger
 from mesh.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mesh.metrics import NodeView, make_registry, render
@@ -285,10 +291,40 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return resp
     except StorageFull:
         return _error(507, _DISK_FULL)
-    except Exception:
-        log.exception("%s %s failed", request.method, request.path)
-        return _error(500, "internal error (logged on the node); retrying a command with "
-                           "the same txn_id is safe")
+    except Exception as exc:
+        reason = _client_fault(request, exc)
+        if reason is None:
+            log.exception("%s %s failed", request.method, request.path)
+            return _error(500, "internal error (logged on the node); retrying a command "
+                               "with the same txn_id is safe")
+        # Counted, and logged at most once a minute: anyone can cause these.
+        _client_faults(request).note(reason, f"{request.method} {request.path} from "
+                                             f"{request.remote}: {exc}")
+        return _error(400, "the request body was cut short or malformed; nothing changed")
+
+
+def _client_fault(request: web.Request, exc: Exception) -> str | None:
+    """The ``mesh.httpfaults`` reason if reading the request failed by the client's
+    doing (it hung up mid-body, or sent a body aiohttp cannot parse), else None."""
+    if isinstance(exc, HttpProcessingError):  # e.g. a broken chunked body
+        return "bad_request"
+    if isinstance(exc, ConnectionResetError) and (
+            request.transport is None or request.transport.is_closing()):
+        return "disconnected"
+    return None
+
+
+#: Faults of requests to an app that keeps no counters of its own (not a node's).
+_UNATTRIBUTED: Final = ClientFaults()
+
+
+def _client_faults(request: web.Request) -> ClientFaults:
+    """The counters of the innermost app of the request that keeps them (a node's)."""
+    for app in reversed(request.match_info.apps):
+        faults = app.get(CLIENT_FAULTS)
+        if faults is not None:
+            return faults
+    return _UNATTRIBUTED
 
 
 # --- the API ------------------------------------------------------------------------------
@@ -673,6 +709,7 @@ def _read_audit(ledger: Ledger, limit: int, before: int | None, sku: str | None,
 def setup_routes(app: web.Application, node: NodeView) -> None:
     """Add the HTTP API of ``node`` to ``app`` (see docs/api.md)."""
     api = _Api(node)
+    app[CLIENT_FAULTS] = node.http_faults
     app.middlewares.append(_json_errors)
     app.on_shutdown.append(api.on_shutdown)
     r = app.router

@@ -28,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from mesh.enrol import join, parse_token
+from mesh.httpfaults import CLIENT_FAULTS, ClientFaults, ServerLog
 from mesh.node import Node
 
 __all__ = ["CloudNode", "cloud_join"]
@@ -83,7 +84,8 @@ class CloudNode:
         self.app.router.add_get("/v1/stores", self._stores)
         for hook in self.setup_hooks:
             hook(self)
-        self._runner = web.AppRunner(self.app, access_log=None)
+        faults = self.app[CLIENT_FAULTS] = ClientFaults()  # for requests outside a store
+        self._runner = web.AppRunner(self.app, access_log=None, logger=ServerLog(faults))
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.http_host, self.http_port)
         await site.start()

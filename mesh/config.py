@@ -104,6 +104,10 @@ DIAL_BACKOFF_MIN_S: Final = 0.2
 DIAL_BACKOFF_MAX_S: Final = 10.0
 #: Largest HTTP request body the API accepts.
 MAX_HTTP_BODY: Final = 64 * 1024
+#: Seconds between two log lines about HTTP requests that failed by the client's doing
+#: (malformed, abandoned mid-body; ``mesh.httpfaults``): anyone who can reach the port
+#: can cause them, so each is counted but at most one line a minute reaches the log.
+HTTP_FAULT_LOG_INTERVAL_S: Final = 60.0
 #: Stock-change events buffered per live-stream subscriber before it is dropped.
 SUBSCRIBER_QUEUE: Final = 1_000
 #: How often the node checks whether a snapshot is due.

@@ -53,6 +53,7 @@ from mesh.datadir import NodeIdentity
 from mesh.durable import DurableReplica
 from mesh.envelope import Envelope
 from mesh.errors import CommandError, LedgerError
+from mesh.httpfaults import ClientFaults, ServerLog
 from mesh.replica import CommandResult, Replica
 from mesh.sync import Alert, Effect, Fetch, Persist, Send, SyncCore, TrustChanged
 
@@ -93,6 +94,7 @@ class Node:
         self.rng = random.Random()  # noqa: S311 -- backoff jitter, not cryptography
         self.started_ms = self.now_ms()
         self.rejected_sessions: dict[str, int] = {}
+        self.http_faults = ClientFaults()  # malformed/abandoned HTTP requests (mesh.api)
         self.duplicate_sessions = 0
         self.sessions: dict[str, transport.Session] = {}
         self.last_seen: dict[str, int] = {}
@@ -138,7 +140,8 @@ class Node:
         self.app.router.add_get("/v1/sync", self._accept)
         self._setup_optional_routes()
         if self.serve:
-            self._runner = web.AppRunner(self.app, access_log=None)
+            self._runner = web.AppRunner(self.app, access_log=None,
+                                         logger=ServerLog(self.http_faults))
             await self._runner.setup()
             site = web.TCPSite(self._runner, self.http_host, self.http_port)
             await site.start()
