@@ -13,9 +13,10 @@ Invariants:
     ``{"error": {"field": <name or null>, "message": <what to do>}}``; a handler's
     unexpected exception is logged and answered with a 500, never crashes the server.
  3. The idempotency key is ``txn_id`` (body) or the ``Idempotency-Key`` header; a replay
-    with the same key and content returns the original ``origin``/``seq`` with
-    ``duplicate: true`` and status 200, and changes nothing. The same key with other
-    content is refused (422).
+    with the same key and content returns the original ``origin``/``seq`` (and
+    ``reservation_id``) with ``duplicate: true`` and status 200, no earlier than the
+    original is durable, and changes nothing. The same key with other content is
+    refused (422). What counts as the same content: docs/api.md, "Idempotency".
  4. No blocking I/O on the event loop: ledger reads (audit) run in a worker thread;
     everything else reads the in-memory replica.
  5. Every response is bounded: request bodies (``MAX_BODY_BYTES``), list pages

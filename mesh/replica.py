@@ -22,8 +22,10 @@ Invariants:
     availability below zero is flagged — the same list at every replica holding the
     same envelopes, whatever order they arrived in.
  7. A txn id is used once per origin: a repeated local command with the same txn id
-    and the same content returns the original result and changes nothing; the same
-    txn id with other content is refused.
+    and the same content (the same kind and meta fields, ``_fingerprint``; for a
+    reservation also its record's channel, order and expiry) returns the original
+    result (seq, reservation id) and changes nothing; the same txn id with other
+    content is refused (``TxnReused``). docs/api.md lists the fields per kind.
 """
 
 from __future__ import annotations
