@@ -553,11 +553,10 @@ class Replica:
     def _seen_txn(self, meta: dict[str, Any], *, rid: str | None = None,
                   same: bool = True) -> CommandResult | None:
         """The original result if ``meta``'s txn id was used before (invariant 7), None
-        for a new one. A replay is the same kind with the same meta fields (the
-        fingerprint, ``_fingerprint``) and, where the caller says so, the same ``same``
-        (content that lives outside the meta, e.g. a reservation's record); anything
-        else is a reused txn id and refused. ``rid`` is the reservation the command is
-        about, answered in the replay as in the original."""
+        for a new one. A replay has the same meta fields (``_fingerprint``) and ``same``
+        true: the caller's verdict on content outside the meta (a reservation's
+        record). Anything else is a reused txn id (``TxnReused``). ``rid`` is the
+        reservation the command is about, answered in the replay as in the original."""
         txn = _check_id(meta["txn"], "txn_id")
         if meta.get("staff") is not None:
             _check_id(meta["staff"], "staff_id")
