@@ -148,7 +148,8 @@ def validate_ops(ops: object) -> list[dict[str, Any]]:
     for op in ops:
         if not isinstance(op, dict):
             raise Malformed("each op must be an object")
-        validator = _VALIDATORS.get(op.get("t"))  # type: ignore[arg-type]
+        t = op.get("t")
+        validator = _VALIDATORS.get(t) if isinstance(t, str) else None  # [] is unhashable
         if validator is None:
             raise Malformed(f"unknown op type {op.get('t')!r}")
         validator(op)

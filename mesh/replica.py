@@ -262,7 +262,6 @@ class Replica:
         self._pending: dict[str, dict[int, bytes]] = {}
         self._pending_bytes: dict[str, int] = {}
         self._pending_total = 0
-        self._found: list[Equivocation] = []  # see take_found
         self._events: dict[str, _SkuEvents] = {}
         self._txns: dict[str, tuple[int, str]] = {}  # local txn -> (seq, fingerprint)
 
@@ -376,11 +375,6 @@ class Replica:
         applied = [self._apply_next(env, now_ms)]
         origin = env.origin
         pending = self._pending.get(origin)
-        other = pending.pop(env.seq, None) if pending else None
-        if other is not None:  # buffered before its predecessor came: now stale
-            self._unbuffered(origin, len(other))
-            if other != env.raw:  # both verified: the origin signed two for one seq
-                self._record_equivocation(env, other)
         while pending:
             raw = pending.pop(self.vv.get(origin) + 1, None)
             if raw is None:
@@ -449,24 +443,6 @@ class Replica:
         if len(self.evidence) < config.MAX_EVIDENCE:
             self.evidence.append(err)
         raise err
-
-    def _record_equivocation(self, env: Envelope, first_raw: bytes) -> None:
-        """Equivocation found while ``env`` was applied (a different envelope for its
-        seq was buffered): kept as evidence and reported by ``take_found`` rather than
-        raised, since ``env`` itself was applied."""
-        err = Equivocation(
-            f"{env.origin} signed two different envelopes for seq {env.seq}",
-            env.origin, env.seq, first_raw, env.raw,
-        )
-        if len(self.evidence) < config.MAX_EVIDENCE:
-            self.evidence.append(err)
-        if len(self._found) < config.MAX_EVIDENCE:
-            self._found.append(err)
-
-    def take_found(self) -> list[Equivocation]:
-        """Equivocations found by ``apply`` without raising, since the last call."""
-        found, self._found = self._found, []
-        return found
 
     def _apply_next(self, env: Envelope, now_ms: int | None) -> Envelope:
         """Apply the envelope that directly follows the origin's head (invariant 4)."""

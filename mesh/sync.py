@@ -811,8 +811,6 @@ class SyncCore:
             self._count(exc.reason)
         except Exception:  # a bug of ours a peer's input found (inv. 5)
             self._count("internal_error")
-        for found in self.replica.take_found():
-            self._alert(out, found)
         return applied
 
     def _relay(self, out: list[Effect], source: _Peer, applied: list[Envelope],
