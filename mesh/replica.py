@@ -682,7 +682,8 @@ class Replica:
         _check_id(channel, "channel")
         if order is not None and (not isinstance(order, str) or len(order) > config.MAX_TEXT_LEN):
             raise CommandError("order must be a string", "order")
-        if expires is not None and (type(expires) is not int or expires < 0):
+        if expires is not None and (type(expires) is not int
+                                    or not 0 <= expires <= config.MAX_COUNT):
             raise CommandError("expires must be a timestamp in ms", "expires")
         meta = {"kind": "reserve", "txn": txn, "staff": staff, "sku": sku, "qty": qty}
         seen = self._seen_txn(meta)
