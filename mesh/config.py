@@ -44,6 +44,11 @@ MAX_PENDING_BYTES_PER_ORIGIN: Final = 8 * 1024 * 1024
 MAX_PENDING_BYTES: Final = 64 * 1024 * 1024
 #: Equivocation evidence pairs kept in memory (all are also kept in the ledger).
 MAX_EVIDENCE: Final = 1024
+#: Equivocation alerts (each one logged and its evidence written to the ledger) per
+#: origin; later ones are only counted. One pair already proves the origin faulty (the
+#: remedy is revoking it) and a few show the pattern; without a bound an equivocating
+#: node could make us write up to 256 KiB of evidence for every envelope it signs.
+MAX_ALERTS_PER_ORIGIN: Final = 16
 
 # --- ledger ---------------------------------------------------------------------
 #: Most envelopes in one group commit: large enough to amortise the fsync (~280k

@@ -37,7 +37,8 @@ Invariants:
  7. An envelope for an (origin, seq) we hold or buffer is a duplicate only if its hash
     is the one we hold. Otherwise it is verified: a failing copy is refused under its
     reason (``bad_signature``, ...), a valid one is equivocation: counted, kept as
-    evidence by the replica and raised as an ``Alert``.
+    evidence by the replica and raised as an ``Alert`` (at most
+    ``MAX_ALERTS_PER_ORIGIN`` per origin; later ones are counted only).
 """
 
 from __future__ import annotations
@@ -225,6 +226,9 @@ class SyncCore:
         #: origin -> peers without a session with it (see durable)
         self._unreached: dict[str, tuple[str, ...]] = {}
         self._stuck_peers: set[str] = set()  # peers whose ``stuck`` is not empty
+        #: origin -> equivocation alerts raised (MAX_ALERTS_PER_ORIGIN); only origins
+        #: with a certificate get here (the envelope verified), so the table is bounded
+        self._alerted: dict[str, int] = {}
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -799,7 +803,10 @@ class SyncCore:
 
     def _alert(self, out: list[Effect], exc: Equivocation) -> None:
         self._count(exc.reason)
-        out.append(Alert("equivocation", exc.origin, exc.seq, exc.first, exc.second))
+        n = self._alerted.get(exc.origin, 0)
+        if n < config.MAX_ALERTS_PER_ORIGIN:  # beyond: counted only (bounded evidence)
+            self._alerted[exc.origin] = n + 1
+            out.append(Alert("equivocation", exc.origin, exc.seq, exc.first, exc.second))
 
     def _apply_one(self, out: list[Effect], env: Envelope, now: int) -> list[Envelope]:
         applied: list[Envelope] = []

@@ -249,6 +249,21 @@ def test_a_second_signed_envelope_for_an_applied_seq_is_equivocation(kit: StoreK
     assert core.stats.get("duplicate") == 1 and core.stats["equivocation"] == 1
 
 
+def test_equivocation_alerts_are_bounded_per_origin(kit: StoreKit) -> None:
+    """Each alert is logged and written to the ledger as evidence: an equivocating node
+    signing copy after copy must not make us write without end."""
+    limit = getattr(config, "MAX_ALERTS_PER_ORIGIN", 16)
+    core = _edge(kit, "r1")
+    core.receive(encode_batch([_signed(kit, "r1", 1, None, [_pn("r1", 10)], _meta("a"))]),
+                 "r1", NOW)
+    alerts = []
+    for i in range(limit + 10):
+        fork = _signed(kit, "r1", 1, None, [_pn("r1", 20 + i)], _meta(f"f{i}"))
+        alerts += _alerts(core.receive(encode_batch([fork]), "r1", NOW))
+    assert core.stats["equivocation"] == limit + 10
+    assert len(alerts) == limit
+
+
 def test_equivocation_in_a_run_with_fresh_envelopes_is_found_and_the_rest_applies(
         kit: StoreKit) -> None:
     core = _edge(kit, "r1")
