@@ -516,3 +516,21 @@ async def test_a_refused_frame_is_counted_in_metrics(
             await session.ws.close()
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+
+
+def test_a_bad_buffered_successor_does_not_hide_the_envelope_that_applied(
+        kit: StoreKit) -> None:
+    """seq 3 waits in the buffer; seq 2 fills the gap and applies, then seq 3 turns out
+    to lower r1's counter. Before, that refusal was raised out of ``apply`` after seq 2
+    had changed the replica, so seq 2 was never persisted (in memory, not on disk)."""
+    core = _edge(kit, "r1")
+    one = _signed(kit, "r1", 1, None, [_pn("r1", 10)], _meta("a"))
+    two = _signed(kit, "r1", 2, hashlib.sha256(one).digest(), [_pn("r1", 20)], _meta("b"))
+    three = _signed(kit, "r1", 3, hashlib.sha256(two).digest(), [_pn("r1", 15)], _meta("c"))
+    core.receive(encode_batch([one]), "r1", NOW)
+    core.receive(encode_batch([three]), "r1", NOW)
+    effects = core.receive(encode_batch([two]), "r1", NOW)
+    persisted = [e.raw for eff in effects if isinstance(eff, Persist) for e in eff.envelopes]
+    assert persisted == [two]
+    assert core.replica.vv.get("r1") == 2 and core.replica.on_hand("A") == 20
+    assert _state(core)[1:] == (0, 0)
