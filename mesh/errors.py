@@ -23,6 +23,7 @@ __all__ = [
     "Malformed",
     "NotEnrolled",
     "Oversized",
+    "PendingFull",
     "RevokedCertificate",
     "SeqGap",
     "StorageFull",
@@ -101,6 +102,13 @@ class SeqGap(EnvelopeError):
     """The envelope's seq is beyond what can be buffered (too far in the future)."""
 
     reason = "seq_gap"
+
+
+class PendingFull(SeqGap):
+    """Buffering the envelope would exceed the pending buffer's byte bounds
+    (``MAX_PENDING_BYTES_PER_ORIGIN``, ``MAX_PENDING_BYTES``)."""
+
+    reason = "pending_full"
 
 
 class Equivocation(EnvelopeError):

@@ -515,6 +515,7 @@ class Node:
             session.done.set()
             return False
         self.sessions[pid] = session
+        session.on_refuse = self._reject  # frames it refuses: session_<reason> in /metrics
         self.last_seen[pid] = self.now_ms()
         log.info("session up: %s (%s)", pid, "out" if session.outbound else "in")
         try:

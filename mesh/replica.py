@@ -11,10 +11,14 @@ Invariants:
  2. ``apply`` is idempotent by (origin, seq): a second copy of an applied envelope
     changes nothing; a *different* envelope for an applied (origin, seq) is
     equivocation, kept as evidence and raised, and changes nothing.
- 3. An envelope that arrives ahead of a gap is buffered (bounded per origin) and
-    applied once the gap fills, so any arrival order gives the same state.
+ 3. An envelope that arrives ahead of a gap is buffered and applied once the gap
+    fills, so any arrival order gives the same state. The buffer holds wire bytes only
+    (re-decoded when the gap fills), bounded in count per origin and in bytes per
+    origin and per node; past a bound the envelope is refused (``SeqGap``,
+    ``PendingFull``) and changes nothing.
  4. An envelope is applied whole or not at all: every check that can fail runs before
-    the first mutation.
+    the first mutation (``mesh.ops`` bounds every number, so the mutation's arithmetic
+    cannot overflow).
  5. ``stock[sku]`` is a PN-counter; ``reservations`` an add-wins OR-set of reservation
     ids with immutable records; ``available = on_hand - reserved``.
  6. The oversell exception list is a function of the *set* of applied envelopes only:
@@ -45,13 +49,15 @@ import pycrdt
 
 from mesh import config
 from mesh.crdt import HLC, ORSet, PNCounter, VersionVector
-from mesh.envelope import Envelope, seal
+from mesh.envelope import Envelope, decode, seal
 from mesh.errors import (
     BrokenChain,
     ClockSkew,
     CommandError,
+    EnvelopeError,
     Equivocation,
     Malformed,
+    PendingFull,
     SeqGap,
     TxnReused,
     UnknownSku,
@@ -253,7 +259,12 @@ class Replica:
         self._removals: list[tuple[int, str, int, int, tuple[tuple[str, int], ...]]] = []
         self._releases: dict[str, list[tuple[int, str, int, int, int]]] | None = None
         self._hashes: dict[str, bytearray] = {}  # origin -> 32-byte hashes, seq 1..vv
-        self._pending: dict[str, dict[int, Envelope]] = {}
+        #: origin -> seq -> raw: envelopes ahead of a gap, as wire bytes only (a decoded
+        #: envelope costs several times its size in Python objects), bounded in bytes
+        #: per origin (``_pending_bytes``) and in total (``_pending_total``)
+        self._pending: dict[str, dict[int, bytes]] = {}
+        self._pending_bytes: dict[str, int] = {}
+        self._pending_total = 0
         self._events: dict[str, _SkuEvents] = {}
         self._txns: dict[str, tuple[int, str]] = {}  # local txn -> (seq, fingerprint)
 
@@ -326,6 +337,10 @@ class Replica:
     def pending_count(self) -> int:
         return sum(len(p) for p in self._pending.values())
 
+    def pending_bytes(self) -> int:
+        """Bytes of envelopes buffered ahead of gaps (all origins)."""
+        return self._pending_total
+
     def state_digest(self) -> bytes:
         """Canonical bytes of the converging state, for comparing replicas."""
         return orjson.dumps(
@@ -358,22 +373,38 @@ class Replica:
         status = self.classify(env)
         if status is not None:
             if status is ApplyResult.PENDING:
-                self._pending.setdefault(env.origin, {})[env.seq] = env
+                self._buffer(env)
             return []
         applied = [self._apply_next(env, now_ms)]
-        pending = self._pending.get(env.origin)
+        origin = env.origin
+        pending = self._pending.get(origin)
         while pending:
-            nxt = pending.pop(self.vv.get(env.origin) + 1, None)
-            if nxt is None:
+            raw = pending.pop(self.vv.get(origin) + 1, None)
+            if raw is None:
                 break
+            self._unbuffered(origin, len(raw))
             try:
-                applied.append(self._apply_next(nxt, now_ms))
-            except BrokenChain:
-                pending.clear()  # a fork from a faulty origin; anti-entropy re-fetches
+                applied.append(self._apply_next(decode(raw), now_ms))
+            except EnvelopeError:
+                # A fork from a faulty origin (or an envelope whose ops no longer apply):
+                # drop the rest of its buffer; anti-entropy re-fetches what is genuine.
+                self._unbuffered(origin, sum(map(len, pending.values())))
+                pending.clear()
                 break
         if pending is not None and not pending:
-            del self._pending[env.origin]
+            del self._pending[origin]
+            self._pending_bytes.pop(origin, None)
         return applied
+
+    def _buffer(self, env: Envelope) -> None:
+        origin, size = env.origin, len(env.raw)
+        self._pending.setdefault(origin, {})[env.seq] = env.raw
+        self._pending_bytes[origin] = self._pending_bytes.get(origin, 0) + size
+        self._pending_total += size
+
+    def _unbuffered(self, origin: str, size: int) -> None:
+        self._pending_bytes[origin] = self._pending_bytes.get(origin, 0) - size
+        self._pending_total -= size
 
     def classify(self, env: Envelope) -> ApplyResult | None:
         """Duplicate / pending / None (= applicable now). Raises on equivocation or gaps."""
@@ -388,14 +419,22 @@ class Replica:
         pending = self._pending.get(env.origin, {})
         other = pending.get(env.seq)
         if other is not None:
-            if other.hash != env.hash:
-                self._equivocation(env, None, other.raw)
+            if other != env.raw:
+                self._equivocation(env, None, other)
             return ApplyResult.DUPLICATE
         if env.seq - head > config.MAX_PENDING_PER_ORIGIN or (
             len(pending) >= config.MAX_PENDING_PER_ORIGIN
         ):
             raise SeqGap(
                 f"{env.origin} seq {env.seq} is too far ahead of {head}; fetch the gap first"
+            )
+        size = len(env.raw)
+        if (self._pending_bytes.get(env.origin, 0) + size > config.MAX_PENDING_BYTES_PER_ORIGIN
+                or self._pending_total + size > config.MAX_PENDING_BYTES):
+            raise PendingFull(
+                f"{env.origin} seq {env.seq}: the out-of-order buffer is full "
+                f"({self._pending_bytes.get(env.origin, 0)} B of this origin, "
+                f"{self._pending_total} B in all); fetch the gap first"
             )
         return ApplyResult.PENDING
 
@@ -416,12 +455,17 @@ class Replica:
                 f"{env.origin} seq {env.seq}: prev does not match the hash of seq {env.seq - 1}"
             )
         plan = self._plan(env)  # all checks; raises before any mutation
-        self._mutate(env, plan)
+        clock = HLC(self.hlc.last)
         if now_ms is None:
-            if env.hlc > self.hlc.last:
-                self.hlc = HLC(env.hlc)
+            if env.hlc > clock.last:
+                clock = HLC(env.hlc)
         else:
-            self.hlc.update(env.hlc, now_ms)
+            try:
+                clock.update(env.hlc, now_ms)
+            except ValueError as exc:  # an HLC at the very end of the range
+                raise ClockSkew(f"{env.origin} seq {env.seq}: {exc}") from None
+        self._mutate(env, plan)
+        self.hlc = clock
         self.vv.advance(env.origin, env.seq)
         self._hashes.setdefault(env.origin, bytearray()).extend(env.hash)
         if env.origin == self.node_id:
@@ -647,7 +691,8 @@ class Replica:
         _check_id(channel, "channel")
         if order is not None and (not isinstance(order, str) or len(order) > config.MAX_TEXT_LEN):
             raise CommandError("order must be a string", "order")
-        if expires is not None and (type(expires) is not int or expires < 0):
+        if expires is not None and (type(expires) is not int
+                                    or not 0 <= expires <= config.MAX_COUNT):
             raise CommandError("expires must be a timestamp in ms", "expires")
         meta = {"kind": "reserve", "txn": txn, "staff": staff, "sku": sku, "qty": qty}
         rid = f"{self.node_id}:{txn}"

@@ -29,9 +29,16 @@ Invariants:
  4. We only fetch from storage what is durable (``stored`` vector), so a fetch never
     misses an envelope that memory holds but disk does not yet.
  5. Anything a peer sends that is malformed, oversized, forged or inconsistent is
-    dropped and counted under a reason in ``stats``; nothing a peer sends raises.
+    dropped and counted under a reason in ``stats``; nothing a peer sends raises (an
+    exception we did not foresee is counted as ``internal_error``, never propagated;
+    ``mesh.ops`` bounds keep the replica's "whole or not at all" true meanwhile).
  6. No clock and no global randomness: ``now`` comes in, jitter comes from the
     injected ``random.Random``.
+ 7. An envelope for an (origin, seq) we hold or buffer is a duplicate only if its hash
+    is the one we hold. Otherwise it is verified: a failing copy is refused under its
+    reason (``bad_signature``, ...), a valid one is equivocation: counted, kept as
+    evidence by the replica and raised as an ``Alert`` (at most
+    ``MAX_ALERTS_PER_ORIGIN`` per origin; later ones are counted only).
 """
 
 from __future__ import annotations
@@ -219,6 +226,9 @@ class SyncCore:
         #: origin -> peers without a session with it (see durable)
         self._unreached: dict[str, tuple[str, ...]] = {}
         self._stuck_peers: set[str] = set()  # peers whose ``stuck`` is not empty
+        #: origin -> equivocation alerts raised (MAX_ALERTS_PER_ORIGIN); only origins
+        #: with a certificate get here (the envelope verified), so the table is bounded
+        self._alerted: dict[str, int] = {}
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -508,6 +518,9 @@ class SyncCore:
         if len(data) > config.MAX_MESSAGE_BYTES:
             self._count("oversized")
             return out
+        if not data:
+            self._count("empty_message")
+            return out
         kind = data[:1]
         try:
             if kind == b"E":
@@ -520,6 +533,8 @@ class SyncCore:
                 raise Malformed(f"unknown message type {kind!r}")
         except EnvelopeError as exc:
             self._count(exc.reason)
+        except Exception:  # our bug, a peer's input: never raise (inv. 5)
+            self._count("internal_error")
         return out
 
     def receive_many(self, items: Sequence[tuple[bytes, str]], now: int) -> list[Effect]:
@@ -535,16 +550,17 @@ class SyncCore:
         faults."""
         out: list[Effect] = []
         by_peer: dict[str, list[bytes]] = {}
-        for data, peer_id in items:
-            by_peer.setdefault(peer_id, []).append(data)
+        for message, peer_id in items:
+            by_peer.setdefault(peer_id, []).append(message)
         for peer_id, msgs in by_peer.items():
             peer = self.peers.get(peer_id)
             batch: list[bytes] = []  # frames of consecutive E messages, not yet applied
             held: set[bytes] = set()  # its frames so far, to spot a repeated envelope
-            for data in [*msgs, b""]:  # b"": the end of this peer's messages
+            todo_msgs: list[bytes | None] = [*msgs, None]  # None: the end of its messages
+            for data in todo_msgs:
                 frames: list[bytes] | None = None
                 repeated = False
-                if (peer is not None and data[:1] == b"E"
+                if (peer is not None and data is not None and data[:1] == b"E"
                         and len(data) <= config.MAX_MESSAGE_BYTES):
                     self.bytes_in += len(data)
                     try:
@@ -570,7 +586,9 @@ class SyncCore:
                         self._on_envelopes(out, peer, chunk, now)
                     except EnvelopeError as exc:
                         self._count(exc.reason)
-                if frames is None and data:
+                    except Exception:  # never raise for a peer (inv. 5)
+                        self._count("internal_error")
+                if frames is None and data is not None:
                     out.extend(self.receive(data, peer_id, now))
         return out
 
@@ -731,9 +749,16 @@ class SyncCore:
         """Verify and apply one origin's consecutive envelopes from a batch."""
         origin = run[0][0].origin
         head = self.replica.vv.get(origin)
-        fresh = [(e, r) for e, r in run if e.seq > head]
+        hash_at = self.replica.hash_at
+        fresh: list[tuple[Envelope, bytes]] = []
+        for e, r in run:
+            if e.seq > head:
+                fresh.append((e, r))
+            elif hash_at(origin, e.seq) == e.hash:
+                self._count("duplicate")
+            else:
+                self._conflict(out, e, now)
         if not fresh:
-            self._count("duplicate", len(run))
             return []
         applied: list[Envelope] = []
         if fresh[0][0].seq == head + 1 and len(fresh) > 1:
@@ -763,15 +788,37 @@ class SyncCore:
             i += 1
         return applied
 
-    def _apply_one(self, out: list[Effect], env: Envelope, now: int) -> list[Envelope]:
+    def _conflict(self, out: list[Effect], env: Envelope, now: int) -> None:
+        """``env`` differs from the envelope we applied for its (origin, seq): a forged
+        or garbled copy (refused under its verify reason, e.g. ``bad_signature``), or a
+        second envelope the origin signed for one seq: equivocation (invariant 7)."""
         try:
-            return self.replica.apply(env, now)
+            self.replica.classify(verify(env, self.trust, now))
         except Equivocation as exc:
-            self._count(exc.reason)
-            out.append(Alert("equivocation", exc.origin, exc.seq, exc.first, exc.second))
+            self._alert(out, exc)
         except EnvelopeError as exc:
             self._count(exc.reason)
-        return []
+        else:  # not reached: classify raises for a different hash at an applied seq
+            self._count("duplicate")
+
+    def _alert(self, out: list[Effect], exc: Equivocation) -> None:
+        self._count(exc.reason)
+        n = self._alerted.get(exc.origin, 0)
+        if n < config.MAX_ALERTS_PER_ORIGIN:  # beyond: counted only (bounded evidence)
+            self._alerted[exc.origin] = n + 1
+            out.append(Alert("equivocation", exc.origin, exc.seq, exc.first, exc.second))
+
+    def _apply_one(self, out: list[Effect], env: Envelope, now: int) -> list[Envelope]:
+        applied: list[Envelope] = []
+        try:
+            applied = self.replica.apply(env, now)
+        except Equivocation as exc:
+            self._alert(out, exc)
+        except EnvelopeError as exc:
+            self._count(exc.reason)
+        except Exception:  # a bug of ours a peer's input found (inv. 5)
+            self._count("internal_error")
+        return applied
 
     def _relay(self, out: list[Effect], source: _Peer, applied: list[Envelope],
                now: int) -> None:
