@@ -10,8 +10,8 @@ Layout::
     DIR/node.lock       held (flock) by the one process that runs this node: ``DataDirLock``
 
 Invariants:
- 1. ``node.json`` is replaced atomically (write to a temp file, fsync, rename), so a
-    crash leaves the old or the new file, never half of one.
+ 1. ``node.json`` and ``config.json`` are replaced atomically (write to a temp file,
+    fsync, rename), so a crash leaves the old or the new file, never half of one.
  2. Loading re-verifies every certificate against the store key: a tampered file is
     refused, not trusted.
  3. At most one process runs a data directory: it holds an exclusive ``flock`` on
@@ -35,7 +35,7 @@ import orjson
 from mesh.identity import Certificate, NodeKey, TrustStore, issue_certificate
 
 __all__ = ["DEFAULT_VALIDITY_MS", "DataDirInUse", "DataDirLock", "NodeIdentity", "enrol_node",
-           "init_store", "load_identity", "lock_data_dir"]
+           "init_store", "load_identity", "lock_data_dir", "write_atomic"]
 
 #: Certificates issued by ``store init`` / join tokens are valid for a year; renewal
 #: re-issues them (a revoked node is refused whatever its expiry).
@@ -151,21 +151,26 @@ class NodeIdentity:
 
     def write(self, data: bytes) -> None:
         """Replace node.json with ``data`` (from ``encode``) atomically (invariant 1)."""
-        path = self.data_dir / "node.json"
         with _SAVE_LOCK:  # saves may come from several threads (join, sync core)
-            tmp = path.with_suffix(f".json.{os.getpid()}.{threading.get_ident()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            dfd = os.open(self.data_dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            write_atomic(self.data_dir / "node.json", data)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory
+    (invariant 1), so a crash leaves the old file or the new one."""
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def init_store(
