@@ -55,11 +55,12 @@ def _setup_logging(level: str) -> None:
 def _sigterm_as_interrupt() -> None:
     """Until the event loop takes over the signals (``_serve``), SIGTERM stops the process
     the way Ctrl-C does (KeyboardInterrupt, caught by the command: exit 0), not by the
-    default action (killed, status 143). Nothing is open yet at that point."""
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+    default action (killed, status 143). Nothing is open yet at that point. (The
+    ``storemesh`` entry point, ``mesh.__main__.run``, does this before loading; this
+    covers ``main`` called another way.)"""
+    from mesh.__main__ import _interrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _interrupted_before_start(what: str) -> None:
