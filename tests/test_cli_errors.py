@@ -5,6 +5,7 @@ the others run in-process with click's CliRunner."""
 from __future__ import annotations
 
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -116,3 +117,27 @@ def test_sim_plot_into_a_missing_folder_is_refused_before_the_run(tmp_path: Path
     assert "does not exist" in res.output, res.output
     assert "safety" not in res.output.lower(), "the whole run went first: " + res.output
     assert took < 5, f"{took:.1f} s: the scenario ran before the check"
+
+
+def test_a_second_cloud_run_on_one_root_is_refused(tmp_path: Path, edge: NodeIdentity) -> None:
+    enrol_direct(tmp_path / "hq", edge, f"cloud-{edge.store_id}", role="cloud")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mesh", "cloud", "run", "--data", str(tmp_path / "hq"),
+         "--http-host", LOOPBACK, "--http-port", "0"], cwd=tmp_path, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        assert first.stdout is not None
+        ready, _, _ = select.select([first.stdout], [], [], 60)  # bounded wait
+        assert ready, "the first cloud run printed nothing within 60 s"
+        line = first.stdout.readline()
+        assert "listening on" in line, line
+        second = _run("cloud", "run", "--data", str(tmp_path / "hq"), "--http-host", LOOPBACK,
+                      "--http-port", "0", cwd=tmp_path)
+        says = _one_line(second.returncode, second.stderr)
+        assert f"in use by storemesh process {first.pid}" in says, says
+        assert first.poll() is None
+    finally:
+        first.terminate()  # SIGTERM, by pid
+        assert first.wait(20) == 0
+        if first.stdout is not None:
+            first.stdout.close()
