@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import orjson
 
+from mesh.errors import EnvelopeError
 from mesh.identity import Certificate, NodeKey, TrustStore, issue_certificate
 
 __all__ = ["DEFAULT_VALIDITY_MS", "DataDirInUse", "DataDirLock", "NodeIdentity", "enrol_node",
@@ -221,14 +222,18 @@ def load_identity(data_dir: Path) -> NodeIdentity:
             f"{data_dir} holds no node (no node.json): run 'storemesh store init' or join "
             "with a token first"
         )
-    doc = orjson.loads(path.read_bytes())
+    try:
+        doc = orjson.loads(path.read_bytes())
+        cert = Certificate.from_dict(doc["certificate"])
+        trust = TrustStore.from_dict(doc["trust"])
+        trust.add_certificate(cert)
+        node_id, store_id, role = doc["node_id"], doc["store_id"], doc["role"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, EnvelopeError) as exc:
+        raise ValueError(f"{path} is damaged ({type(exc).__name__}: {exc}): restore it from "
+                         "a backup") from None
     key = NodeKey.load_or_create(data_dir / "node.key")
-    cert = Certificate.from_dict(doc["certificate"])
-    trust = TrustStore.from_dict(doc["trust"])
-    trust.add_certificate(cert)
     if cert.public_key != key.public_key:
         raise ValueError(f"{data_dir}: node.key does not match the certificate in node.json")
     store_key_path = data_dir / "store.key"
     store_key = NodeKey.load_or_create(store_key_path) if store_key_path.exists() else None
-    return NodeIdentity(data_dir, doc["node_id"], doc["store_id"], doc["role"], key, cert,
-                        trust, store_key)
+    return NodeIdentity(data_dir, node_id, store_id, role, key, cert, trust, store_key)

@@ -17,8 +17,9 @@ Invariants:
     only then (via ``SyncCore.durable``).
  2. Every task has an owner: the node's task set (cancelled and awaited on ``close``)
     or a ``Session``. No fire-and-forget.
- 3. No blocking call on the loop: ledger reads, evidence and identity writes go through
-    ``asyncio.to_thread``; rebuild at start-up too.
+ 3. No blocking call on the loop: ledger reads and evidence go through
+    ``asyncio.to_thread``, rebuild at start-up too; identity (trust store) writes go to
+    the ledger's writer thread, ahead of the envelopes that need them (durable inv. 6).
  4. At most one session per peer node id; with discovery, only the node with the
     smaller id dials, so two nodes do not race to connect to each other.
  5. Messages of one session reach the core in the order received; every message
@@ -30,6 +31,8 @@ Invariants:
     is acknowledged), a peer's change once it is applied here (it was durable at its
     origin before it was pushed): the stream never runs ahead of ``GET /v1/stock``,
     and never shows a change that no disk holds.
+ 8. One process per data directory: ``start`` takes its lock (``mesh.datadir``
+    invariant 3) before opening anything; ``close`` releases it last.
 """
 
 from __future__ import annotations
@@ -141,6 +144,10 @@ class Node:
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):  # a thread cannot be cancelled: keep
                 self.durable = await opening       # what it opened, so close() closes it
+            raise
+        except BaseException:
+            self._lock.release()  # nothing else was opened
+            self._lock = None
             raise
         self.identity = self.durable.identity
         self.core = SyncCore(self.replica, self.identity.trust,

@@ -141,3 +141,16 @@ def test_a_second_cloud_run_on_one_root_is_refused(tmp_path: Path, edge: NodeIde
         assert first.wait(20) == 0
         if first.stdout is not None:
             first.stdout.close()
+
+
+def test_a_damaged_node_json_is_named(tmp_path: Path, edge: NodeIdentity) -> None:
+    doc = (edge.data_dir / "node.json").read_text()
+    for damaged in ("{", doc.replace('"role"', '"rolle"'),
+                    doc.replace('"signature": "', '"signature": "00', 1)):
+        (edge.data_dir / "node.json").write_text(damaged)
+        res = CliRunner().invoke(main, ["ledger", "verify", str(edge.data_dir)])
+        assert res.exit_code == 2, (res.output, res.exception)
+        assert "node.json is damaged" in res.output and "restore it" in res.output, res.output
+    done = _run("node", "--data", str(edge.data_dir), "--no-discovery", "--interface", LOOPBACK,
+                "--http-port", "0", cwd=tmp_path)
+    assert "node.json is damaged" in _one_line(done.returncode, done.stderr)
