@@ -184,8 +184,6 @@ def node_cmd(ctx: click.Context, data_dir: Path, http_port: int, http_host: str 
     The network flags (--interface, --http-host, --http-port, --peer, --cloud,
     --discovery) given at a start are saved in DATA/config.json; a later start reads
     them back, and a flag given again replaces the saved value."""
-    _sigterm_as_interrupt()
-    _setup_logging(log_level)
     if token is None and not (data_dir / "node.json").exists():
         raise UserError(f"{data_dir} holds no node: create a store with 'storemesh store init' "
                         "or join one with --join TOKEN")
@@ -197,6 +195,8 @@ def node_cmd(ctx: click.Context, data_dir: Path, http_port: int, http_host: str 
             _check_url(url, "--url" if url == join_url else "--peer/--cloud")
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    _sigterm_as_interrupt()
+    _setup_logging(log_level)
     try:
         _run_node(data_dir, given, token, node_id, join_url)
     except KeyboardInterrupt:

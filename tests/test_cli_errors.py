@@ -70,10 +70,14 @@ def test_cloud_run_on_a_port_in_use(tmp_path: Path, edge: NodeIdentity, busy_por
 def test_node_flags_and_data_dirs_a_user_can_get_wrong(tmp_path: Path,
                                                       edge: NodeIdentity) -> None:
     d = str(edge.data_dir)
+    runner = CliRunner()  # refused before the node touches signals or logging
+    for argv, says in ((["node", "--data", str(tmp_path / "nothing")], "holds no node"),
+                       (["node", "--data", d, "--peer", "edge-box:8700"], "is not a URL"),
+                       (["node", "--data", d, "--cloud", "http://hq:notaport/stores/x"],
+                        "is not a URL")):
+        res = runner.invoke(main, argv)
+        assert res.exit_code == 2 and says in res.output, (argv, res.output, res.exception)
     cases = [
-        (["node", "--data", str(tmp_path / "nothing")], "holds no node"),
-        (["node", "--data", d, "--peer", "edge-box:8700"], "is not a URL"),
-        (["node", "--data", d, "--cloud", "http://hq:notaport/stores/x"], "is not a URL"),
         (["node", "--data", d, "--log-level", "loud"], "--log-level"),
         (["node", "--data", str(tmp_path / "new"), "--join", "smj1.garbage", "--url",
           "http://127.0.0.1:9"], "join failed"),
