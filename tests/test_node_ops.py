@@ -242,6 +242,7 @@ async def test_sigterm_during_start_catch_up_and_serving_is_a_clean_stop(
     _, held = await until(lambda: _partly(r1, n), within=60, what="r1 mid catch-up",
                           interval=0.005)
     _stopped_cleanly(cluster, r1, f"during catch-up ({held} of {n} held)")
+    print(f"r1 stopped by SIGTERM during its catch-up holding {held} of {n} envelopes")
     cluster.restart(r1, same_port=False)
     await cluster.wait_ready(r1)
     await until(lambda: _all(r1, n), within=60, what="r1 to finish the catch-up")
