@@ -6,8 +6,13 @@ rich. Errors the user can fix exit with status 2 and a one-line message.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,34 +22,105 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh import __version__
-from mesh.datadir import init_store, load_identity
+from mesh.datadir import DataDirInUse, DataDirLock, init_store, load_identity, lock_data_dir
 from mesh.envelope import DOMAIN, body_bytes, decode
-from mesh.errors import EnvelopeError
+from mesh.errors import EnvelopeError, KeyPermissionError, LedgerError, Malformed
 from mesh.identity import verify_signature
 from mesh.ledger import Ledger
 
-__all__ = ["main"]
+__all__ = ["UserError", "main"]
 
 console = Console()
+log = logging.getLogger("storemesh")
+
+
+class UserError(click.ClickException):
+    """A mistake the user can fix: one line on stderr, exit status 2, no traceback."""
+
+    exit_code = 2
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-async def _until_signal(close: Callable[[], Awaitable[None]]) -> None:
-    """Serve until SIGINT or SIGTERM, then close cleanly."""
-    import asyncio
-    import signal
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+def _setup_logging(level: str) -> None:
     try:
-        await stop.wait()
+        logging.basicConfig(level=level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    except ValueError:
+        raise UserError(f"--log-level {level!r}: use DEBUG, INFO, WARNING or ERROR") from None
+
+
+def _sigterm_as_interrupt() -> None:
+    """Until the event loop takes over the signals (``_serve``), SIGTERM stops the process
+    the way Ctrl-C does (KeyboardInterrupt, caught by the command: exit 0), not by the
+    default action (killed, status 143). Nothing is open yet at that point. (The
+    ``storemesh`` entry point, ``mesh.__main__.run``, does this before loading; this
+    covers ``main`` called another way.)"""
+    from mesh.__main__ import _interrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupted_before_start(what: str) -> None:
+    log.info("%s: interrupted before start-up; stopped cleanly", what)
+
+
+async def _serve(what: str, start: Callable[[], Coroutine[Any, Any, None]],
+                 close: Callable[[], Awaitable[None]], ready: Callable[[], None]) -> None:
+    """Start, serve until SIGINT or SIGTERM, close. The signal handlers are in place
+    before ``start`` runs, so a signal at any moment (opening the ledger, joining,
+    binding, catching up, serving) cancels what is under way and closes cleanly:
+    sessions ended, ledger flushed, lock released; the command then exits 0."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    got: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not got:
+            got.append(sig.name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        starting = asyncio.create_task(start(), name=f"{what} start")
+        stopping = asyncio.create_task(stop.wait(), name="signal")
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("%s: %s during start-up, shutting down", what, got[0])
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        else:
+            starting.result()  # a failed start raises here (after close, below)
+            ready()
+            await stopping
+            log.info("%s: %s, shutting down", what, got[0])
+        stopping.cancel()
     finally:
         await close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    log.info("%s: stopped cleanly", what)
+
+
+def _start_error(exc: BaseException, host: str, port: int) -> UserError | None:
+    """The one-line message for a start-up failure the user can fix, if it is one."""
+    if isinstance(exc, DataDirInUse | FileNotFoundError | KeyPermissionError | LedgerError
+                  | Malformed):
+        return UserError(str(exc))
+    if isinstance(exc, ValueError):
+        return UserError(str(exc))
+    if isinstance(exc, OSError):
+        if exc.errno == errno.EADDRINUSE:
+            return UserError(f"cannot listen on {host}:{port}: the port is already in use "
+                             "(another node?): stop it or choose another --http-port")
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
+            return UserError(f"cannot listen on {host}:{port}: {exc.strerror}")
+        return UserError(f"cannot start: {exc}")
+    return None
 
 
 @click.group()
@@ -95,46 +171,117 @@ def store_init(data_dir: Path, store_id: str, node_id: str | None) -> None:
 @click.option("--node-id", default=None, help="Node id to ask for when joining.")
 @click.option("--url", "join_url", default=None,
               help="Edge URL to join through (default: the token's, else mDNS).")
-@click.option("--no-discovery", is_flag=True, help="Do not use mDNS; only --peer URLs.")
+@click.option("--discovery/--no-discovery", default=True, show_default=True,
+              help="Find peers by mDNS (--no-discovery: only --peer and --cloud URLs).")
 @click.option("--log-level", default="INFO", show_default=True)
-def node_cmd(data_dir: Path, http_port: int, http_host: str | None, interface: str | None,
-             peers: tuple[str, ...], cloud_urls: tuple[str, ...], token: str | None,
-             node_id: str | None,
-             join_url: str | None, no_discovery: bool, log_level: str) -> None:
-    """Run a store node: sync with peers, serve the POS/channel API, until Ctrl-C."""
-    import asyncio
-    import logging
+@click.pass_context
+def node_cmd(ctx: click.Context, data_dir: Path, http_port: int, http_host: str | None,
+             interface: str | None, peers: tuple[str, ...], cloud_urls: tuple[str, ...],
+             token: str | None, node_id: str | None, join_url: str | None, discovery: bool,
+             log_level: str) -> None:
+    """Run a store node: sync with peers, serve the POS/channel API, until Ctrl-C.
 
+    The network flags (--interface, --http-host, --http-port, --peer, --cloud,
+    --discovery) given at a start are saved in DATA/config.json; a later start reads
+    them back, and a flag given again replaces the saved value."""
+    if token is None and not (data_dir / "node.json").exists():
+        raise UserError(f"{data_dir} holds no node: create a store with 'storemesh store init' "
+                        "or join one with --join TOKEN")
+    given = {"interface": interface, "http_host": http_host, "http_port": http_port,
+             "peers": list(peers), "cloud_urls": list(cloud_urls), "discovery": discovery}
+    try:
+        given = {k: v for k, v in given.items() if _from_command_line(ctx, k)}
+        for url in (*peers, *cloud_urls, *((join_url,) if join_url else ())):
+            _check_url(url, "--url" if url == join_url else "--peer/--cloud")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    _sigterm_as_interrupt()
+    _setup_logging(log_level)
+    try:
+        _run_node(data_dir, given, token, node_id, join_url)
+    except KeyboardInterrupt:
+        _interrupted_before_start("node")
+
+
+def _from_command_line(ctx: click.Context, param: str) -> bool:
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(param) in (ParameterSource.COMMANDLINE,
+                                              ParameterSource.ENVIRONMENT)
+
+
+def _check_url(url: str, flag: str) -> None:
+    from mesh.nodeconfig import check_url
+
+    check_url(url, flag)
+
+
+def _run_node(data_dir: Path, given: dict[str, Any], token: str | None, node_id: str | None,
+              join_url: str | None) -> None:
     from mesh.node import Node
+    from mesh.nodeconfig import load_settings, save_settings
 
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        saved = load_settings(data_dir)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    settings = {**saved, **given}  # precedence: this command line, config.json, defaults
+    interface: str | None = settings.get("interface")
+    http_host: str = settings.get("http_host") or interface or "0.0.0.0"  # noqa: S104
+    http_port: int = settings.get("http_port", 8700)
+    peers: list[str] = settings.get("peers", [])
+    node: Node | None = None
+    lock: DataDirLock | None = None
 
-    async def run() -> None:
+    async def start() -> None:
+        nonlocal node, lock
+        try:
+            lock = lock_data_dir(data_dir)  # before anything writes there (join, ledger)
+        except DataDirInUse as exc:
+            raise UserError(str(exc)) from None
+        except OSError as exc:
+            raise UserError(f"cannot use {data_dir}: {exc.strerror or exc}") from None
         if not (data_dir / "node.json").exists():
-            if token is None:
-                raise click.ClickException(
-                    f"{data_dir} holds no node: create a store with 'storemesh store init' or "
-                    "join one with --join TOKEN")
-            from mesh.enrol import JoinRefused, UntrustedEdge, join
-            from mesh.errors import Malformed
+            assert token is not None
+            await _join_node(data_dir, token, join_url or (peers[0] if peers else None),
+                             interface, node_id)
+        node = Node(data_dir, http_host=http_host, http_port=http_port, interface=interface,
+                    peers=peers, wan_peers=settings.get("cloud_urls", []),
+                    discovery=settings.get("discovery", True))
+        try:
+            await node.start()
+        except Exception as exc:
+            err = _start_error(exc, http_host, http_port)
+            if err is None:
+                raise
+            raise err from None
+        if settings != saved:
+            await asyncio.to_thread(save_settings, data_dir, settings)
 
-            try:
-                ident = await join(data_dir, token, url=join_url or (peers[0] if peers else None),
-                                   interface=interface, node_id=node_id)
-            except (JoinRefused, UntrustedEdge, Malformed, FileExistsError, ConnectionError,
-                    TimeoutError, ValueError) as exc:
-                raise click.ClickException(f"join failed: {exc}") from None
-            console.print(f"joined store [bold]{ident.store_id}[/] as {ident.node_id}")
-        node = Node(data_dir, http_host=http_host or interface or "0.0.0.0",  # noqa: S104
-                    http_port=http_port, interface=interface, peers=peers,
-                    wan_peers=cloud_urls, discovery=not no_discovery)
-        await node.start()
+    def ready() -> None:
+        assert node is not None
         print(f"storemesh node {node.identity.node_id} ({node.identity.role}) of store "
               f"{node.identity.store_id} listening on {node.url}", flush=True)
-        await _until_signal(node.close)
 
-    asyncio.run(run())
+    async def close() -> None:
+        if node is not None:
+            await node.close()
+        if lock is not None:
+            lock.release()
+
+    asyncio.run(_serve("node", start, close, ready))
+
+
+async def _join_node(data_dir: Path, token: str, url: str | None, interface: str | None,
+                     node_id: str | None) -> None:
+    from mesh.enrol import JoinRefused, UntrustedEdge, join
+
+    try:
+        ident = await join(data_dir, token, url=url, interface=interface, node_id=node_id)
+    except (JoinRefused, UntrustedEdge, Malformed, FileExistsError, ConnectionError,
+            TimeoutError, ValueError) as exc:
+        raise UserError(f"join failed: {exc}") from None
+    console.print(f"joined store [bold]{ident.store_id}[/] as {ident.node_id}")
 
 
 @main.group()
@@ -158,7 +305,7 @@ def cloud_join_cmd(root: Path, token: str, url: str | None) -> None:
         data_dir = asyncio.run(cloud_join(root, token, url=url))
     except (JoinRefused, UntrustedEdge, Malformed, FileExistsError, ConnectionError,
             TimeoutError, ValueError) as exc:
-        raise click.ClickException(f"join failed: {exc}") from None
+        raise UserError(f"join failed: {exc}") from None
     console.print(f"cloud enrolled; store data in {data_dir}")
 
 
@@ -171,28 +318,32 @@ def cloud_join_cmd(root: Path, token: str, url: str | None) -> None:
 @click.option("--log-level", default="INFO", show_default=True)
 def cloud_run(root: Path, http_host: str, http_port: int, log_level: str) -> None:
     """Serve every store under ROOT: sync, analytics, dashboard, until Ctrl-C."""
-    import asyncio
-    import logging
-
     from mesh.cloud import CloudNode
 
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _sigterm_as_interrupt()
+    _setup_logging(log_level)
 
-    async def run() -> None:
+    async def start() -> None:
         from mesh.dashboard import setup_dashboard
 
-        node = CloudNode(root, http_host=http_host, http_port=http_port)
         node.setup_hooks.append(setup_dashboard)  # fleet analytics + the dashboard page
         try:
-            await node.start()
-        except (FileNotFoundError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
+            await node.start()  # each store's node locks its data dir
+        except Exception as exc:
+            err = _start_error(exc, http_host, http_port)
+            if err is None:
+                raise
+            raise err from None
+
+    def ready() -> None:
         print(f"storemesh cloud for {len(node.nodes)} store(s) listening on {node.url}",
               flush=True)
-        await _until_signal(node.close)
 
-    asyncio.run(run())
+    node = CloudNode(root, http_host=http_host, http_port=http_port)
+    try:
+        asyncio.run(_serve("cloud", start, node.close, ready))
+    except KeyboardInterrupt:
+        _interrupted_before_start("cloud")
 
 
 @main.group()
@@ -215,8 +366,8 @@ def token_create(data_dir: Path, role: str, ttl_s: int, url: str | None) -> None
     try:
         text = create_token(load_identity(data_dir), role=role, ttl_ms=ttl_s * 1000,
                             now_ms=_now_ms(), url=url)
-    except (CommandError, FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except (CommandError, FileNotFoundError, KeyPermissionError, Malformed, ValueError) as exc:
+        raise UserError(str(exc)) from None
     click.echo(text)
 
 
@@ -230,7 +381,11 @@ def token_list(data_dir: Path) -> None:
     for col in ("id", "role", "state", "expires (UTC)"):
         t.add_column(col)
     now = _now_ms()
-    for row in list_tokens(data_dir):
+    try:
+        rows = list_tokens(data_dir)
+    except (OSError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    for row in rows:
         t.add_row(row.token_id[:16], row.role, row.state(now),
                   time.strftime("%Y-%m-%d %H:%M", time.gmtime(row.expires_ms / 1000)))
     console.print(t)
@@ -242,11 +397,14 @@ def token_list(data_dir: Path) -> None:
 def token_revoke(data_dir: Path, which: str) -> None:
     """Withdraw an unused token (the token itself or its id from 'token list')."""
     from mesh.enrol import revoke_token
+    from mesh.errors import CommandError
 
     try:
         revoke_token(data_dir, which)
-    except (KeyError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except CommandError as exc:
+        raise UserError(exc.message) from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot revoke in {data_dir}: {exc}") from None
     console.print("token revoked")
 
 
@@ -310,6 +468,12 @@ def demo_cmd(base: Path, duration: float | None) -> None:
 
     from mesh.demo import prepare, run_demo
 
+    for node_json in sorted(base.glob("**/node.json")) if base.is_dir() else []:
+        try:
+            with lock_data_dir(node_json.parent):
+                pass
+        except DataDirInUse as exc:
+            raise UserError(f"{exc}; the demo wipes {base} first") from None
     tokens = prepare(base)
     raise SystemExit(asyncio.run(run_demo(base, tokens, duration)))
 
@@ -397,8 +561,8 @@ def ledger_verify(data_dir: Path) -> None:
     t0 = time.perf_counter()
     try:
         report = verify_ledger(data_dir)
-    except FileNotFoundError as exc:
-        raise click.ClickException(str(exc)) from None
+    except (FileNotFoundError, KeyPermissionError, LedgerError, Malformed, ValueError) as exc:
+        raise UserError(str(exc)) from None
     table = Table(title=f"ledger {data_dir}")
     for col in ("origin", "envelopes", "last seq", "gaps", "bad sigs", "broken links",
                 "malformed"):

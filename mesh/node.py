@@ -17,8 +17,9 @@ Invariants:
     only then (via ``SyncCore.durable``).
  2. Every task has an owner: the node's task set (cancelled and awaited on ``close``)
     or a ``Session``. No fire-and-forget.
- 3. No blocking call on the loop: ledger reads, evidence and identity writes go through
-    ``asyncio.to_thread``; rebuild at start-up too.
+ 3. No blocking call on the loop: ledger reads and evidence go through
+    ``asyncio.to_thread``, rebuild at start-up too; identity (trust store) writes go to
+    the ledger's writer thread, ahead of the envelopes that need them (durable inv. 6).
  4. At most one session per peer node id; with discovery, only the node with the
     smaller id dials, so two nodes do not race to connect to each other.
  5. Messages of one session reach the core in the order received; every message
@@ -30,6 +31,8 @@ Invariants:
     is acknowledged), a peer's change once it is applied here (it was durable at its
     origin before it was pushed): the stream never runs ahead of ``GET /v1/stock``,
     and never shows a change that no disk holds.
+ 8. One process per data directory: ``start`` takes its lock (``mesh.datadir``
+    invariant 3) before opening anything; ``close`` releases it last.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import aiohttp
 from aiohttp import web
 
 from mesh import config, transport
-from mesh.datadir import NodeIdentity
+from mesh.datadir import DataDirLock, NodeIdentity, lock_data_dir
 from mesh.durable import DurableReplica
 from mesh.envelope import Envelope
 from mesh.errors import CommandError, LedgerError
@@ -115,6 +118,7 @@ class Node:
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
         self._discovery: Any = None
+        self._lock: DataDirLock | None = None
         self.durable: DurableReplica
         self.core: SyncCore
         self.identity: NodeIdentity
@@ -131,8 +135,22 @@ class Node:
         return self.durable.replica
 
     async def start(self) -> None:
-        self.durable = await asyncio.to_thread(
-            DurableReplica.open, self.data_dir, self.snapshot_every, self.max_bytes)
+        """Open the data dir (locked for this process: ``mesh.datadir.DataDirLock``),
+        rebuild, listen, dial. Cancellable at any await: ``close()`` then releases
+        whatever was opened (a rebuild under way is finished first, then closed)."""
+        self._lock = lock_data_dir(self.data_dir)
+        opening = asyncio.ensure_future(asyncio.to_thread(
+            DurableReplica.open, self.data_dir, self.snapshot_every, self.max_bytes))
+        try:
+            self.durable = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # a thread cannot be cancelled: keep
+                self.durable = await opening       # what it opened, so close() closes it
+            raise
+        except BaseException:
+            self._lock.release()  # nothing else was opened
+            self._lock = None
+            raise
         self.identity = self.durable.identity
         self.core = SyncCore(self.replica, self.identity.trust,
                              random.Random())  # noqa: S311 -- sync timer jitter
@@ -199,7 +217,13 @@ class Node:
             await self._http.close()
         if self._runner is not None:
             await self._runner.cleanup()
-        await asyncio.to_thread(self.durable.close)
+        durable: DurableReplica | None = getattr(self, "durable", None)  # None: start
+        if durable is not None:                                          # was cancelled
+            durable.save_trust()
+            await asyncio.to_thread(durable.close)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -312,8 +336,11 @@ class Node:
                                            self.now_ms()))
 
     def trust_changed(self) -> None:
-        """New certificates or revocations: persist them (peers learn via the core)."""
-        self._spawn(asyncio.to_thread(self.identity.save), "save-identity")
+        """New certificates or revocations: persist them (peers learn via the core), on
+        the ledger's writer thread ahead of any envelope that needs them (durable
+        invariant 6)."""
+        if not self._closed:
+            self.durable.save_trust()
 
     async def _timer_loop(self) -> None:
         # Sleep until the core's next deadline, but never longer than one sync interval:
@@ -517,6 +544,7 @@ class Node:
         self.sessions[pid] = session
         session.on_refuse = self._reject  # frames it refuses: session_<reason> in /metrics
         self.last_seen[pid] = self.now_ms()
+        self.trust_changed()  # the handshake may have taught us its certificate
         log.info("session up: %s (%s)", pid, "out" if session.outbound else "in")
         try:
             self._handle(self.core.peer_up(pid, self.now_ms(), wan=session.wan))
