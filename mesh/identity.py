@@ -491,6 +491,15 @@ class TrustStore:
         self._revoked = self._revoked | {node_id}
         self.version += 1
 
+    def is_revoked(self, node_id: str) -> bool:
+        """Whether ``node_id`` is on the revocation list (or revoked here only)."""
+        return node_id in self._revoked
+
+    @property
+    def revoked(self) -> frozenset[str]:
+        """Every node id refused as revoked: the list's and the local ones."""
+        return self._revoked
+
     def check(self, node_id: str, now_ms: int) -> Certificate:
         """The certificate under which ``node_id`` may write at ``now_ms``, or raise."""
         if node_id in self._revoked:

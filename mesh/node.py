@@ -54,7 +54,16 @@ from mesh.durable import DurableReplica
 from mesh.envelope import Envelope
 from mesh.errors import CommandError, LedgerError
 from mesh.replica import CommandResult, Replica
-from mesh.sync import Alert, Effect, Fetch, Persist, Send, SyncCore, TrustChanged
+from mesh.sync import (
+    Alert,
+    Effect,
+    EndSession,
+    Fetch,
+    Persist,
+    Send,
+    SyncCore,
+    TrustChanged,
+)
 
 __all__ = ["Node"]
 
@@ -274,6 +283,10 @@ class Node:
                                               eff.seq, eff.first, eff.second), "evidence")
             elif isinstance(eff, TrustChanged):
                 self.trust_changed()
+            elif isinstance(eff, EndSession):  # revoked: refused from now on
+                ended = self.sessions.get(eff.peer)
+                if ended is not None:
+                    ended.close(eff.reason)
         if persist:
             fut = self.durable.persist(persist)
             fut.add_done_callback(self._persisted_callback(persist))
