@@ -32,6 +32,12 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class UserError(click.ClickException):
+    """A mistake the user can fix: one line on stderr, exit status 2."""
+
+    exit_code = 2
+
+
 async def _until_signal(close: Callable[[], Awaitable[None]]) -> None:
     """Serve until SIGINT or SIGTERM, then close cleanly."""
     import asyncio
@@ -70,7 +76,7 @@ def store_init(data_dir: Path, store_id: str, node_id: str | None) -> None:
     try:
         ident = init_store(data_dir, store_id, now_ms=_now_ms(), node_id=node_id)
     except (FileExistsError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise UserError(str(exc)) from None
     console.print(f"store [bold]{ident.store_id}[/] created; edge node [bold]{ident.node_id}[/]"
                   f" in {data_dir} (key fingerprint {ident.key.fingerprint})")
 
@@ -248,6 +254,87 @@ def token_revoke(data_dir: Path, which: str) -> None:
     except (KeyError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     console.print("token revoked")
+
+
+# --- enrolled nodes ------------------------------------------------------------------------
+
+
+@main.group()
+def nodes() -> None:
+    """The store's enrolled nodes: list them, revoke one."""
+
+
+@nodes.command("list")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per node.")
+def nodes_list(data_dir: Path, as_json: bool) -> None:
+    """Every node DATA_DIR holds a certificate for: role, status, expiry, key."""
+    from mesh.revoke import list_nodes
+
+    try:
+        ident = load_identity(data_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    rows = list_nodes(ident, _now_ms())
+    if as_json:
+        import orjson
+
+        for r in rows:
+            click.echo(orjson.dumps({
+                "node_id": r.node_id, "role": r.role, "status": r.status,
+                "fingerprint": r.fingerprint, "not_after_ms": r.not_after,
+                "reason": r.reason, "revoked_ms": r.revoked_ms}).decode())
+        return
+    t = Table(title=f"nodes of store {ident.store_id} known to {data_dir} "
+                    f"(revocation list v{ident.trust.crl_version})")
+    for col in ("node", "role", "status", "valid until (UTC)", "key", "revoked (UTC): reason"):
+        t.add_column(col)
+    colour = {"active": "green", "this node": "bold", "expired": "yellow", "revoked": "red"}
+    for r in rows:
+        why = ""
+        if r.status == "revoked":
+            when = "" if r.revoked_ms is None else _utc(r.revoked_ms, "%Y-%m-%d %H:%M")
+            why = f"{when}: {r.reason}" if r.reason else when
+        t.add_row(r.node_id, r.role, f"[{colour[r.status]}]{r.status}[/]",
+                  _utc(r.not_after, "%Y-%m-%d"), r.fingerprint, why)
+    console.print(t)
+
+
+@nodes.command("revoke")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("node_id")
+@click.option("--reason", default="revoked by the store owner", show_default=True,
+              help="Why (kept on this edge, shown by 'nodes list').")
+@click.option("--url", default="http://127.0.0.1:8700", show_default=True,
+              help="The running node of DATA_DIR, which passes the revocation on.")
+@click.option("--force", is_flag=True,
+              help="Revoke a node id DATA_DIR holds no certificate for.")
+def nodes_revoke(data_dir: Path, node_id: str, reason: str, url: str, force: bool) -> None:
+    """Revoke NODE_ID: every node and the cloud end its sessions and refuse it.
+
+    Run it on the edge node that holds the store key (DATA_DIR has store.key)."""
+    import asyncio
+
+    from mesh.errors import CommandError
+    from mesh.revoke import deliver, revoke_node
+
+    try:
+        ident = load_identity(data_dir)
+        crl, new = revoke_node(ident, node_id, reason=reason, now_ms=_now_ms(), force=force)
+    except (CommandError, FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    what = "revoked" if new else "was already revoked"
+    try:
+        held = asyncio.run(deliver(url, crl))
+    except (ConnectionError, ValueError) as exc:
+        console.print(f"node [bold]{node_id}[/] {what} (revocation list v{crl.version}, saved "
+                      f"in {data_dir}); [yellow]not delivered[/]: {exc}\nThe node of "
+                      f"{data_dir} adopts it when it starts; if it is running elsewhere, run "
+                      "this again with --url http://HOST:PORT.")
+        raise SystemExit(1) from None
+    console.print(f"node [bold]{node_id}[/] {what} (revocation list v{crl.version}); the node "
+                  f"at {url} holds v{held}, has ended its sessions with {node_id} and passes "
+                  "the list to every peer and the cloud")
 
 
 @main.command("status")
@@ -438,6 +525,10 @@ def ledger_show(data_dir: Path, limit: int) -> None:
                       str(m.get("qty", "")), m["txn"], str(m.get("staff") or ""),
                       str(m.get("reason") or ""))
     console.print(table)
+
+
+def _utc(ms: int, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return time.strftime(fmt, time.gmtime(ms / 1000))
 
 
 def _add_sim() -> None:

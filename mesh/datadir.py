@@ -17,16 +17,32 @@ Invariants:
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
+from mesh import config
 from mesh.identity import Certificate, NodeKey, TrustStore, issue_certificate
 
-__all__ = ["DEFAULT_VALIDITY_MS", "NodeIdentity", "enrol_node", "init_store", "load_identity"]
+__all__ = ["DEFAULT_VALIDITY_MS", "NodeIdentity", "check_id", "enrol_node", "init_store",
+           "load_identity"]
+
+#: Store ids and node ids: they become directory names (the cloud keeps one per store),
+#: URL path segments (``/stores/STORE``) and mDNS labels, so no spaces, slashes or dots
+#: first. The same rule as ``POST /v1/join``'s ``node_id``.
+_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_id(value: str, what: str) -> None:
+    """Raise ``ValueError`` with a one-line fix unless ``value`` is a valid id."""
+    if not value or len(value) > config.MAX_ID_LEN or not _ID.fullmatch(value):
+        raise ValueError(
+            f"{what} {value!r} is not valid: use 1..{config.MAX_ID_LEN} characters of "
+            "A-Z a-z 0-9 . _ - starting with a letter or digit (e.g. 'berlin-mitte')")
 
 #: Certificates issued by ``store init`` / join tokens are valid for a year; renewal
 #: re-issues them (a revoked node is refused whatever its expiry).
@@ -81,6 +97,9 @@ def init_store(
     validity_ms: int = DEFAULT_VALIDITY_MS,
 ) -> NodeIdentity:
     """Create a store key and the store's first node (an edge node) in ``data_dir``."""
+    check_id(store_id, "store id")
+    if node_id is not None:
+        check_id(node_id, "node id")
     data_dir.mkdir(parents=True, exist_ok=True)
     if (data_dir / "node.json").exists():
         raise FileExistsError(f"{data_dir} already holds a node; use another directory")
@@ -129,6 +148,11 @@ def load_identity(data_dir: Path) -> NodeIdentity:
     cert = Certificate.from_dict(doc["certificate"])
     trust = TrustStore.from_dict(doc["trust"])
     trust.add_certificate(cert)
+    from mesh.revoke import load_revocations  # (mesh.revoke imports this module)
+
+    crl = load_revocations(data_dir, trust)  # the edge's own list (mesh.revoke inv. 3)
+    if crl is not None:
+        trust.apply_revocations(crl)
     if cert.public_key != key.public_key:
         raise ValueError(f"{data_dir}: node.key does not match the certificate in node.json")
     store_key_path = data_dir / "store.key"

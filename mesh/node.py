@@ -169,11 +169,12 @@ class Node:
                  self.identity.role, self.identity.store_id, self.url)
 
     def _setup_optional_routes(self) -> None:
-        from mesh import api, catalog, enrol
+        from mesh import api, catalog, enrol, revoke
 
         api.setup_routes(self.app, self)
         catalog.setup_catalog_routes(self.app, self)
         enrol.setup_join_routes(self.app, self)
+        revoke.setup_revocation_routes(self.app, self)
 
     async def _start_discovery(self) -> None:
         from mesh.discovery import Discovery

@@ -2,18 +2,19 @@
 
 Inputs go in (``peer_up``, ``peer_down``, ``receive``, ``durable``, ``fetched``,
 ``on_timer``), each with ``now`` in ms; effects come out (``Send``, ``Persist``,
-``Fetch``, ``Alert``, ``TrustChanged``, ``EndSession``). The asyncio node and the partition simulator
-drive this same class; only the drivers differ.
+``Fetch``, ``Alert``, ``TrustChanged``, ``EndSession``). The asyncio node and the
+partition simulator drive this same class; only the drivers differ.
 
 Wire messages (bytes, first byte is the type):
 
 * ``V`` + orjson ``{"vv": {origin: seq}, "links": [node ids], "nc": digest, "crl": v,
-  "rx": n, "rs": [origins]}`` — our version vector (highest contiguous seq held per origin), the peers we
-  have live sessions with, a digest of the certificates and the revocation list version
-  we hold, and how many envelopes we received from this peer in this session. It is the
-  anti-entropy summary *and* the acknowledgement that opens the sender's window.
-  ``rs`` (optional) names origins whose envelopes we refused for want of their
-  certificate, which has arrived since: the peer sends them again from our vector.
+  "rx": n, "rs": [origins]}`` — our version vector (highest contiguous seq held per
+  origin), the peers we have live sessions with, a digest of the certificates and the
+  revocation list version we hold, and how many envelopes we received from this peer in
+  this session. It is the anti-entropy summary *and* the acknowledgement that opens
+  the sender's window. ``rs`` (optional) names origins whose envelopes we refused for
+  want of their certificate, which has arrived since: the peer sends them again from
+  our vector.
 * ``E`` + frames of ``u32 big-endian length + raw envelope`` — envelopes, verbatim.
 * ``C`` + orjson ``{"certs": [...], "crl": {...} | null}`` — certificates signed by the
   store key, relayable by anyone. A new revocation list goes to every peer whose

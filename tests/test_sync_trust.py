@@ -61,7 +61,8 @@ def test_a_register_joining_while_the_cloud_is_connected_reaches_it_without_refu
         w = _store_with_cloud(seed)
         _join_r3(w)
         w.run_until(w.now + 200)
-        took = _until(w, lambda: w.nodes["cloud"].replica.vv.get("r3") == 40, 20_000)
+        cloud = w.nodes["cloud"]
+        took = _until(w, lambda c=cloud: c.replica.vv.get("r3") == 40, 20_000)
         assert took < 200, f"seed {seed}: the cloud took {took} ms more"
         assert len(_digests(w)) == 1
         for node in w.nodes.values():
