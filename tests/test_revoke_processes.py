@@ -30,7 +30,7 @@ SPREAD_BOUND_S = 10.0
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mesh", *args], capture_output=True,  # noqa: S603
+    return subprocess.run([sys.executable, "-m", "mesh", *args], capture_output=True,
                           text=True, timeout=60, cwd=cwd, check=False)
 
 
