@@ -126,3 +126,52 @@ async def test_revoking_a_register_from_the_cli_cuts_it_off_everywhere(
     rows = {r["node_id"]: r for r in map(orjson.loads, listed.stdout.splitlines())}
     assert rows[r2_id]["status"] == "revoked" and rows[r2_id]["reason"] == "till stolen"
     assert rows[r1_id]["status"] == "active"
+
+
+async def test_a_register_joining_while_the_cloud_is_connected_is_no_security_event(
+        cluster: mk.Cluster, tmp_path: Path) -> None:
+    """Item 19 with real processes: a register joins by token while the edge holds its
+    WAN session to the cloud, and sells at once. The cloud gets every sale without
+    refusing any as ``not_enrolled`` (which the dashboard shows as a security event),
+    and the edge's lag to the cloud clears."""
+    t = mk.tag()
+    edge_ident = mk.new_store(tmp_path, f"store-{t}", f"edge-{t}")
+    mk.enrol_direct(tmp_path / "hq", edge_ident, f"cloud-{t}", role="cloud")
+    sid = edge_ident.store_id
+    port = _free_port()
+    cloud_url = f"http://127.0.0.1:{port}"
+    store_on_cloud = f"{cloud_url}/stores/{sid}"
+    _start_cloud(cluster, tmp_path / "hq", port)
+    edge = await cluster.start("edge", tmp_path / f"edge-{t}", discovery=False,
+                               extra=["--cloud", store_on_cloud])
+    async with mk.client() as http:
+        async def cloud_up() -> bool:
+            return f"cloud-{t}" in await mk.peers_up(http, edge)
+        await mk.until(cloud_up, within=30, what="the edge's WAN session to the cloud")
+        await mk.post_ok(http, edge.url, "/v1/receipts",
+                         {"sku": "BIKE", "qty": 100, "txn_id": "po-1"})
+        token = mk.join_token(edge_ident, url=edge.url)
+        reg = await cluster.start("reg", tmp_path / "reg", discovery=False, join=token,
+                                  node_id=f"reg-{t}", peers=[edge.url])
+
+        async def reg_knows() -> bool:
+            async with http.get(reg.url + "/v1/stock/BIKE") as resp:
+                return resp.status == 200
+        await mk.until(reg_knows, within=30, what="the register knows BIKE")
+        for i in range(30):
+            await mk.post_ok(http, reg.url, "/v1/sales",
+                             {"sku": "BIKE", "qty": 1, "txn_id": f"s{i}"})
+
+        async def cloud_has_all() -> bool:
+            async with http.get(store_on_cloud + "/v1/stock/BIKE") as resp:
+                return resp.status == 200 and (await resp.json())["on_hand"] == 70
+        took, _ = await mk.until(cloud_has_all, within=10, what="every sale at the cloud")
+        print(f"last sale at the cloud after {took:.2f} s")
+
+        async def lag_clear() -> bool:
+            peers = (await mk.get_json(http, edge.url, "/v1/peers"))["peers"]
+            return all(p["lag"] == 0 for p in peers if p["node_id"] == f"cloud-{t}")
+        await mk.until(lag_clear, within=40, what="the edge's lag to the cloud clears")
+        for url in (store_on_cloud, edge.url, reg.url):
+            rejected = await mk.rejections(http, url)
+            assert not rejected, (url, rejected)
