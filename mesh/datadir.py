@@ -6,6 +6,8 @@ Layout::
     DIR/store.key       the store key, only on the node that enrols others (mode 0600)
     DIR/node.json       node id, store id, role, certificate and trust store
     DIR/ledger.sqlite   the durable ledger (mesh.ledger)
+    DIR/revocations.json  the store's signed revocation list, on the edge that revokes
+                        (mesh.revoke); applied on load
 
 Invariants:
  1. ``node.json`` is replaced atomically (write to a temp file, fsync, rename), so a

@@ -65,7 +65,7 @@ async def test_a_genuine_list_ends_the_session_and_later_ones_are_refused(
 
 async def test_forged_older_malformed_and_oversized_lists_change_nothing(
         pair: tuple[Node, Node, NodeIdentity]) -> None:
-    edge, r1, ident = pair
+    edge, _r1, ident = pair
     assert ident.store_key is not None
     v2 = issue_revocations(ident.store_key, store_id="store-1", version=2, revoked=set())
     assert await deliver(edge.url, v2) == 2
