@@ -36,12 +36,13 @@ Invariants:
     dropped and counted under a reason in ``stats``; nothing a peer sends raises.
  6. No clock and no global randomness: ``now`` comes in, jitter comes from the
     injected ``random.Random``.
- 7. Certificates before envelopes: we send a peer an origin's envelopes only after
-    offering it every certificate we hold (a ``C`` since our trust store last changed)
-    when its summary shows a certificate digest other than ours. Whoever forwards an
-    envelope holds its origin's certificate, so a register that has just joined is not
-    refused as unknown downstream; if it still is (a lost ``C``), the receiver asks for
-    those envelopes again (``rs``) once the certificate comes.
+ 7. Certificates before envelopes: we send a peer envelopes only after every
+    certificate we hold has been offered to it: at its summary (all of ours, if its
+    digest differs) or, for those we learned since, in a ``C`` just before the
+    envelopes. Whoever forwards an envelope holds its origin's certificate, so a
+    register that has just joined is not refused as unknown downstream; if it still is
+    (a lost ``C``), the receiver asks for those envelopes again (``rs``) once the
+    certificate comes.
  8. A revoked node has no session with us and none of its envelopes leaves us: on
     learning a revocation we end its session (``EndSession``), refuse it in
     ``peer_up``, and never push, relay or serve its envelopes (those applied before
@@ -194,8 +195,10 @@ class _Peer:
     cur_interval: int = config.SYNC_INTERVAL_MS  # the one the current deadline used
     certs: int = 0
     crl: int = -1  # the revocation list version of its latest summary
-    nc: str = ""  # the certificate digest of its latest summary
-    certs_sent: int = -1  # our trust store version when we last sent it certificates
+    #: our trust store version up to which it holds (or was sent) every certificate we
+    #: hold: set at each of its summaries, since we answer one whose digest differs
+    #: with all of ours (invariant 7)
+    certs_at: int = -1
 
     def inflight(self) -> int:
         """Envelopes sent or being read for this peer and not yet acknowledged."""
@@ -309,18 +312,19 @@ class SyncCore:
             "crl": None if crl is None else crl.to_dict(),
         })
 
-    def _send_certs(self, out: list[Effect], peer: _Peer) -> None:
-        self._send(out, peer.id, self._certs_message(), HIGH)
-        peer.certs_sent = self.trust.version
-        peer.crl = max(peer.crl, self.trust.crl_version)
-
     def _certs_first(self, out: list[Effect], peer: _Peer) -> None:
-        """Before envelopes go to ``peer``: if its summary showed other certificates
-        than ours and our trust store changed since we last sent it ours, send them
-        first (invariant 7). Once per change of our trust store, so two nodes whose
-        digests differ for good (each holds one the other lacks) do not repeat it."""
-        if peer.certs_sent != self.trust.version and peer.nc != self._cert_digest():
-            self._send_certs(out, peer)
+        """Before envelopes go to ``peer``: the certificates we learned since its latest
+        summary (or our latest ``C`` to it), which it may lack, go first (invariant 7).
+        Only those, once: a register joining a store of n nodes costs each node one
+        certificate per peer, not its whole trust store."""
+        trust = self.trust
+        if peer.certs_at == trust.version:  # the common case: nothing new
+            return
+        new = trust.certificates_since(peer.certs_at)
+        peer.certs_at = trust.version
+        if new:
+            self._send(out, peer.id, b"C" + orjson.dumps(
+                {"certs": [c.to_dict() for c in new], "crl": None}), HIGH)
 
     # --- sessions --------------------------------------------------------------------------
 
@@ -665,7 +669,7 @@ class SyncCore:
             self._count("stale_summary")
             return
         peer.their_rx = their_rx
-        peer.nc, peer.crl = certs, crl
+        peer.crl = crl
         first = not peer.ready
         peer.ready = True
         new_links = frozenset(links)
@@ -707,7 +711,9 @@ class SyncCore:
         peer.held_at_report = {o: have for o, have in self.stored.items()
                                if tget(o, 0) < have}
         if certs != self._cert_digest() or crl < self.trust.crl_version:
-            self._send_certs(out, peer)  # before any resend
+            self._send(out, peer.id, self._certs_message(), HIGH)  # before any resend
+            peer.crl = self.trust.crl_version
+        peer.certs_at = self.trust.version  # it holds ours, or has just been sent them
         self._pump(out, peer, now)
 
     def _on_certs(self, out: list[Effect], peer: _Peer, data: bytes, now: int) -> None:
