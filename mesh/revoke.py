@@ -35,15 +35,17 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import aiohttp
 import orjson
-from aiohttp import web
 
-from mesh.datadir import NodeIdentity
 from mesh.errors import CommandError, EnvelopeError, Malformed
 from mesh.identity import RevocationList, TrustStore, issue_revocations
+
+if TYPE_CHECKING:  # aiohttp is imported where used: load_identity (every start) needs none
+    from aiohttp import web
+
+    from mesh.datadir import NodeIdentity
 
 __all__ = [
     "LOCK_FILE",
@@ -225,6 +227,8 @@ async def deliver(url: str, crl: RevocationList, *, timeout_s: float = 5.0) -> i
     """POST ``crl`` to the node at ``url``; returns the revocation list version it holds
     afterwards. Raises ``ConnectionError`` (nothing answered, or not a storemesh node),
     ``ValueError`` (it refused the list: the message says why)."""
+    import aiohttp
+
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as http, http.post(
@@ -266,6 +270,8 @@ def setup_revocation_routes(app: web.Application, node: Any) -> None:
 
 
 async def _post_revocations(node: Any, request: web.Request) -> web.Response:
+    from aiohttp import web
+
     too_big = f"request body over {MAX_REVOCATION_REQUEST_BYTES} bytes"
     if (request.content_length or 0) > MAX_REVOCATION_REQUEST_BYTES:
         return _refuse(node, request, 413, "oversized", too_big)
@@ -296,6 +302,8 @@ async def _post_revocations(node: Any, request: web.Request) -> web.Response:
 
 def _refuse(node: Any, request: web.Request, status: int, reason: str,
             message: str) -> web.Response:
+    from aiohttp import web
+
     key = f"revocations_{reason}"
     node.rejected_sessions[key] = node.rejected_sessions.get(key, 0) + 1
     log.info("revocation list from %s refused (%s): %s", request.remote, reason, message)
