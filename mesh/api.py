@@ -543,6 +543,8 @@ class _Api:
             # deleted, and SQLite assigns row ids without gaps then.
             "envelopes": ledger.last_id,
             "uptime_s": round(max(0, node.now_ms() - node.started_ms) / 1000, 3),
+            # which revocation list this node holds (-1: none): how far one has spread
+            "crl_version": node.identity.trust.crl_version,
         }
         if failed is not None:
             body["reason"] = f"ledger failed: {failed}"

@@ -107,6 +107,10 @@ MAX_ORIGINS: Final = 512
 MAX_PEERS: Final = 512
 #: Most certificates in one certificate message.
 MAX_CERTS_PER_MESSAGE: Final = MAX_ORIGINS
+#: Origins whose envelopes we refused for want of a certificate, remembered (with the
+#: peers that sent them) so they are asked for again once the certificate arrives: a
+#: register that joins while the cloud is connected; a store has tens of those at once.
+MAX_AWAITED_CERTS: Final = 64
 #: Envelopes sent to a peer and still not acknowledged after this long are taken as lost
 #: and sent again (lossy links; a peer that restarted without them).
 SYNC_RETRANSMIT_MS: Final = 3 * SYNC_INTERVAL_MS

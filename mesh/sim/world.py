@@ -39,7 +39,7 @@ from mesh.crdt import VersionVector
 from mesh.envelope import Envelope, decode
 from mesh.identity import NodeKey, TrustStore, issue_certificate
 from mesh.replica import CommandResult, Replica
-from mesh.sync import Alert, Effect, Fetch, Persist, Send, SyncCore
+from mesh.sync import Alert, Effect, EndSession, Fetch, Persist, Send, SyncCore
 
 __all__ = ["DISTRIBUTIONS", "LinkModel", "SimDisk", "SimNode", "World"]
 
@@ -444,6 +444,9 @@ class SimNode:
                                               self.clock()))
             elif isinstance(eff, Alert):
                 self.alerts.append(eff)
+            elif isinstance(eff, EndSession):
+                # The connection ends for both sides, as closing a socket would.
+                self.world._session_down(self.node_id, eff.peer)
         self._arm_timer()
 
     def _arm_timer(self) -> None:
