@@ -13,14 +13,19 @@ Invariants:
     ``{"error": {"field": <name or null>, "message": <what to do>}}``; a handler's
     unexpected exception is logged and answered with a 500, never crashes the server.
  3. The idempotency key is ``txn_id`` (body) or the ``Idempotency-Key`` header; a replay
-    with the same key and content returns the original ``origin``/``seq`` with
-    ``duplicate: true`` and status 200, and changes nothing. The same key with other
-    content is refused (422).
+    with the same key and content returns the original ``origin``/``seq`` (and
+    ``reservation_id``) with ``duplicate: true`` and status 200, no earlier than the
+    original is durable, and changes nothing. The same key with other content is
+    refused (422). What counts as the same content: docs/api.md, "Idempotency".
  4. No blocking I/O on the event loop: ledger reads (audit) run in a worker thread;
     everything else reads the in-memory replica.
  5. Every response is bounded: request bodies (``MAX_BODY_BYTES``), list pages
     (``MAX_PAGE``), audit pages and the ledger rows one audit request may examine.
  6. An SSE stream always unsubscribes from the node when it ends, however it ends.
+ 7. A request that fails by the client's doing (cut short mid-body, unparseable) is
+    counted by reason in ``/metrics`` and logged at most once a minute
+    (``mesh.httpfaults``), never with a traceback per request: anyone who can reach
+    the port can send them.
 """
 
 from __future__ import annotations
@@ -33,11 +38,20 @@ from typing import Any, Final
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from mesh import config
 from mesh.envelope import Envelope, decode
-from mesh.errors import CommandError, EnvelopeError, LedgerError, StorageFull, UnknownSku
+from mesh.errors import (
+    CommandError,
+    EnvelopeError,
+    LedgerError,
+    StorageFull,
+    TxnReused,
+    UnknownSku,
+)
+from mesh.httpfaults import CLIENT_FAULTS, ClientFaults
 from mesh.ledger import Ledger
 from mesh.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mesh.metrics import NodeView, make_registry, render
@@ -48,6 +62,7 @@ __all__ = [
     "AUDIT_MAX_SCAN",
     "MAX_BODY_BYTES",
     "MAX_PAGE",
+    "PATH_ID",
     "ApiError",
     "setup_routes",
 ]
@@ -77,6 +92,12 @@ SSE_KEEPALIVE_S = 15.0
 SSE_MAX_WRITE_EVENTS: Final = 256
 _DISK_FULL: Final = ("this node's disk is full: the operation was NOT recorded; free disk "
                      "space, then retry with the same txn_id")
+#: Pattern of an identifier in a path (``{rid:...}``): any characters but ``/``, which the
+#: client percent-encodes (``%2F``) with everything reserved. aiohttp's default,
+#: ``[^{}/]+``, would leave ids holding ``{`` or ``}`` unaddressable (issue 10 item 8):
+#: every id a write accepts must be addressable. (``%2F`` and ``%25`` stay encoded while
+#: routes match and are decoded in ``match_info``.)
+PATH_ID: Final = "[^/]+"
 #: Body fields whose replica-side name differs from the API's.
 _API_FIELD: Final = {"expires": "expires_ms"}
 
@@ -271,10 +292,40 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return resp
     except StorageFull:
         return _error(507, _DISK_FULL)
-    except Exception:
-        log.exception("%s %s failed", request.method, request.path)
-        return _error(500, "internal error (logged on the node); retrying a command with "
-                           "the same txn_id is safe")
+    except Exception as exc:
+        reason = _client_fault(request, exc)
+        if reason is None:
+            log.exception("%s %s failed", request.method, request.path)
+            return _error(500, "internal error (logged on the node); retrying a command "
+                               "with the same txn_id is safe")
+        # Counted, and logged at most once a minute: anyone can cause these.
+        _client_faults(request).note(reason, f"{request.method} {request.path} from "
+                                             f"{request.remote}: {exc}")
+        return _error(400, "the request body was cut short or malformed; nothing changed")
+
+
+def _client_fault(request: web.Request, exc: Exception) -> str | None:
+    """The ``mesh.httpfaults`` reason if reading the request failed by the client's
+    doing (it hung up mid-body, or sent a body aiohttp cannot parse), else None."""
+    if isinstance(exc, HttpProcessingError):  # e.g. a broken chunked body
+        return "bad_request"
+    if isinstance(exc, ConnectionResetError) and (
+            request.transport is None or request.transport.is_closing()):
+        return "disconnected"
+    return None
+
+
+#: Faults of requests to an app that keeps no counters of its own (not a node's).
+_UNATTRIBUTED: Final = ClientFaults()
+
+
+def _client_faults(request: web.Request) -> ClientFaults:
+    """The counters of the innermost app of the request that keeps them (a node's)."""
+    for app in reversed(request.match_info.apps):
+        faults = app.get(CLIENT_FAULTS)
+        if faults is not None:
+            return faults
+    return _UNATTRIBUTED
 
 
 # --- the API ------------------------------------------------------------------------------
@@ -327,10 +378,10 @@ class _Api:
             return await self.node.execute(fn)
         except UnknownSku as exc:
             raise ApiError(404, exc.message, "sku") from None
+        except TxnReused as exc:
+            raise ApiError(422, exc.message, "txn_id") from None
         except CommandError as exc:
             field = _API_FIELD.get(exc.field or "", exc.field)
-            if exc.field == "txn_id":  # its format was checked: this is a reused key
-                raise ApiError(422, exc.message, field) from None
             raise ApiError(409 if exc.field in conflict else 400, exc.message, field) from None
         except StorageFull as exc:
             log.error("disk full: %s", exc)
@@ -492,6 +543,8 @@ class _Api:
             # deleted, and SQLite assigns row ids without gaps then.
             "envelopes": ledger.last_id,
             "uptime_s": round(max(0, node.now_ms() - node.started_ms) / 1000, 3),
+            # which revocation list this node holds (-1: none): how far one has spread
+            "crl_version": node.identity.trust.crl_version,
         }
         if failed is not None:
             body["reason"] = f"ledger failed: {failed}"
@@ -659,6 +712,7 @@ def _read_audit(ledger: Ledger, limit: int, before: int | None, sku: str | None,
 def setup_routes(app: web.Application, node: NodeView) -> None:
     """Add the HTTP API of ``node`` to ``app`` (see docs/api.md)."""
     api = _Api(node)
+    app[CLIENT_FAULTS] = node.http_faults
     app.middlewares.append(_json_errors)
     app.on_shutdown.append(api.on_shutdown)
     r = app.router
@@ -668,10 +722,10 @@ def setup_routes(app: web.Application, node: NodeView) -> None:
     r.add_post("/v1/adjustments", api.adjustments)
     r.add_post("/v1/reservations", api.reserve)
     r.add_get("/v1/reservations", api.reservations)
-    r.add_post("/v1/reservations/{rid}/release", api.release)
-    r.add_post("/v1/reservations/{rid}/fulfil", api.fulfil)
+    r.add_post(f"/v1/reservations/{{rid:{PATH_ID}}}/release", api.release)
+    r.add_post(f"/v1/reservations/{{rid:{PATH_ID}}}/fulfil", api.fulfil)
     r.add_get("/v1/stock", api.stock_all)
-    r.add_get("/v1/stock/{sku}", api.stock_one)
+    r.add_get(f"/v1/stock/{{sku:{PATH_ID}}}", api.stock_one)
     r.add_get("/v1/exceptions", api.exceptions)
     r.add_get("/v1/peers", api.peers)
     r.add_get("/v1/health", api.health)

@@ -46,6 +46,7 @@ from mesh.api import (
     _DISK_FULL,
     DEFAULT_PAGE,
     MAX_PAGE,
+    PATH_ID,
     ApiError,
     _fields,
     _ident,
@@ -56,7 +57,7 @@ from mesh.api import (
 )
 from mesh.crdt import HLC
 from mesh.crdt.hlc import MAX_TS
-from mesh.errors import CommandError, LedgerError, StorageFull
+from mesh.errors import CommandError, LedgerError, StorageFull, TxnReused
 from mesh.metrics import NodeView
 from mesh.ops import CATALOG_ROLES
 from mesh.replica import CommandResult, Replica
@@ -463,8 +464,7 @@ class _CatalogApi:
         except CommandError as exc:
             if exc.field == "role":
                 raise self._forbidden() from None
-            # txn_id's format was checked: a refusal naming it is a reused key
-            raise ApiError(422 if exc.field == "txn_id" else 400, exc.message,
+            raise ApiError(422 if isinstance(exc, TxnReused) else 400, exc.message,
                            exc.field) from None
         except StorageFull as exc:
             log.error("disk full: %s", exc)
@@ -490,5 +490,5 @@ def setup_catalog_routes(app: web.Application, node: NodeView) -> None:
     app.on_cleanup.append(api.on_cleanup)
     r = app.router
     r.add_get("/v1/catalog", api.get_changed)
-    r.add_get("/v1/catalog/{sku}", api.get_one)
-    r.add_put("/v1/catalog/{sku}", api.put)
+    r.add_get(f"/v1/catalog/{{sku:{PATH_ID}}}", api.get_one)
+    r.add_put(f"/v1/catalog/{{sku:{PATH_ID}}}", api.put)

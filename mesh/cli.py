@@ -6,8 +6,13 @@ rich. Errors the user can fix exit with status 2 and a one-line message.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,34 +22,105 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh import __version__
-from mesh.datadir import init_store, load_identity
+from mesh.datadir import DataDirInUse, DataDirLock, init_store, load_identity, lock_data_dir
 from mesh.envelope import DOMAIN, body_bytes, decode
-from mesh.errors import EnvelopeError
+from mesh.errors import EnvelopeError, KeyPermissionError, LedgerError, Malformed
 from mesh.identity import verify_signature
 from mesh.ledger import Ledger
 
-__all__ = ["main"]
+__all__ = ["UserError", "main"]
 
 console = Console()
+log = logging.getLogger("storemesh")
+
+
+class UserError(click.ClickException):
+    """A mistake the user can fix: one line on stderr, exit status 2, no traceback."""
+
+    exit_code = 2
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-async def _until_signal(close: Callable[[], Awaitable[None]]) -> None:
-    """Serve until SIGINT or SIGTERM, then close cleanly."""
-    import asyncio
-    import signal
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+def _setup_logging(level: str) -> None:
     try:
-        await stop.wait()
+        logging.basicConfig(level=level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    except ValueError:
+        raise UserError(f"--log-level {level!r}: use DEBUG, INFO, WARNING or ERROR") from None
+
+
+def _sigterm_as_interrupt() -> None:
+    """Until the event loop takes over the signals (``_serve``), SIGTERM stops the process
+    the way Ctrl-C does (KeyboardInterrupt, caught by the command: exit 0), not by the
+    default action (killed, status 143). Nothing is open yet at that point. (The
+    ``storemesh`` entry point, ``mesh.__main__.run``, does this before loading; this
+    covers ``main`` called another way.)"""
+    from mesh.__main__ import _interrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupted_before_start(what: str) -> None:
+    log.info("%s: interrupted before start-up; stopped cleanly", what)
+
+
+async def _serve(what: str, start: Callable[[], Coroutine[Any, Any, None]],
+                 close: Callable[[], Awaitable[None]], ready: Callable[[], None]) -> None:
+    """Start, serve until SIGINT or SIGTERM, close. The signal handlers are in place
+    before ``start`` runs, so a signal at any moment (opening the ledger, joining,
+    binding, catching up, serving) cancels what is under way and closes cleanly:
+    sessions ended, ledger flushed, lock released; the command then exits 0."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    got: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not got:
+            got.append(sig.name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        starting = asyncio.create_task(start(), name=f"{what} start")
+        stopping = asyncio.create_task(stop.wait(), name="signal")
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("%s: %s during start-up, shutting down", what, got[0])
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        else:
+            starting.result()  # a failed start raises here (after close, below)
+            ready()
+            await stopping
+            log.info("%s: %s, shutting down", what, got[0])
+        stopping.cancel()
     finally:
         await close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    log.info("%s: stopped cleanly", what)
+
+
+def _start_error(exc: BaseException, host: str, port: int) -> UserError | None:
+    """The one-line message for a start-up failure the user can fix, if it is one."""
+    if isinstance(exc, DataDirInUse | FileNotFoundError | KeyPermissionError | LedgerError
+                  | Malformed):
+        return UserError(str(exc))
+    if isinstance(exc, ValueError):
+        return UserError(str(exc))
+    if isinstance(exc, OSError):
+        if exc.errno == errno.EADDRINUSE:
+            return UserError(f"cannot listen on {host}:{port}: the port is already in use "
+                             "(another node?): stop it or choose another --http-port")
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
+            return UserError(f"cannot listen on {host}:{port}: {exc.strerror}")
+        return UserError(f"cannot start: {exc}")
+    return None
 
 
 @click.group()
@@ -70,7 +146,7 @@ def store_init(data_dir: Path, store_id: str, node_id: str | None) -> None:
     try:
         ident = init_store(data_dir, store_id, now_ms=_now_ms(), node_id=node_id)
     except (FileExistsError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise UserError(str(exc)) from None
     console.print(f"store [bold]{ident.store_id}[/] created; edge node [bold]{ident.node_id}[/]"
                   f" in {data_dir} (key fingerprint {ident.key.fingerprint})")
 
@@ -95,46 +171,117 @@ def store_init(data_dir: Path, store_id: str, node_id: str | None) -> None:
 @click.option("--node-id", default=None, help="Node id to ask for when joining.")
 @click.option("--url", "join_url", default=None,
               help="Edge URL to join through (default: the token's, else mDNS).")
-@click.option("--no-discovery", is_flag=True, help="Do not use mDNS; only --peer URLs.")
+@click.option("--discovery/--no-discovery", default=True, show_default=True,
+              help="Find peers by mDNS (--no-discovery: only --peer and --cloud URLs).")
 @click.option("--log-level", default="INFO", show_default=True)
-def node_cmd(data_dir: Path, http_port: int, http_host: str | None, interface: str | None,
-             peers: tuple[str, ...], cloud_urls: tuple[str, ...], token: str | None,
-             node_id: str | None,
-             join_url: str | None, no_discovery: bool, log_level: str) -> None:
-    """Run a store node: sync with peers, serve the POS/channel API, until Ctrl-C."""
-    import asyncio
-    import logging
+@click.pass_context
+def node_cmd(ctx: click.Context, data_dir: Path, http_port: int, http_host: str | None,
+             interface: str | None, peers: tuple[str, ...], cloud_urls: tuple[str, ...],
+             token: str | None, node_id: str | None, join_url: str | None, discovery: bool,
+             log_level: str) -> None:
+    """Run a store node: sync with peers, serve the POS/channel API, until Ctrl-C.
 
+    The network flags (--interface, --http-host, --http-port, --peer, --cloud,
+    --discovery) given at a start are saved in DATA/config.json; a later start reads
+    them back, and a flag given again replaces the saved value."""
+    if token is None and not (data_dir / "node.json").exists():
+        raise UserError(f"{data_dir} holds no node: create a store with 'storemesh store init' "
+                        "or join one with --join TOKEN")
+    given = {"interface": interface, "http_host": http_host, "http_port": http_port,
+             "peers": list(peers), "cloud_urls": list(cloud_urls), "discovery": discovery}
+    try:
+        given = {k: v for k, v in given.items() if _from_command_line(ctx, k)}
+        for url in (*peers, *cloud_urls, *((join_url,) if join_url else ())):
+            _check_url(url, "--url" if url == join_url else "--peer/--cloud")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    _sigterm_as_interrupt()
+    _setup_logging(log_level)
+    try:
+        _run_node(data_dir, given, token, node_id, join_url)
+    except KeyboardInterrupt:
+        _interrupted_before_start("node")
+
+
+def _from_command_line(ctx: click.Context, param: str) -> bool:
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(param) in (ParameterSource.COMMANDLINE,
+                                              ParameterSource.ENVIRONMENT)
+
+
+def _check_url(url: str, flag: str) -> None:
+    from mesh.nodeconfig import check_url
+
+    check_url(url, flag)
+
+
+def _run_node(data_dir: Path, given: dict[str, Any], token: str | None, node_id: str | None,
+              join_url: str | None) -> None:
     from mesh.node import Node
+    from mesh.nodeconfig import load_settings, save_settings
 
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        saved = load_settings(data_dir)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    settings = {**saved, **given}  # precedence: this command line, config.json, defaults
+    interface: str | None = settings.get("interface")
+    http_host: str = settings.get("http_host") or interface or "0.0.0.0"  # noqa: S104
+    http_port: int = settings.get("http_port", 8700)
+    peers: list[str] = settings.get("peers", [])
+    node: Node | None = None
+    lock: DataDirLock | None = None
 
-    async def run() -> None:
+    async def start() -> None:
+        nonlocal node, lock
+        try:
+            lock = lock_data_dir(data_dir)  # before anything writes there (join, ledger)
+        except DataDirInUse as exc:
+            raise UserError(str(exc)) from None
+        except OSError as exc:
+            raise UserError(f"cannot use {data_dir}: {exc.strerror or exc}") from None
         if not (data_dir / "node.json").exists():
-            if token is None:
-                raise click.ClickException(
-                    f"{data_dir} holds no node: create a store with 'storemesh store init' or "
-                    "join one with --join TOKEN")
-            from mesh.enrol import JoinRefused, UntrustedEdge, join
-            from mesh.errors import Malformed
+            assert token is not None
+            await _join_node(data_dir, token, join_url or (peers[0] if peers else None),
+                             interface, node_id)
+        node = Node(data_dir, http_host=http_host, http_port=http_port, interface=interface,
+                    peers=peers, wan_peers=settings.get("cloud_urls", []),
+                    discovery=settings.get("discovery", True))
+        try:
+            await node.start()
+        except Exception as exc:
+            err = _start_error(exc, http_host, http_port)
+            if err is None:
+                raise
+            raise err from None
+        if settings != saved:
+            await asyncio.to_thread(save_settings, data_dir, settings)
 
-            try:
-                ident = await join(data_dir, token, url=join_url or (peers[0] if peers else None),
-                                   interface=interface, node_id=node_id)
-            except (JoinRefused, UntrustedEdge, Malformed, FileExistsError, ConnectionError,
-                    TimeoutError, ValueError) as exc:
-                raise click.ClickException(f"join failed: {exc}") from None
-            console.print(f"joined store [bold]{ident.store_id}[/] as {ident.node_id}")
-        node = Node(data_dir, http_host=http_host or interface or "0.0.0.0",  # noqa: S104
-                    http_port=http_port, interface=interface, peers=peers,
-                    wan_peers=cloud_urls, discovery=not no_discovery)
-        await node.start()
+    def ready() -> None:
+        assert node is not None
         print(f"storemesh node {node.identity.node_id} ({node.identity.role}) of store "
               f"{node.identity.store_id} listening on {node.url}", flush=True)
-        await _until_signal(node.close)
 
-    asyncio.run(run())
+    async def close() -> None:
+        if node is not None:
+            await node.close()
+        if lock is not None:
+            lock.release()
+
+    asyncio.run(_serve("node", start, close, ready))
+
+
+async def _join_node(data_dir: Path, token: str, url: str | None, interface: str | None,
+                     node_id: str | None) -> None:
+    from mesh.enrol import JoinRefused, UntrustedEdge, join
+
+    try:
+        ident = await join(data_dir, token, url=url, interface=interface, node_id=node_id)
+    except (JoinRefused, UntrustedEdge, Malformed, FileExistsError, ConnectionError,
+            TimeoutError, ValueError) as exc:
+        raise UserError(f"join failed: {exc}") from None
+    console.print(f"joined store [bold]{ident.store_id}[/] as {ident.node_id}")
 
 
 @main.group()
@@ -158,7 +305,7 @@ def cloud_join_cmd(root: Path, token: str, url: str | None) -> None:
         data_dir = asyncio.run(cloud_join(root, token, url=url))
     except (JoinRefused, UntrustedEdge, Malformed, FileExistsError, ConnectionError,
             TimeoutError, ValueError) as exc:
-        raise click.ClickException(f"join failed: {exc}") from None
+        raise UserError(f"join failed: {exc}") from None
     console.print(f"cloud enrolled; store data in {data_dir}")
 
 
@@ -171,28 +318,32 @@ def cloud_join_cmd(root: Path, token: str, url: str | None) -> None:
 @click.option("--log-level", default="INFO", show_default=True)
 def cloud_run(root: Path, http_host: str, http_port: int, log_level: str) -> None:
     """Serve every store under ROOT: sync, analytics, dashboard, until Ctrl-C."""
-    import asyncio
-    import logging
-
     from mesh.cloud import CloudNode
 
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _sigterm_as_interrupt()
+    _setup_logging(log_level)
 
-    async def run() -> None:
+    async def start() -> None:
         from mesh.dashboard import setup_dashboard
 
-        node = CloudNode(root, http_host=http_host, http_port=http_port)
         node.setup_hooks.append(setup_dashboard)  # fleet analytics + the dashboard page
         try:
-            await node.start()
-        except (FileNotFoundError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
+            await node.start()  # each store's node locks its data dir
+        except Exception as exc:
+            err = _start_error(exc, http_host, http_port)
+            if err is None:
+                raise
+            raise err from None
+
+    def ready() -> None:
         print(f"storemesh cloud for {len(node.nodes)} store(s) listening on {node.url}",
               flush=True)
-        await _until_signal(node.close)
 
-    asyncio.run(run())
+    node = CloudNode(root, http_host=http_host, http_port=http_port)
+    try:
+        asyncio.run(_serve("cloud", start, node.close, ready))
+    except KeyboardInterrupt:
+        _interrupted_before_start("cloud")
 
 
 @main.group()
@@ -215,8 +366,8 @@ def token_create(data_dir: Path, role: str, ttl_s: int, url: str | None) -> None
     try:
         text = create_token(load_identity(data_dir), role=role, ttl_ms=ttl_s * 1000,
                             now_ms=_now_ms(), url=url)
-    except (CommandError, FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except (CommandError, FileNotFoundError, KeyPermissionError, Malformed, ValueError) as exc:
+        raise UserError(str(exc)) from None
     click.echo(text)
 
 
@@ -230,7 +381,11 @@ def token_list(data_dir: Path) -> None:
     for col in ("id", "role", "state", "expires (UTC)"):
         t.add_column(col)
     now = _now_ms()
-    for row in list_tokens(data_dir):
+    try:
+        rows = list_tokens(data_dir)
+    except (OSError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    for row in rows:
         t.add_row(row.token_id[:16], row.role, row.state(now),
                   time.strftime("%Y-%m-%d %H:%M", time.gmtime(row.expires_ms / 1000)))
     console.print(t)
@@ -242,21 +397,115 @@ def token_list(data_dir: Path) -> None:
 def token_revoke(data_dir: Path, which: str) -> None:
     """Withdraw an unused token (the token itself or its id from 'token list')."""
     from mesh.enrol import revoke_token
+    from mesh.errors import CommandError
 
     try:
         revoke_token(data_dir, which)
-    except (KeyError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except CommandError as exc:
+        raise UserError(exc.message) from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot revoke in {data_dir}: {exc}") from None
     console.print("token revoked")
+
+
+# --- enrolled nodes ------------------------------------------------------------------------
+
+
+@main.group()
+def nodes() -> None:
+    """The store's enrolled nodes: list them, revoke one."""
+
+
+@nodes.command("list")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per node.")
+def nodes_list(data_dir: Path, as_json: bool) -> None:
+    """Every node DATA_DIR holds a certificate for: role, status, expiry, key."""
+    from mesh.revoke import list_nodes
+
+    try:
+        ident = load_identity(data_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    rows = list_nodes(ident, _now_ms())
+    if as_json:
+        import orjson
+
+        for r in rows:
+            click.echo(orjson.dumps({
+                "node_id": r.node_id, "role": r.role, "status": r.status,
+                "fingerprint": r.fingerprint, "not_after_ms": r.not_after,
+                "reason": r.reason, "revoked_ms": r.revoked_ms}).decode())
+        return
+    crl = ident.trust.crl_version
+    t = Table(title=f"nodes of store {ident.store_id} known to {data_dir} (revocation list: "
+                    f"{'none' if crl < 0 else f'v{crl}'})")
+    width = max([4, *(len(r.node_id) for r in rows)])
+    t.add_column("node", no_wrap=True, min_width=width)  # full ids, never cut
+    for col in ("role", "status", "valid until (UTC)"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("key", no_wrap=True, min_width=16)
+    t.add_column("revoked (UTC): reason")
+    colour = {"active": "green", "this node": "bold", "expired": "yellow", "revoked": "red"}
+    for r in rows:
+        why = ""
+        if r.status == "revoked":
+            when = "" if r.revoked_ms is None else _utc(r.revoked_ms, "%Y-%m-%d %H:%M")
+            why = f"{when}: {r.reason}" if r.reason else when
+        t.add_row(r.node_id, r.role, f"[{colour[r.status]}]{r.status}[/]",
+                  _utc(r.not_after, "%Y-%m-%d"), r.fingerprint, why)
+    console.print(t)
+
+
+@nodes.command("revoke")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("node_id")
+@click.option("--reason", default="revoked by the store owner", show_default=True,
+              help="Why (kept on this edge, shown by 'nodes list').")
+@click.option("--url", default="http://127.0.0.1:8700", show_default=True,
+              help="The running node of DATA_DIR, which passes the revocation on.")
+@click.option("--force", is_flag=True,
+              help="Revoke a node id DATA_DIR holds no certificate for.")
+def nodes_revoke(data_dir: Path, node_id: str, reason: str, url: str, force: bool) -> None:
+    """Revoke NODE_ID: every node and the cloud end its sessions and refuse it.
+
+    Run it on the edge node that holds the store key (DATA_DIR has store.key)."""
+    import asyncio
+
+    from mesh.errors import CommandError
+    from mesh.revoke import deliver, revoke_node
+
+    try:
+        ident = load_identity(data_dir)
+        crl, new = revoke_node(ident, node_id, reason=reason, now_ms=_now_ms(), force=force)
+    except (CommandError, FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    what = "revoked" if new else "was already revoked"
+    try:
+        held = asyncio.run(deliver(url, crl))
+    except (ConnectionError, ValueError) as exc:
+        console.print(f"node [bold]{node_id}[/] {what} (revocation list v{crl.version}, saved "
+                      f"in {data_dir}); [yellow]not delivered[/]: {exc}\nThe node of "
+                      f"{data_dir} adopts it when it starts; if it is running elsewhere, run "
+                      "this again with --url http://HOST:PORT.")
+        raise SystemExit(1) from None
+    console.print(f"node [bold]{node_id}[/] {what} (revocation list v{crl.version}); the node "
+                  f"at {url} holds v{held}, has ended its sessions with {node_id} and passes "
+                  "the list to every peer and the cloud")
 
 
 @main.command("status")
 @click.argument("url")
 def status_cmd(url: str) -> None:
     """Show a running node's health, peers with their sync lag, and stock."""
+    import urllib.error
     import urllib.request
 
     import orjson
+
+    if not url.startswith(("http://", "https://")):
+        raise UserError(f"{url!r} is not a URL: give http://HOST:PORT (a node) or "
+                        "http://HOST:PORT/stores/STORE (a store at the cloud)")
 
     def get(path: str) -> Any:
         with urllib.request.urlopen(url.rstrip("/") + path, timeout=5) as resp:  # noqa: S310
@@ -265,8 +514,11 @@ def status_cmd(url: str) -> None:
     try:
         health, peers, stock = get("/v1/health"), get("/v1/peers"), get("/v1/stock")
         exceptions = get("/v1/exceptions")
-    except OSError as exc:
-        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+    except urllib.error.HTTPError as exc:  # it answered: say what is there instead
+        exc.close()
+        raise UserError(_not_a_node(url, exc.code, get)) from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
     console.print(f"[bold]{health['node_id']}[/] ({health['role']}) store "
                   f"[bold]{health['store_id']}[/]: {health['status']}, "
                   f"{health['envelopes']} envelopes, up {health['uptime_s']} s")
@@ -298,6 +550,27 @@ def status_cmd(url: str) -> None:
         console.print(t)
 
 
+def _not_a_node(url: str, code: int, get: Callable[[str], Any]) -> str:
+    """What to tell a user whose ``status URL`` answered ``code`` for /v1/health: a
+    cloud's root URL lists its stores (``/v1/stores``), so name their URLs."""
+    import urllib.error
+
+    try:
+        listing = get("/v1/stores")
+        stores = [s["store_id"] for s in listing["stores"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, urllib.error.HTTPError):
+            exc.close()
+        return (f"{url} answered {code} for /v1/health: it is not a storemesh node (give "
+                "http://HOST:PORT of a node, or http://HOST:PORT/stores/STORE at the cloud)")
+    base = url.rstrip("/")
+    if not stores:
+        return f"{url} is a storemesh cloud that serves no store yet ('storemesh cloud join')"
+    return (f"{url} is a storemesh cloud serving {len(stores)} store(s), not one node: run "
+            f"'storemesh status {base}/stores/{stores[0]}'"
+            + (f" (stores: {', '.join(stores)})" if len(stores) > 1 else ""))
+
+
 @main.command("demo")
 @click.option("--dir", "base", default="demo-data", show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
@@ -310,6 +583,12 @@ def demo_cmd(base: Path, duration: float | None) -> None:
 
     from mesh.demo import prepare, run_demo
 
+    for node_json in sorted(base.glob("**/node.json")) if base.is_dir() else []:
+        try:
+            with lock_data_dir(node_json.parent):
+                pass
+        except DataDirInUse as exc:
+            raise UserError(f"{exc}; the demo wipes {base} first") from None
     tokens = prepare(base)
     raise SystemExit(asyncio.run(run_demo(base, tokens, duration)))
 
@@ -397,8 +676,8 @@ def ledger_verify(data_dir: Path) -> None:
     t0 = time.perf_counter()
     try:
         report = verify_ledger(data_dir)
-    except FileNotFoundError as exc:
-        raise click.ClickException(str(exc)) from None
+    except (FileNotFoundError, KeyPermissionError, LedgerError, Malformed, ValueError) as exc:
+        raise UserError(str(exc)) from None
     table = Table(title=f"ledger {data_dir}")
     for col in ("origin", "envelopes", "last seq", "gaps", "bad sigs", "broken links",
                 "malformed"):
@@ -419,25 +698,112 @@ def ledger_verify(data_dir: Path) -> None:
         raise SystemExit(1)
 
 
+#: Ledger rows one ``ledger show`` examines, newest first, looking for matches of its
+#: filters: ~2 s of decoding. Past it the output says how far back it looked.
+SHOW_MAX_SCAN = 200_000
+_SHOW_WINDOW = 1000  # rows read per query while walking the ledger backwards
+_UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def _parse_when(text: str, now_ms: int, what: str) -> int:
+    """ms since the epoch from '2026-12-02', '2026-12-02T06:30' (UTC unless an offset is
+    given), or an age: '90s', '15m', '2h', '3d' ago."""
+    from datetime import UTC, datetime
+
+    t = text.strip()
+    if t[:-1].isdigit() and t[-1:] in _UNITS_MS:
+        return now_ms - int(t[:-1]) * _UNITS_MS[t[-1]]
+    try:
+        dt = datetime.fromisoformat(t)
+    except ValueError:
+        raise UserError(f"{what} {text!r}: give a UTC time like 2026-12-02T06:30 or an age "
+                        "like 15m, 2h, 3d") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def _entry(env: Any) -> dict[str, Any]:
+    m = env.meta
+    at = env.hlc >> 16
+    return {"origin": env.origin, "seq": env.seq, "time_ms": at, "time": _utc(at),
+            "kind": m.get("kind"), "sku": m.get("sku"), "qty": m.get("qty"),
+            "txn": m.get("txn"), "staff": m.get("staff"), "reason": m.get("reason")}
+
+
 @ledger.command("show")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--limit", default=20, show_default=True, help="Newest N envelopes.")
-def ledger_show(data_dir: Path, limit: int) -> None:
+@click.option("--limit", default=20, show_default=True, help="Newest N matching envelopes.")
+@click.option("--sku", default=None, help="Only envelopes that touch this SKU.")
+@click.option("--origin", default=None,
+              help="Only this node's envelopes (its id, or the start of it).")
+@click.option("--since", default=None, help="Not before: UTC time (2026-12-02T06:30) or age (2h).")
+@click.option("--until", "until_", default=None, help="Not after: UTC time or age.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per envelope.")
+def ledger_show(data_dir: Path, limit: int, sku: str | None, origin: str | None,
+                since: str | None, until_: str | None, as_json: bool) -> None:
     """The audit trail: the newest envelopes with who, which device, when and why."""
-    ident = load_identity(data_dir)
+    import orjson
+
+    if limit < 1:
+        raise UserError("--limit must be at least 1")
+    now = _now_ms()
+    lo = _parse_when(since, now, "--since") if since else None
+    hi = _parse_when(until_, now, "--until") if until_ else None
+    try:
+        ident = load_identity(data_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    rows: list[dict[str, Any]] = []
+    scanned = 0
     with Ledger(ident.ledger_path) as led:
-        rows = [raw for _, raw in led.scan(max(0, led.last_id - limit))]
+        wanted: set[str] | None = None  # origins to show (None: all)
+        if origin is not None:
+            heads = led.heads()
+            wanted = {origin} if origin in heads else {o for o in heads if o.startswith(origin)}
+            if not wanted:
+                raise UserError(f"no envelopes of a node {origin!r} here; nodes: "
+                                f"{', '.join(sorted(heads)) or 'none'}")
+        top = led.last_id
+        while top > 0 and len(rows) < limit and scanned < SHOW_MAX_SCAN:
+            start = max(0, top - _SHOW_WINDOW)
+            window = [raw for rid, raw in led.scan(start, page=_SHOW_WINDOW) if rid <= top]
+            scanned += len(window)
+            for raw in reversed(window):
+                entry = _entry(decode(raw))
+                if wanted is not None and entry["origin"] not in wanted:
+                    continue
+                if sku is not None and entry["sku"] != sku:
+                    continue
+                if (lo is not None and entry["time_ms"] < lo) or (
+                        hi is not None and entry["time_ms"] > hi):
+                    continue
+                rows.append(entry)
+                if len(rows) >= limit:
+                    break
+            top = start
+    rows.reverse()  # oldest first, like a log
+    if as_json:
+        for entry in rows:
+            click.echo(orjson.dumps(entry).decode())
+        return
     table = Table(title=f"ledger {data_dir} (newest {len(rows)})")
-    for col in ("origin", "seq", "time (UTC)", "kind", "sku", "qty", "txn", "staff", "reason"):
+    width = max([len("origin"), *(len(e["origin"]) for e in rows)])
+    # full node ids, never cut: two registers may differ only in their last characters
+    table.add_column("origin", no_wrap=True, min_width=width)
+    for col in ("seq", "time (UTC)", "kind", "sku", "qty", "txn", "staff", "reason"):
         table.add_column(col)
-    for raw in rows:
-        env = decode(raw)
-        m = env.meta
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime((env.hlc >> 16) / 1000))
-        table.add_row(env.origin, str(env.seq), when, m["kind"], str(m.get("sku", "")),
-                      str(m.get("qty", "")), m["txn"], str(m.get("staff") or ""),
-                      str(m.get("reason") or ""))
+    for e in rows:
+        table.add_row(e["origin"], str(e["seq"]), e["time"], str(e["kind"]),
+                      str(e["sku"] or ""), "" if e["qty"] is None else str(e["qty"]),
+                      str(e["txn"]), str(e["staff"] or ""), str(e["reason"] or ""))
     console.print(table)
+    if scanned >= SHOW_MAX_SCAN and len(rows) < limit:
+        console.print(f"(looked at the newest {scanned} envelopes only)")
+
+
+def _utc(ms: int, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return time.strftime(fmt, time.gmtime(ms / 1000))
 
 
 def _add_sim() -> None:

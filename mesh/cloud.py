@@ -28,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from mesh.enrol import join, parse_token
+from mesh.httpfaults import CLIENT_FAULTS, ClientFaults, ServerLog
 from mesh.node import Node
 
 __all__ = ["CloudNode", "cloud_join"]
@@ -55,6 +56,7 @@ class CloudNode:
         self.http_host = http_host
         self.http_port = http_port
         self.nodes: dict[str, Node] = {}
+        self._opened: list[Node] = []
         self.app = web.Application()
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -74,16 +76,17 @@ class CloudNode:
                 f"{self.root} holds no store: enrol the cloud with 'storemesh cloud join'")
         for data_dir in dirs:
             node = Node(data_dir, serve=False, discovery=False, wan=True)
+            self._opened.append(node)  # closed by close() even if its start is cut short
             await node.start()
             if node.identity.role != "cloud":
-                await node.close()
                 raise ValueError(f"{data_dir} holds a {node.identity.role} node, not a cloud one")
             self.nodes[node.identity.store_id] = node
             self.app.add_subapp(f"/stores/{node.identity.store_id}/", node.app)
         self.app.router.add_get("/v1/stores", self._stores)
         for hook in self.setup_hooks:
             hook(self)
-        self._runner = web.AppRunner(self.app, access_log=None)
+        faults = self.app[CLIENT_FAULTS] = ClientFaults()  # for requests outside a store
+        self._runner = web.AppRunner(self.app, access_log=None, logger=ServerLog(faults))
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.http_host, self.http_port)
         await site.start()
@@ -96,7 +99,9 @@ class CloudNode:
         log.info("cloud peer for %d store(s) listening on %s", len(self.nodes), self.url)
 
     async def close(self) -> None:
-        for node in self.nodes.values():
+        """Close every store node opened (all of them, or those a cancelled or failed
+        ``start`` got to), then the server."""
+        for node in self._opened:
             await node.close()
         if self._runner is not None:
             await self._runner.cleanup()

@@ -20,13 +20,35 @@ MAX_QTY: Final = 1_000_000
 #: Registers' clocks drift; a day is generous and still stops a wild clock from
 #: dragging every HLC in the store forward.
 MAX_CLOCK_SKEW_MS: Final = 24 * 3600 * 1000
+#: Largest count a peer may send anywhere: a PN-counter entry (cumulative units one node
+#: ever received or sold of one SKU), a reservation dot's counter, a record's expiry (ms).
+#: 2**53 - 1 is the largest integer every JSON consumer (JavaScript dashboards, pycrdt)
+#: reads exactly, and it leaves room for arithmetic in signed 64 bits: one envelope's
+#: stock delta (P and N changes, at most 2**54) and the sum of MAX_ORIGINS entries
+#: (2**9 * 2**53 = 2**62) both fit the int64 arrays of the oversell replay. At MAX_QTY
+#: units per op it takes 9 billion full-size receipts to reach it.
+MAX_COUNT: Final = (1 << 53) - 1
 
 # --- replica --------------------------------------------------------------------
 #: Out-of-order envelopes buffered per origin while waiting for the gap to fill.
 #: Beyond this the envelope is refused (SeqGap) and anti-entropy re-fetches it later.
 MAX_PENDING_PER_ORIGIN: Final = 4096
+#: Bytes of envelopes (their wire form) buffered per origin and per node while waiting
+#: for a gap to fill. The buffer only absorbs reordering within one catch-up window
+#: (MAX_INFLIGHT_PER_PEER envelopes of ~400 B: ~3.2 MB), so 8 MiB per origin is room to
+#: spare for POS traffic; without a byte bound an enrolled node could park 4,096 envelopes
+#: of 256 KiB (1 GiB) per origin it names. 64 MiB per node keeps a register's worst
+#: case well inside its RAM. Beyond either the envelope is refused (``pending_full``)
+#: and anti-entropy fetches it again once the gap is filled.
+MAX_PENDING_BYTES_PER_ORIGIN: Final = 8 * 1024 * 1024
+MAX_PENDING_BYTES: Final = 64 * 1024 * 1024
 #: Equivocation evidence pairs kept in memory (all are also kept in the ledger).
 MAX_EVIDENCE: Final = 1024
+#: Equivocation alerts (each one logged and its evidence written to the ledger) per
+#: origin; later ones are only counted. One pair already proves the origin faulty (the
+#: remedy is revoking it) and a few show the pattern; without a bound an equivocating
+#: node could make us write up to 256 KiB of evidence for every envelope it signs.
+MAX_ALERTS_PER_ORIGIN: Final = 16
 
 # --- ledger ---------------------------------------------------------------------
 #: Most envelopes in one group commit: large enough to amortise the fsync (~280k
@@ -85,6 +107,10 @@ MAX_ORIGINS: Final = 512
 MAX_PEERS: Final = 512
 #: Most certificates in one certificate message.
 MAX_CERTS_PER_MESSAGE: Final = MAX_ORIGINS
+#: Origins whose envelopes we refused for want of a certificate, remembered (with the
+#: peers that sent them) so they are asked for again once the certificate arrives: a
+#: register that joins while the cloud is connected; a store has tens of those at once.
+MAX_AWAITED_CERTS: Final = 64
 #: Envelopes sent to a peer and still not acknowledged after this long are taken as lost
 #: and sent again (lossy links; a peer that restarted without them).
 SYNC_RETRANSMIT_MS: Final = 3 * SYNC_INTERVAL_MS
@@ -104,6 +130,10 @@ DIAL_BACKOFF_MIN_S: Final = 0.2
 DIAL_BACKOFF_MAX_S: Final = 10.0
 #: Largest HTTP request body the API accepts.
 MAX_HTTP_BODY: Final = 64 * 1024
+#: Seconds between two log lines about HTTP requests that failed by the client's doing
+#: (malformed, abandoned mid-body; ``mesh.httpfaults``): anyone who can reach the port
+#: can cause them, so each is counted but at most one line a minute reaches the log.
+HTTP_FAULT_LOG_INTERVAL_S: Final = 60.0
 #: Stock-change events buffered per live-stream subscriber before it is dropped.
 SUBSCRIBER_QUEUE: Final = 1_000
 #: How often the node checks whether a snapshot is due.
@@ -118,3 +148,8 @@ EXPIRY_TAKEOVER_MS: Final = 60_000
 #: compresses well. 50 ms is invisible next to a WAN round trip and the 150 ms "near
 #: real time" bar, and cuts bytes per sale several-fold.
 WAN_LINGER_S: Final = 0.05
+#: Origins a WAN session's codec keeps the last envelope hash of, per direction (to
+#: elide the next one's ``prev``): one per node of the store, as MAX_ORIGINS. Only
+#: origins holding a certificate here enter the receiving table, so a peer that makes
+#: up origin strings cannot grow it (each entry costs ~200 B).
+MAX_WAN_ORIGINS: Final = MAX_ORIGINS

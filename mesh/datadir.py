@@ -6,32 +6,135 @@ Layout::
     DIR/store.key       the store key, only on the node that enrols others (mode 0600)
     DIR/node.json       node id, store id, role, certificate and trust store
     DIR/ledger.sqlite   the durable ledger (mesh.ledger)
+    DIR/config.json     how ``storemesh node`` runs here (peers, cloud, ports): ``NodeConfig``
+    DIR/node.lock       held (flock) by the one process that runs this node: ``DataDirLock``
+    DIR/revocations.json  the store's signed revocation list, on the edge that revokes
+                        (mesh.revoke); applied on load
 
 Invariants:
- 1. ``node.json`` is replaced atomically (write to a temp file, fsync, rename), so a
-    crash leaves the old or the new file, never half of one.
+ 1. ``node.json`` and ``config.json`` are replaced atomically (write to a temp file,
+    fsync, rename), so a crash leaves the old or the new file, never half of one.
  2. Loading re-verifies every certificate against the store key: a tampered file is
     refused, not trusted.
+ 3. At most one process runs a data directory: it holds an exclusive ``flock`` on
+    ``node.lock`` for its whole life (the kernel drops it when the process dies, even
+    by SIGKILL, so there is no stale lock to clean up). A second process is refused
+    with the first one's pid. Two processes on one node key would sign different
+    envelopes for the same seq (equivocation) and fight over every peer session.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Final
 
 import orjson
 
+from mesh import config
+from mesh.errors import EnvelopeError
 from mesh.identity import Certificate, NodeKey, TrustStore, issue_certificate
 
-__all__ = ["DEFAULT_VALIDITY_MS", "NodeIdentity", "enrol_node", "init_store", "load_identity"]
+__all__ = ["DEFAULT_VALIDITY_MS", "DataDirInUse", "DataDirLock", "NodeIdentity", "check_id",
+           "enrol_node", "init_store", "load_identity", "lock_data_dir", "write_atomic"]
+
+#: Store ids and node ids: they become directory names (the cloud keeps one per store),
+#: URL path segments (``/stores/STORE``) and mDNS labels, so no spaces, slashes or dots
+#: first. The same rule as ``POST /v1/join``'s ``node_id``.
+_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_id(value: str, what: str) -> None:
+    """Raise ``ValueError`` with a one-line fix unless ``value`` is a valid id."""
+    if not value or len(value) > config.MAX_ID_LEN or not _ID.fullmatch(value):
+        raise ValueError(
+            f"{what} {value!r} is not valid: use 1..{config.MAX_ID_LEN} characters of "
+            "A-Z a-z 0-9 . _ - starting with a letter or digit (e.g. 'berlin-mitte')")
+
 
 #: Certificates issued by ``store init`` / join tokens are valid for a year; renewal
 #: re-issues them (a revoked node is refused whatever its expiry).
 DEFAULT_VALIDITY_MS = 365 * 24 * 3600 * 1000
 _SAVE_LOCK = threading.Lock()
+LOCK_FILE = "node.lock"
+
+
+class DataDirInUse(Exception):
+    """Another process runs this data directory (invariant 3)."""
+
+    def __init__(self, data_dir: Path, pid: int | None) -> None:
+        who = f"storemesh process {pid}" if pid else "another process"
+        super().__init__(f"{data_dir} is in use by {who}: stop it first (one process per "
+                         "data directory)")
+        self.data_dir = data_dir
+        self.pid = pid
+
+
+class DataDirLock:
+    """This process's hold on a data directory (invariant 3). Re-entrant within the
+    process (the CLI holds it around a join and the node's own start takes it again);
+    the file lock goes when the last holder releases it, or when the process ends."""
+
+    _held: ClassVar[dict[Path, tuple[int, int]]] = {}  # resolved dir -> (fd, holders)
+    _guard: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self._key = self.data_dir.resolve()
+        self._released = False
+        with self._guard:
+            held = self._held.get(self._key)
+            if held is not None:
+                self._held[self._key] = (held[0], held[1] + 1)
+                return
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _read_pid(fd)
+                os.close(fd)
+                raise DataDirInUse(self.data_dir, pid) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the refusal message only
+            self._held[self._key] = (fd, 1)
+
+    def release(self) -> None:
+        with self._guard:
+            if self._released:
+                return
+            self._released = True
+            fd, holders = self._held[self._key]
+            if holders > 1:
+                self._held[self._key] = (fd, holders - 1)
+                return
+            del self._held[self._key]
+            os.close(fd)  # drops the flock; the file stays (removing it would race)
+
+    def __enter__(self) -> DataDirLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def lock_data_dir(data_dir: Path) -> DataDirLock:
+    """Hold ``data_dir`` for this process, or raise ``DataDirInUse`` (invariant 3)."""
+    return DataDirLock(data_dir)
 
 
 @dataclass(slots=True)
@@ -51,6 +154,11 @@ class NodeIdentity:
 
     def save(self) -> None:
         """Write node.json atomically (invariant 1)."""
+        self.write(self.encode())
+
+    def encode(self) -> bytes:
+        """node.json's bytes now: taken on the thread that changes the trust store (the
+        event loop), so ``write`` may run on another thread (the ledger's writer)."""
         doc: dict[str, Any] = {
             "node_id": self.node_id,
             "store_id": self.store_id,
@@ -58,22 +166,30 @@ class NodeIdentity:
             "certificate": self.certificate.to_dict(),
             "trust": self.trust.to_dict(),
         }
-        path = self.data_dir / "node.json"
-        data = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        return orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+
+    def write(self, data: bytes) -> None:
+        """Replace node.json with ``data`` (from ``encode``) atomically (invariant 1)."""
         with _SAVE_LOCK:  # saves may come from several threads (join, sync core)
-            tmp = path.with_suffix(f".json.{os.getpid()}.{threading.get_ident()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            dfd = os.open(self.data_dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            write_atomic(self.data_dir / "node.json", data)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory
+    (invariant 1), so a crash leaves the old file or the new one."""
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def init_store(
@@ -81,6 +197,9 @@ def init_store(
     validity_ms: int = DEFAULT_VALIDITY_MS,
 ) -> NodeIdentity:
     """Create a store key and the store's first node (an edge node) in ``data_dir``."""
+    check_id(store_id, "store id")
+    if node_id is not None:
+        check_id(node_id, "node id")
     data_dir.mkdir(parents=True, exist_ok=True)
     if (data_dir / "node.json").exists():
         raise FileExistsError(f"{data_dir} already holds a node; use another directory")
@@ -124,14 +243,23 @@ def load_identity(data_dir: Path) -> NodeIdentity:
             f"{data_dir} holds no node (no node.json): run 'storemesh store init' or join "
             "with a token first"
         )
-    doc = orjson.loads(path.read_bytes())
+    try:
+        doc = orjson.loads(path.read_bytes())
+        cert = Certificate.from_dict(doc["certificate"])
+        trust = TrustStore.from_dict(doc["trust"])
+        trust.add_certificate(cert)
+        node_id, store_id, role = doc["node_id"], doc["store_id"], doc["role"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, EnvelopeError) as exc:
+        raise ValueError(f"{path} is damaged ({type(exc).__name__}: {exc}): restore it from "
+                         "a backup") from None
     key = NodeKey.load_or_create(data_dir / "node.key")
-    cert = Certificate.from_dict(doc["certificate"])
-    trust = TrustStore.from_dict(doc["trust"])
-    trust.add_certificate(cert)
+    from mesh.revoke import load_revocations  # (mesh.revoke imports this module)
+
+    crl = load_revocations(data_dir, trust)  # the edge's own list (mesh.revoke inv. 3)
+    if crl is not None:
+        trust.apply_revocations(crl)
     if cert.public_key != key.public_key:
         raise ValueError(f"{data_dir}: node.key does not match the certificate in node.json")
     store_key_path = data_dir / "store.key"
     store_key = NodeKey.load_or_create(store_key_path) if store_key_path.exists() else None
-    return NodeIdentity(data_dir, doc["node_id"], doc["store_id"], doc["role"], key, cert,
-                        trust, store_key)
+    return NodeIdentity(data_dir, node_id, store_id, role, key, cert, trust, store_key)

@@ -49,7 +49,7 @@ from mesh.envelope import Envelope
 from mesh.errors import LedgerError
 from mesh.ports import Cancel, Clock, Identity, Storage, Transport, Worker
 from mesh.replica import CommandResult, Replica
-from mesh.sync import Alert, Effect, Fetch, Persist, Send, SyncCore, TrustChanged
+from mesh.sync import Alert, Effect, EndSession, Fetch, Persist, Send, SyncCore, TrustChanged
 
 __all__ = ["Done", "Driver", "Faults"]
 
@@ -241,6 +241,8 @@ class Driver:
                 self._alert(eff)
             elif isinstance(eff, TrustChanged):
                 self.trust_changed()
+            elif isinstance(eff, EndSession):  # revoked: refused from now on
+                self.transport.close(eff.peer, eff.reason)
         if persist:
             fut = self.durable.persist(persist)
             self._when(fut, partial(self._persisted, persist))
@@ -273,8 +275,10 @@ class Driver:
                                 eff.second), _log_failure("evidence not saved"))
 
     def trust_changed(self) -> None:
-        """New certificates or revocations: persist them (peers learn via the core)."""
-        self.worker.run(self.identity.save, _log_failure("trust store not saved"))
+        """New certificates or revocations: persist them (peers learn via the core),
+        through storage, ahead of every append queued after (``mesh.durable``
+        invariant 6)."""
+        self.durable.save_trust()
 
     def _became_durable(self, envs: list[Envelope]) -> None:
         self._durable_batch.extend(envs)  # flushed at the end of this _run_done

@@ -20,6 +20,11 @@ Invariants:
     original: while the original's envelope is still being written, the replay gets the
     original's own future, so a crash in that window cannot lose a sale that a retrying
     till was told is recorded. If the original's write fails, so does the replay.
+ 6. Every certificate an envelope needs is on disk before the envelope: a change of the
+    trust store (whoever made it: the session handshake, a certificate message, a
+    join) is written to node.json on the ledger's writer thread ahead of every append
+    queued after it (``save_trust``, ledger invariant 6). Otherwise a crash, or a clean
+    stop, leaves envelopes whose origin this node can no longer verify.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class DurableReplica(Generic[S]):
         self._pending_local: dict[int, Future[int]] = {}
         self._lock = threading.Lock()
         self._since_snapshot = self.rebuild_stats.replayed
+        self._trust_saved = identity.trust.version  # trust store version on disk
 
     @staticmethod
     def open(data_dir: Path, snapshot_every: int = config.SNAPSHOT_EVERY,
@@ -187,7 +193,18 @@ class DurableReplica(Generic[S]):
         self.counters.applied += len(envs)
         return self._append(list(envs), sync=False)
 
+    def save_trust(self) -> Future[int] | None:
+        """Queue node.json for writing if the trust store changed since it was last
+        written (invariant 6); the future resolves once it is on disk. Call from the
+        replica's own thread (the event loop): the file's bytes are taken here."""
+        trust = self.identity.trust
+        if trust.version == self._trust_saved:
+            return None
+        self._trust_saved = trust.version
+        return self.ledger.call(partial(self.identity.write, self.identity.encode()))
+
     def _append(self, envs: list[Envelope], *, sync: bool = True) -> Future[int]:
+        self.save_trust()  # before the rows that may need it (invariant 6)
         with self._lock:
             self._in_flight += 1
         fut = self.ledger.append(envs, sync=sync)
@@ -226,6 +243,7 @@ class DurableReplica(Generic[S]):
     def recover(self) -> None:
         """After a failed write: drop memory state and rebuild from what is on disk."""
         self.ledger.reset_failure()
+        self._trust_saved = -1  # the failure may have been node.json's: write it again
         self._pending_local.clear()  # their commands are not on disk: a replay is new
         self.replica = self._fresh_replica()
         self.rebuild_stats = rebuild(self.replica, self.ledger, self._perf)

@@ -23,9 +23,11 @@ __all__ = [
     "Malformed",
     "NotEnrolled",
     "Oversized",
+    "PendingFull",
     "RevokedCertificate",
     "SeqGap",
     "StorageFull",
+    "TxnReused",
     "UnknownOrigin",
     "UnknownSku",
     "WrongStore",
@@ -102,6 +104,13 @@ class SeqGap(EnvelopeError):
     reason = "seq_gap"
 
 
+class PendingFull(SeqGap):
+    """Buffering the envelope would exceed the pending buffer's byte bounds
+    (``MAX_PENDING_BYTES_PER_ORIGIN``, ``MAX_PENDING_BYTES``)."""
+
+    reason = "pending_full"
+
+
 class Equivocation(EnvelopeError):
     """Two different signed envelopes for the same (origin, seq): proof of a faulty node."""
 
@@ -135,6 +144,10 @@ class CommandError(Exception):
 
 class UnknownSku(CommandError):
     pass
+
+
+class TxnReused(CommandError):
+    """The txn id was already used for a different operation (the HTTP API's 422)."""
 
 
 class KeyPermissionError(Exception):

@@ -21,6 +21,9 @@ Invariants:
     snapshot + the rows after it.
  5. Nothing here blocks an event loop: callers on asyncio await ``append_async`` or run
     reads with ``asyncio.to_thread``.
+ 6. One queue, one order: appends, jobs and ``call``s run on the writer thread in the
+    order they were queued, so what a ``call`` writes is on disk before any row
+    appended after it.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ CREATE TABLE IF NOT EXISTS evidence (
 
 _STOP = object()
 _RESET = object()
+_CALL = object()
 
 
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -150,6 +154,10 @@ class Ledger:
                     batch, rows = [], 0
                     self._failed = None
                     item[1].set_result(0)  # type: ignore[index]
+                elif item[0] is _CALL:  # type: ignore[index]
+                    self._commit(batch)
+                    batch, rows = [], 0
+                    self._run_call(*item[1:])  # type: ignore[index]
                 elif callable(item[0]):  # type: ignore[index]
                     self._commit(batch)
                     batch, rows = [], 0
@@ -188,6 +196,19 @@ class Ledger:
             return
         fut.set_result(0)
 
+    def _run_call(self, fn: Callable[[], None], fut: Future[int]) -> None:
+        if self._failed is not None:
+            fut.set_exception(self._failed)
+            return
+        try:
+            fn()
+        except OSError as exc:  # what it had to write first is not on disk: nor is
+            err = LedgerError(f"write before the ledger failed: {exc}")  # what follows
+            self._failed = self.last_error = err
+            fut.set_exception(err)
+            return
+        fut.set_result(self.last_id)
+
     def _commit(self, batch: list[tuple[list[Envelope], Future[int], bool]]) -> None:
         if not batch:
             return
@@ -225,6 +246,18 @@ class Ledger:
         self.last_error = None
         for _, fut, _ in batch:
             fut.set_result(last)
+
+    def call(self, fn: Callable[[], None]) -> Future[int]:
+        """Run ``fn`` on the writer thread after every append queued so far and before
+        any queued later (invariant 6): a file that rows appended later depend on (the
+        trust store) is on disk first. If ``fn`` raises ``OSError``, the ledger fails
+        as on a failed write: the appends queued behind it fail too."""
+        fut: Future[int] = Future()
+        if self._closed:
+            fut.set_exception(LedgerError("ledger is closed"))
+            return fut
+        self._queue.put((_CALL, fn, fut))
+        return fut
 
     def reset_failure(self) -> None:
         """Accept writes again after a failure. Every append queued before this call

@@ -25,6 +25,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from mesh.datadir import NodeIdentity
 from mesh.durable import DurableReplica
+from mesh.httpfaults import ClientFaults
 from mesh.ledger import Ledger
 from mesh.replica import CommandResult, Replica
 from mesh.sync import NOT_REFUSALS, SyncCore
@@ -54,6 +55,7 @@ class NodeView(Protocol):
     durable: DurableReplica[Ledger]
     core: SyncCore
     rejected_sessions: dict[str, int]
+    http_faults: ClientFaults
     started_ms: int
 
     @property
@@ -172,6 +174,15 @@ class NodeCollector:
         wan.add_metric(["out"], sent)
         wan.add_metric(["in"], received)
         yield wan
+        faults = CounterMetricFamily(
+            "storemesh_http_client_errors",
+            "HTTP requests that failed by the client's doing, by reason (bad_request: "
+            "unparseable; disconnected: hung up mid-body). Logged at most once a minute.",
+            labels=["reason"],
+        )
+        for reason, n in node.http_faults.counts.items():
+            faults.add_metric([reason], n)
+        yield faults
         yield GaugeMetricFamily(
             "storemesh_subscribers", "Live stock-change subscribers (e.g. SSE streams).",
             value=node.subscriber_count,

@@ -16,8 +16,9 @@ Invariants:
  1. A local command returns only once its envelope is durable (driver invariant 1).
  2. Every task has an owner: the node's task set (cancelled and awaited on ``close``),
     a ``Session``, or the worker (awaited on ``close``). No fire-and-forget.
- 3. No blocking call on the loop: ledger reads, evidence, snapshot and identity writes
-    run on the worker's threads; rebuild at start-up too.
+ 3. No blocking call on the loop: ledger reads, evidence and snapshot writes run on the
+    worker's threads, rebuild at start-up too; identity (trust store) writes go to the
+    ledger's writer thread, ahead of the envelopes that need them (durable inv. 6).
  4. At most one session per peer node id; with discovery, only the node with the
     smaller id dials, so two nodes do not race to connect to each other.
  5. Messages of one session reach the driver in the order received (driver invariant 2
@@ -25,6 +26,8 @@ Invariants:
  6. The live stream shows what the driver's ``applied`` listeners report (driver
     invariant 7): it never runs ahead of ``GET /v1/stock``, and never shows a change
     that no disk holds.
+ 7. One process per data directory: ``start`` takes its lock (``mesh.datadir``
+    invariant 3) before opening anything; ``close`` releases it last.
 """
 
 from __future__ import annotations
@@ -43,11 +46,12 @@ import aiohttp
 from aiohttp import web
 
 from mesh import config, transport
-from mesh.datadir import NodeIdentity
+from mesh.datadir import DataDirLock, NodeIdentity, lock_data_dir
 from mesh.driver import Driver
 from mesh.durable import DurableReplica
 from mesh.envelope import Envelope
 from mesh.errors import CommandError, LedgerError
+from mesh.httpfaults import ClientFaults, ServerLog
 from mesh.ledger import Ledger
 from mesh.replica import CommandResult, Replica
 from mesh.runtime import LoopClock, SessionTransport, ThreadWorker
@@ -90,6 +94,7 @@ class Node:
         self.rng = random.Random()  # noqa: S311 -- backoff jitter, not cryptography
         self.started_ms = self.now_ms()
         self.rejected_sessions: dict[str, int] = {}
+        self.http_faults = ClientFaults()  # malformed/abandoned HTTP requests (mesh.api)
         self.duplicate_sessions = 0
         self.transport = SessionTransport()
         self.sessions: dict[str, transport.Session] = self.transport.sessions
@@ -103,6 +108,7 @@ class Node:
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
         self._discovery: Any = None
+        self._lock: DataDirLock | None = None
         self.durable: DurableReplica[Ledger]
         self.core: SyncCore
         self.driver: Driver
@@ -125,8 +131,22 @@ class Node:
         return self.driver.last_seen
 
     async def start(self) -> None:
-        self.durable = await asyncio.to_thread(
-            DurableReplica.open, self.data_dir, self.snapshot_every, self.max_bytes)
+        """Open the data dir (locked for this process: ``mesh.datadir.DataDirLock``),
+        rebuild, listen, dial. Cancellable at any await: ``close()`` then releases
+        whatever was opened (a rebuild under way is finished first, then closed)."""
+        self._lock = lock_data_dir(self.data_dir)
+        opening = asyncio.ensure_future(asyncio.to_thread(
+            DurableReplica.open, self.data_dir, self.snapshot_every, self.max_bytes))
+        try:
+            self.durable = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # a thread cannot be cancelled: keep
+                self.durable = await opening       # what it opened, so close() closes it
+            raise
+        except BaseException:
+            self._lock.release()  # nothing else was opened
+            self._lock = None
+            raise
         identity = self.durable.identity
         assert isinstance(identity, NodeIdentity)
         self.identity = identity
@@ -142,7 +162,8 @@ class Node:
         self.app.router.add_get("/v1/sync", self._accept)
         self._setup_optional_routes()
         if self.serve:
-            self._runner = web.AppRunner(self.app, access_log=None)
+            self._runner = web.AppRunner(self.app, access_log=None,
+                                         logger=ServerLog(self.http_faults))
             await self._runner.setup()
             site = web.TCPSite(self._runner, self.http_host, self.http_port)
             await site.start()
@@ -162,11 +183,12 @@ class Node:
                  self.identity.role, self.identity.store_id, self.url)
 
     def _setup_optional_routes(self) -> None:
-        from mesh import api, catalog, enrol
+        from mesh import api, catalog, enrol, revoke
 
         api.setup_routes(self.app, self)
         catalog.setup_catalog_routes(self.app, self)
         enrol.setup_join_routes(self.app, self)
+        revoke.setup_revocation_routes(self.app, self)
 
     async def _start_discovery(self) -> None:
         from mesh.discovery import Discovery
@@ -183,7 +205,9 @@ class Node:
         if self._closed:
             return
         self._closed = True
-        self.driver.close()
+        driver: Driver | None = getattr(self, "driver", None)  # None: start was cancelled
+        if driver is not None:
+            driver.close()
         if self._discovery is not None:
             await self._discovery.close()
         for session in list(self.sessions.values()):
@@ -201,7 +225,13 @@ class Node:
             await self._runner.cleanup()
         if self._worker is not None:
             await self._worker.close()
-        await asyncio.to_thread(self.durable.close)
+        durable: DurableReplica[Ledger] | None = getattr(self, "durable", None)
+        if durable is not None:
+            durable.save_trust()
+            await asyncio.to_thread(durable.close)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -232,8 +262,11 @@ class Node:
         return await fut
 
     def trust_changed(self) -> None:
-        """New certificates or revocations: persist them (peers learn via the core)."""
-        self.driver.trust_changed()
+        """New certificates or revocations: persist them (peers learn via the core), on
+        the ledger's writer thread ahead of any envelope that needs them (durable
+        invariant 6)."""
+        if not self._closed:
+            self.driver.trust_changed()
 
     def _on_message(self, peer_id: str, data: bytes) -> None:
         self.driver.message(peer_id, data)
@@ -396,6 +429,8 @@ class Node:
             session.done.set()
             return False
         self.sessions[pid] = session
+        session.on_refuse = self._reject  # frames it refuses: session_<reason> in /metrics
+        self.trust_changed()  # the handshake may have taught us its certificate
         log.info("session up: %s (%s)", pid, "out" if session.outbound else "in")
         try:
             self.driver.session_up(pid, wan=session.wan)

@@ -11,6 +11,12 @@ Invariants:
     roles may write it.
  5. Validation is pure and total: any JSON value in, either ``None`` out or
     ``Malformed``/``Forbidden`` raised. It never raises anything else.
+ 6. Every number a peer sends is bounded: counts (counter entries, dot counters,
+    expiries) lie in ``0..config.MAX_COUNT``, quantities in ``1..config.MAX_QTY`` (meta
+    ``qty`` within ``±MAX_QTY``), so no arithmetic on them can overflow a signed 64-bit
+    slot anywhere downstream (oversell arrays, SQLite, orjson). An envelope holds at
+    most one ``pn`` op per SKU: the replica's plan computes each op's change against
+    the state before the envelope.
 """
 
 from __future__ import annotations
@@ -56,8 +62,8 @@ def _text(value: object, what: str) -> str | None:
 
 
 def _count(value: object, what: str) -> int:
-    if type(value) is not int or value < 0:
-        raise Malformed(f"{what} must be a non-negative integer")
+    if type(value) is not int or not 0 <= value <= config.MAX_COUNT:
+        raise Malformed(f"{what} must be an integer in 0..{config.MAX_COUNT}")
     return value
 
 
@@ -66,8 +72,8 @@ def _dot(value: object, what: str) -> tuple[str, int]:
         raise Malformed(f"{what} must be a [replica, counter] pair")
     replica, counter = value
     _ident(replica, what + " replica")
-    if type(counter) is not int or counter < 1:
-        raise Malformed(f"{what} counter must be an integer >= 1")
+    if type(counter) is not int or not 1 <= counter <= config.MAX_COUNT:
+        raise Malformed(f"{what} counter must be an integer in 1..{config.MAX_COUNT}")
     return replica, counter
 
 
@@ -138,13 +144,19 @@ def validate_ops(ops: object) -> list[dict[str, Any]]:
         raise Malformed("ops must be a non-empty list")
     if len(ops) > config.MAX_OPS_PER_ENVELOPE:
         raise Malformed(f"too many ops ({len(ops)} > {config.MAX_OPS_PER_ENVELOPE})")
+    pn_skus: set[str] = set()
     for op in ops:
         if not isinstance(op, dict):
             raise Malformed("each op must be an object")
-        validator = _VALIDATORS.get(op.get("t"))  # type: ignore[arg-type]
+        t = op.get("t")
+        validator = _VALIDATORS.get(t) if isinstance(t, str) else None  # [] is unhashable
         if validator is None:
             raise Malformed(f"unknown op type {op.get('t')!r}")
         validator(op)
+        if op["t"] == "pn":
+            if op["sku"] in pn_skus:
+                raise Malformed(f"two pn ops for SKU {op['sku']!r} in one envelope")
+            pn_skus.add(op["sku"])
     return ops
 
 
@@ -162,6 +174,11 @@ def validate_meta(meta: object) -> dict[str, Any]:
     if meta.get("reason") is not None:
         _ident(meta["reason"], "meta reason")
     _text(meta.get("note"), "meta note")
+    if meta.get("sku") is not None:
+        _ident(meta["sku"], "meta sku")
+    qty = meta.get("qty")
+    if qty is not None and (type(qty) is not int or not -config.MAX_QTY <= qty <= config.MAX_QTY):
+        raise Malformed(f"meta qty must be an integer within ±{config.MAX_QTY}")
     return meta
 
 

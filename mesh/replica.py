@@ -11,10 +11,14 @@ Invariants:
  2. ``apply`` is idempotent by (origin, seq): a second copy of an applied envelope
     changes nothing; a *different* envelope for an applied (origin, seq) is
     equivocation, kept as evidence and raised, and changes nothing.
- 3. An envelope that arrives ahead of a gap is buffered (bounded per origin) and
-    applied once the gap fills, so any arrival order gives the same state.
+ 3. An envelope that arrives ahead of a gap is buffered and applied once the gap
+    fills, so any arrival order gives the same state. The buffer holds wire bytes only
+    (re-decoded when the gap fills), bounded in count per origin and in bytes per
+    origin and per node; past a bound the envelope is refused (``SeqGap``,
+    ``PendingFull``) and changes nothing.
  4. An envelope is applied whole or not at all: every check that can fail runs before
-    the first mutation.
+    the first mutation (``mesh.ops`` bounds every number, so the mutation's arithmetic
+    cannot overflow).
  5. ``stock[sku]`` is a PN-counter; ``reservations`` an add-wins OR-set of reservation
     ids with immutable records; ``available = on_hand - reserved``.
  6. The oversell exception list is a function of the *set* of applied envelopes only:
@@ -22,8 +26,10 @@ Invariants:
     availability below zero is flagged — the same list at every replica holding the
     same envelopes, whatever order they arrived in.
  7. A txn id is used once per origin: a repeated local command with the same txn id
-    and the same content returns the original result and changes nothing; the same
-    txn id with other content is refused.
+    and the same content (the same kind and meta fields, ``_fingerprint``; for a
+    reservation also its record's channel, order and expiry) returns the original
+    result (seq, reservation id) and changes nothing; the same txn id with other
+    content is refused (``TxnReused``). docs/api.md lists the fields per kind.
 """
 
 from __future__ import annotations
@@ -43,14 +49,17 @@ import pycrdt
 
 from mesh import config
 from mesh.crdt import HLC, ORSet, PNCounter, VersionVector
-from mesh.envelope import Envelope, seal
+from mesh.envelope import Envelope, decode, seal
 from mesh.errors import (
     BrokenChain,
     ClockSkew,
     CommandError,
+    EnvelopeError,
     Equivocation,
     Malformed,
+    PendingFull,
     SeqGap,
+    TxnReused,
     UnknownSku,
     WrongStore,
 )
@@ -250,7 +259,12 @@ class Replica:
         self._removals: list[tuple[int, str, int, int, tuple[tuple[str, int], ...]]] = []
         self._releases: dict[str, list[tuple[int, str, int, int, int]]] | None = None
         self._hashes: dict[str, bytearray] = {}  # origin -> 32-byte hashes, seq 1..vv
-        self._pending: dict[str, dict[int, Envelope]] = {}
+        #: origin -> seq -> raw: envelopes ahead of a gap, as wire bytes only (a decoded
+        #: envelope costs several times its size in Python objects), bounded in bytes
+        #: per origin (``_pending_bytes``) and in total (``_pending_total``)
+        self._pending: dict[str, dict[int, bytes]] = {}
+        self._pending_bytes: dict[str, int] = {}
+        self._pending_total = 0
         self._events: dict[str, _SkuEvents] = {}
         self._txns: dict[str, tuple[int, str]] = {}  # local txn -> (seq, fingerprint)
 
@@ -323,6 +337,10 @@ class Replica:
     def pending_count(self) -> int:
         return sum(len(p) for p in self._pending.values())
 
+    def pending_bytes(self) -> int:
+        """Bytes of envelopes buffered ahead of gaps (all origins)."""
+        return self._pending_total
+
     def state_digest(self) -> bytes:
         """Canonical bytes of the converging state, for comparing replicas."""
         return orjson.dumps(
@@ -355,22 +373,38 @@ class Replica:
         status = self.classify(env)
         if status is not None:
             if status is ApplyResult.PENDING:
-                self._pending.setdefault(env.origin, {})[env.seq] = env
+                self._buffer(env)
             return []
         applied = [self._apply_next(env, now_ms)]
-        pending = self._pending.get(env.origin)
+        origin = env.origin
+        pending = self._pending.get(origin)
         while pending:
-            nxt = pending.pop(self.vv.get(env.origin) + 1, None)
-            if nxt is None:
+            raw = pending.pop(self.vv.get(origin) + 1, None)
+            if raw is None:
                 break
+            self._unbuffered(origin, len(raw))
             try:
-                applied.append(self._apply_next(nxt, now_ms))
-            except BrokenChain:
-                pending.clear()  # a fork from a faulty origin; anti-entropy re-fetches
+                applied.append(self._apply_next(decode(raw), now_ms))
+            except EnvelopeError:
+                # A fork from a faulty origin (or an envelope whose ops no longer apply):
+                # drop the rest of its buffer; anti-entropy re-fetches what is genuine.
+                self._unbuffered(origin, sum(map(len, pending.values())))
+                pending.clear()
                 break
         if pending is not None and not pending:
-            del self._pending[env.origin]
+            del self._pending[origin]
+            self._pending_bytes.pop(origin, None)
         return applied
+
+    def _buffer(self, env: Envelope) -> None:
+        origin, size = env.origin, len(env.raw)
+        self._pending.setdefault(origin, {})[env.seq] = env.raw
+        self._pending_bytes[origin] = self._pending_bytes.get(origin, 0) + size
+        self._pending_total += size
+
+    def _unbuffered(self, origin: str, size: int) -> None:
+        self._pending_bytes[origin] = self._pending_bytes.get(origin, 0) - size
+        self._pending_total -= size
 
     def classify(self, env: Envelope) -> ApplyResult | None:
         """Duplicate / pending / None (= applicable now). Raises on equivocation or gaps."""
@@ -385,14 +419,22 @@ class Replica:
         pending = self._pending.get(env.origin, {})
         other = pending.get(env.seq)
         if other is not None:
-            if other.hash != env.hash:
-                self._equivocation(env, None, other.raw)
+            if other != env.raw:
+                self._equivocation(env, None, other)
             return ApplyResult.DUPLICATE
         if env.seq - head > config.MAX_PENDING_PER_ORIGIN or (
             len(pending) >= config.MAX_PENDING_PER_ORIGIN
         ):
             raise SeqGap(
                 f"{env.origin} seq {env.seq} is too far ahead of {head}; fetch the gap first"
+            )
+        size = len(env.raw)
+        if (self._pending_bytes.get(env.origin, 0) + size > config.MAX_PENDING_BYTES_PER_ORIGIN
+                or self._pending_total + size > config.MAX_PENDING_BYTES):
+            raise PendingFull(
+                f"{env.origin} seq {env.seq}: the out-of-order buffer is full "
+                f"({self._pending_bytes.get(env.origin, 0)} B of this origin, "
+                f"{self._pending_total} B in all); fetch the gap first"
             )
         return ApplyResult.PENDING
 
@@ -413,12 +455,17 @@ class Replica:
                 f"{env.origin} seq {env.seq}: prev does not match the hash of seq {env.seq - 1}"
             )
         plan = self._plan(env)  # all checks; raises before any mutation
-        self._mutate(env, plan)
+        clock = HLC(self.hlc.last)
         if now_ms is None:
-            if env.hlc > self.hlc.last:
-                self.hlc = HLC(env.hlc)
+            if env.hlc > clock.last:
+                clock = HLC(env.hlc)
         else:
-            self.hlc.update(env.hlc, now_ms)
+            try:
+                clock.update(env.hlc, now_ms)
+            except ValueError as exc:  # an HLC at the very end of the range
+                raise ClockSkew(f"{env.origin} seq {env.seq}: {exc}") from None
+        self._mutate(env, plan)
+        self.hlc = clock
         self.vv.advance(env.origin, env.seq)
         self._hashes.setdefault(env.origin, bytearray()).extend(env.hash)
         if env.origin == self.node_id:
@@ -547,7 +594,13 @@ class Replica:
         self._apply_next(env, None)
         return env
 
-    def _seen_txn(self, meta: dict[str, Any]) -> CommandResult | None:
+    def _seen_txn(self, meta: dict[str, Any], *, rid: str | None = None,
+                  same: bool = True) -> CommandResult | None:
+        """The original result if ``meta``'s txn id was used before (invariant 7), None
+        for a new one. A replay has the same meta fields (``_fingerprint``) and ``same``
+        true: the caller's verdict on content outside the meta (a reservation's
+        record). Anything else is a reused txn id (``TxnReused``). ``rid`` is the
+        reservation the command is about, answered in the replay as in the original."""
         txn = _check_id(meta["txn"], "txn_id")
         if meta.get("staff") is not None:
             _check_id(meta["staff"], "staff_id")
@@ -560,12 +613,12 @@ class Replica:
         if seen is None:
             return None
         seq, fingerprint = seen
-        if fingerprint != _fingerprint({k: v for k, v in meta.items() if v is not None}):
-            raise CommandError(
+        if not same or fingerprint != _fingerprint(
+                {k: v for k, v in meta.items() if v is not None}):
+            raise TxnReused(
                 f"txn_id {txn!r} was already used for a different operation; use a new txn_id",
                 "txn_id",
             )
-        rid = f"{self.node_id}:{txn}" if meta["kind"] == "reserve" else None
         return CommandResult(None, self.node_id, seq, duplicate=True, reservation_id=rid)
 
     def _stock_change(
@@ -638,17 +691,29 @@ class Replica:
         _check_id(channel, "channel")
         if order is not None and (not isinstance(order, str) or len(order) > config.MAX_TEXT_LEN):
             raise CommandError("order must be a string", "order")
-        if expires is not None and (type(expires) is not int or expires < 0):
+        if expires is not None and (type(expires) is not int
+                                    or not 0 <= expires <= config.MAX_COUNT):
             raise CommandError("expires must be a timestamp in ms", "expires")
         meta = {"kind": "reserve", "txn": txn, "staff": staff, "sku": sku, "qty": qty}
-        seen = self._seen_txn(meta)
+        rid = f"{self.node_id}:{txn}"
+        # The channel, order and expiry are in the reservation's record, not the meta:
+        # a replay must match them too (a txn id seen as a reserve has its record here).
+        rec = self.records.get(rid)
+        seen = self._seen_txn(meta, rid=rid, same=rec is None or (
+            rec.sku, rec.qty, rec.channel, rec.order, rec.expires) == (
+            sku, qty, channel, order, expires))
         if seen is not None:
             return seen
+        if len(rid) > config.MAX_ID_LEN:  # envelope validation would refuse it (mesh.ops)
+            raise CommandError(
+                f"txn_id is too long for a reservation: the reservation id "
+                f"'<node id>:<txn_id>' has at most {config.MAX_ID_LEN} characters, so a "
+                f"txn_id here has at most {config.MAX_ID_LEN - len(self.node_id) - 1}",
+                "txn_id")
         if not self.knows_sku(sku):
             raise UnknownSku(f"unknown SKU {sku!r}", "sku")
         if self.available(sku) < qty:
             raise CommandError(f"only {self.available(sku)} of {sku!r} available", "qty")
-        rid = f"{self.node_id}:{txn}"
         delta = self.reservations.copy().add(self.node_id, rid)
         d = delta.to_dict()
         op = {"t": "rs", "e": d["e"], "c": _ctx_dots(d),
@@ -669,7 +734,7 @@ class Replica:
         """Cancel a reservation: the units become available again."""
         meta = {"kind": "release", "txn": txn, "staff": staff, "reason": reason,
                 "note": reservation_id}
-        seen = self._seen_txn(meta)
+        seen = self._seen_txn(meta, rid=reservation_id)
         if seen is not None:
             return seen
         self._reservation(reservation_id)
@@ -681,8 +746,12 @@ class Replica:
                staff: str | None = None) -> CommandResult:
         """Hand over a reserved order: remove the reservation and take the units off stock,
         in one envelope so no replica ever sees half of it."""
-        meta = {"kind": "fulfil", "txn": txn, "staff": staff, "note": reservation_id}
-        seen = self._seen_txn(meta)
+        meta: dict[str, Any] = {"kind": "fulfil", "txn": txn, "staff": staff,
+                                "note": reservation_id}
+        known = self.records.get(reservation_id) if isinstance(reservation_id, str) else None
+        if known is not None:  # the envelope's meta names what it took off stock
+            meta.update(sku=known.sku, qty=-known.qty)
+        seen = self._seen_txn(meta, rid=reservation_id)
         if seen is not None:
             return seen
         rec = self._reservation(reservation_id)
@@ -691,7 +760,7 @@ class Replica:
         p, n = step.entry(self.node_id)
         ops = [_remove_op(self.reservations, reservation_id),
                {"t": "pn", "sku": rec.sku, "r": self.node_id, "p": p, "n": n}]
-        env = self._local(ops, {**meta, "sku": rec.sku, "qty": -rec.qty}, now_ms)
+        env = self._local(ops, meta, now_ms)
         return CommandResult(env, self.node_id, env.seq, reservation_id=reservation_id)
 
     def expire(self, *, now_ms: int, txn: str,

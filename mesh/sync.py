@@ -2,19 +2,23 @@
 
 Inputs go in (``peer_up``, ``peer_down``, ``receive``, ``durable``, ``fetched``,
 ``on_timer``), each with ``now`` in ms; effects come out (``Send``, ``Persist``,
-``Fetch``, ``Alert``, ``TrustChanged``). The asyncio node and the partition simulator
-drive this same class; only the drivers differ.
+``Fetch``, ``Alert``, ``TrustChanged``, ``EndSession``). The asyncio node and the
+partition simulator drive this same class; only the drivers differ.
 
 Wire messages (bytes, first byte is the type):
 
 * ``V`` + orjson ``{"vv": {origin: seq}, "links": [node ids], "nc": digest, "crl": v,
-  "rx": n}`` — our version vector (highest contiguous seq held per origin), the peers we
-  have live sessions with, a digest of the certificates and the revocation list version
-  we hold, and how many envelopes we received from this peer in this session. It is the
-  anti-entropy summary *and* the acknowledgement that opens the sender's window.
+  "rx": n, "rs": [origins]}`` — our version vector (highest contiguous seq held per
+  origin), the peers we have live sessions with, a digest of the certificates and the
+  revocation list version we hold, and how many envelopes we received from this peer in
+  this session. It is the anti-entropy summary *and* the acknowledgement that opens
+  the sender's window. ``rs`` (optional) names origins whose envelopes we refused for
+  want of their certificate, which has arrived since: the peer sends them again from
+  our vector.
 * ``E`` + frames of ``u32 big-endian length + raw envelope`` — envelopes, verbatim.
 * ``C`` + orjson ``{"certs": [...], "crl": {...} | null}`` — certificates signed by the
-  store key, relayable by anyone.
+  store key, relayable by anyone. A new revocation list goes to every peer whose
+  summary shows an older one at once, alone (``certs`` empty).
 
 Invariants:
  1. Envelopes are forwarded verbatim; every envelope is verified (signature, or its
@@ -29,9 +33,27 @@ Invariants:
  4. We only fetch from storage what is durable (``stored`` vector), so a fetch never
     misses an envelope that memory holds but disk does not yet.
  5. Anything a peer sends that is malformed, oversized, forged or inconsistent is
-    dropped and counted under a reason in ``stats``; nothing a peer sends raises.
+    dropped and counted under a reason in ``stats``; nothing a peer sends raises (an
+    exception we did not foresee is counted as ``internal_error``, never propagated;
+    ``mesh.ops`` bounds keep the replica's "whole or not at all" true meanwhile).
  6. No clock and no global randomness: ``now`` comes in, jitter comes from the
     injected ``random.Random``.
+ 7. An envelope for an (origin, seq) we hold or buffer is a duplicate only if its hash
+    is the one we hold. Otherwise it is verified: a failing copy is refused under its
+    reason (``bad_signature``, ...), a valid one is equivocation: counted, kept as
+    evidence by the replica and raised as an ``Alert`` (at most
+    ``MAX_ALERTS_PER_ORIGIN`` per origin; later ones are counted only).
+ 8. Certificates before envelopes: we send a peer envelopes only after every
+    certificate we hold has been offered to it: at its summary (all of ours, if its
+    digest differs) or, for those we learned since, in a ``C`` just before the
+    envelopes. Whoever forwards an envelope holds its origin's certificate, so a
+    register that has just joined is not refused as unknown downstream; if it still is
+    (a lost ``C``), the receiver asks for those envelopes again (``rs``) once the
+    certificate comes.
+ 9. A revoked node has no session with us and none of its envelopes leaves us: on
+    learning a revocation we end its session (``EndSession``), refuse it in
+    ``peer_up``, and never push, relay or serve its envelopes (those applied before
+    the list arrived stay in the ledger; every receiver refuses later ones).
 """
 
 from __future__ import annotations
@@ -57,6 +79,7 @@ __all__ = [
     "NOT_REFUSALS",
     "Alert",
     "Effect",
+    "EndSession",
     "Fetch",
     "Persist",
     "Send",
@@ -113,7 +136,15 @@ class TrustChanged:
     """New certificates or revocations were learned: the driver persists the trust store."""
 
 
-Effect = Send | Persist | Fetch | Alert | TrustChanged
+@dataclass(frozen=True, slots=True)
+class EndSession:
+    """Close the session with ``peer`` (it was revoked): the driver ends the connection."""
+
+    peer: str
+    reason: str
+
+
+Effect = Send | Persist | Fetch | Alert | TrustChanged | EndSession
 
 
 def encode_batch(raws: Iterable[bytes]) -> bytes:
@@ -170,7 +201,11 @@ class _Peer:
     interval: int = config.SYNC_INTERVAL_MS
     cur_interval: int = config.SYNC_INTERVAL_MS  # the one the current deadline used
     certs: int = 0
-    crl: int = -1
+    crl: int = -1  # the revocation list version of its latest summary
+    #: our trust store version up to which it holds (or was sent) every certificate we
+    #: hold: set at each of its summaries, since we answer one whose digest differs
+    #: with all of ours (invariant 8)
+    certs_at: int = -1
 
     def inflight(self) -> int:
         """Envelopes sent or being read for this peer and not yet acknowledged."""
@@ -219,6 +254,12 @@ class SyncCore:
         #: origin -> peers without a session with it (see durable)
         self._unreached: dict[str, tuple[str, ...]] = {}
         self._stuck_peers: set[str] = set()  # peers whose ``stuck`` is not empty
+        #: origin -> equivocation alerts raised (MAX_ALERTS_PER_ORIGIN); only origins
+        #: with a certificate get here (the envelope verified), so the table is bounded
+        self._alerted: dict[str, int] = {}
+        #: origin -> peers that sent us its envelopes while we held no certificate for
+        #: it (bounded by MAX_AWAITED_CERTS): asked again once it arrives (invariant 8)
+        self._awaited: dict[str, set[str]] = {}
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -232,11 +273,14 @@ class SyncCore:
         self.bytes_out += len(data)
         out.append(Send(peer, data, priority))
 
-    def _vv_message(self, rx: int) -> bytes:
+    def _vv_message(self, rx: int, resend: Sequence[str] = ()) -> bytes:
         links = sorted(self.peers)
         crl = self.trust.crl_version
-        return b"V" + orjson.dumps({"vv": self.replica.vv.to_dict(), "links": links,
-                                    "nc": self._cert_digest(), "crl": crl, "rx": rx})
+        msg = {"vv": self.replica.vv.to_dict(), "links": links,
+               "nc": self._cert_digest(), "crl": crl, "rx": rx}
+        if resend:
+            msg["rs"] = sorted(resend)
+        return b"V" + orjson.dumps(msg)
 
     def _cert_digest(self) -> str:
         """Which certificates we hold, in 16 hex chars: peers that differ swap them."""
@@ -247,8 +291,9 @@ class SyncCore:
             self._digest = (self.trust.version, h.hexdigest()[:16])
         return self._digest[1]
 
-    def _send_vv(self, out: list[Effect], peer: _Peer, now: int) -> None:
-        self._send(out, peer.id, self._vv_message(peer.rx))
+    def _send_vv(self, out: list[Effect], peer: _Peer, now: int,
+                 resend: Sequence[str] = ()) -> None:
+        self._send(out, peer.id, self._vv_message(peer.rx, resend))
         peer.unacked_in = 0
         peer.vv_at = now
         jitter = self.rng.uniform(0.75, 1.25)
@@ -270,12 +315,26 @@ class SyncCore:
             return peer.interval
         return peer.interval * n // config.SYNC_FULL_RATE_PEERS
 
-    def _certs_message(self) -> bytes:
+    def _certs_message(self, *, certs: bool = True) -> bytes:
         crl = self.trust.crl
         return b"C" + orjson.dumps({
-            "certs": [c.to_dict() for c in self.trust.certificates()],
+            "certs": [c.to_dict() for c in self.trust.certificates()] if certs else [],
             "crl": None if crl is None else crl.to_dict(),
         })
+
+    def _certs_first(self, out: list[Effect], peer: _Peer) -> None:
+        """Before envelopes go to ``peer``: the certificates we learned since its latest
+        summary (or our latest ``C`` to it), which it may lack, go first (invariant 8).
+        Only those, once: a register joining a store of n nodes costs each node one
+        certificate per peer, not its whole trust store."""
+        trust = self.trust
+        if peer.certs_at == trust.version:  # the common case: nothing new
+            return
+        new = trust.certificates_since(peer.certs_at)
+        peer.certs_at = trust.version
+        if new:
+            self._send(out, peer.id, b"C" + orjson.dumps(
+                {"certs": [c.to_dict() for c in new], "crl": None}), HIGH)
 
     # --- sessions --------------------------------------------------------------------------
 
@@ -283,6 +342,10 @@ class SyncCore:
         """A session with ``peer_id`` (authenticated by the transport) is established.
         ``wan``: a metered link (the cloud): summaries go out less often there."""
         out: list[Effect] = []
+        if self.trust.is_revoked(peer_id):  # invariant 9 (the transport refuses it too)
+            self._count("revoked_session")
+            out.append(EndSession(peer_id, "revoked"))
+            return out
         if peer_id not in self.peers and len(self.peers) >= config.MAX_PEERS:
             self._count("peer_table_full")
             return out
@@ -326,8 +389,9 @@ class SyncCore:
         peer = self.peers.get(peer_id)
         if peer is None:
             return 0
+        revoked = self.trust.revoked  # never sent (invariant 9): not lag
         return sum(max(0, s - peer.acked.get(o)) for o, s in self.replica.vv.items()
-                   if o != peer_id)
+                   if o != peer_id and o not in revoked)
 
     # --- local and durable envelopes ---------------------------------------------------------
 
@@ -379,11 +443,14 @@ class SyncCore:
         high: list[bytes] = []
         low: list[bytes] = []
         inflight = -1  # computed once, on the first envelope that qualifies
+        revoked = self.trust.revoked
         for env in envs:
-            if env.seq != peer.sent.get(env.origin) + 1 or env.origin == peer.id:
+            if (env.seq != peer.sent.get(env.origin) + 1 or env.origin == peer.id
+                    or env.origin in revoked):
                 continue
             if inflight < 0:
                 inflight = peer.inflight()
+                self._certs_first(out, peer)
             if inflight >= config.MAX_INFLIGHT_PER_PEER + config.PUSH_RESERVE:
                 break  # fresh envelopes may use the reserve a catch-up cannot
             inflight += 1
@@ -462,6 +529,7 @@ class SyncCore:
             have = self.stored.get(origin)
             sent = peer.sent.get(origin)
             if (have <= sent or origin in peer.fetching or origin == peer.id
+                    or self.trust.is_revoked(origin)
                     or not self._eligible(peer, origin, now)):
                 continue
             if room < 0:
@@ -481,10 +549,11 @@ class SyncCore:
         if peer is None:
             return out
         peer.fetching.pop(origin, None)
-        if first != peer.sent.get(origin) + 1 or not raws:
+        if first != peer.sent.get(origin) + 1 or not raws or self.trust.is_revoked(origin):
             self._pump(out, peer, now)
             return out
         raws = list(raws)
+        self._certs_first(out, peer)
         peer.sent.set(origin, first + len(raws) - 1)
         peer.sent_at[origin] = now
         self.sent_envelopes += len(raws)
@@ -508,6 +577,9 @@ class SyncCore:
         if len(data) > config.MAX_MESSAGE_BYTES:
             self._count("oversized")
             return out
+        if not data:
+            self._count("empty_message")
+            return out
         kind = data[:1]
         try:
             if kind == b"E":
@@ -515,11 +587,13 @@ class SyncCore:
             elif kind == b"V":
                 self._on_vv(out, peer, data, now)
             elif kind == b"C":
-                self._on_certs(out, data)
+                self._on_certs(out, peer, data, now)
             else:
                 raise Malformed(f"unknown message type {kind!r}")
         except EnvelopeError as exc:
             self._count(exc.reason)
+        except Exception:  # our bug, a peer's input: never raise (inv. 5)
+            self._count("internal_error")
         return out
 
     def receive_many(self, items: Sequence[tuple[bytes, str]], now: int) -> list[Effect]:
@@ -535,16 +609,17 @@ class SyncCore:
         faults."""
         out: list[Effect] = []
         by_peer: dict[str, list[bytes]] = {}
-        for data, peer_id in items:
-            by_peer.setdefault(peer_id, []).append(data)
+        for message, peer_id in items:
+            by_peer.setdefault(peer_id, []).append(message)
         for peer_id, msgs in by_peer.items():
             peer = self.peers.get(peer_id)
             batch: list[bytes] = []  # frames of consecutive E messages, not yet applied
             held: set[bytes] = set()  # its frames so far, to spot a repeated envelope
-            for data in [*msgs, b""]:  # b"": the end of this peer's messages
+            todo_msgs: list[bytes | None] = [*msgs, None]  # None: the end of its messages
+            for data in todo_msgs:
                 frames: list[bytes] | None = None
                 repeated = False
-                if (peer is not None and data[:1] == b"E"
+                if (peer is not None and data is not None and data[:1] == b"E"
                         and len(data) <= config.MAX_MESSAGE_BYTES):
                     self.bytes_in += len(data)
                     try:
@@ -570,7 +645,9 @@ class SyncCore:
                         self._on_envelopes(out, peer, chunk, now)
                     except EnvelopeError as exc:
                         self._count(exc.reason)
-                if frames is None and data:
+                    except Exception:  # never raise for a peer (inv. 5)
+                        self._count("internal_error")
+                if frames is None and data is not None:
                     out.extend(self.receive(data, peer_id, now))
         return out
 
@@ -595,6 +672,11 @@ class SyncCore:
         certs, crl, their_rx = msg.get("nc", ""), msg.get("crl", -1), msg.get("rx", -1)
         if type(certs) is not str or type(crl) is not int or type(their_rx) is not int:
             raise Malformed("nc must be a string, crl and rx integers")
+        resend = msg.get("rs", [])
+        if not isinstance(resend, list) or len(resend) > config.MAX_AWAITED_CERTS or not all(
+            map(isinstance, resend, repeat(str))
+        ):
+            raise Malformed("rs must be a short list of node ids")
 
         if their_rx < peer.their_rx:
             # Overtaken by a newer summary (a reordering link; rx only grows within a
@@ -605,6 +687,7 @@ class SyncCore:
             self._count("stale_summary")
             return
         peer.their_rx = their_rx
+        peer.crl = crl
         first = not peer.ready
         peer.ready = True
         new_links = frozenset(links)
@@ -631,6 +714,8 @@ class SyncCore:
                         # the gap was refused (e.g. its certificate was missing) or
                         # lost: resend
                         or their_rx >= peer.sent_tx.get(origin, 2**62)
+                        # it refused them for want of a certificate it now holds
+                        or origin in resend
                         or now - peer.sent_at.get(origin, now) > config.SYNC_RETRANSMIT_MS):
                     # Sent long ago and still not acknowledged: lost (lossy link or a
                     # peer that restarted without them). Send again from what it holds.
@@ -645,9 +730,11 @@ class SyncCore:
                                if tget(o, 0) < have}
         if certs != self._cert_digest() or crl < self.trust.crl_version:
             self._send(out, peer.id, self._certs_message(), HIGH)  # before any resend
+            peer.crl = self.trust.crl_version
+        peer.certs_at = self.trust.version  # it holds ours, or has just been sent them
         self._pump(out, peer, now)
 
-    def _on_certs(self, out: list[Effect], data: bytes) -> None:
+    def _on_certs(self, out: list[Effect], peer: _Peer, data: bytes, now: int) -> None:
         try:
             msg = orjson.loads(data[1:])
         except orjson.JSONDecodeError:
@@ -657,6 +744,7 @@ class SyncCore:
         if len(msg["certs"]) > config.MAX_CERTS_PER_MESSAGE:
             raise Malformed("too many certificates in one message")
         changed = False
+        learned: list[str] = []  # node ids we hold a certificate for only now
         for item in msg["certs"]:
             if isinstance(item, dict) and isinstance(item.get("node_id"), str):
                 held = self.trust.certificate(item["node_id"])
@@ -669,17 +757,71 @@ class SyncCore:
             except EnvelopeError as exc:
                 self._count(exc.reason)
                 continue
-            changed |= self.trust.certificate(cert.node_id) is not held
+            if self.trust.certificate(cert.node_id) is not held:
+                changed = True
+                if held is None:
+                    learned.append(cert.node_id)
         if msg.get("crl") is not None:
             try:
                 crl = RevocationList.from_dict(msg["crl"])
                 before = self.trust.crl_version
                 self.trust.apply_revocations(crl)
-                changed |= self.trust.crl_version != before
             except EnvelopeError as exc:
                 self._count(exc.reason)
+            else:
+                peer.crl = max(peer.crl, crl.version)  # it holds this one
+                if self.trust.crl_version != before:
+                    changed = True
+                    self._revocations_changed(out, now)
         if changed:
             out.append(TrustChanged())
+        if learned and self._awaited:
+            self._ask_again(out, learned, now)
+
+    def _ask_again(self, out: list[Effect], learned: list[str], now: int) -> None:
+        """Certificates of ``learned`` arrived: peers that sent us envelopes of those
+        origins (refused then as ``not_enrolled``) get our summary now, naming them in
+        ``rs``, so they send them again from what we hold (invariant 8)."""
+        by_peer: dict[str, list[str]] = {}
+        for origin in learned:
+            for pid in self._awaited.pop(origin, ()):
+                by_peer.setdefault(pid, []).append(origin)
+        for pid, origins in by_peer.items():
+            peer = self.peers.get(pid)
+            if peer is not None:
+                self._send_vv(out, peer, now, origins)
+
+    def _revocations_changed(self, out: list[Effect], now: int) -> None:
+        """A newer revocation list was adopted: end the sessions of revoked peers and
+        pass the list on at once to every peer whose summary shows an older one (the
+        list alone: its certificates are not news), so it crosses the store in a few
+        round trips, not one summary interval per hop (invariant 9)."""
+        revoked = self.trust.revoked
+        for pid in [p for p in self.peers if p in revoked]:
+            self._count("revoked_session")
+            out.append(EndSession(pid, "revoked"))
+            self.peer_down(pid, now)
+        for origin in [o for o in self._awaited if o in revoked]:
+            del self._awaited[origin]
+        version = self.trust.crl_version
+        data = b""
+        for peer in self.peers.values():
+            if peer.ready and peer.crl < version:
+                data = data or self._certs_message(certs=False)
+                self._send(out, peer.id, data, HIGH)
+                peer.crl = version
+
+    def learn_revocations(self, crl: RevocationList, now: int) -> list[Effect]:
+        """A revocation list from a local source (``POST /v1/revocations``): adopt it if
+        it is newer, with the same effects as one a peer sent. Raises ``BadSignature``
+        or ``WrongStore`` (the caller's input: refuse the request)."""
+        out: list[Effect] = []
+        before = self.trust.crl_version
+        self.trust.apply_revocations(crl)
+        if self.trust.crl_version != before:
+            self._revocations_changed(out, now)
+            out.append(TrustChanged())
+        return out
 
     def _on_envelopes(self, out: list[Effect], peer: _Peer, raws: list[bytes],
                       now: int) -> None:
@@ -693,6 +835,7 @@ class SyncCore:
             decoded.append((env, raw))
         applied: list[Envelope] = []
         refused_before = self._refusals()
+        unenrolled_before = self.stats.get("not_enrolled", 0)
         pending_before = self.replica.pending_count()
         for run in _runs(decoded):
             applied.extend(self._apply_run(out, run, now))
@@ -711,6 +854,8 @@ class SyncCore:
                 peer.acked.set(origin, seq)
             if seq > peer.sent.get(origin):
                 peer.sent.set(origin, seq)
+        if self.stats.get("not_enrolled", 0) != unenrolled_before:
+            self._await_certificates(peer, decoded)
         n = len(raws)
         peer.rx += n
         peer.unacked_in += n
@@ -726,14 +871,38 @@ class SyncCore:
             # it soon what we lack (and which certificates we hold) so it can repair.
             self._send_vv(out, peer, now)
 
+    def _await_certificates(self, peer: _Peer, decoded: list[tuple[Envelope, bytes]]) -> None:
+        """Some of ``decoded`` were refused as ``not_enrolled``: remember their origins
+        and ``peer`` (bounded), to ask it for them again when the certificate comes."""
+        trust = self.trust
+        for origin in {env.origin for env, _ in decoded}:
+            if trust.certificate(origin) is not None or trust.is_revoked(origin):
+                continue
+            peers = self._awaited.get(origin)
+            if peers is None:
+                if len(self._awaited) >= config.MAX_AWAITED_CERTS:
+                    # oldest first: an origin that never enrols must not keep a
+                    # register that joins later from being asked for again
+                    del self._awaited[next(iter(self._awaited))]
+                peers = self._awaited[origin] = set()
+            if len(peers) < config.MAX_AWAITED_CERTS:
+                peers.add(peer.id)
+
     def _apply_run(self, out: list[Effect], run: list[tuple[Envelope, bytes]],
                    now: int) -> list[Envelope]:
         """Verify and apply one origin's consecutive envelopes from a batch."""
         origin = run[0][0].origin
         head = self.replica.vv.get(origin)
-        fresh = [(e, r) for e, r in run if e.seq > head]
+        hash_at = self.replica.hash_at
+        fresh: list[tuple[Envelope, bytes]] = []
+        for e, r in run:
+            if e.seq > head:
+                fresh.append((e, r))
+            elif hash_at(origin, e.seq) == e.hash:
+                self._count("duplicate")
+            else:
+                self._conflict(out, e, now)
         if not fresh:
-            self._count("duplicate", len(run))
             return []
         applied: list[Envelope] = []
         if fresh[0][0].seq == head + 1 and len(fresh) > 1:
@@ -763,15 +932,37 @@ class SyncCore:
             i += 1
         return applied
 
-    def _apply_one(self, out: list[Effect], env: Envelope, now: int) -> list[Envelope]:
+    def _conflict(self, out: list[Effect], env: Envelope, now: int) -> None:
+        """``env`` differs from the envelope we applied for its (origin, seq): a forged
+        or garbled copy (refused under its verify reason, e.g. ``bad_signature``), or a
+        second envelope the origin signed for one seq: equivocation (invariant 7)."""
         try:
-            return self.replica.apply(env, now)
+            self.replica.classify(verify(env, self.trust, now))
         except Equivocation as exc:
-            self._count(exc.reason)
-            out.append(Alert("equivocation", exc.origin, exc.seq, exc.first, exc.second))
+            self._alert(out, exc)
         except EnvelopeError as exc:
             self._count(exc.reason)
-        return []
+        else:  # not reached: classify raises for a different hash at an applied seq
+            self._count("duplicate")
+
+    def _alert(self, out: list[Effect], exc: Equivocation) -> None:
+        self._count(exc.reason)
+        n = self._alerted.get(exc.origin, 0)
+        if n < config.MAX_ALERTS_PER_ORIGIN:  # beyond: counted only (bounded evidence)
+            self._alerted[exc.origin] = n + 1
+            out.append(Alert("equivocation", exc.origin, exc.seq, exc.first, exc.second))
+
+    def _apply_one(self, out: list[Effect], env: Envelope, now: int) -> list[Envelope]:
+        applied: list[Envelope] = []
+        try:
+            applied = self.replica.apply(env, now)
+        except Equivocation as exc:
+            self._alert(out, exc)
+        except EnvelopeError as exc:
+            self._count(exc.reason)
+        except Exception:  # a bug of ours a peer's input found (inv. 5)
+            self._count("internal_error")
+        return applied
 
     def _relay(self, out: list[Effect], source: _Peer, applied: list[Envelope],
                now: int) -> None:

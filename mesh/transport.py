@@ -22,11 +22,18 @@ Invariants:
     that lets more than ``SESSION_MAX_QUEUE`` messages pile up is disconnected rather
     than allowed to grow our memory (anti-entropy catches it up after reconnecting).
  4. A remote fault (bad handshake, oversized frame, unexpected frame type) closes that
-    session with a reason and is counted; it never propagates.
+    session with a reason and is counted; it never propagates. Every frame refused
+    after the handshake (a text frame, a frame over ``MAX_MESSAGE_BYTES``, an empty
+    message, an undecodable WAN message, an origin the WAN codec will not keep) is
+    counted under a reason through ``Session.on_refuse`` (the node shows them as
+    ``session_<reason>`` in ``storemesh_envelopes_rejected_total``).
  5. Envelope batches waiting in one queue are merged into one message (bounded by
     ``MAX_BATCH_BYTES`` and ``MAX_BATCH_ENVELOPES``); on WAN sessions the writer first
     lingers ``WAN_LINGER_S`` so a burst of sales becomes one message, and every message
     goes through the session's ``WanCodec``.
+ 6. A ``WanCodec``'s per-origin tables hold at most ``MAX_WAN_ORIGINS`` origins each,
+    and the receiving table only origins that hold a certificate here: whatever a peer
+    sends, a session's memory does not grow with the origin strings it makes up.
 """
 
 from __future__ import annotations
@@ -136,10 +143,14 @@ class Session:
 
     def __init__(self, peer_id: str, role: str, ws: web.WebSocketResponse
                  | aiohttp.ClientWebSocketResponse, *, url: str | None, outbound: bool,
-                 linger_s: float = 0.0) -> None:
+                 linger_s: float = 0.0, known: Callable[[str], bool] | None = None) -> None:
         self.linger_s = linger_s
         self.wan = linger_s > 0
-        self.codec = WanCodec() if self.wan else None
+        #: Called with a reason for every frame refused after the handshake (invariant
+        #: 4); the node counts them. ``refused`` keeps this session's own counts.
+        self.on_refuse: Callable[[str], None] | None = None
+        self.refused: dict[str, int] = {}
+        self.codec = WanCodec(known, self.refuse) if self.wan else None
         self.sock: socket.socket | None = None
         self.last_wire = (0, 0)
         self.peer_id = peer_id
@@ -176,6 +187,12 @@ class Session:
     def queued(self) -> int:
         return len(self._high) + len(self._low)
 
+    def refuse(self, reason: str) -> None:
+        """Count a frame (or a part of one) the peer sent and we refused."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        if self.on_refuse is not None:
+            self.on_refuse(reason)
+
     def close(self, reason: str = "closed") -> None:
         if not self._closing:
             self.close_reason = reason
@@ -204,17 +221,22 @@ class Session:
             if msg.type == aiohttp.WSMsgType.BINARY:
                 data = msg.data
                 self.bytes_in += len(data)
+                if not data:
+                    self.refuse("empty_message")  # no sync message is empty: ignore it
+                    continue
                 if self.codec is not None:
                     try:
                         data = self.codec.decode(data)
                     except (ValueError, zlib.error):
                         self.close_reason = "bad_wan_message"
+                        self.refuse(self.close_reason)
                         break  # the compressed stream is unusable now
                 on_message(self.peer_id, data)
-            elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE):
+            elif msg.type == aiohttp.WSMsgType.CLOSE:
                 break
             else:
-                self.close_reason = "unexpected_frame"
+                self.close_reason = _frame_fault(msg)
+                self.refuse(self.close_reason)
                 break
         if self.close_reason is None:
             self.close_reason = "peer_closed"
@@ -235,6 +257,19 @@ class Session:
                 await self.ws.send_bytes(data)
             if self._closing:
                 return
+
+
+def _frame_fault(msg: aiohttp.WSMessage) -> str:
+    """The refusal reason for a frame a session cannot take after the handshake."""
+    if msg.type == aiohttp.WSMsgType.TEXT:
+        return "text_frame"  # text is for the handshake only (invariant 1)
+    if msg.type == aiohttp.WSMsgType.ERROR:
+        err = msg.data
+        if (isinstance(err, aiohttp.WebSocketError)
+                and err.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG):
+            return "oversized_frame"  # over max_msg_size = MAX_MESSAGE_BYTES
+        return "bad_frame"
+    return "unexpected_frame"
 
 
 def _frames(data: bytes) -> int:
@@ -262,6 +297,17 @@ def _coalesce(queue: deque[bytes]) -> bytes:
         size += len(nxt) - 1
         count += n
     return b"E" + b"".join(p[1:] for p in parts)
+
+
+def _enrolled(identity: NodeIdentity) -> Callable[[str], bool]:
+    """Whether a node id holds a certificate of this store here (the WAN codec keeps
+    per-origin state only for those)."""
+    trust = identity.trust
+
+    def known(origin: str) -> bool:
+        return trust.certificate(origin) is not None
+
+    return known
 
 
 async def accept(request: web.Request, identity: NodeIdentity, now_ms: Callable[[], int],
@@ -303,7 +349,8 @@ async def accept(request: web.Request, identity: NodeIdentity, now_ms: Callable[
         await ws.close()
         return ws
     session = Session(cert.node_id, cert.role, ws, url=None, outbound=False,
-                      linger_s=config.WAN_LINGER_S if wan else 0.0)
+                      linger_s=config.WAN_LINGER_S if wan else 0.0,
+                      known=_enrolled(identity))
     transport_ = request.transport
     session.sock = transport_.get_extra_info("socket") if transport_ is not None else None
     await on_session(session)
@@ -341,6 +388,7 @@ async def dial(http: aiohttp.ClientSession, url: str, identity: NodeIdentity,
         await ws.close()
         raise
     session = Session(cert.node_id, cert.role, ws, url=url, outbound=True,
-                      linger_s=config.WAN_LINGER_S if wan else 0.0)
+                      linger_s=config.WAN_LINGER_S if wan else 0.0,
+                      known=_enrolled(identity))
     session.sock = ws.get_extra_info("socket")
     return session

@@ -6,12 +6,15 @@ Invariants:
  2. Anything a peer sends that cannot be decoded raises ``ValueError`` (or
     ``zlib.error``); the caller closes the session, since the stream state is unknown.
  3. A decoded message never exceeds ``MAX_MESSAGE_BYTES`` (no inflation bomb).
+ 4. Per-origin tables hold at most ``MAX_WAN_ORIGINS`` origins each, and the receiving
+    table only origins ``known`` accepts (transport invariant 6).
 """
 
 from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Callable
 
 from mesh import config
 
@@ -35,11 +38,32 @@ class WanCodec:
     error the session must be closed, since the stream state is then unknown.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, known: Callable[[str], bool] | None = None,
+                 on_refuse: Callable[[str], None] | None = None) -> None:
         self._tx = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
         self._rx = zlib.decompressobj(-15)
         self._tx_last: dict[bytes, bytes] = {}
         self._rx_last: dict[bytes, bytes] = {}
+        #: Whether an origin holds a certificate here; only those enter ``_rx_last``
+        #: (invariant 6). None: any origin (tests of the codec alone).
+        self._known = known
+        self._on_refuse = on_refuse
+
+    def _refuse(self, reason: str) -> None:
+        if self._on_refuse is not None:
+            self._on_refuse(reason)
+
+    def _keeps(self, origin: bytes) -> bool:
+        """Whether a received frame's origin may enter (or stay in) ``_rx_last``."""
+        if origin in self._rx_last:
+            return True
+        if self._known is not None and not self._known(origin.decode("utf-8", "replace")):
+            self._refuse("wan_unenrolled_origin")
+            return False
+        if len(self._rx_last) >= config.MAX_WAN_ORIGINS:
+            self._refuse("wan_origin_table_full")
+            return False
+        return True
 
     def encode(self, msg: bytes) -> bytes:
         if msg[:1] == b"E":
@@ -72,7 +96,8 @@ class WanCodec:
             if packed.endswith(b'"}') and _is_lower_hex(sighex):
                 packed = packed[:-_SIG_TAIL] + bytes.fromhex(sighex.decode())
                 flags |= _F_SIG
-            self._tx_last[origin] = hashlib.sha256(raw).digest()
+            if origin in self._tx_last or len(self._tx_last) < config.MAX_WAN_ORIGINS:
+                self._tx_last[origin] = hashlib.sha256(raw).digest()
             out.append((len(packed) + 1).to_bytes(4, "big"))
             out.append(bytes((flags,)))
             out.append(packed)
@@ -95,13 +120,17 @@ class WanCodec:
                     raise ValueError("frame too short for its signature")
                 raw = raw[:-64] + raw[-64:].hex().encode() + b'"}'
             origin = _origin_of(raw)
+            keep = self._keeps(origin)
             if flags & _F_PREV:
                 last = self._rx_last.get(origin)
                 at = raw.find(_ELIDED)
+                if not keep:
+                    continue  # an origin we do not keep: its prev cannot be restored
                 if last is None or at < 0:
                     raise ValueError("elided prev with nothing to restore it from")
                 raw = raw[:at] + _PREV + last.hex().encode() + b'"' + raw[at + len(_ELIDED):]
-            self._rx_last[origin] = hashlib.sha256(raw).digest()
+            if keep:
+                self._rx_last[origin] = hashlib.sha256(raw).digest()
             out.append(len(raw).to_bytes(4, "big"))
             out.append(raw)
         return b"".join(out)

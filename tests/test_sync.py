@@ -265,3 +265,29 @@ def test_a_forged_copy_of_an_envelope_does_not_stop_the_genuine_one() -> None:
     w.run_until(w.now + 50)
     assert w.nodes["edge"].replica.vv.get("r1") == 1
     assert w.nodes["edge"].replica.on_hand("A") == 7
+
+
+def test_an_equivocating_register_is_caught_on_the_live_path() -> None:
+    """Issue 10 item 9, in the seeded world: r1 (or whoever holds its key) signs a second
+    seq 1 after the first reached every node; r2 relays it to the edge. Every receiver
+    that gets it raises one alert with the evidence and keeps the first; a tampered copy
+    of the genuine one is counted as bad_signature, not as a duplicate."""
+    from mesh.replica import Replica
+
+    w = _store(41, registers=2)
+    r1, edge = w.nodes["r1"], w.nodes["edge"]
+    first = r1.command(lambda r: r.receive("A", 5, txn="a", now_ms=r1.clock()))
+    assert first is not None and first.envelope is not None
+    w.run_until(w.now + 50)
+    assert all(n.replica.vv.get("r1") == 1 for n in w.nodes.values())
+    twin = Replica(w.store_id, "r1", "register", r1.key)  # the same key, another history
+    second = twin.receive("A", 500, txn="b", now_ms=r1.clock()).envelope
+    assert second is not None and second.seq == 1 and second.raw != first.envelope.raw
+    w.inject("r2", "edge", encode_batch([second.raw]))
+    tampered = first.envelope.raw.replace(b'"p":5', b'"p":9')
+    w.inject("r2", "edge", encode_batch([tampered]), delay=1)
+    w.run_until(w.now + 50)
+    assert [(a.kind, a.origin, a.seq, a.second) for a in edge.alerts] == [
+        ("equivocation", "r1", 1, second.raw)]
+    assert edge.core.stats["equivocation"] == 1 and edge.core.stats["bad_signature"] == 1
+    assert edge.replica.on_hand("A") == 5 and len(_digests(w)) == 1

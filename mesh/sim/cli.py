@@ -56,12 +56,18 @@ def run_cmd(scenario: Path, seed: int | None, as_json: bool, plot_path: Path | N
     from mesh.sim.report import render
     from mesh.sim.runner import run_scenario
 
+    if plot_path is not None and not plot_path.parent.is_dir():
+        # checked before the run, not after it: a long run must not end in an error
+        raise _UserError(f"--plot {plot_path}: folder {plot_path.parent} does not exist")
     sc = _load(scenario, duration_scale)
     result = run_scenario(sc, seed, randomise=random_faults, timer=time.perf_counter)
     if plot_path is not None:
         from mesh.sim.plot import plot_run
 
-        plot_run(result, plot_path)
+        try:
+            plot_run(result, plot_path)
+        except OSError as exc:
+            raise _UserError(f"--plot {plot_path}: {exc.strerror or exc}") from None
     if as_json:
         sys.stdout.buffer.write(result.to_json() + b"\n")
         sys.stdout.flush()

@@ -26,6 +26,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import orjson
+
 from mesh import config
 from mesh.envelope import Envelope
 from mesh.errors import LedgerError, StorageFull
@@ -121,7 +123,13 @@ class SimIdentity:
     saves: int = 0
 
     def save(self) -> None:
-        self.saved = self.trust.to_dict()
+        self.write(self.encode())
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.trust.to_dict())
+
+    def write(self, data: bytes) -> None:
+        self.saved = orjson.loads(data)
         self.saves += 1
 
     def reload(self) -> None:
@@ -193,6 +201,16 @@ class SimDisk:
 
     def reset_failure(self) -> None:
         self.failed = None
+
+    def call(self, fn: Callable[[], None]) -> Future[int]:
+        """Run ``fn`` (a file write rows appended later depend on): now, so before them."""
+        fut: Future[int] = Future()
+        if self.failed is not None:
+            fut.set_exception(self.failed)
+            return fut
+        fn()
+        fut.set_result(self.durable)
+        return fut
 
     def read_origin(self, origin: str, first: int, last: int,
                     limit: int = config.LEDGER_PAGE) -> list[bytes]:
@@ -314,4 +332,7 @@ class SimTransport:
             self.world.send(node.node_id, peer, out, priority)
 
     def close(self, peer: str, reason: str) -> None:
-        self.world.drop_session(self.node.node_id, peer, reason)
+        # The connection ends for both sides, as closing a socket would (a revoked
+        # peer: it is refused from now on, so the world does not re-open it).
+        self.world.dropped_sessions[reason] = self.world.dropped_sessions.get(reason, 0) + 1
+        self.world._session_down(self.node.node_id, peer)
