@@ -241,7 +241,8 @@ class ReviewSet:
             if self._dot_id.get(dot) == rid:
                 out.extend(hist)
         return [{"hlc": h, "at_ms": h >> 16, "origin": o, "seq": s, "kind": k,
-                 "resolution": reason, "staff_id": staff}
+                 "resolution": (reason or "").removeprefix("review_") or None,
+                 "staff_id": staff}
                 for h, o, s, k, reason, staff in sorted(out)]
 
     def view(self, rid: str) -> dict[str, Any] | None:
