@@ -17,8 +17,8 @@ Invariants:
  2. A threshold alert is raised once when a rule's condition has held continuously for
     its ``for_ms`` (a reading that breaks the condition restarts the clock) and cleared
     once when a reading breaks it again; a rate alert is raised once when the change
-    between two consecutive readings exceeds its rate, cleared once when it no longer
-    does. So a steady state sends nothing.
+    over a span of at least ``span_ms`` exceeds its rate, cleared once a later span's
+    does not. So a steady (or merely noisy) state sends nothing.
  3. Memory is bounded: at most ``config.TELEMETRY_MAX_SERIES`` (device, metric) series;
     readings of further series are dropped and counted (``series_full``).
  4. ``validate_tm`` is pure and total (``mesh.ops`` invariant 6).
@@ -39,7 +39,8 @@ __all__ = ["Alert", "AlertRule", "Summary", "Telemetry", "default_rules", "valid
 @dataclass(frozen=True, slots=True)
 class AlertRule:
     """``metric`` readings above ``above`` (or below ``below``) for ``for_ms``; or, with
-    ``rate_per_min``, changing faster than that per minute."""
+    ``rate_per_min``, changing faster than that per minute, measured over at least
+    ``span_ms`` (between consecutive 1 Hz readings the rate is mostly sensor noise)."""
 
     name: str
     metric: str
@@ -47,6 +48,7 @@ class AlertRule:
     below: float | None = None
     for_ms: int = 0
     rate_per_min: float | None = None
+    span_ms: int = 60_000
 
     def breached(self, value: float) -> bool:
         return ((self.above is not None and value > self.above)
@@ -107,6 +109,7 @@ class _Series:
     windows: dict[int, _Window] = field(default_factory=dict)
     emitted_until: int = -1  # windows starting before this were emitted
     last: tuple[int, float] | None = None
+    anchor: dict[str, tuple[int, float]] = field(default_factory=dict)  # rate rule -> start
     since: dict[str, int | None] = field(default_factory=dict)  # rule -> breach start
     raised: set[str] = field(default_factory=set)
 
@@ -157,10 +160,15 @@ class Telemetry:
         out: list[Alert] = []
         for rule in self._by_metric.get(metric, ()):
             if rule.rate_per_min is not None:
-                hit = False
-                if series.last is not None and at_ms > series.last[0]:
-                    per_min = (value - series.last[1]) * 60_000 / (at_ms - series.last[0])
-                    hit = abs(per_min) > rule.rate_per_min
+                anchor = series.anchor.get(rule.name)
+                if anchor is None or at_ms < anchor[0]:
+                    series.anchor[rule.name] = (at_ms, value)
+                    continue
+                if at_ms - anchor[0] < rule.span_ms:
+                    continue  # judged once a span, on the change over the whole span
+                per_min = (value - anchor[1]) * 60_000 / (at_ms - anchor[0])
+                series.anchor[rule.name] = (at_ms, value)
+                hit = abs(per_min) > rule.rate_per_min
             else:
                 if not rule.breached(value):
                     series.since[rule.name] = None

@@ -184,3 +184,15 @@ def test_tm_ops_validate() -> None:
         ops.check_rights([op], "r1", "register")
     with pytest.raises(Malformed):
         validate_tm({**op, "s": [["d", "m", 0, 1, float("nan"), 1.0, 1.0]]})
+
+
+def test_noise_at_1hz_raises_no_rate_alert() -> None:
+    """Between consecutive 1 Hz readings, 0.3 °C of sensor noise is 18 °C/min: the rate
+    is judged over a span, so a noisy but steady cooler sends nothing (bench_telemetry
+    found the flapping: 86,000 alert envelopes a day)."""
+    rng = random.Random(3)
+    t = Telemetry()
+    out = []
+    for s in range(1800):
+        out += t.add("c", "cooler_temp_c", 3.0 + rng.gauss(0, 0.3), NOW + s * 1000)
+    assert out == []
