@@ -13,10 +13,13 @@ Per SKU:
   ``recency = 1 - age / max_age_ms``, ``calibration`` is 1 within
   ``calibration_valid_ms`` of the sensor's calibration date and reported ``ok``, else
   ``stale_calibration_factor``, and ``model`` is a vision reading's own confidence;
-* a sensor whose last ``drift_persist`` readings all differ from the other signals of
-  their time by more than its drift tolerance is *drifting*: flagged, and not believed;
-* the estimate is the trust-weighted median of the signals; a signal *agrees* when it
-  is within its kind's error (plus the class tolerance) of it;
+* a sensor whose last ``drift_persist`` readings all differ from the other signals
+  nearest in time by more than its drift tolerance (relative) plus both kinds' known
+  errors is *drifting*: flagged, and not believed;
+* the estimate is the trust-weighted median of the signals, rounded; a signal *agrees*
+  when it is within its kind's error (plus the class tolerance) of it and, when the
+  estimate differs from the ledger, nearer the estimate than the ledger's figure (a
+  signal that also fits the ledger is no evidence for changing it);
 * ``score = (1 - prod(1 - t, agreeing)) * prod(1 - t, disagreeing)``;
 * the decision, by the SKU's class thresholds: the estimate within ``tolerance`` of the
   ledger: ``ok``; else ``score >= auto`` (and ``|delta| <= max_auto_delta``, and at
@@ -281,35 +284,44 @@ def score_of(agreeing: Sequence[float], disagreeing: Sequence[float]) -> float:
     return (1.0 - miss) * keep
 
 
-def _latest_before(rs: Sequence[Reading], at: int) -> Reading | None:
-    best = None
+def _nearest(rs: Sequence[Reading], at: int) -> Reading | None:
+    """The reading nearest in time to ``at`` (the earlier one on a tie)."""
+    best: Reading | None = None
     for r in rs:
-        if r.at_ms <= at:
+        if best is None or (abs(r.at_ms - at), r.at_ms) < (abs(best.at_ms - at), best.at_ms):
             best = r
     return best
 
 
 def _drifting(sid: str, history: Mapping[str, Sequence[Reading]],
-              sensors: Mapping[str, SensorInfo], rules: Rules) -> bool:
+              sensors: Mapping[str, SensorInfo], rules: Rules, expected: int) -> bool:
     """Did the sensor's last ``drift_persist`` readings all disagree with the other
-    sensors' readings of their time by more than its drift tolerance?"""
+    sensors' readings nearest in time, by more than its drift tolerance and both kinds'
+    errors, while its newest also disagrees with the ledger? (With two sensors at odds,
+    the ledger tells which one is off.)"""
     mine = history[sid]
     info = sensors[sid]
     if len(mine) < rules.drift_persist:
         return False
+    newest = _estimate(mine[-1], info)
+    if abs(newest - expected) <= (info.drift_tolerance * max(expected, 1)
+                                  + rules.error_units[info.kind]):
+        return False
     for r in mine[-rules.drift_persist:]:
-        refs = []
+        refs: list[tuple[float, float]] = []  # (estimate, its kind's error)
         for other, rs in sorted(history.items()):
             if other == sid or other not in sensors:
                 continue
-            o = _latest_before(rs, r.at_ms)
-            if o is not None and r.at_ms - o.at_ms < rules.max_age_ms:
-                refs.append(_estimate(o, sensors[other]))
+            o = _nearest(rs, r.at_ms)
+            if o is not None and abs(r.at_ms - o.at_ms) < rules.max_age_ms:
+                refs.append((_estimate(o, sensors[other]),
+                             rules.error_units[sensors[other].kind]))
         if not refs:
             return False
-        ref = sorted(refs)[(len(refs) - 1) // 2]
+        ref, ref_err = sorted(refs)[(len(refs) - 1) // 2]
         est = _estimate(r, info)
-        slack = max(info.drift_tolerance * max(ref, 1.0), rules.error_units[info.kind])
+        # Beyond what the two kinds' own errors explain, by more than its tolerance.
+        slack = info.drift_tolerance * max(ref, 1.0) + rules.error_units[info.kind] + ref_err
         if abs(est - ref) <= slack:
             return False
     return True
@@ -323,7 +335,7 @@ def reconcile_sku(sku: str, expected: int, history: Mapping[str, Sequence[Readin
     rule_name = rules.class_of(sku)
     rule = rules.classes[rule_name]
     known = {sid: rs for sid, rs in sorted(history.items()) if sid in sensors and rs}
-    drifting = tuple(sid for sid in known if _drifting(sid, known, sensors, rules))
+    drifting = tuple(sid for sid in known if _drifting(sid, known, sensors, rules, expected))
     fresh: list[tuple[str, Reading, float, float]] = []  # sensor, reading, estimate, trust
     for sid, rs in known.items():
         if sid in drifting:
@@ -340,6 +352,8 @@ def reconcile_sku(sku: str, expected: int, history: Mapping[str, Sequence[Readin
     for sid, r, e, t in fresh:
         kind = sensors[sid].kind
         agrees = abs(e - center) <= rules.error_units[kind] + rule.tolerance + 1e-9
+        if estimate != expected:  # it must also say "estimate" rather than "expected"
+            agrees = agrees and abs(e - estimate) < abs(e - expected)
         signals.append(Signal(sid, kind, r.id, e, t, agrees))
     agreeing = [s.trust for s in signals if s.agrees]
     score = score_of(agreeing, [s.trust for s in signals if not s.agrees])

@@ -87,7 +87,7 @@ def test_uncalibrated_and_stale_calibration_lower_trust() -> None:
 
 
 def test_a_drifting_scale_is_flagged_and_not_believed() -> None:
-    h = {"sc": [rd(f"s{i}", "sc", 1200 + 100 * i, age=5000 - 1000 * i) for i in range(3)],
+    h = {"sc": [rd(f"s{i}", "sc", 1300 + 100 * i, age=5000 - 1000 * i) for i in range(3)],
          "rf": [rd(f"r{i}", "rf", 10, age=5001 - 1000 * i) for i in range(3)]}
     out = reconcile_sku("A", 10, h, SENSORS, RULES, NOW)
     assert out.drifting == ("sc",)
@@ -206,3 +206,28 @@ def test_reorder_points_static_and_from_sales_rate() -> None:
         {"sku": "FAST", "available": 20, "reorder_point": 23, "suggested_qty": 73,
          "rate_per_day": 10.0}]
     assert reorder_suggestions({"A": 0}, {}, 7.0, RULES) == []  # no point: no suggestion
+
+
+def test_a_signal_that_also_fits_the_ledger_is_no_evidence_for_a_change() -> None:
+    """Found by the simulator (mesh.sim.sensors): a scale drifting up (20.6 units), a
+    camera saying 21 and an RFID count of 20 all lay within their errors of the median,
+    so the ledger's 20 was auto-adjusted to 21: a false adjustment."""
+    sensors = dict(SENSORS, sc=info("sc", "weight", unit=100.0))
+    h = {"sc": [rd("s1", "sc", 2060)], "vi": [rd("v1", "vi", 21, confidence=0.9)],
+         "rf": [rd("r1", "rf", 20)]}
+    out = reconcile_sku("A", 20, h, sensors, RULES, NOW)
+    assert out.action != "auto"
+    assert [s.agrees for s in out.signals if s.sensor == "rf"] == [False]
+
+
+def test_of_two_sensors_at_odds_the_one_off_the_ledger_is_the_drifting_one() -> None:
+    """Found by the simulator: a scale stuck at 0 and the RFID reader beside it
+    disagreed persistently, and both were flagged; the ledger tells which is off."""
+    h = {"sc": [rd(f"s{i}", "sc", 0, age=5000 - 1000 * i) for i in range(3)],
+         "rf": [rd(f"r{i}", "rf", 20, age=4999 - 1000 * i) for i in range(3)]}
+    assert reconcile_sku("A", 20, h, SENSORS, RULES, NOW).drifting == ("sc",)
+    # one tag missed, a sale between two readings: within the kinds' errors, no flag
+    h = {"sc": [rd(f"s{i}", "sc", 2000 - 100 * (i > 1), age=5000 - 1000 * i)
+                for i in range(3)],
+         "rf": [rd(f"r{i}", "rf", 19, age=4000 - 1000 * i) for i in range(3)]}
+    assert reconcile_sku("A", 20, h, SENSORS, RULES, NOW).drifting == ()
