@@ -56,7 +56,8 @@ from mesh.reconcile import (
 from mesh.replica import CommandResult, Replica
 from mesh.sensors import BadReading, SensorState, check_batch, make_sensor_update, registry
 
-__all__ = ["SENSORS_KEY", "SensorService", "load_rules", "setup_sensor_routes"]
+__all__ = ["SENSORS_KEY", "SensorService", "load_rules", "setup_fleet_sensors",
+           "setup_sensor_routes"]
 
 log = logging.getLogger(__name__)
 
@@ -632,3 +633,22 @@ def setup_sensor_routes(app: web.Application, node: NodeView,
     r.add_post("/v1/telemetry", h.post_telemetry)
     r.add_get("/v1/telemetry/alerts", h.get_alerts)
     return svc
+
+
+# --- the fleet view (cloud) ------------------------------------------------------------
+
+
+def setup_fleet_sensors(cloud: Any) -> None:
+    """``CloudNode.setup_hooks`` entry: ``GET /v1/fleet/sensors``, one row per store: open
+    review items and the oldest one's age, the auto-reconciled share (seen since the
+    cloud started), active telemetry alerts and open replenishment suggestions."""
+
+    async def fleet(request: web.Request) -> web.Response:
+        rows = []
+        for store_id, node in sorted(cloud.nodes.items()):
+            svc = node.app.get(SENSORS_KEY)
+            if svc is not None:
+                rows.append({"store": store_id, **svc.fleet_row(node.now_ms())})
+        return _json({"stores": rows})
+
+    cloud.app.router.add_get("/v1/fleet/sensors", fleet)
