@@ -45,6 +45,10 @@ async def call(http: aiohttp.ClientSession, method: str, url: str, body: Any = N
 
 async def test_alert_reaches_the_dashboard_raw_readings_stay_at_the_edge(
         fleet: Fleet, chromium: str, tmp_path: Path) -> None:
+    # the distribution centre's reorder point for BREAD, in the cloud's rules
+    (fleet.cloud_root / "s1" / "sensor_rules.json").write_bytes(orjson.dumps({
+        "version": 1, "reorder": {"default": {}, "skus": {"BREAD": {"point": 8,
+                                                                    "target": 30}}}}))
     await fleet.start_cloud()
     await fleet.start_stores()
     edge = fleet.edges["s1"].url
@@ -105,6 +109,24 @@ async def test_alert_reaches_the_dashboard_raw_readings_stay_at_the_edge(
     assert adj.meta["reason"] == "sensor_reconcile"
     assert sorted(adj.meta["evidence"]["readings"]) == ["g0-scale-MILK", "g1-rfid-dairy"]
 
+    # the cloud suggests replenishment from the distribution centre once the review is
+    # accepted (BREAD 8 <= its point 8), and every node sees the one suggestion
+    item = cloud_node.replica.reviews.open_items("BREAD")[0]
+    async with aiohttp.ClientSession() as http:
+        st, body = await call(http, "POST", f"{edge}/v1/reviews/{item.id}/resolve",
+                              {"resolution": "accept", "txn_id": "acc-1", "staff_id": "ole"})
+        assert st == 201, body
+        store = f"{fleet.url}/stores/s1"
+
+        async def bread_at_cloud() -> bool:
+            return cloud_node.replica.on_hand("BREAD") == 8
+        await until(bread_at_cloud, within=20, what="the accepted review at the cloud")
+        st, done = await call(http, "POST", f"{store}/v1/sensors/reconcile")
+        assert st == 200 and [(r["sku"], r["source"], r["suggested_qty"])
+                              for r in done["replenish"]] == [("BREAD", "dc", 22)], done
+        st, body = await call(http, "GET", f"{store}/v1/replenishment")
+        assert [i["sku"] for i in body["open"]] == ["BREAD"]
+
     url = f"{fleet.url}/"
     code, dom, err = await run_chromium(
         [*chromium_argv(chromium, tmp_path / "profile"), "--dump-dom", url])
@@ -113,6 +135,7 @@ async def test_alert_reaches_the_dashboard_raw_readings_stay_at_the_edge(
     page = Cells()
     page.feed(dom.decode())
     assert page.by_id.get("conn") == "live", page.by_id.get("conn")
-    assert page.cells[("sensors", "s1", "review_open")] == "1"
+    assert page.cells[("sensors", "s1", "review_open")] == "1"  # the replenishment
+    assert page.cells[("sensors", "s1", "replenish")] == "BREAD"
     assert page.cells[("sensors", "s1", "auto_share")] == "50 %"
     assert "cooler-1 cooler_warm" in page.cells[("sensors", "s1", "alerts")]
