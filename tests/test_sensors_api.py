@@ -281,3 +281,42 @@ async def test_replenishment_and_telemetry_alert(http: aiohttp.ClientSession,
     st, body = await call(http, "POST", "/v1/telemetry", {"readings": [
         {"device": "c", "metric": "m", "value": 1, "at_ms": 10**13}]})
     assert st == 400 and body["error"]["field"] == "readings[0].at_ms"
+
+
+async def test_a_manual_count_settles_a_count_request(http: aiohttp.ClientSession,
+                                                      node: Node) -> None:
+    await setup_shelf(http)
+    st, body = await call(http, "PUT", "/v1/sensors/count-staff", {
+        "kind": "count", "zone": "dairy", "skus": ["MILK"], "calibrated_ms": now_ms(),
+        "txn_id": "reg-count"})
+    assert st == 201, body
+    await post_readings(http, reading("s1", "scale-MILK", 600))
+    await call(http, "POST", "/v1/sensors/reconcile")
+    _, body = await call(http, "GET", "/v1/reviews")
+    await call(http, "POST", f"/v1/reviews/{body['reviews'][0]['id']}/resolve",
+               {"resolution": "count", "txn_id": "cnt-1"})
+    st, body = await post_readings(http, reading("c1", "count-staff", 6))
+    assert st == 200
+    _, done = await call(http, "POST", "/v1/sensors/reconcile")
+    assert [(a["sku"], a["delta"]) for a in done["auto"]] == [("MILK", -4)], done
+    _, body = await call(http, "GET", "/v1/reviews")
+    assert body["reviews"] == []  # the count request was settled by the count
+    _, stock = await call(http, "GET", "/v1/stock/MILK")
+    assert stock["on_hand"] == 6
+
+
+async def test_the_registry_is_parsed_again_only_when_it_changed(
+        http: aiohttp.ClientSession, node: Node) -> None:
+    from mesh.sensor_routes import SENSORS_KEY
+
+    await setup_shelf(http)
+    svc = node.app[SENSORS_KEY]
+    first = svc.sensors()
+    assert svc.sensors() is first and sorted(first) == ["rfid-MILK", "scale-MILK"]
+    await post_readings(http, reading("s1", "scale-MILK", 1000))
+    assert svc.sensors() is first
+    st, _ = await call(http, "PUT", "/v1/sensors/cam-1", {
+        "kind": "vision", "zone": "dairy", "skus": ["MILK"], "calibrated_ms": now_ms(),
+        "txn_id": "reg-cam"})
+    assert st == 201
+    assert "cam-1" in svc.sensors()
