@@ -153,3 +153,48 @@ WAN_LINGER_S: Final = 0.05
 #: origins holding a certificate here enter the receiving table, so a peer that makes
 #: up origin strings cannot grow it (each entry costs ~200 B).
 MAX_WAN_ORIGINS: Final = MAX_ORIGINS
+
+# --- sensors, reconciliation, telemetry (issue 14: mesh.sensors, mesh.reconcile,
+# mesh.reviews, mesh.telemetry, mesh.sensor_routes) ------------------------------------
+#: Most readings in one POST /v1/sensors/readings. A store's scales and readers report
+#: every few seconds; a gateway batching a second of 200 sensors stays under it, and
+#: 256 readings of ~150 B fit the API's 64 KiB body bound.
+SENSOR_MAX_BATCH: Final = 256
+#: How far ahead of the edge's clock a reading's time may be (ms). Sensor gateways sync
+#: their clocks with the edge (NTP); two seconds covers jitter, and a reading from the
+#: future would otherwise outrank every real one in recency.
+SENSOR_MAX_FUTURE_MS: Final = 2_000
+#: How old a reading may be when it arrives (ms): an hour of a gateway's offline buffer.
+#: Older ones say nothing about the shelf now.
+SENSOR_MAX_AGE_MS: Final = 3_600_000
+#: Readings kept per sensor at the edge (inputs, not replicated): enough for the drift
+#: check's history (rules ``drift_persist``) with room to spare.
+SENSOR_READINGS_KEPT: Final = 16
+#: Most sensors the edge keeps readings for (its registry may hold more, all revoked).
+SENSOR_MAX_SENSORS: Final = 20_000
+#: Most SKUs one sensor maps (an RFID reader covers a zone of a few shelves).
+SENSOR_MAX_SKUS: Final = 64
+#: Reading ids remembered per sensor to drop replays of a batch (a gateway retrying).
+SENSOR_SEEN_IDS: Final = 256
+#: Largest value of a reading: grams on a shelf scale (1 t), or a count.
+SENSOR_MAX_VALUE: Final = 1_000_000.0
+#: Reading ids (evidence) recorded in one adjustment or review item.
+REVIEW_MAX_EVIDENCE: Final = 32
+#: Seconds between two reconciliation runs at an edge (also POST /v1/sensors/reconcile).
+RECONCILE_INTERVAL_S: Final = 30.0
+#: Most review items or adjustments one reconciliation run may create: a miswired
+#: sensor must not flood the review queue or the ledger in one go.
+RECONCILE_MAX_ACTIONS: Final = 200
+#: Telemetry window: five minutes keeps a cooler's curve while cutting 300 readings a
+#: device to one summary (docs/benchmarks.md, "Edge telemetry").
+TELEMETRY_WINDOW_MS: Final = 300_000
+#: (device, metric) series the edge aggregates; beyond, readings are dropped and counted.
+TELEMETRY_MAX_SERIES: Final = 20_000
+#: Summaries (or alerts) in one ``tm`` op: ~70 B each, so an op stays far below
+#: MAX_ENVELOPE_BYTES.
+TELEMETRY_MAX_PER_OP: Final = 1_000
+#: Most telemetry readings in one POST /v1/telemetry (as SENSOR_MAX_BATCH).
+TELEMETRY_MAX_BATCH: Final = 512
+#: Seconds between two telemetry flushes at the edge (closed windows go out then;
+#: alerts go out at once).
+TELEMETRY_FLUSH_S: Final = 30.0

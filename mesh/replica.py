@@ -64,6 +64,7 @@ from mesh.errors import (
     WrongStore,
 )
 from mesh.identity import NodeKey
+from mesh.reviews import ReviewSet
 
 __all__ = [
     "ApplyResult",
@@ -76,7 +77,8 @@ __all__ = [
 #: Event kinds that consume availability and can therefore be oversell losers.
 _CONSUMING: Final = ("sale", "reserve", "fulfil", "adjust")
 _KINDS: Final = (
-    "receipt", "sale", "return", "adjust", "reserve", "release", "fulfil", "expire", "catalog"
+    "receipt", "sale", "return", "adjust", "reserve", "release", "fulfil", "expire", "catalog",
+    "review", "telemetry",  # appended (codes are in snapshots): mesh.reviews, mesh.telemetry
 )
 _KIND_CODE: Final = {k: i for i, k in enumerate(_KINDS)}
 
@@ -267,6 +269,7 @@ class Replica:
         self._pending_total = 0
         self._events: dict[str, _SkuEvents] = {}
         self._txns: dict[str, tuple[int, str]] = {}  # local txn -> (seq, fingerprint)
+        self.reviews = ReviewSet()  # review items (``rv`` ops): mesh.reviews
 
     # --- queries ------------------------------------------------------------------
 
@@ -491,6 +494,8 @@ class Replica:
                 plan.append(("rs", (op, delta)))
             elif t == "cat":
                 plan.append(("cat", base64.b64decode(op["u"])))
+            elif t == "rv":
+                plan.append(("rv", (op, self.reviews.plan(op))))
         return plan
 
     def _mutate(self, env: Envelope, plan: list[tuple[str, Any]]) -> None:
@@ -543,6 +548,8 @@ class Replica:
                         self._reserved[rec.sku] = self._reserved.get(rec.sku, 0) + change
                         self.last_change[rec.sku] = max(self.last_change.get(rec.sku, 0),
                                                         env.hlc)
+            elif t == "rv":
+                self.reviews.mutate(env, *item)
         kind = _KIND_CODE[env.meta["kind"]]
         for sku in sorted(set(d_oh) | set(d_res)):
             events = self._events.get(sku)
@@ -822,6 +829,7 @@ class Replica:
             "removals": [[h, o, q, k, [list(d) for d in dots]]
                          for h, o, q, k, dots in self._removals],
             "catalog": base64.b64encode(self.catalog.get_update()).decode(),
+            "reviews": self.reviews.to_dict(),
         }
         return orjson.dumps(state)
 
@@ -847,6 +855,7 @@ class Replica:
         self._removals = [(h, sys.intern(o), q, k, tuple((r, c) for r, c in dots))
                           for h, o, q, k, dots in s["removals"]]
         self._releases = None
+        self.reviews = ReviewSet.from_dict(s.get("reviews"))
         for rid in self.reservations.elements():
             rec = self.records[rid]
             self._reserved[rec.sku] = self._reserved.get(rec.sku, 0) + rec.qty

@@ -219,7 +219,7 @@ class _Peer:
 
 
 def _priority(env: Envelope) -> int:
-    return LOW if env.meta.get("kind") == "catalog" else HIGH
+    return LOW if env.meta.get("kind") in ("catalog", "telemetry") else HIGH
 
 
 class SyncCore:
