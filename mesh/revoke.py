@@ -117,19 +117,10 @@ def load_revocations(data_dir: Path, trust: TrustStore) -> RevocationList | None
 
 
 def _write(data_dir: Path, doc: dict[str, Any]) -> None:
-    path = data_dir / REVOCATIONS_FILE
-    tmp = path.with_name(f".{REVOCATIONS_FILE}.tmp")  # one writer: we hold the lock
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(data_dir, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    from mesh.datadir import write_atomic  # (mesh.datadir imports this module lazily)
+
+    write_atomic(data_dir / REVOCATIONS_FILE,
+                 orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
 
 
 def revoke_node(identity: NodeIdentity, node_id: str, *, reason: str, now_ms: int,
