@@ -116,7 +116,8 @@ class Equivocation(EnvelopeError):
 
 
 class ClockSkew(EnvelopeError):
-    """The envelope's HLC is further ahead of our clock than ``MAX_CLOCK_SKEW_MS``."""
+    """Kept for compatibility: acceptance no longer depends on the wall clock
+    (``Replica`` invariant 8), so the replica does not raise it."""
 
     reason = "clock_skew"
 

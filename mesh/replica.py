@@ -24,6 +24,10 @@ Invariants:
  7. A txn id is used once per origin: a repeated local command with the same txn id
     and the same content returns the original result and changes nothing; the same
     txn id with other content is refused.
+ 8. Whether an envelope is accepted never depends on the receiver's wall clock (every
+    replica must take the same set, or they cannot converge). A remote HLC more than
+    ``MAX_HLC_ADOPT_AHEAD_MS`` ahead of our wall clock is not adopted into our HLC: a
+    skewed node cannot drag every clock in the store forward.
 """
 
 from __future__ import annotations
@@ -46,7 +50,6 @@ from mesh.crdt import HLC, ORSet, PNCounter, VersionVector
 from mesh.envelope import Envelope, seal
 from mesh.errors import (
     BrokenChain,
-    ClockSkew,
     CommandError,
     Equivocation,
     Malformed,
@@ -240,6 +243,8 @@ class Replica:
         self.records: dict[str, Reservation] = {}
         self.vv = VersionVector()
         self.hlc = HLC()
+        #: remote envelopes applied whose HLC was too far ahead to adopt (invariant 8)
+        self.hlc_not_adopted = 0
         self.catalog: pycrdt.Doc[Any] = pycrdt.Doc()
         self.evidence: list[Equivocation] = []
         self.last_change: dict[str, int] = {}  # sku -> HLC of the last event touching it
@@ -342,16 +347,15 @@ class Replica:
     ) -> list[Envelope]:
         """Apply a verified envelope; returns the envelopes applied (in order).
 
+        ``check_skew`` is kept for callers and has no effect: acceptance does not depend
+        on the wall clock (invariant 8).
+
         That is ``[env]`` plus any buffered successors it unblocked; ``[]`` for a
         duplicate or a buffered envelope (see ``classify``). Raises ``EnvelopeError``
         subclasses for anything that must be refused; then nothing changed.
         """
         if env.store != self.store_id:
             raise WrongStore(f"envelope for store {env.store!r}, this is {self.store_id!r}")
-        if check_skew and now_ms is not None:
-            ahead = (env.hlc >> 16) - now_ms
-            if ahead > config.MAX_CLOCK_SKEW_MS:
-                raise ClockSkew(f"HLC of {env.origin} seq {env.seq} is {ahead} ms ahead")
         status = self.classify(env)
         if status is not None:
             if status is ApplyResult.PENDING:
@@ -417,8 +421,13 @@ class Replica:
         if now_ms is None:
             if env.hlc > self.hlc.last:
                 self.hlc = HLC(env.hlc)
-        else:
+        elif (env.hlc >> 16) - now_ms <= config.MAX_HLC_ADOPT_AHEAD_MS:
             self.hlc.update(env.hlc, now_ms)
+        else:
+            # Applied, but its clock is not adopted (docs/protocol.md, "Clocks"): one
+            # far-future stamp must not drag our HLC, and through us every HLC in the
+            # store, forward.
+            self.hlc_not_adopted += 1
         self.vv.advance(env.origin, env.seq)
         self._hashes.setdefault(env.origin, bytearray()).extend(env.hash)
         if env.origin == self.node_id:
