@@ -765,20 +765,16 @@ class SyncCore:
             peer.sent = theirs.copy()
             peer.out.clear()
         else:
-            tops = self._settle(peer, tget, their_rx, ad, self._mono(now)) if (
-                peer.out or peer.resend) else {}
+            spans: dict[str, list[tuple[int, int]]] = {}
+            if peer.out or peer.resend:
+                spans = self._settle(peer, tget, their_rx, ad, self._mono(now))
             if peer.sent != theirs:  # (equal: the common case, nothing to do)
                 # What it holds it got somewhere: never send it those (for every origin
                 # it reports, also those we never sent it; else a node that takes over
                 # relaying an origin, or serves one lost push, would start from seq 1).
                 peer.sent.merge(theirs)
-                for origin in [o for o, q in peer.sent.items() if tops.get(o, 0) < q
-                               and tget(o, 0) < q]:
-                    # Beyond every batch still outstanding: we never sent it those in
-                    # this session, so what made us think it holds them was wrong (it
-                    # lost them, or said so falsely): send from what it holds.
-                    peer.sent = _lowered(peer.sent, origin,
-                                         max(theirs.get(origin), tops.get(origin, 0)))
+                for origin in [o for o, q in peer.sent.items() if tget(o, 0) < q]:
+                    self._uncovered(peer, origin, tget(origin, 0), spans.get(origin, []))
         peer.stuck = frozenset(o for o, had in peer.held_at_report.items()
                                if tget(o, 0) < had)
         if peer.stuck:
@@ -792,16 +788,16 @@ class SyncCore:
         self._pump(out, peer, now)
 
     def _settle(self, peer: _Peer, tget: Callable[[str, int], int], their_rx: int,
-                ad: int, mono: int) -> dict[str, int]:
+                ad: int, mono: int) -> dict[str, list[tuple[int, int]]]:
         """Match a summary against the batches outstanding (invariant 7): drop the
         acknowledged ones (one round-trip sample, RFC 6298, from the batch that ended
         where the summary's ``rx`` does and was never resent: Karn's rule), and queue
         for resending the part of a batch that is lost or refused. A batch is refused
         when everything we sent has arrived (``rx``) and it is still not held; lost when
         it is older than the retransmission timeout. What is merely in flight is never
-        resent. Returns, per origin, the highest seq still outstanding."""
+        resent. Returns, per origin, the seq ranges still outstanding or queued."""
         keep: deque[_Batch] = deque()
-        tops: dict[str, int] = {}
+        spans: dict[str, list[tuple[int, int]]] = {}
         timed_out = False
         all_arrived = their_rx >= peer.tx
         for b in peer.out:
@@ -831,10 +827,9 @@ class SyncCore:
                     peer.resend[b.origin] = [lo, b.last]
                 else:
                     r[0], r[1] = min(r[0], lo), max(r[1], b.last)
-                tops[b.origin] = max(tops.get(b.origin, 0), b.last)
                 continue
             keep.append(b)
-            tops[b.origin] = max(tops.get(b.origin, 0), b.last)
+            spans.setdefault(b.origin, []).append((b.first, b.last))
         peer.out = keep
         for origin, r in list(peer.resend.items()):
             have = tget(origin, 0)
@@ -842,10 +837,34 @@ class SyncCore:
                 del peer.resend[origin]  # it got them meanwhile (another peer's copy)
             else:
                 r[0] = max(r[0], have + 1)
-                tops[origin] = max(tops.get(origin, 0), r[1])
+                spans.setdefault(origin, []).append((r[0], r[1]))
         if timed_out:  # RFC 6298 5.5: back off until a fresh sample
             peer.rto = min(config.SYNC_RTO_MAX_MS, 2 * peer.rto)
-        return tops
+        return spans
+
+    @staticmethod
+    def _uncovered(peer: _Peer, origin: str, have: int, spans: list[tuple[int, int]]) -> None:
+        """Seqs of ``origin`` above what the peer holds and up to ``sent`` that no batch
+        outstanding (or queued for resending) covers: we never sent it those in this
+        session, so what made us think it holds them was wrong (it lost them, said so
+        falsely, or a copy relayed "from" it was replayed): a gap below a batch in
+        flight is queued for resending, and past the last batch ``sent`` goes back to
+        where coverage ends, so the window sends the rest."""
+        pos = have + 1
+        gap_lo = gap_hi = 0
+        for first, last in sorted(spans):
+            if first > pos:
+                gap_lo = gap_lo or pos
+                gap_hi = first - 1
+            pos = max(pos, last + 1)
+        if gap_lo:
+            r = peer.resend.get(origin)
+            if r is None:
+                peer.resend[origin] = [gap_lo, gap_hi]
+            else:
+                r[0], r[1] = min(r[0], gap_lo), max(r[1], gap_hi)
+        if pos <= peer.sent.get(origin):
+            peer.sent = _lowered(peer.sent, origin, pos - 1)
 
     @staticmethod
     def _rtt_sample(peer: _Peer, r: int) -> None:
