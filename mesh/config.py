@@ -16,10 +16,13 @@ MAX_ID_LEN: Final = 128
 MAX_TEXT_LEN: Final = 512
 #: Largest quantity in one op; anything larger is a typo or an attack.
 MAX_QTY: Final = 1_000_000
-#: How far in the future a remote HLC may be before the envelope is refused (ms).
-#: Registers' clocks drift; a day is generous and still stops a wild clock from
-#: dragging every HLC in the store forward.
-MAX_CLOCK_SKEW_MS: Final = 24 * 3600 * 1000
+#: How far ahead of our wall clock a remote HLC may be and still be adopted into our
+#: own HLC (ms). An envelope further ahead is still accepted and applied (acceptance
+#: must not depend on the receiver's clock, or replicas holding different clocks take
+#: different sets and never converge), but our HLC does not follow it: one node whose
+#: clock stepped hours ahead cannot drag every HLC in the store forward. NTP keeps
+#: registers within milliseconds; a minute covers a till whose RTC drifted for weeks.
+MAX_HLC_ADOPT_AHEAD_MS: Final = 60_000
 #: Largest count a peer may send anywhere: a PN-counter entry (cumulative units one node
 #: ever received or sold of one SKU), a reservation dot's counter, a record's expiry (ms).
 #: 2**53 - 1 is the largest integer every JSON consumer (JavaScript dashboards, pycrdt)
@@ -93,6 +96,11 @@ SYNC_TIMER_SLACK_MS: Final = 100
 #: When our sessions change, LAN peers get our summary (which lists them) within this
 #: many ms: one summary per peer for a burst of changes, such as start-up.
 SYNC_LINKS_MS: Final = 250
+#: A node whose sessions (other than a new one's) have not changed for this long is
+#: settled: when a session comes up with a peer that holds fewer sessions (the one
+#: rejoining), it leaves the announcement to that peer (mesh.sync invariant 8). A
+#: rejoining till's sessions come back within a discovery delay of each other.
+SYNC_LINKS_SETTLED_MS: Final = 4 * SYNC_LINKS_MS
 #: Up to this many peers every peer gets the full summary rate; beyond it, peers that
 #: keep up get it n/SYNC_FULL_RATE_PEERS times less often: a node sends about this many
 #: periodic summaries per interval however big the store (O(n) per store, not O(n²)).
@@ -111,9 +119,20 @@ MAX_CERTS_PER_MESSAGE: Final = MAX_ORIGINS
 #: peers that sent them) so they are asked for again once the certificate arrives: a
 #: register that joins while the cloud is connected; a store has tens of those at once.
 MAX_AWAITED_CERTS: Final = 64
-#: Envelopes sent to a peer and still not acknowledged after this long are taken as lost
-#: and sent again (lossy links; a peer that restarted without them).
-SYNC_RETRANSMIT_MS: Final = 3 * SYNC_INTERVAL_MS
+#: Retransmission timeout per peer, as TCP computes it (RFC 6298: SRTT + 4 RTTVAR from
+#: round-trip samples, doubled on every timeout until a fresh sample). A batch sent and
+#: still not acknowledged after it is taken as lost and sent again (lossy links). The
+#: initial value is the old fixed timer: three summary intervals; the floor is RFC
+#: 6298's 1 s (a LAN round trip is well under a millisecond, but a lost push costs one
+#: summary anyway); the cap bounds how long a backed-off link waits.
+SYNC_RTO_INITIAL_MS: Final = 3 * SYNC_INTERVAL_MS
+SYNC_RTO_MIN_MS: Final = SYNC_INTERVAL_MS
+SYNC_RTO_MAX_MS: Final = 60_000
+#: Refused envelopes (e.g. a certificate the peer lacks) are sent again at once the
+#: first time; while the peer keeps refusing them the delay doubles from SYNC_NACK_MS
+#: up to this cap, per (peer, origin) at the sender and per (peer, reason) for the
+#: receiver's nacks: no refusal -> summary -> resend loop at the nack rate.
+SYNC_REFUSAL_BACKOFF_MAX_MS: Final = 30_000
 
 # --- transport ----------------------------------------------------------------------
 #: A handshake step that takes longer than this fails (a peer that connects and stalls

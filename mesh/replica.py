@@ -251,6 +251,8 @@ class Replica:
         self.records: dict[str, Reservation] = {}
         self.vv = VersionVector()
         self.hlc = HLC()
+        #: remote envelopes applied whose HLC was too far ahead to adopt (invariant 8)
+        self.hlc_not_adopted = 0
         self.catalog: pycrdt.Doc[Any] = pycrdt.Doc()
         self.evidence: list[Equivocation] = []
         self.last_change: dict[str, int] = {}  # sku -> HLC of the last event touching it
@@ -363,16 +365,15 @@ class Replica:
     ) -> list[Envelope]:
         """Apply a verified envelope; returns the envelopes applied (in order).
 
+        ``check_skew`` is kept for callers and has no effect: acceptance does not depend
+        on the wall clock (invariant 8).
+
         That is ``[env]`` plus any buffered successors it unblocked; ``[]`` for a
         duplicate or a buffered envelope (see ``classify``). Raises ``EnvelopeError``
         subclasses for anything that must be refused; then nothing changed.
         """
         if env.store != self.store_id:
             raise WrongStore(f"envelope for store {env.store!r}, this is {self.store_id!r}")
-        if check_skew and now_ms is not None:
-            ahead = (env.hlc >> 16) - now_ms
-            if ahead > config.MAX_CLOCK_SKEW_MS:
-                raise ClockSkew(f"HLC of {env.origin} seq {env.seq} is {ahead} ms ahead")
         status = self.classify(env)
         if status is not None:
             if status is ApplyResult.PENDING:
@@ -460,13 +461,24 @@ class Replica:
         plan = self._plan(env)  # all checks; raises before any mutation
         clock = HLC(self.hlc.last)
         if now_ms is None:
-            if env.hlc > clock.last:
+            # Rebuilding from our own ledger: our own stamps must never go back; a
+            # remote one is taken only within the adoption bound of the clock rebuilt
+            # so far, so a restart does not adopt a skewed node's far-future stamp that
+            # the live path refused to follow (invariant 8).
+            if env.hlc > clock.last and (
+                    env.origin == self.node_id
+                    or (env.hlc >> 16) - (clock.last >> 16) <= config.MAX_HLC_ADOPT_AHEAD_MS):
                 clock = HLC(env.hlc)
-        else:
+        elif (env.hlc >> 16) - now_ms <= config.MAX_HLC_ADOPT_AHEAD_MS:
             try:
                 clock.update(env.hlc, now_ms)
             except ValueError as exc:  # an HLC at the very end of the range
                 raise ClockSkew(f"{env.origin} seq {env.seq}: {exc}") from None
+        else:
+            # Applied, but its clock is not adopted (docs/protocol.md, "Clocks"): one
+            # far-future stamp must not drag our HLC, and through us every HLC in the
+            # store, forward.
+            self.hlc_not_adopted += 1
         self._mutate(env, plan)
         self.hlc = clock
         self.vv.advance(env.origin, env.seq)

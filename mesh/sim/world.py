@@ -78,6 +78,7 @@ class LinkModel:
     lost: int = 0  # dropped by ``loss`` or a blackhole
     duplicated: int = 0
     wire_bytes: int = 0  # after the WAN codec on "wan" links, else == bytes
+    summary_bytes: int = 0  # of ``bytes``, those of ``V`` messages (summaries)
     codec: Any = None  # mesh.transport.WanCodec of the current session ("wan" links)
 
 
@@ -277,6 +278,8 @@ class World:
         session = self._session_of(src, dst)
         link.messages += 1
         link.bytes += len(data)
+        if data[:1] == b"V":
+            link.summary_bytes += len(data)
         if link.codec is not None:
             # What the real WAN transport would put on the wire (prev elided, raw
             # signatures, one zlib stream per direction): the metered figure.
