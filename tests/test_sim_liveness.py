@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from mesh import config
-from mesh.identity import issue_revocations
 from mesh.sim.runner import RunContext, RunResult, run_scenario
 from mesh.sim.scenario import load_scenario, parse_scenario
 
