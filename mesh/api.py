@@ -664,6 +664,8 @@ def _audit_entry(rid: int, env: Envelope) -> dict[str, Any]:
         "note": meta.get("note"), "sku": meta.get("sku"), "qty": meta.get("qty"),
         "hash": env.hash.hex(),
     }
+    if "evidence" in meta:  # an automatic or reviewed adjustment explains itself
+        entry["evidence"] = meta["evidence"]
     if kind == "reserve":
         added = [r for op in env.ops if op.get("t") == "rs" for r in op.get("rec", {})]
         entry["reservation_id"] = added[0] if added else None

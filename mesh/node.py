@@ -189,6 +189,9 @@ class Node:
         catalog.setup_catalog_routes(self.app, self)
         enrol.setup_join_routes(self.app, self)
         revoke.setup_revocation_routes(self.app, self)
+        from mesh import sensor_routes  # issue 14: sensors, reviews, telemetry
+
+        sensor_routes.setup_sensor_routes(self.app, self, self.data_dir)
 
     async def _start_discovery(self) -> None:
         from mesh.discovery import Discovery

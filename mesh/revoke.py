@@ -117,19 +117,10 @@ def load_revocations(data_dir: Path, trust: TrustStore) -> RevocationList | None
 
 
 def _write(data_dir: Path, doc: dict[str, Any]) -> None:
-    path = data_dir / REVOCATIONS_FILE
-    tmp = path.with_name(f".{REVOCATIONS_FILE}.tmp")  # one writer: we hold the lock
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(data_dir, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    from mesh.datadir import write_atomic  # (mesh.datadir imports this module lazily)
+
+    write_atomic(data_dir / REVOCATIONS_FILE,
+                 orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
 
 
 def revoke_node(identity: NodeIdentity, node_id: str, *, reason: str, now_ms: int,
@@ -261,7 +252,7 @@ async def deliver(url: str, crl: RevocationList, *, timeout_s: float = 5.0) -> i
 
 def setup_revocation_routes(app: web.Application, node: Any) -> None:
     """Serve ``POST /v1/revocations`` for ``node`` (``.core``, ``.now_ms()``,
-    ``._handle(effects)``, ``.rejected_sessions``)."""
+    ``.driver.carry_out(effects)``, ``.rejected_sessions``)."""
 
     async def post(request: web.Request) -> web.Response:
         return await _post_revocations(node, request)
@@ -291,7 +282,7 @@ async def _post_revocations(node: Any, request: web.Request) -> web.Response:
         effects = node.core.learn_revocations(crl, node.now_ms())
     except EnvelopeError as exc:
         return _refuse(node, request, 400, exc.reason, exc.message)
-    node._handle(effects)  # ends the revoked sessions, passes the list on, saves it
+    node.driver.carry_out(effects)  # ends the revoked sessions, passes the list on, saves it
     held = node.core.trust.crl_version
     if held != before:
         log.warning("revocation list v%d adopted (from %s): revoked %s", held, request.remote,

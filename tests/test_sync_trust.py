@@ -168,7 +168,7 @@ def test_a_revocation_ends_the_revoked_nodes_sessions_everywhere_and_its_sales_a
         n.send_filter = (lambda me: lambda peer, data: (
             sends.append(me) if data[:1] == b"E" and b"after-" in data else None) or data
         )(n.node_id)
-    w.run_until(w.now + 4 * config.SYNC_RETRANSMIT_MS)
+    w.run_until(w.now + 4 * config.SYNC_RTO_INITIAL_MS)
     for n in others:
         assert n.replica.vv.get("r3") == 1, n.node_id
     assert sends == []

@@ -95,6 +95,7 @@ class LinkModel:
     lost: int = 0  # dropped by ``loss`` or a blackhole
     duplicated: int = 0
     wire_bytes: int = 0  # after the WAN codec on "wan" links, else == bytes
+    summary_bytes: int = 0  # of ``bytes``, those of ``V`` messages (summaries)
     #: The sending end's WanCodec of the current session ("wan" links); the receiving
     #: end's is on the link of the other direction.
     codec: WanCodec | None = None
@@ -309,6 +310,8 @@ class World:
                   session: int) -> None:
         link.messages += 1
         link.bytes += len(data)
+        if data[:1] == b"V":
+            link.summary_bytes += len(data)
         if link.codec is not None:
             # What the real WAN transport puts on the wire (prev elided, raw signatures,
             # one zlib stream per direction), decoded by the receiving end's codec in
