@@ -12,6 +12,7 @@ import pytest
 
 from mesh.driver import Driver
 from mesh.durable import DurableReplica
+from mesh.envelope import decode
 from mesh.sim.runner import RunContext, run_scenario
 from mesh.sim.scenario import FaultSpec, Scenario, load_scenario
 from mesh.sim.world import LinkModel, SimNode, World
@@ -129,6 +130,41 @@ def test_sim_reproduces_the_acknowledged_sale_loss_without_the_fix(
     print(result.reproduce("simulations/register_crash.toml (faults: RETRY_CRASH)"))
     print("\n".join(result.failures + result.report["examples"][:5]))
     assert any("acknowledged operations lost" in f for f in result.failures), result.failures
+
+
+def _txns(node: SimNode) -> set[str]:
+    return {decode(raw).meta.get("txn", "") for raws in node.disk.by_origin.values()
+            for raw in raws}
+
+
+def test_shipped_driver_faults_catch_the_old_duplicate_answer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10 item 1 on a shipped scenario: ``storemesh sim run
+    simulations/driver_faults.toml`` (seed 5; two ``retry_crash`` faults, r2 at 60 s and
+    r1 at 300 s) passes with the real code. With the duplicate answered at once (the code
+    before 9c02347, switched on here only) each retry is acknowledged before its original
+    is durable, the power goes, and after the restart the acknowledged seq holds a
+    different sale at every replica: the acknowledged sale is gone (docs/simulation.md)."""
+    sc = load_scenario(SIMS / "driver_faults.toml")
+    ok = run_scenario(sc, sc.seed)
+    assert ok.ok, ok.failures
+    assert ok.report["lost_ops"] == 0
+    _fix_off(monkeypatch)
+    ctxs: list[RunContext] = []
+    broken = run_scenario(sc, sc.seed, setup=ctxs.append)
+    print(broken.reproduce("simulations/driver_faults.toml"))
+    print("\n".join(broken.failures + broken.report["examples"][:5]))
+    assert "2 acknowledged operations lost" in broken.failures, broken.failures
+    world = ctxs[0].world
+    lost = [(node, res) for node in world.nodes.values() for res in node.acked
+            if res.envelope is not None
+            and node.replica.hash_at(res.origin, res.seq) != res.envelope.hash]
+    assert sorted(node.node_id for node, _ in lost) == ["r1", "r2"]  # the retried tills
+    for node, res in lost:
+        assert res.envelope is not None
+        assert node.replica.vv.get(node.node_id) > res.seq  # that seq is another sale now
+        txn = res.envelope.meta["txn"]
+        assert all(txn not in _txns(n) for n in world.nodes.values())  # nowhere at all
 
 
 # --- recovery after a failed write ----------------------------------------------------------
