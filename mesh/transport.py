@@ -232,6 +232,12 @@ class Session:
                         self.refuse(self.close_reason)
                         break  # the compressed stream is unusable now
                 on_message(self.peer_id, data)
+                if data[:1] == b"C":
+                    # Let the node apply these certificates before we decode what
+                    # follows (its drain is queued ahead of us): the WAN codec keeps
+                    # state only for origins that hold one, and the envelopes right
+                    # behind a ``C`` are those of the origins it brings.
+                    await asyncio.sleep(0)
             elif msg.type == aiohttp.WSMsgType.CLOSE:
                 break
             else:

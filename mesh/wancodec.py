@@ -7,13 +7,16 @@ Invariants:
     ``zlib.error``); the caller closes the session, since the stream state is unknown.
  3. A decoded message never exceeds ``MAX_MESSAGE_BYTES`` (no inflation bomb).
  4. Per-origin tables hold at most ``MAX_WAN_ORIGINS`` origins each, and the receiving
-    table only origins ``known`` accepts (transport invariant 6).
+    table only origins ``known`` accepts (transport invariant 6); the last hash of at
+    most ``MAX_WAN_STRAY_ORIGINS`` origins it did not accept is kept aside, so their
+    next frame can be restored once their certificate has come.
 """
 
 from __future__ import annotations
 
 import hashlib
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 
 from mesh import config
@@ -44,6 +47,11 @@ class WanCodec:
         self._rx = zlib.decompressobj(-15)
         self._tx_last: dict[bytes, bytes] = {}
         self._rx_last: dict[bytes, bytes] = {}
+        #: The last hash of origins we did not keep (no certificate yet), a few of the
+        #: latest only: the sender keeps eliding their ``prev``, so once the
+        #: certificate arrives (the ``C`` just ahead, or a moment later) their next
+        #: frame can still be restored instead of closing the session.
+        self._rx_stray: OrderedDict[bytes, bytes] = OrderedDict()
         #: Whether an origin holds a certificate here; only those enter ``_rx_last``
         #: (invariant 6). None: any origin (tests of the codec alone).
         self._known = known
@@ -122,15 +130,23 @@ class WanCodec:
             origin = _origin_of(raw)
             keep = self._keeps(origin)
             if flags & _F_PREV:
-                last = self._rx_last.get(origin)
+                last = self._rx_last.get(origin) or self._rx_stray.get(origin)
                 at = raw.find(_ELIDED)
-                if not keep:
-                    continue  # an origin we do not keep: its prev cannot be restored
                 if last is None or at < 0:
+                    if not keep:
+                        continue  # an origin we did not keep: its prev cannot be restored
                     raise ValueError("elided prev with nothing to restore it from")
                 raw = raw[:at] + _PREV + last.hex().encode() + b'"' + raw[at + len(_ELIDED):]
+            digest = hashlib.sha256(raw).digest()
             if keep:
-                self._rx_last[origin] = hashlib.sha256(raw).digest()
+                self._rx_last[origin] = digest
+                self._rx_stray.pop(origin, None)
+            else:
+                stray = self._rx_stray
+                stray[origin] = digest
+                stray.move_to_end(origin)
+                if len(stray) > config.MAX_WAN_STRAY_ORIGINS:
+                    stray.popitem(last=False)
             out.append(len(raw).to_bytes(4, "big"))
             out.append(raw)
         return b"".join(out)
