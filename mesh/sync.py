@@ -13,8 +13,10 @@ Wire messages (bytes, first byte is the type):
   we hold, and how many envelopes we received from this peer in this session. It is the
   anti-entropy summary *and* the acknowledgement that opens the sender's window.
 * ``E`` + frames of ``u32 big-endian length + raw envelope`` — envelopes, verbatim.
-* ``C`` + orjson ``{"certs": [...], "crl": {...} | null}`` — certificates signed by the
-  store key, relayable by anyone.
+* ``C`` + orjson ``{"certs": [...], "crl": {...} | null, "roster": {...} | null}`` —
+  certificates, the revocation list (which also names revoked API devices) and the staff
+  roster (``mesh.auth``), all signed by the store key and relayable by anyone. ``V``
+  carries the roster version held as ``"ro"``, so a peer behind gets the newer one.
 
 Invariants:
  1. Envelopes are forwarded verbatim; every envelope is verified (signature, or its
@@ -54,6 +56,7 @@ from itertools import repeat
 import orjson
 
 from mesh import config
+from mesh.auth import Roster
 from mesh.crdt import VersionVector
 from mesh.envelope import Envelope, decode, verify, verify_chain
 from mesh.errors import EnvelopeError, Equivocation, Malformed, Oversized
@@ -246,7 +249,8 @@ class SyncCore:
         links = sorted(self.peers)
         crl = self.trust.crl_version
         return b"V" + orjson.dumps({"vv": self.replica.vv.to_dict(), "links": links,
-                                    "nc": self._cert_digest(), "crl": crl, "rx": rx})
+                                    "nc": self._cert_digest(), "crl": crl, "rx": rx,
+                                    "ro": self.trust.roster_version})
 
     def _cert_digest(self) -> str:
         """Which certificates we hold, in 16 hex chars: peers that differ swap them."""
@@ -281,10 +285,11 @@ class SyncCore:
         return peer.interval * n // config.SYNC_FULL_RATE_PEERS
 
     def _certs_message(self) -> bytes:
-        crl = self.trust.crl
+        crl, roster = self.trust.crl, self.trust.roster
         return b"C" + orjson.dumps({
             "certs": [c.to_dict() for c in self.trust.certificates()],
             "crl": None if crl is None else crl.to_dict(),
+            "roster": None if roster is None else roster.to_dict(),
         })
 
     # --- sessions --------------------------------------------------------------------------
@@ -661,7 +666,11 @@ class SyncCore:
             self._stuck_peers.discard(peer.id)
         peer.held_at_report = {o: have for o, have in self.stored.items()
                                if tget(o, 0) < have}
-        if certs != self._cert_digest() or crl < self.trust.crl_version:
+        roster = msg.get("ro", -1)  # (absent from peers that predate staff rosters)
+        if type(roster) is not int:
+            raise Malformed("ro must be an integer")
+        if (certs != self._cert_digest() or crl < self.trust.crl_version
+                or roster < self.trust.roster_version):
             self._send(out, peer.id, self._certs_message(), HIGH)  # before any resend
         self._pump(out, peer, now)
 
@@ -696,6 +705,18 @@ class SyncCore:
                 changed |= self.trust.crl_version != before
             except EnvelopeError as exc:
                 self._count(exc.reason)
+        if msg.get("roster") is not None:
+            try:
+                roster = Roster.from_dict(msg["roster"])
+            except ValueError:
+                self._count("malformed")
+            else:
+                try:
+                    before = self.trust.roster_version
+                    self.trust.apply_roster(roster)
+                    changed |= self.trust.roster_version != before
+                except EnvelopeError as exc:
+                    self._count(exc.reason)
         if changed:
             out.append(TrustChanged())
 
