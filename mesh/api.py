@@ -228,7 +228,7 @@ def _fields(body: dict[str, Any], spec: _Spec, request: web.Request) -> dict[str
 def _authorised(out: dict[str, Any], request: web.Request) -> None:
     """Add ``key`` (the idempotency key scoped to the calling device) and ``staff`` (from
     the staff session, never the body: a body ``staff_id`` must name the same person)."""
-    p: Principal | None = request.get(PRINCIPAL)
+    p = request.get(PRINCIPAL)
     if p is None:  # (only the gate's public routes get here without one)
         raise ApiError(401, "this endpoint needs a device credential", "Authorization")
     staff = p.staff_meta
@@ -360,7 +360,7 @@ class _Api:
         self.node = node
         self.gate = gate
         self.registry = make_registry(node)
-        self.registry.register(gate)  # type: ignore[arg-type]  # a Collector by shape
+        self.registry.register(gate)  # a Collector by shape (collect())
         self._streams: set[asyncio.Queue[dict[str, Any]]] = set()
         self._closing = False
 

@@ -408,6 +408,178 @@ def token_revoke(data_dir: Path, which: str) -> None:
     console.print("token revoked")
 
 
+# --- API devices and staff -------------------------------------------------------------
+
+_DATA_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+def _auth_call(fn: Callable[[], Any]) -> Any:
+    from mesh.errors import CommandError
+
+    try:
+        return fn()
+    except CommandError as exc:
+        raise UserError(exc.message) from None
+    except (FileNotFoundError, KeyPermissionError, Malformed, OSError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def _when(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ms / 1000))
+
+
+@main.group()
+def device() -> None:
+    """API credentials for tills, the online channel and integrations."""
+
+
+@device.command("issue")
+@click.argument("data_dir", type=_DATA_DIR)
+@click.argument("device_id")
+@click.option("--role", type=click.Choice(["pos", "online", "hq", "service", "read"]),
+              default="pos", show_default=True,
+              help="pos: a till (writes need a staff login); online/hq: one channel's "
+                   "reservations; service: a back-office integration; read: reads only.")
+@click.option("--allow", "allow", default=None,
+              help="Comma-separated commands, narrower than the role's (e.g. 'sale,read').")
+@click.option("--node", "nodes", multiple=True,
+              help="Node id it may use (repeat; default: every node of the store).")
+@click.option("--channel", default=None, help="Channel of an online/hq device (web, hq).")
+@click.option("--days", default=365, show_default=True, help="Days until it expires.")
+def device_issue(data_dir: Path, device_id: str, role: str, allow: str | None,
+                 nodes: tuple[str, ...], channel: str | None, days: int) -> None:
+    """Issue a credential for DEVICE_ID from the edge in DATA_DIR; prints it once."""
+    from mesh.authdir import issue_device_credential
+
+    commands = None if allow is None else frozenset(
+        c.strip() for c in allow.split(",") if c.strip())
+    text = _auth_call(lambda: issue_device_credential(
+        data_dir, device_id=device_id, role=role, now_ms=_now_ms(),
+        ttl_ms=days * 86_400_000, commands=commands,
+        nodes=frozenset(nodes) if nodes else None, channel=channel))
+    click.echo(text)
+
+
+@device.command("list")
+@click.argument("data_dir", type=_DATA_DIR)
+def device_list(data_dir: Path) -> None:
+    """List the credentials issued from DATA_DIR (never their text)."""
+    from mesh.authdir import list_devices
+
+    rows = _auth_call(lambda: list_devices(data_dir))
+    t = Table(title=f"API devices of {data_dir}")
+    for col in ("device", "role", "commands", "nodes", "state", "expires (UTC)"):
+        t.add_column(col)
+    now = _now_ms()
+    for r in rows:
+        state = "revoked" if r["revoked"] else ("expired" if now > r["not_after"] else "valid")
+        t.add_row(r["device_id"], r["role"], ",".join(r["commands"]),
+                  "all" if r["nodes"] is None else ",".join(r["nodes"]), state,
+                  _when(r["not_after"]))
+    console.print(t)
+
+
+@device.command("revoke")
+@click.argument("data_dir", type=_DATA_DIR)
+@click.argument("device_id")
+def device_revoke(data_dir: Path, device_id: str) -> None:
+    """Revoke DEVICE_ID on every node (a new revocation list, carried by sync)."""
+    from mesh.authdir import revoke_device
+
+    version = _auth_call(lambda: revoke_device(data_dir, device_id))
+    console.print(f"device {device_id} revoked (revocation list v{version}); every node "
+                  "refuses it once sync brings the list (seconds on a live mesh)")
+
+
+def _read_pin(pin_file: Path | None, prompt: str = "PIN") -> str:
+    if pin_file is not None:
+        return pin_file.read_text().strip()
+    return str(click.prompt(prompt, hide_input=True, confirmation_prompt=True))
+
+
+@main.group()
+def staff() -> None:
+    """The staff roster: who may log in at a till, with which role."""
+
+
+@staff.command("add")
+@click.argument("data_dir", type=_DATA_DIR)
+@click.argument("staff_id")
+@click.option("--name", required=True, help="Display name.")
+@click.option("--role", type=click.Choice(["cashier", "supervisor", "manager"]),
+              default="cashier", show_default=True)
+@click.option("--pin-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Read the PIN from this file (else a hidden prompt).")
+@click.option("--valid-days", type=int, default=None,
+              help="Days a till may go without hearing from the edge before the roster "
+                   "expires there (default 7).")
+def staff_add(data_dir: Path, staff_id: str, name: str, role: str, pin_file: Path | None,
+              valid_days: int | None) -> None:
+    """Add STAFF_ID to the roster of the store whose edge is DATA_DIR."""
+    from mesh.authdir import add_staff
+
+    pin = _read_pin(pin_file)
+    roster = _auth_call(lambda: add_staff(
+        data_dir, staff_id=staff_id, name=name, role=role, pin=pin, now_ms=_now_ms(),
+        validity_ms=None if valid_days is None else valid_days * 86_400_000))
+    console.print(f"staff {staff_id} added (roster v{roster.version})")
+
+
+@staff.command("list")
+@click.argument("data_dir", type=_DATA_DIR)
+def staff_list(data_dir: Path) -> None:
+    """List the roster (never PINs or their verifiers)."""
+    from mesh.authdir import list_staff
+
+    roster, rows = _auth_call(lambda: list_staff(data_dir))
+    title = "no roster yet" if roster is None else (
+        f"roster v{roster.version}, valid until {_when(roster.not_after)} UTC")
+    t = Table(title=title)
+    for col in ("staff", "name", "role", "state"):
+        t.add_column(col)
+    for e in rows:
+        t.add_row(e.staff_id, e.name, e.role, "disabled" if e.disabled else "active")
+    console.print(t)
+
+
+@staff.command("disable")
+@click.argument("data_dir", type=_DATA_DIR)
+@click.argument("staff_id")
+def staff_disable(data_dir: Path, staff_id: str) -> None:
+    """Disable STAFF_ID on every node (their sessions stop working too)."""
+    from mesh.authdir import update_staff
+
+    roster = _auth_call(lambda: update_staff(data_dir, staff_id, now_ms=_now_ms(),
+                                             disabled=True))
+    console.print(f"staff {staff_id} disabled (roster v{roster.version})")
+
+
+@staff.command("set-role")
+@click.argument("data_dir", type=_DATA_DIR)
+@click.argument("staff_id")
+@click.argument("role", type=click.Choice(["cashier", "supervisor", "manager"]))
+def staff_set_role(data_dir: Path, staff_id: str, role: str) -> None:
+    """Give STAFF_ID another role."""
+    from mesh.authdir import update_staff
+
+    roster = _auth_call(lambda: update_staff(data_dir, staff_id, now_ms=_now_ms(), role=role))
+    console.print(f"staff {staff_id} is now a {role} (roster v{roster.version})")
+
+
+@staff.command("set-pin")
+@click.argument("data_dir", type=_DATA_DIR)
+@click.argument("staff_id")
+@click.option("--pin-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Read the PIN from this file (else a hidden prompt).")
+def staff_set_pin(data_dir: Path, staff_id: str, pin_file: Path | None) -> None:
+    """Give STAFF_ID a new PIN (also ends a lockout)."""
+    from mesh.authdir import update_staff
+
+    pin = _read_pin(pin_file, "new PIN")
+    roster = _auth_call(lambda: update_staff(data_dir, staff_id, now_ms=_now_ms(), pin=pin))
+    console.print(f"staff {staff_id} has a new PIN (roster v{roster.version})")
+
+
 @main.command("status")
 @click.argument("url")
 def status_cmd(url: str) -> None:

@@ -97,7 +97,7 @@ class Principal:
         return f"{self.device.device_id}:{txn}"
 
 
-PRINCIPAL: Final = "storemesh_principal"
+PRINCIPAL: Final = web.RequestKey("storemesh_principal", Principal)
 
 
 def _error(status: int, reason: str, message: str, field: str | None,

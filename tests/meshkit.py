@@ -44,7 +44,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh.datadir import NodeIdentity, enrol_node, init_store
+from mesh.auth import issue_device
+from mesh.datadir import NodeIdentity, enrol_node, init_store, load_identity
 from mesh.enrol import create_token
 from mesh.identity import TrustStore
 
@@ -85,8 +86,45 @@ def tag() -> str:
 
 
 def new_store(base: Path, store_id: str, edge_id: str) -> NodeIdentity:
-    """A store key and its first (edge) node in ``base/edge_id``."""
-    return init_store(base / edge_id, store_id, now_ms=now_ms(), node_id=edge_id)
+    """A store key and its first (edge) node in ``base/edge_id``. It also becomes the
+    store whose service credential ``client()`` sends (``use_token``)."""
+    edge = init_store(base / edge_id, store_id, now_ms=now_ms(), node_id=edge_id)
+    use_token(issue_token(edge))
+    return edge
+
+
+# --- API credentials (mesh.auth) ---------------------------------------------------------
+
+#: The credential ``client()`` sessions send when a request names none (set by
+#: ``new_store``; reset before every test by conftest).
+_TOKEN: list[str | None] = [None]
+
+
+def issue_token(edge: NodeIdentity | Path, device_id: str = "test-svc", role: str = "service",
+                **kwargs: Any) -> str:
+    """A device credential signed with the store key of ``edge`` (offline, like the
+    edge's ``storemesh device issue``, without recording it in auth.json)."""
+    ident = edge if isinstance(edge, NodeIdentity) else load_identity(Path(edge))
+    assert ident.store_key is not None, "the edge of the store holds the store key"
+    _, text = issue_device(ident.store_key, store_id=ident.store_id, device_id=device_id,
+                           role=role, now_ms=now_ms(), ttl_ms=24 * 3600_000, **kwargs)
+    return text
+
+
+def use_token(token: str | None) -> None:
+    _TOKEN[0] = token
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def _with_token(req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+                      ) -> aiohttp.ClientResponse:
+    token = _TOKEN[0]
+    if token is not None and "Authorization" not in req.headers:
+        req.headers["Authorization"] = f"Bearer {token}"
+    return await handler(req)
 
 
 def enrol_direct(base: Path, edge: NodeIdentity, node_id: str,
@@ -363,8 +401,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 # --- HTTP --------------------------------------------------------------------------------
 
 
-def client() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(timeout=HTTP_TIMEOUT)
+def client(**kwargs: Any) -> aiohttp.ClientSession:
+    """A session that sends the current store's service credential (``use_token``)."""
+    return aiohttp.ClientSession(timeout=HTTP_TIMEOUT, middlewares=(_with_token,), **kwargs)
 
 
 async def get_json(http: aiohttp.ClientSession, url: str, path: str) -> Any:
