@@ -42,6 +42,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from mesh import config
+from mesh.auth import AuthError
 from mesh.envelope import Envelope, decode
 from mesh.errors import (
     CommandError,
@@ -447,7 +448,10 @@ class _Api:
     async def returns(self, request: web.Request) -> web.Response:
         f = _fields(await _read_object(request), _RETURN, request)
         if f["qty"] > config.RETURN_APPROVAL_QTY:
-            await self.gate.require(request, "return_large")
+            try:
+                await self.gate.require(request, "return_large")
+            except AuthError as exc:
+                raise ApiError(exc.status, exc.message, exc.field) from None
             f["staff"] = request[PRINCIPAL].staff_meta
         now = self.node.now_ms
         res = await self._execute(lambda r: r.return_(

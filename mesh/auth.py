@@ -429,8 +429,8 @@ class PinGuard:
             f = self._failures[entry.staff_id] = _Failures(0, 0, entry.pin)
         f.count += 1
         extra = f.count - config.PIN_FREE_FAILURES
-        if extra >= 0:
-            f.next_ok_ms = now_ms + min(config.PIN_DELAY_MS << min(extra, 30),
+        if extra > 0:
+            f.next_ok_ms = now_ms + min(config.PIN_DELAY_MS << min(extra - 1, 30),
                                         config.PIN_DELAY_MAX_MS)
         return f.count
 
