@@ -59,7 +59,7 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from mesh import config
-from mesh.datadir import DEFAULT_VALIDITY_MS, NodeIdentity
+from mesh.datadir import DEFAULT_VALIDITY_MS, NodeIdentity, write_atomic
 from mesh.discovery import (
     PROTOCOL_VERSION,
     RESOLVE_TIMEOUT_MS,
@@ -309,19 +309,8 @@ def _load_tokens(data_dir: Path) -> dict[str, dict[str, Any]]:
 
 def _write_tokens(data_dir: Path, tokens: dict[str, dict[str, Any]]) -> None:
     """Replace tokens.json atomically (invariant 3)."""
-    path = data_dir / TOKENS_FILE
-    tmp = path.with_name(f".{TOKENS_FILE}.tmp")  # one writer at a time: we hold the lock
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(orjson.dumps(tokens, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(data_dir, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(data_dir / TOKENS_FILE,
+                 orjson.dumps(tokens, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
 
 
 def create_token(

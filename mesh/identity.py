@@ -427,8 +427,8 @@ _TRUST_OPTIONAL: Final = frozenset({"roster"})
 class TrustStore:
     """Who may write to this store: the store key, certificates and revocations seen."""
 
-    __slots__ = ("_certs", "_crl", "_local_revoked", "_revoked", "_roster", "store_id",
-                 "store_public_key", "version")
+    __slots__ = ("_cert_at", "_certs", "_crl", "_local_revoked", "_revoked", "_roster",
+                 "store_id", "store_public_key", "version")
 
     def __init__(self, store_id: str, store_public_key: bytes) -> None:
         _local_ident(store_id, "store_id")
@@ -437,6 +437,7 @@ class TrustStore:
         self.store_id = store_id
         self.store_public_key = store_public_key
         self._certs: dict[str, Certificate] = {}
+        self._cert_at: dict[str, int] = {}  # node id -> ``version`` its certificate came at
         self._crl: RevocationList | None = None
         self._local_revoked: set[str] = set()
         self._revoked: frozenset[str] = frozenset()  # crl ∪ local, for a cheap check()
@@ -477,6 +478,7 @@ class TrustStore:
         ):
             self._certs[cert.node_id] = cert
             self.version += 1
+            self._cert_at[cert.node_id] = self.version
 
     def apply_revocations(self, crl: RevocationList) -> None:
         """Verify and adopt ``crl`` if it is newer than the list held; else ignore it."""
@@ -515,7 +517,8 @@ class TrustStore:
         self.version += 1
 
     def is_revoked(self, name: str) -> bool:
-        """Is ``name`` (a node id, or ``device:<id>``) on the revocation list?"""
+        """Is ``name`` (a node id, or ``device:<id>``) on the revocation list (or revoked
+        here only)?"""
         return name in self._revoked
 
     def revoke(self, node_id: str) -> None:
@@ -523,6 +526,11 @@ class TrustStore:
         self._local_revoked.add(node_id)
         self._revoked = self._revoked | {node_id}
         self.version += 1
+
+    @property
+    def revoked(self) -> frozenset[str]:
+        """Every node id refused as revoked: the list's and the local ones."""
+        return self._revoked
 
     def check(self, node_id: str, now_ms: int) -> Certificate:
         """The certificate under which ``node_id`` may write at ``now_ms``, or raise."""
@@ -539,6 +547,12 @@ class TrustStore:
 
     def certificate(self, node_id: str) -> Certificate | None:
         return self._certs.get(node_id)
+
+    def certificates_since(self, version: int) -> list[Certificate]:
+        """The certificates that arrived (or replaced one held) after ``version``: what a
+        peer that held everything we held at ``version`` may lack."""
+        return sorted((self._certs[n] for n, at in self._cert_at.items() if at > version),
+                      key=lambda c: c.node_id)
 
     def certificates(self) -> list[Certificate]:
         return sorted(self._certs.values(), key=lambda c: c.node_id)

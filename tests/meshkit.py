@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -125,6 +125,20 @@ async def _with_token(req: aiohttp.ClientRequest, handler: aiohttp.ClientHandler
     if token is not None and "Authorization" not in req.headers:
         req.headers["Authorization"] = f"Bearer {token}"
     return await handler(req)
+
+
+@contextlib.asynccontextmanager
+async def running_node(data_dir: Path) -> AsyncIterator[Any]:
+    """An in-process node on ``data_dir`` (already initialised), HTTP on 127.0.0.1 at a
+    free port, no discovery; closed when the block ends."""
+    from mesh.node import Node
+
+    n = Node(data_dir, http_host="127.0.0.1", http_port=0, discovery=False)
+    await n.start()
+    try:
+        yield n
+    finally:
+        await n.close()
 
 
 def enrol_direct(base: Path, edge: NodeIdentity, node_id: str,
