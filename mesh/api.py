@@ -42,7 +42,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from mesh import config
-from mesh.auth import AuthError
+from mesh.auth import AuthError, who
 from mesh.envelope import Envelope, decode
 from mesh.errors import (
     CommandError,
@@ -585,6 +585,11 @@ class _Api:
             "uptime_s": round(max(0, node.now_ms() - node.started_ms) / 1000, 3),
             # which revocation list this node holds (-1: none): how far one has spread
             "crl_version": node.identity.trust.crl_version,
+            # and which staff roster, valid until when (-1/None: none): PIN logins stop
+            # there once it has passed (docs/security.md, "Staff")
+            "roster_version": node.identity.trust.roster_version,
+            "roster_not_after_ms": (None if node.identity.trust.roster is None
+                                    else node.identity.trust.roster.not_after),
         }
         if failed is not None:
             body["reason"] = f"ledger failed: {failed}"
@@ -699,7 +704,7 @@ def _audit_entry(rid: int, env: Envelope) -> dict[str, Any]:
     kind = meta.get("kind")
     entry: dict[str, Any] = {
         "row": rid, "origin": env.origin, "seq": env.seq, "hlc": env.hlc,
-        "at_ms": env.hlc >> 16, "kind": kind, **_who(meta),
+        "at_ms": env.hlc >> 16, "kind": kind, **who(meta),
         "reason": meta.get("reason"),
         "note": meta.get("note"), "sku": meta.get("sku"), "qty": meta.get("qty"),
         "hash": env.hash.hex(),
@@ -712,20 +717,6 @@ def _audit_entry(rid: int, env: Envelope) -> dict[str, Any]:
     elif kind in ("release", "fulfil"):
         entry["reservation_id"] = meta.get("note")
     return entry
-
-
-def _who(meta: dict[str, Any]) -> dict[str, Any]:
-    """Device, txn, staff and approver of an entry: txn ids are stored scoped to the
-    device (``<device>:<txn>``) and an approved command's staff is ``<staff>+<approver>``
-    (mesh.gate). Entries written before credentials existed have neither."""
-    txn, staff = meta.get("txn"), meta.get("staff")
-    device = None
-    if isinstance(txn, str) and ":" in txn:
-        device, txn = txn.split(":", 1)
-    approver = None
-    if isinstance(staff, str) and "+" in staff:
-        staff, approver = staff.split("+", 1)
-    return {"txn_id": txn, "device_id": device, "staff_id": staff, "approved_by": approver}
 
 
 def _touches(env: Envelope, entry: dict[str, Any], sku: str, rids: frozenset[str]) -> bool:

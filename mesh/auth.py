@@ -65,6 +65,7 @@ __all__ = [
     "parse_device",
     "pin_matches",
     "revoked_name",
+    "who",
 ]
 
 DEVICE_DOMAIN: Final = b"storemesh/device/v1\n"
@@ -72,22 +73,27 @@ ROSTER_DOMAIN: Final = b"storemesh/roster/v1\n"
 DEVICE_PREFIX: Final = "smd1."
 SESSION_PREFIX: Final = "sms1."
 
-#: What a request may do. ``read``: the protected reads (reservation list, live events);
-#: ``price``: catalog changes on an edge; ``login``: open a staff session at this node.
+#: What a request may do. ``read``: the protected reads (reservation list, live events,
+#: sensors and review items); ``price``: catalog writes on an edge (prices, products,
+#: the sensor registry); ``review``: resolve a sensor review item (it may adjust stock);
+#: ``sensor``: post sensor readings and telemetry; ``login``: open a staff session here.
 COMMANDS: Final = frozenset({"sale", "return", "receipt", "adjust", "reserve", "release",
-                             "fulfil", "price", "audit", "read", "login"})
+                             "fulfil", "price", "review", "sensor", "audit", "read",
+                             "login"})
 WRITES: Final = frozenset({"sale", "return", "receipt", "adjust", "reserve", "release",
-                           "fulfil", "price"})
+                           "fulfil", "price", "review"})
 #: Device roles and what each may do unless the issuer narrows it. ``pos`` writes only
 #: with a staff session (the staff member's role decides); ``online`` and ``hq`` act
 #: for their channel only; ``service`` is a back-office integration (ERP, scripts)
-#: that writes in its own name; ``read`` only reads.
+#: that writes in its own name; ``sensor`` is a sensor gateway (readings, telemetry);
+#: ``read`` only reads.
 DEVICE_COMMANDS: Final[dict[str, frozenset[str]]] = {
     "pos": frozenset({"sale", "return", "receipt", "adjust", "release", "fulfil", "price",
-                      "read", "login", "audit"}),
+                      "review", "read", "login", "audit"}),
     "online": frozenset({"reserve", "release", "fulfil", "read"}),
     "hq": frozenset({"reserve", "release", "fulfil", "read", "audit", "price"}),
     "service": COMMANDS - {"login"},
+    "sensor": frozenset({"sensor", "read"}),
     "read": frozenset({"read"}),
 }
 DEVICE_ROLES: Final = frozenset(DEVICE_COMMANDS)
@@ -95,7 +101,7 @@ DEVICE_ROLES: Final = frozenset(DEVICE_COMMANDS)
 CHANNEL_ROLES: Final = frozenset({"online", "hq"})
 STAFF_ROLES: Final = frozenset({"cashier", "supervisor", "manager"})
 _SUPERVISOR: Final = frozenset({"sale", "return", "fulfil", "read", "receipt", "adjust",
-                                "release", "price", "audit", "return_large"})
+                                "release", "price", "review", "audit", "return_large"})
 #: What a staff member may do at a ``pos`` device, by role. ``return_large``: a return
 #: of more than ``RETURN_APPROVAL_QTY`` units. Anything else needs an approver.
 STAFF_PERMISSIONS: Final[dict[str, frozenset[str]]] = {
@@ -143,6 +149,21 @@ def check_id(value: object, what: str) -> str:
         raise ValueError(f"{what} must be 1-32 characters of A-Z a-z 0-9 . _ - "
                          "(starting with a letter or digit)")
     return value
+
+
+def who(meta: dict[str, Any]) -> dict[str, Any]:
+    """Device, txn, staff and approver of a ledger entry's meta, for the audit trail
+    (``GET /v1/audit``, ``storemesh ledger show``). Txn ids are stored scoped to the
+    device (``<device>:<txn>``) and an approved command's staff is ``<staff>+<approver>``
+    (``mesh.gate.Principal``). Entries written before credentials existed have neither."""
+    txn, staff = meta.get("txn"), meta.get("staff")
+    device = None
+    if isinstance(txn, str) and ":" in txn:
+        device, txn = txn.split(":", 1)
+    approver = None
+    if isinstance(staff, str) and "+" in staff:
+        staff, approver = staff.split("+", 1)
+    return {"txn_id": txn, "device_id": device, "staff_id": staff, "approved_by": approver}
 
 
 def revoked_name(device_id: str) -> str:
@@ -401,32 +422,42 @@ class _Failures:
 
 
 class PinGuard:
-    """Consecutive wrong PINs per staff member on this node: free for the first
-    ``PIN_FREE_FAILURES``, then a doubling delay, locked after ``PIN_MAX_FAILURES``
-    until a supervisor unlocks it here or the staff member gets a new PIN."""
+    """Consecutive wrong secrets (PINs; HQ passwords in ``mesh.hq``) per account on this
+    node: free for the first ``PIN_FREE_FAILURES``, then a doubling delay, locked after
+    ``PIN_MAX_FAILURES`` until a supervisor unlocks it here or the account gets a new
+    secret (a new verifier starts over)."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "staff") -> None:
         self._failures: dict[str, _Failures] = {}
+        self.what = what
 
     def check(self, entry: StaffEntry, now_ms: int) -> None:
         """Raise if a PIN attempt for ``entry`` is not allowed now."""
-        f = self._failures.get(entry.staff_id)
-        if f is None or f.verifier != entry.pin:
+        self.check_key(entry.staff_id, entry.pin, now_ms, "pin")
+
+    def check_key(self, key: str, verifier: str, now_ms: int, field: str) -> None:
+        f = self._failures.get(key)
+        if f is None or f.verifier != verifier:
             return
         if f.count >= config.PIN_MAX_FAILURES:
-            raise AuthError(403, "locked_out", f"staff {entry.staff_id!r} is locked out after "
-                            f"{f.count} wrong PINs: a supervisor unlocks it "
-                            "(POST /v1/staff/<id>/unlock) or sets a new PIN", "pin")
+            raise AuthError(403, "locked_out", f"{self.what} {key!r} is locked out after "
+                            f"{f.count} wrong attempts: "
+                            + ("a supervisor unlocks it (POST /v1/staff/<id>/unlock) or sets "
+                               "a new PIN" if self.what == "staff" else "set a new password"),
+                            field)
         if now_ms < f.next_ok_ms:
             wait = -(-(f.next_ok_ms - now_ms) // 1000)
-            raise AuthError(429, "pin_throttled", f"too many wrong PINs for staff "
-                            f"{entry.staff_id!r}: try again in {wait} s", "pin", wait)
+            raise AuthError(429, f"{field}_throttled", f"too many wrong attempts for "
+                            f"{self.what} {key!r}: try again in {wait} s", field, wait)
 
     def failed(self, entry: StaffEntry, now_ms: int) -> int:
         """Count a wrong PIN; returns the consecutive failures so far."""
-        f = self._failures.get(entry.staff_id)
-        if f is None or f.verifier != entry.pin:
-            f = self._failures[entry.staff_id] = _Failures(0, 0, entry.pin)
+        return self.failed_key(entry.staff_id, entry.pin, now_ms)
+
+    def failed_key(self, key: str, verifier: str, now_ms: int) -> int:
+        f = self._failures.get(key)
+        if f is None or f.verifier != verifier:
+            f = self._failures[key] = _Failures(0, 0, verifier)
         f.count += 1
         extra = f.count - config.PIN_FREE_FAILURES
         if extra > 0:
@@ -434,19 +465,19 @@ class PinGuard:
                                         config.PIN_DELAY_MAX_MS)
         return f.count
 
-    def succeeded(self, staff_id: str) -> None:
-        self._failures.pop(staff_id, None)
+    def succeeded(self, key: str) -> None:
+        self._failures.pop(key, None)
 
-    def unlock(self, staff_id: str) -> None:
-        self._failures.pop(staff_id, None)
+    def unlock(self, key: str) -> None:
+        self._failures.pop(key, None)
 
-    def forget_except(self, staff_ids: set[str] | frozenset[str] | Any) -> None:
-        """Keep the table to the staff on the roster (invariant 4)."""
-        for k in [k for k in self._failures if k not in staff_ids]:
+    def forget_except(self, keys: set[str] | frozenset[str] | Any) -> None:
+        """Keep the table to the accounts that exist (invariant 4)."""
+        for k in [k for k in self._failures if k not in keys]:
             del self._failures[k]
 
-    def failures(self, staff_id: str) -> int:
-        f = self._failures.get(staff_id)
+    def failures(self, key: str) -> int:
+        f = self._failures.get(key)
         return 0 if f is None else f.count
 
 

@@ -1,4 +1,4 @@
-"""The edge's ``auth.json``: API devices issued, the staff roster, the revocation list.
+"""The edge's ``auth.json``: API devices issued and the staff roster.
 
 Only a data directory holding the store key (the edge made by ``storemesh store init``)
 can change these. The CLI (``storemesh device ...``, ``storemesh staff ...``) writes the
@@ -8,13 +8,13 @@ carries the signed roster and revocation list to every node.
 Layout of ``DIR/auth.json``::
 
     {"devices": {id: DeviceCredential.to_dict() + {"revoked": bool}},
-     "roster": Roster.to_dict() | null, "crl": RevocationList.to_dict() | null}
+     "roster": Roster.to_dict() | null, "roster_validity_ms": int}
 
 Invariants:
  1. The file is replaced atomically (``datadir.write_atomic``), under ``auth.lock``
     (flock), so two CLI commands never lose each other's change.
- 2. Versions only move forward: a new roster or revocation list takes the highest
-    version this directory knows (``auth.json`` or ``node.json``) plus one.
+ 2. Versions only move forward: a new roster takes the highest version this directory
+    knows (``auth.json`` or ``node.json``) plus one (revocation lists: ``mesh.revoke``).
  3. A device's credential text is printed once at issue and never stored.
 """
 
@@ -41,7 +41,7 @@ from mesh.auth import (
 )
 from mesh.datadir import NodeIdentity, load_identity, write_atomic
 from mesh.errors import CommandError
-from mesh.identity import NodeKey, RevocationList, issue_revocations
+from mesh.identity import NodeKey, RevocationList
 
 __all__ = ["AUTH_FILE", "add_staff", "issue_device_credential", "list_devices", "list_staff",
            "load_auth", "refresh_roster", "revoke_device", "update_staff"]
@@ -51,7 +51,7 @@ _LOCK = "auth.lock"
 
 
 def _empty() -> dict[str, Any]:
-    return {"devices": {}, "roster": None, "crl": None}
+    return {"devices": {}, "roster": None}
 
 
 def load_auth(data_dir: Path) -> dict[str, Any]:
@@ -112,29 +112,21 @@ def list_devices(data_dir: Path) -> list[dict[str, Any]]:
     return [{"device_id": k, **v} for k, v in sorted(load_auth(data_dir)["devices"].items())]
 
 
-def _crl_base(ident: NodeIdentity, doc: dict[str, Any]) -> tuple[int, frozenset[str]]:
-    held = ident.trust.crl
-    version, revoked = (-1, frozenset[str]()) if held is None else (held.version, held.revoked)
-    if doc["crl"] is not None:
-        mine = RevocationList.from_dict(doc["crl"])
-        if mine.version > version:
-            version, revoked = mine.version, mine.revoked
-    return version, revoked
+def revoke_device(data_dir: Path, device_id: str, *, now_ms: int,
+                  reason: str = "revoked by the store owner") -> tuple[RevocationList, bool]:
+    """Revoke a device everywhere: the store's next revocation list names
+    ``device:<id>`` (``mesh.revoke.add_revocation``: the same list and version sequence
+    as revoked nodes). Returns the list and whether it is new."""
+    from mesh.revoke import add_revocation
 
-
-def revoke_device(data_dir: Path, device_id: str) -> int:
-    """Revoke a device everywhere: a new revocation list naming ``device:<id>``.
-    Returns the list's version."""
-    with _edit(data_dir) as (ident, key, doc):
+    with _edit(data_dir) as (ident, _key, doc):
         if device_id not in doc["devices"]:
             raise CommandError(f"no device {device_id!r} was issued here; see "
                                "'storemesh device list'", "device_id")
-        version, revoked = _crl_base(ident, doc)
-        crl = issue_revocations(key, store_id=ident.store_id, version=version + 1,
-                                revoked=revoked | {revoked_name(device_id)})
-        doc["crl"] = crl.to_dict()
+        crl, new = add_revocation(ident, revoked_name(device_id), reason=reason,
+                                  now_ms=now_ms)
         doc["devices"][device_id]["revoked"] = True
-        return crl.version
+        return crl, new
 
 
 def _roster_of(ident: NodeIdentity, doc: dict[str, Any]) -> Roster | None:

@@ -347,6 +347,89 @@ def cloud_run(root: Path, http_host: str, http_port: int, log_level: str) -> Non
 
 
 @main.group()
+def hq() -> None:
+    """HQ accounts of the cloud: who may log in to the dashboard and the fleet API."""
+
+
+_HQ_ROOT = click.Path(file_okay=False, path_type=Path)
+
+
+def _read_password(password_file: Path | None, prompt: str = "password") -> str:
+    if password_file is not None:
+        return password_file.read_text().rstrip("\n")
+    return str(click.prompt(prompt, hide_input=True, confirmation_prompt=True))
+
+
+@hq.command("add")
+@click.argument("root", type=_HQ_ROOT)
+@click.argument("name")
+@click.option("--role", type=click.Choice(["viewer", "admin"]), default="viewer",
+              show_default=True, help="viewer: the dashboard and fleet API (read only); "
+                                      "admin: the same (room for HQ writes to come).")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Read the password from this file (else a hidden prompt).")
+def hq_add(root: Path, name: str, role: str, password_file: Path | None) -> None:
+    """Create HQ account NAME on the cloud whose data root is ROOT."""
+    from mesh.hq import add_user
+
+    password = _read_password(password_file)
+    _auth_call(lambda: add_user(root, name, password, role=role))
+    console.print(f"HQ account [bold]{name}[/] ({role}) added; a running cloud lets it log "
+                  "in within a second")
+
+
+@hq.command("list")
+@click.argument("root", type=_HQ_ROOT)
+def hq_list(root: Path) -> None:
+    """List the HQ accounts (never their passwords or verifiers)."""
+    from mesh.hq import list_users
+
+    rows = _auth_call(lambda: list_users(root))
+    t = Table(title=f"HQ accounts of {root}")
+    for col in ("account", "role", "state"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["role"], "disabled" if r["disabled"] else "active")
+    console.print(t)
+
+
+@hq.command("disable")
+@click.argument("root", type=_HQ_ROOT)
+@click.argument("name")
+def hq_disable(root: Path, name: str) -> None:
+    """Disable NAME: its sessions end and it cannot log in (``enable`` undoes it)."""
+    from mesh.hq import update_user
+
+    _auth_call(lambda: update_user(root, name, disabled=True))
+    console.print(f"HQ account {name} disabled; its sessions end within a second")
+
+
+@hq.command("enable")
+@click.argument("root", type=_HQ_ROOT)
+@click.argument("name")
+def hq_enable(root: Path, name: str) -> None:
+    """Enable NAME again."""
+    from mesh.hq import update_user
+
+    _auth_call(lambda: update_user(root, name, disabled=False))
+    console.print(f"HQ account {name} enabled")
+
+
+@hq.command("set-password")
+@click.argument("root", type=_HQ_ROOT)
+@click.argument("name")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Read the password from this file (else a hidden prompt).")
+def hq_set_password(root: Path, name: str, password_file: Path | None) -> None:
+    """Give NAME a new password (ends its sessions and any lockout)."""
+    from mesh.hq import update_user
+
+    password = _read_password(password_file, "new password")
+    _auth_call(lambda: update_user(root, name, password=password))
+    console.print(f"HQ account {name} has a new password; its old sessions end")
+
+
+@main.group()
 def token() -> None:
     """One-time join tokens for new registers."""
 
@@ -482,13 +565,30 @@ def device_list(data_dir: Path) -> None:
 @device.command("revoke")
 @click.argument("data_dir", type=_DATA_DIR)
 @click.argument("device_id")
-def device_revoke(data_dir: Path, device_id: str) -> None:
-    """Revoke DEVICE_ID on every node (a new revocation list, carried by sync)."""
-    from mesh.authdir import revoke_device
+@click.option("--reason", default="revoked by the store owner", show_default=True,
+              help="Why (kept on this edge, in revocations.json).")
+@click.option("--url", default="http://127.0.0.1:8700", show_default=True,
+              help="The running node of DATA_DIR, which passes the revocation on.")
+def device_revoke(data_dir: Path, device_id: str, reason: str, url: str) -> None:
+    """Revoke DEVICE_ID on every node: the store's next revocation list names it, and
+    sync carries that list to every node and the cloud."""
+    import asyncio
 
-    version = _auth_call(lambda: revoke_device(data_dir, device_id))
-    console.print(f"device {device_id} revoked (revocation list v{version}); every node "
-                  "refuses it once sync brings the list (seconds on a live mesh)")
+    from mesh.authdir import revoke_device
+    from mesh.revoke import deliver
+
+    crl, new = _auth_call(lambda: revoke_device(data_dir, device_id, now_ms=_now_ms(),
+                                                reason=reason))
+    what = "revoked" if new else "was already revoked"
+    try:
+        asyncio.run(deliver(url, crl))
+    except (ConnectionError, ValueError) as exc:
+        console.print(f"device [bold]{device_id}[/] {what} (revocation list v{crl.version}, "
+                      f"saved in {data_dir}); not delivered to {url} ({exc}): a running "
+                      f"node of {data_dir} picks it up within a second by itself")
+        return
+    console.print(f"device [bold]{device_id}[/] {what} (revocation list v{crl.version}); "
+                  f"the node at {url} refuses it now and passes the list to every node")
 
 
 def _read_pin(pin_file: Path | None, prompt: str = "PIN") -> str:
@@ -896,11 +996,15 @@ def _parse_when(text: str, now_ms: int, what: str) -> int:
 
 
 def _entry(env: Any) -> dict[str, Any]:
+    from mesh.auth import who
+
     m = env.meta
     at = env.hlc >> 16
+    w = who(m)  # the device and staff the gate authenticated (mesh.gate)
     return {"origin": env.origin, "seq": env.seq, "time_ms": at, "time": _utc(at),
             "kind": m.get("kind"), "sku": m.get("sku"), "qty": m.get("qty"),
-            "txn": m.get("txn"), "staff": m.get("staff"), "reason": m.get("reason")}
+            "txn": w["txn_id"], "device": w["device_id"], "staff": w["staff_id"],
+            "approved_by": w["approved_by"], "reason": m.get("reason")}
 
 
 @ledger.command("show")
@@ -963,12 +1067,16 @@ def ledger_show(data_dir: Path, limit: int, sku: str | None, origin: str | None,
     width = max([len("origin"), *(len(e["origin"]) for e in rows)])
     # full node ids, never cut: two registers may differ only in their last characters
     table.add_column("origin", no_wrap=True, min_width=width)
-    for col in ("seq", "time (UTC)", "kind", "sku", "qty", "txn", "staff", "reason"):
+    for col in ("seq", "time (UTC)", "kind", "sku", "qty", "txn", "device", "staff",
+                "reason"):
         table.add_column(col)
     for e in rows:
+        staff = str(e["staff"] or "")
+        if e["approved_by"]:
+            staff += f" (approved by {e['approved_by']})"
         table.add_row(e["origin"], str(e["seq"]), e["time"], str(e["kind"]),
                       str(e["sku"] or ""), "" if e["qty"] is None else str(e["qty"]),
-                      str(e["txn"]), str(e["staff"] or ""), str(e["reason"] or ""))
+                      str(e["txn"]), str(e["device"] or ""), staff, str(e["reason"] or ""))
     console.print(table)
     if scanned >= SHOW_MAX_SCAN and len(rows) < limit:
         console.print(f"(looked at the newest {scanned} envelopes only)")

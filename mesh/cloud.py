@@ -5,8 +5,9 @@
 ``s``'s node is mounted at ``/stores/s/``: its sync endpoint is
 ``/stores/s/v1/sync`` (store edge nodes dial out to it with ``--cloud URL``, so no
 inbound access to store LANs is needed), and its full node API (reservations for
-buy-online-pick-up-in-store, catalog, stock) is under ``/stores/s/v1/...``. Fleet-wide
-views (analytics, dashboard) are served at the root.
+buy-online-pick-up-in-store, catalog, stock) is under ``/stores/s/v1/...``, behind that
+store's device credentials (``mesh.gate``). Fleet-wide views (analytics, dashboard,
+``/v1/stores``) are served at the root, behind the HQ login (``mesh.hq``).
 
 Invariants:
  1. Every store's replica is independent: its own key, certificate, trust store,
@@ -28,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from mesh.enrol import join, parse_token
+from mesh.hq import setup_hq
 from mesh.httpfaults import CLIENT_FAULTS, ClientFaults, ServerLog
 from mesh.node import Node
 
@@ -83,6 +85,7 @@ class CloudNode:
             self.nodes[node.identity.store_id] = node
             self.app.add_subapp(f"/stores/{node.identity.store_id}/", node.app)
         self.app.router.add_get("/v1/stores", self._stores)
+        setup_hq(self.app, self.root)  # HQ login in front of the fleet views (mesh.hq)
         for hook in self.setup_hooks:
             hook(self)
         faults = self.app[CLIENT_FAULTS] = ClientFaults()  # for requests outside a store

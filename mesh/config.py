@@ -214,6 +214,19 @@ AUTH_REFILL_PER_S: Final = 5.0
 #: a LAN has a few hundred hosts; 4096 entries cost ~400 KB.
 AUTH_SOURCES_MAX: Final = 4096
 
+# --- HQ login at the cloud (mesh.hq) ----------------------------------------------------
+#: Shortest HQ password: HQ accounts see every store, and unlike a PIN a password can be
+#: guessed offline from a stolen hq_users.json (scrypt slows that, length stops it).
+HQ_PASSWORD_MIN: Final = 12
+#: Most HQ accounts, and most live HQ sessions (the oldest is evicted): a head office
+#: has tens of people; the bounds stop a flood of logins from growing memory.
+HQ_USERS_MAX: Final = 1000
+HQ_SESSIONS_MAX: Final = 1000
+#: An HQ session ends after 30 minutes without a request (the dashboard polls every
+#: 1.5 s, so an open page keeps it) and 12 hours after login at the latest.
+HQ_IDLE_S: Final = 30 * 60
+HQ_SESSION_S: Final = 12 * 3600
+
 # --- sensors, reconciliation, telemetry (issue 14: mesh.sensors, mesh.reconcile,
 # mesh.reviews, mesh.telemetry, mesh.sensor_routes) ------------------------------------
 #: Most readings in one POST /v1/sensors/readings. A store's scales and readers report

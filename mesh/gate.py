@@ -70,6 +70,13 @@ _RULES: Final = {
     ("PUT", "catalog/{sku}"): "price", ("GET", "audit"): "audit",
     ("GET", "events"): "read", ("POST", "session"): "login",
     ("POST", "staff/{sid}/unlock"): "login",
+    # the sensors (mesh.sensor_routes)
+    ("GET", "sensors"): "read", ("GET", "sensors/outcomes"): "read",
+    ("GET", "sensors/{sid}"): "read", ("PUT", "sensors/{sid}"): "price",
+    ("POST", "sensors/readings"): "sensor", ("POST", "telemetry"): "sensor",
+    ("POST", "sensors/reconcile"): "adjust", ("GET", "reviews"): "read",
+    ("GET", "reviews/{rid}"): "read", ("POST", "reviews/{rid}/resolve"): "review",
+    ("GET", "replenishment"): "read", ("GET", "telemetry/alerts"): "read",
 }
 #: Commands a ``pos`` device runs only with a staff session.
 _STAFFED: Final = WRITES | {"audit"}
@@ -124,7 +131,7 @@ class Gate:
         self.throttle = SourceThrottle()
         self.refusals: dict[str, int] = {}
         self.logins = 0
-        self._auth_mtime: float | None = None
+        self._stamps: list[int | None] | None = None  # mtimes of auth/revocations.json
 
     # --- the middleware -----------------------------------------------------------------
 
@@ -313,44 +320,52 @@ class Gate:
     # --- picking up the edge's auth.json --------------------------------------------------
 
     def apply(self, roster: Roster | None, crl: RevocationList | None) -> bool:
+        """Adopt a newer roster or revocation list from the edge's files through the sync
+        core, so it is pushed to every peer at once (``SyncCore.learn_*``)."""
+        core = self.node.core
         trust = self.node.identity.trust
         before = trust.version
         try:
             if crl is not None:
-                trust.apply_revocations(crl)
+                self.node.handle_effects(core.learn_revocations(crl, self.node.now_ms()))
             if roster is not None:
-                trust.apply_roster(roster)
+                self.node.handle_effects(core.learn_roster(roster))
         except EnvelopeError as exc:
-            log.error("auth.json holds something the store key did not sign: %s", exc)
+            log.error("the edge's files hold something the store key did not sign: %s", exc)
         if trust.roster is not None:
             self.pins.forget_except(trust.roster.staff.keys())
-        if trust.version != before:
-            self.node.durable.save_trust()
-            return True
-        return False
+        return trust.version != before
 
     async def reload_once(self) -> None:
+        """Re-sign the roster when due (the edge), then adopt what changed in
+        ``auth.json`` (roster) and ``revocations.json`` (devices and nodes revoked)."""
         from mesh.authdir import AUTH_FILE, load_auth, refresh_roster
+        from mesh.revoke import REVOCATIONS_FILE, load_revocations
 
-        data_dir: Path = self.node.identity.data_dir
-        path = data_dir / AUTH_FILE
-        trust = self.node.identity.trust
+        ident = self.node.identity
+        data_dir: Path = ident.data_dir
+        trust = ident.trust
         roster = trust.roster
-        if (self.node.identity.store_key is not None and roster is not None
+        if (ident.store_key is not None and roster is not None
                 and roster.not_after - self.node.now_ms() <= config.ROSTER_VALIDITY_MS // 2):
             await asyncio.to_thread(refresh_roster, data_dir, self.node.now_ms())
-        try:
-            mtime = (await asyncio.to_thread(os.stat, path)).st_mtime_ns
-        except FileNotFoundError:
+        stamps: list[int | None] = []
+        for name in (AUTH_FILE, REVOCATIONS_FILE):
+            try:
+                stamps.append((await asyncio.to_thread(os.stat, data_dir / name)).st_mtime_ns)
+            except FileNotFoundError:
+                stamps.append(None)
+        if stamps == self._stamps:
             return
-        if mtime == self._auth_mtime:
-            return
-        self._auth_mtime = mtime
-        doc = await asyncio.to_thread(load_auth, data_dir)
-        new_roster = None if doc["roster"] is None else Roster.from_dict(doc["roster"])
-        new_crl = None if doc["crl"] is None else RevocationList.from_dict(doc["crl"])
+        self._stamps = stamps
+        new_roster = new_crl = None
+        if stamps[0] is not None:
+            doc = await asyncio.to_thread(load_auth, data_dir)
+            new_roster = None if doc["roster"] is None else Roster.from_dict(doc["roster"])
+        if stamps[1] is not None:
+            new_crl = await asyncio.to_thread(load_revocations, data_dir, trust)
         if self.apply(new_roster, new_crl):
-            log.info("picked up %s: roster v%d, revocation list v%d", AUTH_FILE,
+            log.info("picked up the edge's files: roster v%d, revocation list v%d",
                      trust.roster_version, trust.crl_version)
 
     async def _reload_loop(self) -> None:
@@ -358,7 +373,7 @@ class Gate:
             try:
                 await self.reload_once()
             except (OSError, ValueError, EnvelopeError) as exc:
-                log.warning("cannot read auth.json: %s", exc)
+                log.warning("cannot read auth.json or revocations.json: %s", exc)
             await asyncio.sleep(config.AUTH_RELOAD_S)
 
     async def run(self, app: web.Application) -> AsyncIterator[None]:

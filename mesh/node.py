@@ -297,6 +297,10 @@ class Node:
                 except Exception:
                     log.exception("durable-envelope listener failed")
 
+    def handle_effects(self, effects: list[Effect]) -> None:
+        """Carry out effects of the core returned to someone else (the API's gate)."""
+        self._handle(effects)
+
     def _handle(self, effects: list[Effect]) -> None:
         persist: list[Envelope] = []
         for eff in effects:

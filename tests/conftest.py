@@ -55,4 +55,4 @@ def _no_leftover_token() -> None:
     """Each test starts without a current API credential (tests.meshkit.use_token)."""
     from tests import meshkit
 
-    meshkit.use_token(None)
+    meshkit.reset_tokens()

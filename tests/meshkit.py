@@ -43,9 +43,11 @@ import aiohttp
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
 
-from mesh.auth import issue_device
-from mesh.datadir import NodeIdentity, enrol_node, init_store, load_identity
+from mesh import authdir
+from mesh.authdir import issue_device_credential
+from mesh.datadir import NodeIdentity, enrol_node, init_store
 from mesh.enrol import create_token
 from mesh.identity import TrustStore
 
@@ -86,29 +88,100 @@ def tag() -> str:
 
 
 def new_store(base: Path, store_id: str, edge_id: str) -> NodeIdentity:
-    """A store key and its first (edge) node in ``base/edge_id``. It also becomes the
-    store whose service credential ``client()`` sends (``use_token``)."""
+    """A store key and its first (edge) node in ``base/edge_id``, and a back-office
+    integration's credential for it (``issue_token``), which ``client()`` sends to that
+    store's nodes (the first store of a test is also the default: ``use_token``)."""
     edge = init_store(base / edge_id, store_id, now_ms=now_ms(), node_id=edge_id)
-    use_token(issue_token(edge))
+    token = issue_token(edge)
+    _STORE_TOKENS[store_id] = token
+    if _TOKEN[0] is None:
+        use_token(token)
     return edge
 
 
 # --- API credentials (mesh.auth) ---------------------------------------------------------
 
-#: The credential ``client()`` sessions send when a request names none (set by
-#: ``new_store``; reset before every test by conftest).
+#: The credential ``client()`` sessions send when a request names none, unless the
+#: request goes to a node of a store in ``_STORE_TOKENS`` (set by ``new_store``; reset
+#: before every test by conftest: ``reset_tokens``).
 _TOKEN: list[str | None] = [None]
+#: store id -> the integration credential ``new_store`` issued for it
+_STORE_TOKENS: dict[str, str] = {}
+#: "host:port" of a node process -> its store id (learnt as it starts: ``Cluster``)
+_ORIGIN_STORE: dict[str, str] = {}
+
+
+def use_store_token(store_id: str, token: str, *urls: str) -> None:
+    """``client()`` sends ``token`` to the nodes of ``store_id`` (the cloud's
+    ``/stores/<store_id>/``, and the nodes at ``urls``)."""
+    _STORE_TOKENS[store_id] = token
+    for u in urls:
+        url = URL(u)
+        _ORIGIN_STORE[f"{url.host}:{url.port}"] = store_id
+
+
+def reset_tokens() -> None:
+    _TOKEN[0] = None
+    _STORE_TOKENS.clear()
+    _ORIGIN_STORE.clear()
+
+
+def _token_for(url: Any) -> str | None:
+    """The credential for a request to ``url``: its store's (a cloud's ``/stores/S/``
+    path, or a node process's address), else the default."""
+    parts = url.path.split("/")
+    store = parts[2] if len(parts) > 3 and parts[1] == "stores" else None
+    if store is None:
+        store = _ORIGIN_STORE.get(f"{url.host}:{url.port}")
+    return _STORE_TOKENS.get(store, _TOKEN[0]) if store is not None else _TOKEN[0]
+
+
+#: scrypt cost of test staff PINs (the CLI's default, config.PIN_SCRYPT_N, costs ~50 ms a
+#: check; a cheap cost keeps PIN logins fast in tests and changes nothing else).
+PIN_COST = 1024
+
+
+def _edge_dir(edge: NodeIdentity | Path) -> Path:
+    return edge.data_dir if isinstance(edge, NodeIdentity) else Path(edge)
 
 
 def issue_token(edge: NodeIdentity | Path, device_id: str = "test-svc", role: str = "service",
                 **kwargs: Any) -> str:
-    """A device credential signed with the store key of ``edge`` (offline, like the
-    edge's ``storemesh device issue``, without recording it in auth.json)."""
-    ident = edge if isinstance(edge, NodeIdentity) else load_identity(Path(edge))
-    assert ident.store_key is not None, "the edge of the store holds the store key"
-    _, text = issue_device(ident.store_key, store_id=ident.store_id, device_id=device_id,
-                           role=role, now_ms=now_ms(), ttl_ms=24 * 3600_000, **kwargs)
-    return text
+    """A device credential issued by the store's edge in ``edge`` as ``storemesh device
+    issue`` does it (``mesh.authdir``: recorded in auth.json, revocable)."""
+    return issue_device_credential(_edge_dir(edge), device_id=device_id, role=role,
+                                   now_ms=now_ms(), ttl_ms=24 * 3600_000, **kwargs)
+
+
+def add_staff(edge: NodeIdentity | Path, staff_id: str, role: str = "cashier",
+              pin: str = "2468", name: str | None = None) -> int:
+    """Put ``staff_id`` on the roster as ``storemesh staff add`` does; returns the new
+    roster version (the nodes pick it up: ``wait_roster``)."""
+    roster = authdir.add_staff(_edge_dir(edge), staff_id=staff_id, name=name or staff_id,
+                               role=role, pin=pin, now_ms=now_ms(), pin_cost=PIN_COST)
+    return roster.version
+
+
+async def wait_roster(http: aiohttp.ClientSession, url: str, version: int,
+                      within: float = 15.0) -> None:
+    """Until the node at ``url`` holds roster ``version`` or later (``/v1/health``)."""
+    async def probe() -> bool:
+        return bool((await get_json(http, url, "/v1/health"))["roster_version"] >= version)
+    await until(probe, within=within, what=f"roster v{version} at {url}")
+
+
+async def login(http: aiohttp.ClientSession, url: str, token: str, staff_id: str,
+                pin: str = "2468", *, roster: int | None = None) -> dict[str, str]:
+    """Log ``staff_id`` in at the node at ``url`` from the device holding ``token``, as a
+    till does (``POST /v1/session``); returns the headers of that till's writes. With
+    ``roster``, first wait until the node holds that roster version."""
+    if roster is not None:
+        await wait_roster(http, url, roster)
+    async with http.post(url + "/v1/session", json={"staff_id": staff_id, "pin": pin},
+                         headers=bearer(token)) as resp:
+        body = await resp.json()
+        assert resp.status == 201, f"login of {staff_id} at {url}: {resp.status} {body}"
+    return {**bearer(token), "X-Staff-Session": body["session"]}
 
 
 def use_token(token: str | None) -> None:
@@ -121,10 +194,46 @@ def bearer(token: str) -> dict[str, str]:
 
 async def _with_token(req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
                       ) -> aiohttp.ClientResponse:
-    token = _TOKEN[0]
+    token = _token_for(req.url)
     if token is not None and "Authorization" not in req.headers:
         req.headers["Authorization"] = f"Bearer {token}"
     return await handler(req)
+
+
+#: The HQ account tests make on a cloud (``add_hq_user``) and its password.
+HQ_USER = "hq-ann"
+HQ_PASSWORD = "correct horse battery"
+
+
+def add_hq_user(cloud_root: Path, name: str = HQ_USER, password: str = HQ_PASSWORD,
+                role: str = "viewer") -> None:
+    """An HQ account on the cloud in ``cloud_root``, as ``storemesh hq add`` makes it."""
+    from mesh.hq import add_user
+
+    add_user(cloud_root, name, password, role=role, cost=PIN_COST)
+
+
+@contextlib.asynccontextmanager
+async def hq_session(cloud_url: str, name: str = HQ_USER, password: str = HQ_PASSWORD,
+                     ) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client logged in at the cloud's HQ door (``POST /v1/hq/login``), holding the
+    session cookie (a cookie jar that accepts cookies from an IP address: loopback);
+    it also sends the store credentials ``client()`` does."""
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT, middlewares=(_with_token,),
+                                     cookie_jar=jar) as http:
+        await hq_login(http, cloud_url, name, password)
+        yield http
+
+
+async def hq_login(http: aiohttp.ClientSession, cloud_url: str, name: str = HQ_USER,
+                   password: str = HQ_PASSWORD) -> dict[str, Any]:
+    """Log in at the cloud's HQ door (again: a restarted cloud forgot its sessions)."""
+    async with http.post(cloud_url + "/v1/hq/login",
+                         json={"user": name, "password": password}) as resp:
+        body: dict[str, Any] = await resp.json()
+        assert resp.status == 200, f"HQ login at {cloud_url}: {resp.status} {body}"
+    return body
 
 
 @contextlib.asynccontextmanager
@@ -284,6 +393,8 @@ class Cluster:
                 words = line.split()
                 node.node_id, node.role = words[2], words[3].strip("()")
                 node.store_id, node.url = words[6], words[-1]
+                url = URL(node.url)
+                _ORIGIN_STORE[f"{url.host}:{url.port}"] = node.store_id
                 return
         pytest.fail(f"node {node.name} did not print its URL within {within} s; stdout "
                     f"{seen}\nlog:\n{node.log_tail()}")

@@ -43,6 +43,24 @@ from mesh.node import Node
 from mesh.replica import Replica
 
 LOOPBACK = "127.0.0.1"
+
+
+def add_hq_user(cloud_root: Path) -> None:
+    from tests.meshkit import add_hq_user as add  # (not at import: the child runs alone)
+
+    add(cloud_root)
+
+
+def hq_session(cloud_url: str) -> Any:
+    from tests.meshkit import hq_session as session
+
+    return session(cloud_url)
+
+
+async def hq_login(http: aiohttp.ClientSession, cloud_url: str) -> None:
+    from tests.meshkit import hq_login as login
+
+    await login(http, cloud_url)
 Totals = Counter[tuple[str, str, int, str]]  # (store, sku, hour, kind) -> qty
 
 
@@ -362,6 +380,7 @@ class Fleet:
         #: Acknowledged sales per (store, sku): [count, units].
         self.sold: dict[tuple[str, str], list[int]] = {}
         self._txn = itertools.count(1)
+        self.tokens: dict[str, str] = {}  # store id -> an integration's credential
         t = now_ms()
         for sid in store_ids:
             edge = init_store(base / sid / "edge", sid, now_ms=t, node_id=f"edge-{sid}")
@@ -372,6 +391,7 @@ class Fleet:
                                    trust=TrustStore.from_dict(edge.trust.to_dict()))
                 edge.trust.add_certificate(ident.certificate)
             edge.save()
+        add_hq_user(self.cloud_root)  # head office logs in to the fleet views
 
     @property
     def analytics(self) -> Analytics:
@@ -408,6 +428,16 @@ class Fleet:
                        peers=[edge.url])
             await reg.start()
             self.regs[sid] = reg
+            self._use_token(sid, edge.url, reg.url)
+
+    def _use_token(self, sid: str, *urls: str) -> None:
+        """``tests.meshkit.client()`` sends store ``sid``'s integration credential to
+        its nodes (its edge, its register, its replica at the cloud)."""
+        from tests import meshkit
+
+        if sid not in self.tokens:
+            self.tokens[sid] = meshkit.issue_token(self.base / sid / "edge")
+        meshkit.use_store_token(sid, self.tokens[sid], *urls)
 
     async def receive(self, sid: str, sku: str, qty: int) -> None:
         txn = f"rcv-{next(self._txn)}"
@@ -491,7 +521,7 @@ async def test_fleet_sales_stock_health_and_exact_catch_up(fleet: Fleet) -> None
     await fleet.sell("s2", "sku-a", 2)
     await fleet.sell("s2", "sku-b", 3)  # 2 more than there are: an oversell exception
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+    async with hq_session(fleet.url) as http:
         want = fleet.want_sales()
 
         async def sales_arrived() -> Any:
@@ -547,6 +577,7 @@ async def test_fleet_sales_stock_health_and_exact_catch_up(fleet: Fleet) -> None
             await fleet.sell("s2", "sku-a", 1)
         await asyncio.sleep(0.3)
         await fleet.start_cloud()
+        await hq_login(http, fleet.url)  # a restart ends every HQ session
         want = fleet.want_sales()
 
         async def caught_up() -> Any:
@@ -578,6 +609,7 @@ async def lone_cloud(tmp_path: Path) -> AsyncIterator[CloudNode]:
     assert edge.store_key is not None
     enrol_node(tmp_path / "cloud" / "s1", edge.store_key, "s1", "cloud", now_ms=now_ms(),
                node_id="cloud-s1", trust=TrustStore.from_dict(edge.trust.to_dict()))
+    add_hq_user(tmp_path / "cloud")
     cloud = CloudNode(tmp_path / "cloud", http_host=LOOPBACK)
     cloud.setup_hooks.append(setup_dashboard)
     await cloud.start()
@@ -606,7 +638,7 @@ async def lone_cloud(tmp_path: Path) -> AsyncIterator[CloudNode]:
 ])
 async def test_bad_query_parameters_get_json_errors(lone_cloud: CloudNode, path: str,
                                                     status: int, field: str | None) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with hq_session(lone_cloud.url) as http:
         got, body = await get(http, lone_cloud.url + path)
     assert got == status, body
     assert body["error"]["field"] == field and body["error"]["message"]
@@ -614,7 +646,7 @@ async def test_bad_query_parameters_get_json_errors(lone_cloud: CloudNode, path:
 
 @pytest.mark.asyncio
 async def test_lone_cloud_answers_empty_fleet_and_serves_the_page(lone_cloud: CloudNode) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with hq_session(lone_cloud.url) as http:
         sales = await get_ok(http, lone_cloud.url + "/v1/fleet/sales?hours=3")
         assert sales["totals"] == {"sales": 0, "units": 0} and len(sales["hourly"]) == 3
         assert (await get_ok(http, lone_cloud.url + "/v1/fleet/stock")) == \

@@ -187,7 +187,7 @@ async def test_a_revoked_device_or_disabled_staff_is_refused(
     n, toks = store
     t1 = await login(n, toks["till-1"], "ann", "1111")
     authdir.update_staff(tmp_path / "edge", "ann", now_ms=now_ms(), disabled=True)
-    authdir.revoke_device(tmp_path / "edge", "svc")
+    authdir.revoke_device(tmp_path / "edge", "svc", now_ms=now_ms())
     for _ in range(50):
         if n.identity.trust.is_revoked("device:svc") and n.identity.trust.roster_version >= 2:
             break

@@ -1,9 +1,11 @@
 """The fleet dashboard end to end in headless Chromium (Debian's ``chromium`` package).
 
 A cloud peer and two stores run in this process on 127.0.0.1; a register makes a sale;
-Chromium loads the dashboard (its script polls ``/v1/fleet/*`` and renders), and the
-DOM it dumps must show that sale and the stock it left. A screenshot of the page is
-kept in the test's tmp dir. Chromium talks to loopback only: every background service
+Chromium (driven over the DevTools protocol: ``tests.browser``) is sent to the login
+page without a session, logs in there as a person does (typing into the form), loads
+the dashboard (its script polls ``/v1/fleet/*`` with the session cookie and renders),
+and the DOM must show that sale and the stock it left. A screenshot of the page is kept
+in the test's tmp dir. Chromium talks to loopback only: every background service
 that could reach out (updates, sync, QUIC, field trials) is switched off.
 
 Setup: if ``chromium`` is missing and we are root with apt-get, the session fixture
@@ -25,6 +27,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.browser import Browser, log_in
+from tests.meshkit import HQ_PASSWORD, HQ_USER
 from tests.test_analytics import Fleet, until
 
 log = logging.getLogger(__name__)
@@ -65,16 +69,18 @@ def chromium() -> str:
     return path
 
 
-def chromium_argv(binary: str, profile: Path) -> list[str]:
-    return [
+def chromium_argv(binary: str, profile: Path, *, virtual_time: bool = True) -> list[str]:
+    """Chromium's flags; ``virtual_time``: for a one-shot ``--dump-dom``/``--screenshot``
+    run (not for a ``tests.browser.Browser``, which waits in real time)."""
+    flags = [
         binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
         "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--disable-default-apps",
         "--disable-extensions", "--disable-domain-reliability", "--disable-breakpad",
         "--disable-field-trial-config", "--metrics-recording-only", "--mute-audio",
         "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
-        f"--virtual-time-budget={VIRTUAL_TIME_MS}",
     ]
+    return flags + ([f"--virtual-time-budget={VIRTUAL_TIME_MS}"] if virtual_time else [])
 
 
 async def run_chromium(argv: list[str]) -> tuple[int, bytes, bytes]:
@@ -142,8 +148,31 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
         await f.close()
 
 
+@pytest_asyncio.fixture
+async def browser(chromium: str, tmp_path: Path) -> AsyncIterator[Browser]:
+    b = Browser(chromium_argv(chromium, tmp_path / "profile", virtual_time=False),
+                tmp_path / "profile")
+    try:
+        yield await b.start()
+    finally:
+        await b.close()
+
+
+async def logged_in_dashboard(browser: Browser, url: str) -> Cells:
+    """Log in at the login page (typed), open ``url`` and read the rendered DOM once the
+    script refreshed with live data."""
+    await log_in(browser, url.split("/?")[0].rstrip("/"), HQ_USER, HQ_PASSWORD)
+    await browser.goto(url)
+    await browser.until("Number(document.body.dataset.refreshes) >= 2 && "
+                        "document.getElementById('conn').textContent === 'live'",
+                        "the dashboard to refresh with live data")
+    page = Cells()
+    page.feed(await browser.dom())
+    return page
+
+
 @pytest.mark.asyncio
-async def test_dashboard_shows_a_sale_made_a_moment_before(fleet: Fleet, chromium: str,
+async def test_dashboard_shows_a_sale_made_a_moment_before(fleet: Fleet, browser: Browser,
                                                            tmp_path: Path) -> None:
     await fleet.start_cloud()
     await fleet.start_stores()
@@ -161,15 +190,23 @@ async def test_dashboard_shows_a_sale_made_a_moment_before(fleet: Fleet, chromiu
     await until(at_cloud, within=10, what="the sale reaches the cloud")
     await fleet.analytics.flush()
 
+    # without a login the dashboard shows nothing: the browser lands on the login page
     url = f"{fleet.url}/?sku=sku-a"
-    code, dom, err = await run_chromium(
-        [*chromium_argv(chromium, tmp_path / "profile"), "--dump-dom", url])
-    assert code == 0, err.decode(errors="replace")[-3000:]
-    (tmp_path / "dashboard.html").write_bytes(dom)
-    page = Cells()
-    page.feed(dom.decode())
-    assert int(page.body.get("data-refreshes") or 0) >= 1, "the script never refreshed"
+    await browser.goto(url)
+    assert await browser.path() == "/login"
+    refused = Cells()
+    refused.feed(await browser.dom())
+    assert "stock-table" not in await browser.dom() and not refused.cells
+    assert await browser.eval("document.cookie") == ""
+    # a wrong password keeps it there, with the reason
+    await log_in_expecting_failure(browser, fleet.url)
+
+    page = await logged_in_dashboard(browser, url)
+    (tmp_path / "dashboard.html").write_text(await browser.dom())
     assert page.by_id.get("conn") == "live", page.by_id.get("conn")
+    assert page.by_id.get("account-name") == f"{HQ_USER} (viewer)"
+    # the session cookie is not readable by the page's scripts (HttpOnly)
+    assert await browser.eval("document.cookie") == ""
     stock = {(store, col): text for (table, store, col), text in page.cells.items()
              if table == "stock-table"}
     assert stock[("s1", "on_hand")] == "37" and stock[("s2", "on_hand")] == "20", stock
@@ -184,9 +221,25 @@ async def test_dashboard_shows_a_sale_made_a_moment_before(fleet: Fleet, chromiu
     assert page.by_id["card-online"] == "2 / 2"
 
     shot = tmp_path / "dashboard.png"
-    code, _, err = await run_chromium(
-        [*chromium_argv(chromium, tmp_path / "profile"), f"--screenshot={shot}",
-         "--window-size=1280,900", url])
-    assert code == 0 and shot.exists(), err.decode(errors="replace")[-3000:]
+    await browser.call("Emulation.setDeviceMetricsOverride", width=1280, height=900,
+                       deviceScaleFactor=1, mobile=False)
+    await browser.screenshot(shot)
     assert shot.stat().st_size > 20_000, "the screenshot looks blank"
     log.info("dashboard screenshot: %s", shot)
+
+    # logging out (the page's button, with the session's CSRF token) ends the session
+    await browser.click("#logout")
+    await browser.until("location.pathname === '/login'", "the login page after logout")
+    await browser.goto(url)
+    assert await browser.path() == "/login"
+
+
+async def log_in_expecting_failure(browser: Browser, cloud_url: str) -> None:
+    await browser.goto(cloud_url + "/login")
+    await browser.type_into("#user", HQ_USER)
+    await browser.type_into("#password", "not the password")
+    await browser.click("#submit")
+    text = await browser.until("document.getElementById('error') && "
+                               "document.getElementById('error').textContent",
+                               "the login page to say why")
+    assert "wrong password" in text and await browser.path() == "/login"

@@ -86,7 +86,7 @@ def _pct(values: list[float], q: float) -> float:
 async def _receipts(http: aiohttp.ClientSession, node: NodeProc, stock: dict[str, int]) -> None:
     for sku, qty in stock.items():
         await post_ok(http, node.url, "/v1/receipts",
-                      {"sku": sku, "qty": qty, "txn_id": f"grn-{sku}", "staff_id": "mgr"})
+                      {"sku": sku, "qty": qty, "txn_id": f"grn-{sku}"})
 
 
 # --- 1. discovery and visibility ---------------------------------------------------------
