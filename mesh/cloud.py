@@ -15,12 +15,19 @@ Invariants:
  2. The cloud verifies every envelope like every other node and originates only what
     its role allows (reservations, catalog, releases).
  3. Every session of the cloud is a WAN session: compressed and batched.
+ 4. One TLS listener serves every store: a store's node names its store in the TLS
+    server name (``mesh.tls.sni_name``) and the cloud answers with that store's
+    certificate (signed by that store's key); a client certificate must chain to one
+    of the hosted stores' CAs, and the sync handshake then checks it is enrolled in the
+    store of the path it asked for (``mesh.transport`` invariant 7), so one store's
+    CA can never open a session with another store's replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,7 @@ from aiohttp import web
 from mesh.enrol import join, parse_token
 from mesh.httpfaults import CLIENT_FAULTS, ClientFaults, ServerLog
 from mesh.node import Node
+from mesh.tls import TlsSite, is_loopback_host, server_context, sni_name
 
 __all__ = ["CloudNode", "cloud_join"]
 
@@ -37,25 +45,33 @@ log = logging.getLogger(__name__)
 
 
 async def cloud_join(root: Path, token: str, *, url: str | None,
-                     node_id: str | None = None) -> Path:
+                     node_id: str | None = None, insecure_plaintext: bool = False) -> Path:
     """Enrol the cloud in one more store with a join token (role ``cloud``): creates
     ``ROOT/<store id>/``. Returns that directory."""
     parsed = parse_token(token)
     if parsed.role != "cloud":
         raise ValueError(f"this token enrols a {parsed.role}; ask for one with --role cloud")
     data_dir = root / parsed.store_id
-    await join(data_dir, token, url=url, node_id=node_id or f"cloud-{parsed.store_id}")
+    await join(data_dir, token, url=url, node_id=node_id or f"cloud-{parsed.store_id}",
+               insecure_plaintext=insecure_plaintext)
     return data_dir
 
 
 class CloudNode:
     """Many store replicas in one process, behind one HTTP server."""
 
-    def __init__(self, root: Path, *, http_host: str = "127.0.0.1", http_port: int = 0) -> None:
+    def __init__(self, root: Path, *, http_host: str = "127.0.0.1", http_port: int = 0,
+                 insecure_plaintext: bool = False) -> None:
+        if insecure_plaintext and not is_loopback_host(http_host):
+            raise ValueError(f"insecure_plaintext serves plain HTTP: only on a loopback "
+                             f"address, not {http_host}")
+        self.insecure_plaintext = insecure_plaintext
         self.root = Path(root)
         self.http_host = http_host
         self.http_port = http_port
         self.nodes: dict[str, Node] = {}
+        #: TLS handshakes refused by the shared listener, by reason (``mesh.tls``).
+        self.tls_refused: dict[str, int] = {}
         self._opened: list[Node] = []
         self.app = web.Application()
         self.url = ""
@@ -75,7 +91,8 @@ class CloudNode:
             raise FileNotFoundError(
                 f"{self.root} holds no store: enrol the cloud with 'storemesh cloud join'")
         for data_dir in dirs:
-            node = Node(data_dir, serve=False, discovery=False, wan=True)
+            node = Node(data_dir, serve=False, discovery=False, wan=True,
+                        insecure_plaintext=self.insecure_plaintext)
             self._opened.append(node)  # closed by close() even if its start is cut short
             await node.start()
             if node.identity.role != "cloud":
@@ -88,15 +105,47 @@ class CloudNode:
         faults = self.app[CLIENT_FAULTS] = ClientFaults()  # for requests outside a store
         self._runner = web.AppRunner(self.app, access_log=None, logger=ServerLog(faults))
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.http_host, self.http_port)
+        site: web.BaseSite
+        if self.insecure_plaintext:
+            site = web.TCPSite(self._runner, self.http_host, self.http_port)
+        else:
+            site = TlsSite(self._runner, self.http_host, self.http_port, self._tls_context(),
+                           self._tls_refused)
         await site.start()
         server = site._server
         assert server is not None
         self.http_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-        self.url = f"http://{self.http_host}:{self.http_port}"
+        scheme = "http" if self.insecure_plaintext else "https"
+        self.url = f"{scheme}://{self.http_host}:{self.http_port}"
         for store_id, node in self.nodes.items():
             node.url = f"{self.url}/stores/{store_id}"
         log.info("cloud peer for %d store(s) listening on %s", len(self.nodes), self.url)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """Invariant 4: one context per store, chosen by the TLS server name."""
+        by_name: dict[str, ssl.SSLContext] = {}
+        first: ssl.SSLContext | None = None
+        cas: list[bytes] = []
+        for store_id, node in sorted(self.nodes.items()):
+            assert node.tls is not None
+            ctx = server_context(node.tls)
+            by_name[sni_name(store_id)] = ctx
+            cas.append(node.tls.ca_pem)
+            first = first or ctx
+        assert first is not None
+        for ca in cas:  # a client certificate of any hosted store verifies
+            first.load_verify_locations(cadata=ca.decode("ascii"))
+
+        def pick(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+            chosen = by_name.get(name or "")
+            if chosen is not None:
+                sslobj.context = chosen
+        first.sni_callback = pick
+        return first
+
+    def _tls_refused(self, reason: str) -> None:
+        """A TLS handshake failed before any store was chosen: counted fleet-wide."""
+        self.tls_refused[reason] = self.tls_refused.get(reason, 0) + 1
 
     async def close(self) -> None:
         """Close every store node opened (all of them, or those a cancelled or failed
