@@ -46,6 +46,7 @@ from urllib.parse import quote, unquote
 
 from aiohttp import web
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -212,7 +213,7 @@ def check_node_cert(ca_pem: bytes, cert_pem: bytes, *, store_id: str, node_id: s
         ca = x509.load_pem_x509_certificate(ca_pem)
         cert = x509.load_pem_x509_certificate(cert_pem)
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, InvalidSignature) as exc:
         raise ValueError(f"the TLS certificate is not issued by the store CA ({exc})") from None
     who = peer_identity(cert.public_bytes(serialization.Encoding.DER))
     if who != PeerIdentity(store_id, node_id, public_key):

@@ -386,7 +386,8 @@ class Fleet:
         return self.cloud.url
 
     async def start_cloud(self) -> CloudNode:
-        cloud = CloudNode(self.cloud_root, http_host=LOOPBACK, http_port=self.port)
+        cloud = CloudNode(self.cloud_root, insecure_plaintext=True,
+                          http_host=LOOPBACK, http_port=self.port)
         cloud.setup_hooks.append(setup_dashboard)
         await cloud.start()
         self.cloud, self.port = cloud, cloud.http_port
@@ -400,11 +401,13 @@ class Fleet:
     async def start_stores(self) -> None:
         assert self.port, "start the cloud first: the edges dial its URL"
         for sid in self.store_ids:
-            edge = Node(self.base / sid / "edge", http_host=LOOPBACK, discovery=False,
+            edge = Node(self.base / sid / "edge", insecure_plaintext=True,
+                        http_host=LOOPBACK, discovery=False,
                         wan_peers=[f"http://{LOOPBACK}:{self.port}/stores/{sid}"])
             await edge.start()
             self.edges[sid] = edge
-            reg = Node(self.base / sid / "reg", http_host=LOOPBACK, discovery=False,
+            reg = Node(self.base / sid / "reg", insecure_plaintext=True,
+                       http_host=LOOPBACK, discovery=False,
                        peers=[edge.url])
             await reg.start()
             self.regs[sid] = reg
@@ -578,7 +581,7 @@ async def lone_cloud(tmp_path: Path) -> AsyncIterator[CloudNode]:
     assert edge.store_key is not None
     enrol_node(tmp_path / "cloud" / "s1", edge.store_key, "s1", "cloud", now_ms=now_ms(),
                node_id="cloud-s1", trust=TrustStore.from_dict(edge.trust.to_dict()))
-    cloud = CloudNode(tmp_path / "cloud", http_host=LOOPBACK)
+    cloud = CloudNode(tmp_path / "cloud", insecure_plaintext=True, http_host=LOOPBACK)
     cloud.setup_hooks.append(setup_dashboard)
     await cloud.start()
     try:

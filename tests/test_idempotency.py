@@ -147,7 +147,8 @@ def test_a_strict_flag_is_not_content(kit: StoreKit) -> None:
 @pytest_asyncio.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
     init_store(tmp_path / "edge", "store-1", now_ms=now_ms(), node_id="edge")
-    n = Node(tmp_path / "edge", http_host="127.0.0.1", http_port=0, discovery=False)
+    n = Node(tmp_path / "edge", insecure_plaintext=True,
+             http_host="127.0.0.1", http_port=0, discovery=False)
     await n.start()
     try:
         yield n

@@ -52,9 +52,9 @@ async def test_a_certificate_learned_in_the_handshake_survives_a_restart(tmp_pat
     enrol_direct(tmp_path, edge, "r1")
     r2_ident = enrol_direct(tmp_path, edge, "r2")  # its trust store: edge and r2 only
     assert r2_ident.trust.certificate("r1") is None
-    r1 = Node(tmp_path / "r1", discovery=False)
+    r1 = Node(tmp_path / "r1", insecure_plaintext=True, discovery=False)
     await r1.start()
-    r2 = Node(tmp_path / "r2", discovery=False, peers=[r1.url])
+    r2 = Node(tmp_path / "r2", insecure_plaintext=True, discovery=False, peers=[r1.url])
     try:
         await r2.start()
         for i in range(5):
