@@ -37,7 +37,7 @@ def _start_cloud(cluster: mk.Cluster, root: Path, port: int) -> mk.NodeProc:
                        cluster.base / "cloud.log")
     cluster.nodes.setdefault("cloud", node)
     cluster._spawn(node)
-    node.url = f"http://127.0.0.1:{port}"
+    node.url = f"https://127.0.0.1:{port}"
     return node
 
 
@@ -67,7 +67,7 @@ async def test_two_stores_and_a_cloud(cluster: mk.Cluster, tmp_path: Path) -> No
         mk.enrol_direct(tmp_path / "hq", edge, f"cloud-{s}-{t}", role="cloud")
         stores[s] = (edge, reg)
     port = _free_port()
-    cloud_url = f"http://127.0.0.1:{port}"
+    cloud_url = f"https://127.0.0.1:{port}"
     cloud = _start_cloud(cluster, tmp_path / "hq", port)
     nodes: dict[str, mk.NodeProc] = {}
     for s, (edge, reg) in stores.items():
