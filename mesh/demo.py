@@ -26,6 +26,7 @@ from rich.table import Table
 
 from mesh.datadir import init_store
 from mesh.enrol import create_token
+from mesh.tls import api_client_context
 
 __all__ = ["run_demo"]
 
@@ -276,7 +277,7 @@ async def run_demo(base: Path, tokens: dict[str, str], duration: float | None) -
     common = ["--interface", "127.0.0.1", "--http-port", "0", "--log-level",
               os.environ.get("STOREMESH_LOG_LEVEL", "WARNING")]
     try:
-        cloud_url = f"http://127.0.0.1:{_free_port()}"
+        cloud_url = f"https://127.0.0.1:{_free_port()}"
         store_on_cloud = f"{cloud_url}/stores/demo-store"
         edge = _Proc("edge", ["node", "--data", str(base / "edge"), "--cloud", store_on_cloud,
                               *common], base / "edge.log")
@@ -300,7 +301,11 @@ async def run_demo(base: Path, tokens: dict[str, str], duration: float | None) -
         for p in procs[2:]:
             urls[p.name] = await p.wait_url(30)
         everyone = {**urls, "cloud": store_on_cloud}
-        async with aiohttp.ClientSession() as http:
+        # Every node serves TLS with a certificate the store key signed: pin that CA,
+        # as a till does (what 'storemesh store ca' exports).
+        ca = base / "edge" / "tls-ca.pem"
+        pinned = aiohttp.TCPConnector(ssl=api_client_context(ca.read_bytes()))
+        async with aiohttp.ClientSession(connector=pinned) as http:
             formed = await _wait_mesh(http, urls, 30)
             console.print(f"4 nodes up; registers joined by token and found each other by "
                           f"mDNS: full mesh in {formed:.1f} s; the edge dialled out to the "
@@ -331,10 +336,15 @@ async def run_demo(base: Path, tokens: dict[str, str], duration: float | None) -
                           "demo-store" + (" (every one, once)" if fleet == made else ""))
         console.rule("open these")
         e = urls["edge"]
+        console.print(f"every link is TLS; pin the store CA {ca}, e.g.\n"
+                      f"  curl --cacert {ca} --resolve edge:{e.rsplit(':', 1)[1]}:127.0.0.1 "
+                      f"https://edge:{e.rsplit(':', 1)[1]}/v1/stock\n"
+                      "(certificates are Ed25519: curl, Python and the CLI accept them, "
+                      "today's browsers do not; see docs/security.md)")
         console.print(f"dashboard    {cloud_url}/   (the cloud peer's fleet view)\n"
                       f"stock        {e}/v1/stock\nlive stream  {e}/v1/events\n"
                       f"exceptions   {e}/v1/exceptions\nmetrics      {e}/metrics\n"
-                      f"status       .venv/bin/storemesh status {e}\n"
+                      f"status       .venv/bin/storemesh status {e} --ca {ca}\n"
                       f"audit trail  .venv/bin/storemesh ledger show {base / 'edge'}")
         for name, url in urls.items():
             console.print(f"  {name:<11} {url}")

@@ -616,7 +616,7 @@ async def test_join_refuses_an_edge_with_another_tls_certificate(
     tok = parse_token(text)
     wrong = JoinToken(tok.store_id, tok.secret, tok.role, tok.expires_ms,
                       tok.store_fingerprint, "00" * 32).encode()
-    with pytest.raises(UntrustedEdge, match="presents TLS certificate .* but the token pins"):
+    with pytest.raises(UntrustedEdge, match=r"presents TLS certificate .* but the token pins"):
         await join(tmp_path / "new", wrong, url=node.url)
     assert not (tmp_path / "new" / "node.json").exists()
     assert node.rejected_sessions == {}  # the edge never saw the token ...
