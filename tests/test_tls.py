@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from pathlib import Path
@@ -272,3 +273,22 @@ async def test_plaintext_mode_still_works_on_loopback(cluster: Cluster, tmp_path
         await until(lambda: _has(http, edge, r1.node_id), within=WITHIN_S,
                     what="plain-text session on loopback")
     assert load_identity(edge_ident.data_dir).node_id == edge.node_id
+
+
+@pytest.mark.asyncio
+async def test_status_pins_the_store_ca(cluster: Cluster, tmp_path: Path) -> None:
+    t = tag()
+    edge_ident = new_store(tmp_path, f"s-{t}", f"edge-{t}")
+    edge = await cluster.start("edge", edge_ident.data_dir, discovery=False)
+    runner = CliRunner()
+    ca = tmp_path / "ca.pem"
+    assert runner.invoke(main, ["store", "ca", str(edge_ident.data_dir), "-o", str(ca)]
+                         ).exit_code == 0
+    ok = await asyncio.to_thread(runner.invoke, main, ["status", edge.url, "--ca", str(ca)])
+    assert ok.exit_code == 0 and edge.node_id in ok.output, ok.output
+    unpinned = await asyncio.to_thread(runner.invoke, main, ["status", edge.url])
+    assert unpinned.exit_code == 2 and "--ca" in unpinned.output, unpinned.output
+    other = init_store(tmp_path / "other", f"s-{t}", now_ms=now_ms())
+    wrong = await asyncio.to_thread(runner.invoke, main, ["status", edge.url, "--ca",
+                                                         str(other.data_dir)])
+    assert wrong.exit_code != 0 and "CERTIFICATE_VERIFY_FAILED" in wrong.output, wrong.output
