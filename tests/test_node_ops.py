@@ -283,7 +283,7 @@ async def test_a_restart_with_only_data_dials_the_cloud_and_peers_again(
     r1.argv = ["node", "--data", str(tmp_path / "r1")]  # as docs/operations.md promises
     cluster.restart(r1, same_port=False)
     await cluster.wait_ready(r1)
-    assert r1.url.startswith(f"http://{LOOPBACK}:"), r1.url  # the saved --interface
+    assert r1.url.startswith(f"https://{LOOPBACK}:"), r1.url  # the saved --interface
     async with client() as http:
         await until(lambda: _up(http, r1, "edge"), within=20,
                     what="r1's link to the edge after a restart with only --data")
