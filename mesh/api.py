@@ -543,6 +543,8 @@ class _Api:
             # deleted, and SQLite assigns row ids without gaps then.
             "envelopes": ledger.last_id,
             "uptime_s": round(max(0, node.now_ms() - node.started_ms) / 1000, 3),
+            # which revocation list this node holds (-1: none): how far one has spread
+            "crl_version": node.identity.trust.crl_version,
         }
         if failed is not None:
             body["reason"] = f"ledger failed: {failed}"
@@ -662,6 +664,8 @@ def _audit_entry(rid: int, env: Envelope) -> dict[str, Any]:
         "note": meta.get("note"), "sku": meta.get("sku"), "qty": meta.get("qty"),
         "hash": env.hash.hex(),
     }
+    if "evidence" in meta:  # an automatic or reviewed adjustment explains itself
+        entry["evidence"] = meta["evidence"]
     if kind == "reserve":
         added = [r for op in env.ops if op.get("t") == "rs" for r in op.get("rec", {})]
         entry["reservation_id"] = added[0] if added else None

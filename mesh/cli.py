@@ -146,7 +146,7 @@ def store_init(data_dir: Path, store_id: str, node_id: str | None) -> None:
     try:
         ident = init_store(data_dir, store_id, now_ms=_now_ms(), node_id=node_id)
     except (FileExistsError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise UserError(str(exc)) from None
     console.print(f"store [bold]{ident.store_id}[/] created; edge node [bold]{ident.node_id}[/]"
                   f" in {data_dir} (key fingerprint {ident.key.fingerprint})")
 
@@ -187,7 +187,7 @@ def store_ca(data_dir: Path, output: Path | None) -> None:
 @click.option("--peer", "peers", multiple=True,
               help="Static peer URL (repeatable), for links mDNS cannot cross.")
 @click.option("--cloud", "cloud_urls", multiple=True,
-              help="Cloud peer URL (http://HQ:PORT/stores/STORE): a WAN link, compressed "
+              help="Cloud peer URL (https://HQ:PORT/stores/STORE): a WAN link, compressed "
                    "and batched; the store dials out, so no inbound access is needed.")
 @click.option("--join", "token", default=None, help="One-time join token (first start only).")
 @click.option("--node-id", default=None, help="Node id to ask for when joining.")
@@ -458,6 +458,92 @@ def token_revoke(data_dir: Path, which: str) -> None:
     console.print("token revoked")
 
 
+# --- enrolled nodes ------------------------------------------------------------------------
+
+
+@main.group()
+def nodes() -> None:
+    """The store's enrolled nodes: list them, revoke one."""
+
+
+@nodes.command("list")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per node.")
+def nodes_list(data_dir: Path, as_json: bool) -> None:
+    """Every node DATA_DIR holds a certificate for: role, status, expiry, key."""
+    from mesh.revoke import list_nodes
+
+    try:
+        ident = load_identity(data_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    rows = list_nodes(ident, _now_ms())
+    if as_json:
+        import orjson
+
+        for r in rows:
+            click.echo(orjson.dumps({
+                "node_id": r.node_id, "role": r.role, "status": r.status,
+                "fingerprint": r.fingerprint, "not_after_ms": r.not_after,
+                "reason": r.reason, "revoked_ms": r.revoked_ms}).decode())
+        return
+    crl = ident.trust.crl_version
+    t = Table(title=f"nodes of store {ident.store_id} known to {data_dir} (revocation list: "
+                    f"{'none' if crl < 0 else f'v{crl}'})")
+    width = max([4, *(len(r.node_id) for r in rows)])
+    t.add_column("node", no_wrap=True, min_width=width)  # full ids, never cut
+    for col in ("role", "status", "valid until (UTC)"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("key", no_wrap=True, min_width=16)
+    t.add_column("revoked (UTC): reason")
+    colour = {"active": "green", "this node": "bold", "expired": "yellow", "revoked": "red"}
+    for r in rows:
+        why = ""
+        if r.status == "revoked":
+            when = "" if r.revoked_ms is None else _utc(r.revoked_ms, "%Y-%m-%d %H:%M")
+            why = f"{when}: {r.reason}" if r.reason else when
+        t.add_row(r.node_id, r.role, f"[{colour[r.status]}]{r.status}[/]",
+                  _utc(r.not_after, "%Y-%m-%d"), r.fingerprint, why)
+    console.print(t)
+
+
+@nodes.command("revoke")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("node_id")
+@click.option("--reason", default="revoked by the store owner", show_default=True,
+              help="Why (kept on this edge, shown by 'nodes list').")
+@click.option("--url", default="https://127.0.0.1:8700", show_default=True,
+              help="The running node of DATA_DIR, which passes the revocation on.")
+@click.option("--force", is_flag=True,
+              help="Revoke a node id DATA_DIR holds no certificate for.")
+def nodes_revoke(data_dir: Path, node_id: str, reason: str, url: str, force: bool) -> None:
+    """Revoke NODE_ID: every node and the cloud end its sessions and refuse it.
+
+    Run it on the edge node that holds the store key (DATA_DIR has store.key)."""
+    import asyncio
+
+    from mesh.errors import CommandError
+    from mesh.revoke import deliver, revoke_node
+
+    try:
+        ident = load_identity(data_dir)
+        crl, new = revoke_node(ident, node_id, reason=reason, now_ms=_now_ms(), force=force)
+    except (CommandError, FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    what = "revoked" if new else "was already revoked"
+    try:
+        held = asyncio.run(deliver(url, crl, ssl_context=_own_ca_ssl(ident, url)))
+    except (ConnectionError, ValueError) as exc:
+        console.print(f"node [bold]{node_id}[/] {what} (revocation list v{crl.version}, saved "
+                      f"in {data_dir}); [yellow]not delivered[/]: {exc}\nThe node of "
+                      f"{data_dir} adopts it when it starts; if it is running elsewhere, run "
+                      "this again with --url https://HOST:PORT.")
+        raise SystemExit(1) from None
+    console.print(f"node [bold]{node_id}[/] {what} (revocation list v{crl.version}); the node "
+                  f"at {url} holds v{held}, has ended its sessions with {node_id} and passes "
+                  "the list to every peer and the cloud")
+
+
 @main.command("status")
 @click.argument("url")
 @click.option("--ca", "ca", type=click.Path(exists=True, path_type=Path), default=None,
@@ -465,10 +551,14 @@ def token_revoke(data_dir: Path, which: str) -> None:
                    "ca') or a node's data directory.")
 def status_cmd(url: str, ca: Path | None) -> None:
     """Show a running node's health, peers with their sync lag, and stock."""
+    import urllib.error
     import urllib.request
 
     import orjson
 
+    if not url.startswith(("http://", "https://")):
+        raise UserError(f"{url!r} is not a URL: give https://HOST:PORT (a node) or "
+                        "https://HOST:PORT/stores/STORE (a store at the cloud)")
     ctx = _api_ssl(url, ca)
 
     def get(path: str) -> Any:
@@ -479,8 +569,11 @@ def status_cmd(url: str, ca: Path | None) -> None:
     try:
         health, peers, stock = get("/v1/health"), get("/v1/peers"), get("/v1/stock")
         exceptions = get("/v1/exceptions")
-    except OSError as exc:
-        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+    except urllib.error.HTTPError as exc:  # it answered: say what is there instead
+        exc.close()
+        raise UserError(_not_a_node(url, exc.code, get)) from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
     console.print(f"[bold]{health['node_id']}[/] ({health['role']}) store "
                   f"[bold]{health['store_id']}[/]: {health['status']}, "
                   f"{health['envelopes']} envelopes, up {health['uptime_s']} s")
@@ -528,6 +621,41 @@ def _api_ssl(url: str, ca: Path | None) -> Any:
         return api_client_context(path.read_bytes())
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         raise UserError(f"--ca {ca}: not a readable store CA certificate ({exc})") from None
+
+
+def _own_ca_ssl(ident: Any, url: str) -> Any:
+    """The TLS context for talking to ``ident``'s own running node at ``url``: pinned to
+    its store CA (None for an http:// URL: a node run with --insecure-plaintext)."""
+    from mesh.datadir import ensure_tls
+    from mesh.tls import api_client_context
+
+    if not url.startswith("https://"):
+        return None
+    try:
+        return api_client_context(ensure_tls(ident, now_ms=_now_ms()).ca_pem)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"no store CA to pin for {url}: {exc}") from None
+
+
+def _not_a_node(url: str, code: int, get: Callable[[str], Any]) -> str:
+    """What to tell a user whose ``status URL`` answered ``code`` for /v1/health: a
+    cloud's root URL lists its stores (``/v1/stores``), so name their URLs."""
+    import urllib.error
+
+    try:
+        listing = get("/v1/stores")
+        stores = [s["store_id"] for s in listing["stores"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, urllib.error.HTTPError):
+            exc.close()
+        return (f"{url} answered {code} for /v1/health: it is not a storemesh node (give "
+                "https://HOST:PORT of a node, or https://HOST:PORT/stores/STORE at the cloud)")
+    base = url.rstrip("/")
+    if not stores:
+        return f"{url} is a storemesh cloud that serves no store yet ('storemesh cloud join')"
+    return (f"{url} is a storemesh cloud serving {len(stores)} store(s), not one node: run "
+            f"'storemesh status {base}/stores/{stores[0]}'"
+            + (f" (stores: {', '.join(stores)})" if len(stores) > 1 else ""))
 
 
 @main.command("demo")
@@ -657,25 +785,112 @@ def ledger_verify(data_dir: Path) -> None:
         raise SystemExit(1)
 
 
+#: Ledger rows one ``ledger show`` examines, newest first, looking for matches of its
+#: filters: ~2 s of decoding. Past it the output says how far back it looked.
+SHOW_MAX_SCAN = 200_000
+_SHOW_WINDOW = 1000  # rows read per query while walking the ledger backwards
+_UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def _parse_when(text: str, now_ms: int, what: str) -> int:
+    """ms since the epoch from '2026-12-02', '2026-12-02T06:30' (UTC unless an offset is
+    given), or an age: '90s', '15m', '2h', '3d' ago."""
+    from datetime import UTC, datetime
+
+    t = text.strip()
+    if t[:-1].isdigit() and t[-1:] in _UNITS_MS:
+        return now_ms - int(t[:-1]) * _UNITS_MS[t[-1]]
+    try:
+        dt = datetime.fromisoformat(t)
+    except ValueError:
+        raise UserError(f"{what} {text!r}: give a UTC time like 2026-12-02T06:30 or an age "
+                        "like 15m, 2h, 3d") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def _entry(env: Any) -> dict[str, Any]:
+    m = env.meta
+    at = env.hlc >> 16
+    return {"origin": env.origin, "seq": env.seq, "time_ms": at, "time": _utc(at),
+            "kind": m.get("kind"), "sku": m.get("sku"), "qty": m.get("qty"),
+            "txn": m.get("txn"), "staff": m.get("staff"), "reason": m.get("reason")}
+
+
 @ledger.command("show")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--limit", default=20, show_default=True, help="Newest N envelopes.")
-def ledger_show(data_dir: Path, limit: int) -> None:
+@click.option("--limit", default=20, show_default=True, help="Newest N matching envelopes.")
+@click.option("--sku", default=None, help="Only envelopes that touch this SKU.")
+@click.option("--origin", default=None,
+              help="Only this node's envelopes (its id, or the start of it).")
+@click.option("--since", default=None, help="Not before: UTC time (2026-12-02T06:30) or age (2h).")
+@click.option("--until", "until_", default=None, help="Not after: UTC time or age.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per envelope.")
+def ledger_show(data_dir: Path, limit: int, sku: str | None, origin: str | None,
+                since: str | None, until_: str | None, as_json: bool) -> None:
     """The audit trail: the newest envelopes with who, which device, when and why."""
-    ident = load_identity(data_dir)
+    import orjson
+
+    if limit < 1:
+        raise UserError("--limit must be at least 1")
+    now = _now_ms()
+    lo = _parse_when(since, now, "--since") if since else None
+    hi = _parse_when(until_, now, "--until") if until_ else None
+    try:
+        ident = load_identity(data_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    rows: list[dict[str, Any]] = []
+    scanned = 0
     with Ledger(ident.ledger_path) as led:
-        rows = [raw for _, raw in led.scan(max(0, led.last_id - limit))]
+        wanted: set[str] | None = None  # origins to show (None: all)
+        if origin is not None:
+            heads = led.heads()
+            wanted = {origin} if origin in heads else {o for o in heads if o.startswith(origin)}
+            if not wanted:
+                raise UserError(f"no envelopes of a node {origin!r} here; nodes: "
+                                f"{', '.join(sorted(heads)) or 'none'}")
+        top = led.last_id
+        while top > 0 and len(rows) < limit and scanned < SHOW_MAX_SCAN:
+            start = max(0, top - _SHOW_WINDOW)
+            window = [raw for rid, raw in led.scan(start, page=_SHOW_WINDOW) if rid <= top]
+            scanned += len(window)
+            for raw in reversed(window):
+                entry = _entry(decode(raw))
+                if wanted is not None and entry["origin"] not in wanted:
+                    continue
+                if sku is not None and entry["sku"] != sku:
+                    continue
+                if (lo is not None and entry["time_ms"] < lo) or (
+                        hi is not None and entry["time_ms"] > hi):
+                    continue
+                rows.append(entry)
+                if len(rows) >= limit:
+                    break
+            top = start
+    rows.reverse()  # oldest first, like a log
+    if as_json:
+        for entry in rows:
+            click.echo(orjson.dumps(entry).decode())
+        return
     table = Table(title=f"ledger {data_dir} (newest {len(rows)})")
-    for col in ("origin", "seq", "time (UTC)", "kind", "sku", "qty", "txn", "staff", "reason"):
+    width = max([len("origin"), *(len(e["origin"]) for e in rows)])
+    # full node ids, never cut: two registers may differ only in their last characters
+    table.add_column("origin", no_wrap=True, min_width=width)
+    for col in ("seq", "time (UTC)", "kind", "sku", "qty", "txn", "staff", "reason"):
         table.add_column(col)
-    for raw in rows:
-        env = decode(raw)
-        m = env.meta
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime((env.hlc >> 16) / 1000))
-        table.add_row(env.origin, str(env.seq), when, m["kind"], str(m.get("sku", "")),
-                      str(m.get("qty", "")), m["txn"], str(m.get("staff") or ""),
-                      str(m.get("reason") or ""))
+    for e in rows:
+        table.add_row(e["origin"], str(e["seq"]), e["time"], str(e["kind"]),
+                      str(e["sku"] or ""), "" if e["qty"] is None else str(e["qty"]),
+                      str(e["txn"]), str(e["staff"] or ""), str(e["reason"] or ""))
     console.print(table)
+    if scanned >= SHOW_MAX_SCAN and len(rows) < limit:
+        console.print(f"(looked at the newest {scanned} envelopes only)")
+
+
+def _utc(ms: int, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return time.strftime(fmt, time.gmtime(ms / 1000))
 
 
 def _add_sim() -> None:

@@ -16,10 +16,13 @@ MAX_ID_LEN: Final = 128
 MAX_TEXT_LEN: Final = 512
 #: Largest quantity in one op; anything larger is a typo or an attack.
 MAX_QTY: Final = 1_000_000
-#: How far in the future a remote HLC may be before the envelope is refused (ms).
-#: Registers' clocks drift; a day is generous and still stops a wild clock from
-#: dragging every HLC in the store forward.
-MAX_CLOCK_SKEW_MS: Final = 24 * 3600 * 1000
+#: How far ahead of our wall clock a remote HLC may be and still be adopted into our
+#: own HLC (ms). An envelope further ahead is still accepted and applied (acceptance
+#: must not depend on the receiver's clock, or replicas holding different clocks take
+#: different sets and never converge), but our HLC does not follow it: one node whose
+#: clock stepped hours ahead cannot drag every HLC in the store forward. NTP keeps
+#: registers within milliseconds; a minute covers a till whose RTC drifted for weeks.
+MAX_HLC_ADOPT_AHEAD_MS: Final = 60_000
 #: Largest count a peer may send anywhere: a PN-counter entry (cumulative units one node
 #: ever received or sold of one SKU), a reservation dot's counter, a record's expiry (ms).
 #: 2**53 - 1 is the largest integer every JSON consumer (JavaScript dashboards, pycrdt)
@@ -93,6 +96,11 @@ SYNC_TIMER_SLACK_MS: Final = 100
 #: When our sessions change, LAN peers get our summary (which lists them) within this
 #: many ms: one summary per peer for a burst of changes, such as start-up.
 SYNC_LINKS_MS: Final = 250
+#: A node whose sessions (other than a new one's) have not changed for this long is
+#: settled: when a session comes up with a peer that holds fewer sessions (the one
+#: rejoining), it leaves the announcement to that peer (mesh.sync invariant 8). A
+#: rejoining till's sessions come back within a discovery delay of each other.
+SYNC_LINKS_SETTLED_MS: Final = 4 * SYNC_LINKS_MS
 #: Up to this many peers every peer gets the full summary rate; beyond it, peers that
 #: keep up get it n/SYNC_FULL_RATE_PEERS times less often: a node sends about this many
 #: periodic summaries per interval however big the store (O(n) per store, not O(n²)).
@@ -107,9 +115,24 @@ MAX_ORIGINS: Final = 512
 MAX_PEERS: Final = 512
 #: Most certificates in one certificate message.
 MAX_CERTS_PER_MESSAGE: Final = MAX_ORIGINS
-#: Envelopes sent to a peer and still not acknowledged after this long are taken as lost
-#: and sent again (lossy links; a peer that restarted without them).
-SYNC_RETRANSMIT_MS: Final = 3 * SYNC_INTERVAL_MS
+#: Origins whose envelopes we refused for want of a certificate, remembered (with the
+#: peers that sent them) so they are asked for again once the certificate arrives: a
+#: register that joins while the cloud is connected; a store has tens of those at once.
+MAX_AWAITED_CERTS: Final = 64
+#: Retransmission timeout per peer, as TCP computes it (RFC 6298: SRTT + 4 RTTVAR from
+#: round-trip samples, doubled on every timeout until a fresh sample). A batch sent and
+#: still not acknowledged after it is taken as lost and sent again (lossy links). The
+#: initial value is the old fixed timer: three summary intervals; the floor is RFC
+#: 6298's 1 s (a LAN round trip is well under a millisecond, but a lost push costs one
+#: summary anyway); the cap bounds how long a backed-off link waits.
+SYNC_RTO_INITIAL_MS: Final = 3 * SYNC_INTERVAL_MS
+SYNC_RTO_MIN_MS: Final = SYNC_INTERVAL_MS
+SYNC_RTO_MAX_MS: Final = 60_000
+#: Refused envelopes (e.g. a certificate the peer lacks) are sent again at once the
+#: first time; while the peer keeps refusing them the delay doubles from SYNC_NACK_MS
+#: up to this cap, per (peer, origin) at the sender and per (peer, reason) for the
+#: receiver's nacks: no refusal -> summary -> resend loop at the nack rate.
+SYNC_REFUSAL_BACKOFF_MAX_MS: Final = 30_000
 
 # --- transport ----------------------------------------------------------------------
 #: A handshake step that takes longer than this fails (a peer that connects and stalls
@@ -149,3 +172,48 @@ WAN_LINGER_S: Final = 0.05
 #: origins holding a certificate here enter the receiving table, so a peer that makes
 #: up origin strings cannot grow it (each entry costs ~200 B).
 MAX_WAN_ORIGINS: Final = MAX_ORIGINS
+
+# --- sensors, reconciliation, telemetry (issue 14: mesh.sensors, mesh.reconcile,
+# mesh.reviews, mesh.telemetry, mesh.sensor_routes) ------------------------------------
+#: Most readings in one POST /v1/sensors/readings. A store's scales and readers report
+#: every few seconds; a gateway batching a second of 200 sensors stays under it, and
+#: 256 readings of ~150 B fit the API's 64 KiB body bound.
+SENSOR_MAX_BATCH: Final = 256
+#: How far ahead of the edge's clock a reading's time may be (ms). Sensor gateways sync
+#: their clocks with the edge (NTP); two seconds covers jitter, and a reading from the
+#: future would otherwise outrank every real one in recency.
+SENSOR_MAX_FUTURE_MS: Final = 2_000
+#: How old a reading may be when it arrives (ms): an hour of a gateway's offline buffer.
+#: Older ones say nothing about the shelf now.
+SENSOR_MAX_AGE_MS: Final = 3_600_000
+#: Readings kept per sensor at the edge (inputs, not replicated): enough for the drift
+#: check's history (rules ``drift_persist``) with room to spare.
+SENSOR_READINGS_KEPT: Final = 16
+#: Most sensors the edge keeps readings for (its registry may hold more, all revoked).
+SENSOR_MAX_SENSORS: Final = 20_000
+#: Most SKUs one sensor maps (an RFID reader covers a zone of a few shelves).
+SENSOR_MAX_SKUS: Final = 64
+#: Reading ids remembered per sensor to drop replays of a batch (a gateway retrying).
+SENSOR_SEEN_IDS: Final = 256
+#: Largest value of a reading: grams on a shelf scale (1 t), or a count.
+SENSOR_MAX_VALUE: Final = 1_000_000.0
+#: Reading ids (evidence) recorded in one adjustment or review item.
+REVIEW_MAX_EVIDENCE: Final = 32
+#: Seconds between two reconciliation runs at an edge (also POST /v1/sensors/reconcile).
+RECONCILE_INTERVAL_S: Final = 30.0
+#: Most review items or adjustments one reconciliation run may create: a miswired
+#: sensor must not flood the review queue or the ledger in one go.
+RECONCILE_MAX_ACTIONS: Final = 200
+#: Telemetry window: five minutes keeps a cooler's curve while cutting 300 readings a
+#: device to one summary (docs/benchmarks.md, "Edge telemetry").
+TELEMETRY_WINDOW_MS: Final = 300_000
+#: (device, metric) series the edge aggregates; beyond, readings are dropped and counted.
+TELEMETRY_MAX_SERIES: Final = 20_000
+#: Summaries (or alerts) in one ``tm`` op: ~70 B each, so an op stays far below
+#: MAX_ENVELOPE_BYTES.
+TELEMETRY_MAX_PER_OP: Final = 1_000
+#: Most telemetry readings in one POST /v1/telemetry (as SENSOR_MAX_BATCH).
+TELEMETRY_MAX_BATCH: Final = 512
+#: Seconds between two telemetry flushes at the edge (closed windows go out then;
+#: alerts go out at once).
+TELEMETRY_FLUSH_S: Final = 30.0

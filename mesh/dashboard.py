@@ -71,6 +71,9 @@ def setup_dashboard(cloud: CloudNode) -> None:
     """``CloudNode.setup_hooks`` entry: serve the dashboard at ``/`` (and attach the fleet
     analytics it reads, if no hook did yet)."""
     Analytics.attach(cloud)
+    from mesh.sensor_routes import setup_fleet_sensors  # issue 14: the sensors panel
+
+    setup_fleet_sensors(cloud)
     dash = Dashboard()
     cloud.app.router.add_get("/", dash.page)
     cloud.app.router.add_get("/static/{name}", dash.static)

@@ -10,6 +10,8 @@ Layout::
     DIR/node.lock       held (flock) by the one process that runs this node: ``DataDirLock``
     DIR/tls-ca.pem, DIR/tls-node.pem, DIR/tls-node.key (0600)
                         the store CA and this node's TLS certificate and key (``mesh.tls``)
+    DIR/revocations.json  the store's signed revocation list, on the edge that revokes
+                        (mesh.revoke); applied on load
 
 Invariants:
  1. ``node.json`` and ``config.json`` are replaced atomically (write to a temp file,
@@ -27,20 +29,38 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import orjson
 
+from mesh import config
 from mesh.errors import EnvelopeError
 from mesh.identity import Certificate, NodeKey, TrustStore, issue_certificate
-from mesh.tls import TlsFiles, issue_ca, issue_node_cert, load_tls_files, write_tls_files
 
-__all__ = ["DEFAULT_VALIDITY_MS", "DataDirInUse", "DataDirLock", "NodeIdentity", "enrol_node",
-           "ensure_tls", "init_store", "issue_tls", "load_identity", "lock_data_dir",
-           "write_atomic"]
+if TYPE_CHECKING:  # mesh.tls (aiohttp, x509) is imported where used: load_identity needs none
+    from mesh.tls import TlsFiles
+
+__all__ = ["DEFAULT_VALIDITY_MS", "DataDirInUse", "DataDirLock", "NodeIdentity", "check_id",
+           "enrol_node", "ensure_tls", "init_store", "issue_tls", "load_identity",
+           "lock_data_dir", "write_atomic"]
+
+#: Store ids and node ids: they become directory names (the cloud keeps one per store),
+#: URL path segments (``/stores/STORE``) and mDNS labels, so no spaces, slashes or dots
+#: first. The same rule as ``POST /v1/join``'s ``node_id``.
+_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_id(value: str, what: str) -> None:
+    """Raise ``ValueError`` with a one-line fix unless ``value`` is a valid id."""
+    if not value or len(value) > config.MAX_ID_LEN or not _ID.fullmatch(value):
+        raise ValueError(
+            f"{what} {value!r} is not valid: use 1..{config.MAX_ID_LEN} characters of "
+            "A-Z a-z 0-9 . _ - starting with a letter or digit (e.g. 'berlin-mitte')")
+
 
 #: Certificates issued by ``store init`` / join tokens are valid for a year; renewal
 #: re-issues them (a revoked node is refused whatever its expiry).
@@ -183,6 +203,9 @@ def init_store(
     validity_ms: int = DEFAULT_VALIDITY_MS,
 ) -> NodeIdentity:
     """Create a store key and the store's first node (an edge node) in ``data_dir``."""
+    check_id(store_id, "store id")
+    if node_id is not None:
+        check_id(node_id, "node id")
     data_dir.mkdir(parents=True, exist_ok=True)
     if (data_dir / "node.json").exists():
         raise FileExistsError(f"{data_dir} already holds a node; use another directory")
@@ -222,6 +245,8 @@ def enrol_node(
 def issue_tls(ident: NodeIdentity, store_key: NodeKey, *, now_ms: int) -> TlsFiles:
     """Write ``ident``'s TLS files: the store CA and a certificate for its node key, both
     signed by ``store_key``, valid as long as its storemesh certificate."""
+    from mesh.tls import issue_ca, issue_node_cert, write_tls_files
+
     ca = issue_ca(store_key, ident.store_id, now_ms=now_ms)
     cert = issue_node_cert(store_key, store_id=ident.store_id, node_id=ident.node_id,
                            public_key=ident.key.public_key,
@@ -233,6 +258,8 @@ def ensure_tls(ident: NodeIdentity, *, now_ms: int) -> TlsFiles:
     """This node's TLS files, checked; a node holding the store key (the edge made by
     ``store init``) issues them for itself if they are missing or stale. Raises
     ``FileNotFoundError`` / ``ValueError`` with what to do."""
+    from mesh.tls import load_tls_files
+
     try:
         return load_tls_files(ident.data_dir, ident.key, store_id=ident.store_id,
                               node_id=ident.node_id,
@@ -262,6 +289,11 @@ def load_identity(data_dir: Path) -> NodeIdentity:
         raise ValueError(f"{path} is damaged ({type(exc).__name__}: {exc}): restore it from "
                          "a backup") from None
     key = NodeKey.load_or_create(data_dir / "node.key")
+    from mesh.revoke import load_revocations  # (mesh.revoke imports this module)
+
+    crl = load_revocations(data_dir, trust)  # the edge's own list (mesh.revoke inv. 3)
+    if crl is not None:
+        trust.apply_revocations(crl)
     if cert.public_key != key.public_key:
         raise ValueError(f"{data_dir}: node.key does not match the certificate in node.json")
     store_key_path = data_dir / "store.key"

@@ -59,7 +59,7 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from mesh import config
-from mesh.datadir import DEFAULT_VALIDITY_MS, NodeIdentity, ensure_tls
+from mesh.datadir import DEFAULT_VALIDITY_MS, NodeIdentity, ensure_tls, write_atomic
 from mesh.discovery import (
     PROTOCOL_VERSION,
     RESOLVE_TIMEOUT_MS,
@@ -328,19 +328,8 @@ def _load_tokens(data_dir: Path) -> dict[str, dict[str, Any]]:
 
 def _write_tokens(data_dir: Path, tokens: dict[str, dict[str, Any]]) -> None:
     """Replace tokens.json atomically (invariant 3)."""
-    path = data_dir / TOKENS_FILE
-    tmp = path.with_name(f".{TOKENS_FILE}.tmp")  # one writer at a time: we hold the lock
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(orjson.dumps(tokens, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(data_dir, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(data_dir / TOKENS_FILE,
+                 orjson.dumps(tokens, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
 
 
 def create_token(
@@ -653,7 +642,7 @@ def _check_issuer(identity: NodeIdentity, token: JoinToken) -> None:
 
 
 async def find_edge(store_id: str, *, interface: str | None, timeout_s: float) -> str:
-    """URL (``http://host:port``) of the first edge node of ``store_id`` seen on the LAN.
+    """URL (``https://host:port``) of the first edge node of ``store_id`` seen on the LAN.
 
     Raises ``TimeoutError`` if none answers within ``timeout_s``. An advertisement only
     says where to ask; who answers is checked by ``join`` against the token's store key.
@@ -689,7 +678,7 @@ async def find_edge(store_id: str, *, interface: str | None, timeout_s: float) -
             raise TimeoutError(
                 f"no edge node of store {store_id!r} was found on the LAN within "
                 f"{timeout_s:g} s (zeroconf {SERVICE_TYPE}): check that it runs on this "
-                "network, or give its address with --url http://HOST:PORT") from None
+                "network, or give its address with --url https://HOST:PORT") from None
         finally:
             await browser.async_cancel()
     finally:

@@ -125,7 +125,8 @@ class Equivocation(EnvelopeError):
 
 
 class ClockSkew(EnvelopeError):
-    """The envelope's HLC is further ahead of our clock than ``MAX_CLOCK_SKEW_MS``."""
+    """An HLC the clock cannot move past (the very end of its 63-bit range). Acceptance
+    does not otherwise depend on the wall clock (``Replica`` invariant 8)."""
 
     reason = "clock_skew"
 

@@ -422,8 +422,8 @@ _TRUST_KEYS: Final = frozenset(
 class TrustStore:
     """Who may write to this store: the store key, certificates and revocations seen."""
 
-    __slots__ = ("_certs", "_crl", "_local_revoked", "_revoked", "store_id", "store_public_key",
-                 "version")
+    __slots__ = ("_cert_at", "_certs", "_crl", "_local_revoked", "_revoked", "store_id",
+                 "store_public_key", "version")
 
     def __init__(self, store_id: str, store_public_key: bytes) -> None:
         _local_ident(store_id, "store_id")
@@ -432,6 +432,7 @@ class TrustStore:
         self.store_id = store_id
         self.store_public_key = store_public_key
         self._certs: dict[str, Certificate] = {}
+        self._cert_at: dict[str, int] = {}  # node id -> ``version`` its certificate came at
         self._crl: RevocationList | None = None
         self._local_revoked: set[str] = set()
         self._revoked: frozenset[str] = frozenset()  # crl ∪ local, for a cheap check()
@@ -470,6 +471,7 @@ class TrustStore:
         ):
             self._certs[cert.node_id] = cert
             self.version += 1
+            self._cert_at[cert.node_id] = self.version
 
     def apply_revocations(self, crl: RevocationList) -> None:
         """Verify and adopt ``crl`` if it is newer than the list held; else ignore it."""
@@ -491,6 +493,15 @@ class TrustStore:
         self._revoked = self._revoked | {node_id}
         self.version += 1
 
+    def is_revoked(self, node_id: str) -> bool:
+        """Whether ``node_id`` is on the revocation list (or revoked here only)."""
+        return node_id in self._revoked
+
+    @property
+    def revoked(self) -> frozenset[str]:
+        """Every node id refused as revoked: the list's and the local ones."""
+        return self._revoked
+
     def check(self, node_id: str, now_ms: int) -> Certificate:
         """The certificate under which ``node_id`` may write at ``now_ms``, or raise."""
         if node_id in self._revoked:
@@ -506,6 +517,12 @@ class TrustStore:
 
     def certificate(self, node_id: str) -> Certificate | None:
         return self._certs.get(node_id)
+
+    def certificates_since(self, version: int) -> list[Certificate]:
+        """The certificates that arrived (or replaced one held) after ``version``: what a
+        peer that held everything we held at ``version`` may lack."""
+        return sorted((self._certs[n] for n, at in self._cert_at.items() if at > version),
+                      key=lambda c: c.node_id)
 
     def certificates(self) -> list[Certificate]:
         return sorted(self._certs.values(), key=lambda c: c.node_id)

@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, Protocol
 
@@ -33,6 +34,7 @@ __all__ = [
     "CONTENT_TYPE",
     "NodeCollector",
     "NodeView",
+    "add_source",
     "make_registry",
     "rejection_counts",
     "render",
@@ -186,6 +188,19 @@ class NodeCollector:
             "storemesh_subscribers", "Live stock-change subscribers (e.g. SSE streams).",
             value=node.subscriber_count,
         )
+        for source in _SOURCES.get(node, ()):
+            yield from source()
+
+
+#: Metric families of optional modules (``mesh.sensor_routes``), per node: each source is
+#: called at scrape time like the collector above (invariant 2).
+_SOURCES: weakref.WeakKeyDictionary[Any, list[Callable[[], Iterable[Metric]]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def add_source(node: Any, source: Callable[[], Iterable[Metric]]) -> None:
+    """Export ``source()``'s metric families in ``node``'s ``/metrics`` too."""
+    _SOURCES.setdefault(node, []).append(source)
 
 
 def make_registry(node: NodeView) -> CollectorRegistry:

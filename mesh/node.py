@@ -59,7 +59,16 @@ from mesh.envelope import Envelope
 from mesh.errors import CommandError, LedgerError
 from mesh.httpfaults import ClientFaults, ServerLog
 from mesh.replica import CommandResult, Replica
-from mesh.sync import Alert, Effect, Fetch, Persist, Send, SyncCore, TrustChanged
+from mesh.sync import (
+    Alert,
+    Effect,
+    EndSession,
+    Fetch,
+    Persist,
+    Send,
+    SyncCore,
+    TrustChanged,
+)
 from mesh.tls import (
     TlsFiles,
     TlsSite,
@@ -207,11 +216,15 @@ class Node:
                  self.identity.role, self.identity.store_id, self.url)
 
     def _setup_optional_routes(self) -> None:
-        from mesh import api, catalog, enrol
+        from mesh import api, catalog, enrol, revoke
 
         api.setup_routes(self.app, self)
         catalog.setup_catalog_routes(self.app, self)
         enrol.setup_join_routes(self.app, self)
+        revoke.setup_revocation_routes(self.app, self)
+        from mesh import sensor_routes  # issue 14: sensors, reviews, telemetry
+
+        sensor_routes.setup_sensor_routes(self.app, self, self.data_dir)
 
     async def _start_discovery(self) -> None:
         from mesh.discovery import Discovery
@@ -327,6 +340,10 @@ class Node:
                                               eff.seq, eff.first, eff.second), "evidence")
             elif isinstance(eff, TrustChanged):
                 self.trust_changed()
+            elif isinstance(eff, EndSession):  # revoked: refused from now on
+                ended = self.sessions.get(eff.peer)
+                if ended is not None:
+                    ended.close(eff.reason)
         if persist:
             fut = self.durable.persist(persist)
             fut.add_done_callback(self._persisted_callback(persist))

@@ -9,7 +9,11 @@ Invariants:
     its record; removals (context-only dots) may name any replica's dots.
  4. ``cat`` carries a Yjs update for the catalog document; only ``edge`` and ``cloud``
     roles may write it.
- 5. Validation is pure and total: any JSON value in, either ``None`` out or
+ 5. ``rv`` carries an OR-set delta of review items (``mesh.reviews``), with the rights of
+    ``rs``; ``tm`` carries edge telemetry summaries and alerts (``mesh.telemetry``),
+    written by ``edge`` and ``cloud`` roles only. Meta ``evidence`` (an automatic
+    adjustment's readings and score) is checked by ``mesh.reviews.validate_evidence``.
+ 6. Validation is pure and total: any JSON value in, either ``None`` out or
     ``Malformed``/``Forbidden`` raised. It never raises anything else.
  6. Every number a peer sends is bounded: counts (counter entries, dot counters,
     expiries) lie in ``0..config.MAX_COUNT``, quantities in ``1..config.MAX_QTY`` (meta
@@ -25,7 +29,7 @@ import base64
 import binascii
 from typing import Any, Final
 
-from mesh import config
+from mesh import config, reviews, telemetry
 from mesh.errors import Forbidden, Malformed
 
 __all__ = [
@@ -41,9 +45,11 @@ __all__ = [
 ROLES: Final = frozenset({"register", "edge", "cloud"})
 CATALOG_ROLES: Final = frozenset({"edge", "cloud"})
 EVENT_KINDS: Final = frozenset(
-    {"receipt", "sale", "return", "adjust", "reserve", "release", "fulfil", "expire", "catalog"}
+    {"receipt", "sale", "return", "adjust", "reserve", "release", "fulfil", "expire", "catalog",
+     "review", "telemetry"}
 )
-_META_FIELDS: Final = frozenset({"kind", "txn", "staff", "reason", "note", "sku", "qty"})
+_META_FIELDS: Final = frozenset({"kind", "txn", "staff", "reason", "note", "sku", "qty",
+                                 "evidence"})
 _PN_KEYS: Final = frozenset({"t", "sku", "r", "p", "n"})
 
 
@@ -135,7 +141,9 @@ def _validate_cat(op: dict[str, Any]) -> None:
         raise Malformed(f"cat op: update is not valid base64: {exc}") from None
 
 
-_VALIDATORS: Final = {"pn": _validate_pn, "rs": _validate_rs, "cat": _validate_cat}
+# --- sensors (issue 14): review items and telemetry summaries, in their own modules ---
+_VALIDATORS: Final = {"pn": _validate_pn, "rs": _validate_rs, "cat": _validate_cat,
+                      "rv": reviews.validate_rv, "tm": telemetry.validate_tm}
 
 
 def validate_ops(ops: object) -> list[dict[str, Any]]:
@@ -179,6 +187,8 @@ def validate_meta(meta: object) -> dict[str, Any]:
     qty = meta.get("qty")
     if qty is not None and (type(qty) is not int or not -config.MAX_QTY <= qty <= config.MAX_QTY):
         raise Malformed(f"meta qty must be an integer within ±{config.MAX_QTY}")
+    if "evidence" in meta:
+        reviews.validate_evidence(meta["evidence"])
     return meta
 
 
@@ -201,3 +211,10 @@ def check_rights(ops: list[dict[str, Any]], origin: str, role: str) -> None:
         elif t == "cat":
             if role not in CATALOG_ROLES:
                 raise Forbidden(f"a {role} node may not write the catalog")
+        elif t == "rv":
+            why = reviews.check_rv_rights(op, origin)
+            if why is not None:
+                raise Forbidden(why)
+        elif t == "tm":
+            if role not in CATALOG_ROLES:
+                raise Forbidden(f"a {role} node may not send telemetry summaries")

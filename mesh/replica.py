@@ -64,6 +64,7 @@ from mesh.errors import (
     WrongStore,
 )
 from mesh.identity import NodeKey
+from mesh.reviews import ReviewSet
 
 __all__ = [
     "ApplyResult",
@@ -76,7 +77,8 @@ __all__ = [
 #: Event kinds that consume availability and can therefore be oversell losers.
 _CONSUMING: Final = ("sale", "reserve", "fulfil", "adjust")
 _KINDS: Final = (
-    "receipt", "sale", "return", "adjust", "reserve", "release", "fulfil", "expire", "catalog"
+    "receipt", "sale", "return", "adjust", "reserve", "release", "fulfil", "expire", "catalog",
+    "review", "telemetry",  # appended (codes are in snapshots): mesh.reviews, mesh.telemetry
 )
 _KIND_CODE: Final = {k: i for i, k in enumerate(_KINDS)}
 
@@ -249,6 +251,8 @@ class Replica:
         self.records: dict[str, Reservation] = {}
         self.vv = VersionVector()
         self.hlc = HLC()
+        #: remote envelopes applied whose HLC was too far ahead to adopt (invariant 8)
+        self.hlc_not_adopted = 0
         self.catalog: pycrdt.Doc[Any] = pycrdt.Doc()
         self.evidence: list[Equivocation] = []
         self.last_change: dict[str, int] = {}  # sku -> HLC of the last event touching it
@@ -267,6 +271,7 @@ class Replica:
         self._pending_total = 0
         self._events: dict[str, _SkuEvents] = {}
         self._txns: dict[str, tuple[int, str]] = {}  # local txn -> (seq, fingerprint)
+        self.reviews = ReviewSet()  # review items (``rv`` ops): mesh.reviews
 
     # --- queries ------------------------------------------------------------------
 
@@ -360,16 +365,15 @@ class Replica:
     ) -> list[Envelope]:
         """Apply a verified envelope; returns the envelopes applied (in order).
 
+        ``check_skew`` is kept for callers and has no effect: acceptance does not depend
+        on the wall clock (invariant 8).
+
         That is ``[env]`` plus any buffered successors it unblocked; ``[]`` for a
         duplicate or a buffered envelope (see ``classify``). Raises ``EnvelopeError``
         subclasses for anything that must be refused; then nothing changed.
         """
         if env.store != self.store_id:
             raise WrongStore(f"envelope for store {env.store!r}, this is {self.store_id!r}")
-        if check_skew and now_ms is not None:
-            ahead = (env.hlc >> 16) - now_ms
-            if ahead > config.MAX_CLOCK_SKEW_MS:
-                raise ClockSkew(f"HLC of {env.origin} seq {env.seq} is {ahead} ms ahead")
         status = self.classify(env)
         if status is not None:
             if status is ApplyResult.PENDING:
@@ -457,13 +461,24 @@ class Replica:
         plan = self._plan(env)  # all checks; raises before any mutation
         clock = HLC(self.hlc.last)
         if now_ms is None:
-            if env.hlc > clock.last:
+            # Rebuilding from our own ledger: our own stamps must never go back; a
+            # remote one is taken only within the adoption bound of the clock rebuilt
+            # so far, so a restart does not adopt a skewed node's far-future stamp that
+            # the live path refused to follow (invariant 8).
+            if env.hlc > clock.last and (
+                    env.origin == self.node_id
+                    or (env.hlc >> 16) - (clock.last >> 16) <= config.MAX_HLC_ADOPT_AHEAD_MS):
                 clock = HLC(env.hlc)
-        else:
+        elif (env.hlc >> 16) - now_ms <= config.MAX_HLC_ADOPT_AHEAD_MS:
             try:
                 clock.update(env.hlc, now_ms)
             except ValueError as exc:  # an HLC at the very end of the range
                 raise ClockSkew(f"{env.origin} seq {env.seq}: {exc}") from None
+        else:
+            # Applied, but its clock is not adopted (docs/protocol.md, "Clocks"): one
+            # far-future stamp must not drag our HLC, and through us every HLC in the
+            # store, forward.
+            self.hlc_not_adopted += 1
         self._mutate(env, plan)
         self.hlc = clock
         self.vv.advance(env.origin, env.seq)
@@ -491,6 +506,8 @@ class Replica:
                 plan.append(("rs", (op, delta)))
             elif t == "cat":
                 plan.append(("cat", base64.b64decode(op["u"])))
+            elif t == "rv":
+                plan.append(("rv", (op, self.reviews.plan(op))))
         return plan
 
     def _mutate(self, env: Envelope, plan: list[tuple[str, Any]]) -> None:
@@ -543,6 +560,8 @@ class Replica:
                         self._reserved[rec.sku] = self._reserved.get(rec.sku, 0) + change
                         self.last_change[rec.sku] = max(self.last_change.get(rec.sku, 0),
                                                         env.hlc)
+            elif t == "rv":
+                self.reviews.mutate(env, *item)
         kind = _KIND_CODE[env.meta["kind"]]
         for sku in sorted(set(d_oh) | set(d_res)):
             events = self._events.get(sku)
@@ -822,6 +841,7 @@ class Replica:
             "removals": [[h, o, q, k, [list(d) for d in dots]]
                          for h, o, q, k, dots in self._removals],
             "catalog": base64.b64encode(self.catalog.get_update()).decode(),
+            "reviews": self.reviews.to_dict(),
         }
         return orjson.dumps(state)
 
@@ -847,6 +867,7 @@ class Replica:
         self._removals = [(h, sys.intern(o), q, k, tuple((r, c) for r, c in dots))
                           for h, o, q, k, dots in s["removals"]]
         self._releases = None
+        self.reviews = ReviewSet.from_dict(s.get("reviews"))
         for rid in self.reservations.elements():
             rec = self.records[rid]
             self._reserved[rec.sku] = self._reserved.get(rec.sku, 0) + rec.qty

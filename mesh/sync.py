@@ -2,19 +2,23 @@
 
 Inputs go in (``peer_up``, ``peer_down``, ``receive``, ``durable``, ``fetched``,
 ``on_timer``), each with ``now`` in ms; effects come out (``Send``, ``Persist``,
-``Fetch``, ``Alert``, ``TrustChanged``). The asyncio node and the partition simulator
-drive this same class; only the drivers differ.
+``Fetch``, ``Alert``, ``TrustChanged``, ``EndSession``). The asyncio node and the
+partition simulator drive this same class; only the drivers differ.
 
 Wire messages (bytes, first byte is the type):
 
 * ``V`` + orjson ``{"vv": {origin: seq}, "links": [node ids], "nc": digest, "crl": v,
-  "rx": n}`` — our version vector (highest contiguous seq held per origin), the peers we
-  have live sessions with, a digest of the certificates and the revocation list version
-  we hold, and how many envelopes we received from this peer in this session. It is the
-  anti-entropy summary *and* the acknowledgement that opens the sender's window.
+  "rx": n, "ad": ms, "rs": [origins]}`` — our version vector (highest contiguous seq
+  held per origin), the peers we have live sessions with, a digest of the certificates
+  and the revocation list version we hold, how many envelopes we received from this
+  peer in this session, and how long ago the last of them arrived (ack delay). It is
+  the anti-entropy summary *and* the acknowledgement that opens the sender's window.
+  ``rs`` (optional) names origins whose envelopes we refused for want of their
+  certificate, which has arrived since: the peer sends them again from our vector.
 * ``E`` + frames of ``u32 big-endian length + raw envelope`` — envelopes, verbatim.
 * ``C`` + orjson ``{"certs": [...], "crl": {...} | null}`` — certificates signed by the
-  store key, relayable by anyone.
+  store key, relayable by anyone. A new revocation list goes to every peer whose
+  summary shows an older one at once, alone (``certs`` empty).
 
 Invariants:
  1. Envelopes are forwarded verbatim; every envelope is verified (signature, or its
@@ -39,6 +43,27 @@ Invariants:
     reason (``bad_signature``, ...), a valid one is equivocation: counted, kept as
     evidence by the replica and raised as an ``Alert`` (at most
     ``MAX_ALERTS_PER_ORIGIN`` per origin; later ones are counted only).
+ 8. Certificates before envelopes: we send a peer envelopes only after every
+    certificate we hold has been offered to it: at its summary (all of ours, if its
+    digest differs) or, for those we learned since, in a ``C`` just before the
+    envelopes. Whoever forwards an envelope holds its origin's certificate, so a
+    register that has just joined is not refused as unknown downstream; if it still is
+    (a lost ``C``), the receiver asks for those envelopes again (``rs``) once the
+    certificate comes.
+ 9. A revoked node has no session with us and none of its envelopes leaves us: on
+    learning a revocation we end its session (``EndSession``), refuse it in
+    ``peer_up``, and never push, relay or serve its envelopes (those applied before
+    the list arrived stay in the ledger; every receiver refuses later ones).
+ 10. Retransmission is per batch sent (``_Peer.out``) on a monotonic clock derived from
+    ``now`` (``_mono``: a wall clock set back counts as no time). A batch is sent again
+    only when a summary shows it lost (older than the peer's RFC 6298 timeout) or
+    refused (everything we sent arrived and it is not held), and then only the part the
+    peer lacks: nothing merely in flight is resent. Resending what a peer refused, and
+    the receiver's immediate summary after a refusal, back off exponentially (per
+    (peer, origin) and per (peer, reason)) up to ``SYNC_REFUSAL_BACKOFF_MAX_MS``.
+ 11. A session with a peer counts as known from either end's summary (``_reaches``),
+    so a session change is announced by one end (the one rejoining, or both when both
+    are settled) and a change costs O(peers) summaries, not O(peers²).
 """
 
 from __future__ import annotations
@@ -47,7 +72,8 @@ import hashlib
 import heapq
 import random
 import struct
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 
@@ -64,6 +90,7 @@ __all__ = [
     "NOT_REFUSALS",
     "Alert",
     "Effect",
+    "EndSession",
     "Fetch",
     "Persist",
     "Send",
@@ -120,7 +147,15 @@ class TrustChanged:
     """New certificates or revocations were learned: the driver persists the trust store."""
 
 
-Effect = Send | Persist | Fetch | Alert | TrustChanged
+@dataclass(frozen=True, slots=True)
+class EndSession:
+    """Close the session with ``peer`` (it was revoked): the driver ends the connection."""
+
+    peer: str
+    reason: str
+
+
+Effect = Send | Persist | Fetch | Alert | TrustChanged | EndSession
 
 
 def encode_batch(raws: Iterable[bytes]) -> bytes:
@@ -152,6 +187,18 @@ def split_batch(data: bytes) -> list[bytes]:
 
 
 @dataclass(slots=True)
+class _Batch:
+    """Envelopes ``first..last`` of ``origin`` sent in one go (one retransmission unit)."""
+
+    origin: str
+    first: int
+    last: int
+    at: int  # monotonic ms when sent
+    tx: int  # the peer's ``tx`` after it
+    retx: bool  # a retransmission: no round-trip sample from it (Karn)
+
+
+@dataclass(slots=True)
 class _Peer:
     id: str
     ready: bool = False  # its first version vector arrived
@@ -166,8 +213,20 @@ class _Peer:
     #: origins where it still lacks what we held at its previous summary (not healed by
     #: the origin's own pushes within a whole summary period): we serve those too
     stuck: frozenset[str] = frozenset()
-    sent_at: dict[str, int] = field(default_factory=dict)  # origin -> when we last sent
-    sent_tx: dict[str, int] = field(default_factory=dict)  # origin -> tx after that send
+    #: batches sent and not yet acknowledged, in send order (retransmission, inv. 7)
+    out: deque[_Batch] = field(default_factory=deque)
+    #: origin -> [first, last] to send again (lost or refused), served before new ones
+    resend: dict[str, list[int]] = field(default_factory=dict)
+    refetching: dict[str, int] = field(default_factory=dict)  # origin -> first seq asked
+    srtt: float = -1.0  # smoothed round trip (ms, RFC 6298); -1: no sample yet
+    rttvar: float = 0.0
+    rto: int = config.SYNC_RTO_INITIAL_MS
+    #: origin -> (not before, delay, what it held then): resending what this peer
+    #: refused backs off exponentially until it takes some of that origin again
+    refused: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    #: reason -> (not before, delay, last seen): our nacks for this peer's refusals
+    nack: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    rx_at: int = 0  # monotonic ms when we last received envelopes from it
     vv_at: int = 0  # when we last sent it our summary
     unacked_in: int = 0  # envelopes received since we last sent it our vv
     tx: int = 0  # envelopes sent to it in this session
@@ -177,7 +236,11 @@ class _Peer:
     interval: int = config.SYNC_INTERVAL_MS
     cur_interval: int = config.SYNC_INTERVAL_MS  # the one the current deadline used
     certs: int = 0
-    crl: int = -1
+    crl: int = -1  # the revocation list version of its latest summary
+    #: our trust store version up to which it holds (or was sent) every certificate we
+    #: hold: set at each of its summaries, since we answer one whose digest differs
+    #: with all of ours (invariant 8)
+    certs_at: int = -1
 
     def inflight(self) -> int:
         """Envelopes sent or being read for this peer and not yet acknowledged."""
@@ -191,7 +254,7 @@ class _Peer:
 
 
 def _priority(env: Envelope) -> int:
-    return LOW if env.meta.get("kind") == "catalog" else HIGH
+    return LOW if env.meta.get("kind") in ("catalog", "telemetry") else HIGH
 
 
 class SyncCore:
@@ -229,6 +292,25 @@ class SyncCore:
         #: origin -> equivocation alerts raised (MAX_ALERTS_PER_ORIGIN); only origins
         #: with a certificate get here (the envelope verified), so the table is bounded
         self._alerted: dict[str, int] = {}
+        #: origin -> peers that sent us its envelopes while we held no certificate for
+        #: it (bounded by MAX_AWAITED_CERTS): asked again once it arrives (invariant 8)
+        self._awaited: dict[str, set[str]] = {}
+        #: A monotonic clock derived from ``now`` (invariant 10): the wall clock's
+        #: forward steps count, backward steps count as no time at all.
+        self._wall_seen: int | None = None
+        self._mono_ms = 0
+        self._reasons: set[str] = set()  # stats keys counted since last cleared
+        #: (monotonic ms, peer) of recent session changes (see _announce_links)
+        self._session_changes: deque[tuple[int, str]] = deque()
+
+    def _mono(self, now: int) -> int:
+        """Monotonic ms for retransmission timers: a clock set back by D must not stall
+        them for D (the wall ``now`` is all a driver gives us)."""
+        last = self._wall_seen
+        if last is not None and now > last:
+            self._mono_ms += now - last
+        self._wall_seen = now
+        return self._mono_ms
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -237,16 +319,20 @@ class SyncCore:
 
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
+        self._reasons.add(key)
 
     def _send(self, out: list[Effect], peer: str, data: bytes, priority: int = HIGH) -> None:
         self.bytes_out += len(data)
         out.append(Send(peer, data, priority))
 
-    def _vv_message(self, rx: int) -> bytes:
+    def _vv_message(self, rx: int, ad: int, resend: Sequence[str] = ()) -> bytes:
         links = sorted(self.peers)
         crl = self.trust.crl_version
-        return b"V" + orjson.dumps({"vv": self.replica.vv.to_dict(), "links": links,
-                                    "nc": self._cert_digest(), "crl": crl, "rx": rx})
+        msg = {"vv": self.replica.vv.to_dict(), "links": links,
+               "nc": self._cert_digest(), "crl": crl, "rx": rx, "ad": ad}
+        if resend:
+            msg["rs"] = sorted(resend)
+        return b"V" + orjson.dumps(msg)
 
     def _cert_digest(self) -> str:
         """Which certificates we hold, in 16 hex chars: peers that differ swap them."""
@@ -257,8 +343,12 @@ class SyncCore:
             self._digest = (self.trust.version, h.hexdigest()[:16])
         return self._digest[1]
 
-    def _send_vv(self, out: list[Effect], peer: _Peer, now: int) -> None:
-        self._send(out, peer.id, self._vv_message(peer.rx))
+    def _send_vv(self, out: list[Effect], peer: _Peer, now: int,
+                 resend: Sequence[str] = ()) -> None:
+        # "ad": how long ago the last envelope counted in rx arrived (QUIC's ack delay),
+        # so the sender measures the link, not how long we waited to summarise.
+        ad = min(self._mono(now) - peer.rx_at, config.SYNC_RTO_MAX_MS) if peer.rx else 0
+        self._send(out, peer.id, self._vv_message(peer.rx, ad, resend))
         peer.unacked_in = 0
         peer.vv_at = now
         jitter = self.rng.uniform(0.75, 1.25)
@@ -280,12 +370,26 @@ class SyncCore:
             return peer.interval
         return peer.interval * n // config.SYNC_FULL_RATE_PEERS
 
-    def _certs_message(self) -> bytes:
+    def _certs_message(self, *, certs: bool = True) -> bytes:
         crl = self.trust.crl
         return b"C" + orjson.dumps({
-            "certs": [c.to_dict() for c in self.trust.certificates()],
+            "certs": [c.to_dict() for c in self.trust.certificates()] if certs else [],
             "crl": None if crl is None else crl.to_dict(),
         })
+
+    def _certs_first(self, out: list[Effect], peer: _Peer) -> None:
+        """Before envelopes go to ``peer``: the certificates we learned since its latest
+        summary (or our latest ``C`` to it), which it may lack, go first (invariant 8).
+        Only those, once: a register joining a store of n nodes costs each node one
+        certificate per peer, not its whole trust store."""
+        trust = self.trust
+        if peer.certs_at == trust.version:  # the common case: nothing new
+            return
+        new = trust.certificates_since(peer.certs_at)
+        peer.certs_at = trust.version
+        if new:
+            self._send(out, peer.id, b"C" + orjson.dumps(
+                {"certs": [c.to_dict() for c in new], "crl": None}), HIGH)
 
     # --- sessions --------------------------------------------------------------------------
 
@@ -293,6 +397,10 @@ class SyncCore:
         """A session with ``peer_id`` (authenticated by the transport) is established.
         ``wan``: a metered link (the cloud): summaries go out less often there."""
         out: list[Effect] = []
+        if self.trust.is_revoked(peer_id):  # invariant 9 (the transport refuses it too)
+            self._count("revoked_session")
+            out.append(EndSession(peer_id, "revoked"))
+            return out
         if peer_id not in self.peers and len(self.peers) >= config.MAX_PEERS:
             self._count("peer_table_full")
             return out
@@ -303,13 +411,26 @@ class SyncCore:
         # Certificates follow only if its summary shows it holds other ones (_on_vv):
         # in a store where everyone already holds everyone's, none cross at all.
         self._send_vv(out, peer, now)
-        self._links_changed(now, peer)
+        # Our other peers hear of this session once its first summary shows whether
+        # it is the one (re)joining (see _on_vv and _announce_links).
+        self._topology_changed()
+        self._session_changed(now, peer_id)
         return out
 
     def peer_down(self, peer_id: str, now: int) -> list[Effect]:
         self._stuck_peers.discard(peer_id)
         if self.peers.pop(peer_id, None) is not None:
-            self._links_changed(now, None)
+            self._topology_changed()
+            self._session_changed(now, peer_id)
+            # Only the peer that should now relay the lost one's envelopes to us needs
+            # to know at once: the one with the smallest id that has a session with it
+            # (the preferred bridge of rule 2, docs/protocol.md). Everyone else learns
+            # it from our next periodic summary; until then they believe we still
+            # reach it, so they do not relay it to us: one copy, not one per peer.
+            bridge = min((q.id for q in self.peers.values()
+                          if not q.wan and peer_id in q.links), default=None)
+            if bridge is not None:
+                self._links_due(now, [self.peers[bridge]])
         return []
 
     def _topology_changed(self) -> None:
@@ -317,16 +438,49 @@ class SyncCore:
         self._relay_targets.clear()
         self._unreached.clear()
 
-    def _links_changed(self, now: int, new: _Peer | None) -> None:
-        """Our sessions changed: tell the LAN peers soon (debounced, so a burst of
-        sessions at start-up costs one summary per peer). Relaying decides by the
-        peers' links; stale links mean copies sent twice, or not relayed at all."""
-        self._topology_changed()
+    def _links_due(self, now: int, peers: Iterable[_Peer]) -> None:
+        """Send these peers our summary (which lists our sessions) within
+        SYNC_LINKS_MS: debounced, so a burst of session changes costs one each."""
         due = now + config.SYNC_LINKS_MS
-        for peer in self.peers.values():
-            if peer is not new and not peer.wan and peer.next_vv > due:
+        for peer in peers:
+            if not peer.wan and peer.next_vv > due:
                 peer.next_vv = due
                 heapq.heappush(self._deadlines, (due, peer.id))
+
+    def _announce_links(self, now: int, new: _Peer) -> None:
+        """A session with ``new`` is up and its first summary came. Relaying decides
+        by who has a session with whom, and a session is known from either end's
+        summary (``_reaches``), so one end announcing it is enough: the end that is
+        (re)joining: its first summary lists fewer sessions than we hold (it lists
+        ours, so between two settled nodes neither is fewer), while ours have not
+        changed for SYNC_LINKS_SETTLED_MS (at start-up everyone's are changing, and
+        everyone announces, as before). It announces to all its LAN peers; the other
+        end stays quiet. So a till rejoining a store of n nodes
+        costs O(n) summaries, not n peers each telling n peers (O(n^2)). Between two
+        settled nodes (a single link back) both announce: 2n. At least one end always
+        announces: each holds about as many sessions as its summary lists."""
+        mono = self._mono(now)
+        since = mono - config.SYNC_LINKS_SETTLED_MS
+        changes = self._session_changes
+        while changes and changes[0][0] < since:
+            changes.popleft()
+        settled = all(pid == new.id for _, pid in changes)
+        if settled and len(new.links) + 1 < len(self.peers):
+            return  # it is the one rejoining: it announces its sessions itself
+        self._links_due(now, (p for p in self.peers.values() if p is not new))
+
+    def _session_changed(self, now: int, peer_id: str) -> None:
+        self._session_changes.append((self._mono(now), peer_id))
+        if len(self._session_changes) > 2 * config.MAX_PEERS:
+            self._session_changes.popleft()
+
+    def _reaches(self, peer: _Peer, origin: str) -> bool:
+        """Whether ``peer`` has a session with ``origin``, by its summary or by the
+        origin's (either end's word is enough; see _announce_links)."""
+        if origin in peer.reach:
+            return True
+        o = self.peers.get(origin)
+        return o is not None and peer.id in o.links
 
     def is_up(self, peer_id: str) -> bool:
         return peer_id in self.peers
@@ -336,8 +490,9 @@ class SyncCore:
         peer = self.peers.get(peer_id)
         if peer is None:
             return 0
+        revoked = self.trust.revoked  # never sent (invariant 9): not lag
         return sum(max(0, s - peer.acked.get(o)) for o, s in self.replica.vv.items()
-                   if o != peer_id)
+                   if o != peer_id and o not in revoked)
 
     # --- local and durable envelopes ---------------------------------------------------------
 
@@ -389,17 +544,24 @@ class SyncCore:
         high: list[bytes] = []
         low: list[bytes] = []
         inflight = -1  # computed once, on the first envelope that qualifies
+        revoked = self.trust.revoked
+        ranges: dict[str, list[int]] = {}  # origin -> [first, last] sent now
         for env in envs:
-            if env.seq != peer.sent.get(env.origin) + 1 or env.origin == peer.id:
+            if (env.seq != peer.sent.get(env.origin) + 1 or env.origin == peer.id
+                    or env.origin in revoked):
                 continue
             if inflight < 0:
                 inflight = peer.inflight()
+                self._certs_first(out, peer)
             if inflight >= config.MAX_INFLIGHT_PER_PEER + config.PUSH_RESERVE:
                 break  # fresh envelopes may use the reserve a catch-up cannot
             inflight += 1
             peer.sent.set(env.origin, env.seq)
-            peer.sent_at[env.origin] = now
-            peer.sent_tx[env.origin] = peer.tx + len(high) + len(low) + 1
+            r = ranges.get(env.origin)
+            if r is None:
+                ranges[env.origin] = [env.seq, env.seq]
+            else:
+                r[1] = env.seq
             (low if _priority(env) == LOW else high).append(env.raw)
         for raws, prio in ((high, HIGH), (low, LOW)):
             if raws:
@@ -407,6 +569,10 @@ class SyncCore:
                 peer.tx += len(raws)
                 for chunk in _chunks(raws):
                     self._send(out, peer.id, encode_batch(chunk), prio)
+        if ranges:
+            at = self._mono(now)
+            for origin, (first, last) in ranges.items():
+                peer.out.append(_Batch(origin, first, last, at, peer.tx, False))
 
     def _eligible(self, peer: _Peer, origin: str, now: int) -> bool:
         """Whether we serve ``origin``'s envelopes to ``peer`` from storage. Every node
@@ -420,7 +586,7 @@ class SyncCore:
         edge node holding the WAN link, not from every register."""
         if origin == self.replica.node_id or origin in peer.stuck:
             return True
-        if origin in peer.links:
+        if origin in peer.links or self._reaches(peer, origin):
             return False
         key = (peer.id, origin)
         covered = self._covered.get(key)
@@ -460,6 +626,8 @@ class SyncCore:
               origins: set[str] | None = None) -> None:
         """Fetch what the peer lacks from storage, within its window (invariant 3);
         only for ``origins`` if given (those whose stored head just advanced)."""
+        if peer.resend:
+            self._serve_resends(out, peer)
         room = -1  # the window is computed (O(origins)) only once something qualifies
         if origins is None:
             # Only these can be eligible (see _eligible): our own, those it is stuck
@@ -472,6 +640,7 @@ class SyncCore:
             have = self.stored.get(origin)
             sent = peer.sent.get(origin)
             if (have <= sent or origin in peer.fetching or origin == peer.id
+                    or self.trust.is_revoked(origin)
                     or not self._eligible(peer, origin, now)):
                 continue
             if room < 0:
@@ -483,6 +652,23 @@ class SyncCore:
             room -= last - sent
             out.append(Fetch(peer.id, origin, sent + 1, last))
 
+    def _serve_resends(self, out: list[Effect], peer: _Peer) -> None:
+        """Fetch what must be sent again (lost or refused), a page at a time per origin;
+        only what storage holds durably (invariant 4)."""
+        for origin in sorted(peer.resend):
+            if origin in peer.refetching:
+                continue
+            lo, hi = peer.resend[origin]
+            top = min(hi, self.stored.get(origin), lo + config.LEDGER_PAGE - 1)
+            if top < lo:
+                continue
+            if top >= hi:
+                del peer.resend[origin]
+            else:
+                peer.resend[origin][0] = top + 1
+            peer.refetching[origin] = lo
+            out.append(Fetch(peer.id, origin, lo, top))
+
     def fetched(self, peer_id: str, origin: str, first: int, raws: Sequence[bytes],
                 now: int) -> list[Effect]:
         """The driver read ``raws`` (seqs ``first``, ``first + 1``, ...) for a ``Fetch``."""
@@ -490,20 +676,34 @@ class SyncCore:
         peer = self.peers.get(peer_id)
         if peer is None:
             return out
+        if peer.refetching.get(origin) == first:
+            # A retransmission (lost or refused envelopes below ``sent``): it leaves
+            # ``sent`` as it is, and yields no round-trip sample when acknowledged.
+            del peer.refetching[origin]
+            if raws and not self.trust.is_revoked(origin):
+                self._certs_first(out, peer)
+                self._send_batch(out, peer, origin, first, list(raws), now, retx=True)
+            self._pump(out, peer, now)
+            return out
         peer.fetching.pop(origin, None)
-        if first != peer.sent.get(origin) + 1 or not raws:
+        if first != peer.sent.get(origin) + 1 or not raws or self.trust.is_revoked(origin):
             self._pump(out, peer, now)
             return out
         raws = list(raws)
+        self._certs_first(out, peer)
         peer.sent.set(origin, first + len(raws) - 1)
-        peer.sent_at[origin] = now
-        self.sent_envelopes += len(raws)
-        peer.tx += len(raws)
-        peer.sent_tx[origin] = peer.tx
-        for chunk in _chunks(raws):
-            self._send(out, peer.id, encode_batch(chunk), HIGH)
+        self._send_batch(out, peer, origin, first, raws, now, retx=False)
         self._pump(out, peer, now)
         return out
+
+    def _send_batch(self, out: list[Effect], peer: _Peer, origin: str, first: int,
+                    raws: list[bytes], now: int, *, retx: bool) -> None:
+        self.sent_envelopes += len(raws)
+        peer.tx += len(raws)
+        for chunk in _chunks(raws):
+            self._send(out, peer.id, encode_batch(chunk), HIGH)
+        peer.out.append(_Batch(origin, first, first + len(raws) - 1, self._mono(now),
+                               peer.tx, retx))
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -528,7 +728,7 @@ class SyncCore:
             elif kind == b"V":
                 self._on_vv(out, peer, data, now)
             elif kind == b"C":
-                self._on_certs(out, data)
+                self._on_certs(out, peer, data, now)
             else:
                 raise Malformed(f"unknown message type {kind!r}")
         except EnvelopeError as exc:
@@ -611,8 +811,16 @@ class SyncCore:
         ):
             raise Malformed("links must be a list of node ids")
         certs, crl, their_rx = msg.get("nc", ""), msg.get("crl", -1), msg.get("rx", -1)
-        if type(certs) is not str or type(crl) is not int or type(their_rx) is not int:
-            raise Malformed("nc must be a string, crl and rx integers")
+        ad = msg.get("ad", 0)
+        if (type(certs) is not str or type(crl) is not int or type(their_rx) is not int
+                or type(ad) is not int):
+            raise Malformed("nc must be a string, crl, rx and ad integers")
+        ad = min(max(ad, 0), config.SYNC_RTO_MAX_MS)
+        resend = msg.get("rs", [])
+        if not isinstance(resend, list) or len(resend) > config.MAX_AWAITED_CERTS or not all(
+            map(isinstance, resend, repeat(str))
+        ):
+            raise Malformed("rs must be a short list of node ids")
 
         if their_rx < peer.their_rx:
             # Overtaken by a newer summary (a reordering link; rx only grows within a
@@ -623,6 +831,7 @@ class SyncCore:
             self._count("stale_summary")
             return
         peer.their_rx = their_rx
+        peer.crl = crl
         first = not peer.ready
         peer.ready = True
         new_links = frozenset(links)
@@ -630,29 +839,25 @@ class SyncCore:
             peer.links = new_links
             peer.reach = new_links | {peer.id}
             self._topology_changed()
+        if first:
+            self._announce_links(now, peer)
         peer.acked = theirs
         tget = theirs.view().get
         if first:
             peer.sent = theirs.copy()
-        elif peer.sent != theirs:  # (equal: the common case, nothing to do)
-            # What it holds it got somewhere: never send it those (for every origin it
-            # reports, also those we never sent it; else a node that takes over relaying
-            # an origin, or serves one lost push, would start from seq 1).
-            peer.sent.merge(theirs)
-            for origin in [o for o, q in peer.sent.items() if tget(o, 0) < q]:
-                if (
-                        # we never sent it this origin in this session: what made us
-                        # think it holds them was wrong (it lost them, or said so
-                        # falsely): resend
-                        origin not in peer.sent_at
-                        # everything up to our last send of this origin has arrived, so
-                        # the gap was refused (e.g. its certificate was missing) or
-                        # lost: resend
-                        or their_rx >= peer.sent_tx.get(origin, 2**62)
-                        or now - peer.sent_at.get(origin, now) > config.SYNC_RETRANSMIT_MS):
-                    # Sent long ago and still not acknowledged: lost (lossy link or a
-                    # peer that restarted without them). Send again from what it holds.
-                    peer.sent = _lowered(peer.sent, origin, theirs.get(origin))
+            peer.out.clear()
+        else:
+            spans: dict[str, list[tuple[int, int]]] = {}
+            if peer.out or peer.resend:
+                spans = self._settle(peer, tget, their_rx, ad, self._mono(now),
+                                     frozenset(resend))
+            if peer.sent != theirs:  # (equal: the common case, nothing to do)
+                # What it holds it got somewhere: never send it those (for every origin
+                # it reports, also those we never sent it; else a node that takes over
+                # relaying an origin, or serves one lost push, would start from seq 1).
+                peer.sent.merge(theirs)
+                for origin in [o for o, q in peer.sent.items() if tget(o, 0) < q]:
+                    self._uncovered(peer, origin, tget(origin, 0), spans.get(origin, []))
         peer.stuck = frozenset(o for o, had in peer.held_at_report.items()
                                if tget(o, 0) < had)
         if peer.stuck:
@@ -663,9 +868,105 @@ class SyncCore:
                                if tget(o, 0) < have}
         if certs != self._cert_digest() or crl < self.trust.crl_version:
             self._send(out, peer.id, self._certs_message(), HIGH)  # before any resend
+            peer.crl = self.trust.crl_version
+        peer.certs_at = self.trust.version  # it holds ours, or has just been sent them
         self._pump(out, peer, now)
 
-    def _on_certs(self, out: list[Effect], data: bytes) -> None:
+    def _settle(self, peer: _Peer, tget: Callable[[str, int], int], their_rx: int,
+                ad: int, mono: int, asked: frozenset[str] = frozenset(),
+                ) -> dict[str, list[tuple[int, int]]]:
+        """Match a summary against the batches outstanding (invariant 10): drop the
+        acknowledged ones (one round-trip sample, RFC 6298, from the batch that ended
+        where the summary's ``rx`` does and was never resent: Karn's rule), and queue
+        for resending the part of a batch that is lost or refused. A batch is refused
+        when everything we sent has arrived (``rx``) and it is still not held; lost when
+        it is older than the retransmission timeout. What is merely in flight is never
+        resent. Returns, per origin, the seq ranges still outstanding or queued."""
+        keep: deque[_Batch] = deque()
+        spans: dict[str, list[tuple[int, int]]] = {}
+        timed_out = False
+        all_arrived = their_rx >= peer.tx
+        for b in peer.out:
+            have = tget(b.origin, 0)
+            if have >= b.last:
+                if not b.retx and b.tx == their_rx:
+                    self._rtt_sample(peer, mono - b.at - ad)
+                continue
+            lost = False
+            if all_arrived or b.origin in asked:
+                # Refused (e.g. a certificate it lacked) or lost with everything after
+                # it arriving: resend, backing off per origin while it keeps refusing.
+                until, delay, at_have = peer.refused.get(b.origin, (-1, 0, -1))
+                if have > at_have or b.origin in asked:
+                    # it took some since, or asks for them (``rs``: the certificate it
+                    # lacked has come): start the backoff afresh
+                    until, delay = -1, 0
+                if mono >= until:
+                    delay = min(config.SYNC_REFUSAL_BACKOFF_MAX_MS,
+                                max(config.SYNC_NACK_MS, 2 * delay)) if until >= 0 else 0
+                    peer.refused[b.origin] = (mono + delay, delay, have)
+                    lost = True
+            elif mono - b.at > peer.rto:
+                lost = timed_out = True
+            if lost:
+                lo = max(have + 1, b.first)
+                r = peer.resend.get(b.origin)
+                if r is None:
+                    peer.resend[b.origin] = [lo, b.last]
+                else:
+                    r[0], r[1] = min(r[0], lo), max(r[1], b.last)
+                continue
+            keep.append(b)
+            spans.setdefault(b.origin, []).append((b.first, b.last))
+        peer.out = keep
+        for origin, r in list(peer.resend.items()):
+            have = tget(origin, 0)
+            if have >= r[1]:
+                del peer.resend[origin]  # it got them meanwhile (another peer's copy)
+            else:
+                r[0] = max(r[0], have + 1)
+                spans.setdefault(origin, []).append((r[0], r[1]))
+        if timed_out:  # RFC 6298 5.5: back off until a fresh sample
+            peer.rto = min(config.SYNC_RTO_MAX_MS, 2 * peer.rto)
+        return spans
+
+    @staticmethod
+    def _uncovered(peer: _Peer, origin: str, have: int, spans: list[tuple[int, int]]) -> None:
+        """Seqs of ``origin`` above what the peer holds and up to ``sent`` that no batch
+        outstanding (or queued for resending) covers: we never sent it those in this
+        session, so what made us think it holds them was wrong (it lost them, said so
+        falsely, or a copy relayed "from" it was replayed): a gap below a batch in
+        flight is queued for resending, and past the last batch ``sent`` goes back to
+        where coverage ends, so the window sends the rest."""
+        pos = have + 1
+        gap_lo = gap_hi = 0
+        for first, last in sorted(spans):
+            if first > pos:
+                gap_lo = gap_lo or pos
+                gap_hi = first - 1
+            pos = max(pos, last + 1)
+        if gap_lo:
+            r = peer.resend.get(origin)
+            if r is None:
+                peer.resend[origin] = [gap_lo, gap_hi]
+            else:
+                r[0], r[1] = min(r[0], gap_lo), max(r[1], gap_hi)
+        if pos <= peer.sent.get(origin):
+            peer.sent = _lowered(peer.sent, origin, pos - 1)
+
+    @staticmethod
+    def _rtt_sample(peer: _Peer, r: int) -> None:
+        """RFC 6298 section 2, with our bounds on the result."""
+        r = max(r, 0)
+        if peer.srtt < 0:
+            peer.srtt, peer.rttvar = float(r), r / 2
+        else:
+            peer.rttvar = 0.75 * peer.rttvar + 0.25 * abs(peer.srtt - r)
+            peer.srtt = 0.875 * peer.srtt + 0.125 * r
+        rto = peer.srtt + max(config.SYNC_TIMER_SLACK_MS, 4 * peer.rttvar)
+        peer.rto = int(min(config.SYNC_RTO_MAX_MS, max(config.SYNC_RTO_MIN_MS, rto)))
+
+    def _on_certs(self, out: list[Effect], peer: _Peer, data: bytes, now: int) -> None:
         try:
             msg = orjson.loads(data[1:])
         except orjson.JSONDecodeError:
@@ -675,6 +976,7 @@ class SyncCore:
         if len(msg["certs"]) > config.MAX_CERTS_PER_MESSAGE:
             raise Malformed("too many certificates in one message")
         changed = False
+        learned: list[str] = []  # node ids we hold a certificate for only now
         for item in msg["certs"]:
             if isinstance(item, dict) and isinstance(item.get("node_id"), str):
                 held = self.trust.certificate(item["node_id"])
@@ -687,17 +989,71 @@ class SyncCore:
             except EnvelopeError as exc:
                 self._count(exc.reason)
                 continue
-            changed |= self.trust.certificate(cert.node_id) is not held
+            if self.trust.certificate(cert.node_id) is not held:
+                changed = True
+                if held is None:
+                    learned.append(cert.node_id)
         if msg.get("crl") is not None:
             try:
                 crl = RevocationList.from_dict(msg["crl"])
                 before = self.trust.crl_version
                 self.trust.apply_revocations(crl)
-                changed |= self.trust.crl_version != before
             except EnvelopeError as exc:
                 self._count(exc.reason)
+            else:
+                peer.crl = max(peer.crl, crl.version)  # it holds this one
+                if self.trust.crl_version != before:
+                    changed = True
+                    self._revocations_changed(out, now)
         if changed:
             out.append(TrustChanged())
+        if learned and self._awaited:
+            self._ask_again(out, learned, now)
+
+    def _ask_again(self, out: list[Effect], learned: list[str], now: int) -> None:
+        """Certificates of ``learned`` arrived: peers that sent us envelopes of those
+        origins (refused then as ``not_enrolled``) get our summary now, naming them in
+        ``rs``, so they send them again from what we hold (invariant 8)."""
+        by_peer: dict[str, list[str]] = {}
+        for origin in learned:
+            for pid in self._awaited.pop(origin, ()):
+                by_peer.setdefault(pid, []).append(origin)
+        for pid, origins in by_peer.items():
+            peer = self.peers.get(pid)
+            if peer is not None:
+                self._send_vv(out, peer, now, origins)
+
+    def _revocations_changed(self, out: list[Effect], now: int) -> None:
+        """A newer revocation list was adopted: end the sessions of revoked peers and
+        pass the list on at once to every peer whose summary shows an older one (the
+        list alone: its certificates are not news), so it crosses the store in a few
+        round trips, not one summary interval per hop (invariant 9)."""
+        revoked = self.trust.revoked
+        for pid in [p for p in self.peers if p in revoked]:
+            self._count("revoked_session")
+            out.append(EndSession(pid, "revoked"))
+            self.peer_down(pid, now)
+        for origin in [o for o in self._awaited if o in revoked]:
+            del self._awaited[origin]
+        version = self.trust.crl_version
+        data = b""
+        for peer in self.peers.values():
+            if peer.ready and peer.crl < version:
+                data = data or self._certs_message(certs=False)
+                self._send(out, peer.id, data, HIGH)
+                peer.crl = version
+
+    def learn_revocations(self, crl: RevocationList, now: int) -> list[Effect]:
+        """A revocation list from a local source (``POST /v1/revocations``): adopt it if
+        it is newer, with the same effects as one a peer sent. Raises ``BadSignature``
+        or ``WrongStore`` (the caller's input: refuse the request)."""
+        out: list[Effect] = []
+        before = self.trust.crl_version
+        self.trust.apply_revocations(crl)
+        if self.trust.crl_version != before:
+            self._revocations_changed(out, now)
+            out.append(TrustChanged())
+        return out
 
     def _on_envelopes(self, out: list[Effect], peer: _Peer, raws: list[bytes],
                       now: int) -> None:
@@ -710,7 +1066,7 @@ class SyncCore:
                 continue
             decoded.append((env, raw))
         applied: list[Envelope] = []
-        refused_before = self._refusals()
+        self._reasons.clear()
         pending_before = self.replica.pending_count()
         for run in _runs(decoded):
             applied.extend(self._apply_run(out, run, now))
@@ -729,20 +1085,61 @@ class SyncCore:
                 peer.acked.set(origin, seq)
             if seq > peer.sent.get(origin):
                 peer.sent.set(origin, seq)
+        if "not_enrolled" in self._reasons:
+            self._await_certificates(peer, decoded)
         n = len(raws)
         peer.rx += n
+        peer.rx_at = self._mono(now)
         peer.unacked_in += n
+        refused = [r for r in self._reasons if r not in NOT_REFUSALS]
         if applied:
             self.received += len(applied)
             out.append(Persist(tuple(applied)))
             self._relay(out, peer, applied, now)
-        gap = (self._refusals() != refused_before
-               or self.replica.pending_count() > pending_before)
+        gap = self.replica.pending_count() > pending_before
+        if refused:
+            gap |= self._nack_due(peer, refused, peer.rx_at)
         if peer.unacked_in >= config.SYNC_ACK_EVERY or (
                 gap and now - peer.vv_at >= config.SYNC_NACK_MS):
             # Opens the sender's window during catch-up; after a refusal or a gap, tells
             # it soon what we lack (and which certificates we hold) so it can repair.
             self._send_vv(out, peer, now)
+
+    def _await_certificates(self, peer: _Peer, decoded: list[tuple[Envelope, bytes]]) -> None:
+        """Some of ``decoded`` were refused as ``not_enrolled``: remember their origins
+        and ``peer`` (bounded), to ask it for them again when the certificate comes."""
+        trust = self.trust
+        for origin in {env.origin for env, _ in decoded}:
+            if trust.certificate(origin) is not None or trust.is_revoked(origin):
+                continue
+            peers = self._awaited.get(origin)
+            if peers is None:
+                if len(self._awaited) >= config.MAX_AWAITED_CERTS:
+                    # oldest first: an origin that never enrols must not keep a
+                    # register that joins later from being asked for again
+                    del self._awaited[next(iter(self._awaited))]
+                peers = self._awaited[origin] = set()
+            if len(peers) < config.MAX_AWAITED_CERTS:
+                peers.add(peer.id)
+    @staticmethod
+    def _nack_due(peer: _Peer, reasons: list[str], mono: int) -> bool:
+        """Whether a refusal for one of ``reasons`` should be reported at once. Per
+        (peer, reason) the delay doubles from SYNC_NACK_MS to
+        SYNC_REFUSAL_BACKOFF_MAX_MS while the peer keeps sending what we refuse, and
+        starts afresh after a quiet spell as long as the cap: a peer resending what we
+        refuse would otherwise loop (refusal, summary, resend) at the nack rate."""
+        due = False
+        cap = config.SYNC_REFUSAL_BACKOFF_MAX_MS
+        for reason in reasons:
+            until, delay, seen = peer.nack.get(reason, (0, 0, -cap - 1))
+            if mono - seen > cap:
+                until, delay = 0, 0
+            if mono >= until:
+                due = True
+                delay = min(cap, max(config.SYNC_NACK_MS, 2 * delay))
+                until = mono + delay
+            peer.nack[reason] = (until, delay, mono)
+        return due
 
     def _apply_run(self, out: list[Effect], run: list[tuple[Envelope, bytes]],
                    now: int) -> list[Envelope]:
@@ -857,7 +1254,8 @@ class SyncCore:
         bridges = [q for q in self.peers if self._preferred_bridge(q, origin)]
         out = []
         for p in self.peers.values():
-            if p is source or origin in p.reach or source.id in p.links:
+            if (p is source or self._reaches(p, origin) or source.id in p.links
+                    or p.id in source.links):
                 continue
             if source.id == origin and any(q in p.links for q in bridges):
                 continue

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -116,6 +116,23 @@ def new_store(base: Path, store_id: str, edge_id: str) -> NodeIdentity:
     ident = init_store(base / edge_id, store_id, now_ms=now_ms(), node_id=edge_id)
     trust_ca(ident.data_dir)
     return ident
+
+
+@contextlib.asynccontextmanager
+async def running_node(data_dir: Path, *, plaintext: bool = True) -> AsyncIterator[Any]:
+    """An in-process node on ``data_dir`` (already initialised) on 127.0.0.1 at a free
+    port, no discovery; closed when the block ends. ``plaintext`` (the default): plain
+    HTTP, the loopback development mode, for tests of the API itself; ``False``: TLS as
+    in production (pin with ``client()``)."""
+    from mesh.node import Node
+
+    n = Node(data_dir, http_host="127.0.0.1", http_port=0, discovery=False,
+             insecure_plaintext=plaintext)
+    await n.start()
+    try:
+        yield n
+    finally:
+        await n.close()
 
 
 def enrol_direct(base: Path, edge: NodeIdentity, node_id: str,

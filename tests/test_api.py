@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh import api
 from mesh.datadir import enrol_node, init_store
 from mesh.node import Node
-from tests.meshkit import now_ms, wait_until
+from tests.meshkit import now_ms, running_node, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -31,13 +31,8 @@ Json = Any
 @pytest_asyncio.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
     init_store(tmp_path / "edge", "store-1", now_ms=now_ms(), node_id="edge")
-    n = Node(tmp_path / "edge", insecure_plaintext=True,
-             http_host="127.0.0.1", http_port=0, discovery=False)
-    await n.start()
-    try:
+    async with running_node(tmp_path / "edge") as n:
         yield n
-    finally:
-        await n.close()
 
 
 @pytest_asyncio.fixture

@@ -175,7 +175,8 @@ _ENVELOPE = st.tuples(
                           optional={"qty": _NUM, "sku": _ID}),
     st.integers(0, 3),  # seq offset from the head (0: the next one)
     st.booleans(),  # whether prev is the right hash
-    st.sampled_from([HLC, 0, 2**63 - 1, (NOW + config.MAX_CLOCK_SKEW_MS) << 16]),
+    st.sampled_from([HLC, 0, 2**63 - 1, (NOW + 24 * 3600 * 1000) << 16,
+                     (NOW + config.MAX_HLC_ADOPT_AHEAD_MS) << 16]),
 )
 
 

@@ -17,7 +17,7 @@ import pytest_asyncio
 from mesh.datadir import init_store
 from mesh.httpfaults import ClientFaults
 from mesh.node import Node
-from tests.meshkit import now_ms
+from tests.meshkit import now_ms, running_node
 from tests.test_api import scrape
 
 #: Requests aiohttp cannot parse, each sent alone on a fresh connection.
@@ -41,13 +41,8 @@ CUT_SHORT: list[bytes] = [
 @pytest_asyncio.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
     init_store(tmp_path / "edge", "store-1", now_ms=now_ms(), node_id="edge")
-    n = Node(tmp_path / "edge", insecure_plaintext=True,
-             http_host="127.0.0.1", http_port=0, discovery=False)
-    await n.start()
-    try:
+    async with running_node(tmp_path / "edge") as n:
         yield n
-    finally:
-        await n.close()
 
 
 def _send(port: int, data: bytes, *, hang_up: bool) -> None:

@@ -26,7 +26,7 @@ from mesh.errors import CommandError
 from mesh.node import Node
 from mesh.replica import CommandResult, Replica
 from tests.conftest import NOW, StoreKit
-from tests.meshkit import now_ms, wait_until
+from tests.meshkit import now_ms, running_node, wait_until
 from tests.test_api import set_disk_quota
 from tests.test_durable import _hold_writer
 
@@ -147,13 +147,8 @@ def test_a_strict_flag_is_not_content(kit: StoreKit) -> None:
 @pytest_asyncio.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
     init_store(tmp_path / "edge", "store-1", now_ms=now_ms(), node_id="edge")
-    n = Node(tmp_path / "edge", insecure_plaintext=True,
-             http_host="127.0.0.1", http_port=0, discovery=False)
-    await n.start()
-    try:
+    async with running_node(tmp_path / "edge") as n:
         yield n
-    finally:
-        await n.close()
 
 
 @pytest_asyncio.fixture

@@ -381,3 +381,34 @@ def test_fulfil_arriving_before_its_reservation_gives_the_same_exceptions(
     assert x.exceptions() == y.exceptions()
     assert [(e.origin, e.kind, e.short) for e in x.exceptions()] == [("edge", "fulfil", 1)] \
         or [(e.origin, e.kind) for e in x.exceptions()] == [("r1", "sale")]
+
+
+def test_a_far_future_stamp_is_applied_but_not_adopted_live_or_on_rebuild(kit: StoreKit) -> None:
+    """Issue 10 item 16: r1's clock is a day ahead. Its sale is accepted everywhere (the
+    receiver's wall clock decides nothing), but the edge's HLC does not follow it, live
+    or when it rebuilds from its ledger (``now_ms=None``, as recovery does); a stamp
+    within MAX_HLC_ADOPT_AHEAD_MS still is adopted (causality)."""
+    from mesh import config
+
+    day = 24 * 3600 * 1000
+    edge, r1, r2 = kit.replica("edge"), kit.replica("r1"), kit.replica("r2")
+    rcv = edge.receive("SKU-1", 10, txn="rcv-1", now_ms=NOW).envelope
+    assert rcv is not None
+    _deliver(kit, [rcv], r1)
+    _deliver(kit, [rcv], r2)
+    far = r1.sell("SKU-1", 1, txn="pos-1", now_ms=NOW + day).envelope
+    near = r2.sell("SKU-1", 1, txn="pos-2",
+                   now_ms=NOW + config.MAX_HLC_ADOPT_AHEAD_MS // 2).envelope
+    assert far is not None and near is not None
+    _deliver(kit, [far], edge)
+    assert edge.on_hand("SKU-1") == 9 and edge.hlc_not_adopted == 1
+    assert edge.hlc.last < far.hlc and (edge.hlc.last >> 16) < NOW + day // 2
+    _deliver(kit, [near], edge)
+    assert edge.hlc.last > near.hlc  # within the bound: adopted
+
+    rebuilt = kit.replica("edge")
+    for env in (rcv, far, near):
+        rebuilt.apply(verify(env.raw, kit.trust, NOW), None)
+    assert rebuilt.on_hand("SKU-1") == 8
+    assert (rebuilt.hlc.last >> 16) < NOW + day // 2
+    assert rebuilt.hlc.last >= near.hlc

@@ -61,7 +61,7 @@ def test_sales_reach_every_node_in_milliseconds() -> None:
 def test_converges_under_loss_duplication_and_reordering(seed: int) -> None:
     w = _store(seed, model=LinkModel(latency_ms=2, jitter_ms=30, loss=0.2, duplicate=0.2))
     _receive(w)
-    w.run_until(w.now + 3 * config.SYNC_RETRANSMIT_MS)
+    w.run_until(w.now + 3 * config.SYNC_RTO_INITIAL_MS)
     assert all(n.replica.knows_sku("A") for n in w.nodes.values())
     for i in range(40):
         w.after(i * 7, lambda i=i: _sell(w, f"r{1 + i % 3}", i))
@@ -70,7 +70,7 @@ def test_converges_under_loss_duplication_and_reordering(seed: int) -> None:
     # heal: stop loss, let anti-entropy (and retransmission) finish
     for link in w.links.values():
         link.loss = 0.0
-    w.run_until(w.now + 3 * config.SYNC_RETRANSMIT_MS)
+    w.run_until(w.now + 3 * config.SYNC_RTO_INITIAL_MS)
     assert len(_digests(w)) == 1, f"reproduce with seed {seed}"
     assert w.nodes["r2"].replica.on_hand("A") == 60
     for node in w.nodes.values():
@@ -190,7 +190,7 @@ def test_same_seed_same_trace() -> None:
     def trace(seed: int) -> str:
         w = _store(seed, model=LinkModel(latency_ms=1, jitter_ms=10, loss=0.1, duplicate=0.1))
         _receive(w)
-        w.run_until(w.now + 3 * config.SYNC_RETRANSMIT_MS)
+        w.run_until(w.now + 3 * config.SYNC_RTO_INITIAL_MS)
         for i in range(30):
             w.after(i * 3, lambda i=i: _sell(w, f"r{1 + i % 3}", i))
         w.run_until(w.now + 3000)

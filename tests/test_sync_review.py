@@ -107,7 +107,7 @@ def test_summary_from_a_previous_session_does_not_mute_the_new_one() -> None:
     for i in range(5):
         _sell(edge, f"t{i}")
         w.run_until(w.now + 5)
-    w.run_until(w.now + 40_000)  # > SYNC_RETRANSMIT_MS + two WAN summary intervals
+    w.run_until(w.now + 40_000)  # > SYNC_RTO_INITIAL_MS + two WAN summary intervals
     assert dropped
     assert cloud.replica.vv.get("edge") == edge.replica.vv.get("edge") == 1206
     assert edge.core.stats.get("stale_summary", 0) == 0

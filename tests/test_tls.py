@@ -63,7 +63,7 @@ WITHIN_S = 20.0
 
 
 def test_store_init_issues_a_node_certificate_for_the_node_key(tmp_path: Path) -> None:
-    ident = init_store(tmp_path / "e", "store-ü 1", now_ms=now_ms(), node_id="edge_1")
+    ident = init_store(tmp_path / "e", "Berlin.mitte_1-x", now_ms=now_ms(), node_id="edge_1")
     files = load_tls_files(ident.data_dir, ident.key, store_id=ident.store_id,
                            node_id=ident.node_id, store_public_key=ident.trust.store_public_key)
     assert stat.S_IMODE(os.stat(tmp_path / "e" / KEY_FILE).st_mode) == 0o600
@@ -71,7 +71,7 @@ def test_store_init_issues_a_node_certificate_for_the_node_key(tmp_path: Path) -
     who = peer_identity(cert.public_bytes(Encoding.DER))
     # the TLS key IS the node key: the session proves the key of the storemesh certificate
     assert who is not None and (who.store_id, who.node_id, who.public_key) == (
-        "store-ü 1", "edge_1", ident.key.public_key)
+        "Berlin.mitte_1-x", "edge_1", ident.key.public_key)
     ca = x509.load_pem_x509_certificate(files.ca_pem)
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     cert.verify_directly_issued_by(ca)

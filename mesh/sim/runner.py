@@ -204,7 +204,7 @@ def _state_equal(w: World) -> bool:
 
 def _traffic(w: World) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
-    for key in ("messages", "bytes", "wire_bytes", "lost", "duplicated"):
+    for key in ("messages", "bytes", "wire_bytes", "summary_bytes", "lost", "duplicated"):
         per: dict[str, int] = {"lan": 0, "wan": 0}
         for link in w.links.values():
             per[link.kind] = per.get(link.kind, 0) + getattr(link, key)
@@ -289,6 +289,7 @@ def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Worklo
         "messages": traffic["messages"],
         "bytes": traffic["bytes"],
         "wire_bytes": traffic["wire_bytes"],
+        "summary_bytes": traffic["summary_bytes"],
         "lost_messages": traffic["lost"],
         "duplicated_messages": traffic["duplicated"],
         "tracked_skus": checker.tracked,

@@ -39,7 +39,7 @@ from mesh.crdt import VersionVector
 from mesh.envelope import Envelope, decode
 from mesh.identity import NodeKey, TrustStore, issue_certificate
 from mesh.replica import CommandResult, Replica
-from mesh.sync import Alert, Effect, Fetch, Persist, Send, SyncCore
+from mesh.sync import Alert, Effect, EndSession, Fetch, Persist, Send, SyncCore
 
 __all__ = ["DISTRIBUTIONS", "LinkModel", "SimDisk", "SimNode", "World"]
 
@@ -78,6 +78,7 @@ class LinkModel:
     lost: int = 0  # dropped by ``loss`` or a blackhole
     duplicated: int = 0
     wire_bytes: int = 0  # after the WAN codec on "wan" links, else == bytes
+    summary_bytes: int = 0  # of ``bytes``, those of ``V`` messages (summaries)
     codec: Any = None  # mesh.transport.WanCodec of the current session ("wan" links)
 
 
@@ -277,6 +278,8 @@ class World:
         session = self._session_of(src, dst)
         link.messages += 1
         link.bytes += len(data)
+        if data[:1] == b"V":
+            link.summary_bytes += len(data)
         if link.codec is not None:
             # What the real WAN transport would put on the wire (prev elided, raw
             # signatures, one zlib stream per direction): the metered figure.
@@ -444,6 +447,9 @@ class SimNode:
                                               self.clock()))
             elif isinstance(eff, Alert):
                 self.alerts.append(eff)
+            elif isinstance(eff, EndSession):
+                # The connection ends for both sides, as closing a socket would.
+                self.world._session_down(self.node_id, eff.peer)
         self._arm_timer()
 
     def _arm_timer(self) -> None:

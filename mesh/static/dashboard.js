@@ -237,6 +237,23 @@ function renderSkuList(skus) {
   if (state.sku) select.value = state.sku;
 }
 
+function renderSensors(f) {
+  const now = serverNow();
+  const rows = f.stores.map(r => el("tr", { "data-store": r.store },
+    el("td", {}, r.store),
+    el("td", { class: "num" + (r.review_open ? " bad" : ""), "data-col": "review_open" },
+      r.review_open),
+    el("td", {}, r.review_oldest_age_ms === null ? "–" : duration(r.review_oldest_age_ms)),
+    el("td", { class: "num", "data-col": "auto_share" },
+      r.auto_share === null ? "–" : Math.round(r.auto_share * 100) + " %"),
+    el("td", { class: r.alerts.length ? "bad" : "", "data-col": "alerts" },
+      r.alerts.length ? r.alerts.map(a => `${a.device} ${a.rule} (${ago(a.at_ms, now)})`)
+        .join(", ") : "none"),
+    el("td", { "data-col": "replenish" },
+      r.replenish.map(i => i.sku).join(", ") || "none")));
+  replaceRows(document.getElementById("sensors"), rows, "no stores", 6);
+}
+
 // --- the poll loop -----------------------------------------------------------------------
 
 async function refresh() {
@@ -245,6 +262,7 @@ async function refresh() {
     getJSON("/v1/fleet/health").then(renderHealth),
     getJSON("/v1/fleet/exceptions?limit=20").then(renderExceptions),
     getJSON("/v1/fleet/sales?hours=24").then(renderFleetSales),
+    getJSON("/v1/fleet/sensors").then(renderSensors),
   ];
   if (state.polls % SKU_LIST_EVERY === 0 || !state.sku) {
     jobs.push(getJSON("/v1/fleet/stock?limit=1000").then(b => renderSkuList(b.stock.map(e => e.sku))));
