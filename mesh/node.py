@@ -209,7 +209,7 @@ class Node:
         for url in self.static_peers:
             self._ensure_dialer(url)
         for url in self.wan_peers:
-            self._ensure_dialer(url, wan=True)
+            self._ensure_dialer(url, wan=True, role="cloud")
         if self.discovery_enabled:
             await self._start_discovery()
         log.info("node %s (%s) of store %s listening on %s", self.identity.node_id,
@@ -530,18 +530,30 @@ class Node:
             if task is not None:
                 task.cancel()
 
-    def _ensure_dialer(self, url: str, node_id: str | None = None, *, wan: bool = False) -> None:
+    def _ensure_dialer(self, url: str, node_id: str | None = None, *, wan: bool = False,
+                       role: str | None = None) -> None:
         task = self._dialers.get(url)
         if task is None or task.done():
-            self._dialers[url] = self._spawn(self._dial_loop(url, wan or self.wan, node_id),
-                                             f"dial {url}")
+            self._dialers[url] = self._spawn(
+                self._dial_loop(url, wan or self.wan, node_id, role), f"dial {url}")
 
-    async def _dial_loop(self, url: str, wan: bool, expect: str | None = None) -> None:
+    async def _dial_loop(self, url: str, wan: bool, expect: str | None = None,
+                         role: str | None = None) -> None:
         """Keep a session to ``url`` up: reconnect with jittered exponential backoff.
-        ``expect``: the node id discovery says is there; else the one the first session
-        proved, so a later session to this URL must reach that same node (``wrong_peer``)."""
+        ``expect``: the node id we mean to reach: the one discovery advertised there,
+        or the one a static URL names after ``#`` (``https://10.0.0.5:8700#edge``), else
+        the one the first session proved, so that a later session to this URL must
+        reach that same node (``wrong_peer``). ``role``: the role it must hold (a
+        ``--cloud`` URL reaches a node enrolled as ``cloud``)."""
         backoff = config.DIAL_BACKOFF_MIN_S
         assert self._http is not None
+        target, _, pinned = url.partition("#")
+        if pinned and expect is not None and pinned != expect:
+            log.error("not dialling %s: it names node %r, discovery says %r", url, pinned,
+                      expect)
+            self._reject("wrong_peer")
+            return
+        expect = expect or pinned or None
         if url.startswith("https://") != (self.client_ssl is not None):
             self._reject("plaintext_peer" if self.client_ssl is not None else "tls_peer")
             log.error("not dialling %s: this node runs %s", url,
@@ -558,9 +570,10 @@ class Node:
                 await existing.done.wait()
                 continue
             try:
-                session = await transport.dial(self._http, url, self.identity, self.now_ms,
+                session = await transport.dial(self._http, target, self.identity, self.now_ms,
                                                wan=wan, ssl_context=self.client_ssl,
-                                               expect=peer_id, server_hostname=sni)
+                                               expect=peer_id, expect_role=role,
+                                               server_hostname=sni)
             except transport.HandshakeError as exc:
                 self._reject(exc.reason)
                 log.info("dial %s refused: %s", url, exc)

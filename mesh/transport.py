@@ -523,11 +523,15 @@ def _check_binding(tls_peer: PeerIdentity | None, cert: Certificate, store_id: s
 async def dial(http: aiohttp.ClientSession, url: str, identity: NodeIdentity,
                now_ms: Callable[[], int], *, wan: bool = False,
                ssl_context: ssl.SSLContext | None = None, expect: str | None = None,
-               server_hostname: str | None = None) -> Session:
+               expect_role: str | None = None, server_hostname: str | None = None
+               ) -> Session:
     """Client side: connect to ``url`` (``https://host:port``; ``http://`` only for
     loopback development) and authenticate both ways. ``ssl_context``: mutual TLS
     pinned to the store CA (``mesh.tls.client_context``); ``expect``: the node id we
-    mean to reach (refused as ``wrong_peer`` if the TLS certificate names another);
+    mean to reach (refused as ``wrong_peer`` if the TLS certificate, or on a plain-text
+    link the authenticated hello, names another); ``expect_role``: the role that node
+    must be enrolled with (``wrong_peer`` otherwise: a ``--cloud`` URL must reach the
+    cloud, not a register that answers there);
     ``server_hostname``: the SNI name (the cloud picks its store's certificate by it).
     Without ``ssl_context`` an https:// dial reads the identity's TLS files (blocking:
     for tools and tests).
@@ -561,6 +565,12 @@ async def dial(http: aiohttp.ClientSession, url: str, identity: NodeIdentity,
         reply = await _recv_json(ws)
         cert, their_nonce = _check_hello(identity, reply, now_ms())
         _check_binding(tls_peer, cert, identity.store_id)
+        if expect is not None and cert.node_id != expect:
+            raise HandshakeError("wrong_peer", f"{url} is node {cert.node_id!r}, not "
+                                 f"{expect!r}")
+        if expect_role is not None and cert.role != expect_role:
+            raise HandshakeError("wrong_peer", f"{url} is node {cert.node_id!r} enrolled "
+                                 f"as {cert.role!r}, not {expect_role!r}")
         assert isinstance(reply, dict)
         try:
             sig = bytes.fromhex(str(reply.get("sig", "")))
