@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
@@ -27,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from mesh.cli import main
 from mesh.datadir import init_store, load_identity
+from mesh.enrol import UntrustedEdge, join, parse_token
 from mesh.node import Node
 from mesh.tls import (
     KEY_FILE,
@@ -292,3 +296,201 @@ async def test_status_pins_the_store_ca(cluster: Cluster, tmp_path: Path) -> Non
     wrong = await asyncio.to_thread(runner.invoke, main, ["status", edge.url, "--ca",
                                                          str(other.data_dir)])
     assert wrong.exit_code != 0 and "CERTIFICATE_VERIFY_FAILED" in wrong.output, wrong.output
+
+
+# --- the attack of issue 11: a forged summary injected on a live session -----------------------
+
+
+def _client_ws_frame(payload: bytes) -> bytes:
+    """One binary WebSocket frame as a client sends it (RFC 6455: FIN, opcode 2,
+    masked), carrying ``payload``: what a machine on the path would insert."""
+    mask = os.urandom(4)
+    n = len(payload)
+    head = bytes([0x82]) + (bytes([0x80 | n]) if n < 126
+                            else bytes([0x80 | 126]) + n.to_bytes(2, "big"))
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _forged_summary(origins: list[str]) -> bytes:
+    """A sync summary (``V``, mesh.sync) claiming the register holds a million envelopes
+    of every origin, with an ``rx`` no genuine summary will reach: a receiver that
+    believes it never pushes that register anything again, and takes every later
+    genuine summary for a stale one."""
+    return b"V" + orjson.dumps({"vv": dict.fromkeys(origins, 1_000_000), "links": [],
+                                "nc": "0" * 16, "crl": -1, "rx": 10**9, "ad": 0})
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["control-plaintext", "tls"])
+@pytest.mark.asyncio
+async def test_a_forged_summary_injected_on_a_live_session(
+        cluster: Cluster, tmp_path: Path, tls: bool) -> None:
+    """A machine between a register and the edge inserts a well-formed sync frame into
+    the register's live session (issue 11: "one injected summary on a live session
+    stopped the edge from sending a register anything while /v1/peers still showed
+    up=true lag=0").
+
+    Control, over ``--insecure-plaintext`` (ws://): the edge takes the frame for the
+    register's and stops sending it anything; the register misses the edge's next sale
+    while the session stays up. That shows the proxy's injection reaches the sync layer.
+    Over TLS the same bytes are no valid TLS record: the edge ends the session
+    (``tls_record_error``), nothing of the frame is applied, the register reconnects and
+    gets the sale."""
+    t = tag()
+    edge_ident = new_store(tmp_path, f"s-{t}", f"edge-{t}")
+    r1_ident = enrol_direct(tmp_path, edge_ident, f"r1-{t}")
+    plain = not tls
+    edge = await cluster.start("edge", edge_ident.data_dir, discovery=False, plaintext=plain)
+    proxy = cluster.add(TcpProxy(edge.port, name="r1->edge",
+                                 scheme="https" if tls else "http").start())
+    r1 = await cluster.start("r1", r1_ident.data_dir, discovery=False, plaintext=plain,
+                             peers=[proxy.url])
+    async with (client() if tls else aiohttp.ClientSession()) as http:
+        await until(lambda: _has(http, edge, r1.node_id), within=WITHIN_S,
+                    what="r1's session with the edge through the proxy")
+        await post_ok(http, edge.url, "/v1/receipts",
+                      {"sku": "X", "qty": 100, "txn_id": "grn-x", "staff_id": "mgr"})
+        await wait_converged(http, [edge, r1], within=WITHIN_S, expect={"X": 100})
+        base = await rejections(http, edge.url)
+        # r1 sends a summary every second or so: the frame goes in just before it
+        proxy.tamper(up=True, inject=_client_ws_frame(
+            _forged_summary([edge.node_id, r1.node_id])))
+        await until(lambda: _true(bool(proxy.tampered)), within=10,
+                    what="the proxy injected the frame")
+        await post_ok(http, edge.url, "/v1/sales",
+                      {"sku": "X", "qty": 1, "txn_id": "sale-after-injection"})
+        if plain:
+            await asyncio.sleep(5.0)  # far beyond the push and summary intervals
+            assert (await get_json(http, r1.url, "/v1/stock/X"))["on_hand"] == 100, \
+                "the control failed: the injected summary did not reach the sync layer"
+            assert r1.node_id in await peers_up(http, edge)  # and nobody noticed
+            return
+        assert await _delta(http, edge.url, base, "session_tls_record_error") >= 1
+        after = await rejections(http, edge.url)
+        changed = {k for k in after if after[k] != base.get(k, 0)}
+        assert changed <= {"session_tls_record_error", "session_tls_aborted",
+                           "session_tls_handshake_failed"}, changed
+        await until(lambda: _has(http, edge, r1.node_id), within=WITHIN_S,
+                    what="r1 reconnects")
+        await wait_converged(http, [edge, r1], within=WITHIN_S, expect={"X": 99})
+        assert len(proxy.tampered) == 1 and proxy.tampered[0].startswith("injected"), \
+            proxy.tampered
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+# --- the dialer reaches the node it means --------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_pinned_peer_url_and_a_cloud_url_reach_only_the_node_meant(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """A static peer URL may name its node after ``#``; a ``--cloud`` URL must reach a
+    node enrolled as ``cloud``. A valid node of the same store answering there instead
+    (here: the edge) is refused as ``wrong_peer`` before any sync message, and
+    counted; the same URL pinned to the right node id opens the session."""
+    t = tag()
+    edge_ident = new_store(tmp_path, f"s-{t}", f"edge-{t}")
+    enrol_direct(tmp_path, edge_ident, f"r1-{t}")
+    enrol_direct(tmp_path, edge_ident, f"r2-{t}")
+    edge = await cluster.start("edge", edge_ident.data_dir, discovery=False)
+    r1 = await cluster.start("r1", tmp_path / f"r1-{t}", discovery=False,
+                             peers=[f"{edge.url}#r9-{t}"], extra=["--cloud", edge.url])
+    r2 = await cluster.start("r2", tmp_path / f"r2-{t}", discovery=False,
+                             peers=[f"{edge.url}#{edge.node_id}"])
+    async with client() as http:
+        await until(lambda: _has(http, r2, edge.node_id), within=WITHIN_S,
+                    what="r2's session with the edge it pinned")
+        # both of r1's dialers were refused (and retry with backoff: >= 2 counted)
+        assert await _delta(http, r1.url, {}, "session_wrong_peer") >= 2
+        assert edge.node_id not in await peers_up(http, r1)
+        assert r1.node_id not in await peers_up(http, edge)
+    log = r1.log_tail(400)
+    assert f"is node '{edge.node_id}', not 'r9-{t}'" in log, log
+    assert "enrolled as 'edge', not 'cloud'" in log, log
+
+
+@pytest.mark.asyncio
+async def test_dial_checks_the_node_id_it_meant(cluster: Cluster, tmp_path: Path) -> None:
+    t = tag()
+    edge_ident = new_store(tmp_path, f"s-{t}", f"edge-{t}")
+    ra = enrol_direct(tmp_path, edge_ident, f"ra-{t}")
+    edge = await cluster.start("edge", edge_ident.data_dir, discovery=False)
+    async with client() as http:
+        with pytest.raises(HandshakeError) as refused:
+            await dial(http, edge.url, ra, now_ms, expect=f"edge2-{t}")
+        assert refused.value.reason == "wrong_peer"
+        # the TLS certificate is checked before a hello is sent: the edge saw no session
+        assert ra.node_id not in await peers_up(http, edge)
+        s = await dial(http, edge.url, ra, now_ms, expect=edge.node_id)
+        await s.ws.close()
+
+
+# --- join over TLS through a machine in the middle --------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_join_through_a_machine_in_the_middle(cluster: Cluster, tmp_path: Path) -> None:
+    """A join token pins the issuing edge's TLS certificate. A machine in the middle
+    that sends the joiner to another node of the store (a valid certificate from the
+    store key: an enrolled, malicious register) gets refused before the token is sent;
+    forwarding to the real edge, it sees only TLS records: neither the token nor its
+    secret crosses the wire readable."""
+    t = tag()
+    edge_ident = new_store(tmp_path, f"s-{t}", f"edge-{t}")
+    enrol_direct(tmp_path, edge_ident, f"evil-{t}")
+    edge = await cluster.start("edge", edge_ident.data_dir, discovery=False)
+    evil = await cluster.start("evil", tmp_path / f"evil-{t}", discovery=False)
+    proxy = cluster.add(TcpProxy(evil.port, name="joiner->?").start())
+    token = join_token(edge_ident)
+    secret_b64 = token.split(".", 1)[1]
+    with pytest.raises(UntrustedEdge, match="nothing was sent"):
+        await join(tmp_path / "new", token, url=proxy.url, timeout_s=10)
+    assert not (tmp_path / "new" / "node.json").exists()
+    async with client() as http:
+        assert not {k for k in await rejections(http, evil.url) if "join" in k}
+    proxy.target_port = edge.port  # now it forwards to the genuine edge
+    ident = await join(tmp_path / "new", token, url=proxy.url, timeout_s=10)
+    assert ident.node_id and (tmp_path / "new" / "tls-node.pem").exists()
+    wire = b"".join(proxy.recorded(up=True))
+    raw_secret = parse_token(token).secret
+    assert wire and secret_b64[:24].encode() not in wire and raw_secret not in wire
+    assert b"/v1/join" not in wire and b"public_key" not in wire
+
+
+# --- the POS API: a till pins the store CA -----------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_till_pins_the_store_ca_with_curl(cluster: Cluster, tmp_path: Path) -> None:
+    """What docs/security.md tells a till: export the CA, verify the node's certificate
+    against it (the node id is its DNS name). A store's CA accepts its node; another
+    store's CA (same store id) and the system CAs do not."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    t = tag()
+    edge_ident = new_store(tmp_path, f"s-{t}", f"edge-{t}")
+    other = init_store(tmp_path / "other", f"s-{t}", now_ms=now_ms(), node_id=f"edge-{t}")
+    edge = await cluster.start("edge", edge_ident.data_dir, discovery=False)
+    ca = tmp_path / "ca.pem"
+    assert CliRunner().invoke(main, ["store", "ca", str(edge_ident.data_dir), "-o", str(ca)]
+                              ).exit_code == 0
+    host = edge.node_id
+
+    def curl(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["curl", "-sS", "--max-time", "10", "--resolve", f"{host}:{edge.port}:127.0.0.1",
+             *extra, f"https://{host}:{edge.port}/v1/health"],
+            capture_output=True, text=True, check=False, timeout=20)
+
+    ok = await asyncio.to_thread(curl, "--cacert", str(ca))
+    assert ok.returncode == 0 and f'"node_id":"{host}"' in ok.stdout, ok.stderr
+    wrong = await asyncio.to_thread(curl, "--cacert", str(other.data_dir / "tls-ca.pem"))
+    assert wrong.returncode == 60, (wrong.returncode, wrong.stderr)  # peer cert unverified
+    system = await asyncio.to_thread(curl)
+    assert system.returncode == 60, (system.returncode, system.stderr)
+    plain = await asyncio.to_thread(subprocess.run, [
+        "curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{edge.port}/v1/health"],
+        capture_output=True, text=True, check=False, timeout=20)
+    assert plain.returncode != 0 and '"node_id"' not in plain.stdout  # no plain HTTP
