@@ -29,8 +29,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from mesh.cli import main
-from mesh.datadir import init_store, load_identity
+from mesh.cloud import CloudNode
+from mesh.datadir import enrol_node, init_store, load_identity
 from mesh.enrol import UntrustedEdge, join, parse_token
+from mesh.identity import TrustStore
 from mesh.node import Node
 from mesh.tls import (
     KEY_FILE,
@@ -38,6 +40,7 @@ from mesh.tls import (
     client_context,
     load_tls_files,
     peer_identity,
+    sni_name,
 )
 from mesh.transport import HandshakeError, dial
 from tests import meshkit
@@ -494,3 +497,42 @@ async def test_a_till_pins_the_store_ca_with_curl(cluster: Cluster, tmp_path: Pa
         "curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{edge.port}/v1/health"],
         capture_output=True, text=True, check=False, timeout=20)
     assert plain.returncode != 0 and '"node_id"' not in plain.stdout  # no plain HTTP
+
+
+# --- the cloud: one TLS listener, many stores ---------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_at_the_cloud_a_store_reaches_only_its_own_replica(tmp_path: Path) -> None:
+    """The cloud serves two stores on one TLS port (their certificates chosen by SNI).
+    Store A's edge opens a session with A's replica; with B's replica it cannot: asking
+    for B's certificate (B's SNI) it meets a CA it does not trust, and with A's SNI on
+    B's path it is refused by B's replica, which counts it."""
+    t = tag()
+    a = new_store(tmp_path / "a", f"sa-{t}", f"edge-a-{t}")
+    b = new_store(tmp_path / "b", f"sb-{t}", f"edge-b-{t}")
+    for e in (a, b):
+        assert e.store_key is not None
+        enrol_node(tmp_path / "hq" / e.store_id, e.store_key, e.store_id, "cloud",
+                   now_ms=now_ms(), node_id=f"cloud-{e.store_id}",
+                   trust=TrustStore.from_dict(e.trust.to_dict()))
+    cloud = CloudNode(tmp_path / "hq", http_host="127.0.0.1")
+    await cloud.start()
+    try:
+        assert cloud.url.startswith("https://")
+        async with client() as http:
+            own = await dial(http, f"{cloud.url}/stores/{a.store_id}", a, now_ms, wan=True,
+                             server_hostname=sni_name(a.store_id), expect_role="cloud")
+            assert own.peer_id == f"cloud-{a.store_id}"
+            await own.ws.close()
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                await dial(http, f"{cloud.url}/stores/{b.store_id}", a, now_ms, wan=True,
+                           server_hostname=sni_name(b.store_id))
+            with pytest.raises(HandshakeError):
+                await dial(http, f"{cloud.url}/stores/{b.store_id}", a, now_ms, wan=True,
+                           server_hostname=sni_name(a.store_id))
+            replica_b = cloud.nodes[b.store_id]
+            assert sum(replica_b.rejected_sessions.values()) == 1, replica_b.rejected_sessions
+            assert not replica_b.sessions
+    finally:
+        await cloud.close()
