@@ -358,10 +358,20 @@ def cloud_join_cmd(root: Path, token: str, url: str | None, insecure_plaintext: 
 @click.option("--http-port", default=8800, show_default=True)
 @click.option("--insecure-plaintext", is_flag=True, default=False,
               help="Development only: plain HTTP, refused unless --http-host is loopback.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="HQ's own certificate (PEM, with its chain) for browsers "
+                                 "and tools [default: one from ROOT/hq-ca.pem, made on "
+                                 "first start].")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="The key of --tls-cert (PEM).")
 @click.option("--log-level", default="INFO", show_default=True)
 def cloud_run(root: Path, http_host: str, http_port: int, insecure_plaintext: bool,
-              log_level: str) -> None:
-    """Serve every store under ROOT: sync, analytics, dashboard, until Ctrl-C."""
+              tls_cert: Path | None, tls_key: Path | None, log_level: str) -> None:
+    """Serve every store under ROOT: sync, analytics, dashboard, until Ctrl-C.
+
+    Store nodes reach their store's replica over mutual TLS pinned to their store key
+    (they name it by SNI); browsers and tools get an ECDSA certificate: --tls-cert, or
+    one signed by the HQ CA in ROOT/hq-ca.pem (trust that file in browsers)."""
     from mesh.cloud import CloudNode
 
     _sigterm_as_interrupt()
@@ -382,14 +392,21 @@ def cloud_run(root: Path, http_host: str, http_port: int, insecure_plaintext: bo
     def ready() -> None:
         print(f"storemesh cloud for {len(node.nodes)} store(s) listening on {node.url}",
               flush=True)
+        if node.hq is not None and node.hq.ca_path is not None:
+            print(f"browsers and tools: trust the HQ CA {node.hq.ca_path} (certificate "
+                  f"{node.hq.cert_path})", flush=True)
 
     from mesh.tls import is_loopback_host
 
     if insecure_plaintext and not is_loopback_host(http_host):
         raise UserError(f"--insecure-plaintext serves plain HTTP, so only on a loopback "
                         f"address (--http-host 127.0.0.1), not {http_host}")
+    if (tls_cert is None) != (tls_key is None):
+        raise UserError("give --tls-cert and --tls-key together (or neither: the cloud "
+                        "makes a certificate from its HQ CA)")
     node = CloudNode(root, http_host=http_host, http_port=http_port,
-                     insecure_plaintext=insecure_plaintext)
+                     insecure_plaintext=insecure_plaintext, tls_cert=tls_cert,
+                     tls_key=tls_key)
     try:
         asyncio.run(_serve("cloud", start, node.close, ready))
     except KeyboardInterrupt:
@@ -547,8 +564,8 @@ def nodes_revoke(data_dir: Path, node_id: str, reason: str, url: str, force: boo
 @main.command("status")
 @click.argument("url")
 @click.option("--ca", "ca", type=click.Path(exists=True, path_type=Path), default=None,
-              help="The store CA to pin for an https:// URL: a PEM file ('storemesh store "
-                   "ca') or a node's data directory.")
+              help="The CA to pin for an https:// URL: a PEM file ('storemesh store ca'), "
+                   "a node's data directory, or (for the cloud) its ROOT (hq-ca.pem).")
 def status_cmd(url: str, ca: Path | None) -> None:
     """Show a running node's health, peers with their sync lag, and stock."""
     import urllib.error
@@ -607,6 +624,7 @@ def status_cmd(url: str, ca: Path | None) -> None:
 
 def _api_ssl(url: str, ca: Path | None) -> Any:
     """The TLS context a CLI client uses for ``url``: pinned to the store CA only."""
+    from mesh.hqtls import CA_FILE as HQ_CA_FILE
     from mesh.tls import CA_FILE, api_client_context
 
     if not url.startswith("https://"):
@@ -616,7 +634,9 @@ def _api_ssl(url: str, ca: Path | None) -> Any:
     if ca is None:
         raise UserError(f"{url} is TLS: pin the store CA with --ca FILE (from 'storemesh "
                         "store ca DIR') or --ca DATA_DIR")
-    path = ca / CA_FILE if ca.is_dir() else ca
+    path = ca
+    if ca.is_dir():  # a node's data directory, or a cloud's root (its HQ CA)
+        path = ca / CA_FILE if (ca / CA_FILE).exists() else ca / HQ_CA_FILE
     try:
         return api_client_context(path.read_bytes())
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError

@@ -20,7 +20,10 @@ Invariants:
     certificate (signed by that store's key); a client certificate must chain to one
     of the hosted stores' CAs, and the sync handshake then checks it is enrolled in the
     store of the path it asked for (``mesh.transport`` invariant 7), so one store's
-    CA can never open a session with another store's replica.
+    CA can never open a session with another store's replica. Any other client (no
+    server name, or a host name: browsers, curl, the CLI) gets the HQ certificate
+    (``mesh.hqtls``: ECDSA P-256, which browsers accept), so the dashboard opens in a
+    browser; the HQ CA signs nothing a store node trusts.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from mesh.enrol import join, parse_token
+from mesh.hqtls import HqTls, ensure_hq_tls, hq_hosts, hq_server_context
 from mesh.httpfaults import CLIENT_FAULTS, ClientFaults, ServerLog
 from mesh.node import Node
 from mesh.tls import TlsSite, is_loopback_host, server_context, sni_name
@@ -61,11 +65,20 @@ class CloudNode:
     """Many store replicas in one process, behind one HTTP server."""
 
     def __init__(self, root: Path, *, http_host: str = "127.0.0.1", http_port: int = 0,
-                 insecure_plaintext: bool = False) -> None:
+                 insecure_plaintext: bool = False, tls_cert: Path | None = None,
+                 tls_key: Path | None = None) -> None:
+        """``tls_cert``/``tls_key``: HQ's own certificate (PEM, with its chain) for
+        browsers and tools; without them the cloud makes one from its HQ CA in ROOT
+        (``mesh.hqtls``)."""
         if insecure_plaintext and not is_loopback_host(http_host):
             raise ValueError(f"insecure_plaintext serves plain HTTP: only on a loopback "
                              f"address, not {http_host}")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("give both the HQ certificate and its key, or neither")
         self.insecure_plaintext = insecure_plaintext
+        #: The certificate browsers and tools see (set by ``start``).
+        self.hq: HqTls | None = None if tls_cert is None or tls_key is None else \
+            HqTls(Path(tls_cert), Path(tls_key), None)
         self.root = Path(root)
         self.http_host = http_host
         self.http_port = http_port
@@ -109,6 +122,10 @@ class CloudNode:
         if self.insecure_plaintext:
             site = web.TCPSite(self._runner, self.http_host, self.http_port)
         else:
+            if self.hq is None:
+                self.hq = await asyncio.to_thread(ensure_hq_tls, self.root,
+                                                  hq_hosts(self.http_host),
+                                                  now_ms=next(iter(self.nodes.values())).now_ms())
             site = TlsSite(self._runner, self.http_host, self.http_port, self._tls_context(),
                            self._tls_refused)
         await site.start()
@@ -122,26 +139,25 @@ class CloudNode:
         log.info("cloud peer for %d store(s) listening on %s", len(self.nodes), self.url)
 
     def _tls_context(self) -> ssl.SSLContext:
-        """Invariant 4: one context per store, chosen by the TLS server name."""
+        """Invariant 4: one context per store, chosen by the TLS server name; the HQ
+        context for every other name (and none)."""
+        assert self.hq is not None
+        hq = hq_server_context(self.hq)
         by_name: dict[str, ssl.SSLContext] = {}
-        first: ssl.SSLContext | None = None
-        cas: list[bytes] = []
         for store_id, node in sorted(self.nodes.items()):
             assert node.tls is not None
-            ctx = server_context(node.tls)
-            by_name[sni_name(store_id)] = ctx
-            cas.append(node.tls.ca_pem)
-            first = first or ctx
-        assert first is not None
-        for ca in cas:  # a client certificate of any hosted store verifies
-            first.load_verify_locations(cadata=ca.decode("ascii"))
+            by_name[sni_name(store_id)] = server_context(node.tls)
+            # OpenSSL keeps the first context's verify settings when the SNI callback
+            # switches: the HQ context asks for a client certificate (optional) and
+            # verifies one of any hosted store's CA; the sync handshake checks the rest.
+            hq.load_verify_locations(cadata=node.tls.ca_pem.decode("ascii"))
 
         def pick(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
             chosen = by_name.get(name or "")
             if chosen is not None:
                 sslobj.context = chosen
-        first.sni_callback = pick
-        return first
+        hq.sni_callback = pick
+        return hq
 
     def _tls_refused(self, reason: str) -> None:
         """A TLS handshake failed before any store was chosen: counted fleet-wide."""

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from mesh.datadir import init_store
 from mesh.enrol import create_token
+from mesh.hqtls import CA_FILE as HQ_CA_FILE
 from mesh.tls import api_client_context
 
 __all__ = ["run_demo"]
@@ -302,9 +303,13 @@ async def run_demo(base: Path, tokens: dict[str, str], duration: float | None) -
             urls[p.name] = await p.wait_url(30)
         everyone = {**urls, "cloud": store_on_cloud}
         # Every node serves TLS with a certificate the store key signed: pin that CA,
-        # as a till does (what 'storemesh store ca' exports).
+        # as a till does (what 'storemesh store ca' exports). The cloud's API and
+        # dashboard answer with the HQ certificate (browsers refuse Ed25519): its CA too.
         ca = base / "edge" / "tls-ca.pem"
-        pinned = aiohttp.TCPConnector(ssl=api_client_context(ca.read_bytes()))
+        hq_ca = base / "hq" / HQ_CA_FILE
+        trusted = api_client_context(ca.read_bytes())
+        trusted.load_verify_locations(cafile=hq_ca)
+        pinned = aiohttp.TCPConnector(ssl=trusted)
         async with aiohttp.ClientSession(connector=pinned) as http:
             formed = await _wait_mesh(http, urls, 30)
             console.print(f"4 nodes up; registers joined by token and found each other by "
@@ -336,12 +341,15 @@ async def run_demo(base: Path, tokens: dict[str, str], duration: float | None) -
                           "demo-store" + (" (every one, once)" if fleet == made else ""))
         console.rule("open these")
         e = urls["edge"]
-        console.print(f"every link is TLS; pin the store CA {ca}, e.g.\n"
+        dash = cloud_url.replace("127.0.0.1", "localhost")
+        console.print(f"every link is TLS; store nodes pin the store CA {ca}, e.g.\n"
                       f"  curl --cacert {ca} --resolve edge:{e.rsplit(':', 1)[1]}:127.0.0.1 "
                       f"https://edge:{e.rsplit(':', 1)[1]}/v1/stock\n"
-                      "(certificates are Ed25519: curl, Python and the CLI accept them, "
-                      "today's browsers do not; see docs/security.md)")
-        console.print(f"dashboard    {cloud_url}/   (the cloud peer's fleet view)\n"
+                      "(store certificates are Ed25519: curl, Python and the CLI accept "
+                      "them, today's browsers do not; see docs/security.md)\n"
+                      f"the dashboard's certificate (ECDSA) comes from the HQ CA {hq_ca}: "
+                      "trust it in your browser, or accept the browser's warning once")
+        console.print(f"dashboard    {dash}/   (the cloud peer's fleet view)\n"
                       f"stock        {e}/v1/stock\nlive stream  {e}/v1/events\n"
                       f"exceptions   {e}/v1/exceptions\nmetrics      {e}/metrics\n"
                       f"status       .venv/bin/storemesh status {e} --ca {ca}\n"

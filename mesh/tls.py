@@ -74,6 +74,7 @@ __all__ = [
     "peer_identity",
     "server_context",
     "sni_name",
+    "write_file",
     "write_tls_files",
 ]
 
@@ -250,7 +251,8 @@ class TlsFiles:
         return cert_fingerprint(self.cert_pem)
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data`` created with ``mode`` (temp file, fsync, rename)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
@@ -266,9 +268,9 @@ def write_tls_files(data_dir: Path, key: NodeKey, ca_pem: bytes, cert_pem: bytes
     key_pem = _crypto_key(key).private_bytes(serialization.Encoding.PEM,
                                              serialization.PrivateFormat.PKCS8,
                                              serialization.NoEncryption())
-    _write(data_dir / KEY_FILE, key_pem, 0o600)
-    _write(data_dir / CA_FILE, ca_pem, 0o644)
-    _write(data_dir / CERT_FILE, cert_pem, 0o644)
+    write_file(data_dir / KEY_FILE, key_pem, 0o600)
+    write_file(data_dir / CA_FILE, ca_pem, 0o644)
+    write_file(data_dir / CERT_FILE, cert_pem, 0o644)
     dfd = os.open(data_dir, os.O_RDONLY)
     try:
         os.fsync(dfd)

@@ -351,8 +351,11 @@ def test_sigkill_mid_transaction_loses_and_doubles_nothing(tmp_path: Path) -> No
 class Fleet:
     """A cloud peer and stores of an edge and a register each, in this process."""
 
-    def __init__(self, base: Path, store_ids: Sequence[str]) -> None:
+    def __init__(self, base: Path, store_ids: Sequence[str], *, tls: bool = False) -> None:
+        """``tls``: every link and the cloud's server TLS, as in production (the
+        dashboard tests, in a browser); else the plain-text loopback mode."""
         self.base = base
+        self.tls = tls
         self.cloud_root = base / "cloud"
         self.store_ids = list(store_ids)
         self.cloud: CloudNode | None = None
@@ -386,7 +389,7 @@ class Fleet:
         return self.cloud.url
 
     async def start_cloud(self) -> CloudNode:
-        cloud = CloudNode(self.cloud_root, insecure_plaintext=True,
+        cloud = CloudNode(self.cloud_root, insecure_plaintext=not self.tls,
                           http_host=LOOPBACK, http_port=self.port)
         cloud.setup_hooks.append(setup_dashboard)
         await cloud.start()
@@ -401,12 +404,13 @@ class Fleet:
     async def start_stores(self) -> None:
         assert self.port, "start the cloud first: the edges dial its URL"
         for sid in self.store_ids:
-            edge = Node(self.base / sid / "edge", insecure_plaintext=True,
+            scheme = "https" if self.tls else "http"
+            edge = Node(self.base / sid / "edge", insecure_plaintext=not self.tls,
                         http_host=LOOPBACK, discovery=False,
-                        wan_peers=[f"http://{LOOPBACK}:{self.port}/stores/{sid}"])
+                        wan_peers=[f"{scheme}://{LOOPBACK}:{self.port}/stores/{sid}"])
             await edge.start()
             self.edges[sid] = edge
-            reg = Node(self.base / sid / "reg", insecure_plaintext=True,
+            reg = Node(self.base / sid / "reg", insecure_plaintext=not self.tls,
                        http_host=LOOPBACK, discovery=False,
                        peers=[edge.url])
             await reg.start()

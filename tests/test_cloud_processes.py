@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 import pytest
 
+from mesh.hqtls import ensure_hq_tls, hq_hosts
 from tests import meshkit as mk
 
 pytestmark = pytest.mark.asyncio
@@ -32,6 +33,12 @@ def _free_port() -> int:
 
 
 def _start_cloud(cluster: mk.Cluster, root: Path, port: int) -> mk.NodeProc:
+    """``cloud run`` on 127.0.0.1:``port``. Its HQ certificate (what clients without a
+    store's SNI, like ``mk.client()``, see) is made here first, so the test's clients
+    can trust its CA as a browser would."""
+    hq = ensure_hq_tls(root, hq_hosts("127.0.0.1"), now_ms=mk.now_ms())
+    assert hq.ca_path is not None
+    mk.TEST_SSL.load_verify_locations(cafile=hq.ca_path)
     node = mk.NodeProc("cloud", root, ["cloud", "run", "--data", str(root), "--http-host",
                                        "127.0.0.1", "--http-port", str(port)],
                        cluster.base / "cloud.log")

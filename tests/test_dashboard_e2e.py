@@ -3,7 +3,10 @@
 A cloud peer and two stores run in this process on 127.0.0.1; a register makes a sale;
 Chromium loads the dashboard (its script polls ``/v1/fleet/*`` and renders), and the
 DOM it dumps must show that sale and the stock it left. A screenshot of the page is
-kept in the test's tmp dir. Chromium talks to loopback only: every background service
+kept in the test's tmp dir. Everything runs over TLS as in production: the stores' links
+are mutual TLS pinned to their store keys, and Chromium opens the dashboard over HTTPS
+with the cloud's ECDSA certificate (pinned by its public key; without the pin it gets
+no page). Chromium talks to loopback only: every background service
 that could reach out (updates, sync, QUIC, field trials) is switched off.
 
 Setup: if ``chromium`` is missing and we are root with apt-get, the session fixture
@@ -13,6 +16,7 @@ installs it (bounded); otherwise the test is skipped with the reason.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import shutil
@@ -25,6 +29,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from mesh.hqtls import spki_sha256
 from tests.test_analytics import Fleet, until
 
 log = logging.getLogger(__name__)
@@ -65,9 +70,15 @@ def chromium() -> str:
     return path
 
 
-def chromium_argv(binary: str, profile: Path) -> list[str]:
+def chromium_argv(binary: str, profile: Path, pin: Path | None = None) -> list[str]:
+    """``pin``: a server certificate (PEM) whose public key Chromium accepts though no
+    CA it knows signed it (a browser that trusts the cloud's HQ CA behaves the same):
+    ``--ignore-certificate-errors-spki-list`` honours exactly that key, nothing else."""
+    extra = [] if pin is None else [
+        "--ignore-certificate-errors-spki-list="
+        + base64.b64encode(spki_sha256(pin.read_bytes())).decode()]
     return [
-        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        binary, *extra, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
         "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--disable-default-apps",
         "--disable-extensions", "--disable-domain-reliability", "--disable-breakpad",
@@ -135,7 +146,7 @@ class Cells(HTMLParser):
 
 @pytest_asyncio.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    f = Fleet(tmp_path, ["s1", "s2"])
+    f = Fleet(tmp_path, ["s1", "s2"], tls=True)  # in a browser over TLS, as at HQ
     try:
         yield f
     finally:
@@ -162,8 +173,15 @@ async def test_dashboard_shows_a_sale_made_a_moment_before(fleet: Fleet, chromiu
     await fleet.analytics.flush()
 
     url = f"{fleet.url}/?sku=sku-a"
+    assert url.startswith("https://")
+    # A browser that does not trust the HQ CA gets no page (over TLS, certificate error)
+    _, refused, _ = await run_chromium(
+        [*chromium_argv(chromium, tmp_path / "profile-0"), "--dump-dom", url])
+    assert b"storemesh" not in refused, refused[:300]
+    assert fleet.cloud is not None and fleet.cloud.hq is not None
+    pin = fleet.cloud.hq.cert_path  # the cloud's ECDSA certificate from its HQ CA
     code, dom, err = await run_chromium(
-        [*chromium_argv(chromium, tmp_path / "profile"), "--dump-dom", url])
+        [*chromium_argv(chromium, tmp_path / "profile", pin), "--dump-dom", url])
     assert code == 0, err.decode(errors="replace")[-3000:]
     (tmp_path / "dashboard.html").write_bytes(dom)
     page = Cells()
@@ -185,7 +203,7 @@ async def test_dashboard_shows_a_sale_made_a_moment_before(fleet: Fleet, chromiu
 
     shot = tmp_path / "dashboard.png"
     code, _, err = await run_chromium(
-        [*chromium_argv(chromium, tmp_path / "profile"), f"--screenshot={shot}",
+        [*chromium_argv(chromium, tmp_path / "profile", pin), f"--screenshot={shot}",
          "--window-size=1280,900", url])
     assert code == 0 and shot.exists(), err.decode(errors="replace")[-3000:]
     assert shot.stat().st_size > 20_000, "the screenshot looks blank"

@@ -15,8 +15,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import shutil
+import socket
+import ssl
 import stat
 import subprocess
 from pathlib import Path
@@ -26,12 +29,14 @@ import orjson
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from mesh.cli import main
 from mesh.cloud import CloudNode
 from mesh.datadir import enrol_node, init_store, load_identity
 from mesh.enrol import UntrustedEdge, join, parse_token
+from mesh.hqtls import ensure_hq_tls
 from mesh.identity import TrustStore
 from mesh.node import Node
 from mesh.tls import (
@@ -534,5 +539,88 @@ async def test_at_the_cloud_a_store_reaches_only_its_own_replica(tmp_path: Path)
             replica_b = cloud.nodes[b.store_id]
             assert sum(replica_b.rejected_sessions.values()) == 1, replica_b.rejected_sessions
             assert not replica_b.sessions
+    finally:
+        await cloud.close()
+
+
+def test_the_hq_certificate_is_made_once_and_renewed_for_new_hosts(tmp_path: Path) -> None:
+    first = ensure_hq_tls(tmp_path, ["localhost", "127.0.0.1"], now_ms=now_ms())
+    assert first.ca_path is not None
+    ca_pem, leaf_pem = first.ca_path.read_bytes(), first.cert_path.read_bytes()
+    for key in (tmp_path / "hq-ca.key", first.key_path):
+        assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    leaf = x509.load_pem_x509_certificate(leaf_pem)
+    assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)  # what browsers take
+    leaf.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc <= dt.timedelta(days=398)
+    again = ensure_hq_tls(tmp_path, ["localhost", "127.0.0.1"], now_ms=now_ms())
+    assert again.cert_path.read_bytes() == leaf_pem  # nothing to do
+    more = ensure_hq_tls(tmp_path, ["localhost", "127.0.0.1", "hq.example"], now_ms=now_ms())
+    assert more.cert_path.read_bytes() != leaf_pem  # a new leaf for the new name ...
+    assert tmp_path.joinpath("hq-ca.pem").read_bytes() == ca_pem  # ... from the same CA
+    san = x509.load_pem_x509_certificate(more.cert_path.read_bytes()).extensions \
+        .get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "hq.example" in san.get_values_for_type(x509.DNSName)
+    renewed = more.cert_path.read_bytes()
+    late = now_ms() + 380 * 24 * 3600 * 1000  # within RENEW_BEFORE of its expiry
+    assert ensure_hq_tls(tmp_path, ["localhost"], now_ms=late).cert_path.read_bytes() != \
+        renewed
+
+
+def test_cloud_run_wants_both_tls_cert_and_key(tmp_path: Path) -> None:
+    (tmp_path / "c.pem").write_text("x")
+    res = CliRunner().invoke(main, ["cloud", "run", "--data", str(tmp_path), "--tls-cert",
+                                    str(tmp_path / "c.pem")])
+    assert res.exit_code == 2 and "--tls-key" in res.output, res.output
+
+
+@pytest.mark.asyncio
+async def test_the_cloud_answers_browsers_with_the_hq_certificate(tmp_path: Path) -> None:
+    """No SNI (a browser at an IP, the CLI): the HQ certificate (ECDSA, HQ CA). A store's
+    SNI: that store's Ed25519 certificate. A client holding a certificate of the HQ CA
+    cannot open a sync session (the HQ CA signs nothing a store node trusts)."""
+    t = tag()
+    a = new_store(tmp_path / "a", f"sa-{t}", f"edge-a-{t}")
+    assert a.store_key is not None
+    enrol_node(tmp_path / "hq" / a.store_id, a.store_key, a.store_id, "cloud",
+               now_ms=now_ms(), node_id=f"cloud-{a.store_id}",
+               trust=TrustStore.from_dict(a.trust.to_dict()))
+    cloud = CloudNode(tmp_path / "hq", http_host="127.0.0.1")
+    await cloud.start()
+    try:
+        assert cloud.hq is not None and cloud.hq.ca_path is not None
+        port = cloud.http_port
+
+        def presented(sni: str | None) -> x509.Certificate:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                    ctx.wrap_socket(raw, server_hostname=sni) as tls_sock:
+                der = tls_sock.getpeercert(binary_form=True)
+            assert der is not None
+            return x509.load_der_x509_certificate(der)
+
+        browser = await asyncio.to_thread(presented, None)
+        assert isinstance(browser.public_key(), ec.EllipticCurvePublicKey)
+        assert (await asyncio.to_thread(presented, "localhost")).serial_number == \
+            browser.serial_number
+        store = await asyncio.to_thread(presented, sni_name(a.store_id))
+        assert store.public_key().public_bytes_raw() == cloud.nodes[  # type: ignore[union-attr]
+            a.store_id].identity.key.public_key
+        # the CLI pins the HQ CA for the cloud (--ca ROOT)
+        ok = await asyncio.to_thread(CliRunner().invoke, main, [
+            "status", f"{cloud.url}/stores/{a.store_id}", "--ca", str(tmp_path / "hq")])
+        assert ok.exit_code == 0 and f"cloud-{a.store_id}" in ok.output, ok.output
+        # a sync session with the HQ certificate as client certificate: refused
+        hq_client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        hq_client.check_hostname, hq_client.verify_mode = False, ssl.CERT_NONE
+        hq_client.load_cert_chain(cloud.hq.cert_path, cloud.hq.key_path)
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises((aiohttp.ClientError, HandshakeError)):
+                s = await dial(http, f"{cloud.url}/stores/{a.store_id}", a, now_ms,
+                               wan=True, ssl_context=hq_client,
+                               server_hostname=sni_name(a.store_id))
+                await s.ws.close()
+        assert not cloud.nodes[a.store_id].sessions
     finally:
         await cloud.close()
