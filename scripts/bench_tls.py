@@ -10,6 +10,9 @@ till: it posts sales to ``reg-01`` and reads the edge's ``/v1/events`` stream, s
 sale's path is API request -> durable commit -> ack, and push over the sync link to
 the edge (and to ``reg-02``).
 
+First, the cost of one TLS record in asyncio alone: a 300-byte echo over one loopback
+connection in this process, plain and TLS (CPU per round trip).
+
 Regimes, each run in slices that alternate between the two stores (order P T T P P T
 T P ...), so both see the same background load on a shared machine:
 
@@ -402,6 +405,48 @@ async def idle_rate(store: Store, seconds: float) -> float:
     return (store.cpu() - c0) / (time.perf_counter() - t0)
 
 
+# --- the cost of one TLS record in asyncio ------------------------------------------------
+
+
+async def echo_cost(tls: Store | None, n: int) -> float:
+    """CPU µs per round trip of a 300-byte message over one loopback connection, both
+    ends in this process (asyncio streams): plain text, or TLS with ``tls``'s edge
+    certificate and CA. Two records per round trip (one each way)."""
+    server_ssl: ssl.SSLContext | None = None
+    client_ssl: ssl.SSLContext | None = None
+    if tls is not None:
+        d = tls.edge.data_dir
+        server_ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ssl.minimum_version = ssl.TLSVersion.TLSv1_3
+        server_ssl.load_cert_chain(d / "tls-node.pem", d / "tls-node.key")
+        client_ssl = api_client_context((d / "tls-ca.pem").read_bytes())
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await r.read(4096):
+                w.write(data)
+        w.close()
+
+    srv = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_ssl)
+    try:
+        port = srv.sockets[0].getsockname()[1]
+        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl)
+        msg = b"x" * 300
+        c0 = time.process_time()
+        async with asyncio.timeout(SLICE_TIMEOUT_S):
+            for _ in range(n):
+                w.write(msg)
+                await r.readexactly(len(msg))
+        cost = (time.process_time() - c0) / n * 1e6
+        w.close()
+        with contextlib.suppress(ConnectionError):
+            await w.wait_closed()
+    finally:
+        srv.close()
+        await srv.wait_closed()
+    return cost
+
+
 # --- report -----------------------------------------------------------------------------
 
 
@@ -437,6 +482,8 @@ ROWS = (("ack p50 (ms)", "ack_p50_ms", 2), ("ack p99 (ms)", "ack_p99_ms", 2),
 
 def print_tables(summary: dict[str, dict[str, dict[str, float]]], sizes: Sizes) -> None:
     for regime, modes in summary.items():
+        if regime == "echo":
+            continue
         plain, tls = modes.get("plain"), modes.get("tls")
         if plain is None or tls is None:
             continue
@@ -469,6 +516,7 @@ async def main_async(args: argparse.Namespace) -> int:
     console.rule(f"bench_tls {started} (cpus: {os.cpu_count()}, {size} sizes)")
     stores = [Store.create(root, "plain"), Store.create(root, "tls")]
     streams: list[EdgeStream] = []
+    echo_plain = echo_tls = float("nan")
     slices: list[Slice] = []
     deadline = time.monotonic() + args.max_seconds
     try:
@@ -481,6 +529,15 @@ async def main_async(args: argparse.Namespace) -> int:
             s.idle_cpu_per_s = await idle_rate(s, sizes.idle_s)
         console.print("idle CPU of each store's 3 nodes: " + ", ".join(
             f"{s.mode} {s.idle_cpu_per_s * 1e3:.0f} ms/s" for s in stores))
+        n_echo = 5_000 if args.quick else 20_000
+        echo = {"plain": [], "tls": []}  # type: dict[str, list[float]]
+        for _ in range(2):
+            echo["plain"].append(await echo_cost(None, n_echo))
+            echo["tls"].append(await echo_cost(stores[1], n_echo))
+        echo_plain, echo_tls = min(echo["plain"]), min(echo["tls"])
+        console.print(f"asyncio echo, 300 bytes, {n_echo:,} round trips (best of 2): CPU "
+                      f"{echo_plain:.1f} µs plain, {echo_tls:.1f} µs TLS per round trip: "
+                      f"{(echo_tls - echo_plain) / 2:.1f} µs per TLS record sent and read")
         pairs = list(zip(stores, streams, strict=True))
         for regime in ("paced", "max", "new-conn"):
             for r in range(sizes.rounds):
@@ -502,11 +559,14 @@ async def main_async(args: argparse.Namespace) -> int:
         for s in stores:
             s.stop()
     summary = summarise(slices)
+    if echo_plain == echo_plain:  # measured (not NaN)
+        summary["echo"] = {"plain": {"cpu_us_per_round_trip": echo_plain},
+                           "tls": {"cpu_us_per_round_trip": echo_tls}}
     print_tables(summary, sizes)
     rows: list[dict[str, Any]] = []
     for regime in summary:
         p, t = summary[regime].get("plain"), summary[regime].get("tls")
-        if p is None or t is None:
+        if p is None or t is None or regime == "echo":
             continue
         rows.append({"figure": f"{regime}: TLS / plain ack p50",
                      "value": f"{t['ack_p50_ms'] / p['ack_p50_ms']:.2f}",
