@@ -577,6 +577,12 @@ class Node:
             except transport.HandshakeError as exc:
                 self._reject(exc.reason)
                 log.info("dial %s refused: %s", url, exc)
+            except aiohttp.ClientConnectorCertificateError as exc:
+                # Someone answers there with a certificate the store CA did not sign:
+                # another store's node, or something in the path. Not a network fault.
+                self._reject("tls_server_certificate")
+                log.info("dial %s refused: its TLS certificate is not from this store's "
+                         "CA (%s)", url, exc.certificate_error)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.debug("dial %s failed: %r", url, exc)
             else:

@@ -397,7 +397,9 @@ async def test_a_pinned_peer_url_and_a_cloud_url_reach_only_the_node_meant(
     """A static peer URL may name its node after ``#``; a ``--cloud`` URL must reach a
     node enrolled as ``cloud``. A valid node of the same store answering there instead
     (here: the edge) is refused as ``wrong_peer`` before any sync message, and
-    counted; the same URL pinned to the right node id opens the session."""
+    counted; the same URL pinned to the right node id opens the session. A server whose
+    certificate another CA signed (same store id and node id) is refused at the TLS
+    handshake and counted (``tls_server_certificate``)."""
     t = tag()
     edge_ident = new_store(tmp_path, f"s-{t}", f"edge-{t}")
     enrol_direct(tmp_path, edge_ident, f"r1-{t}")
@@ -405,11 +407,17 @@ async def test_a_pinned_peer_url_and_a_cloud_url_reach_only_the_node_meant(
     edge = await cluster.start("edge", edge_ident.data_dir, discovery=False)
     r1 = await cluster.start("r1", tmp_path / f"r1-{t}", discovery=False,
                              peers=[f"{edge.url}#r9-{t}"], extra=["--cloud", edge.url])
+    # same store id and node id as the edge, another store key: not this store's CA
+    alien_ident = init_store(tmp_path / "alien", f"s-{t}", now_ms=now_ms(),
+                             node_id=edge.node_id)
+    alien = await cluster.start("alien", alien_ident.data_dir, discovery=False)
     r2 = await cluster.start("r2", tmp_path / f"r2-{t}", discovery=False,
-                             peers=[f"{edge.url}#{edge.node_id}"])
+                             peers=[f"{edge.url}#{edge.node_id}", alien.url])
     async with client() as http:
         await until(lambda: _has(http, r2, edge.node_id), within=WITHIN_S,
                     what="r2's session with the edge it pinned")
+        # the server with a certificate of another CA: refused at the dialer, counted
+        assert await _delta(http, r2.url, {}, "session_tls_server_certificate") >= 1
         # both of r1's dialers were refused (and retry with backoff: >= 2 counted)
         assert await _delta(http, r1.url, {}, "session_wrong_peer") >= 2
         assert edge.node_id not in await peers_up(http, r1)
