@@ -95,6 +95,7 @@ from mesh import config, transport
 from mesh.datadir import NodeIdentity, enrol_node, init_store
 from mesh.durable import DurableReplica
 from mesh.envelope import Envelope
+from mesh.hqtls import CA_FILE as HQ_CA_FILE
 from mesh.node import Node
 from mesh.replica import CommandResult, Replica
 from mesh.tls import api_client_context
@@ -141,7 +142,7 @@ console = Console(width=None if sys.stdout.isatty() else 132)
 
 
 #: What the script's own API clients trust: the CA of each store it makes (the nodes
-#: and the cloud serve TLS pinned to the store key, docs/security.md).
+#: serve TLS pinned to the store key, docs/security.md) and the cloud's HQ CA.
 TRUST = api_client_context(b"")
 
 
@@ -386,6 +387,8 @@ class CloudProcess:
                 continue
             if "listening on " in line:
                 self.url = line.rsplit("listening on ", 1)[1].strip()
+                if not self.plain:  # its API answers with the HQ certificate
+                    TRUST.load_verify_locations(cafile=self.root / HQ_CA_FILE)
                 return
         tail = self.log_path.read_text(errors="replace")[-3000:]
         self.stop()
