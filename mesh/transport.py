@@ -59,7 +59,7 @@ import socket
 import ssl
 import struct
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -246,6 +246,12 @@ class Session:
                         self.refuse(self.close_reason)
                         break  # the compressed stream is unusable now
                 on_message(self.peer_id, data)
+                if data[:1] == b"C":
+                    # Let the node apply these certificates before we decode what
+                    # follows (its drain is queued ahead of us): the WAN codec keeps
+                    # state only for origins that hold one, and the envelopes right
+                    # behind a ``C`` are those of the origins it brings.
+                    await asyncio.sleep(0)
             elif msg.type == aiohttp.WSMsgType.CLOSE:
                 break
             else:
@@ -337,6 +343,11 @@ class WanCodec:
         self._rx = zlib.decompressobj(-15)
         self._tx_last: dict[bytes, bytes] = {}
         self._rx_last: dict[bytes, bytes] = {}
+        #: The last hash of origins we did not keep (no certificate yet), a few of the
+        #: latest only: the sender keeps eliding their ``prev``, so once the
+        #: certificate arrives (the ``C`` just ahead, or a moment later) their next
+        #: frame can still be restored instead of closing the session.
+        self._rx_stray: OrderedDict[bytes, bytes] = OrderedDict()
         #: Whether an origin holds a certificate here; only those enter ``_rx_last``
         #: (invariant 6). None: any origin (tests of the codec alone).
         self._known = known
@@ -415,15 +426,23 @@ class WanCodec:
             origin = _origin_of(raw)
             keep = self._keeps(origin)
             if flags & _F_PREV:
-                last = self._rx_last.get(origin)
+                last = self._rx_last.get(origin) or self._rx_stray.get(origin)
                 at = raw.find(_ELIDED)
-                if not keep:
-                    continue  # an origin we do not keep: its prev cannot be restored
                 if last is None or at < 0:
+                    if not keep:
+                        continue  # an origin we did not keep: its prev cannot be restored
                     raise ValueError("elided prev with nothing to restore it from")
                 raw = raw[:at] + _PREV + last.hex().encode() + b'"' + raw[at + len(_ELIDED):]
+            digest = hashlib.sha256(raw).digest()
             if keep:
-                self._rx_last[origin] = hashlib.sha256(raw).digest()
+                self._rx_last[origin] = digest
+                self._rx_stray.pop(origin, None)
+            else:
+                stray = self._rx_stray
+                stray[origin] = digest
+                stray.move_to_end(origin)
+                if len(stray) > config.MAX_WAN_STRAY_ORIGINS:
+                    stray.popitem(last=False)
             out.append(len(raw).to_bytes(4, "big"))
             out.append(raw)
         return b"".join(out)
