@@ -172,6 +172,10 @@ WAN_LINGER_S: Final = 0.05
 #: origins holding a certificate here enter the receiving table, so a peer that makes
 #: up origin strings cannot grow it (each entry costs ~200 B).
 MAX_WAN_ORIGINS: Final = MAX_ORIGINS
+#: Origins without a certificate (yet) whose last hash a WAN session's decoder keeps,
+#: latest first, so their next frame's elided ``prev`` can be restored once the
+#: certificate arrives; a handful covers the registers that join at one time.
+MAX_WAN_STRAY_ORIGINS: Final = 64
 
 # --- API credentials and staff (mesh.auth) ------------------------------------------
 #: Longest a device credential may be issued for: a year, like a node certificate; a

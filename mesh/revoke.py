@@ -44,6 +44,8 @@ from mesh.errors import CommandError, EnvelopeError, Malformed
 from mesh.identity import RevocationList, TrustStore, issue_revocations
 
 if TYPE_CHECKING:  # aiohttp is imported where used: load_identity (every start) needs none
+    import ssl
+
     from aiohttp import web
 
     from mesh.datadir import NodeIdentity
@@ -234,17 +236,20 @@ def list_nodes(identity: NodeIdentity, now_ms: int) -> list[NodeInfo]:
 # --- delivery to the running node ------------------------------------------------------
 
 
-async def deliver(url: str, crl: RevocationList, *, timeout_s: float = 5.0) -> int:
+async def deliver(url: str, crl: RevocationList, *, timeout_s: float = 5.0,
+                  ssl_context: ssl.SSLContext | None = None) -> int:
     """POST ``crl`` to the node at ``url``; returns the revocation list version it holds
-    afterwards. Raises ``ConnectionError`` (nothing answered, or not a storemesh node),
-    ``ValueError`` (it refused the list: the message says why)."""
+    afterwards. ``ssl_context``: for an ``https://`` URL, the store CA to pin
+    (``mesh.tls.api_client_context``). Raises ``ConnectionError`` (nothing answered, or
+    not a storemesh node), ``ValueError`` (it refused the list: the message says why)."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as http, http.post(
                 url.rstrip("/") + REVOCATIONS_PATH, data=orjson.dumps(crl.to_dict()),
-                headers={"Content-Type": "application/json"}) as resp:
+                headers={"Content-Type": "application/json"},
+                ssl=ssl_context if ssl_context is not None else True) as resp:
             raw = await resp.read()
             status = resp.status
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:

@@ -9,6 +9,10 @@
   Each node's stderr (its log) goes to ``<tmp_path>/<name>.log``.
 * Stores on disk: ``new_store`` (store key + edge node), ``enrol_direct`` (the local
   path: a certificate from the store key), ``join_token`` (a one-time token).
+* TLS: nodes run real TLS (``mesh.tls``), as in production. ``new_store`` adds the
+  store's CA to ``TEST_SSL``, the context every ``client()`` uses, so tests pin the
+  CAs of the stores they made and nothing else. ``launch(plaintext=True)`` starts a
+  node with ``--insecure-plaintext`` (loopback development mode).
 * HTTP: ``get_json``, ``post_json``, ``stock_table``, ``audit_txns``, ``wait_mesh``,
   ``wait_converged``, ``metric_families``, ``rejections``; ``SseReader`` for
   ``/v1/events``; ``until`` polls anything with a bound.
@@ -29,6 +33,7 @@ import contextlib
 import os
 import queue
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -50,6 +55,7 @@ from mesh.authdir import issue_device_credential
 from mesh.datadir import NodeIdentity, enrol_node, init_store
 from mesh.enrol import create_token
 from mesh.identity import TrustStore
+from mesh.tls import api_client_context
 
 LOOPBACK = "127.0.0.1"
 #: A node prints its URL after opening its ledger, binding HTTP and probing its mDNS
@@ -87,11 +93,33 @@ def tag() -> str:
 # --- stores on disk ------------------------------------------------------------------
 
 
+#: The TLS context of every ``client()``: trusts the CA of each store ``new_store`` made
+#: in this process (OpenSSL reads the context's trust store at each handshake, so CAs
+#: added later count for sessions opened before).
+TEST_SSL = api_client_context(b"")
+
+
+def trust_ca(data_dir: Path) -> None:
+    """Let ``client()`` sessions trust the store CA held in ``data_dir``."""
+    TEST_SSL.load_verify_locations(cadata=(data_dir / "tls-ca.pem").read_text())
+
+
+def rogue_tls_context(data_dir: Path) -> ssl.SSLContext:
+    """An attacker's TLS client: presents ``data_dir``'s node certificate and checks
+    nothing about the server (so only the server's checks can stop it)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(data_dir / "tls-node.pem", data_dir / "tls-node.key")
+    return ctx
+
+
 def new_store(base: Path, store_id: str, edge_id: str) -> NodeIdentity:
     """A store key and its first (edge) node in ``base/edge_id``, and a back-office
     integration's credential for it (``issue_token``), which ``client()`` sends to that
     store's nodes (the first store of a test is also the default: ``use_token``)."""
     edge = init_store(base / edge_id, store_id, now_ms=now_ms(), node_id=edge_id)
+    trust_ca(edge.data_dir)
     token = issue_token(edge)
     _STORE_TOKENS[store_id] = token
     if _TOKEN[0] is None:
@@ -220,8 +248,7 @@ async def hq_session(cloud_url: str, name: str = HQ_USER, password: str = HQ_PAS
     session cookie (a cookie jar that accepts cookies from an IP address: loopback);
     it also sends the store credentials ``client()`` does."""
     jar = aiohttp.CookieJar(unsafe=True)
-    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT, middlewares=(_with_token,),
-                                     cookie_jar=jar) as http:
+    async with client(cookie_jar=jar) as http:
         await hq_login(http, cloud_url, name, password)
         yield http
 
@@ -237,12 +264,15 @@ async def hq_login(http: aiohttp.ClientSession, cloud_url: str, name: str = HQ_U
 
 
 @contextlib.asynccontextmanager
-async def running_node(data_dir: Path) -> AsyncIterator[Any]:
-    """An in-process node on ``data_dir`` (already initialised), HTTP on 127.0.0.1 at a
-    free port, no discovery; closed when the block ends."""
+async def running_node(data_dir: Path, *, plaintext: bool = True) -> AsyncIterator[Any]:
+    """An in-process node on ``data_dir`` (already initialised) on 127.0.0.1 at a free
+    port, no discovery; closed when the block ends. ``plaintext`` (the default): plain
+    HTTP, the loopback development mode, for tests of the API itself; ``False``: TLS as
+    in production (pin with ``client()``)."""
     from mesh.node import Node
 
-    n = Node(data_dir, http_host="127.0.0.1", http_port=0, discovery=False)
+    n = Node(data_dir, http_host="127.0.0.1", http_port=0, discovery=False,
+             insecure_plaintext=plaintext)
     await n.start()
     try:
         yield n
@@ -323,11 +353,14 @@ class Cluster:
                http_port: int = 0, peers: Sequence[str] = (), discovery: bool = True,
                join: str | None = None, node_id: str | None = None,
                netns: str | None = None, log_level: str = "INFO",
-               extra: Sequence[str] = ()) -> NodeProc:
+               extra: Sequence[str] = (), plaintext: bool = False) -> NodeProc:
         """Start a node process; ``wait_ready`` returns once it listens. ``extra``:
-        more ``storemesh node`` arguments (e.g. ``--cloud URL``)."""
+        more ``storemesh node`` arguments (e.g. ``--cloud URL``). ``plaintext``:
+        ``--insecure-plaintext`` (nodes run TLS otherwise)."""
         argv = ["node", "--data", str(data_dir), "--interface", interface,
                 "--http-port", str(http_port), "--log-level", log_level, *extra]
+        if plaintext:
+            argv.append("--insecure-plaintext")
         for url in peers:
             argv += ["--peer", url]
         if not discovery:
@@ -527,8 +560,11 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 def client(**kwargs: Any) -> aiohttp.ClientSession:
-    """A session that sends the current store's service credential (``use_token``)."""
-    return aiohttp.ClientSession(timeout=HTTP_TIMEOUT, middlewares=(_with_token,), **kwargs)
+    """An HTTP client pinned to the CAs of this test process's stores (``TEST_SSL``),
+    sending the store's integration credential (``use_token``, ``use_store_token``)."""
+    return aiohttp.ClientSession(timeout=HTTP_TIMEOUT,
+                                 connector=aiohttp.TCPConnector(ssl=TEST_SSL),
+                                 middlewares=(_with_token,), **kwargs)
 
 
 async def get_json(http: aiohttp.ClientSession, url: str, path: str) -> Any:

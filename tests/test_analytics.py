@@ -369,8 +369,11 @@ def test_sigkill_mid_transaction_loses_and_doubles_nothing(tmp_path: Path) -> No
 class Fleet:
     """A cloud peer and stores of an edge and a register each, in this process."""
 
-    def __init__(self, base: Path, store_ids: Sequence[str]) -> None:
+    def __init__(self, base: Path, store_ids: Sequence[str], *, tls: bool = False) -> None:
+        """``tls``: every link and the cloud's server TLS, as in production (the
+        dashboard tests, in a browser); else the plain-text loopback mode."""
         self.base = base
+        self.tls = tls
         self.cloud_root = base / "cloud"
         self.store_ids = list(store_ids)
         self.cloud: CloudNode | None = None
@@ -406,7 +409,8 @@ class Fleet:
         return self.cloud.url
 
     async def start_cloud(self) -> CloudNode:
-        cloud = CloudNode(self.cloud_root, http_host=LOOPBACK, http_port=self.port)
+        cloud = CloudNode(self.cloud_root, insecure_plaintext=not self.tls,
+                          http_host=LOOPBACK, http_port=self.port)
         cloud.setup_hooks.append(setup_dashboard)
         await cloud.start()
         self.cloud, self.port = cloud, cloud.http_port
@@ -420,11 +424,14 @@ class Fleet:
     async def start_stores(self) -> None:
         assert self.port, "start the cloud first: the edges dial its URL"
         for sid in self.store_ids:
-            edge = Node(self.base / sid / "edge", http_host=LOOPBACK, discovery=False,
-                        wan_peers=[f"http://{LOOPBACK}:{self.port}/stores/{sid}"])
+            scheme = "https" if self.tls else "http"
+            edge = Node(self.base / sid / "edge", insecure_plaintext=not self.tls,
+                        http_host=LOOPBACK, discovery=False,
+                        wan_peers=[f"{scheme}://{LOOPBACK}:{self.port}/stores/{sid}"])
             await edge.start()
             self.edges[sid] = edge
-            reg = Node(self.base / sid / "reg", http_host=LOOPBACK, discovery=False,
+            reg = Node(self.base / sid / "reg", insecure_plaintext=not self.tls,
+                       http_host=LOOPBACK, discovery=False,
                        peers=[edge.url])
             await reg.start()
             self.regs[sid] = reg
@@ -610,7 +617,7 @@ async def lone_cloud(tmp_path: Path) -> AsyncIterator[CloudNode]:
     enrol_node(tmp_path / "cloud" / "s1", edge.store_key, "s1", "cloud", now_ms=now_ms(),
                node_id="cloud-s1", trust=TrustStore.from_dict(edge.trust.to_dict()))
     add_hq_user(tmp_path / "cloud")
-    cloud = CloudNode(tmp_path / "cloud", http_host=LOOPBACK)
+    cloud = CloudNode(tmp_path / "cloud", insecure_plaintext=True, http_host=LOOPBACK)
     cloud.setup_hooks.append(setup_dashboard)
     await cloud.start()
     try:

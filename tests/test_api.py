@@ -550,7 +550,8 @@ async def test_a_slow_subscriber_is_told_it_overflowed(http: aiohttp.ClientSessi
 
 async def test_closing_the_node_ends_open_streams(tmp_path: Path) -> None:
     init_store(tmp_path / "n", "store-1", now_ms=now_ms(), node_id="edge")
-    n = Node(tmp_path / "n", http_host="127.0.0.1", http_port=0, discovery=False)
+    n = Node(tmp_path / "n", insecure_plaintext=True,
+             http_host="127.0.0.1", http_port=0, discovery=False)
     await n.start()
     use_token(issue_token(n.identity))
     async with client(base_url=n.url) as http:
@@ -604,7 +605,8 @@ async def test_metrics_parse_and_count_a_refused_session(http: aiohttp.ClientSes
 async def test_metrics_registries_are_per_node(tmp_path: Path, http: aiohttp.ClientSession,
                                                node: Node) -> None:
     init_store(tmp_path / "other", "store-9", now_ms=now_ms(), node_id="other")
-    other = Node(tmp_path / "other", http_host="127.0.0.1", http_port=0, discovery=False)
+    other = Node(tmp_path / "other", insecure_plaintext=True,
+                 http_host="127.0.0.1", http_port=0, discovery=False)
     await other.start()  # a second node in this process registers its own collector
     try:
         await receive(http, "P", 1, "r")
@@ -626,7 +628,8 @@ async def test_peers_staleness_and_lag_with_a_live_peer(tmp_path: Path,
     assert store_key is not None
     enrol_node(tmp_path / "r1", store_key, "store-1", "register", now_ms=now_ms(),
                node_id="r1")
-    reg = Node(tmp_path / "r1", http_host="127.0.0.1", http_port=0, discovery=False,
+    reg = Node(tmp_path / "r1", insecure_plaintext=True,
+               http_host="127.0.0.1", http_port=0, discovery=False,
                peers=[node.url])
     await reg.start()
     try:

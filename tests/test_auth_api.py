@@ -1,4 +1,5 @@
-"""Credentials, staff roles and PINs at a real Node over real HTTP (mesh.gate, mesh.auth)."""
+"""Credentials, staff roles and PINs at a real Node over real HTTPS (mesh.gate, mesh.auth):
+the node serves TLS as in production and the client pins the store's CA."""
 
 from __future__ import annotations
 
@@ -11,20 +12,23 @@ import aiohttp
 import orjson
 import pytest
 import pytest_asyncio
+from click.testing import CliRunner
 
 from mesh import authdir, config
-from mesh.datadir import init_store
+from mesh.cli import main as cli
+from mesh.datadir import enrol_node, init_store
+from mesh.identity import TrustStore
 from mesh.node import Node
-from tests.meshkit import now_ms
+from tests.meshkit import PIN_COST, TEST_SSL, now_ms, trust_ca
 
 pytestmark = pytest.mark.asyncio
-PIN_COST = 1024  # cheap scrypt for tests; the CLI default is config.PIN_SCRYPT_N
 
 
 @pytest_asyncio.fixture
 async def store(tmp_path: Path) -> AsyncIterator[tuple[Node, dict[str, str]]]:
     d = tmp_path / "edge"
     init_store(d, "store-1", now_ms=now_ms(), node_id="edge")
+    trust_ca(d)
     toks = {name: authdir.issue_device_credential(d, device_id=name, role=role,
                                                   now_ms=now_ms(), ttl_ms=3_600_000)
             for name, role in (("till-1", "pos"), ("till-2", "pos"), ("svc", "service"),
@@ -44,9 +48,18 @@ async def store(tmp_path: Path) -> AsyncIterator[tuple[Node, dict[str, str]]]:
         await n.close()
 
 
+def pinned(source: str = "127.0.0.1") -> aiohttp.ClientSession:
+    """A client that trusts only the store CAs of this test process, from ``source``
+    (another loopback address is another source for the per-source throttle)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+        ssl=TEST_SSL, local_addr=(source, 0)))
+
+
 async def call(n: Node, method: str, path: str, body: Any = None,
-               headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as http, http.request(
+               headers: dict[str, str] | None = None, source: str = "127.0.0.1"
+               ) -> tuple[int, Any]:
+    assert n.url.startswith("https://")
+    async with pinned(source) as http, http.request(
             method, n.url + path, data=None if body is None else orjson.dumps(body),
             headers={"Content-Type": "application/json", **(headers or {})}) as resp:
         return resp.status, orjson.loads(await resp.read())
@@ -82,7 +95,7 @@ async def test_unauthenticated_or_forged_writes_are_refused_and_change_nothing(
     assert status == 401
     assert await ledger_rows(n) == before
     assert n.replica.on_hand("A") == 0
-    async with aiohttp.ClientSession() as http, http.get(n.url + "/metrics") as resp:
+    async with pinned() as http, http.get(n.url + "/metrics") as resp:
         text = await resp.text()
     assert 'storemesh_api_auth_refusals_total{reason="no_token"} 2.0' in text
     assert 'storemesh_api_auth_refusals_total{reason="bad_token"} 3.0' in text
@@ -198,3 +211,120 @@ async def test_a_revoked_device_or_disabled_staff_is_refused(
     status, body = await call(n, "POST", "/v1/receipts", {"sku": "A", "qty": 1, "txn_id": "z"},
                               bearer(toks["svc"]))
     assert (status, body["error"]["reason"]) == (401, "revoked")
+
+
+async def test_the_audit_trail_names_the_session_staff_device_and_approver(
+        store: tuple[Node, dict[str, str]], tmp_path: Path) -> None:
+    """``storemesh ledger show`` (the audit trail on the node's disk) shows who did it:
+    the staff id comes from the session, never from the body."""
+    n, toks = store
+    svc = bearer(toks["svc"])
+    assert (await call(n, "POST", "/v1/receipts", {"sku": "A", "qty": 9, "txn_id": "r"},
+                       svc))[0] == 201
+    ann = await login(n, toks["till-1"], "ann", "1111")
+    assert (await call(n, "POST", "/v1/sales", {"sku": "A", "qty": 1, "txn_id": "s-1",
+                                                 "staff_id": "ann"}, ann))[0] == 201
+    ok = {**ann, "X-Approver-Id": "max", "X-Approver-Pin": "9999"}
+    assert (await call(n, "POST", "/v1/adjustments",
+                       {"sku": "A", "delta": -1, "reason": "damaged", "txn_id": "a-1"},
+                       ok))[0] == 201
+    res = await asyncio.to_thread(CliRunner().invoke, cli,
+                                  ["ledger", "show", str(tmp_path / "edge"), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = [orjson.loads(line) for line in res.output.splitlines()]
+    who = [(r["kind"], r["txn"], r["device"], r["staff"], r["approved_by"]) for r in rows]
+    assert who == [("receipt", "r", "svc", None, None), ("sale", "s-1", "till-1", "ann", None),
+                   ("adjust", "a-1", "till-1", "ann", "max")], who
+    table = await asyncio.to_thread(CliRunner().invoke, cli,
+                                    ["ledger", "show", str(tmp_path / "edge")])
+    assert table.exit_code == 0 and "till-1" in table.output and "by max)" in table.output
+
+
+async def test_refusals_are_throttled_per_source_and_change_nothing(
+        store: tuple[Node, dict[str, str]]) -> None:
+    n, toks = store
+    before = await ledger_rows(n)
+    seen = []
+    for i in range(config.AUTH_BURST + 5):  # a guesser at 127.0.0.2
+        status, body = await call(n, "POST", "/v1/sales",
+                                  {"sku": "A", "qty": 1, "txn_id": f"g{i}"},
+                                  bearer(f"smd1.guess{i}.x"), source="127.0.0.2")
+        seen.append((status, body["error"]["reason"]))
+    assert seen[:config.AUTH_BURST] == [(401, "bad_token")] * config.AUTH_BURST
+    assert seen[config.AUTH_BURST:] == [(429, "throttled")] * 5
+    # another address is not held back, neither for its mistakes nor for its writes
+    status, body = await call(n, "POST", "/v1/sales", {"sku": "A", "qty": 1, "txn_id": "x"})
+    assert (status, body["error"]["reason"]) == (401, "no_token")
+    status, _ = await call(n, "POST", "/v1/receipts", {"sku": "A", "qty": 1, "txn_id": "ok"},
+                           bearer(toks["svc"]))
+    assert status == 201
+    assert await ledger_rows(n) == before + 1 and n.replica.on_hand("A") == 1
+    async with pinned() as http, http.get(n.url + "/metrics") as resp:
+        text = await resp.text()
+    assert f'storemesh_api_auth_refusals_total{{reason="bad_token"}} {config.AUTH_BURST}.0' \
+        in text
+    assert 'storemesh_api_auth_refusals_total{reason="throttled"} 5.0' in text
+
+
+async def test_a_roster_expires_after_its_time_offline_and_the_edge_renews_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A till that has not heard from the edge for longer than the roster's validity
+    (``staff add --valid-days``; here 1 h) stops accepting PINs and sessions; once the
+    edge is back it re-signs the roster (at half its age) and the till takes PINs again."""
+    edge_dir = tmp_path / "edge"
+    edge_ident = init_store(edge_dir, "store-1", now_ms=now_ms(), node_id="edge")
+    trust_ca(edge_dir)
+    assert edge_ident.store_key is not None
+    enrol_node(tmp_path / "r1", edge_ident.store_key, "store-1", "register", now_ms=now_ms(),
+               node_id="r1", trust=TrustStore.from_dict(edge_ident.trust.to_dict()))
+    till = authdir.issue_device_credential(edge_dir, device_id="till-1", role="pos",
+                                           now_ms=now_ms(), ttl_ms=30 * 86_400_000)
+    svc = authdir.issue_device_credential(edge_dir, device_id="svc", role="service",
+                                          now_ms=now_ms(), ttl_ms=30 * 86_400_000)
+    hour = 3_600_000
+    roster = authdir.add_staff(edge_dir, staff_id="ann", name="Ann", role="cashier",
+                               pin="1111", now_ms=now_ms(), validity_ms=hour,
+                               pin_cost=PIN_COST)
+    assert roster.not_after - now_ms() <= hour
+    clock = {"edge": 0, "r1": 0}  # ms added to the real clock, per node
+    edge = Node(edge_dir, http_host="127.0.0.1", discovery=False)
+    monkeypatch.setattr(edge, "now_ms", lambda: now_ms() + clock["edge"])
+    await edge.start()
+    reg = Node(tmp_path / "r1", http_host="127.0.0.1", discovery=False, peers=[edge.url])
+    monkeypatch.setattr(reg, "now_ms", lambda: now_ms() + clock["r1"])
+    await reg.start()
+    try:
+        for _ in range(100):
+            if reg.identity.trust.roster_version >= roster.version:
+                break
+            await asyncio.sleep(0.1)
+        session = await login(reg, till, "ann", "1111")
+        assert (await call(reg, "POST", "/v1/receipts", {"sku": "A", "qty": 5,
+                                                          "txn_id": "r"}, bearer(svc)))[0] == 201
+        assert (await call(reg, "POST", "/v1/sales", {"sku": "A", "qty": 1, "txn_id": "1"},
+                           session))[0] == 201
+        url = edge.url
+        await edge.close()  # the till is on its own from now on
+        clock["r1"] = hour + 1_000
+        status, body = await call(reg, "POST", "/v1/session", {"staff_id": "ann",
+                                                                "pin": "1111"}, bearer(till))
+        assert (status, body["error"]["reason"]) == (403, "roster_expired"), body
+        status, body = await call(reg, "POST", "/v1/sales",
+                                  {"sku": "A", "qty": 1, "txn_id": "2"}, session)
+        assert (status, body["error"]["reason"]) == (403, "roster_expired"), body
+        # the edge comes back (same port), past half the roster's age: it re-signs it
+        clock["edge"] = hour + 1_000
+        edge = Node(edge_dir, http_host="127.0.0.1", http_port=int(url.rsplit(":", 1)[1]),
+                    discovery=False)
+        monkeypatch.setattr(edge, "now_ms", lambda: now_ms() + clock["edge"])
+        await edge.start()
+        for _ in range(200):
+            held = reg.identity.trust.roster
+            if held is not None and held.not_after > reg.now_ms():
+                break
+            await asyncio.sleep(0.1)
+        assert reg.identity.trust.roster_version > roster.version
+        await login(reg, till, "ann", "1111")
+    finally:
+        await reg.close()
+        await edge.close()

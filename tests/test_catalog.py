@@ -285,7 +285,8 @@ class Store:
         return self.root / node_id
 
     async def start(self, node_id: str, peers: list[str] | None = None) -> Node:
-        node = Node(self.root / node_id, http_host="127.0.0.1", http_port=0,
+        node = Node(self.root / node_id, insecure_plaintext=True,
+                    http_host="127.0.0.1", http_port=0,
                     discovery=False, peers=peers or [])
         # Until Node._setup_optional_routes adds it; a second call is a no-op.
         catalog.setup_catalog_routes(node.app, node)

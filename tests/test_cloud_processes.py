@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 import pytest
 
+from mesh.hqtls import ensure_hq_tls, hq_hosts
 from tests import meshkit as mk
 
 pytestmark = pytest.mark.asyncio
@@ -32,12 +33,18 @@ def _free_port() -> int:
 
 
 def _start_cloud(cluster: mk.Cluster, root: Path, port: int) -> mk.NodeProc:
+    """``cloud run`` on 127.0.0.1:``port``. Its HQ certificate (what clients without a
+    store's SNI, like ``mk.client()``, see) is made here first, so the test's clients
+    can trust its CA as a browser would."""
+    hq = ensure_hq_tls(root, hq_hosts("127.0.0.1"), now_ms=mk.now_ms())
+    assert hq.ca_path is not None
+    mk.TEST_SSL.load_verify_locations(cafile=hq.ca_path)
     node = mk.NodeProc("cloud", root, ["cloud", "run", "--data", str(root), "--http-host",
                                        "127.0.0.1", "--http-port", str(port)],
                        cluster.base / "cloud.log")
     cluster.nodes.setdefault("cloud", node)
     cluster._spawn(node)
-    node.url = f"http://127.0.0.1:{port}"
+    node.url = f"https://127.0.0.1:{port}"
     return node
 
 
@@ -67,7 +74,7 @@ async def test_two_stores_and_a_cloud(cluster: mk.Cluster, tmp_path: Path) -> No
         mk.enrol_direct(tmp_path / "hq", edge, f"cloud-{s}-{t}", role="cloud")
         stores[s] = (edge, reg)
     port = _free_port()
-    cloud_url = f"http://127.0.0.1:{port}"
+    cloud_url = f"https://127.0.0.1:{port}"
     cloud = _start_cloud(cluster, tmp_path / "hq", port)
     nodes: dict[str, mk.NodeProc] = {}
     for s, (edge, reg) in stores.items():

@@ -5,7 +5,10 @@ Chromium (driven over the DevTools protocol: ``tests.browser``) is sent to the l
 page without a session, logs in there as a person does (typing into the form), loads
 the dashboard (its script polls ``/v1/fleet/*`` with the session cookie and renders),
 and the DOM must show that sale and the stock it left. A screenshot of the page is kept
-in the test's tmp dir. Chromium talks to loopback only: every background service
+in the test's tmp dir. Everything runs over TLS as in production: the stores' links
+are mutual TLS pinned to their store keys, and Chromium opens the dashboard over HTTPS
+with the cloud's ECDSA certificate (pinned by its public key; without the pin it gets
+no page). Chromium talks to loopback only: every background service
 that could reach out (updates, sync, QUIC, field trials) is switched off.
 
 Setup: if ``chromium`` is missing and we are root with apt-get, the session fixture
@@ -15,6 +18,8 @@ installs it (bounded); otherwise the test is skipped with the reason.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import logging
 import os
 import shutil
@@ -27,6 +32,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from mesh.hqtls import spki_sha256
 from tests.browser import Browser, log_in
 from tests.meshkit import HQ_PASSWORD, HQ_USER
 from tests.test_analytics import Fleet, until
@@ -69,11 +75,18 @@ def chromium() -> str:
     return path
 
 
-def chromium_argv(binary: str, profile: Path, *, virtual_time: bool = True) -> list[str]:
-    """Chromium's flags; ``virtual_time``: for a one-shot ``--dump-dom``/``--screenshot``
-    run (not for a ``tests.browser.Browser``, which waits in real time)."""
+def chromium_argv(binary: str, profile: Path, pin: Path | None = None, *,
+                  virtual_time: bool = True) -> list[str]:
+    """``pin``: a server certificate (PEM) whose public key Chromium accepts though no
+    CA it knows signed it (a browser that trusts the cloud's HQ CA behaves the same):
+    ``--ignore-certificate-errors-spki-list`` honours exactly that key, nothing else.
+    ``virtual_time``: for a one-shot ``--dump-dom``/``--screenshot`` run (not for a
+    ``tests.browser.Browser``, which waits in real time)."""
+    extra = [] if pin is None else [
+        "--ignore-certificate-errors-spki-list="
+        + base64.b64encode(spki_sha256(pin.read_bytes())).decode()]
     flags = [
-        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        binary, *extra, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
         "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--disable-default-apps",
         "--disable-extensions", "--disable-domain-reliability", "--disable-breakpad",
@@ -141,21 +154,29 @@ class Cells(HTMLParser):
 
 @pytest_asyncio.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    f = Fleet(tmp_path, ["s1", "s2"])
+    f = Fleet(tmp_path, ["s1", "s2"], tls=True)  # in a browser over TLS, as at HQ
     try:
         yield f
     finally:
         await f.close()
 
 
-@pytest_asyncio.fixture
-async def browser(chromium: str, tmp_path: Path) -> AsyncIterator[Browser]:
-    b = Browser(chromium_argv(chromium, tmp_path / "profile", virtual_time=False),
-                tmp_path / "profile")
+@contextlib.asynccontextmanager
+async def open_browser(chromium: str, profile: Path, pin: Path | None
+                       ) -> AsyncIterator[Browser]:
+    """Chromium under DevTools control; ``pin``: the cloud's certificate (see
+    ``chromium_argv``)."""
+    b = Browser(chromium_argv(chromium, profile, pin, virtual_time=False), profile)
     try:
         yield await b.start()
     finally:
         await b.close()
+
+
+def cloud_pin(fleet: Fleet) -> Path:
+    """The cloud's ECDSA certificate from its HQ CA, which the test's browser pins."""
+    assert fleet.cloud is not None and fleet.cloud.hq is not None
+    return fleet.cloud.hq.cert_path
 
 
 async def logged_in_dashboard(browser: Browser, url: str) -> Cells:
@@ -172,7 +193,7 @@ async def logged_in_dashboard(browser: Browser, url: str) -> Cells:
 
 
 @pytest.mark.asyncio
-async def test_dashboard_shows_a_sale_made_a_moment_before(fleet: Fleet, browser: Browser,
+async def test_dashboard_shows_a_sale_made_a_moment_before(fleet: Fleet, chromium: str,
                                                            tmp_path: Path) -> None:
     await fleet.start_cloud()
     await fleet.start_stores()
@@ -190,8 +211,19 @@ async def test_dashboard_shows_a_sale_made_a_moment_before(fleet: Fleet, browser
     await until(at_cloud, within=10, what="the sale reaches the cloud")
     await fleet.analytics.flush()
 
-    # without a login the dashboard shows nothing: the browser lands on the login page
     url = f"{fleet.url}/?sku=sku-a"
+    assert url.startswith("https://")
+    # A browser that does not trust the HQ CA gets no page (over TLS, certificate error)
+    _, refused_dom, _ = await run_chromium(
+        [*chromium_argv(chromium, tmp_path / "profile-0"), "--dump-dom", url])
+    assert b"storemesh" not in refused_dom, refused_dom[:300]
+    async with open_browser(chromium, tmp_path / "profile", cloud_pin(fleet)) as browser:
+        await dashboard_session(browser, fleet, url, tmp_path)
+
+
+async def dashboard_session(browser: Browser, fleet: Fleet, url: str, tmp_path: Path
+                            ) -> None:
+    # without a login the dashboard shows nothing: the browser lands on the login page
     await browser.goto(url)
     assert await browser.path() == "/login"
     refused = Cells()
@@ -205,8 +237,12 @@ async def test_dashboard_shows_a_sale_made_a_moment_before(fleet: Fleet, browser
     (tmp_path / "dashboard.html").write_text(await browser.dom())
     assert page.by_id.get("conn") == "live", page.by_id.get("conn")
     assert page.by_id.get("account-name") == f"{HQ_USER} (viewer)"
-    # the session cookie is not readable by the page's scripts (HttpOnly)
+    # the session cookie: not readable by the page's scripts, sent over TLS only, to this
+    # host only, never with another site's requests
     assert await browser.eval("document.cookie") == ""
+    [cookie] = (await browser.call("Network.getCookies"))["cookies"]
+    assert (cookie["name"], cookie["secure"], cookie["httpOnly"], cookie["sameSite"],
+            cookie["path"]) == ("__Host-storemesh_hq", True, True, "Strict", "/"), cookie
     stock = {(store, col): text for (table, store, col), text in page.cells.items()
              if table == "stock-table"}
     assert stock[("s1", "on_hand")] == "37" and stock[("s2", "on_hand")] == "20", stock

@@ -419,6 +419,32 @@ def test_the_wan_codec_keeps_only_enrolled_origins() -> None:
     assert set(rx._rx_last) == {b"r1"}
 
 
+def test_an_origin_enrolled_mid_session_keeps_decoding() -> None:
+    """Item 19 over the WAN: the cloud got a register's first envelope before its
+    certificate (not kept), the edge went on eliding that origin's ``prev``, and once
+    the certificate arrived the next frame could not be restored: the session closed
+    (``bad_wan_message``) and the cloud refused the register's envelopes until it came
+    back. The decoder now remembers a few such origins' last hash."""
+    known = {"r1"}
+    refused: list[str] = []
+    tx = WanCodec()
+    rx = WanCodec(known=known.__contains__, on_refuse=refused.append)
+    f1 = _frame("reg", 1, None)
+    f2 = _frame("reg", 2, hashlib.sha256(f1).digest())
+    f3 = _frame("reg", 3, hashlib.sha256(f2).digest())
+    assert rx.decode(tx.encode(encode_batch([f1]))) == encode_batch([f1])  # core refuses
+    assert rx.decode(tx.encode(encode_batch([f2]))) == encode_batch([f2])  # restored
+    known.add("reg")  # its certificate arrives
+    assert rx.decode(tx.encode(encode_batch([f3]))) == encode_batch([f3])
+    assert set(rx._rx_last) == {b"reg"} and not rx._rx_stray
+    assert refused == ["wan_unenrolled_origin"] * 2
+    # made-up origins cost a bounded side table, never the session
+    for i in range(1000):
+        g = _frame(f"x{i}", 1, None)
+        assert rx.decode(tx.encode(encode_batch([g]))) == encode_batch([g])
+    assert len(rx._rx_stray) == config.MAX_WAN_STRAY_ORIGINS and set(rx._rx_last) == {b"reg"}
+
+
 def test_the_wan_codec_tables_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(config, "MAX_WAN_ORIGINS", 8, raising=False)
     refused: list[str] = []
@@ -441,7 +467,8 @@ async def edge_node(tmp_path: Path) -> AsyncIterator[tuple[Node, Path]]:
     assert ident.store_key is not None
     enrol_node(tmp_path / "r1", ident.store_key, "store-1", "register", now_ms=now,
                node_id="r1")
-    node = Node(tmp_path / "edge", http_host="127.0.0.1", http_port=0, discovery=False)
+    node = Node(tmp_path / "edge", insecure_plaintext=True,
+                http_host="127.0.0.1", http_port=0, discovery=False)
     await node.start()
     try:
         yield node, tmp_path / "r1"

@@ -225,7 +225,8 @@ async def live(tmp_path: Path) -> AsyncIterator[tuple[Node, Peers, list[Replica]
     regs = [enrol_node(tmp_path / f"reg-{i}", edge.store_key, "store-1", "register",
                        now_ms=now_ms(), node_id=f"reg-{i}") for i in (1, 2)]
     _READER[:] = [issue_token(edge, "dashboard", role="read")]  # the live stream's reader
-    node = Node(tmp_path / "edge", http_host="127.0.0.1", http_port=0, discovery=False)
+    node = Node(tmp_path / "edge", insecure_plaintext=True,
+                http_host="127.0.0.1", http_port=0, discovery=False)
     await node.start()
     async with aiohttp.ClientSession() as http:
         peers = Peers(node, http)

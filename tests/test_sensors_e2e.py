@@ -19,13 +19,12 @@ import pytest_asyncio
 
 from mesh.envelope import decode
 from mesh.sensor_routes import SENSORS_KEY
-from tests.browser import Browser
 from tests.meshkit import add_staff, client, issue_token, login, now_ms
 from tests.test_analytics import Fleet, until
-from tests.test_dashboard_e2e import browser, chromium, logged_in_dashboard
+from tests.test_dashboard_e2e import chromium, logged_in_dashboard, open_browser
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
-__all__ = ["browser", "chromium"]  # the fixtures
+__all__ = ["chromium"]  # the fixture
 
 
 @pytest_asyncio.fixture
@@ -46,7 +45,7 @@ async def call(http: aiohttp.ClientSession, method: str, url: str, body: Any = N
 
 
 async def test_alert_reaches_the_dashboard_raw_readings_stay_at_the_edge(
-        fleet: Fleet, browser: Browser, tmp_path: Path) -> None:
+        fleet: Fleet, chromium: str, tmp_path: Path) -> None:
     # the distribution centre's reorder point for BREAD, in the cloud's rules
     (fleet.cloud_root / "s1" / "sensor_rules.json").write_bytes(orjson.dumps({
         "version": 1, "reorder": {"default": {}, "skus": {"BREAD": {"point": 8,
@@ -132,7 +131,9 @@ async def test_alert_reaches_the_dashboard_raw_readings_stay_at_the_edge(
         st, body = await call(http, "GET", f"{store}/v1/replenishment")
         assert [i["sku"] for i in body["open"]] == ["BREAD"]
 
-    page = await logged_in_dashboard(browser, f"{fleet.url}/")  # HQ logs in first
+    pin = fleet.cloud.hq.cert_path if fleet.cloud.hq is not None else None
+    async with open_browser(chromium, tmp_path / "profile", pin) as browser:
+        page = await logged_in_dashboard(browser, f"{fleet.url}/")  # HQ logs in first
     assert page.by_id.get("conn") == "live", page.by_id.get("conn")
     assert page.cells[("sensors", "s1", "review_open")] == "1"  # the replenishment
     assert page.cells[("sensors", "s1", "replenish")] == "BREAD"
