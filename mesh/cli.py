@@ -634,7 +634,7 @@ def device_list(data_dir: Path) -> None:
 @click.argument("device_id")
 @click.option("--reason", default="revoked by the store owner", show_default=True,
               help="Why (kept on this edge, in revocations.json).")
-@click.option("--url", default="http://127.0.0.1:8700", show_default=True,
+@click.option("--url", default="https://127.0.0.1:8700", show_default=True,
               help="The running node of DATA_DIR, which passes the revocation on.")
 def device_revoke(data_dir: Path, device_id: str, reason: str, url: str) -> None:
     """Revoke DEVICE_ID on every node: the store's next revocation list names it, and
@@ -648,7 +648,8 @@ def device_revoke(data_dir: Path, device_id: str, reason: str, url: str) -> None
                                                 reason=reason))
     what = "revoked" if new else "was already revoked"
     try:
-        asyncio.run(deliver(url, crl))
+        ident = load_identity(data_dir)
+        asyncio.run(deliver(url, crl, ssl_context=_own_ca_ssl(ident, url)))
     except (ConnectionError, ValueError) as exc:
         console.print(f"device [bold]{device_id}[/] {what} (revocation list v{crl.version}, "
                       f"saved in {data_dir}); not delivered to {url} ({exc}): a running "

@@ -121,7 +121,8 @@ def new_store(base: Path, store_id: str, edge_id: str) -> NodeIdentity:
     edge = init_store(base / edge_id, store_id, now_ms=now_ms(), node_id=edge_id)
     trust_ca(edge.data_dir)
     token = issue_token(edge)
-    _STORE_TOKENS[store_id] = token
+    # (a second store under the same id, a rogue one, does not take the first's place)
+    token = _STORE_TOKENS.setdefault(store_id, token)
     if _TOKEN[0] is None:
         use_token(token)
     return edge
