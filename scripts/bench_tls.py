@@ -65,6 +65,7 @@ from benchkit import common_args, print_summary, run_dir  # scripts/ is on sys.p
 from rich.console import Console
 from rich.table import Table
 
+from mesh import authdir
 from mesh.datadir import enrol_node, init_store
 from mesh.tls import api_client_context
 
@@ -184,6 +185,7 @@ class Store:
     nodes: list[NodeProc] = field(default_factory=list)
     ssl: ssl.SSLContext | bool = True
     idle_cpu_per_s: float = 0.0
+    auth: dict[str, str] = field(default_factory=dict)
     next_txn: int = 0
 
     @classmethod
@@ -198,6 +200,11 @@ class Store:
                        node_id=rid)
         tls = mode == "tls"
         store = cls(mode, base)
+        # every write and the live stream send a back-office integration's credential
+        token = authdir.issue_device_credential(base / "edge", device_id="bench",
+                                                role="service", now_ms=now_ms(),
+                                                ttl_ms=86_400_000)
+        store.auth = {"Authorization": f"Bearer {token}"}
         store.nodes = [NodeProc(n, base / n, base / "logs" / f"{n}.log", tls)
                        for n in ("edge", "reg-01", "reg-02")]
         if tls:
@@ -221,7 +228,8 @@ class Store:
     async def start(self) -> None:
         for k, n in enumerate(self.nodes):
             n.spawn([m.url for m in self.nodes[:k]])
-        async with aiohttp.ClientSession(connector=self.connector(limit=4)) as http:
+        async with aiohttp.ClientSession(connector=self.connector(limit=4),
+                                         headers=self.auth) as http:
             deadline = time.monotonic() + START_TIMEOUT_S + MESH_TIMEOUT_S
             while True:
                 try:
@@ -280,7 +288,7 @@ class EdgeStream:
 
     async def start(self) -> None:
         self._http = aiohttp.ClientSession(
-            connector=self.store.connector(limit=1),
+            connector=self.store.connector(limit=1), headers=self.store.auth,
             timeout=aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=5))
         self._task = asyncio.create_task(self._read())
         await asyncio.wait_for(self.ready.wait(), START_TIMEOUT_S)
@@ -358,7 +366,7 @@ async def run_slice(store: Store, stream: EdgeStream, regime: str, sizes: Sizes)
     limit = 1 if fresh else (sizes.concurrency if regime == "max" else 64)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=store.connector(limit=limit, fresh=fresh),
-                                     timeout=timeout) as http:
+                                     timeout=timeout, headers=store.auth) as http:
         if not fresh:  # warm the pool: a till's connection is open before it sells
             await asyncio.gather(*(_get(http, store.till.url, "/v1/health")
                                    for _ in range(min(limit, 8))))
