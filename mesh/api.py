@@ -42,6 +42,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from mesh import config
+from mesh.auth import AuthError, who
 from mesh.envelope import Envelope, decode
 from mesh.errors import (
     CommandError,
@@ -51,6 +52,7 @@ from mesh.errors import (
     TxnReused,
     UnknownSku,
 )
+from mesh.gate import PRINCIPAL, Gate, Principal, setup_gate
 from mesh.httpfaults import CLIENT_FAULTS, ClientFaults
 from mesh.ledger import Ledger
 from mesh.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -220,7 +222,28 @@ def _fields(body: dict[str, Any], spec: _Spec, request: web.Request) -> dict[str
     out = {name: check(body[name], name) for name, (check, required) in spec.items()
            if name in body and (required or body[name] is not None)}
     out["txn_id"] = _txn_id(out.get("txn_id"), request)
+    _authorised(out, request)
     return out
+
+
+def _authorised(out: dict[str, Any], request: web.Request) -> None:
+    """Add ``key`` (the idempotency key scoped to the calling device) and ``staff`` (from
+    the staff session, never the body: a body ``staff_id`` must name the same person)."""
+    p = request.get(PRINCIPAL)
+    if p is None:  # (only the gate's public routes get here without one)
+        raise ApiError(401, "this endpoint needs a device credential", "Authorization")
+    staff = p.staff_meta
+    given = out.get("staff_id")
+    if given is not None and (p.staff is None or given != p.staff.staff_id):
+        raise ApiError(403, "staff_id comes from the staff session (X-Staff-Session), not "
+                            "the body: leave it out or send the logged-in staff id",
+                       "staff_id")
+    limit = config.MAX_ID_LEN - len(p.device.device_id) - 1
+    if len(out["txn_id"]) > limit:
+        raise ApiError(400, f"txn_id has at most {limit} characters for this device (keys "
+                            "are stored as '<device id>:<txn_id>')", "txn_id")
+    out["key"] = p.scoped(out["txn_id"])
+    out["staff"] = staff
 
 
 def _txn_id(body_txn: str | None, request: web.Request) -> str:
@@ -334,9 +357,11 @@ def _client_faults(request: web.Request) -> ClientFaults:
 class _Api:
     """Route handlers bound to one node."""
 
-    def __init__(self, node: NodeView) -> None:
+    def __init__(self, node: NodeView, gate: Gate) -> None:
         self.node = node
+        self.gate = gate
         self.registry = make_registry(node)
+        self.registry.register(gate)  # a Collector by shape (collect())
         self._streams: set[asyncio.Queue[dict[str, Any]]] = set()
         self._closing = False
 
@@ -408,7 +433,7 @@ class _Api:
         f = _fields(await _read_object(request), _RECEIPT, request)
         now = self.node.now_ms
         res = await self._execute(lambda r: r.receive(
-            f["sku"], f["qty"], txn=f["txn_id"], now_ms=now(), staff=f.get("staff_id"),
+            f["sku"], f["qty"], txn=f["key"], now_ms=now(), staff=f["staff"],
             reason=f.get("reason"), note=f.get("note")))
         return self._done(f["txn_id"], res, f["sku"])
 
@@ -416,15 +441,21 @@ class _Api:
         f = _fields(await _read_object(request), _SALE, request)
         now = self.node.now_ms
         res = await self._execute(lambda r: r.sell(
-            f["sku"], f["qty"], txn=f["txn_id"], now_ms=now(), staff=f.get("staff_id"),
+            f["sku"], f["qty"], txn=f["key"], now_ms=now(), staff=f["staff"],
             note=f.get("note"), strict=f.get("strict", False)), conflict=("qty",))
         return self._done(f["txn_id"], res, f["sku"])
 
     async def returns(self, request: web.Request) -> web.Response:
         f = _fields(await _read_object(request), _RETURN, request)
+        if f["qty"] > config.RETURN_APPROVAL_QTY:
+            try:
+                await self.gate.require(request, "return_large")
+            except AuthError as exc:
+                raise ApiError(exc.status, exc.message, exc.field) from None
+            f["staff"] = request[PRINCIPAL].staff_meta
         now = self.node.now_ms
         res = await self._execute(lambda r: r.return_(
-            f["sku"], f["qty"], txn=f["txn_id"], now_ms=now(), staff=f.get("staff_id"),
+            f["sku"], f["qty"], txn=f["key"], now_ms=now(), staff=f["staff"],
             reason=f.get("reason"), note=f.get("note")))
         return self._done(f["txn_id"], res, f["sku"])
 
@@ -432,18 +463,22 @@ class _Api:
         f = _fields(await _read_object(request), _ADJUST, request)
         now = self.node.now_ms
         res = await self._execute(lambda r: r.adjust(
-            f["sku"], f["delta"], reason=f["reason"], txn=f["txn_id"], now_ms=now(),
-            staff=f.get("staff_id"), note=f.get("note")))
+            f["sku"], f["delta"], reason=f["reason"], txn=f["key"], now_ms=now(),
+            staff=f["staff"], note=f.get("note")))
         return self._done(f["txn_id"], res, f["sku"])
 
     # --- reservations ---------------------------------------------------------------------
 
     async def reserve(self, request: web.Request) -> web.Response:
         f = _fields(await _read_object(request), _RESERVE, request)
+        channel = request[PRINCIPAL].device.channel
+        if channel is not None and f["channel"] != channel:
+            raise ApiError(403, f"this device reserves for channel {channel!r} only",
+                           "channel")
         now = self.node.now_ms
         res = await self._execute(lambda r: r.reserve(
-            f["sku"], f["qty"], txn=f["txn_id"], now_ms=now(), channel=f["channel"],
-            order=f.get("order"), expires=f.get("expires_ms"), staff=f.get("staff_id")),
+            f["sku"], f["qty"], txn=f["key"], now_ms=now(), channel=f["channel"],
+            order=f.get("order"), expires=f.get("expires_ms"), staff=f["staff"]),
             conflict=("qty",))
         return self._done(f["txn_id"], res, f["sku"])
 
@@ -458,19 +493,24 @@ class _Api:
                                ) -> web.Response:
         rid = self._reservation_path(request)
         f = _fields(await _read_object(request), spec, request)
+        p: Principal = request[PRINCIPAL]
+        channel = p.device.channel
+        if channel is not None and self.node.replica.records[rid].channel != channel:
+            raise ApiError(403, f"this device may end only its own channel's ({channel!r}) "
+                                "reservations", "reservation_id")
         res = await self._execute(lambda r: command(r, rid, f), conflict=("reservation_id",))
         return self._done(f["txn_id"], res, self.node.replica.records[rid].sku)
 
     async def release(self, request: web.Request) -> web.Response:
         now = self.node.now_ms
         return await self._end_reservation(request, _RELEASE, lambda r, rid, f: r.release(
-            rid, txn=f["txn_id"], now_ms=now(), staff=f.get("staff_id"),
+            rid, txn=f["key"], now_ms=now(), staff=f["staff"],
             reason=f.get("reason")))
 
     async def fulfil(self, request: web.Request) -> web.Response:
         now = self.node.now_ms
         return await self._end_reservation(request, _FULFIL, lambda r, rid, f: r.fulfil(
-            rid, txn=f["txn_id"], now_ms=now(), staff=f.get("staff_id")))
+            rid, txn=f["key"], now_ms=now(), staff=f["staff"]))
 
     async def reservations(self, request: web.Request) -> web.Response:
         sku = _query_ident(request, "sku")
@@ -545,6 +585,11 @@ class _Api:
             "uptime_s": round(max(0, node.now_ms() - node.started_ms) / 1000, 3),
             # which revocation list this node holds (-1: none): how far one has spread
             "crl_version": node.identity.trust.crl_version,
+            # and which staff roster, valid until when (-1/None: none): PIN logins stop
+            # there once it has passed (docs/security.md, "Staff")
+            "roster_version": node.identity.trust.roster_version,
+            "roster_not_after_ms": (None if node.identity.trust.roster is None
+                                    else node.identity.trust.roster.not_after),
         }
         if failed is not None:
             body["reason"] = f"ledger failed: {failed}"
@@ -659,8 +704,8 @@ def _audit_entry(rid: int, env: Envelope) -> dict[str, Any]:
     kind = meta.get("kind")
     entry: dict[str, Any] = {
         "row": rid, "origin": env.origin, "seq": env.seq, "hlc": env.hlc,
-        "at_ms": env.hlc >> 16, "kind": kind, "txn_id": meta.get("txn"),
-        "staff_id": meta.get("staff"), "reason": meta.get("reason"),
+        "at_ms": env.hlc >> 16, "kind": kind, **who(meta),
+        "reason": meta.get("reason"),
         "note": meta.get("note"), "sku": meta.get("sku"), "qty": meta.get("qty"),
         "hash": env.hash.hex(),
     }
@@ -713,9 +758,9 @@ def _read_audit(ledger: Ledger, limit: int, before: int | None, sku: str | None,
 
 def setup_routes(app: web.Application, node: NodeView) -> None:
     """Add the HTTP API of ``node`` to ``app`` (see docs/api.md)."""
-    api = _Api(node)
     app[CLIENT_FAULTS] = node.http_faults
     app.middlewares.append(_json_errors)
+    api = _Api(node, setup_gate(app, node))  # its middleware runs inside _json_errors
     app.on_shutdown.append(api.on_shutdown)
     r = app.router
     r.add_post("/v1/receipts", api.receipts)

@@ -459,8 +459,9 @@ class _CatalogApi:
         if not changes:
             raise ApiError(400, f"nothing to change: send at least one of {', '.join(FIELDS)}")
         try:
-            body = await update_product(self.node, sku, changes, f.get("staff_id"),
-                                        txn=f["txn_id"])
+            body = await update_product(self.node, sku, changes, f["staff"],
+                                        txn=f["key"])
+            body["txn_id"] = f["txn_id"]
         except CommandError as exc:
             if exc.field == "role":
                 raise self._forbidden() from None

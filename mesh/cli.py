@@ -151,6 +151,28 @@ def store_init(data_dir: Path, store_id: str, node_id: str | None) -> None:
                   f" in {data_dir} (key fingerprint {ident.key.fingerprint})")
 
 
+@store.command("ca")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the PEM here (default: print it).")
+def store_ca(data_dir: Path, output: Path | None) -> None:
+    """Export the store CA certificate (PEM) of DATA_DIR's store, for tills to pin.
+
+    A till (or curl, or 'storemesh status --ca FILE') trusts only this certificate:
+    every node's TLS certificate is signed by the store key it holds."""
+    from mesh.datadir import ensure_tls
+
+    try:
+        files = ensure_tls(load_identity(data_dir), now_ms=_now_ms())
+    except (FileNotFoundError, ValueError, KeyPermissionError) as exc:
+        raise UserError(str(exc)) from None
+    if output is None:
+        click.echo(files.ca_pem.decode("ascii"), nl=False)
+    else:
+        output.write_bytes(files.ca_pem)
+        console.print(f"store CA of [bold]{files.data_dir}[/] written to {output}")
+
+
 # --- node -------------------------------------------------------------------------------
 
 
@@ -165,7 +187,7 @@ def store_init(data_dir: Path, store_id: str, node_id: str | None) -> None:
 @click.option("--peer", "peers", multiple=True,
               help="Static peer URL (repeatable), for links mDNS cannot cross.")
 @click.option("--cloud", "cloud_urls", multiple=True,
-              help="Cloud peer URL (http://HQ:PORT/stores/STORE): a WAN link, compressed "
+              help="Cloud peer URL (https://HQ:PORT/stores/STORE): a WAN link, compressed "
                    "and batched; the store dials out, so no inbound access is needed.")
 @click.option("--join", "token", default=None, help="One-time join token (first start only).")
 @click.option("--node-id", default=None, help="Node id to ask for when joining.")
@@ -173,17 +195,24 @@ def store_init(data_dir: Path, store_id: str, node_id: str | None) -> None:
               help="Edge URL to join through (default: the token's, else mDNS).")
 @click.option("--discovery/--no-discovery", default=True, show_default=True,
               help="Find peers by mDNS (--no-discovery: only --peer and --cloud URLs).")
+@click.option("--insecure-plaintext", is_flag=True, default=False,
+              help="Development only: plain HTTP and ws:// instead of TLS; refused unless "
+                   "the node listens on a loopback address. Never saved in config.json.")
 @click.option("--log-level", default="INFO", show_default=True)
 @click.pass_context
 def node_cmd(ctx: click.Context, data_dir: Path, http_port: int, http_host: str | None,
              interface: str | None, peers: tuple[str, ...], cloud_urls: tuple[str, ...],
              token: str | None, node_id: str | None, join_url: str | None, discovery: bool,
-             log_level: str) -> None:
+             insecure_plaintext: bool, log_level: str) -> None:
     """Run a store node: sync with peers, serve the POS/channel API, until Ctrl-C.
 
     The network flags (--interface, --http-host, --http-port, --peer, --cloud,
     --discovery) given at a start are saved in DATA/config.json; a later start reads
-    them back, and a flag given again replaces the saved value."""
+    them back, and a flag given again replaces the saved value.
+
+    Every link is TLS: peers and the cloud are https:// URLs, sync is mutual TLS pinned
+    to the store CA, and the API is served with a certificate signed by the store key
+    (export the CA for tills with 'storemesh store ca DIR')."""
     if token is None and not (data_dir / "node.json").exists():
         raise UserError(f"{data_dir} holds no node: create a store with 'storemesh store init' "
                         "or join one with --join TOKEN")
@@ -198,7 +227,7 @@ def node_cmd(ctx: click.Context, data_dir: Path, http_port: int, http_host: str 
     _sigterm_as_interrupt()
     _setup_logging(log_level)
     try:
-        _run_node(data_dir, given, token, node_id, join_url)
+        _run_node(data_dir, given, token, node_id, join_url, insecure_plaintext)
     except KeyboardInterrupt:
         _interrupted_before_start("node")
 
@@ -217,7 +246,7 @@ def _check_url(url: str, flag: str) -> None:
 
 
 def _run_node(data_dir: Path, given: dict[str, Any], token: str | None, node_id: str | None,
-              join_url: str | None) -> None:
+              join_url: str | None, insecure_plaintext: bool = False) -> None:
     from mesh.node import Node
     from mesh.nodeconfig import load_settings, save_settings
 
@@ -230,6 +259,13 @@ def _run_node(data_dir: Path, given: dict[str, Any], token: str | None, node_id:
     http_host: str = settings.get("http_host") or interface or "0.0.0.0"  # noqa: S104
     http_port: int = settings.get("http_port", 8700)
     peers: list[str] = settings.get("peers", [])
+    if insecure_plaintext:
+        from mesh.tls import is_loopback_host
+
+        if not is_loopback_host(http_host):
+            raise UserError(f"--insecure-plaintext serves plain HTTP, so only on a loopback "
+                            f"address: listen on 127.0.0.1 (--interface/--http-host), not "
+                            f"{http_host}")
     node: Node | None = None
     lock: DataDirLock | None = None
 
@@ -244,10 +280,11 @@ def _run_node(data_dir: Path, given: dict[str, Any], token: str | None, node_id:
         if not (data_dir / "node.json").exists():
             assert token is not None
             await _join_node(data_dir, token, join_url or (peers[0] if peers else None),
-                             interface, node_id)
+                             interface, node_id, insecure_plaintext)
         node = Node(data_dir, http_host=http_host, http_port=http_port, interface=interface,
                     peers=peers, wan_peers=settings.get("cloud_urls", []),
-                    discovery=settings.get("discovery", True))
+                    discovery=settings.get("discovery", True),
+                    insecure_plaintext=insecure_plaintext)
         try:
             await node.start()
         except Exception as exc:
@@ -273,11 +310,12 @@ def _run_node(data_dir: Path, given: dict[str, Any], token: str | None, node_id:
 
 
 async def _join_node(data_dir: Path, token: str, url: str | None, interface: str | None,
-                     node_id: str | None) -> None:
+                     node_id: str | None, insecure_plaintext: bool = False) -> None:
     from mesh.enrol import JoinRefused, UntrustedEdge, join
 
     try:
-        ident = await join(data_dir, token, url=url, interface=interface, node_id=node_id)
+        ident = await join(data_dir, token, url=url, interface=interface, node_id=node_id,
+                           insecure_plaintext=insecure_plaintext)
     except (JoinRefused, UntrustedEdge, Malformed, FileExistsError, ConnectionError,
             TimeoutError, ValueError) as exc:
         raise UserError(f"join failed: {exc}") from None
@@ -293,7 +331,9 @@ def cloud() -> None:
 @click.argument("root", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("token")
 @click.option("--url", default=None, help="Edge URL to redeem the token at (else the token's).")
-def cloud_join_cmd(root: Path, token: str, url: str | None) -> None:
+@click.option("--insecure-plaintext", is_flag=True, default=False,
+              help="Development only: join an http:// edge on 127.0.0.1.")
+def cloud_join_cmd(root: Path, token: str, url: str | None, insecure_plaintext: bool) -> None:
     """Enrol the cloud in a store with a join token made with '--role cloud'."""
     import asyncio
 
@@ -302,7 +342,8 @@ def cloud_join_cmd(root: Path, token: str, url: str | None) -> None:
     from mesh.errors import Malformed
 
     try:
-        data_dir = asyncio.run(cloud_join(root, token, url=url))
+        data_dir = asyncio.run(cloud_join(root, token, url=url,
+                                          insecure_plaintext=insecure_plaintext))
     except (JoinRefused, UntrustedEdge, Malformed, FileExistsError, ConnectionError,
             TimeoutError, ValueError) as exc:
         raise UserError(f"join failed: {exc}") from None
@@ -315,9 +356,22 @@ def cloud_join_cmd(root: Path, token: str, url: str | None) -> None:
               help="Root directory with one sub-directory per store.")
 @click.option("--http-host", default="0.0.0.0", show_default=True)  # noqa: S104
 @click.option("--http-port", default=8800, show_default=True)
+@click.option("--insecure-plaintext", is_flag=True, default=False,
+              help="Development only: plain HTTP, refused unless --http-host is loopback.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="HQ's own certificate (PEM, with its chain) for browsers "
+                                 "and tools [default: one from ROOT/hq-ca.pem, made on "
+                                 "first start].")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="The key of --tls-cert (PEM).")
 @click.option("--log-level", default="INFO", show_default=True)
-def cloud_run(root: Path, http_host: str, http_port: int, log_level: str) -> None:
-    """Serve every store under ROOT: sync, analytics, dashboard, until Ctrl-C."""
+def cloud_run(root: Path, http_host: str, http_port: int, insecure_plaintext: bool,
+              tls_cert: Path | None, tls_key: Path | None, log_level: str) -> None:
+    """Serve every store under ROOT: sync, analytics, dashboard, until Ctrl-C.
+
+    Store nodes reach their store's replica over mutual TLS pinned to their store key
+    (they name it by SNI); browsers and tools get an ECDSA certificate: --tls-cert, or
+    one signed by the HQ CA in ROOT/hq-ca.pem (trust that file in browsers)."""
     from mesh.cloud import CloudNode
 
     _sigterm_as_interrupt()
@@ -338,12 +392,108 @@ def cloud_run(root: Path, http_host: str, http_port: int, log_level: str) -> Non
     def ready() -> None:
         print(f"storemesh cloud for {len(node.nodes)} store(s) listening on {node.url}",
               flush=True)
+        if node.hq is not None and node.hq.ca_path is not None:
+            print(f"browsers and tools: trust the HQ CA {node.hq.ca_path} (certificate "
+                  f"{node.hq.cert_path})", flush=True)
 
-    node = CloudNode(root, http_host=http_host, http_port=http_port)
+    from mesh.tls import is_loopback_host
+
+    if insecure_plaintext and not is_loopback_host(http_host):
+        raise UserError(f"--insecure-plaintext serves plain HTTP, so only on a loopback "
+                        f"address (--http-host 127.0.0.1), not {http_host}")
+    if (tls_cert is None) != (tls_key is None):
+        raise UserError("give --tls-cert and --tls-key together (or neither: the cloud "
+                        "makes a certificate from its HQ CA)")
+    node = CloudNode(root, http_host=http_host, http_port=http_port,
+                     insecure_plaintext=insecure_plaintext, tls_cert=tls_cert,
+                     tls_key=tls_key)
     try:
         asyncio.run(_serve("cloud", start, node.close, ready))
     except KeyboardInterrupt:
         _interrupted_before_start("cloud")
+
+
+@main.group()
+def hq() -> None:
+    """HQ accounts of the cloud: who may log in to the dashboard and the fleet API."""
+
+
+_HQ_ROOT = click.Path(file_okay=False, path_type=Path)
+
+
+def _read_password(password_file: Path | None, prompt: str = "password") -> str:
+    if password_file is not None:
+        return password_file.read_text().rstrip("\n")
+    return str(click.prompt(prompt, hide_input=True, confirmation_prompt=True))
+
+
+@hq.command("add")
+@click.argument("root", type=_HQ_ROOT)
+@click.argument("name")
+@click.option("--role", type=click.Choice(["viewer", "admin"]), default="viewer",
+              show_default=True, help="viewer: the dashboard and fleet API (read only); "
+                                      "admin: the same (room for HQ writes to come).")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Read the password from this file (else a hidden prompt).")
+def hq_add(root: Path, name: str, role: str, password_file: Path | None) -> None:
+    """Create HQ account NAME on the cloud whose data root is ROOT."""
+    from mesh.hq import add_user
+
+    password = _read_password(password_file)
+    _auth_call(lambda: add_user(root, name, password, role=role))
+    console.print(f"HQ account [bold]{name}[/] ({role}) added; a running cloud lets it log "
+                  "in within a second")
+
+
+@hq.command("list")
+@click.argument("root", type=_HQ_ROOT)
+def hq_list(root: Path) -> None:
+    """List the HQ accounts (never their passwords or verifiers)."""
+    from mesh.hq import list_users
+
+    rows = _auth_call(lambda: list_users(root))
+    t = Table(title=f"HQ accounts of {root}")
+    for col in ("account", "role", "state"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["role"], "disabled" if r["disabled"] else "active")
+    console.print(t)
+
+
+@hq.command("disable")
+@click.argument("root", type=_HQ_ROOT)
+@click.argument("name")
+def hq_disable(root: Path, name: str) -> None:
+    """Disable NAME: its sessions end and it cannot log in (``enable`` undoes it)."""
+    from mesh.hq import update_user
+
+    _auth_call(lambda: update_user(root, name, disabled=True))
+    console.print(f"HQ account {name} disabled; its sessions end within a second")
+
+
+@hq.command("enable")
+@click.argument("root", type=_HQ_ROOT)
+@click.argument("name")
+def hq_enable(root: Path, name: str) -> None:
+    """Enable NAME again."""
+    from mesh.hq import update_user
+
+    _auth_call(lambda: update_user(root, name, disabled=False))
+    console.print(f"HQ account {name} enabled")
+
+
+@hq.command("set-password")
+@click.argument("root", type=_HQ_ROOT)
+@click.argument("name")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Read the password from this file (else a hidden prompt).")
+def hq_set_password(root: Path, name: str, password_file: Path | None) -> None:
+    """Give NAME a new password (ends its sessions and any lockout)."""
+    from mesh.hq import update_user
+
+    password = _read_password(password_file, "new password")
+    _auth_call(lambda: update_user(root, name, password=password))
+    console.print(f"HQ account {name} has a new password; its old sessions end")
 
 
 @main.group()
@@ -408,6 +558,196 @@ def token_revoke(data_dir: Path, which: str) -> None:
     console.print("token revoked")
 
 
+# --- API devices and staff -------------------------------------------------------------
+
+_DATA_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+def _auth_call(fn: Callable[[], Any]) -> Any:
+    from mesh.errors import CommandError
+
+    try:
+        return fn()
+    except CommandError as exc:
+        raise UserError(exc.message) from None
+    except (FileNotFoundError, KeyPermissionError, Malformed, OSError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def _when(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ms / 1000))
+
+
+@main.group()
+def device() -> None:
+    """API credentials for tills, the online channel and integrations."""
+
+
+@device.command("issue")
+@click.argument("data_dir", type=_DATA_DIR)
+@click.argument("device_id")
+@click.option("--role", type=click.Choice(["pos", "online", "hq", "service", "read"]),
+              default="pos", show_default=True,
+              help="pos: a till (writes need a staff login); online/hq: one channel's "
+                   "reservations; service: a back-office integration; read: reads only.")
+@click.option("--allow", "allow", default=None,
+              help="Comma-separated commands, narrower than the role's (e.g. 'sale,read').")
+@click.option("--node", "nodes", multiple=True,
+              help="Node id it may use (repeat; default: every node of the store).")
+@click.option("--channel", default=None, help="Channel of an online/hq device (web, hq).")
+@click.option("--days", default=365, show_default=True, help="Days until it expires.")
+def device_issue(data_dir: Path, device_id: str, role: str, allow: str | None,
+                 nodes: tuple[str, ...], channel: str | None, days: int) -> None:
+    """Issue a credential for DEVICE_ID from the edge in DATA_DIR; prints it once."""
+    from mesh.authdir import issue_device_credential
+
+    commands = None if allow is None else frozenset(
+        c.strip() for c in allow.split(",") if c.strip())
+    text = _auth_call(lambda: issue_device_credential(
+        data_dir, device_id=device_id, role=role, now_ms=_now_ms(),
+        ttl_ms=days * 86_400_000, commands=commands,
+        nodes=frozenset(nodes) if nodes else None, channel=channel))
+    click.echo(text)
+
+
+@device.command("list")
+@click.argument("data_dir", type=_DATA_DIR)
+def device_list(data_dir: Path) -> None:
+    """List the credentials issued from DATA_DIR (never their text)."""
+    from mesh.authdir import list_devices
+
+    rows = _auth_call(lambda: list_devices(data_dir))
+    t = Table(title=f"API devices of {data_dir}")
+    for col in ("device", "role", "commands", "nodes", "state", "expires (UTC)"):
+        t.add_column(col)
+    now = _now_ms()
+    for r in rows:
+        state = "revoked" if r["revoked"] else ("expired" if now > r["not_after"] else "valid")
+        t.add_row(r["device_id"], r["role"], ",".join(r["commands"]),
+                  "all" if r["nodes"] is None else ",".join(r["nodes"]), state,
+                  _when(r["not_after"]))
+    console.print(t)
+
+
+@device.command("revoke")
+@click.argument("data_dir", type=_DATA_DIR)
+@click.argument("device_id")
+@click.option("--reason", default="revoked by the store owner", show_default=True,
+              help="Why (kept on this edge, in revocations.json).")
+@click.option("--url", default="https://127.0.0.1:8700", show_default=True,
+              help="The running node of DATA_DIR, which passes the revocation on.")
+def device_revoke(data_dir: Path, device_id: str, reason: str, url: str) -> None:
+    """Revoke DEVICE_ID on every node: the store's next revocation list names it, and
+    sync carries that list to every node and the cloud."""
+    import asyncio
+
+    from mesh.authdir import revoke_device
+    from mesh.revoke import deliver
+
+    crl, new = _auth_call(lambda: revoke_device(data_dir, device_id, now_ms=_now_ms(),
+                                                reason=reason))
+    what = "revoked" if new else "was already revoked"
+    try:
+        ident = load_identity(data_dir)
+        asyncio.run(deliver(url, crl, ssl_context=_own_ca_ssl(ident, url)))
+    except (ConnectionError, ValueError) as exc:
+        console.print(f"device [bold]{device_id}[/] {what} (revocation list v{crl.version}, "
+                      f"saved in {data_dir}); not delivered to {url} ({exc}): a running "
+                      f"node of {data_dir} picks it up within a second by itself")
+        return
+    console.print(f"device [bold]{device_id}[/] {what} (revocation list v{crl.version}); "
+                  f"the node at {url} refuses it now and passes the list to every node")
+
+
+def _read_pin(pin_file: Path | None, prompt: str = "PIN") -> str:
+    if pin_file is not None:
+        return pin_file.read_text().strip()
+    return str(click.prompt(prompt, hide_input=True, confirmation_prompt=True))
+
+
+@main.group()
+def staff() -> None:
+    """The staff roster: who may log in at a till, with which role."""
+
+
+@staff.command("add")
+@click.argument("data_dir", type=_DATA_DIR)
+@click.argument("staff_id")
+@click.option("--name", required=True, help="Display name.")
+@click.option("--role", type=click.Choice(["cashier", "supervisor", "manager"]),
+              default="cashier", show_default=True)
+@click.option("--pin-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Read the PIN from this file (else a hidden prompt).")
+@click.option("--valid-days", type=int, default=None,
+              help="Days a till may go without hearing from the edge before the roster "
+                   "expires there (default 7).")
+def staff_add(data_dir: Path, staff_id: str, name: str, role: str, pin_file: Path | None,
+              valid_days: int | None) -> None:
+    """Add STAFF_ID to the roster of the store whose edge is DATA_DIR."""
+    from mesh.authdir import add_staff
+
+    pin = _read_pin(pin_file)
+    roster = _auth_call(lambda: add_staff(
+        data_dir, staff_id=staff_id, name=name, role=role, pin=pin, now_ms=_now_ms(),
+        validity_ms=None if valid_days is None else valid_days * 86_400_000))
+    console.print(f"staff {staff_id} added (roster v{roster.version})")
+
+
+@staff.command("list")
+@click.argument("data_dir", type=_DATA_DIR)
+def staff_list(data_dir: Path) -> None:
+    """List the roster (never PINs or their verifiers)."""
+    from mesh.authdir import list_staff
+
+    roster, rows = _auth_call(lambda: list_staff(data_dir))
+    title = "no roster yet" if roster is None else (
+        f"roster v{roster.version}, valid until {_when(roster.not_after)} UTC")
+    t = Table(title=title)
+    for col in ("staff", "name", "role", "state"):
+        t.add_column(col)
+    for e in rows:
+        t.add_row(e.staff_id, e.name, e.role, "disabled" if e.disabled else "active")
+    console.print(t)
+
+
+@staff.command("disable")
+@click.argument("data_dir", type=_DATA_DIR)
+@click.argument("staff_id")
+def staff_disable(data_dir: Path, staff_id: str) -> None:
+    """Disable STAFF_ID on every node (their sessions stop working too)."""
+    from mesh.authdir import update_staff
+
+    roster = _auth_call(lambda: update_staff(data_dir, staff_id, now_ms=_now_ms(),
+                                             disabled=True))
+    console.print(f"staff {staff_id} disabled (roster v{roster.version})")
+
+
+@staff.command("set-role")
+@click.argument("data_dir", type=_DATA_DIR)
+@click.argument("staff_id")
+@click.argument("role", type=click.Choice(["cashier", "supervisor", "manager"]))
+def staff_set_role(data_dir: Path, staff_id: str, role: str) -> None:
+    """Give STAFF_ID another role."""
+    from mesh.authdir import update_staff
+
+    roster = _auth_call(lambda: update_staff(data_dir, staff_id, now_ms=_now_ms(), role=role))
+    console.print(f"staff {staff_id} is now a {role} (roster v{roster.version})")
+
+
+@staff.command("set-pin")
+@click.argument("data_dir", type=_DATA_DIR)
+@click.argument("staff_id")
+@click.option("--pin-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Read the PIN from this file (else a hidden prompt).")
+def staff_set_pin(data_dir: Path, staff_id: str, pin_file: Path | None) -> None:
+    """Give STAFF_ID a new PIN (also ends a lockout)."""
+    from mesh.authdir import update_staff
+
+    pin = _read_pin(pin_file, "new PIN")
+    roster = _auth_call(lambda: update_staff(data_dir, staff_id, now_ms=_now_ms(), pin=pin))
+    console.print(f"staff {staff_id} has a new PIN (roster v{roster.version})")
+
+
 # --- enrolled nodes ------------------------------------------------------------------------
 
 
@@ -462,7 +802,7 @@ def nodes_list(data_dir: Path, as_json: bool) -> None:
 @click.argument("node_id")
 @click.option("--reason", default="revoked by the store owner", show_default=True,
               help="Why (kept on this edge, shown by 'nodes list').")
-@click.option("--url", default="http://127.0.0.1:8700", show_default=True,
+@click.option("--url", default="https://127.0.0.1:8700", show_default=True,
               help="The running node of DATA_DIR, which passes the revocation on.")
 @click.option("--force", is_flag=True,
               help="Revoke a node id DATA_DIR holds no certificate for.")
@@ -482,12 +822,12 @@ def nodes_revoke(data_dir: Path, node_id: str, reason: str, url: str, force: boo
         raise UserError(str(exc)) from None
     what = "revoked" if new else "was already revoked"
     try:
-        held = asyncio.run(deliver(url, crl))
+        held = asyncio.run(deliver(url, crl, ssl_context=_own_ca_ssl(ident, url)))
     except (ConnectionError, ValueError) as exc:
         console.print(f"node [bold]{node_id}[/] {what} (revocation list v{crl.version}, saved "
                       f"in {data_dir}); [yellow]not delivered[/]: {exc}\nThe node of "
                       f"{data_dir} adopts it when it starts; if it is running elsewhere, run "
-                      "this again with --url http://HOST:PORT.")
+                      "this again with --url https://HOST:PORT.")
         raise SystemExit(1) from None
     console.print(f"node [bold]{node_id}[/] {what} (revocation list v{crl.version}); the node "
                   f"at {url} holds v{held}, has ended its sessions with {node_id} and passes "
@@ -496,7 +836,10 @@ def nodes_revoke(data_dir: Path, node_id: str, reason: str, url: str, force: boo
 
 @main.command("status")
 @click.argument("url")
-def status_cmd(url: str) -> None:
+@click.option("--ca", "ca", type=click.Path(exists=True, path_type=Path), default=None,
+              help="The CA to pin for an https:// URL: a PEM file ('storemesh store ca'), "
+                   "a node's data directory, or (for the cloud) its ROOT (hq-ca.pem).")
+def status_cmd(url: str, ca: Path | None) -> None:
     """Show a running node's health, peers with their sync lag, and stock."""
     import urllib.error
     import urllib.request
@@ -504,11 +847,13 @@ def status_cmd(url: str) -> None:
     import orjson
 
     if not url.startswith(("http://", "https://")):
-        raise UserError(f"{url!r} is not a URL: give http://HOST:PORT (a node) or "
-                        "http://HOST:PORT/stores/STORE (a store at the cloud)")
+        raise UserError(f"{url!r} is not a URL: give https://HOST:PORT (a node) or "
+                        "https://HOST:PORT/stores/STORE (a store at the cloud)")
+    ctx = _api_ssl(url, ca)
 
     def get(path: str) -> Any:
-        with urllib.request.urlopen(url.rstrip("/") + path, timeout=5) as resp:  # noqa: S310
+        with urllib.request.urlopen(url.rstrip("/") + path, timeout=5,  # noqa: S310
+                                    context=ctx) as resp:
             return orjson.loads(resp.read())
 
     try:
@@ -550,6 +895,41 @@ def status_cmd(url: str) -> None:
         console.print(t)
 
 
+def _api_ssl(url: str, ca: Path | None) -> Any:
+    """The TLS context a CLI client uses for ``url``: pinned to the store CA only."""
+    from mesh.hqtls import CA_FILE as HQ_CA_FILE
+    from mesh.tls import CA_FILE, api_client_context
+
+    if not url.startswith("https://"):
+        if ca is not None:
+            raise UserError(f"--ca is for https:// URLs; {url} is plain HTTP")
+        return None
+    if ca is None:
+        raise UserError(f"{url} is TLS: pin the store CA with --ca FILE (from 'storemesh "
+                        "store ca DIR') or --ca DATA_DIR")
+    path = ca
+    if ca.is_dir():  # a node's data directory, or a cloud's root (its HQ CA)
+        path = ca / CA_FILE if (ca / CA_FILE).exists() else ca / HQ_CA_FILE
+    try:
+        return api_client_context(path.read_bytes())
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise UserError(f"--ca {ca}: not a readable store CA certificate ({exc})") from None
+
+
+def _own_ca_ssl(ident: Any, url: str) -> Any:
+    """The TLS context for talking to ``ident``'s own running node at ``url``: pinned to
+    its store CA (None for an http:// URL: a node run with --insecure-plaintext)."""
+    from mesh.datadir import ensure_tls
+    from mesh.tls import api_client_context
+
+    if not url.startswith("https://"):
+        return None
+    try:
+        return api_client_context(ensure_tls(ident, now_ms=_now_ms()).ca_pem)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"no store CA to pin for {url}: {exc}") from None
+
+
 def _not_a_node(url: str, code: int, get: Callable[[str], Any]) -> str:
     """What to tell a user whose ``status URL`` answered ``code`` for /v1/health: a
     cloud's root URL lists its stores (``/v1/stores``), so name their URLs."""
@@ -562,7 +942,7 @@ def _not_a_node(url: str, code: int, get: Callable[[str], Any]) -> str:
         if isinstance(exc, urllib.error.HTTPError):
             exc.close()
         return (f"{url} answered {code} for /v1/health: it is not a storemesh node (give "
-                "http://HOST:PORT of a node, or http://HOST:PORT/stores/STORE at the cloud)")
+                "https://HOST:PORT of a node, or https://HOST:PORT/stores/STORE at the cloud)")
     base = url.rstrip("/")
     if not stores:
         return f"{url} is a storemesh cloud that serves no store yet ('storemesh cloud join')"
@@ -589,8 +969,8 @@ def demo_cmd(base: Path, duration: float | None) -> None:
                 pass
         except DataDirInUse as exc:
             raise UserError(f"{exc}; the demo wipes {base} first") from None
-    tokens = prepare(base)
-    raise SystemExit(asyncio.run(run_demo(base, tokens, duration)))
+    creds = prepare(base)
+    raise SystemExit(asyncio.run(run_demo(base, creds, duration)))
 
 
 # --- ledger -----------------------------------------------------------------------------
@@ -724,11 +1104,15 @@ def _parse_when(text: str, now_ms: int, what: str) -> int:
 
 
 def _entry(env: Any) -> dict[str, Any]:
+    from mesh.auth import who
+
     m = env.meta
     at = env.hlc >> 16
+    w = who(m)  # the device and staff the gate authenticated (mesh.gate)
     return {"origin": env.origin, "seq": env.seq, "time_ms": at, "time": _utc(at),
             "kind": m.get("kind"), "sku": m.get("sku"), "qty": m.get("qty"),
-            "txn": m.get("txn"), "staff": m.get("staff"), "reason": m.get("reason")}
+            "txn": w["txn_id"], "device": w["device_id"], "staff": w["staff_id"],
+            "approved_by": w["approved_by"], "reason": m.get("reason")}
 
 
 @ledger.command("show")
@@ -791,12 +1175,16 @@ def ledger_show(data_dir: Path, limit: int, sku: str | None, origin: str | None,
     width = max([len("origin"), *(len(e["origin"]) for e in rows)])
     # full node ids, never cut: two registers may differ only in their last characters
     table.add_column("origin", no_wrap=True, min_width=width)
-    for col in ("seq", "time (UTC)", "kind", "sku", "qty", "txn", "staff", "reason"):
+    for col in ("seq", "time (UTC)", "kind", "sku", "qty", "txn", "device", "staff",
+                "reason"):
         table.add_column(col)
     for e in rows:
+        staff = str(e["staff"] or "")
+        if e["approved_by"]:
+            staff += f" (approved by {e['approved_by']})"
         table.add_row(e["origin"], str(e["seq"]), e["time"], str(e["kind"]),
                       str(e["sku"] or ""), "" if e["qty"] is None else str(e["qty"]),
-                      str(e["txn"]), str(e["staff"] or ""), str(e["reason"] or ""))
+                      str(e["txn"]), str(e["device"] or ""), staff, str(e["reason"] or ""))
     console.print(table)
     if scanned >= SHOW_MAX_SCAN and len(rows) < limit:
         console.print(f"(looked at the newest {scanned} envelopes only)")

@@ -5,8 +5,9 @@
 ``s``'s node is mounted at ``/stores/s/``: its sync endpoint is
 ``/stores/s/v1/sync`` (store edge nodes dial out to it with ``--cloud URL``, so no
 inbound access to store LANs is needed), and its full node API (reservations for
-buy-online-pick-up-in-store, catalog, stock) is under ``/stores/s/v1/...``. Fleet-wide
-views (analytics, dashboard) are served at the root.
+buy-online-pick-up-in-store, catalog, stock) is under ``/stores/s/v1/...``, behind that
+store's device credentials (``mesh.gate``). Fleet-wide views (analytics, dashboard,
+``/v1/stores``) are served at the root, behind the HQ login (``mesh.hq``).
 
 Invariants:
  1. Every store's replica is independent: its own key, certificate, trust store,
@@ -15,12 +16,22 @@ Invariants:
  2. The cloud verifies every envelope like every other node and originates only what
     its role allows (reservations, catalog, releases).
  3. Every session of the cloud is a WAN session: compressed and batched.
+ 4. One TLS listener serves every store: a store's node names its store in the TLS
+    server name (``mesh.tls.sni_name``) and the cloud answers with that store's
+    certificate (signed by that store's key); a client certificate must chain to one
+    of the hosted stores' CAs, and the sync handshake then checks it is enrolled in the
+    store of the path it asked for (``mesh.transport`` invariant 7), so one store's
+    CA can never open a session with another store's replica. Any other client (no
+    server name, or a host name: browsers, curl, the CLI) gets the HQ certificate
+    (``mesh.hqtls``: ECDSA P-256, which browsers accept), so the dashboard opens in a
+    browser; the HQ CA signs nothing a store node trusts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,8 +39,11 @@ from typing import Any
 from aiohttp import web
 
 from mesh.enrol import join, parse_token
+from mesh.hq import setup_hq
+from mesh.hqtls import HqTls, ensure_hq_tls, hq_hosts, hq_server_context
 from mesh.httpfaults import CLIENT_FAULTS, ClientFaults, ServerLog
 from mesh.node import Node
+from mesh.tls import TlsSite, is_loopback_host, server_context, sni_name
 
 __all__ = ["CloudNode", "cloud_join"]
 
@@ -37,25 +51,42 @@ log = logging.getLogger(__name__)
 
 
 async def cloud_join(root: Path, token: str, *, url: str | None,
-                     node_id: str | None = None) -> Path:
+                     node_id: str | None = None, insecure_plaintext: bool = False) -> Path:
     """Enrol the cloud in one more store with a join token (role ``cloud``): creates
     ``ROOT/<store id>/``. Returns that directory."""
     parsed = parse_token(token)
     if parsed.role != "cloud":
         raise ValueError(f"this token enrols a {parsed.role}; ask for one with --role cloud")
     data_dir = root / parsed.store_id
-    await join(data_dir, token, url=url, node_id=node_id or f"cloud-{parsed.store_id}")
+    await join(data_dir, token, url=url, node_id=node_id or f"cloud-{parsed.store_id}",
+               insecure_plaintext=insecure_plaintext)
     return data_dir
 
 
 class CloudNode:
     """Many store replicas in one process, behind one HTTP server."""
 
-    def __init__(self, root: Path, *, http_host: str = "127.0.0.1", http_port: int = 0) -> None:
+    def __init__(self, root: Path, *, http_host: str = "127.0.0.1", http_port: int = 0,
+                 insecure_plaintext: bool = False, tls_cert: Path | None = None,
+                 tls_key: Path | None = None) -> None:
+        """``tls_cert``/``tls_key``: HQ's own certificate (PEM, with its chain) for
+        browsers and tools; without them the cloud makes one from its HQ CA in ROOT
+        (``mesh.hqtls``)."""
+        if insecure_plaintext and not is_loopback_host(http_host):
+            raise ValueError(f"insecure_plaintext serves plain HTTP: only on a loopback "
+                             f"address, not {http_host}")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("give both the HQ certificate and its key, or neither")
+        self.insecure_plaintext = insecure_plaintext
+        #: The certificate browsers and tools see (set by ``start``).
+        self.hq: HqTls | None = None if tls_cert is None or tls_key is None else \
+            HqTls(Path(tls_cert), Path(tls_key), None)
         self.root = Path(root)
         self.http_host = http_host
         self.http_port = http_port
         self.nodes: dict[str, Node] = {}
+        #: TLS handshakes refused by the shared listener, by reason (``mesh.tls``).
+        self.tls_refused: dict[str, int] = {}
         self._opened: list[Node] = []
         self.app = web.Application()
         self.url = ""
@@ -75,7 +106,8 @@ class CloudNode:
             raise FileNotFoundError(
                 f"{self.root} holds no store: enrol the cloud with 'storemesh cloud join'")
         for data_dir in dirs:
-            node = Node(data_dir, serve=False, discovery=False, wan=True)
+            node = Node(data_dir, serve=False, discovery=False, wan=True,
+                        insecure_plaintext=self.insecure_plaintext)
             self._opened.append(node)  # closed by close() even if its start is cut short
             await node.start()
             if node.identity.role != "cloud":
@@ -83,20 +115,56 @@ class CloudNode:
             self.nodes[node.identity.store_id] = node
             self.app.add_subapp(f"/stores/{node.identity.store_id}/", node.app)
         self.app.router.add_get("/v1/stores", self._stores)
+        setup_hq(self.app, self.root)  # HQ login in front of the fleet views (mesh.hq)
         for hook in self.setup_hooks:
             hook(self)
         faults = self.app[CLIENT_FAULTS] = ClientFaults()  # for requests outside a store
         self._runner = web.AppRunner(self.app, access_log=None, logger=ServerLog(faults))
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.http_host, self.http_port)
+        site: web.BaseSite
+        if self.insecure_plaintext:
+            site = web.TCPSite(self._runner, self.http_host, self.http_port)
+        else:
+            if self.hq is None:
+                self.hq = await asyncio.to_thread(ensure_hq_tls, self.root,
+                                                  hq_hosts(self.http_host),
+                                                  now_ms=next(iter(self.nodes.values())).now_ms())
+            site = TlsSite(self._runner, self.http_host, self.http_port, self._tls_context(),
+                           self._tls_refused)
         await site.start()
         server = site._server
         assert server is not None
         self.http_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-        self.url = f"http://{self.http_host}:{self.http_port}"
+        scheme = "http" if self.insecure_plaintext else "https"
+        self.url = f"{scheme}://{self.http_host}:{self.http_port}"
         for store_id, node in self.nodes.items():
             node.url = f"{self.url}/stores/{store_id}"
         log.info("cloud peer for %d store(s) listening on %s", len(self.nodes), self.url)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """Invariant 4: one context per store, chosen by the TLS server name; the HQ
+        context for every other name (and none)."""
+        assert self.hq is not None
+        hq = hq_server_context(self.hq)
+        by_name: dict[str, ssl.SSLContext] = {}
+        for store_id, node in sorted(self.nodes.items()):
+            assert node.tls is not None
+            by_name[sni_name(store_id)] = server_context(node.tls)
+            # OpenSSL keeps the first context's verify settings when the SNI callback
+            # switches: the HQ context asks for a client certificate (optional) and
+            # verifies one of any hosted store's CA; the sync handshake checks the rest.
+            hq.load_verify_locations(cadata=node.tls.ca_pem.decode("ascii"))
+
+        def pick(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+            chosen = by_name.get(name or "")
+            if chosen is not None:
+                sslobj.context = chosen
+        hq.sni_callback = pick
+        return hq
+
+    def _tls_refused(self, reason: str) -> None:
+        """A TLS handshake failed before any store was chosen: counted fleet-wide."""
+        self.tls_refused[reason] = self.tls_refused.get(reason, 0) + 1
 
     async def close(self) -> None:
         """Close every store node opened (all of them, or those a cancelled or failed

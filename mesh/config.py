@@ -177,6 +177,60 @@ MAX_WAN_ORIGINS: Final = MAX_ORIGINS
 #: certificate arrives; a handful covers the registers that join at one time.
 MAX_WAN_STRAY_ORIGINS: Final = 64
 
+# --- API credentials and staff (mesh.auth) ------------------------------------------
+#: Longest a device credential may be issued for: a year, like a node certificate; a
+#: stolen register's credential is cut off by revocation, not by waiting.
+MAX_DEVICE_TTL_MS: Final = 366 * 24 * 3600 * 1000
+#: Device credentials whose signature check is remembered per node: a store has tens of
+#: tills and integrations; the bound stops a flood of forged tokens from growing memory.
+DEVICE_CACHE_MAX: Final = 4096
+#: Largest device credential text accepted in an Authorization header (~300 B normal).
+MAX_TOKEN_LEN: Final = 2048
+#: Most staff in one roster: a big store has a few hundred; each entry is ~250 B, so a
+#: full roster (~250 KB) still fits one sync message (MAX_MESSAGE_BYTES).
+MAX_STAFF: Final = 1000
+#: How long a roster stays valid with no newer one from the edge (the "time offline"
+#: after which tills stop accepting PINs). The edge re-signs it at half this age.
+ROSTER_VALIDITY_MS: Final = 7 * 24 * 3600 * 1000
+#: How often the edge looks at auth.json (CLI changes) and at the roster's age.
+AUTH_RELOAD_S: Final = 1.0
+#: scrypt cost of a PIN verifier (n=2**14, r=8, p=1: ~16 MB, ~50 ms here): slow enough
+#: that a stolen roster costs an attacker ~50 ms per guessed PIN per staff member.
+PIN_SCRYPT_N: Final = 1 << 14
+#: Consecutive wrong PINs before a staff member is locked out on a node (NIST 800-63B
+#: 5.2.2: at most 100). A 4-digit PIN has 10k values: 10 tries is a 0.1% guess chance.
+PIN_MAX_FAILURES: Final = 10
+#: Free wrong PINs before delays start, then the delay doubles from PIN_DELAY_MS up to
+#: PIN_DELAY_MAX_MS (typos are free; guessing is slow).
+PIN_FREE_FAILURES: Final = 3
+PIN_DELAY_MS: Final = 1000
+PIN_DELAY_MAX_MS: Final = 60_000
+#: A staff session (a login at a till) lasts one long shift.
+STAFF_SESSION_MS: Final = 12 * 3600 * 1000
+#: A cashier's return of more units than this needs a supervisor's approval.
+RETURN_APPROVAL_QTY: Final = 5
+#: Refused requests tolerated per source address before it is throttled: a burst of
+#: AUTH_BURST, refilled at AUTH_REFILL_PER_S. A till with a bad clock or an expired
+#: token fails a few times a second at most.
+AUTH_BURST: Final = 20
+AUTH_REFILL_PER_S: Final = 5.0
+#: Source addresses whose refusals are tracked (least recently refused evicted first):
+#: a LAN has a few hundred hosts; 4096 entries cost ~400 KB.
+AUTH_SOURCES_MAX: Final = 4096
+
+# --- HQ login at the cloud (mesh.hq) ----------------------------------------------------
+#: Shortest HQ password: HQ accounts see every store, and unlike a PIN a password can be
+#: guessed offline from a stolen hq_users.json (scrypt slows that, length stops it).
+HQ_PASSWORD_MIN: Final = 12
+#: Most HQ accounts, and most live HQ sessions (the oldest is evicted): a head office
+#: has tens of people; the bounds stop a flood of logins from growing memory.
+HQ_USERS_MAX: Final = 1000
+HQ_SESSIONS_MAX: Final = 1000
+#: An HQ session ends after 30 minutes without a request (the dashboard polls every
+#: 1.5 s, so an open page keeps it) and 12 hours after login at the latest.
+HQ_IDLE_S: Final = 30 * 60
+HQ_SESSION_S: Final = 12 * 3600
+
 # --- sensors, reconciliation, telemetry (issue 14: mesh.sensors, mesh.reconcile,
 # mesh.reviews, mesh.telemetry, mesh.sensor_routes) ------------------------------------
 #: Most readings in one POST /v1/sensors/readings. A store's scales and readers report

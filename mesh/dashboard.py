@@ -31,6 +31,7 @@ _FILES: Final = {
     "dashboard.js": ("dashboard.js", "text/javascript"),
     "dashboard.css": ("dashboard.css", "text/css"),
 }
+#: (``/login`` is served by ``mesh.hq``, from mesh/static/login.html.)
 #: A strict policy: the page needs nothing beyond its own origin (no CDN, no inline
 #: script), so an injected SKU name could not run script even if it were rendered as HTML.
 _CSP: Final = ("default-src 'none'; script-src 'self'; style-src 'self'; "

@@ -8,6 +8,8 @@ Layout::
     DIR/ledger.sqlite   the durable ledger (mesh.ledger)
     DIR/config.json     how ``storemesh node`` runs here (peers, cloud, ports): ``NodeConfig``
     DIR/node.lock       held (flock) by the one process that runs this node: ``DataDirLock``
+    DIR/tls-ca.pem, DIR/tls-node.pem, DIR/tls-node.key (0600)
+                        the store CA and this node's TLS certificate and key (``mesh.tls``)
     DIR/revocations.json  the store's signed revocation list, on the edge that revokes
                         (mesh.revoke); applied on load
 
@@ -31,7 +33,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import orjson
 
@@ -39,8 +41,12 @@ from mesh import config
 from mesh.errors import EnvelopeError
 from mesh.identity import Certificate, NodeKey, TrustStore, issue_certificate
 
+if TYPE_CHECKING:  # mesh.tls (aiohttp, x509) is imported where used: load_identity needs none
+    from mesh.tls import TlsFiles
+
 __all__ = ["DEFAULT_VALIDITY_MS", "DataDirInUse", "DataDirLock", "NodeIdentity", "check_id",
-           "enrol_node", "init_store", "load_identity", "lock_data_dir", "write_atomic"]
+           "enrol_node", "ensure_tls", "init_store", "issue_tls", "load_identity",
+           "lock_data_dir", "write_atomic"]
 
 #: Store ids and node ids: they become directory names (the cloud keeps one per store),
 #: URL path segments (``/stores/STORE``) and mDNS labels, so no spaces, slashes or dots
@@ -231,8 +237,38 @@ def enrol_node(
     trust.add_certificate(cert)
     ident = NodeIdentity(data_dir, node_id, store_id, role, key, cert, trust,
                          store_key if keep_store_key else None)
+    issue_tls(ident, store_key, now_ms=now_ms)
     ident.save()
     return ident
+
+
+def issue_tls(ident: NodeIdentity, store_key: NodeKey, *, now_ms: int) -> TlsFiles:
+    """Write ``ident``'s TLS files: the store CA and a certificate for its node key, both
+    signed by ``store_key``, valid as long as its storemesh certificate."""
+    from mesh.tls import issue_ca, issue_node_cert, write_tls_files
+
+    ca = issue_ca(store_key, ident.store_id, now_ms=now_ms)
+    cert = issue_node_cert(store_key, store_id=ident.store_id, node_id=ident.node_id,
+                           public_key=ident.key.public_key,
+                           not_after_ms=ident.certificate.not_after, now_ms=now_ms)
+    return write_tls_files(ident.data_dir, ident.key, ca, cert)
+
+
+def ensure_tls(ident: NodeIdentity, *, now_ms: int) -> TlsFiles:
+    """This node's TLS files, checked; a node holding the store key (the edge made by
+    ``store init``) issues them for itself if they are missing or stale. Raises
+    ``FileNotFoundError`` / ``ValueError`` with what to do."""
+    from mesh.tls import load_tls_files
+
+    try:
+        return load_tls_files(ident.data_dir, ident.key, store_id=ident.store_id,
+                              node_id=ident.node_id,
+                              store_public_key=ident.trust.store_public_key)
+    except (FileNotFoundError, ValueError):
+        if ident.store_key is None or ident.store_key.public_key != \
+                ident.trust.store_public_key:
+            raise
+        return issue_tls(ident, ident.store_key, now_ms=now_ms)
 
 
 def load_identity(data_dir: Path) -> NodeIdentity:

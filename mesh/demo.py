@@ -5,6 +5,13 @@ registers join with one-time tokens and find the edge and each other with zeroco
 (mDNS bound to loopback). Then it runs a short sales workload with a buy-online-pick-up
 order and a last-unit race, shows that every node converged to the same stock and the
 same oversell exceptions, and tells you which URLs to open.
+
+Nothing writes without a credential, as in a real store: ``prepare`` issues a device
+credential per till (each one bound to its register), one for the back office at the
+edge, one for the web shop and one for a read-only screen, puts a manager and three
+cashiers on the staff roster (with PINs) and makes an HQ account for the dashboard
+(``mesh.authdir``, ``mesh.hq``: what ``storemesh device issue``, ``staff add`` and
+``hq add`` do). Each till logs its cashier in with a PIN before selling.
 """
 
 from __future__ import annotations
@@ -12,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +33,12 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
+from mesh import authdir
 from mesh.datadir import init_store
 from mesh.enrol import create_token
+from mesh.hq import add_user
+from mesh.hqtls import CA_FILE as HQ_CA_FILE
+from mesh.tls import api_client_context
 
 __all__ = ["run_demo"]
 
@@ -74,8 +87,8 @@ class _Proc:
 
 
 async def _post(http: aiohttp.ClientSession, url: str, path: str,
-                body: dict[str, Any]) -> dict[str, Any]:
-    async with http.post(url + path, json=body) as resp:
+                body: dict[str, Any], who: dict[str, str]) -> dict[str, Any]:
+    async with http.post(url + path, json=body, headers=who) as resp:
         data: dict[str, Any] = await resp.json()
         if resp.status >= 400:
             raise RuntimeError(f"{path} -> {resp.status} {data}")
@@ -102,6 +115,18 @@ async def _wait_mesh(http: aiohttp.ClientSession, urls: dict[str, str], limit_s:
     raise RuntimeError(f"the mesh did not form within {limit_s} s (peers up: {ups})")
 
 
+async def _wait_roster(http: aiohttp.ClientSession, urls: dict[str, str], version: int,
+                       limit_s: float) -> None:
+    """Until every node holds the staff roster (sync carries it from the edge)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit_s:
+        held = [(await _get(http, u, "/v1/health"))["roster_version"] for u in urls.values()]
+        if all(v >= version for v in held):
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"the staff roster did not reach every node within {limit_s} s")
+
+
 async def _converged(http: aiohttp.ClientSession, urls: dict[str, str],
                      limit_s: float) -> tuple[float, dict[str, Any]]:
     t0 = time.perf_counter()
@@ -123,8 +148,17 @@ async def _converged(http: aiohttp.ClientSession, urls: dict[str, str],
         await asyncio.sleep(0.02)
 
 
+async def _login(http: aiohttp.ClientSession, url: str, token: str, staff_id: str,
+                 pin: str) -> dict[str, str]:
+    """A till logs a staff member in (``POST /v1/session``): the headers of its writes."""
+    bearer = {"Authorization": f"Bearer {token}"}
+    body = await _post(http, url, "/v1/session", {"staff_id": staff_id, "pin": pin}, bearer)
+    return {**bearer, "X-Staff-Session": body["session"]}
+
+
 async def _fleet_sales(http: aiohttp.ClientSession, cloud_url: str, want: int) -> int:
-    """Sales the cloud's analytics hold for the store (waits briefly for the WAN batch)."""
+    """Sales the cloud's analytics hold for the store (waits briefly for the WAN batch);
+    ``http`` holds an HQ session cookie."""
     total = 0
     for _ in range(150):
         body = await _get(http, cloud_url, "/v1/fleet/sales?store=demo-store&hours=24")
@@ -136,13 +170,19 @@ async def _fleet_sales(http: aiohttp.ClientSession, cloud_url: str, want: int) -
 
 
 async def _workload(http: aiohttp.ClientSession, urls: dict[str, str], store_on_cloud: str,
-                    everyone: dict[str, str]) -> dict[str, Any]:
+                    everyone: dict[str, str], creds: dict[str, Any]) -> dict[str, Any]:
     edge = urls["edge"]
+    toks, pins = creds["tokens"], creds["pins"]
+    # The manager books the delivery at the back-office till; each cashier logs in at
+    # their register (a PIN check against the roster the edge signed).
+    anna = await _login(http, edge, toks["backoffice"], "manager-anna", pins["manager-anna"])
+    tills = {r: await _login(http, urls[r], toks[f"till-{r[-1]}"], f"cashier-{r[-1]}",
+                             pins[f"cashier-{r[-1]}"]) for r in REGISTERS}
+    web = {"Authorization": f"Bearer {toks['webshop']}"}
     for sku, qty in SKUS.items():
-        await _post(http, edge, "/v1/receipts", {"sku": sku, "qty": qty, "txn_id": f"po-{sku}",
-                                                 "staff_id": "manager-anna"})
-    await _post(http, edge, "/v1/receipts", {"sku": LAST, "qty": 1, "txn_id": "po-last",
-                                             "staff_id": "manager-anna"})
+        await _post(http, edge, "/v1/receipts", {"sku": sku, "qty": qty, "txn_id": f"po-{sku}"},
+                    anna)
+    await _post(http, edge, "/v1/receipts", {"sku": LAST, "qty": 1, "txn_id": "po-last"}, anna)
     await _converged(http, everyone, 10)
     # A busy few seconds at three tills.
     t0 = time.perf_counter()
@@ -154,28 +194,29 @@ async def _workload(http: aiohttp.ClientSession, urls: dict[str, str], store_on_
         for i in range(n):
             await _post(http, urls[name], "/v1/sales", {
                 "sku": skus[(i * 7 + len(name)) % len(skus)], "qty": 1,
-                "txn_id": f"{name}-{i}", "staff_id": f"cashier-{name[-1]}"})
+                "txn_id": uuid.uuid4().hex}, tills[name])
             sales += 1
     await asyncio.gather(*(till(n, 40) for n in REGISTERS))
     took = time.perf_counter() - t0
     # Buy online, pick up in store: the web shop reserves through the cloud peer...
     res = await _post(http, store_on_cloud, "/v1/reservations", {
         "sku": "TEA-GREEN", "qty": 2, "txn_id": "web-order-1001", "channel": "webshop",
-        "order": "ORD-1001"})
+        "order": "ORD-1001"}, web)
     await _converged(http, everyone, 10)
     # ...and the customer collects it at register-2.
     await _post(http, urls["register-2"], f"/v1/reservations/{res['reservation_id']}/fulfil",
-                {"txn_id": "pickup-1001", "staff_id": "cashier-2"})
+                {"txn_id": "pickup-1001"}, tills["register-2"])
     # The last-unit race: two tills sell the last helmet at the same moment.
     race = await asyncio.gather(
         _post(http, urls["register-1"], "/v1/sales",
-              {"sku": LAST, "qty": 1, "txn_id": "race-a", "staff_id": "cashier-1"}),
+              {"sku": LAST, "qty": 1, "txn_id": "race-a"}, tills["register-1"]),
         _post(http, urls["register-3"], "/v1/sales",
-              {"sku": LAST, "qty": 1, "txn_id": "race-b", "staff_id": "cashier-3"}))
-    return {"sales": sales, "seconds": took, "race": race}
+              {"sku": LAST, "qty": 1, "txn_id": "race-b"}, tills["register-3"]))
+    return {"sales": sales, "seconds": took, "race": race, "tills": tills}
 
 
-async def _latency(http: aiohttp.ClientSession, urls: dict[str, str], n: int) -> list[float]:
+async def _latency(http: aiohttp.ClientSession, urls: dict[str, str], n: int,
+                   till: dict[str, str], screen: str) -> list[float]:
     """Time from a sale's acknowledgement at a register to its visibility at every other
     node, observed through the other nodes' live streams (SSE)."""
     others = [u for name, u in urls.items() if name != "register-1"]
@@ -186,7 +227,8 @@ async def _latency(http: aiohttp.ClientSession, urls: dict[str, str], n: int) ->
 
     async def listen(url: str) -> None:
         nonlocal started
-        async with http.get(url + "/v1/events") as resp:
+        async with http.get(url + "/v1/events",
+                            headers={"Authorization": f"Bearer {screen}"}) as resp:
             started += 1
             if started == len(others):
                 ready.set()
@@ -205,7 +247,7 @@ async def _latency(http: aiohttp.ClientSession, urls: dict[str, str], n: int) ->
         out = []
         for i in range(n):
             r = await _post(http, urls["register-1"], "/v1/sales", {
-                "sku": "CROISSANT", "qty": 1, "txn_id": f"latency-{i}"})
+                "sku": "CROISSANT", "qty": 1, "txn_id": f"latency-{i}"}, till)
             acked = time.perf_counter()
             while len(seen.get(r["seq"], [])) < len(others):
                 arrived.clear()
@@ -247,19 +289,57 @@ def _show(views: dict[str, Any], exceptions: dict[str, Any]) -> None:
     console.print(t)
 
 
-def prepare(base: Path) -> dict[str, str]:
-    """Wipe ``base``, create the store and its edge node, issue one token per register."""
+def prepare(base: Path) -> dict[str, Any]:
+    """Wipe ``base``, create the store and its edge node, issue one token per register,
+    the device credentials, the staff roster and an HQ account (module docstring)."""
     if base.exists():
         shutil.rmtree(base)
     base.mkdir(parents=True)
     console.rule("[bold]storemesh demo")
-    ident = init_store(base / "edge", "demo-store", now_ms=_now_ms(), node_id="edge")
+    edge = base / "edge"
+    ident = init_store(edge, "demo-store", now_ms=_now_ms(), node_id="edge")
     tokens = {r: create_token(ident, role="register", ttl_ms=600_000, now_ms=_now_ms())
               for r in REGISTERS}
     tokens["cloud"] = create_token(ident, role="cloud", ttl_ms=600_000, now_ms=_now_ms())
     console.print(f"store [bold]demo-store[/] created in {base}; one-time join tokens issued "
                   "for 3 registers and the cloud peer")
-    return tokens
+    year = 365 * 86_400_000
+    devices: dict[str, str] = {}
+    for r in REGISTERS:  # each till may use its own register only
+        devices[f"till-{r[-1]}"] = authdir.issue_device_credential(
+            edge, device_id=f"till-{r[-1]}", role="pos", now_ms=_now_ms(), ttl_ms=year,
+            nodes=frozenset({r}))
+    devices["backoffice"] = authdir.issue_device_credential(
+        edge, device_id="backoffice", role="pos", now_ms=_now_ms(), ttl_ms=year,
+        nodes=frozenset({"edge"}))
+    devices["webshop"] = authdir.issue_device_credential(
+        edge, device_id="webshop", role="online", channel="webshop", now_ms=_now_ms(),
+        ttl_ms=year)
+    devices["screen"] = authdir.issue_device_credential(
+        edge, device_id="screen", role="read", now_ms=_now_ms(), ttl_ms=year)
+    pins = {"manager-anna": _pin(), **{f"cashier-{r[-1]}": _pin() for r in REGISTERS}}
+    for staff_id, pin in pins.items():
+        roster = authdir.add_staff(
+            edge, staff_id=staff_id, name=staff_id.replace("-", " ").title(),
+            role="manager" if staff_id.startswith("manager") else "cashier", pin=pin,
+            now_ms=_now_ms())
+    hq_password = secrets.token_urlsafe(12)
+    add_user(base / "hq", "demo-hq", hq_password, role="viewer")
+    (base / "demo-secrets.txt").touch(0o600)
+    (base / "demo-secrets.txt").write_text(
+        "".join(f"{k} {v}\n" for k, v in devices.items())
+        + "".join(f"pin {k} {v}\n" for k, v in pins.items())
+        + f"hq demo-hq {hq_password}\n")
+    console.print("device credentials issued (tills bound to their registers, back office, "
+                  "web shop, a read-only screen), staff on the roster (a manager, 3 "
+                  "cashiers with PINs), HQ account [bold]demo-hq[/] for the dashboard; "
+                  f"all in {base / 'demo-secrets.txt'} (mode 0600)")
+    return {"join": tokens, "tokens": devices, "pins": pins, "hq": ("demo-hq", hq_password),
+            "roster": roster.version}
+
+
+def _pin() -> str:
+    return f"{secrets.randbelow(10**6):06d}"
 
 
 def _free_port() -> int:
@@ -271,12 +351,12 @@ def _free_port() -> int:
         return port
 
 
-async def run_demo(base: Path, tokens: dict[str, str], duration: float | None) -> int:
+async def run_demo(base: Path, creds: dict[str, Any], duration: float | None) -> int:
     procs: list[_Proc] = []
     common = ["--interface", "127.0.0.1", "--http-port", "0", "--log-level",
               os.environ.get("STOREMESH_LOG_LEVEL", "WARNING")]
     try:
-        cloud_url = f"http://127.0.0.1:{_free_port()}"
+        cloud_url = f"https://127.0.0.1:{_free_port()}"
         store_on_cloud = f"{cloud_url}/stores/demo-store"
         edge = _Proc("edge", ["node", "--data", str(base / "edge"), "--cloud", store_on_cloud,
                               *common], base / "edge.log")
@@ -284,7 +364,8 @@ async def run_demo(base: Path, tokens: dict[str, str], duration: float | None) -
         urls = {"edge": await edge.wait_url(30)}
         # The cloud enrols with its token at the edge, then the edge dials out to it.
         join = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mesh", "cloud", "join", str(base / "hq"), tokens["cloud"],
+            sys.executable, "-m", "mesh", "cloud", "join", str(base / "hq"),
+            creds["join"]["cloud"],
             "--url", urls["edge"], stdout=asyncio.subprocess.DEVNULL)
         if await join.wait() != 0:
             raise RuntimeError("the cloud could not join the store")
@@ -294,18 +375,28 @@ async def run_demo(base: Path, tokens: dict[str, str], duration: float | None) -
         procs.append(cloud)
         await cloud.wait_url(30)
         for r in REGISTERS:
-            p = _Proc(r, ["node", "--data", str(base / r), "--join", tokens[r],
+            p = _Proc(r, ["node", "--data", str(base / r), "--join", creds["join"][r],
                           "--node-id", r, *common], base / f"{r}.log")
             procs.append(p)
         for p in procs[2:]:
             urls[p.name] = await p.wait_url(30)
         everyone = {**urls, "cloud": store_on_cloud}
-        async with aiohttp.ClientSession() as http:
+        # Every node serves TLS with a certificate the store key signed: pin that CA,
+        # as a till does (what 'storemesh store ca' exports). The cloud's API and
+        # dashboard answer with the HQ certificate (browsers refuse Ed25519): its CA too.
+        ca = base / "edge" / "tls-ca.pem"
+        hq_ca = base / "hq" / HQ_CA_FILE
+        trusted = api_client_context(ca.read_bytes())
+        trusted.load_verify_locations(cafile=hq_ca)
+        pinned = aiohttp.TCPConnector(ssl=trusted)
+        jar = aiohttp.CookieJar(unsafe=True)  # the HQ session cookie of 127.0.0.1
+        async with aiohttp.ClientSession(connector=pinned, cookie_jar=jar) as http:
             formed = await _wait_mesh(http, urls, 30)
             console.print(f"4 nodes up; registers joined by token and found each other by "
                           f"mDNS: full mesh in {formed:.1f} s; the edge dialled out to the "
                           f"cloud peer at {cloud_url}")
-            w = await _workload(http, urls, store_on_cloud, everyone)
+            await _wait_roster(http, urls, creds["roster"], 30)
+            w = await _workload(http, urls, store_on_cloud, everyone, creds)
             console.print(f"{w['sales']} sales at 3 tills in {w['seconds']:.2f} s "
                           f"({w['sales'] / w['seconds']:.0f}/s, each acknowledged after fsync)")
             console.print(f"last-unit race: both tills sold {LAST} "
@@ -319,23 +410,41 @@ async def run_demo(base: Path, tokens: dict[str, str], duration: float | None) -
             same = len({repr(e["exceptions"]) for e in exceptions.values()}) == 1
             console.print("[green]every node derived the same exception list[/]" if same
                           else "[red]exception lists differ[/]")
-            lat = sorted(await _latency(http, urls, 50))
+            lat = sorted(await _latency(http, urls, 50, w["tills"]["register-1"],
+                                        creds["tokens"]["screen"]))
             if lat:
                 console.print(f"sale acknowledged at register-1 -> visible on all 3 other "
                               f"nodes: p50 {lat[len(lat) // 2]:.1f} ms, "
                               f"p99 {lat[min(len(lat) - 1, int(len(lat) * 0.99))]:.1f} ms "
                               f"({len(lat)} sales, live streams)")
             made = w["sales"] + 2 + 50  # the tills, the race, the latency probe
+            async with http.post(cloud_url + "/v1/hq/login", json={
+                    "user": creds["hq"][0], "password": creds["hq"][1]}) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"HQ login -> {resp.status} {await resp.text()}")
             fleet = await _fleet_sales(http, cloud_url, made)
             console.print(f"cloud analytics counted {fleet} of the {made} sales made in "
                           "demo-store" + (" (every one, once)" if fleet == made else ""))
         console.rule("open these")
         e = urls["edge"]
-        console.print(f"dashboard    {cloud_url}/   (the cloud peer's fleet view)\n"
+        dash = cloud_url.replace("127.0.0.1", "localhost")
+        console.print(f"every link is TLS; store nodes pin the store CA {ca}, e.g.\n"
+                      f"  curl --cacert {ca} --resolve edge:{e.rsplit(':', 1)[1]}:127.0.0.1 "
+                      f"https://edge:{e.rsplit(':', 1)[1]}/v1/stock\n"
+                      "(store certificates are Ed25519: curl, Python and the CLI accept "
+                      "them, today's browsers do not; see docs/security.md)\n"
+                      f"the dashboard's certificate (ECDSA) comes from the HQ CA {hq_ca}: "
+                      "trust it in your browser, or accept the browser's warning once")
+        console.print(f"dashboard    {dash}/   (the cloud peer's fleet view; log in as "
+                      f"{creds['hq'][0]}, password in {base / 'demo-secrets.txt'})\n"
                       f"stock        {e}/v1/stock\nlive stream  {e}/v1/events\n"
                       f"exceptions   {e}/v1/exceptions\nmetrics      {e}/metrics\n"
-                      f"status       .venv/bin/storemesh status {e}\n"
-                      f"audit trail  .venv/bin/storemesh ledger show {base / 'edge'}")
+                      f"status       .venv/bin/storemesh status {e} --ca {ca}\n"
+                      f"audit trail  .venv/bin/storemesh ledger show {base / 'edge'}   "
+                      "(who: device and staff member of every change)\n"
+                      f"writes       need a device credential (and at a till a staff "
+                      f"login): see {base / 'demo-secrets.txt'}, docs/api.md, "
+                      "docs/security.md")
         for name, url in urls.items():
             console.print(f"  {name:<11} {url}")
         if not same:

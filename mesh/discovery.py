@@ -114,10 +114,12 @@ class PeerInfo:
     #: An address to dial: an IPv4 dotted quad from the service's A records.
     host: str
     port: int
+    #: The node serves TLS (TXT ``tls=1``): dial ``https://``.
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
 
 class MalformedAdvertisement(ValueError):
@@ -178,6 +180,7 @@ def parse_peer(info: ServiceInfo) -> PeerInfo:
         proto=fields["proto"],
         host=(routable or addresses)[0],
         port=port,
+        tls=props.get(b"tls") == b"1",
     )
 
 
@@ -210,6 +213,7 @@ class Discovery:
         interface: str | None = None,
         on_peer: Callable[[PeerInfo], None],
         on_lost: Callable[[str], None],
+        tls: bool = False,
     ) -> None:
         for field_name, value in (("store_id", store_id), ("node_id", node_id),
                                   ("role", role), ("fingerprint", fingerprint)):
@@ -229,6 +233,7 @@ class Discovery:
         self.fingerprint = fingerprint
         self.port = port
         self.interface = interface
+        self.tls = tls  # advertised as TXT tls=1: peers dial https://
         self._on_peer = on_peer
         self._on_lost = on_lost
         #: Advertisements ignored, by reason (see docs/discovery.md for the reasons).
@@ -306,8 +311,12 @@ class Discovery:
         return InterfaceChoice.All, outside or ["127.0.0.1"]
 
     def _txt(self) -> dict[str | bytes, str | bytes | None]:
-        return {"store": self.store_id, "node": self.node_id, "role": self.role,
-                "fp": self.fingerprint, "proto": PROTOCOL_VERSION}
+        txt: dict[str | bytes, str | bytes | None] = {
+            "store": self.store_id, "node": self.node_id, "role": self.role,
+            "fp": self.fingerprint, "proto": PROTOCOL_VERSION}
+        if self.tls:
+            txt["tls"] = "1"
+        return txt
 
     async def _register(self, addresses: list[str]) -> None:
         assert self._aiozc is not None

@@ -59,7 +59,7 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from mesh import config
-from mesh.datadir import DEFAULT_VALIDITY_MS, NodeIdentity, write_atomic
+from mesh.datadir import DEFAULT_VALIDITY_MS, NodeIdentity, ensure_tls, write_atomic
 from mesh.discovery import (
     PROTOCOL_VERSION,
     RESOLVE_TIMEOUT_MS,
@@ -82,6 +82,13 @@ from mesh.identity import (
     TrustStore,
     fingerprint,
     issue_certificate,
+)
+from mesh.tls import (
+    ca_public_key,
+    check_node_cert,
+    is_loopback_host,
+    issue_node_cert,
+    write_tls_files,
 )
 
 __all__ = [
@@ -107,7 +114,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TOKEN_PREFIX: Final = "smj1."  # noqa: S105 -- a format tag, not a secret
+TOKEN_PREFIX: Final = "smj2."  # noqa: S105 -- a format tag, not a secret
 JOIN_PATH: Final = "/v1/join"
 TOKENS_FILE: Final = "tokens.json"
 LOCK_FILE: Final = "tokens.lock"
@@ -148,9 +155,9 @@ _B64URL: Final = re.compile(r"[A-Za-z0-9_-]+")
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
 #: Node ids a joining node may ask for: printable, no spaces, safe in logs and names.
 _NODE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_TOKEN_KEYS: Final = frozenset({"store", "secret", "role", "exp", "fp"})
+_TOKEN_KEYS: Final = frozenset({"store", "secret", "role", "exp", "fp", "tls"})
 _REQUEST_KEYS: Final = frozenset({"token", "public_key", "node_id"})
-_ANSWER_KEYS: Final = frozenset({"node_id", "certificate", "trust"})
+_ANSWER_KEYS: Final = frozenset({"node_id", "certificate", "trust", "tls"})
 
 
 # --- tokens ------------------------------------------------------------------------
@@ -167,6 +174,9 @@ class JoinToken:
     #: sha256 hex (64 chars) of the store public key; its first 16 chars are the key's
     #: ``fingerprint``. The full hash, because it is all that stops a rogue edge.
     store_fingerprint: str
+    #: sha256 hex of the issuing edge's TLS certificate (DER): the joiner talks only to
+    #: a TLS server presenting exactly that certificate.
+    tls_pin: str
     url: str | None = None
 
     def encode(self) -> str:
@@ -176,6 +186,7 @@ class JoinToken:
             "role": self.role,
             "exp": self.expires_ms,
             "fp": self.store_fingerprint,
+            "tls": self.tls_pin,
         }
         if self.url is not None:
             doc["url"] = self.url
@@ -203,7 +214,7 @@ def _b64decode(text: str) -> bytes:
 def _check_url(url: str) -> None:
     if (not isinstance(url, str) or len(url) > MAX_URL_LEN
             or not re.fullmatch(r"https?://[^\s/?#]+/?", url)):
-        raise ValueError(f"edge URL must look like http://HOST:PORT (at most {MAX_URL_LEN} "
+        raise ValueError(f"edge URL must look like https://HOST:PORT (at most {MAX_URL_LEN} "
                          f"chars), got {url!r}")
 
 
@@ -213,25 +224,30 @@ def parse_token(text: str) -> JoinToken:
     Raises ``Malformed`` with a message saying what is wrong and what to do.
     """
     if not isinstance(text, str):
-        raise Malformed("not a storemesh join token: expected text starting with 'smj1.'")
+        raise Malformed("not a storemesh join token: expected text starting with 'smj2.'")
     compact = "".join(text.split())
     if not compact:
-        raise Malformed("the join token is empty: paste the whole token (it starts 'smj1.')")
+        raise Malformed("the join token is empty: paste the whole token (it starts 'smj2.')")
     if len(compact) > MAX_TOKEN_CHARS:
         raise Malformed(f"too long for a join token ({len(compact)} chars, at most "
                         f"{MAX_TOKEN_CHARS}): is this the right text?")
     if not compact.startswith(TOKEN_PREFIX):
         version = re.match(r"smj(\d+)\.", compact)
+        if version and int(version.group(1)) < 2:
+            raise Malformed(f"this join token has format smj{version.group(1)}, made by an "
+                            "older storemesh that joins over plain HTTP and pins no TLS "
+                            "certificate: this storemesh refuses it. Ask the store owner for "
+                            "a new token ('storemesh token create')")
         if version:
             raise Malformed(f"this join token has format smj{version.group(1)}, but this "
-                            "storemesh reads only smj1: upgrade storemesh on this machine")
-        raise Malformed("not a storemesh join token: it should start with 'smj1.'")
+                            "storemesh reads only smj2: upgrade storemesh on this machine")
+        raise Malformed("not a storemesh join token: it should start with 'smj2.'")
     body = compact[len(TOKEN_PREFIX):]
     if not body:
-        raise Malformed("the token is truncated: nothing follows 'smj1.'; copy the whole token")
+        raise Malformed("the token is truncated: nothing follows 'smj2.'; copy the whole token")
     if not _B64URL.fullmatch(body):
         raise Malformed("the token holds characters a join token never has (only A-Z a-z "
-                        "0-9 - _ after 'smj1.'): was it changed while copying?")
+                        "0-9 - _ after 'smj2.'): was it changed while copying?")
     try:
         doc = orjson.loads(_b64decode(body))
     except ValueError:  # bad base64 length, bad UTF-8, cut-off JSON
@@ -246,7 +262,8 @@ def _token_from_doc(doc: object) -> JoinToken:
     def bad(what: str) -> Malformed:
         return Malformed(f"the token is damaged: {what}; ask the store owner for a new one")
 
-    store, secret, role, exp, fp = (doc[k] for k in ("store", "secret", "role", "exp", "fp"))
+    store, secret, role, exp, fp, pin = (doc[k] for k in ("store", "secret", "role", "exp",
+                                                          "fp", "tls"))
     if not isinstance(store, str) or not 0 < len(store) <= config.MAX_ID_LEN:
         raise bad("its store id is not valid")
     if not isinstance(secret, str) or not _B64URL.fullmatch(secret):
@@ -263,13 +280,15 @@ def _token_from_doc(doc: object) -> JoinToken:
         raise bad("its expiry is not a time")
     if not isinstance(fp, str) or not _HEX64.fullmatch(fp):
         raise bad("its store key fingerprint is not 64 hex chars")
+    if not isinstance(pin, str) or not _HEX64.fullmatch(pin):
+        raise bad("its TLS certificate pin is not 64 hex chars")
     url = doc.get("url")
     if url is not None:
         try:
             _check_url(url)
         except ValueError as e:
             raise bad(str(e)) from None
-    return JoinToken(store, raw, role, exp, fp, url)
+    return JoinToken(store, raw, role, exp, fp, pin, url)
 
 
 def _iso(ms: int) -> str:
@@ -337,8 +356,9 @@ def create_token(
             _check_url(url)
         except ValueError as e:
             raise CommandError(str(e), field="url") from None
+    pin = ensure_tls(identity, now_ms=now_ms).fingerprint
     token = JoinToken(identity.store_id, secrets.token_bytes(SECRET_LEN), role,
-                      now_ms + ttl_ms, store_fingerprint(store_key.public_key), url)
+                      now_ms + ttl_ms, store_fingerprint(store_key.public_key), pin, url)
     with _locked(identity.data_dir):
         tokens = _load_tokens(identity.data_dir)
         for tid in [t for t, r in tokens.items()
@@ -395,7 +415,7 @@ def revoke_token(data_dir: Path, which: str) -> TokenInfo:
     elif re.fullmatch(r"[0-9a-f]{6,64}", which):
         prefix = which
     else:
-        raise CommandError("name the token by its text (smj1....) or by its id (6+ hex chars "
+        raise CommandError("name the token by its text (smj2....) or by its id (6+ hex chars "
                            "from 'storemesh token list')", field="token")
     with _locked(data_dir):
         tokens = _load_tokens(data_dir)
@@ -544,9 +564,20 @@ async def _post_join(node: Any, request: web.Request) -> web.Response:
         where = "node_id" if e.reason == "bad_request" else "token"
         return _refuse(node, request, 403, e.reason, where, e.message)
     node.trust_changed()
+    tls = await asyncio.to_thread(_tls_for, node.identity, cert, node.now_ms())
     answer = {"node_id": cert.node_id, "certificate": cert.to_dict(),
-              "trust": node.identity.trust.to_dict()}
+              "trust": node.identity.trust.to_dict(), "tls": tls}
     return web.json_response(answer, dumps=lambda o: orjson.dumps(o).decode())
+
+
+def _tls_for(identity: NodeIdentity, cert: Certificate, now_ms: int) -> dict[str, str]:
+    """The store CA and a TLS certificate for the node just enrolled (its own key)."""
+    assert identity.store_key is not None  # redeem refused otherwise
+    ca = ensure_tls(identity, now_ms=now_ms).ca_pem
+    pem = issue_node_cert(identity.store_key, store_id=cert.store_id, node_id=cert.node_id,
+                          public_key=cert.public_key, not_after_ms=cert.not_after,
+                          now_ms=now_ms)
+    return {"ca": ca.decode("ascii"), "cert": pem.decode("ascii")}
 
 
 def _refuse(node: Any, request: web.Request, status: int, reason: str, where: str | None,
@@ -611,7 +642,7 @@ def _check_issuer(identity: NodeIdentity, token: JoinToken) -> None:
 
 
 async def find_edge(store_id: str, *, interface: str | None, timeout_s: float) -> str:
-    """URL (``http://host:port``) of the first edge node of ``store_id`` seen on the LAN.
+    """URL (``https://host:port``) of the first edge node of ``store_id`` seen on the LAN.
 
     Raises ``TimeoutError`` if none answers within ``timeout_s``. An advertisement only
     says where to ask; who answers is checked by ``join`` against the token's store key.
@@ -647,7 +678,7 @@ async def find_edge(store_id: str, *, interface: str | None, timeout_s: float) -
             raise TimeoutError(
                 f"no edge node of store {store_id!r} was found on the LAN within "
                 f"{timeout_s:g} s (zeroconf {SERVICE_TYPE}): check that it runs on this "
-                "network, or give its address with --url http://HOST:PORT") from None
+                "network, or give its address with --url https://HOST:PORT") from None
         finally:
             await browser.async_cancel()
     finally:
@@ -675,7 +706,7 @@ async def _edge_url(aiozc: AsyncZeroconf, name: str, store_id: str) -> str | Non
 
 async def join(
     data_dir: Path, token: str, *, url: str | None = None, interface: str | None = None,
-    node_id: str | None = None, timeout_s: float = 10.0,
+    node_id: str | None = None, timeout_s: float = 10.0, insecure_plaintext: bool = False,
 ) -> NodeIdentity:
     """Enrol a new node in ``data_dir`` with a join token and return its identity.
 
@@ -685,6 +716,10 @@ async def join(
     ``interface``), ``FileExistsError`` (already a node), ``JoinRefused``,
     ``UntrustedEdge``, ``ConnectionError`` or ``TimeoutError`` (``timeout_s`` bounds
     discovery and the request, each).
+
+    The request goes over TLS to a server that must present exactly the certificate
+    the token pins (``tls``); an ``http://`` edge is refused unless
+    ``insecure_plaintext`` and the edge is on a loopback address (development).
     """
     data_dir = Path(data_dir)
     parsed = parse_token(token)
@@ -701,12 +736,23 @@ async def join(
     key = await asyncio.to_thread(NodeKey.load_or_create, data_dir / "node.key")
     edge = (url or parsed.url
             or await find_edge(parsed.store_id, interface=interface, timeout_s=timeout_s))
+    _check_scheme(edge, insecure_plaintext)
     answer = await _request_join(edge, parsed, key, node_id, timeout_s)
-    ident = _identity_from_answer(data_dir, answer, parsed, key, node_id, edge)
-    await asyncio.to_thread(ident.save)
+    ident, ca, cert = _identity_from_answer(data_dir, answer, parsed, key, node_id, edge)
+    await asyncio.to_thread(write_tls_files, data_dir, key, ca, cert)
+    await asyncio.to_thread(ident.save)  # node.json last: it says "joined"
     log.info("joined store %s as %s (%s) via %s", ident.store_id, ident.node_id, ident.role,
              edge)
     return ident
+
+
+def _check_scheme(edge: str, insecure_plaintext: bool) -> None:
+    if edge.startswith("https://"):
+        return
+    host = edge.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]/")
+    if not (insecure_plaintext and is_loopback_host(host)):
+        raise ValueError(f"the edge URL {edge} is not https://: a join token travels only "
+                         "over TLS (plain HTTP only with --insecure-plaintext on 127.0.0.1)")
 
 
 async def _request_join(edge: str, token: JoinToken, key: NodeKey, node_id: str | None,
@@ -716,9 +762,11 @@ async def _request_join(edge: str, token: JoinToken, key: NodeKey, node_id: str 
     if node_id is not None:
         body["node_id"] = node_id
     try:
+        pin = aiohttp.Fingerprint(bytes.fromhex(token.tls_pin)) \
+            if endpoint.startswith("https://") else None
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http,
-            http.post(endpoint, data=orjson.dumps(body),
+            http.post(endpoint, data=orjson.dumps(body), ssl=pin if pin is not None else True,
                       headers={"Content-Type": "application/json"}) as resp,
         ):
             status = resp.status
@@ -730,6 +778,11 @@ async def _request_join(edge: str, token: JoinToken, key: NodeKey, node_id: str 
     except TimeoutError:
         raise TimeoutError(f"the edge node at {edge} did not answer within {timeout_s:g} s"
                            ) from None
+    except aiohttp.ServerFingerprintMismatch as e:
+        raise UntrustedEdge(f"the server at {edge} presents TLS certificate "
+                            f"{e.got.hex()[:16]}, but the token pins {token.tls_pin[:16]}: "
+                            "it is not the edge node that issued the token (or someone is "
+                            "in between); nothing was sent") from None
     except aiohttp.ClientError as e:
         raise ConnectionError(f"could not reach the edge node at {edge} ({e}): check the "
                               "address and that the node runs") from None
@@ -753,8 +806,10 @@ def _remote_error(data: bytes) -> tuple[str, str]:
 
 
 def _identity_from_answer(data_dir: Path, raw: bytes, token: JoinToken, key: NodeKey,
-                          node_id: str | None, edge: str) -> NodeIdentity:
-    """Check an edge's answer (invariant 4) and build our identity from it."""
+                          node_id: str | None, edge: str
+                          ) -> tuple[NodeIdentity, bytes, bytes]:
+    """Check an edge's answer (invariant 4) and build our identity from it; also
+    returns the store CA and our TLS certificate (PEM), checked likewise."""
     try:
         doc = orjson.loads(raw)
         if not isinstance(doc, dict) or doc.keys() != _ANSWER_KEYS:
@@ -785,5 +840,18 @@ def _identity_from_answer(data_dir: Path, raw: bytes, token: JoinToken, key: Nod
     for bad, why in problems:
         if bad:
             raise UntrustedEdge(f"the certificate from {edge} does not fit: {why}")
+    tls = doc["tls"]
+    try:
+        if not isinstance(tls, dict) or tls.keys() != {"ca", "cert"} or not all(
+                isinstance(v, str) for v in tls.values()):
+            raise ValueError("tls must be an object with the PEM texts ca and cert")
+        ca, tls_cert = tls["ca"].encode("ascii"), tls["cert"].encode("ascii")
+        if ca_public_key(ca) != trust.store_public_key:
+            raise ValueError("its CA is not the store key")
+        check_node_cert(ca, tls_cert, store_id=cert.store_id, node_id=cert.node_id,
+                        public_key=key.public_key)
+    except (ValueError, UnicodeError) as e:
+        raise UntrustedEdge(f"the TLS certificate from {edge} does not fit: {e}") from None
     trust.add_certificate(cert)
-    return NodeIdentity(data_dir, cert.node_id, cert.store_id, cert.role, key, cert, trust)
+    return (NodeIdentity(data_dir, cert.node_id, cert.store_id, cert.role, key, cert, trust),
+            ca, tls_cert)

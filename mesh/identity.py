@@ -33,7 +33,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from cryptography.exceptions import InvalidSignature
@@ -54,6 +54,9 @@ from mesh.errors import (
     WrongStore,
 )
 from mesh.ops import ROLES
+
+if TYPE_CHECKING:
+    from mesh.auth import Roster
 
 __all__ = [
     "CERT_DOMAIN",
@@ -435,13 +438,15 @@ def issue_revocations(
 _TRUST_KEYS: Final = frozenset(
     {"store_id", "store_public_key", "certificates", "crl", "revoked_local"}
 )
+#: Optional keys of a saved trust store (files written before they existed lack them).
+_TRUST_OPTIONAL: Final = frozenset({"roster"})
 
 
 class TrustStore:
     """Who may write to this store: the store key, certificates and revocations seen."""
 
-    __slots__ = ("_cert_at", "_certs", "_crl", "_local_revoked", "_revoked", "store_id",
-                 "store_public_key", "verifier", "version")
+    __slots__ = ("_cert_at", "_certs", "_crl", "_local_revoked", "_revoked", "_roster",
+                 "store_id", "store_public_key", "verifier", "version")
 
     def __init__(self, store_id: str, store_public_key: bytes) -> None:
         _local_ident(store_id, "store_id")
@@ -454,6 +459,8 @@ class TrustStore:
         self._crl: RevocationList | None = None
         self._local_revoked: set[str] = set()
         self._revoked: frozenset[str] = frozenset()  # crl ∪ local, for a cheap check()
+        #: The newest staff roster (``mesh.auth.Roster``) that verified, if any.
+        self._roster: Roster | None = None
         #: Bumped on every change, so derived values (digests) can be cached.
         self.version = 0
         #: Signature checks against this store's keys, remembered (see ``Verifier``).
@@ -507,15 +514,38 @@ class TrustStore:
         self._revoked = crl.revoked | self._local_revoked
         self.version += 1
 
+    @property
+    def roster(self) -> Roster | None:
+        """The newest staff roster applied (to pass on to peers), if any."""
+        return self._roster
+
+    @property
+    def roster_version(self) -> int:
+        return -1 if self._roster is None else self._roster.version
+
+    def apply_roster(self, roster: Roster) -> None:
+        """Verify and adopt ``roster`` if it is newer than the one held (versions only
+        move forward, as revocation lists do); else ignore it."""
+        if roster.store_id != self.store_id:
+            raise WrongStore(f"roster v{roster.version} is for store {roster.store_id!r}, "
+                             f"not {self.store_id!r}")
+        if not roster.verify(self.store_public_key):
+            raise BadSignature(f"roster v{roster.version} is not signed by the store key")
+        if roster.version <= self.roster_version:
+            return
+        self._roster = roster
+        self.version += 1
+
+    def is_revoked(self, name: str) -> bool:
+        """Is ``name`` (a node id, or ``device:<id>``) on the revocation list (or revoked
+        here only)?"""
+        return name in self._revoked
+
     def revoke(self, node_id: str) -> None:
         """Refuse ``node_id`` from now on, on this replica only."""
         self._local_revoked.add(node_id)
         self._revoked = self._revoked | {node_id}
         self.version += 1
-
-    def is_revoked(self, node_id: str) -> bool:
-        """Whether ``node_id`` is on the revocation list (or revoked here only)."""
-        return node_id in self._revoked
 
     @property
     def revoked(self) -> frozenset[str]:
@@ -554,12 +584,18 @@ class TrustStore:
             "certificates": [c.to_dict() for c in self.certificates()],
             "crl": None if self._crl is None else self._crl.to_dict(),
             "revoked_local": sorted(self._local_revoked),
+            "roster": None if self._roster is None else self._roster.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: object) -> TrustStore:
         """Rebuild from ``to_dict`` output, re-verifying every signature (the file may have
         been tampered with). Raises ``Malformed``, ``BadSignature`` or ``WrongStore``."""
+        if isinstance(d, dict) and d.keys() - _TRUST_KEYS <= _TRUST_OPTIONAL:
+            roster_doc = d.get("roster")
+            d = {k: v for k, v in d.items() if k in _TRUST_KEYS}
+        else:
+            roster_doc = None
         f = _fields(d, _TRUST_KEYS, "trust store")
         trust = cls(
             _ident(f["store_id"], "trust store store_id"),
@@ -574,4 +610,12 @@ class TrustStore:
             trust.apply_revocations(RevocationList.from_dict(f["crl"]))
         for node_id in local:
             trust.revoke(_ident(node_id, "locally revoked node id"))
+        if roster_doc is not None:
+            from mesh.auth import Roster  # (mesh.auth builds on this module)
+
+            try:
+                roster = Roster.from_dict(roster_doc)
+            except ValueError as exc:
+                raise Malformed(f"trust store roster: {exc}") from None
+            trust.apply_roster(roster)
         return trust

@@ -29,7 +29,7 @@ from mesh.durable import DurableReplica
 from mesh.httpfaults import ClientFaults
 from mesh.ledger import Ledger
 from mesh.replica import CommandResult, Replica
-from mesh.sync import NOT_REFUSALS, SyncCore
+from mesh.sync import NOT_REFUSALS, Effect, SyncCore
 
 __all__ = [
     "CONTENT_TYPE",
@@ -77,6 +77,8 @@ class NodeView(Protocol):
     def peer_status(self) -> list[dict[str, Any]]: ...
 
     def wan_bytes(self) -> tuple[int, int]: ...
+
+    def handle_effects(self, effects: list[Effect]) -> None: ...
 
 
 def rejection_counts(node: NodeView) -> dict[str, int]:

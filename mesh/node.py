@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
@@ -46,7 +47,7 @@ import aiohttp
 from aiohttp import web
 
 from mesh import config, transport
-from mesh.datadir import DataDirLock, NodeIdentity, lock_data_dir
+from mesh.datadir import DataDirLock, NodeIdentity, ensure_tls, lock_data_dir
 from mesh.driver import Driver
 from mesh.durable import DurableReplica
 from mesh.envelope import Envelope
@@ -55,7 +56,15 @@ from mesh.httpfaults import ClientFaults, ServerLog
 from mesh.ledger import Ledger
 from mesh.replica import CommandResult, Replica
 from mesh.runtime import LoopClock, SessionTransport, ThreadWorker
-from mesh.sync import SyncCore
+from mesh.sync import Effect, SyncCore
+from mesh.tls import (
+    TlsFiles,
+    TlsSite,
+    client_context,
+    is_loopback_host,
+    server_context,
+    sni_name,
+)
 
 __all__ = ["Node"]
 
@@ -70,12 +79,14 @@ class Node:
         interface: str | None = None, peers: Sequence[str] = (), discovery: bool = True,
         snapshot_every: int = config.SNAPSHOT_EVERY, advertise: bool = True,
         max_bytes: int | None = None, wan_peers: Sequence[str] = (), serve: bool = True,
-        wan: bool = False,
+        wan: bool = False, insecure_plaintext: bool = False,
     ) -> None:
         """``peers``: static LAN peer URLs. ``wan_peers``: URLs reached over the WAN (the
         cloud: compressed, batched). ``serve=False``: do not listen; the caller mounts
         ``app`` (the cloud hosts one node per store). ``wan``: every session of this node
-        is a WAN session (the cloud's side)."""
+        is a WAN session (the cloud's side). Every link is mutual TLS pinned to the store
+        CA (``mesh.tls``); ``insecure_plaintext``: plain HTTP and ``ws://``, refused
+        unless ``http_host`` is a loopback address (development only)."""
         self.data_dir = Path(data_dir)
         self.http_host = http_host
         self.http_port = http_port
@@ -84,6 +95,12 @@ class Node:
         self.wan_peers = list(wan_peers)
         self.serve = serve
         self.wan = wan
+        self.insecure_plaintext = insecure_plaintext
+        if insecure_plaintext and serve and not is_loopback_host(http_host):
+            raise ValueError(f"--insecure-plaintext serves plain HTTP: only on a loopback "
+                             f"address (127.0.0.1), not {http_host}")
+        self.tls: TlsFiles | None = None  # set by start() unless insecure_plaintext
+        self.client_ssl: ssl.SSLContext | None = None
         #: Called on the loop thread with every batch of envelopes that became durable
         #: (local and remote), in apply order: analytics and other consumers.
         self.listeners: list[Callable[[list[Envelope]], None]] = []
@@ -150,6 +167,9 @@ class Node:
         identity = self.durable.identity
         assert isinstance(identity, NodeIdentity)
         self.identity = identity
+        if not self.insecure_plaintext:
+            self.tls = await asyncio.to_thread(ensure_tls, self.identity, now_ms=self.now_ms())
+            self.client_ssl = client_context(self.tls)
         self.core = SyncCore(self.replica, self.identity.trust,
                              random.Random())  # noqa: S311 -- sync timer jitter
         self._loop = asyncio.get_running_loop()
@@ -165,18 +185,24 @@ class Node:
             self._runner = web.AppRunner(self.app, access_log=None,
                                          logger=ServerLog(self.http_faults))
             await self._runner.setup()
-            site = web.TCPSite(self._runner, self.http_host, self.http_port)
+            site: web.BaseSite
+            if self.tls is not None:
+                site = TlsSite(self._runner, self.http_host, self.http_port,
+                               server_context(self.tls), self._reject)
+            else:
+                site = web.TCPSite(self._runner, self.http_host, self.http_port)
             await site.start()
             server = site._server
             assert server is not None and getattr(server, "sockets", None)
             self.http_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-            self.url = f"http://{self.http_host}:{self.http_port}"
+            scheme = "http" if self.tls is None else "https"
+            self.url = f"{scheme}://{self.http_host}:{self.http_port}"
         self._http = aiohttp.ClientSession()
         self._spawn(self._expiry_loop(), "reservation-expiry")
         for url in self.static_peers:
             self._ensure_dialer(url)
         for url in self.wan_peers:
-            self._ensure_dialer(url, wan=True)
+            self._ensure_dialer(url, wan=True, role="cloud")
         if self.discovery_enabled:
             await self._start_discovery()
         log.info("node %s (%s) of store %s listening on %s", self.identity.node_id,
@@ -199,7 +225,7 @@ class Node:
         self._discovery = Discovery(
             store_id=self.identity.store_id, node_id=self.identity.node_id,
             role=self.identity.role, fingerprint=self.identity.key.fingerprint,
-            port=self.http_port, interface=self.interface,
+            port=self.http_port, interface=self.interface, tls=self.tls is not None,
             on_peer=self._on_discovered, on_lost=self._on_lost)
         await self._discovery.start()
 
@@ -246,6 +272,10 @@ class Node:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    def handle_effects(self, effects: list[Effect]) -> None:
+        """Carry out effects of the core returned to someone else (the API's gate)."""
+        self.driver.carry_out(effects)
 
     # --- local commands -----------------------------------------------------------------
 
@@ -377,17 +407,38 @@ class Node:
             if task is not None:
                 task.cancel()
 
-    def _ensure_dialer(self, url: str, node_id: str | None = None, *, wan: bool = False) -> None:
+    def _ensure_dialer(self, url: str, node_id: str | None = None, *, wan: bool = False,
+                       role: str | None = None) -> None:
         task = self._dialers.get(url)
         if task is None or task.done():
-            self._dialers[url] = self._spawn(self._dial_loop(url, wan or self.wan),
-                                             f"dial {url}")
+            self._dialers[url] = self._spawn(
+                self._dial_loop(url, wan or self.wan, node_id, role), f"dial {url}")
 
-    async def _dial_loop(self, url: str, wan: bool) -> None:
-        """Keep a session to ``url`` up: reconnect with jittered exponential backoff."""
+    async def _dial_loop(self, url: str, wan: bool, expect: str | None = None,
+                         role: str | None = None) -> None:
+        """Keep a session to ``url`` up: reconnect with jittered exponential backoff.
+        ``expect``: the node id we mean to reach: the one discovery advertised there,
+        or the one a static URL names after ``#`` (``https://10.0.0.5:8700#edge``), else
+        the one the first session proved, so that a later session to this URL must
+        reach that same node (``wrong_peer``). ``role``: the role it must hold (a
+        ``--cloud`` URL reaches a node enrolled as ``cloud``)."""
         backoff = config.DIAL_BACKOFF_MIN_S
         assert self._http is not None
-        peer_id: str | None = None  # learnt at the first handshake
+        target, _, pinned = url.partition("#")
+        if pinned and expect is not None and pinned != expect:
+            log.error("not dialling %s: it names node %r, discovery says %r", url, pinned,
+                      expect)
+            self._reject("wrong_peer")
+            return
+        expect = expect or pinned or None
+        if url.startswith("https://") != (self.client_ssl is not None):
+            self._reject("plaintext_peer" if self.client_ssl is not None else "tls_peer")
+            log.error("not dialling %s: this node runs %s", url,
+                      "TLS (peers are https://)" if self.client_ssl is not None
+                      else "--insecure-plaintext (peers are http://)")
+            return
+        sni = sni_name(self.identity.store_id) if wan else None
+        peer_id: str | None = expect  # else learnt at the first handshake
         while not self._closed:
             existing = self.sessions.get(peer_id) if peer_id else None
             if existing is not None:
@@ -396,11 +447,19 @@ class Node:
                 await existing.done.wait()
                 continue
             try:
-                session = await transport.dial(self._http, url, self.identity, self.now_ms,
-                                               wan=wan)
+                session = await transport.dial(self._http, target, self.identity, self.now_ms,
+                                               wan=wan, ssl_context=self.client_ssl,
+                                               expect=peer_id, expect_role=role,
+                                               server_hostname=sni)
             except transport.HandshakeError as exc:
                 self._reject(exc.reason)
                 log.info("dial %s refused: %s", url, exc)
+            except aiohttp.ClientConnectorCertificateError as exc:
+                # Someone answers there with a certificate the store CA did not sign:
+                # another store's node, or something in the path. Not a network fault.
+                self._reject("tls_server_certificate")
+                log.info("dial %s refused: its TLS certificate is not from this store's "
+                         "CA (%s)", url, exc.certificate_error)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.debug("dial %s failed: %r", url, exc)
             else:

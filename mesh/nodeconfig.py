@@ -44,7 +44,7 @@ _KINDS: Final = {str: "a string", int: "an integer", list: "a list of URLs", boo
 
 def check_url(url: str, flag: str) -> str:
     """``url`` if it is ``http(s)://host[:port][/path]``, else ``ValueError``."""
-    problem = ValueError(f"{flag} {url!r} is not a URL like http://HOST:PORT")
+    problem = ValueError(f"{flag} {url!r} is not a URL like https://HOST:PORT")
     try:
         parts = urlsplit(url)
         _ = parts.port  # raises on a port that is not a number or out of range

@@ -1,4 +1,5 @@
-"""Revoking enrolled nodes: ``storemesh nodes revoke`` and ``POST /v1/revocations``.
+"""Revoking enrolled nodes and API devices: ``storemesh nodes revoke``, ``storemesh
+device revoke`` and ``POST /v1/revocations``.
 
 The store owner runs ``storemesh nodes revoke DIR NODE_ID`` on the machine of the edge
 node that holds the store key (``revoke_node``). It signs the store's next revocation
@@ -32,7 +33,7 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -43,6 +44,8 @@ from mesh.errors import CommandError, EnvelopeError, Malformed
 from mesh.identity import RevocationList, TrustStore, issue_revocations
 
 if TYPE_CHECKING:  # aiohttp is imported where used: load_identity (every start) needs none
+    import ssl
+
     from aiohttp import web
 
     from mesh.datadir import NodeIdentity
@@ -52,6 +55,7 @@ __all__ = [
     "REVOCATIONS_FILE",
     "REVOCATIONS_PATH",
     "NodeInfo",
+    "add_revocation",
     "deliver",
     "list_nodes",
     "load_revocations",
@@ -132,21 +136,12 @@ def revoke_node(identity: NodeIdentity, node_id: str, *, reason: str, now_ms: in
     Raises ``CommandError`` (with what to do) if this node holds no store key, if
     ``node_id`` is this node, or if this directory holds no certificate for ``node_id``
     (unless ``force``: a node id is revoked for good, so a typo must not slip through)."""
-    store_key = identity.store_key
-    if store_key is None:
-        raise CommandError(f"{identity.data_dir} holds no store key: revoke on the edge node "
-                           "that enrolled the store's nodes (the one with store.key)")
     if node_id == identity.node_id:
         raise CommandError(f"{node_id} is the node in {identity.data_dir}, which holds the "
                            "store key: it cannot revoke itself")
     trust = identity.trust
-    with _locked(identity.data_dir):
-        doc = _read(identity.data_dir)
-        held = load_revocations(identity.data_dir, trust)
-        if held is not None:
-            trust.apply_revocations(held)
-        if trust.crl is not None and node_id in trust.crl.revoked:
-            return trust.crl, False
+
+    def check() -> None:
         if trust.certificate(node_id) is None and not force:
             known = ", ".join(c.node_id for c in trust.certificates()) or "none"
             raise CommandError(f"{identity.data_dir} holds no certificate for {node_id!r} "
@@ -155,18 +150,45 @@ def revoke_node(identity: NodeIdentity, node_id: str, *, reason: str, now_ms: in
         from mesh.datadir import check_id
 
         check_id(node_id, "node id")
+
+    crl, new = add_revocation(identity, node_id, reason=reason, now_ms=now_ms, check=check)
+    if new:
+        log.info("node %s revoked (revocation list v%d): %s", node_id, crl.version, reason)
+    return crl, new
+
+
+def add_revocation(identity: NodeIdentity, name: str, *, reason: str, now_ms: int,
+                   check: Callable[[], None] | None = None) -> tuple[RevocationList, bool]:
+    """Sign the store's next revocation list with ``name`` on it (a node id, or
+    ``device:<id>`` for an API device: ``mesh.auth.revoked_name``), under the lock
+    (invariant 2); save it in ``revocations.json`` and ``node.json``. ``check`` runs
+    under the lock once the list held is known, and may refuse (raise). Returns the list
+    and whether it is new (False: ``name`` was on it already)."""
+    store_key = identity.store_key
+    if store_key is None:
+        raise CommandError(f"{identity.data_dir} holds no store key: revoke on the edge node "
+                           "that enrolled the store's nodes (the one with store.key)")
+    trust = identity.trust
+    with _locked(identity.data_dir):
+        doc = _read(identity.data_dir)
+        held = load_revocations(identity.data_dir, trust)
+        if held is not None:
+            trust.apply_revocations(held)
+        if trust.crl is not None and name in trust.crl.revoked:
+            return trust.crl, False
+        if check is not None:
+            check()
         revoked = set(trust.crl.revoked) if trust.crl is not None else set()
         crl = issue_revocations(store_key, store_id=identity.store_id,
                                 version=max(1, trust.crl_version + 1),
-                                revoked=revoked | {node_id})
+                                revoked=revoked | {name})
         records: dict[str, Any] = doc["records"]
-        records[node_id] = {"reason": reason, "revoked_ms": now_ms, "version": crl.version}
+        records[name] = {"reason": reason, "revoked_ms": now_ms, "version": crl.version}
         while len(records) > MAX_RECORDS:
             del records[next(iter(records))]
         _write(identity.data_dir, {"crl": crl.to_dict(), "records": records})
         trust.apply_revocations(crl)
         identity.save()
-    log.info("node %s revoked (revocation list v%d): %s", node_id, crl.version, reason)
     return crl, True
 
 
@@ -214,17 +236,20 @@ def list_nodes(identity: NodeIdentity, now_ms: int) -> list[NodeInfo]:
 # --- delivery to the running node ------------------------------------------------------
 
 
-async def deliver(url: str, crl: RevocationList, *, timeout_s: float = 5.0) -> int:
+async def deliver(url: str, crl: RevocationList, *, timeout_s: float = 5.0,
+                  ssl_context: ssl.SSLContext | None = None) -> int:
     """POST ``crl`` to the node at ``url``; returns the revocation list version it holds
-    afterwards. Raises ``ConnectionError`` (nothing answered, or not a storemesh node),
-    ``ValueError`` (it refused the list: the message says why)."""
+    afterwards. ``ssl_context``: for an ``https://`` URL, the store CA to pin
+    (``mesh.tls.api_client_context``). Raises ``ConnectionError`` (nothing answered, or
+    not a storemesh node), ``ValueError`` (it refused the list: the message says why)."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as http, http.post(
                 url.rstrip("/") + REVOCATIONS_PATH, data=orjson.dumps(crl.to_dict()),
-                headers={"Content-Type": "application/json"}) as resp:
+                headers={"Content-Type": "application/json"},
+                ssl=ssl_context if ssl_context is not None else True) as resp:
             raw = await resp.read()
             status = resp.status
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:

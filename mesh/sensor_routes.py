@@ -476,7 +476,7 @@ class _Routes:
                            "role")
         sid = _ident(request.match_info["sid"], "sensor_id")
         f = _fields(await _read_object(request), _PUT, request)
-        entry = {k: v for k, v in f.items() if k not in ("txn_id", "staff_id")}
+        entry = {k: v for k, v in f.items() if k not in ("txn_id", "staff_id", "key", "staff")}
         try:
             from mesh.sensors import check_entry
 
@@ -489,8 +489,7 @@ class _Routes:
             now = node.now_ms()
             rev = HLC(r.hlc.last).now(now)
             update = make_sensor_update(r.catalog, sid, entry, rev=rev, by=r.node_id)
-            return r.update_catalog(update, txn=f["txn_id"], now_ms=now,
-                                    staff=f.get("staff_id"),
+            return r.update_catalog(update, txn=f["key"], now_ms=now, staff=f["staff"],
                                     note=f"sensor:{sid} {change}"[: config.MAX_TEXT_LEN])
 
         res = await self._execute(command)
@@ -588,7 +587,7 @@ class _Routes:
                            "resolution")
         now = self.node.now_ms
         res = await self._execute(lambda r: reviews.resolve(
-            r, rid, f["resolution"], now_ms=now(), txn=f["txn_id"], staff=f.get("staff_id"),
+            r, rid, f["resolution"], now_ms=now(), txn=f["key"], staff=f["staff"],
             note=f.get("note")))
         view = self.node.replica.reviews.view(rid) or {}
         return _json({"txn_id": f["txn_id"], "origin": res.origin, "seq": res.seq,

@@ -16,9 +16,12 @@ Wire messages (bytes, first byte is the type):
   ``rs`` (optional) names origins whose envelopes we refused for want of their
   certificate, which has arrived since: the peer sends them again from our vector.
 * ``E`` + frames of ``u32 big-endian length + raw envelope`` — envelopes, verbatim.
-* ``C`` + orjson ``{"certs": [...], "crl": {...} | null}`` — certificates signed by the
-  store key, relayable by anyone. A new revocation list goes to every peer whose
-  summary shows an older one at once, alone (``certs`` empty).
+* ``C`` + orjson ``{"certs": [...], "crl": {...} | null, "roster": {...} | null}`` —
+  certificates, the revocation list (which also names revoked API devices) and the staff
+  roster (``mesh.auth``), all signed by the store key and relayable by anyone. ``V``
+  carries the roster version held as ``"ro"``, so a peer behind gets the newer one. A
+  new revocation list or roster goes to every peer whose summary shows an older one at
+  once, without the certificates (``certs`` empty).
 
 Invariants:
  1. Envelopes are forwarded verbatim; every envelope is verified (signature, or its
@@ -80,6 +83,7 @@ from itertools import repeat
 import orjson
 
 from mesh import config
+from mesh.auth import Roster
 from mesh.crdt import VersionVector
 from mesh.envelope import Envelope, decode, verify, verify_chain
 from mesh.errors import EnvelopeError, Equivocation, Malformed, Oversized
@@ -237,6 +241,7 @@ class _Peer:
     cur_interval: int = config.SYNC_INTERVAL_MS  # the one the current deadline used
     certs: int = 0
     crl: int = -1  # the revocation list version of its latest summary
+    roster: int = -1  # the staff roster version of its latest summary ("ro")
     #: our trust store version up to which it holds (or was sent) every certificate we
     #: hold: set at each of its summaries, since we answer one whose digest differs
     #: with all of ours (invariant 8)
@@ -329,7 +334,8 @@ class SyncCore:
         links = sorted(self.peers)
         crl = self.trust.crl_version
         msg = {"vv": self.replica.vv.to_dict(), "links": links,
-               "nc": self._cert_digest(), "crl": crl, "rx": rx, "ad": ad}
+               "nc": self._cert_digest(), "crl": crl, "rx": rx, "ad": ad,
+               "ro": self.trust.roster_version}
         if resend:
             msg["rs"] = sorted(resend)
         return b"V" + orjson.dumps(msg)
@@ -371,10 +377,11 @@ class SyncCore:
         return peer.interval * n // config.SYNC_FULL_RATE_PEERS
 
     def _certs_message(self, *, certs: bool = True) -> bytes:
-        crl = self.trust.crl
+        crl, roster = self.trust.crl, self.trust.roster
         return b"C" + orjson.dumps({
             "certs": [c.to_dict() for c in self.trust.certificates()] if certs else [],
             "crl": None if crl is None else crl.to_dict(),
+            "roster": None if roster is None else roster.to_dict(),
         })
 
     def _certs_first(self, out: list[Effect], peer: _Peer) -> None:
@@ -866,9 +873,15 @@ class SyncCore:
             self._stuck_peers.discard(peer.id)
         peer.held_at_report = {o: have for o, have in self.stored.items()
                                if tget(o, 0) < have}
-        if certs != self._cert_digest() or crl < self.trust.crl_version:
+        roster = msg.get("ro", -1)  # (absent from peers that predate staff rosters)
+        if type(roster) is not int:
+            raise Malformed("ro must be an integer")
+        peer.roster = roster
+        if (certs != self._cert_digest() or crl < self.trust.crl_version
+                or roster < self.trust.roster_version):
             self._send(out, peer.id, self._certs_message(), HIGH)  # before any resend
             peer.crl = self.trust.crl_version
+            peer.roster = self.trust.roster_version
         peer.certs_at = self.trust.version  # it holds ours, or has just been sent them
         self._pump(out, peer, now)
 
@@ -1022,6 +1035,22 @@ class SyncCore:
                 if self.trust.crl_version != before:
                     changed = True
                     self._revocations_changed(out, now)
+        if msg.get("roster") is not None:
+            try:
+                roster = Roster.from_dict(msg["roster"])
+            except ValueError:
+                self._count("malformed")
+            else:
+                try:
+                    before = self.trust.roster_version
+                    self.trust.apply_roster(roster)
+                except EnvelopeError as exc:
+                    self._count(exc.reason)
+                else:
+                    peer.roster = max(peer.roster, roster.version)
+                    if self.trust.roster_version != before:
+                        changed = True
+                        self._roster_changed(out)
         if changed:
             out.append(TrustChanged())
         if learned and self._awaited:
@@ -1059,6 +1088,29 @@ class SyncCore:
                 data = data or self._certs_message(certs=False)
                 self._send(out, peer.id, data, HIGH)
                 peer.crl = version
+
+    def _roster_changed(self, out: list[Effect]) -> None:
+        """A newer staff roster was adopted: pass it on at once to every peer whose
+        summary shows an older one, as ``_revocations_changed`` does for the list, so a
+        disabled staff member is refused store-wide within a few round trips."""
+        version = self.trust.roster_version
+        data = b""
+        for peer in self.peers.values():
+            if peer.ready and peer.roster < version:
+                data = data or self._certs_message(certs=False)
+                self._send(out, peer.id, data, HIGH)
+                peer.roster = version
+
+    def learn_roster(self, roster: Roster) -> list[Effect]:
+        """A staff roster from a local source (the edge re-signed it): adopt it if newer
+        and pass it on at once. Raises ``BadSignature`` or ``WrongStore``."""
+        out: list[Effect] = []
+        before = self.trust.roster_version
+        self.trust.apply_roster(roster)
+        if self.trust.roster_version != before:
+            self._roster_changed(out)
+            out.append(TrustChanged())
+        return out
 
     def learn_revocations(self, crl: RevocationList, now: int) -> list[Effect]:
         """A revocation list from a local source (``POST /v1/revocations``): adopt it if

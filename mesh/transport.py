@@ -14,6 +14,12 @@ same store), that it is neither revoked nor expired, that it names the node id c
 and the signature over both fresh nonces (so the peer holds that certificate's key
 now, and the exchange cannot be replayed).
 
+All of it runs inside mutual TLS 1.3 pinned to the store CA (``mesh.tls``): the
+listener refuses a session whose TLS client presented no certificate, the dialer
+refuses a peer whose TLS certificate names another node than the one it meant, and
+both check that the TLS certificate names the node of the hello and holds the key of
+its storemesh certificate (invariant 7).
+
 Invariants:
  1. No sync message is read or sent before both sides are authenticated.
  2. Every task belongs to the ``Session`` that started it and is cancelled and awaited
@@ -34,6 +40,12 @@ Invariants:
  6. A ``WanCodec``'s per-origin tables hold at most ``MAX_WAN_ORIGINS`` origins each,
     and the receiving table only origins that hold a certificate here: whatever a peer
     sends, a session's memory does not grow with the origin strings it makes up.
+ 7. On a TLS link, a session runs only if the TLS peer certificate names the same
+    store and node as the hello and carries the public key of the peer's storemesh
+    certificate (``tls_identity_mismatch`` otherwise); a listener refuses a TLS client
+    without a certificate (``no_client_cert``), a dialer a peer that is not the node it
+    meant (``wrong_peer``). On a plain-text link (loopback development only) none of
+    this applies.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import struct
 import zlib
 from collections import deque
@@ -57,6 +70,7 @@ from mesh import config
 from mesh.datadir import NodeIdentity
 from mesh.errors import EnvelopeError
 from mesh.identity import Certificate, verify_signature
+from mesh.tls import PeerIdentity, client_context, load_tls_files, peer_identity
 from mesh.wancodec import WanCodec
 
 __all__ = ["HS_DOMAIN", "PROTO", "HandshakeError", "Session", "WanCodec", "accept", "dial"]
@@ -318,15 +332,28 @@ def _enrolled(identity: NodeIdentity) -> Callable[[str], bool]:
 
 async def accept(request: web.Request, identity: NodeIdentity, now_ms: Callable[[], int],
                  on_session: Callable[[Session], Awaitable[None]],
-                 on_reject: Callable[[str], None], *, wan: bool = False) -> web.WebSocketResponse:
+                 on_reject: Callable[[str], None], *, wan: bool = False) -> web.StreamResponse:
     """Server side of ``GET /v1/sync``: handshake, then hand the session over. Offers
     per-message deflate to clients that ask for it (WAN peers do)."""
+    tls_peer: PeerIdentity | None = None
+    sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
+    if sslobj is not None:  # a TLS listener: a node must present its certificate
+        der = sslobj.getpeercert(binary_form=True)
+        tls_peer = peer_identity(der) if der else None
+        if tls_peer is None:
+            on_reject("no_client_cert")
+            log.info("refused session from %s: no node certificate in TLS", request.remote)
+            return web.json_response(
+                {"error": {"field": None, "reason": "no_client_cert",
+                           "message": "a sync session needs a TLS client certificate "
+                                      "issued by the store"}}, status=403)
     ws = web.WebSocketResponse(max_msg_size=config.MAX_MESSAGE_BYTES,
                                heartbeat=config.HEARTBEAT_S)
     await ws.prepare(request)
     try:
         hello_msg = await _recv_json(ws)
         cert, their_nonce = _check_hello(identity, hello_msg, now_ms())
+        _check_binding(tls_peer, cert, identity.store_id)
         wan = wan or (isinstance(hello_msg, dict) and hello_msg.get("wan") is True)
         nonce = os.urandom(32)
         hello = _hello(identity, nonce, wan)
@@ -363,19 +390,68 @@ async def accept(request: web.Request, identity: NodeIdentity, now_ms: Callable[
     return ws
 
 
+def _check_binding(tls_peer: PeerIdentity | None, cert: Certificate, store_id: str) -> None:
+    """Invariant 7: the TLS certificate and the hello speak for the same node and key."""
+    if tls_peer is None:
+        return
+    if (tls_peer.store_id, tls_peer.node_id, tls_peer.public_key) != (
+            store_id, cert.node_id, cert.public_key):
+        raise HandshakeError("tls_identity_mismatch",
+                             f"TLS certificate of node {tls_peer.node_id!r} but a hello "
+                             f"from {cert.node_id!r}")
+
+
 async def dial(http: aiohttp.ClientSession, url: str, identity: NodeIdentity,
-               now_ms: Callable[[], int], *, wan: bool = False) -> Session:
-    """Client side: connect to ``url`` (``http://host:port``) and authenticate both ways.
+               now_ms: Callable[[], int], *, wan: bool = False,
+               ssl_context: ssl.SSLContext | None = None, expect: str | None = None,
+               expect_role: str | None = None, server_hostname: str | None = None
+               ) -> Session:
+    """Client side: connect to ``url`` (``https://host:port``; ``http://`` only for
+    loopback development) and authenticate both ways. ``ssl_context``: mutual TLS
+    pinned to the store CA (``mesh.tls.client_context``); ``expect``: the node id we
+    mean to reach (refused as ``wrong_peer`` if the TLS certificate, or on a plain-text
+    link the authenticated hello, names another); ``expect_role``: the role that node
+    must be enrolled with (``wrong_peer`` otherwise: a ``--cloud`` URL must reach the
+    cloud, not a register that answers there);
+    ``server_hostname``: the SNI name (the cloud picks its store's certificate by it).
+    Without ``ssl_context`` an https:// dial reads the identity's TLS files (blocking:
+    for tools and tests).
     ``wan``: a metered link (to the cloud): WanCodec compression and linger batching.
     Raises ``HandshakeError`` (refused or forged) or aiohttp/OS errors (unreachable)."""
+    tls = url.startswith("https://")
+    if tls and ssl_context is None:  # tools and tests; a Node passes its own context
+        ssl_context = client_context(load_tls_files(
+            identity.data_dir, identity.key, store_id=identity.store_id,
+            node_id=identity.node_id, store_public_key=identity.trust.store_public_key))
+    extra: dict[str, Any] = {"ssl": ssl_context} if tls else {}
+    if tls and server_hostname is not None:
+        extra["server_hostname"] = server_hostname
     ws = await http.ws_connect(url.rstrip("/") + "/v1/sync", max_msg_size=config.MAX_MESSAGE_BYTES,
                                heartbeat=config.HEARTBEAT_S, compress=0,
-                               timeout=aiohttp.ClientWSTimeout(ws_close=2.0))
+                               timeout=aiohttp.ClientWSTimeout(ws_close=2.0), **extra)
     try:
+        tls_peer: PeerIdentity | None = None
+        if tls:
+            sslobj = ws.get_extra_info("ssl_object")
+            der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+            tls_peer = peer_identity(der) if der else None
+            if tls_peer is None or tls_peer.store_id != identity.store_id:
+                raise HandshakeError("tls_identity_mismatch",
+                                     "the peer's TLS certificate names no node of this store")
+            if expect is not None and tls_peer.node_id != expect:
+                raise HandshakeError("wrong_peer", f"{url} is node {tls_peer.node_id!r}, "
+                                     f"not {expect!r}")
         nonce = os.urandom(32)
         await ws.send_str(orjson.dumps(_hello(identity, nonce, wan)).decode())
         reply = await _recv_json(ws)
         cert, their_nonce = _check_hello(identity, reply, now_ms())
+        _check_binding(tls_peer, cert, identity.store_id)
+        if expect is not None and cert.node_id != expect:
+            raise HandshakeError("wrong_peer", f"{url} is node {cert.node_id!r}, not "
+                                 f"{expect!r}")
+        if expect_role is not None and cert.role != expect_role:
+            raise HandshakeError("wrong_peer", f"{url} is node {cert.node_id!r} enrolled "
+                                 f"as {cert.role!r}, not {expect_role!r}")
         assert isinstance(reply, dict)
         try:
             sig = bytes.fromhex(str(reply.get("sig", "")))

@@ -95,8 +95,10 @@ from mesh import config, transport
 from mesh.datadir import NodeIdentity, enrol_node, init_store
 from mesh.durable import DurableReplica
 from mesh.envelope import Envelope
+from mesh.hqtls import CA_FILE as HQ_CA_FILE
 from mesh.node import Node
 from mesh.replica import CommandResult, Replica
+from mesh.tls import api_client_context
 from mesh.transport import tcp_bytes
 
 #: Bearer key of the naive cloud API: 40 characters, like any real API key.
@@ -137,6 +139,11 @@ GOAL_LIVE_MS = 150.0
 #: SKU sold only by the live sales of the catch-up (so the cloud's on-hand of it counts
 #: how many of them it holds).
 console = Console(width=None if sys.stdout.isatty() else 132)
+
+
+#: What the script's own API clients trust: the CA of each store it makes (the nodes
+#: serve TLS pinned to the store key, docs/security.md) and the cloud's HQ CA.
+TRUST = api_client_context(b"")
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +320,7 @@ def make_store(root: Path, cloud_root: Path, store_id: str) -> StoreDirs:
     """An edge (with the store key), two registers and the cloud, each trusting all."""
     t = now_ms()
     edge = init_store(root / store_id / "edge", store_id, now_ms=t, node_id="edge-01")
+    TRUST.load_verify_locations(cadata=(edge.data_dir / "tls-ca.pem").read_text())
     assert edge.store_key is not None
     regs = {rid: enrol_node(root / store_id / rid, edge.store_key, store_id, "register",
                             now_ms=t, node_id=rid) for rid in REGISTERS}
@@ -379,6 +387,8 @@ class CloudProcess:
                 continue
             if "listening on " in line:
                 self.url = line.rsplit("listening on ", 1)[1].strip()
+                if not self.plain:  # its API answers with the HQ certificate
+                    TRUST.load_verify_locations(cafile=self.root / HQ_CA_FILE)
                 return
         tail = self.log_path.read_text(errors="replace")[-3000:]
         self.stop()
@@ -566,7 +576,8 @@ class CloudApi:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
+                                          connector=aiohttp.TCPConnector(ssl=TRUST))
 
     async def envelopes(self) -> int:
         """Rows in the cloud's durable ledger for this store."""

@@ -89,7 +89,7 @@ from rich.console import Console
 from rich.table import Table
 from yarl import URL
 
-from mesh import transport
+from mesh import authdir, transport
 from mesh.datadir import NodeIdentity, enrol_node, init_store, load_identity
 from mesh.durable import DurableReplica
 from mesh.envelope import decode
@@ -115,6 +115,10 @@ GOAL_CATCHUP_S = 5.0
 #: Receipt quantity per SKU: sales never take stock below zero (no oversell noise).
 STOCK = 1_000_000
 JSON_HEADERS = {"Content-Type": "application/json"}
+#: The credential of the store's back-office integration (a ``service`` device, issued by
+#: each ``Cluster`` as ``storemesh device issue`` does): every write and the live streams
+#: send it (docs/security.md). Sections run one cluster at a time.
+AUTH: dict[str, str] = {}
 _EVENT = re.compile(rb'"origin":"([^"]+)","seq":(\d+)')
 
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -305,7 +309,10 @@ class NodeProc:
         assert self.proc is None or self.proc.poll() is not None
         args = [sys.executable, "-m", "mesh", "node", "--data", str(self.data_dir),
                 "--http-host", "127.0.0.1", "--http-port", str(self.port), "--no-discovery",
-                "--log-level", "WARNING"]
+                "--log-level", "WARNING",
+                # TLS is not wired into this benchmark's clients yet (issue 11): it
+                # measures the plain-text loopback mode, as before TLS.
+                "--insecure-plaintext"]
         for url in self.peers:
             args += ["--peer", url]
         env = dict(os.environ)
@@ -375,6 +382,11 @@ class Cluster:
         ident = init_store(self.root / "edge", STORE, now_ms=now_ms(), node_id="edge")
         assert ident.store_key is not None
         self.store_key = ident.store_key
+        token = authdir.issue_device_credential(self.root / "edge", device_id="bench",
+                                                role="service", now_ms=now_ms(),
+                                                ttl_ms=86_400_000)
+        AUTH["Authorization"] = f"Bearer {token}"
+        JSON_HEADERS["Authorization"] = AUTH["Authorization"]
         self.nodes = [NodeProc("edge", self.root / "edge", self.root / "logs")]
         for i in range(1, n_registers + 1):
             nid = f"reg-{i:02d}"
@@ -513,7 +525,7 @@ async def stock_receipts(http: aiohttp.ClientSession, url: str, skus: int) -> No
     async def one(i: int) -> None:
         async with sem:
             await post_json(http, url + "/v1/receipts", {
-                "sku": sku_name(i), "qty": STOCK, "txn_id": f"rx-{i}", "staff_id": "bench"})
+                "sku": sku_name(i), "qty": STOCK, "txn_id": f"rx-{i}"})
     await asyncio.gather(*(one(i) for i in range(skus)))
 
 
@@ -561,7 +573,7 @@ class Observer:
         seqs, times = self.seqs, self.times
         while not self._stopping:
             try:
-                async with self._http.get(node.url + "/v1/events") as resp:
+                async with self._http.get(node.url + "/v1/events", headers=AUTH) as resp:
                     buf = b""
                     async for chunk in resp.content.iter_any():
                         t = time.perf_counter()

@@ -48,3 +48,11 @@ def kit() -> StoreKit:
     k.enrol("r2")
     k.enrol("cloud", "cloud")
     return k
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_token() -> None:
+    """Each test starts without a current API credential (tests.meshkit.use_token)."""
+    from tests import meshkit
+
+    meshkit.reset_tokens()

@@ -9,6 +9,10 @@
   Each node's stderr (its log) goes to ``<tmp_path>/<name>.log``.
 * Stores on disk: ``new_store`` (store key + edge node), ``enrol_direct`` (the local
   path: a certificate from the store key), ``join_token`` (a one-time token).
+* TLS: nodes run real TLS (``mesh.tls``), as in production. ``new_store`` adds the
+  store's CA to ``TEST_SSL``, the context every ``client()`` uses, so tests pin the
+  CAs of the stores they made and nothing else. ``launch(plaintext=True)`` starts a
+  node with ``--insecure-plaintext`` (loopback development mode).
 * HTTP: ``get_json``, ``post_json``, ``stock_table``, ``audit_txns``, ``wait_mesh``,
   ``wait_converged``, ``metric_families``, ``rejections``; ``SseReader`` for
   ``/v1/events``; ``until`` polls anything with a bound.
@@ -29,6 +33,7 @@ import contextlib
 import os
 import queue
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -43,10 +48,14 @@ import aiohttp
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
 
+from mesh import authdir
+from mesh.authdir import issue_device_credential
 from mesh.datadir import NodeIdentity, enrol_node, init_store
 from mesh.enrol import create_token
 from mesh.identity import TrustStore
+from mesh.tls import api_client_context
 
 LOOPBACK = "127.0.0.1"
 #: A node prints its URL after opening its ledger, binding HTTP and probing its mDNS
@@ -84,18 +93,187 @@ def tag() -> str:
 # --- stores on disk ------------------------------------------------------------------
 
 
+#: The TLS context of every ``client()``: trusts the CA of each store ``new_store`` made
+#: in this process (OpenSSL reads the context's trust store at each handshake, so CAs
+#: added later count for sessions opened before).
+TEST_SSL = api_client_context(b"")
+
+
+def trust_ca(data_dir: Path) -> None:
+    """Let ``client()`` sessions trust the store CA held in ``data_dir``."""
+    TEST_SSL.load_verify_locations(cadata=(data_dir / "tls-ca.pem").read_text())
+
+
+def rogue_tls_context(data_dir: Path) -> ssl.SSLContext:
+    """An attacker's TLS client: presents ``data_dir``'s node certificate and checks
+    nothing about the server (so only the server's checks can stop it)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(data_dir / "tls-node.pem", data_dir / "tls-node.key")
+    return ctx
+
+
 def new_store(base: Path, store_id: str, edge_id: str) -> NodeIdentity:
-    """A store key and its first (edge) node in ``base/edge_id``."""
-    return init_store(base / edge_id, store_id, now_ms=now_ms(), node_id=edge_id)
+    """A store key and its first (edge) node in ``base/edge_id``, and a back-office
+    integration's credential for it (``issue_token``), which ``client()`` sends to that
+    store's nodes (the first store of a test is also the default: ``use_token``)."""
+    edge = init_store(base / edge_id, store_id, now_ms=now_ms(), node_id=edge_id)
+    trust_ca(edge.data_dir)
+    token = issue_token(edge)
+    # (a second store under the same id, a rogue one, does not take the first's place)
+    token = _STORE_TOKENS.setdefault(store_id, token)
+    if _TOKEN[0] is None:
+        use_token(token)
+    return edge
+
+
+# --- API credentials (mesh.auth) ---------------------------------------------------------
+
+#: The credential ``client()`` sessions send when a request names none, unless the
+#: request goes to a node of a store in ``_STORE_TOKENS`` (set by ``new_store``; reset
+#: before every test by conftest: ``reset_tokens``).
+_TOKEN: list[str | None] = [None]
+#: store id -> the integration credential ``new_store`` issued for it
+_STORE_TOKENS: dict[str, str] = {}
+#: "host:port" of a node process -> its store id (learnt as it starts: ``Cluster``)
+_ORIGIN_STORE: dict[str, str] = {}
+
+
+def use_store_token(store_id: str, token: str, *urls: str) -> None:
+    """``client()`` sends ``token`` to the nodes of ``store_id`` (the cloud's
+    ``/stores/<store_id>/``, and the nodes at ``urls``)."""
+    _STORE_TOKENS[store_id] = token
+    for u in urls:
+        url = URL(u)
+        _ORIGIN_STORE[f"{url.host}:{url.port}"] = store_id
+
+
+def reset_tokens() -> None:
+    _TOKEN[0] = None
+    _STORE_TOKENS.clear()
+    _ORIGIN_STORE.clear()
+
+
+def _token_for(url: Any) -> str | None:
+    """The credential for a request to ``url``: its store's (a cloud's ``/stores/S/``
+    path, or a node process's address), else the default."""
+    parts = url.path.split("/")
+    store = parts[2] if len(parts) > 3 and parts[1] == "stores" else None
+    if store is None:
+        store = _ORIGIN_STORE.get(f"{url.host}:{url.port}")
+    return _STORE_TOKENS.get(store, _TOKEN[0]) if store is not None else _TOKEN[0]
+
+
+#: scrypt cost of test staff PINs (the CLI's default, config.PIN_SCRYPT_N, costs ~50 ms a
+#: check; a cheap cost keeps PIN logins fast in tests and changes nothing else).
+PIN_COST = 1024
+
+
+def _edge_dir(edge: NodeIdentity | Path) -> Path:
+    return edge.data_dir if isinstance(edge, NodeIdentity) else Path(edge)
+
+
+def issue_token(edge: NodeIdentity | Path, device_id: str = "test-svc", role: str = "service",
+                **kwargs: Any) -> str:
+    """A device credential issued by the store's edge in ``edge`` as ``storemesh device
+    issue`` does it (``mesh.authdir``: recorded in auth.json, revocable)."""
+    return issue_device_credential(_edge_dir(edge), device_id=device_id, role=role,
+                                   now_ms=now_ms(), ttl_ms=24 * 3600_000, **kwargs)
+
+
+def add_staff(edge: NodeIdentity | Path, staff_id: str, role: str = "cashier",
+              pin: str = "2468", name: str | None = None) -> int:
+    """Put ``staff_id`` on the roster as ``storemesh staff add`` does; returns the new
+    roster version (the nodes pick it up: ``wait_roster``)."""
+    roster = authdir.add_staff(_edge_dir(edge), staff_id=staff_id, name=name or staff_id,
+                               role=role, pin=pin, now_ms=now_ms(), pin_cost=PIN_COST)
+    return roster.version
+
+
+async def wait_roster(http: aiohttp.ClientSession, url: str, version: int,
+                      within: float = 15.0) -> None:
+    """Until the node at ``url`` holds roster ``version`` or later (``/v1/health``)."""
+    async def probe() -> bool:
+        return bool((await get_json(http, url, "/v1/health"))["roster_version"] >= version)
+    await until(probe, within=within, what=f"roster v{version} at {url}")
+
+
+async def login(http: aiohttp.ClientSession, url: str, token: str, staff_id: str,
+                pin: str = "2468", *, roster: int | None = None) -> dict[str, str]:
+    """Log ``staff_id`` in at the node at ``url`` from the device holding ``token``, as a
+    till does (``POST /v1/session``); returns the headers of that till's writes. With
+    ``roster``, first wait until the node holds that roster version."""
+    if roster is not None:
+        await wait_roster(http, url, roster)
+    async with http.post(url + "/v1/session", json={"staff_id": staff_id, "pin": pin},
+                         headers=bearer(token)) as resp:
+        body = await resp.json()
+        assert resp.status == 201, f"login of {staff_id} at {url}: {resp.status} {body}"
+    return {**bearer(token), "X-Staff-Session": body["session"]}
+
+
+def use_token(token: str | None) -> None:
+    _TOKEN[0] = token
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def _with_token(req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+                      ) -> aiohttp.ClientResponse:
+    token = _token_for(req.url)
+    if token is not None and "Authorization" not in req.headers:
+        req.headers["Authorization"] = f"Bearer {token}"
+    return await handler(req)
+
+
+#: The HQ account tests make on a cloud (``add_hq_user``) and its password.
+HQ_USER = "hq-ann"
+HQ_PASSWORD = "correct horse battery"
+
+
+def add_hq_user(cloud_root: Path, name: str = HQ_USER, password: str = HQ_PASSWORD,
+                role: str = "viewer") -> None:
+    """An HQ account on the cloud in ``cloud_root``, as ``storemesh hq add`` makes it."""
+    from mesh.hq import add_user
+
+    add_user(cloud_root, name, password, role=role, cost=PIN_COST)
 
 
 @contextlib.asynccontextmanager
-async def running_node(data_dir: Path) -> AsyncIterator[Any]:
-    """An in-process node on ``data_dir`` (already initialised), HTTP on 127.0.0.1 at a
-    free port, no discovery; closed when the block ends."""
+async def hq_session(cloud_url: str, name: str = HQ_USER, password: str = HQ_PASSWORD,
+                     ) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client logged in at the cloud's HQ door (``POST /v1/hq/login``), holding the
+    session cookie (a cookie jar that accepts cookies from an IP address: loopback);
+    it also sends the store credentials ``client()`` does."""
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with client(cookie_jar=jar) as http:
+        await hq_login(http, cloud_url, name, password)
+        yield http
+
+
+async def hq_login(http: aiohttp.ClientSession, cloud_url: str, name: str = HQ_USER,
+                   password: str = HQ_PASSWORD) -> dict[str, Any]:
+    """Log in at the cloud's HQ door (again: a restarted cloud forgot its sessions)."""
+    async with http.post(cloud_url + "/v1/hq/login",
+                         json={"user": name, "password": password}) as resp:
+        body: dict[str, Any] = await resp.json()
+        assert resp.status == 200, f"HQ login at {cloud_url}: {resp.status} {body}"
+    return body
+
+
+@contextlib.asynccontextmanager
+async def running_node(data_dir: Path, *, plaintext: bool = True) -> AsyncIterator[Any]:
+    """An in-process node on ``data_dir`` (already initialised) on 127.0.0.1 at a free
+    port, no discovery; closed when the block ends. ``plaintext`` (the default): plain
+    HTTP, the loopback development mode, for tests of the API itself; ``False``: TLS as
+    in production (pin with ``client()``)."""
     from mesh.node import Node
 
-    n = Node(data_dir, http_host="127.0.0.1", http_port=0, discovery=False)
+    n = Node(data_dir, http_host="127.0.0.1", http_port=0, discovery=False,
+             insecure_plaintext=plaintext)
     await n.start()
     try:
         yield n
@@ -176,11 +354,14 @@ class Cluster:
                http_port: int = 0, peers: Sequence[str] = (), discovery: bool = True,
                join: str | None = None, node_id: str | None = None,
                netns: str | None = None, log_level: str = "INFO",
-               extra: Sequence[str] = ()) -> NodeProc:
+               extra: Sequence[str] = (), plaintext: bool = False) -> NodeProc:
         """Start a node process; ``wait_ready`` returns once it listens. ``extra``:
-        more ``storemesh node`` arguments (e.g. ``--cloud URL``)."""
+        more ``storemesh node`` arguments (e.g. ``--cloud URL``). ``plaintext``:
+        ``--insecure-plaintext`` (nodes run TLS otherwise)."""
         argv = ["node", "--data", str(data_dir), "--interface", interface,
                 "--http-port", str(http_port), "--log-level", log_level, *extra]
+        if plaintext:
+            argv.append("--insecure-plaintext")
         for url in peers:
             argv += ["--peer", url]
         if not discovery:
@@ -246,6 +427,8 @@ class Cluster:
                 words = line.split()
                 node.node_id, node.role = words[2], words[3].strip("()")
                 node.store_id, node.url = words[6], words[-1]
+                url = URL(node.url)
+                _ORIGIN_STORE[f"{url.host}:{url.port}"] = node.store_id
                 return
         pytest.fail(f"node {node.name} did not print its URL within {within} s; stdout "
                     f"{seen}\nlog:\n{node.log_tail()}")
@@ -377,8 +560,12 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 # --- HTTP --------------------------------------------------------------------------------
 
 
-def client() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(timeout=HTTP_TIMEOUT)
+def client(**kwargs: Any) -> aiohttp.ClientSession:
+    """An HTTP client pinned to the CAs of this test process's stores (``TEST_SSL``),
+    sending the store's integration credential (``use_token``, ``use_store_token``)."""
+    return aiohttp.ClientSession(timeout=HTTP_TIMEOUT,
+                                 connector=aiohttp.TCPConnector(ssl=TEST_SSL),
+                                 middlewares=(_with_token,), **kwargs)
 
 
 async def get_json(http: aiohttp.ClientSession, url: str, path: str) -> Any:

@@ -10,6 +10,10 @@ bytes it carries, and the test can call it from sync or async code alike.
   when that is in force.
 * ``heal()`` forwards new connections again.
 * ``close()`` does ``cut()``, stops listening, awaits every handler and joins the thread.
+* ``tamper(up=..., flip_at=..., inject=...)`` arms a one-shot change of the next chunk
+  carried in one direction (``up``: client to target): flip one bit at an offset, or
+  insert bytes (a replayed earlier chunk, say) before it. ``recorded(up)`` gives the
+  chunks carried so far (the first ``MAX_RECORDED``), to replay one.
 
 Invariants:
  1. Only loopback targets: the proxy refuses to forward anywhere else.
@@ -37,6 +41,8 @@ CONNECT_TIMEOUT_S: Final = 5.0
 CALL_TIMEOUT_S: Final = 10.0
 #: Bytes read at once from either side.
 CHUNK: Final = 64 * 1024
+#: Chunks kept per direction for ``recorded`` (a handshake and a few messages).
+MAX_RECORDED: Final = 256
 
 
 @dataclass(eq=False)  # hashed by identity: kept in a set
@@ -64,13 +70,17 @@ class TcpProxy:
     """A cuttable TCP forwarder from 127.0.0.1:<port> to 127.0.0.1:<target_port>."""
 
     def __init__(self, target_port: int, *, target_host: str = "127.0.0.1",
-                 name: str = "proxy") -> None:
+                 name: str = "proxy", scheme: str = "https") -> None:
         if not ipaddress.ip_address(target_host).is_loopback:  # invariant 1
             raise ValueError(f"TcpProxy forwards to loopback only, not {target_host}")
         self.target_host = target_host
         self.target_port = target_port
         self.name = name
+        self.scheme = scheme  # nodes speak TLS unless started with --insecure-plaintext
         self.port = 0
+        self._tamper: dict[bool, tuple[int | None, bytes]] = {}
+        self.tampered: list[str] = []
+        self._recorded: dict[bool, list[bytes]] = {True: [], False: []}
         self.stats = ProxyStats()
         self._cut = False
         self._pairs: set[_Pair] = set()
@@ -81,7 +91,7 @@ class TcpProxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def is_cut(self) -> bool:
@@ -142,6 +152,28 @@ class TcpProxy:
         self._thread.join(CALL_TIMEOUT_S)
         if self._thread.is_alive():
             raise RuntimeError(f"{self.name}: proxy thread did not stop")
+
+    def tamper(self, *, up: bool, flip_at: int | None = None, inject: bytes = b"") -> None:
+        """Change the next chunk carried in direction ``up`` once: flip the low bit of
+        its byte at ``flip_at`` (clamped to the chunk), and/or insert ``inject``
+        before it. The loop thread reads the arm; a dict store is atomic."""
+        self._tamper[up] = (flip_at, inject)
+
+    def recorded(self, up: bool) -> list[bytes]:
+        return list(self._recorded[up])
+
+    def _apply_tamper(self, data: bytes, up: bool) -> bytes:
+        arm = self._tamper.pop(up, None)
+        if arm is None:
+            return data
+        flip_at, inject = arm
+        if flip_at is not None:
+            at = min(flip_at, len(data) - 1)
+            data = data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
+            self.tampered.append(f"flipped byte {at} of a {len(data)}-byte chunk")
+        if inject:
+            self.tampered.append(f"injected {len(inject)} bytes")
+        return inject + data
 
     def _call(self, coro: Coroutine[Any, Any, None]) -> None:
         assert self._loop is not None, "start() the proxy first"
@@ -215,6 +247,9 @@ class TcpProxy:
                 data = await reader.read(CHUNK)
                 if not data or self._cut:
                     break
+                if len(self._recorded[up]) < MAX_RECORDED:
+                    self._recorded[up].append(data)
+                data = self._apply_tamper(data, up)
                 writer.write(data)
                 await writer.drain()
                 if up:

@@ -43,6 +43,24 @@ from mesh.node import Node
 from mesh.replica import Replica
 
 LOOPBACK = "127.0.0.1"
+
+
+def add_hq_user(cloud_root: Path) -> None:
+    from tests.meshkit import add_hq_user as add  # (not at import: the child runs alone)
+
+    add(cloud_root)
+
+
+def hq_session(cloud_url: str) -> Any:
+    from tests.meshkit import hq_session as session
+
+    return session(cloud_url)
+
+
+async def hq_login(http: aiohttp.ClientSession, cloud_url: str) -> None:
+    from tests.meshkit import hq_login as login
+
+    await login(http, cloud_url)
 Totals = Counter[tuple[str, str, int, str]]  # (store, sku, hour, kind) -> qty
 
 
@@ -351,8 +369,11 @@ def test_sigkill_mid_transaction_loses_and_doubles_nothing(tmp_path: Path) -> No
 class Fleet:
     """A cloud peer and stores of an edge and a register each, in this process."""
 
-    def __init__(self, base: Path, store_ids: Sequence[str]) -> None:
+    def __init__(self, base: Path, store_ids: Sequence[str], *, tls: bool = False) -> None:
+        """``tls``: every link and the cloud's server TLS, as in production (the
+        dashboard tests, in a browser); else the plain-text loopback mode."""
         self.base = base
+        self.tls = tls
         self.cloud_root = base / "cloud"
         self.store_ids = list(store_ids)
         self.cloud: CloudNode | None = None
@@ -362,6 +383,7 @@ class Fleet:
         #: Acknowledged sales per (store, sku): [count, units].
         self.sold: dict[tuple[str, str], list[int]] = {}
         self._txn = itertools.count(1)
+        self.tokens: dict[str, str] = {}  # store id -> an integration's credential
         t = now_ms()
         for sid in store_ids:
             edge = init_store(base / sid / "edge", sid, now_ms=t, node_id=f"edge-{sid}")
@@ -372,6 +394,7 @@ class Fleet:
                                    trust=TrustStore.from_dict(edge.trust.to_dict()))
                 edge.trust.add_certificate(ident.certificate)
             edge.save()
+        add_hq_user(self.cloud_root)  # head office logs in to the fleet views
 
     @property
     def analytics(self) -> Analytics:
@@ -386,7 +409,8 @@ class Fleet:
         return self.cloud.url
 
     async def start_cloud(self) -> CloudNode:
-        cloud = CloudNode(self.cloud_root, http_host=LOOPBACK, http_port=self.port)
+        cloud = CloudNode(self.cloud_root, insecure_plaintext=not self.tls,
+                          http_host=LOOPBACK, http_port=self.port)
         cloud.setup_hooks.append(setup_dashboard)
         await cloud.start()
         self.cloud, self.port = cloud, cloud.http_port
@@ -400,14 +424,27 @@ class Fleet:
     async def start_stores(self) -> None:
         assert self.port, "start the cloud first: the edges dial its URL"
         for sid in self.store_ids:
-            edge = Node(self.base / sid / "edge", http_host=LOOPBACK, discovery=False,
-                        wan_peers=[f"http://{LOOPBACK}:{self.port}/stores/{sid}"])
+            scheme = "https" if self.tls else "http"
+            edge = Node(self.base / sid / "edge", insecure_plaintext=not self.tls,
+                        http_host=LOOPBACK, discovery=False,
+                        wan_peers=[f"{scheme}://{LOOPBACK}:{self.port}/stores/{sid}"])
             await edge.start()
             self.edges[sid] = edge
-            reg = Node(self.base / sid / "reg", http_host=LOOPBACK, discovery=False,
+            reg = Node(self.base / sid / "reg", insecure_plaintext=not self.tls,
+                       http_host=LOOPBACK, discovery=False,
                        peers=[edge.url])
             await reg.start()
             self.regs[sid] = reg
+            self._use_token(sid, edge.url, reg.url)
+
+    def _use_token(self, sid: str, *urls: str) -> None:
+        """``tests.meshkit.client()`` sends store ``sid``'s integration credential to
+        its nodes (its edge, its register, its replica at the cloud)."""
+        from tests import meshkit
+
+        if sid not in self.tokens:
+            self.tokens[sid] = meshkit.issue_token(self.base / sid / "edge")
+        meshkit.use_store_token(sid, self.tokens[sid], *urls)
 
     async def receive(self, sid: str, sku: str, qty: int) -> None:
         txn = f"rcv-{next(self._txn)}"
@@ -491,7 +528,7 @@ async def test_fleet_sales_stock_health_and_exact_catch_up(fleet: Fleet) -> None
     await fleet.sell("s2", "sku-a", 2)
     await fleet.sell("s2", "sku-b", 3)  # 2 more than there are: an oversell exception
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+    async with hq_session(fleet.url) as http:
         want = fleet.want_sales()
 
         async def sales_arrived() -> Any:
@@ -547,6 +584,7 @@ async def test_fleet_sales_stock_health_and_exact_catch_up(fleet: Fleet) -> None
             await fleet.sell("s2", "sku-a", 1)
         await asyncio.sleep(0.3)
         await fleet.start_cloud()
+        await hq_login(http, fleet.url)  # a restart ends every HQ session
         want = fleet.want_sales()
 
         async def caught_up() -> Any:
@@ -578,7 +616,8 @@ async def lone_cloud(tmp_path: Path) -> AsyncIterator[CloudNode]:
     assert edge.store_key is not None
     enrol_node(tmp_path / "cloud" / "s1", edge.store_key, "s1", "cloud", now_ms=now_ms(),
                node_id="cloud-s1", trust=TrustStore.from_dict(edge.trust.to_dict()))
-    cloud = CloudNode(tmp_path / "cloud", http_host=LOOPBACK)
+    add_hq_user(tmp_path / "cloud")
+    cloud = CloudNode(tmp_path / "cloud", insecure_plaintext=True, http_host=LOOPBACK)
     cloud.setup_hooks.append(setup_dashboard)
     await cloud.start()
     try:
@@ -606,7 +645,7 @@ async def lone_cloud(tmp_path: Path) -> AsyncIterator[CloudNode]:
 ])
 async def test_bad_query_parameters_get_json_errors(lone_cloud: CloudNode, path: str,
                                                     status: int, field: str | None) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with hq_session(lone_cloud.url) as http:
         got, body = await get(http, lone_cloud.url + path)
     assert got == status, body
     assert body["error"]["field"] == field and body["error"]["message"]
@@ -614,7 +653,7 @@ async def test_bad_query_parameters_get_json_errors(lone_cloud: CloudNode, path:
 
 @pytest.mark.asyncio
 async def test_lone_cloud_answers_empty_fleet_and_serves_the_page(lone_cloud: CloudNode) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with hq_session(lone_cloud.url) as http:
         sales = await get_ok(http, lone_cloud.url + "/v1/fleet/sales?hours=3")
         assert sales["totals"] == {"sales": 0, "units": 0} and len(sales["hourly"]) == 3
         assert (await get_ok(http, lone_cloud.url + "/v1/fleet/stock")) == \

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh import api
 from mesh.datadir import enrol_node, init_store
 from mesh.node import Node
-from tests.meshkit import now_ms, running_node, wait_until
+from tests.meshkit import client, issue_token, now_ms, running_node, use_token, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -37,7 +37,8 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
 
 @pytest_asyncio.fixture
 async def http(node: Node) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(base_url=node.url) as session:
+    use_token(issue_token(node.identity))
+    async with client(base_url=node.url) as session:
         yield session
 
 
@@ -83,7 +84,7 @@ async def test_receipt_sale_return_adjustment(http: aiohttp.ClientSession, node:
                     "sku": "SKU-1", "on_hand": 10, "reserved": 0, "available": 10}
 
     status, body = await post(http, "/v1/sales", {"sku": "SKU-1", "qty": 3, "txn_id": "t-sale",
-                                                  "staff_id": "alice", "note": "till 2"})
+                                                  "note": "till 2"})
     assert (status, body["seq"], body["on_hand"], body["available"]) == (201, 2, 7, 7)
 
     status, body = await post(http, "/v1/returns", {"sku": "SKU-1", "qty": 1, "txn_id": "t-ret",
@@ -133,7 +134,7 @@ async def test_reservation_lifecycle(http: aiohttp.ClientSession, node: Node) ->
         "expires_ms": now_ms() + 3_600_000})
     assert status == 201, res
     rid = res["reservation_id"]
-    assert rid == "edge:order-77"
+    assert rid == "edge:test-svc:order-77"
     assert (res["on_hand"], res["reserved"], res["available"]) == (5, 2, 3)
 
     status, listing = await get(http, "/v1/reservations?sku=BOPIS")
@@ -202,7 +203,7 @@ async def test_reservation_refusals_change_nothing(http: aiohttp.ClientSession,
 async def test_replay_returns_the_original_and_changes_nothing(
         http: aiohttp.ClientSession, node: Node) -> None:
     await receive(http, "I", 10, "r")
-    sale = {"sku": "I", "qty": 4, "txn_id": "till-9-0001", "staff_id": "bob"}
+    sale = {"sku": "I", "qty": 4, "txn_id": "till-9-0001"}
     status, first = await post(http, "/v1/sales", sale)
     assert status == 201 and first["duplicate"] is False
     before = await snapshot(http, node, "I")
@@ -443,13 +444,13 @@ async def test_audit_shows_who_when_why_newest_first(http: aiohttp.ClientSession
                                                      node: Node) -> None:
     await receive(http, "A1", 10, "r-a1")
     await receive(http, "A2", 10, "r-a2")
-    await post(http, "/v1/sales", {"sku": "A1", "qty": 1, "txn_id": "s1", "staff_id": "carol"})
+    await post(http, "/v1/sales", {"sku": "A1", "qty": 1, "txn_id": "s1"})
     await post(http, "/v1/adjustments", {"sku": "A1", "delta": -1, "reason": "shrink",
                                          "txn_id": "adj", "note": "found torn"})
     status, res = await post(http, "/v1/reservations", {"sku": "A1", "qty": 2, "txn_id": "o",
                                                         "channel": "web"})
     await post(http, f"/v1/reservations/{res['reservation_id']}/release",
-               {"txn_id": "rel", "staff_id": "dave"})
+               {"txn_id": "rel"})
 
     status, audit = await get(http, "/v1/audit?limit=3")
     assert status == 200
@@ -458,7 +459,9 @@ async def test_audit_shows_who_when_why_newest_first(http: aiohttp.ClientSession
     assert [e["seq"] for e in entries] == [6, 5, 4]
     assert audit["next_before"] == entries[-1]["row"]
     rel, _, adj = entries
-    assert rel["staff_id"] == "dave" and rel["reservation_id"] == "edge:o"
+    # who: the device (txn keys are scoped to it); a service device has no staff login
+    assert rel["device_id"] == "test-svc" and rel["staff_id"] is None
+    assert rel["reservation_id"] == "edge:test-svc:o"
     assert (adj["origin"], adj["reason"], adj["note"], adj["qty"]) == (
         "edge", "shrink", "found torn", -1)
     assert abs(adj["at_ms"] - now_ms()) < 60_000 and adj["at_ms"] == adj["hlc"] >> 16
@@ -470,7 +473,7 @@ async def test_audit_shows_who_when_why_newest_first(http: aiohttp.ClientSession
     # the SKU filter includes the release, which names only the reservation
     status, a1 = await get(http, "/v1/audit?sku=A1")
     assert [e["txn_id"] for e in a1["entries"]] == ["rel", "o", "adj", "s1", "r-a1"]
-    assert a1["entries"][3]["staff_id"] == "carol"
+    assert a1["entries"][3]["device_id"] == "test-svc"
 
     for bad in ("limit=0", "limit=1001", "before=0", "sku=" + "x" * 129):
         status, err = await get(http, f"/v1/audit?{bad}")
@@ -547,9 +550,11 @@ async def test_a_slow_subscriber_is_told_it_overflowed(http: aiohttp.ClientSessi
 
 async def test_closing_the_node_ends_open_streams(tmp_path: Path) -> None:
     init_store(tmp_path / "n", "store-1", now_ms=now_ms(), node_id="edge")
-    n = Node(tmp_path / "n", http_host="127.0.0.1", http_port=0, discovery=False)
+    n = Node(tmp_path / "n", insecure_plaintext=True,
+             http_host="127.0.0.1", http_port=0, discovery=False)
     await n.start()
-    async with aiohttp.ClientSession(base_url=n.url) as http:
+    use_token(issue_token(n.identity))
+    async with client(base_url=n.url) as http:
         async with http.get("/v1/events") as resp:
             await asyncio.wait_for(resp.content.readline(), 5)
             t0 = time.monotonic()
@@ -600,7 +605,8 @@ async def test_metrics_parse_and_count_a_refused_session(http: aiohttp.ClientSes
 async def test_metrics_registries_are_per_node(tmp_path: Path, http: aiohttp.ClientSession,
                                                node: Node) -> None:
     init_store(tmp_path / "other", "store-9", now_ms=now_ms(), node_id="other")
-    other = Node(tmp_path / "other", http_host="127.0.0.1", http_port=0, discovery=False)
+    other = Node(tmp_path / "other", insecure_plaintext=True,
+                 http_host="127.0.0.1", http_port=0, discovery=False)
     await other.start()  # a second node in this process registers its own collector
     try:
         await receive(http, "P", 1, "r")
@@ -622,7 +628,8 @@ async def test_peers_staleness_and_lag_with_a_live_peer(tmp_path: Path,
     assert store_key is not None
     enrol_node(tmp_path / "r1", store_key, "store-1", "register", now_ms=now_ms(),
                node_id="r1")
-    reg = Node(tmp_path / "r1", http_host="127.0.0.1", http_port=0, discovery=False,
+    reg = Node(tmp_path / "r1", insecure_plaintext=True,
+               http_host="127.0.0.1", http_port=0, discovery=False,
                peers=[node.url])
     await reg.start()
     try:

@@ -35,6 +35,7 @@ from mesh.errors import CommandError
 from mesh.identity import NodeKey
 from mesh.node import Node
 from mesh.sync import encode_batch
+from tests.meshkit import add_staff, client, issue_token, login, use_token
 
 Json = Any
 Doc = pycrdt.Doc[Any]
@@ -272,6 +273,11 @@ class Store:
         ident = init_store(self.root / "edge", "store-1", now_ms=now_ms(), node_id="edge")
         assert ident.store_key is not None
         self.store_key = ident.store_key
+        # a back-office integration's credential for every request (meshkit.client),
+        # and a till with a manager on the roster
+        use_token(issue_token(ident))
+        self.till = issue_token(ident, "till-1", role="pos")
+        self.roster = add_staff(ident, "manager-ann", "manager")
 
     def enrol(self, node_id: str, role: str) -> Path:
         enrol_node(self.root / node_id, self.store_key, "store-1", role, now_ms=now_ms(),
@@ -279,7 +285,8 @@ class Store:
         return self.root / node_id
 
     async def start(self, node_id: str, peers: list[str] | None = None) -> Node:
-        node = Node(self.root / node_id, http_host="127.0.0.1", http_port=0,
+        node = Node(self.root / node_id, insecure_plaintext=True,
+                    http_host="127.0.0.1", http_port=0,
                     discovery=False, peers=peers or [])
         # Until Node._setup_optional_routes adds it; a second call is a no-op.
         catalog.setup_catalog_routes(node.app, node)
@@ -321,16 +328,18 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
         await s.close()
 
 
-async def call(node: Node, method: str, path: str, body: Json = None) -> tuple[int, Json]:
-    async with aiohttp.ClientSession() as http, http.request(
+async def call(node: Node, method: str, path: str, body: Json = None,
+               headers: dict[str, str] | None = None) -> tuple[int, Json]:
+    async with client() as http, http.request(
             method, node.url + path, data=None if body is None else orjson.dumps(body),
-            headers={"Content-Type": "application/json"}) as resp:
+            headers={"Content-Type": "application/json", **(headers or {})}) as resp:
         assert resp.content_type == "application/json", await resp.text()
         return resp.status, orjson.loads(await resp.read())
 
 
-async def put(node: Node, sku: str, body: Json) -> tuple[int, Json]:
-    return await call(node, "PUT", f"/v1/catalog/{sku}", body)
+async def put(node: Node, sku: str, body: Json, headers: dict[str, str] | None = None
+              ) -> tuple[int, Json]:
+    return await call(node, "PUT", f"/v1/catalog/{sku}", body, headers)
 
 
 async def get(node: Node, path: str) -> tuple[int, Json]:
@@ -352,9 +361,11 @@ async def test_an_edge_writes_and_a_register_sees_it(store: Store) -> None:
     edge = await store.start("edge")
     reg = await store.start("r1", [edge.url])
 
+    async with client() as http:  # the manager logs in at the till
+        ann = await login(http, edge.url, store.till, "manager-ann", roster=store.roster)
     status, body = await put(edge, "4006381333931", {
         "txn_id": "cat-1", "name": "Pencil HB", "price_cents": 1999, "tax_class": "standard",
-        "staff_id": "manager-ann"})
+        "staff_id": "manager-ann"}, ann)
     assert status == 201, body
     assert body["duplicate"] is False and body["origin"] == "edge" and body["seq"] == 1
     assert (body["sku"], body["name"], body["price_cents"]) == ("4006381333931", "Pencil HB",

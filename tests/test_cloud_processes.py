@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 import pytest
 
+from mesh.hqtls import ensure_hq_tls, hq_hosts
 from tests import meshkit as mk
 
 pytestmark = pytest.mark.asyncio
@@ -32,12 +33,18 @@ def _free_port() -> int:
 
 
 def _start_cloud(cluster: mk.Cluster, root: Path, port: int) -> mk.NodeProc:
+    """``cloud run`` on 127.0.0.1:``port``. Its HQ certificate (what clients without a
+    store's SNI, like ``mk.client()``, see) is made here first, so the test's clients
+    can trust its CA as a browser would."""
+    hq = ensure_hq_tls(root, hq_hosts("127.0.0.1"), now_ms=mk.now_ms())
+    assert hq.ca_path is not None
+    mk.TEST_SSL.load_verify_locations(cafile=hq.ca_path)
     node = mk.NodeProc("cloud", root, ["cloud", "run", "--data", str(root), "--http-host",
                                        "127.0.0.1", "--http-port", str(port)],
                        cluster.base / "cloud.log")
     cluster.nodes.setdefault("cloud", node)
     cluster._spawn(node)
-    node.url = f"http://127.0.0.1:{port}"
+    node.url = f"https://127.0.0.1:{port}"
     return node
 
 
@@ -50,6 +57,26 @@ async def _put(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> t
 async def _fleet_sales(http: aiohttp.ClientSession, cloud: str) -> dict[str, int]:
     body = await mk.get_json(http, cloud, "/v1/fleet/sales?hours=24")
     return {row["store"]: row["sales"] for row in body["by_store"]}
+
+
+async def _refuses(http: aiohttp.ClientSession, cloud: str) -> bool:
+    """The dashboard and the fleet API refuse a client without an HQ session: the page
+    sends it to the login page, the API answers 401 with the usual JSON error."""
+    async with http.get(cloud + "/", allow_redirects=False) as resp:
+        if resp.status != 303 or resp.headers.get("Location") != "/login":
+            return False
+    for path in ("/v1/fleet/sales?hours=24", "/v1/stores", "/v1/fleet/health"):
+        async with http.get(cloud + path) as resp:
+            body = await resp.json()
+            assert resp.status == 401 and body["error"]["reason"] == "login_required", body
+    async with http.get(cloud + "/login") as resp:
+        assert resp.status == 200 and "HQ login" in await resp.text()
+    return True
+
+
+async def _relogin(http: aiohttp.ClientSession, cloud: str) -> bool:
+    await mk.hq_login(http, cloud)
+    return True
 
 
 async def _sell(http: aiohttp.ClientSession, reg: mk.NodeProc, n: int, prefix: str) -> None:
@@ -67,7 +94,8 @@ async def test_two_stores_and_a_cloud(cluster: mk.Cluster, tmp_path: Path) -> No
         mk.enrol_direct(tmp_path / "hq", edge, f"cloud-{s}-{t}", role="cloud")
         stores[s] = (edge, reg)
     port = _free_port()
-    cloud_url = f"http://127.0.0.1:{port}"
+    cloud_url = f"https://127.0.0.1:{port}"
+    mk.add_hq_user(tmp_path / "hq")  # head office's account for the fleet views
     cloud = _start_cloud(cluster, tmp_path / "hq", port)
     nodes: dict[str, mk.NodeProc] = {}
     for s, (edge, reg) in stores.items():
@@ -77,7 +105,10 @@ async def test_two_stores_and_a_cloud(cluster: mk.Cluster, tmp_path: Path) -> No
         nodes[f"reg-{s}"] = await cluster.start(
             f"reg-{s}", reg.data_dir, discovery=False, peers=[nodes[f"edge-{s}"].url])
     sid = {s: stores[s][0].store_id for s in stores}
-    async with mk.client() as http:
+    async with mk.client() as anon:  # 0. no fleet view without an HQ login
+        await mk.until(lambda: _refuses(anon, cloud_url), within=30,
+                       what="the cloud answers, and refuses the fleet views")
+    async with mk.hq_session(cloud_url) as http:
         await mk.until(lambda: mk.get_json(http, cloud_url, "/v1/stores"), within=30,
                        what="the cloud peer answers")
         for s in stores:
@@ -130,6 +161,8 @@ async def test_two_stores_and_a_cloud(cluster: mk.Cluster, tmp_path: Path) -> No
         await _sell(http, nodes["reg-b"], 2, "b2")
         # ... and restarted: its analytics catch up exactly, nothing double-counted
         cluster._spawn(cloud)
+        await mk.until(lambda: _relogin(http, cloud_url), within=30,
+                       what="an HQ login at the restarted cloud (sessions end on restart)")
         await mk.until(lambda: sales_are({sid["a"]: 9, sid["b"]: 5}), within=40,
                        what="cloud analytics catch up to 9 + 5 sales")
         await asyncio.sleep(1.5)

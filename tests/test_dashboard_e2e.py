@@ -1,9 +1,14 @@
 """The fleet dashboard end to end in headless Chromium (Debian's ``chromium`` package).
 
 A cloud peer and two stores run in this process on 127.0.0.1; a register makes a sale;
-Chromium loads the dashboard (its script polls ``/v1/fleet/*`` and renders), and the
-DOM it dumps must show that sale and the stock it left. A screenshot of the page is
-kept in the test's tmp dir. Chromium talks to loopback only: every background service
+Chromium (driven over the DevTools protocol: ``tests.browser``) is sent to the login
+page without a session, logs in there as a person does (typing into the form), loads
+the dashboard (its script polls ``/v1/fleet/*`` with the session cookie and renders),
+and the DOM must show that sale and the stock it left. A screenshot of the page is kept
+in the test's tmp dir. Everything runs over TLS as in production: the stores' links
+are mutual TLS pinned to their store keys, and Chromium opens the dashboard over HTTPS
+with the cloud's ECDSA certificate (pinned by its public key; without the pin it gets
+no page). Chromium talks to loopback only: every background service
 that could reach out (updates, sync, QUIC, field trials) is switched off.
 
 Setup: if ``chromium`` is missing and we are root with apt-get, the session fixture
@@ -13,6 +18,8 @@ installs it (bounded); otherwise the test is skipped with the reason.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import logging
 import os
 import shutil
@@ -25,6 +32,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from mesh.hqtls import spki_sha256
+from tests.browser import Browser, log_in
+from tests.meshkit import HQ_PASSWORD, HQ_USER
 from tests.test_analytics import Fleet, until
 
 log = logging.getLogger(__name__)
@@ -65,16 +75,25 @@ def chromium() -> str:
     return path
 
 
-def chromium_argv(binary: str, profile: Path) -> list[str]:
-    return [
-        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+def chromium_argv(binary: str, profile: Path, pin: Path | None = None, *,
+                  virtual_time: bool = True) -> list[str]:
+    """``pin``: a server certificate (PEM) whose public key Chromium accepts though no
+    CA it knows signed it (a browser that trusts the cloud's HQ CA behaves the same):
+    ``--ignore-certificate-errors-spki-list`` honours exactly that key, nothing else.
+    ``virtual_time``: for a one-shot ``--dump-dom``/``--screenshot`` run (not for a
+    ``tests.browser.Browser``, which waits in real time)."""
+    extra = [] if pin is None else [
+        "--ignore-certificate-errors-spki-list="
+        + base64.b64encode(spki_sha256(pin.read_bytes())).decode()]
+    flags = [
+        binary, *extra, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
         "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--disable-default-apps",
         "--disable-extensions", "--disable-domain-reliability", "--disable-breakpad",
         "--disable-field-trial-config", "--metrics-recording-only", "--mute-audio",
         "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
-        f"--virtual-time-budget={VIRTUAL_TIME_MS}",
     ]
+    return flags + ([f"--virtual-time-budget={VIRTUAL_TIME_MS}"] if virtual_time else [])
 
 
 async def run_chromium(argv: list[str]) -> tuple[int, bytes, bytes]:
@@ -135,11 +154,42 @@ class Cells(HTMLParser):
 
 @pytest_asyncio.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    f = Fleet(tmp_path, ["s1", "s2"])
+    f = Fleet(tmp_path, ["s1", "s2"], tls=True)  # in a browser over TLS, as at HQ
     try:
         yield f
     finally:
         await f.close()
+
+
+@contextlib.asynccontextmanager
+async def open_browser(chromium: str, profile: Path, pin: Path | None
+                       ) -> AsyncIterator[Browser]:
+    """Chromium under DevTools control; ``pin``: the cloud's certificate (see
+    ``chromium_argv``)."""
+    b = Browser(chromium_argv(chromium, profile, pin, virtual_time=False), profile)
+    try:
+        yield await b.start()
+    finally:
+        await b.close()
+
+
+def cloud_pin(fleet: Fleet) -> Path:
+    """The cloud's ECDSA certificate from its HQ CA, which the test's browser pins."""
+    assert fleet.cloud is not None and fleet.cloud.hq is not None
+    return fleet.cloud.hq.cert_path
+
+
+async def logged_in_dashboard(browser: Browser, url: str) -> Cells:
+    """Log in at the login page (typed), open ``url`` and read the rendered DOM once the
+    script refreshed with live data."""
+    await log_in(browser, url.split("/?")[0].rstrip("/"), HQ_USER, HQ_PASSWORD)
+    await browser.goto(url)
+    await browser.until("Number(document.body.dataset.refreshes) >= 2 && "
+                        "document.getElementById('conn').textContent === 'live'",
+                        "the dashboard to refresh with live data")
+    page = Cells()
+    page.feed(await browser.dom())
+    return page
 
 
 @pytest.mark.asyncio
@@ -162,14 +212,37 @@ async def test_dashboard_shows_a_sale_made_a_moment_before(fleet: Fleet, chromiu
     await fleet.analytics.flush()
 
     url = f"{fleet.url}/?sku=sku-a"
-    code, dom, err = await run_chromium(
-        [*chromium_argv(chromium, tmp_path / "profile"), "--dump-dom", url])
-    assert code == 0, err.decode(errors="replace")[-3000:]
-    (tmp_path / "dashboard.html").write_bytes(dom)
-    page = Cells()
-    page.feed(dom.decode())
-    assert int(page.body.get("data-refreshes") or 0) >= 1, "the script never refreshed"
+    assert url.startswith("https://")
+    # A browser that does not trust the HQ CA gets no page (over TLS, certificate error)
+    _, refused_dom, _ = await run_chromium(
+        [*chromium_argv(chromium, tmp_path / "profile-0"), "--dump-dom", url])
+    assert b"storemesh" not in refused_dom, refused_dom[:300]
+    async with open_browser(chromium, tmp_path / "profile", cloud_pin(fleet)) as browser:
+        await dashboard_session(browser, fleet, url, tmp_path)
+
+
+async def dashboard_session(browser: Browser, fleet: Fleet, url: str, tmp_path: Path
+                            ) -> None:
+    # without a login the dashboard shows nothing: the browser lands on the login page
+    await browser.goto(url)
+    assert await browser.path() == "/login"
+    refused = Cells()
+    refused.feed(await browser.dom())
+    assert "stock-table" not in await browser.dom() and not refused.cells
+    assert await browser.eval("document.cookie") == ""
+    # a wrong password keeps it there, with the reason
+    await log_in_expecting_failure(browser, fleet.url)
+
+    page = await logged_in_dashboard(browser, url)
+    (tmp_path / "dashboard.html").write_text(await browser.dom())
     assert page.by_id.get("conn") == "live", page.by_id.get("conn")
+    assert page.by_id.get("account-name") == f"{HQ_USER} (viewer)"
+    # the session cookie: not readable by the page's scripts, sent over TLS only, to this
+    # host only, never with another site's requests
+    assert await browser.eval("document.cookie") == ""
+    [cookie] = (await browser.call("Network.getCookies"))["cookies"]
+    assert (cookie["name"], cookie["secure"], cookie["httpOnly"], cookie["sameSite"],
+            cookie["path"]) == ("__Host-storemesh_hq", True, True, "Strict", "/"), cookie
     stock = {(store, col): text for (table, store, col), text in page.cells.items()
              if table == "stock-table"}
     assert stock[("s1", "on_hand")] == "37" and stock[("s2", "on_hand")] == "20", stock
@@ -184,9 +257,25 @@ async def test_dashboard_shows_a_sale_made_a_moment_before(fleet: Fleet, chromiu
     assert page.by_id["card-online"] == "2 / 2"
 
     shot = tmp_path / "dashboard.png"
-    code, _, err = await run_chromium(
-        [*chromium_argv(chromium, tmp_path / "profile"), f"--screenshot={shot}",
-         "--window-size=1280,900", url])
-    assert code == 0 and shot.exists(), err.decode(errors="replace")[-3000:]
+    await browser.call("Emulation.setDeviceMetricsOverride", width=1280, height=900,
+                       deviceScaleFactor=1, mobile=False)
+    await browser.screenshot(shot)
     assert shot.stat().st_size > 20_000, "the screenshot looks blank"
     log.info("dashboard screenshot: %s", shot)
+
+    # logging out (the page's button, with the session's CSRF token) ends the session
+    await browser.click("#logout")
+    await browser.until("location.pathname === '/login'", "the login page after logout")
+    await browser.goto(url)
+    assert await browser.path() == "/login"
+
+
+async def log_in_expecting_failure(browser: Browser, cloud_url: str) -> None:
+    await browser.goto(cloud_url + "/login")
+    await browser.type_into("#user", HQ_USER)
+    await browser.type_into("#password", "not the password")
+    await browser.click("#submit")
+    text = await browser.until("document.getElementById('error') && "
+                               "document.getElementById('error').textContent",
+                               "the login page to say why")
+    assert "wrong password" in text and await browser.path() == "/login"

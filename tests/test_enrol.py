@@ -53,6 +53,7 @@ from mesh.enrol import (
 from mesh.errors import CommandError, Malformed
 from mesh.identity import NodeKey, TrustStore, issue_certificate
 from mesh.node import Node
+from mesh.tls import api_client_context, issue_node_cert, load_tls_files
 
 LOOPBACK = "127.0.0.1"
 NOW = 1_790_000_000_000
@@ -101,7 +102,7 @@ def _b64(doc: object) -> str:
 
 
 def _good_token() -> str:
-    return JoinToken("s", b"k" * 32, "register", NOW, "ab" * 32).encode()
+    return JoinToken("s", b"k" * 32, "register", NOW, "ab" * 32, "cd" * 32).encode()
 
 
 @pytest.mark.parametrize(("text", "says"), [
@@ -109,24 +110,28 @@ def _good_token() -> str:
     ("   \n", "empty"),
     ("hello world", "not a storemesh join token"),
     ("eyJzdG9yZSI6InMifQ", "not a storemesh join token"),
-    ("smj2.eyJzdG9yZSI6InMifQ", "upgrade storemesh"),
-    ("smj1.", "truncated"),
+    ("smj3.eyJzdG9yZSI6InMifQ", "upgrade storemesh"),
+    # a token of the format before TLS: refused, saying why and what to do
+    ("smj1.eyJzdG9yZSI6InMifQ", "older storemesh that joins over plain HTTP"),
+    ("smj2.", "truncated"),
     (_good_token()[:-12], "truncated"),
     (_good_token()[:len(TOKEN_PREFIX) + 9], "truncated"),  # base64 length 9 ≡ 1 (mod 4)
-    ("smj1.abc!def", "characters"),
-    ("smj1." + "A" * 3000, "too long"),
-    ("smj1." + _b64([1, 2]), "damaged"),
-    ("smj1." + _b64({"store": "s"}), "damaged"),
-    ("smj1." + _b64({"store": "s", "secret": "AAAA", "role": "register", "exp": 1,
-                     "fp": "ab" * 32}), "not 32 bytes"),
-    ("smj1." + _b64({"store": "s", "secret": "A" * 43, "role": "king", "exp": 1,
-                     "fp": "ab" * 32}), "role"),
-    ("smj1." + _b64({"store": "s", "secret": "A" * 43, "role": "register", "exp": -1,
-                     "fp": "ab" * 32}), "expiry"),
-    ("smj1." + _b64({"store": "s", "secret": "A" * 43, "role": "register", "exp": 1,
-                     "fp": "AB" * 32}), "fingerprint"),
-    ("smj1." + _b64({"store": "s", "secret": "A" * 43, "role": "register", "exp": 1,
-                     "fp": "ab" * 32, "url": "ftp://x"}), "URL"),
+    ("smj2.abc!def", "characters"),
+    ("smj2." + "A" * 3000, "too long"),
+    ("smj2." + _b64([1, 2]), "damaged"),
+    ("smj2." + _b64({"store": "s"}), "damaged"),
+    ("smj2." + _b64({"store": "s", "secret": "AAAA", "role": "register", "exp": 1,
+                     "fp": "ab" * 32, "tls": "cd" * 32}), "not 32 bytes"),
+    ("smj2." + _b64({"store": "s", "secret": "A" * 43, "role": "king", "exp": 1,
+                     "fp": "ab" * 32, "tls": "cd" * 32}), "role"),
+    ("smj2." + _b64({"store": "s", "secret": "A" * 43, "role": "register", "exp": -1,
+                     "fp": "ab" * 32, "tls": "cd" * 32}), "expiry"),
+    ("smj2." + _b64({"store": "s", "secret": "A" * 43, "role": "register", "exp": 1,
+                     "fp": "AB" * 32, "tls": "cd" * 32}), "fingerprint"),
+    ("smj2." + _b64({"store": "s", "secret": "A" * 43, "role": "register", "exp": 1,
+                     "fp": "ab" * 32, "tls": "cd" * 32, "url": "ftp://x"}), "URL"),
+    ("smj2." + _b64({"store": "s", "secret": "A" * 43, "role": "register", "exp": 1,
+                     "fp": "ab" * 32, "tls": "xy"}), "TLS certificate pin"),
 ])
 def test_parse_errors_say_what_is_wrong(text: str, says: str) -> None:
     with pytest.raises(Malformed) as exc:
@@ -136,7 +141,7 @@ def test_parse_errors_say_what_is_wrong(text: str, says: str) -> None:
 
 def test_parse_rejects_non_text() -> None:
     with pytest.raises(Malformed):
-        parse_token(b"smj1.abc")  # type: ignore[arg-type]
+        parse_token(b"smj2.abc")  # type: ignore[arg-type]
 
 
 # --- issuing ----------------------------------------------------------------------------
@@ -321,6 +326,13 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
         await n.close()
 
 
+def _http(n: Node) -> aiohttp.ClientSession:
+    """A client pinned to ``n``'s store CA, as a till would be."""
+    assert n.tls is not None
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=api_client_context(n.tls.ca_pem)))
+
+
 def _token(n: Node, **kw: Any) -> str:
     return create_token(n.identity, role="register", ttl_ms=HOUR, now_ms=n.now_ms(), **kw)
 
@@ -368,7 +380,7 @@ async def test_replayed_token_is_refused_and_counted(tmp_path: Path, node: Node)
     text = _token(node)
     first = await join(tmp_path / "new", text, url=node.url)
     body = {"token": text, "public_key": NodeKey.generate().public_key.hex()}
-    async with aiohttp.ClientSession() as http, \
+    async with _http(node) as http, \
             http.post(node.url + enrol.JOIN_PATH, json=body) as resp:
         assert resp.status == 403
         err = (await resp.json())["error"]
@@ -391,7 +403,7 @@ async def test_bad_requests_get_400_naming_the_field(tmp_path: Path, node: Node)
         (b"[1]", None),
         (orjson.dumps({}), "token"),
         (orjson.dumps({"token": text}), "public_key"),
-        (orjson.dumps({"token": "smj1.garbage!", "public_key": pk}), "token"),
+        (orjson.dumps({"token": "smj2.garbage!", "public_key": pk}), "token"),
         (orjson.dumps({"token": 7, "public_key": pk}), "token"),
         (orjson.dumps({"token": text, "public_key": "XYZ"}), "public_key"),
         (orjson.dumps({"token": text, "public_key": pk.upper()}), "public_key"),
@@ -400,7 +412,7 @@ async def test_bad_requests_get_400_naming_the_field(tmp_path: Path, node: Node)
         (orjson.dumps({"token": text, "public_key": pk, "admin": True}), "admin"),
         (orjson.dumps({"token": text, "public_key": pk, "pad": "x" * 5000}), None),
     ]
-    async with aiohttp.ClientSession() as http:
+    async with _http(node) as http:
         for body, field in cases:
             async with http.post(node.url + enrol.JOIN_PATH, data=body) as resp:
                 assert resp.status == 400, body
@@ -414,17 +426,21 @@ async def test_bad_requests_get_400_naming_the_field(tmp_path: Path, node: Node)
 @pytest.mark.asyncio
 async def test_edge_refuses_a_token_of_another_store(tmp_path: Path, node: Node) -> None:
     other = init_store(tmp_path / "other", new_store(), now_ms=now_ms())
-    with pytest.raises(JoinRefused) as exc:
+    # The other store's token pins the other edge's TLS certificate: the joiner stops at
+    # the TLS handshake with this edge, before the token leaves the machine.
+    with pytest.raises(UntrustedEdge, match="pins"):
         await join(tmp_path / "a", create_token(other, role="register", ttl_ms=HOUR,
                                                 now_ms=now_ms()), url=node.url)
-    assert exc.value.reason == "wrong_store"
+    assert node.rejected_sessions == {}
     # same store id, another store key: still not this edge's token
+    assert node.tls is not None
     forged = JoinToken(node.identity.store_id, b"x" * 32, "register", now_ms() + HOUR,
-                       store_fingerprint(NodeKey.generate().public_key)).encode()
+                       store_fingerprint(NodeKey.generate().public_key),
+                       node.tls.fingerprint).encode()
     with pytest.raises(JoinRefused) as exc:
         await join(tmp_path / "b", forged, url=node.url)
     assert exc.value.reason == "wrong_store"
-    assert node.rejected_sessions == {"join_wrong_store": 2}
+    assert node.rejected_sessions == {"join_wrong_store": 1}
 
 
 @pytest.mark.asyncio
@@ -444,7 +460,7 @@ async def test_join_refuses_a_directory_that_holds_a_node(tmp_path: Path, node: 
 @pytest.mark.asyncio
 async def test_join_reports_an_unreachable_edge(tmp_path: Path, node: Node) -> None:
     with pytest.raises(ConnectionError, match="could not reach"):
-        await join(tmp_path / "new", _token(node), url="http://127.0.0.1:1", timeout_s=2)
+        await join(tmp_path / "new", _token(node), url="https://127.0.0.1:1", timeout_s=2)
     assert not (tmp_path / "new" / "node.json").exists()
 
 
@@ -464,13 +480,14 @@ async def _serve(handler: Callable[[dict[str, Any]], web.Response]) -> tuple[web
     return runner, f"http://{host}:{port}"
 
 
-def _answer(cert: Any, trust: TrustStore) -> web.Response:
+def _answer(cert: Any, trust: TrustStore, tls: dict[str, str]) -> web.Response:
     return web.json_response({"node_id": cert.node_id, "certificate": cert.to_dict(),
-                              "trust": trust.to_dict()})
+                              "trust": trust.to_dict(), "tls": tls})
 
 
 @pytest.mark.parametrize("rogue", ["own_store", "claims_token_key", "cert_for_other_key",
-                                   "cert_for_other_role", "garbage"])
+                                   "cert_for_other_role", "tls_of_other_store",
+                                   "tls_for_other_key", "garbage"])
 @pytest.mark.asyncio
 async def test_client_refuses_an_edge_that_cannot_prove_the_tokens_store(
         tmp_path: Path, rogue: str) -> None:
@@ -479,30 +496,50 @@ async def test_client_refuses_an_edge_that_cannot_prove_the_tokens_store(
     gkey, ikey = genuine.store_key, impostor.store_key
     assert gkey is not None and ikey is not None
     text = create_token(genuine, role="register", ttl_ms=HOUR, now_ms=NOW)
+    gca = (tmp_path / "genuine" / "tls-ca.pem").read_text()
+
+    def tls_for(key: NodeKey, pk: bytes, ca: str = gca) -> dict[str, str]:
+        return {"ca": ca, "cert": issue_node_cert(key, store_id="store-1", node_id="r",
+                                                  public_key=pk, not_after_ms=NOW + HOUR,
+                                                  now_ms=NOW).decode()}
 
     def handler(req: dict[str, Any]) -> web.Response:
         pk = bytes.fromhex(req["public_key"])
+        if rogue in ("tls_of_other_store", "tls_for_other_key"):
+            # a genuine-looking enrolment, but a TLS certificate the store did not make
+            # for us: another store's CA, or a genuine one for someone else's key
+            cert = issue_certificate(gkey, node_id="r", store_id="store-1",
+                                     role="register", public_key=pk, not_after=NOW + HOUR)
+            trust = TrustStore("store-1", genuine.trust.store_public_key)
+            trust.add_certificate(cert)
+            tls = tls_for(ikey, pk) if rogue == "tls_of_other_store" else tls_for(
+                gkey, NodeKey.generate().public_key)
+            return _answer(cert, trust, tls)
+        tls = tls_for(gkey, pk)  # right for us: the refusal must come from elsewhere
         if rogue == "own_store":  # enrols us, but into its own store
             cert = issue_certificate(ikey, node_id="r", store_id="store-1",
                                      role="register", public_key=pk, not_after=NOW + HOUR)
             impostor.trust.add_certificate(cert)
-            return _answer(cert, impostor.trust)
+            return _answer(cert, impostor.trust, tls)
         if rogue == "claims_token_key":  # genuine store key in the trust store, own signature
             cert = issue_certificate(ikey, node_id="r", store_id="store-1",
                                      role="register", public_key=pk, not_after=NOW + HOUR)
-            return _answer(cert, TrustStore("store-1", genuine.trust.store_public_key))
+            return _answer(cert, TrustStore("store-1", genuine.trust.store_public_key), tls)
         if rogue == "cert_for_other_key":  # replays a genuine certificate of another node
-            return _answer(genuine.certificate, genuine.trust)
+            return _answer(genuine.certificate, genuine.trust, tls)
         if rogue == "cert_for_other_role":
             cert = issue_certificate(gkey, node_id="r", store_id="store-1",
                                      role="edge", public_key=pk, not_after=NOW + HOUR)
-            return _answer(cert, TrustStore("store-1", genuine.trust.store_public_key))
+            return _answer(cert, TrustStore("store-1", genuine.trust.store_public_key), tls)
         return web.Response(text="welcome!")
 
+    # Served over plain HTTP on loopback (insecure_plaintext): these are the checks of
+    # the answer itself, behind the TLS pin (test_join_refuses_an_edge_with_another_tls
+    # _certificate shows the pin stops a rogue edge before the token is even sent).
     runner, url = await _serve(handler)
     try:
         with pytest.raises(UntrustedEdge):
-            await join(tmp_path / "new", text, url=url)
+            await join(tmp_path / "new", text, url=url, insecure_plaintext=True)
     finally:
         await runner.cleanup()
     assert not (tmp_path / "new" / "node.json").exists()
@@ -555,3 +592,38 @@ async def test_join_finds_the_edge_by_zeroconf(tmp_path: Path) -> None:
 async def test_find_edge_checks_the_interface() -> None:
     with pytest.raises(ValueError, match="IPv4"):
         await find_edge("s", interface="eth0", timeout_s=0.1)
+
+
+# --- TLS: the token pins the edge's certificate ------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_join_over_tls_writes_the_tls_files(tmp_path: Path, node: Node) -> None:
+    assert node.url.startswith("https://")
+    ident = await join(tmp_path / "new", _token(node), url=node.url)
+    files = load_tls_files(tmp_path / "new", ident.key, store_id=ident.store_id,
+                           node_id=ident.node_id, store_public_key=ident.trust.store_public_key)
+    assert node.tls is not None and files.ca_pem == node.tls.ca_pem
+    assert stat.S_IMODE(os.stat(files.key_path).st_mode) == 0o600
+
+
+@pytest.mark.asyncio
+async def test_join_refuses_an_edge_with_another_tls_certificate(
+        tmp_path: Path, node: Node) -> None:
+    """The token pins the issuing edge's TLS certificate; a server showing any other
+    one (a rogue edge, a machine in the middle) is refused before the token is sent."""
+    text = _token(node)
+    tok = parse_token(text)
+    wrong = JoinToken(tok.store_id, tok.secret, tok.role, tok.expires_ms,
+                      tok.store_fingerprint, "00" * 32).encode()
+    with pytest.raises(UntrustedEdge, match=r"presents TLS certificate .* but the token pins"):
+        await join(tmp_path / "new", wrong, url=node.url)
+    assert not (tmp_path / "new" / "node.json").exists()
+    assert node.rejected_sessions == {}  # the edge never saw the token ...
+    await join(tmp_path / "new", text, url=node.url)  # ... which is still unused
+
+
+@pytest.mark.asyncio
+async def test_join_refuses_a_plaintext_edge_url(tmp_path: Path, node: Node) -> None:
+    with pytest.raises(ValueError, match="not https://"):
+        await join(tmp_path / "new", _token(node), url=node.url.replace("https:", "http:"))

@@ -467,7 +467,8 @@ async def edge_node(tmp_path: Path) -> AsyncIterator[tuple[Node, Path]]:
     assert ident.store_key is not None
     enrol_node(tmp_path / "r1", ident.store_key, "store-1", "register", now_ms=now,
                node_id="r1")
-    node = Node(tmp_path / "edge", http_host="127.0.0.1", http_port=0, discovery=False)
+    node = Node(tmp_path / "edge", insecure_plaintext=True,
+                http_host="127.0.0.1", http_port=0, discovery=False)
     await node.start()
     try:
         yield node, tmp_path / "r1"

@@ -17,7 +17,7 @@ import pytest_asyncio
 from mesh.datadir import init_store
 from mesh.httpfaults import ClientFaults
 from mesh.node import Node
-from tests.meshkit import now_ms, running_node
+from tests.meshkit import issue_token, now_ms, running_node
 from tests.test_api import scrape
 
 #: Requests aiohttp cannot parse, each sent alone on a fresh connection.
@@ -28,19 +28,22 @@ MALFORMED: list[bytes] = [
     b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",        # a request line too long
     b"POST /v1/sales HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",
 ]
-#: Requests whose client hangs up before the body it announced is complete.
+#: Requests whose client hangs up before the body it announced is complete (``AUTH``:
+#: an integration's credential, so the gate lets them through to the body).
 CUT_SHORT: list[bytes] = [
-    b"POST /v1/sales HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n{\"sku\"",
-    b"PUT /v1/catalog/x HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n{\"na",
+    b"POST /v1/sales HTTP/1.1\r\nHost: a\r\nAUTH\r\nContent-Length: 100\r\n\r\n{\"sku\"",
+    b"PUT /v1/catalog/x HTTP/1.1\r\nHost: a\r\nAUTH\r\nContent-Length: 100\r\n\r\n{\"na",
     b"POST /v1/join HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n{",
-    b"POST /v1/reservations HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-    b"5\r\n{\"sku\r\n",
+    b"POST /v1/reservations HTTP/1.1\r\nHost: a\r\nAUTH\r\nTransfer-Encoding: chunked"
+    b"\r\n\r\n5\r\n{\"sku\r\n",
 ]
+_AUTH: list[bytes] = []
 
 
 @pytest_asyncio.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
     init_store(tmp_path / "edge", "store-1", now_ms=now_ms(), node_id="edge")
+    _AUTH[:] = [f"Authorization: Bearer {issue_token(tmp_path / 'edge')}".encode()]
     async with running_node(tmp_path / "edge") as n:
         yield n
 
@@ -72,7 +75,8 @@ async def test_malformed_and_cut_short_requests_are_counted_not_logged_each(
             for data in MALFORMED:
                 await asyncio.to_thread(_send, node.http_port, data, hang_up=False)
             for data in CUT_SHORT:
-                await asyncio.to_thread(_send, node.http_port, data, hang_up=True)
+                await asyncio.to_thread(_send, node.http_port,
+                                        data.replace(b"AUTH", _AUTH[0]), hang_up=True)
         want = {"bad_request": rounds * len(MALFORMED), "disconnected": rounds * len(CUT_SHORT)}
         for _ in range(200):  # hang-ups are seen once the server reads on: ~10 s at most
             if (counts := await _counts(http)) == want:

@@ -26,7 +26,7 @@ from mesh.errors import CommandError
 from mesh.node import Node
 from mesh.replica import CommandResult, Replica
 from tests.conftest import NOW, StoreKit
-from tests.meshkit import now_ms, running_node, wait_until
+from tests.meshkit import add_staff, bearer, issue_token, login, now_ms, running_node, wait_until
 from tests.test_api import set_disk_quota
 from tests.test_durable import _hold_writer
 
@@ -144,25 +144,39 @@ def test_a_strict_flag_is_not_content(kit: StoreKit) -> None:
 
 # --- the HTTP API -----------------------------------------------------------------------------
 
+#: Device credentials of the store in the ``node`` fixture: a back-office integration
+#: (every command, no staff) and a till (writes with a staff session).
+_TOKENS: dict[str, str] = {}
+
+
 @pytest_asyncio.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    init_store(tmp_path / "edge", "store-1", now_ms=now_ms(), node_id="edge")
-    async with running_node(tmp_path / "edge") as n:
+    edge = tmp_path / "edge"
+    init_store(edge, "store-1", now_ms=now_ms(), node_id="edge")
+    _TOKENS["svc"] = issue_token(edge, "svc")
+    _TOKENS["till"] = issue_token(edge, "till", role="pos")
+    add_staff(edge, "ann", "supervisor")
+    version = add_staff(edge, "bob", "supervisor")
+    async with running_node(edge) as n:
+        await wait_until(lambda: n.identity.trust.roster_version >= version, 10,
+                         "the roster at the node")
         yield n
 
 
 @pytest_asyncio.fixture
 async def http(node: Node) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
+    """Sends the integration's credential unless a request names another."""
+    async with aiohttp.ClientSession(headers=bearer(_TOKENS["svc"])) as session:
         yield session
 
 
 async def call(http: aiohttp.ClientSession, node: Node, method: str, path: str,
-               body: Any = None) -> tuple[int, Any]:
+               body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     """``path`` is sent as it is (already percent-encoded)."""
     url = URL(node.url + path, encoded=True)
     async with http.request(method, url, data=None if body is None else orjson.dumps(body),
-                            headers={"Content-Type": "application/json"}) as resp:
+                            headers={"Content-Type": "application/json",
+                                     **(headers or {})}) as resp:
         assert resp.content_type == "application/json", await resp.text()
         return resp.status, orjson.loads(await resp.read())
 
@@ -194,18 +208,19 @@ async def test_every_identifier_a_write_accepts_is_addressable_by_path(
     n = next(_COUNTER)
     status, body = await call(http, node, "POST", "/v1/receipts",
                               {"sku": ident, "qty": 3, "txn_id": f"rcv-{n}",
-                               "staff_id": ident, "reason": ident, "note": ident})
+                               "reason": ident, "note": ident})
     assert status == 201, body
     status, body = await call(http, node, "GET", f"/v1/stock/{q(ident)}")
     assert status == 200 and body["sku"] == ident, body
     status, body = await call(http, node, "GET", f"/v1/reservations?sku={q(ident)}")
     assert status == 200, body
 
-    # the txn_id of a reservation is in its id, and so in the release/fulfil paths
-    fits = len(f"edge:{ident}") <= config.MAX_ID_LEN
+    # the txn_id of a reservation is in its id (scoped to the device: "svc"), and so in
+    # the release/fulfil paths
+    fits = len(f"edge:svc:{ident}") <= config.MAX_ID_LEN
     status, res = await call(http, node, "POST", "/v1/reservations",
                              {"sku": ident, "qty": 1, "txn_id": ident, "channel": ident,
-                              "order": ident, "staff_id": ident})
+                              "order": ident})
     if ident in _SEEN_TXNS:  # hypothesis repeats an example now and then
         assert status in (200, 422), res
     elif not fits:
@@ -213,13 +228,13 @@ async def test_every_identifier_a_write_accepts_is_addressable_by_path(
     else:
         assert status == 201, res
         rid = res["reservation_id"]
-        assert rid == f"edge:{ident}"
+        assert rid == f"edge:svc:{ident}"
         for _ in range(2):  # the replay answers the same, reservation_id included
             status, rel = await call(http, node, "POST", f"/v1/reservations/{q(rid)}/release",
                                      {"txn_id": f"rel-{n}", "reason": ident})
             assert status in (200, 201) and rel["reservation_id"] == rid, rel
     _SEEN_TXNS.add(ident)
-    other = f"{n}~{ident}"[: config.MAX_ID_LEN - len("edge:")]
+    other = f"{n}~{ident}"[: config.MAX_ID_LEN - len("edge:svc:")]
     status, res = await call(http, node, "POST", "/v1/reservations",
                              {"sku": ident, "qty": 1, "txn_id": other, "channel": "web"})
     assert status == 201, res
@@ -230,8 +245,7 @@ async def test_every_identifier_a_write_accepts_is_addressable_by_path(
         assert status in (200, 201) and ful["reservation_id"] == rid, ful
 
     status, body = await call(http, node, "PUT", f"/v1/catalog/{q(ident)}",
-                              {"txn_id": f"cat-{n}", "name": "P", "price_cents": 199,
-                               "staff_id": ident})
+                              {"txn_id": f"cat-{n}", "name": "P", "price_cents": 199})
     assert status == 201, body
     status, body = await call(http, node, "GET", f"/v1/catalog/{q(ident)}")
     assert status == 200 and body["sku"] == ident, body
@@ -241,9 +255,9 @@ _COUNTER = itertools.count()
 _SEEN_TXNS: set[str] = set()
 
 
-async def post(http: aiohttp.ClientSession, node: Node, path: str, body: Any
-               ) -> tuple[int, Any]:
-    return await call(http, node, "POST", path, body)
+async def post(http: aiohttp.ClientSession, node: Node, path: str, body: Any,
+               headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    return await call(http, node, "POST", path, body, headers)
 
 
 @pytest.mark.asyncio
@@ -259,22 +273,27 @@ async def test_reservation_replays_over_http(http: aiohttp.ClientSession, node: 
     rid = res["reservation_id"]
     for name, value in (("channel", "app"), ("order", "W-2"), ("order", None),
                         ("expires_ms", order["expires_ms"] + 1), ("expires_ms", None),
-                        ("qty", 3), ("staff_id", "ann")):
+                        ("qty", 3)):
         status, err = await post(http, node, "/v1/reservations", {**order, name: value})
         assert (status, err["error"]["field"]) == (422, "txn_id"), (name, value, err)
     status, again = await post(http, node, "/v1/reservations", order)
     assert status == 200 and again["duplicate"] and again["reservation_id"] == rid
 
-    status, ful = await post(http, node, f"/v1/reservations/{q(rid)}/fulfil",
-                             {"txn_id": "pickup-1", "staff_id": "bob"})
+    # the customer collects it at the till: the staff member is part of the content
+    bob = await login(http, node.url, _TOKENS["till"], "bob")
+    ann = await login(http, node.url, _TOKENS["till"], "ann")
+    pickup = {"txn_id": "pickup-1"}
+    status, ful = await post(http, node, f"/v1/reservations/{q(rid)}/fulfil", pickup, bob)
     assert status == 201 and ful["on_hand"] == 8
     status, replay = await post(http, node, f"/v1/reservations/{q(rid)}/fulfil",
-                                {"txn_id": "pickup-1", "staff_id": "bob"})
+                                {**pickup, "staff_id": "bob"}, bob)
     assert status == 200, replay
     assert replay == {**ful, "duplicate": True}
-    status, err = await post(http, node, f"/v1/reservations/{q(rid)}/fulfil",
-                             {"txn_id": "pickup-1", "staff_id": "eve"})
+    status, err = await post(http, node, f"/v1/reservations/{q(rid)}/fulfil", pickup, ann)
     assert (status, err["error"]["field"]) == (422, "txn_id")
+    # the integration's key "pickup-1" is its own: the till's does not block it
+    status, other = await post(http, node, "/v1/sales", {"sku": "S", "qty": 1, **pickup})
+    assert status == 201 and not other["duplicate"], other
 
     status, res = await post(http, node, "/v1/reservations",
                              {"sku": "S", "qty": 1, "txn_id": "web-2", "channel": "web"})

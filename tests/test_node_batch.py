@@ -28,7 +28,7 @@ from mesh.node import Node
 from mesh.replica import Replica
 from mesh.sync import Persist, SyncCore, encode_batch
 from tests.conftest import NOW, StoreKit
-from tests.meshkit import now_ms, wait_until
+from tests.meshkit import bearer, issue_token, now_ms, wait_until
 
 
 def _chain(r: Replica, n: int, sku: str = "A", now: int = NOW) -> list[Envelope]:
@@ -224,7 +224,9 @@ async def live(tmp_path: Path) -> AsyncIterator[tuple[Node, Peers, list[Replica]
     assert edge.store_key is not None
     regs = [enrol_node(tmp_path / f"reg-{i}", edge.store_key, "store-1", "register",
                        now_ms=now_ms(), node_id=f"reg-{i}") for i in (1, 2)]
-    node = Node(tmp_path / "edge", http_host="127.0.0.1", http_port=0, discovery=False)
+    _READER[:] = [issue_token(edge, "dashboard", role="read")]  # the live stream's reader
+    node = Node(tmp_path / "edge", insecure_plaintext=True,
+                http_host="127.0.0.1", http_port=0, discovery=False)
     await node.start()
     async with aiohttp.ClientSession() as http:
         peers = Peers(node, http)
@@ -234,6 +236,9 @@ async def live(tmp_path: Path) -> AsyncIterator[tuple[Node, Peers, list[Replica]
         finally:
             await peers.close()
             await node.close()
+
+
+_READER: list[str] = []
 
 
 def _count_appends(node: Node) -> list[int]:
@@ -372,6 +377,7 @@ async def _sse_events(resp: aiohttp.ClientResponse, n: int) -> list[tuple[str | 
     name: str | None = None
     while len(out) < n:
         line = (await asyncio.wait_for(resp.content.readline(), 5)).decode()
+        assert line, f"the stream ended after {len(out)} of {n} events (status {resp.status})"
         if line.startswith("event: "):
             name = line[7:].strip()
         elif line.startswith("data: "):
@@ -387,7 +393,7 @@ async def test_a_drain_reaches_the_live_stream_in_order(
     a = _chain(r1, 4, "A", now_ms())
     b = _chain(r2, 4, "B", now_ms())
     async with aiohttp.ClientSession(base_url=node.url) as http, \
-            http.get("/v1/events") as resp:
+            http.get("/v1/events", headers=bearer(_READER[0])) as resp:
         await asyncio.wait_for(resp.content.readline(), 5)  # subscribed
         for x, y in zip(a, b, strict=True):
             node._on_message("reg-1", encode_batch([x.raw]))
@@ -403,7 +409,7 @@ async def test_queued_events_all_arrive_in_order_and_a_shutdown_ends_the_stream(
     node, _, _ = live
     n = 2 * api.SSE_MAX_WRITE_EVENTS + 7  # more than one write's worth
     async with aiohttp.ClientSession(base_url=node.url) as http, \
-            http.get("/v1/events") as resp:
+            http.get("/v1/events", headers=bearer(_READER[0])) as resp:
         await asyncio.wait_for(resp.content.readline(), 5)
         [queue] = list(node._subscribers)
         for i in range(n):  # queued with no await between: the stream finds them waiting

@@ -52,9 +52,9 @@ async def test_a_certificate_learned_in_the_handshake_survives_a_restart(tmp_pat
     enrol_direct(tmp_path, edge, "r1")
     r2_ident = enrol_direct(tmp_path, edge, "r2")  # its trust store: edge and r2 only
     assert r2_ident.trust.certificate("r1") is None
-    r1 = Node(tmp_path / "r1", discovery=False)
+    r1 = Node(tmp_path / "r1", insecure_plaintext=True, discovery=False)
     await r1.start()
-    r2 = Node(tmp_path / "r2", discovery=False, peers=[r1.url])
+    r2 = Node(tmp_path / "r2", insecure_plaintext=True, discovery=False, peers=[r1.url])
     try:
         await r2.start()
         for i in range(5):
@@ -265,28 +265,30 @@ async def _all(node: NodeProc, n: int) -> bool:
 @pytest.mark.asyncio
 async def test_a_restart_with_only_data_dials_the_cloud_and_peers_again(
         cluster: Cluster, tmp_path: Path) -> None:
-    """r1's first start names its links (``--cloud``: here the edge, which takes a WAN
-    session like the cloud does; no mDNS); a restart with only ``--data`` must use them
-    again, and a flag given at a start replaces the saved value."""
+    """r1's first start names its links (``--cloud``: here a node enrolled as ``cloud``
+    run as a plain node, which takes a WAN session like the cloud does; no mDNS); a
+    restart with only ``--data`` must use them again, and a flag given at a start
+    replaces the saved value."""
     edge_ident = new_store(tmp_path, f"s-{tag()}", "edge")
     enrol_direct(tmp_path, edge_ident, "r1")
-    edge = await cluster.start("edge", tmp_path / "edge", discovery=False)
+    enrol_direct(tmp_path, edge_ident, "hq", role="cloud")  # a --cloud URL must reach one
+    hq = await cluster.start("hq", tmp_path / "hq", discovery=False)
     r1 = await cluster.start("r1", tmp_path / "r1", discovery=False,
-                             extra=["--cloud", f"{edge.url}/"])
+                             extra=["--cloud", f"{hq.url}/"])
     async with client() as http:
-        await until(lambda: _up(http, r1, "edge"), within=20, what="r1's link to the edge")
+        await until(lambda: _up(http, r1, "hq"), within=20, what="r1's link to hq")
     assert cluster.stop(r1) == 0
     saved = orjson.loads((tmp_path / "r1" / "config.json").read_bytes())
-    assert saved == {"cloud_urls": [f"{edge.url}/"], "discovery": False, "http_port": 0,
+    assert saved == {"cloud_urls": [f"{hq.url}/"], "discovery": False, "http_port": 0,
                      "interface": LOOPBACK}
 
     r1.argv = ["node", "--data", str(tmp_path / "r1")]  # as docs/operations.md promises
     cluster.restart(r1, same_port=False)
     await cluster.wait_ready(r1)
-    assert r1.url.startswith(f"http://{LOOPBACK}:"), r1.url  # the saved --interface
+    assert r1.url.startswith(f"https://{LOOPBACK}:"), r1.url  # the saved --interface
     async with client() as http:
-        await until(lambda: _up(http, r1, "edge"), within=20,
-                    what="r1's link to the edge after a restart with only --data")
+        await until(lambda: _up(http, r1, "hq"), within=20,
+                    what="r1's link to hq after a restart with only --data")
     assert cluster.stop(r1) == 0
 
     port = r1.port  # a flag given replaces the saved value, and is saved in turn
@@ -295,7 +297,7 @@ async def test_a_restart_with_only_data_dials_the_cloud_and_peers_again(
     await cluster.wait_ready(r1)
     assert r1.port == port
     saved = orjson.loads((tmp_path / "r1" / "config.json").read_bytes())
-    assert saved["http_port"] == port and saved["cloud_urls"] == [f"{edge.url}/"]
+    assert saved["http_port"] == port and saved["cloud_urls"] == [f"{hq.url}/"]
 
 
 async def _up(http: aiohttp.ClientSession, node: NodeProc, peer: str) -> bool:

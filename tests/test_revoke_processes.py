@@ -45,7 +45,7 @@ async def test_revoking_a_register_from_the_cli_cuts_it_off_everywhere(
     mk.enrol_direct(tmp_path / "hq", edge_ident, f"cloud-{t}", role="cloud")
     sid = edge_ident.store_id
     port = _free_port()
-    cloud_url = f"http://127.0.0.1:{port}"
+    cloud_url = f"https://127.0.0.1:{port}"
     _start_cloud(cluster, tmp_path / "hq", port)
     edge = await cluster.start("edge", tmp_path / edge_id, discovery=False,
                                extra=["--cloud", f"{cloud_url}/stores/{sid}"])
@@ -139,7 +139,7 @@ async def test_a_register_joining_while_the_cloud_is_connected_is_no_security_ev
     mk.enrol_direct(tmp_path / "hq", edge_ident, f"cloud-{t}", role="cloud")
     sid = edge_ident.store_id
     port = _free_port()
-    cloud_url = f"http://127.0.0.1:{port}"
+    cloud_url = f"https://127.0.0.1:{port}"
     store_on_cloud = f"{cloud_url}/stores/{sid}"
     _start_cloud(cluster, tmp_path / "hq", port)
     edge = await cluster.start("edge", tmp_path / f"edge-{t}", discovery=False,

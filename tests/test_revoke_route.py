@@ -4,6 +4,7 @@ malformed or oversized one changes nothing and is counted."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,9 +17,16 @@ from mesh.datadir import NodeIdentity, enrol_node, init_store, load_identity
 from mesh.identity import NodeKey, issue_revocations
 from mesh.node import Node
 from mesh.revoke import deliver
+from mesh.tls import api_client_context
 from tests.meshkit import now_ms, wait_until
 
 pytestmark = pytest.mark.asyncio
+
+
+def _pin(node: Node) -> ssl.SSLContext:
+    """A client pinned to ``node``'s store CA, as the CLI's 'nodes revoke' is."""
+    assert node.tls is not None, "the node runs TLS"
+    return api_client_context(node.tls.ca_pem)
 
 
 @pytest_asyncio.fixture
@@ -49,7 +57,7 @@ async def test_a_genuine_list_ends_the_session_and_later_ones_are_refused(
     edge, r1, ident = pair
     assert ident.store_key is not None
     crl = issue_revocations(ident.store_key, store_id="store-1", version=1, revoked={"r1"})
-    assert await deliver(edge.url, crl) == 1
+    assert await deliver(edge.url, crl, ssl_context=_pin(edge)) == 1
     await wait_until(lambda: "r1" not in edge.sessions and "edge" not in r1.sessions, 5,
                      "the session with r1 to end")
     assert edge.core.stats.get("revoked_session") == 1
@@ -60,7 +68,7 @@ async def test_a_genuine_list_ends_the_session_and_later_ones_are_refused(
     await wait_until(lambda: load_identity(ident.data_dir).trust.crl_version == 1, 5,
                      "the list saved in node.json")
     # the same list again: accepted, changes nothing
-    assert await deliver(edge.url, crl) == 1
+    assert await deliver(edge.url, crl, ssl_context=_pin(edge)) == 1
 
 
 async def test_forged_older_malformed_and_oversized_lists_change_nothing(
@@ -68,17 +76,17 @@ async def test_forged_older_malformed_and_oversized_lists_change_nothing(
     edge, _r1, ident = pair
     assert ident.store_key is not None
     v2 = issue_revocations(ident.store_key, store_id="store-1", version=2, revoked=set())
-    assert await deliver(edge.url, v2) == 2
+    assert await deliver(edge.url, v2, ssl_context=_pin(edge)) == 2
     older = issue_revocations(ident.store_key, store_id="store-1", version=1, revoked={"r1"})
-    assert await deliver(edge.url, older) == 2  # ignored: not newer
+    assert await deliver(edge.url, older, ssl_context=_pin(edge)) == 2  # ignored: not newer
     forged = issue_revocations(NodeKey.from_bytes(b"\x03" * 32), store_id="store-1",
                                version=9, revoked={"r1"})
     with pytest.raises(ValueError, match="not signed by the store key"):
-        await deliver(edge.url, forged)
+        await deliver(edge.url, forged, ssl_context=_pin(edge))
     other = issue_revocations(ident.store_key, store_id="store-2", version=9, revoked={"r1"})
     with pytest.raises(ValueError, match="store-2"):
-        await deliver(edge.url, other)
-    async with aiohttp.ClientSession() as http:
+        await deliver(edge.url, other, ssl_context=_pin(edge))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=_pin(edge))) as http:
         for body, status in ((b"not json", 400), (b'{"store_id": "store-1"}', 400),
                              (b"x" * 70_000, 413)):
             async with http.post(edge.url + "/v1/revocations", data=body,

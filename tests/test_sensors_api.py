@@ -19,33 +19,45 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh import config
 from mesh.datadir import init_store
 from mesh.node import Node
-from tests.meshkit import now_ms, running_node
+from tests.meshkit import add_staff, bearer, issue_token, login, now_ms, running_node, wait_until
 
 pytestmark = pytest.mark.asyncio
 
 Json = Any
 
 
+#: Device credentials of the store of the ``node`` fixture: a back-office integration
+#: (the sensor gateway and the scripts; every command) and a till.
+TOKENS: dict[str, str] = {}
+
+
 @pytest_asyncio.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    init_store(tmp_path / "edge", "store-1", now_ms=now_ms(), node_id="edge")
-    (tmp_path / "edge" / "sensor_rules.json").write_bytes(orjson.dumps({
+    edge = tmp_path / "edge"
+    init_store(edge, "store-1", now_ms=now_ms(), node_id="edge")
+    (edge / "sensor_rules.json").write_bytes(orjson.dumps({
         "version": 1, "reorder": {"default": {"point": 3, "target": 12}, "skus": {}}}))
-    async with running_node(tmp_path / "edge") as n:
+    TOKENS.update(svc=issue_token(edge), till=issue_token(edge, "till-1", role="pos"))
+    version = add_staff(edge, "anna", "supervisor")
+    async with running_node(edge) as n:
+        await wait_until(lambda: n.identity.trust.roster_version >= version, 10, "roster")
         yield n
 
 
 @pytest_asyncio.fixture
 async def http(node: Node) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(base_url=node.url) as session:
+    async with aiohttp.ClientSession(base_url=node.url,
+                                     headers=bearer(TOKENS["svc"])) as session:
         yield session
 
 
 async def call(http: aiohttp.ClientSession, method: str, path: str, body: Json = None, *,
-               raw: bytes | None = None) -> tuple[int, Json]:
+               raw: bytes | None = None, headers: dict[str, str] | None = None
+               ) -> tuple[int, Json]:
     data = raw if raw is not None else (None if body is None else orjson.dumps(body))
     async with http.request(method, path, data=data,
-                            headers={"Content-Type": "application/json"}) as resp:
+                            headers={"Content-Type": "application/json",
+                                     **(headers or {})}) as resp:
         assert resp.content_type == "application/json", await resp.text()
         return resp.status, orjson.loads(await resp.read())
 
@@ -62,7 +74,7 @@ async def setup_shelf(http: aiohttp.ClientSession, sku: str = "MILK", qty: int =
                         "calibrated_ms": now - 86_400_000},
     }.items():
         st, body = await call(http, "PUT", f"/v1/sensors/{sid}",
-                              {**entry, "txn_id": f"reg-{sid}", "staff_id": "mgr"})
+                              {**entry, "txn_id": f"reg-{sid}"})
         assert st == 201, body
 
 
@@ -189,14 +201,16 @@ async def test_one_signal_opens_a_review_that_staff_accept(
     st, body = await call(http, "POST", f"/v1/reviews/{rid}/resolve",
                           {"resolution": "bogus", "txn_id": "res-1"})
     assert st == 400 and body["error"]["field"] == "resolution"
+    anna = await login(http, "", TOKENS["till"], "anna")  # a supervisor at the till
     st, body = await call(http, "POST", f"/v1/reviews/{rid}/resolve",
-                          {"resolution": "accept", "txn_id": "res-1", "staff_id": "anna"})
+                          {"resolution": "accept", "txn_id": "res-1"}, headers=anna)
     assert st == 201 and body["open"] is False, body
     assert body["resolutions"][0]["staff_id"] == "anna"
     st, stock = await call(http, "GET", "/v1/stock/MILK")
     assert stock["on_hand"] == 8
     st, body = await call(http, "POST", f"/v1/reviews/{rid}/resolve",
-                          {"resolution": "accept", "txn_id": "res-1", "staff_id": "anna"})
+                          {"resolution": "accept", "txn_id": "res-1", "staff_id": "anna"},
+                          headers=anna)
     assert st == 200 and body["duplicate"] is True  # a replay
     st, body = await call(http, "POST", f"/v1/reviews/{rid}/resolve",
                           {"resolution": "reject", "txn_id": "res-2"})

@@ -19,9 +19,9 @@ import pytest_asyncio
 
 from mesh.envelope import decode
 from mesh.sensor_routes import SENSORS_KEY
-from tests.meshkit import now_ms
+from tests.meshkit import add_staff, client, issue_token, login, now_ms
 from tests.test_analytics import Fleet, until
-from tests.test_dashboard_e2e import Cells, chromium, chromium_argv, run_chromium
+from tests.test_dashboard_e2e import chromium, logged_in_dashboard, open_browser
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 __all__ = ["chromium"]  # the fixture
@@ -36,10 +36,11 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
         await f.close()
 
 
-async def call(http: aiohttp.ClientSession, method: str, url: str, body: Any = None
-               ) -> tuple[int, Any]:
+async def call(http: aiohttp.ClientSession, method: str, url: str, body: Any = None,
+               headers: dict[str, str] | None = None) -> tuple[int, Any]:
     async with http.request(method, url, data=None if body is None else orjson.dumps(body),
-                            headers={"Content-Type": "application/json"}) as resp:
+                            headers={"Content-Type": "application/json",
+                                     **(headers or {})}) as resp:
         return resp.status, orjson.loads(await resp.read())
 
 
@@ -55,7 +56,7 @@ async def test_alert_reaches_the_dashboard_raw_readings_stay_at_the_edge(
     await fleet.receive("s1", "MILK", 10)
     await fleet.receive("s1", "BREAD", 10)
     t = now_ms()
-    async with aiohttp.ClientSession() as http:
+    async with client() as http:  # the store's back-office integration (and gateway)
         for sid, entry in {
             "scale-MILK": {"kind": "weight", "skus": ["MILK"], "unit_grams": 1000},
             "rfid-dairy": {"kind": "rfid", "skus": ["MILK"]},
@@ -112,9 +113,12 @@ async def test_alert_reaches_the_dashboard_raw_readings_stay_at_the_edge(
     # the cloud suggests replenishment from the distribution centre once the review is
     # accepted (BREAD 8 <= its point 8), and every node sees the one suggestion
     item = cloud_node.replica.reviews.open_items("BREAD")[0]
-    async with aiohttp.ClientSession() as http:
+    till = issue_token(fleet.base / "s1" / "edge", "till-1", role="pos")
+    roster = add_staff(fleet.base / "s1" / "edge", "ole", "supervisor")
+    async with client() as http:
+        ole = await login(http, edge, till, "ole", roster=roster)  # at the till
         st, body = await call(http, "POST", f"{edge}/v1/reviews/{item.id}/resolve",
-                              {"resolution": "accept", "txn_id": "acc-1", "staff_id": "ole"})
+                              {"resolution": "accept", "txn_id": "acc-1"}, ole)
         assert st == 201, body
         store = f"{fleet.url}/stores/s1"
 
@@ -127,13 +131,9 @@ async def test_alert_reaches_the_dashboard_raw_readings_stay_at_the_edge(
         st, body = await call(http, "GET", f"{store}/v1/replenishment")
         assert [i["sku"] for i in body["open"]] == ["BREAD"]
 
-    url = f"{fleet.url}/"
-    code, dom, err = await run_chromium(
-        [*chromium_argv(chromium, tmp_path / "profile"), "--dump-dom", url])
-    assert code == 0, err.decode(errors="replace")[-3000:]
-    (tmp_path / "dashboard.html").write_bytes(dom)
-    page = Cells()
-    page.feed(dom.decode())
+    pin = fleet.cloud.hq.cert_path if fleet.cloud.hq is not None else None
+    async with open_browser(chromium, tmp_path / "profile", pin) as browser:
+        page = await logged_in_dashboard(browser, f"{fleet.url}/")  # HQ logs in first
     assert page.by_id.get("conn") == "live", page.by_id.get("conn")
     assert page.cells[("sensors", "s1", "review_open")] == "1"  # the replenishment
     assert page.cells[("sensors", "s1", "replenish")] == "BREAD"

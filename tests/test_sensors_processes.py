@@ -25,10 +25,11 @@ cluster = mk.cluster  # the fixture: every process started is stopped after the 
 UNIT_G = {"MILK": 1030.0, "BREAD": 410.0, "EGGS": 620.0}
 
 
-async def call(http: aiohttp.ClientSession, method: str, url: str, body: Any = None
-               ) -> tuple[int, Any]:
+async def call(http: aiohttp.ClientSession, method: str, url: str, body: Any = None,
+               headers: dict[str, str] | None = None) -> tuple[int, Any]:
     async with http.request(method, url, data=None if body is None else orjson.dumps(body),
-                            headers={"Content-Type": "application/json"}) as resp:
+                            headers={"Content-Type": "application/json",
+                                     **(headers or {})}) as resp:
         return resp.status, orjson.loads(await resp.read())
 
 
@@ -51,8 +52,7 @@ class Gateway:
         sensors["rfid-aisle-3"] = {"kind": "rfid", "skus": ["MILK", "EGGS"], "zone": "aisle-3"}
         for sid, entry in sensors.items():
             st, body = await call(self.http, "PUT", f"{self.edge}/v1/sensors/{sid}",
-                                  {**entry, "calibrated_ms": cal, "txn_id": f"reg-{sid}",
-                                   "staff_id": "manager"})
+                                  {**entry, "calibrated_ms": cal, "txn_id": f"reg-{sid}"})
             assert st == 201, body
 
     async def report(self) -> None:
@@ -78,6 +78,8 @@ async def test_shrink_review_and_drift_with_real_processes(cluster: mk.Cluster,
     t = mk.tag()
     edge_id = mk.new_store(tmp_path, f"store-{t}", f"edge-{t}")
     reg_id = mk.enrol_direct(tmp_path, edge_id, f"reg-{t}")
+    till = mk.issue_token(edge_id, "till-1", role="pos")
+    roster = mk.add_staff(edge_id, "anna", "supervisor")
     edge = await cluster.start("edge", edge_id.data_dir, discovery=False)
     reg = await cluster.start("reg", reg_id.data_dir, discovery=False, peers=[edge.url])
     async with mk.client() as http:
@@ -111,9 +113,9 @@ async def test_shrink_review_and_drift_with_real_processes(cluster: mk.Cluster,
 
         # staff accept the BREAD item at the register; the edge follows
         item = (await mk.get_json(http, reg.url, "/v1/reviews?sku=BREAD"))["reviews"][0]
+        anna = await mk.login(http, reg.url, till, "anna", roster=roster)
         st, body = await call(http, "POST", f"{reg.url}/v1/reviews/{item['id']}/resolve",
-                              {"resolution": "accept", "txn_id": "rv-accept-1",
-                               "staff_id": "anna"})
+                              {"resolution": "accept", "txn_id": "rv-accept-1"}, anna)
         assert st == 201, body
 
         async def edge_follows() -> bool:

@@ -14,7 +14,11 @@ function serverNow() {
 // --- helpers ---------------------------------------------------------------------------
 
 async function getJSON(path) {
-  const resp = await fetch(path, { cache: "no-store" });
+  const resp = await fetch(path, { cache: "no-store", credentials: "same-origin" });
+  if (resp.status === 401) {  // no HQ session (expired, logged out, cloud restarted)
+    location.assign("/login");
+    throw Object.assign(new Error("not logged in"), { status: 401 });
+  }
   const body = await resp.json();
   if (!resp.ok) {
     const err = new Error((body.error && body.error.message) || resp.statusText);
@@ -291,7 +295,19 @@ async function loop() {
   setTimeout(loop, POLL_MS);
 }
 
+async function account() {
+  // who is logged in, and the session's CSRF token for logging out (mesh.hq)
+  const me = await getJSON("/v1/hq/session");
+  document.getElementById("account-name").textContent = `${me.user} (${me.role})`;
+  document.getElementById("logout").addEventListener("click", async () => {
+    await fetch("/v1/hq/logout", { method: "POST", credentials: "same-origin",
+                                   headers: { "X-CSRF-Token": me.csrf } });
+    location.assign("/login");
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  account().catch(e => console.error(e));
   document.getElementById("sku").addEventListener("change", ev => {
     state.sku = ev.target.value;
     const url = new URL(location.href);
