@@ -106,6 +106,47 @@ def test_token_revoke_mistakes(tmp_path: Path, edge: NodeIdentity) -> None:
         assert res.exit_code == 2 and "damaged" in res.output, (argv, res.output)
 
 
+def test_device_staff_and_hq_mistakes(tmp_path: Path, edge: NodeIdentity) -> None:
+    """Credentials and accounts: each mistake is one line saying what to do, exit 2, and
+    changes nothing (a register's directory holds no store key, so it issues nothing)."""
+    runner = CliRunner()
+    reg = enrol_direct(tmp_path, edge, "reg-1")
+    pin = tmp_path / "pin"
+    pin.write_text("123\n")
+    good_pin = tmp_path / "good-pin"
+    good_pin.write_text("482913\n")
+    pw = tmp_path / "pw"
+    pw.write_text("short\n")
+    d, r = str(edge.data_dir), str(reg.data_dir)
+    for argv, says in (
+            (["device", "issue", r, "till-1"], "holds no store key"),
+            (["device", "issue", d, "till:1"], "device id must be"),
+            (["device", "issue", d, "till-1", "--allow", "adjust,reserve"], "may be allowed"),
+            (["device", "issue", d, "till-1", "--days", "9999"], "lasts"),
+            (["device", "revoke", d, "nobody"], "no device 'nobody'"),
+            (["staff", "add", d, "ann", "--name", "Ann", "--pin-file", str(pin)], "PIN has"),
+            (["staff", "add", r, "ann", "--name", "Ann", "--pin-file", str(good_pin)],
+             "holds no store key"),
+            (["staff", "disable", d, "nobody"], "no staff 'nobody'"),
+            (["hq", "add", str(tmp_path / "hq"), "ann", "--password-file", str(pw)],
+             "password has"),
+            (["hq", "disable", str(tmp_path / "hq"), "nobody"], "no HQ account")):
+        res = runner.invoke(main, argv)
+        assert res.exit_code == 2, (argv, res.output, res.exception)
+        assert says in " ".join(res.output.split()) and "Traceback" not in res.output, \
+            (argv, res.output)
+    assert not (edge.data_dir / "auth.json").exists() or b"till-1" not in (
+        edge.data_dir / "auth.json").read_bytes()
+    ok = runner.invoke(main, ["device", "issue", d, "till-1", "--node", "reg-1"])
+    assert ok.exit_code == 0 and ok.output.startswith("smd1."), ok.output
+    again = runner.invoke(main, ["staff", "add", d, "ann", "--name", "Ann",
+                                 "--pin-file", str(good_pin)])
+    assert again.exit_code == 0, again.output
+    res = runner.invoke(main, ["staff", "add", d, "ann", "--name", "Ann",
+                               "--pin-file", str(good_pin)])
+    assert res.exit_code == 2 and "on the roster already" in res.output
+
+
 def test_ledger_verify_of_a_dir_without_a_node(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     res = CliRunner().invoke(main, ["ledger", "verify", str(tmp_path / "empty")])
