@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from mesh.tls import write_file
+from mesh.tls import build_ca, write_file
 
 __all__ = ["CA_FILE", "CERT_FILE", "HqTls", "ensure_hq_tls", "hq_hosts", "hq_server_context",
            "spki_sha256"]
@@ -56,7 +56,6 @@ CA_FILE: Final = "hq-ca.pem"
 CA_KEY_FILE: Final = "hq-ca.key"
 CERT_FILE: Final = "hq-tls.pem"
 KEY_FILE: Final = "hq-tls.key"
-CA_VALIDITY: Final = dt.timedelta(days=3650)
 #: CA/Browser Forum limit for a server certificate (398 days), with a day's margin.
 LEAF_VALIDITY: Final = dt.timedelta(days=397)
 RENEW_BEFORE: Final = dt.timedelta(days=30)
@@ -118,18 +117,7 @@ def _new_ca(root: Path, now: dt.datetime) -> tuple[x509.Certificate,
                                                    ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = _name("storemesh HQ CA")
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - _BACKDATE).not_valid_after(now + CA_VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = build_ca(key, name, now, hashes.SHA256())
     write_file(root / CA_KEY_FILE, _key_pem(key), 0o600)
     write_file(root / CA_FILE, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert, key

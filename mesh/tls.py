@@ -47,7 +47,7 @@ from urllib.parse import quote, unquote
 from aiohttp import web
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -103,13 +103,14 @@ def _ca_name(store_id: str) -> x509.Name:
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, store_id)])
 
 
-def issue_ca(store_key: NodeKey, store_id: str, *, now_ms: int) -> bytes:
-    """The store's CA certificate (PEM): self-signed by the store key."""
-    now = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC)
-    priv = _crypto_key(store_key)
-    name = _ca_name(store_id)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(priv.public_key()).serial_number(x509.random_serial_number())
+
+def build_ca(key: Any, name: x509.Name, now: dt.datetime,
+             algorithm: hashes.SHA256 | None) -> x509.Certificate:
+    """A self-signed CA certificate for ``key`` (the store CA: Ed25519, ``algorithm``
+    None; the cloud's HQ CA: P-256 with SHA-256), valid ``CA_VALIDITY``, signing only
+    certificates one level down."""
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - _BACKDATE).not_valid_after(now + CA_VALIDITY)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
@@ -117,9 +118,16 @@ def issue_ca(store_key: NodeKey, store_id: str, *, now_ms: int) -> bytes:
                                          key_agreement=False, key_cert_sign=True,
                                          crl_sign=True, encipher_only=False,
                                          decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(priv.public_key()),
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                            critical=False)
-            .sign(priv, None))
+            .sign(key, algorithm))
+
+def issue_ca(store_key: NodeKey, store_id: str, *, now_ms: int) -> bytes:
+    """The store's CA certificate (PEM): self-signed by the store key."""
+    now = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC)
+    priv = _crypto_key(store_key)
+    name = _ca_name(store_id)
+    cert = build_ca(priv, name, now, None)
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
