@@ -39,11 +39,13 @@ import logging
 import os
 import re
 import secrets
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -761,9 +763,13 @@ async def _request_join(edge: str, token: JoinToken, key: NodeKey, node_id: str 
     body: dict[str, Any] = {"token": token.encode(), "public_key": key.public_key.hex()}
     if node_id is not None:
         body["node_id"] = node_id
+    pin: aiohttp.Fingerprint | None = None
+    if endpoint.startswith("https://"):
+        got = await _server_fingerprint(endpoint, edge, timeout_s)
+        if got != token.tls_pin:
+            raise _pin_mismatch(edge, got, token)
+        pin = aiohttp.Fingerprint(bytes.fromhex(token.tls_pin))  # and on the request itself
     try:
-        pin = aiohttp.Fingerprint(bytes.fromhex(token.tls_pin)) \
-            if endpoint.startswith("https://") else None
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http,
             http.post(endpoint, data=orjson.dumps(body), ssl=pin if pin is not None else True,
@@ -778,11 +784,8 @@ async def _request_join(edge: str, token: JoinToken, key: NodeKey, node_id: str 
     except TimeoutError:
         raise TimeoutError(f"the edge node at {edge} did not answer within {timeout_s:g} s"
                            ) from None
-    except aiohttp.ServerFingerprintMismatch as e:
-        raise UntrustedEdge(f"the server at {edge} presents TLS certificate "
-                            f"{e.got.hex()[:16]}, but the token pins {token.tls_pin[:16]}: "
-                            "it is not the edge node that issued the token (or someone is "
-                            "in between); nothing was sent") from None
+    except aiohttp.ServerFingerprintMismatch as e:  # it changed since the probe
+        raise _pin_mismatch(edge, e.got.hex(), token) from None
     except aiohttp.ClientError as e:
         raise ConnectionError(f"could not reach the edge node at {edge} ({e}): check the "
                               "address and that the node runs") from None
@@ -792,6 +795,41 @@ async def _request_join(edge: str, token: JoinToken, key: NodeKey, node_id: str 
         reason, message = _remote_error(bytes(data))
         raise JoinRefused(reason if status == 403 else "bad_request", message)
     raise ConnectionError(f"{endpoint} answered HTTP {status}: is {edge} a storemesh edge node?")
+
+
+async def _server_fingerprint(endpoint: str, edge: str, timeout_s: float) -> str:
+    """SHA-256 (hex) of the certificate the TLS server at ``endpoint`` presents. A TLS
+    handshake only: nothing is sent, and the connection is aborted at once (so a wrong
+    server costs no lingering TLS shutdown, as aiohttp's own pin check leaves one)."""
+    url = urlsplit(endpoint)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # the pin decides, not a CA
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        async with asyncio.timeout(timeout_s):
+            _, writer = await asyncio.open_connection(url.hostname, url.port or 443, ssl=ctx)
+    except TimeoutError:
+        raise TimeoutError(f"the edge node at {edge} did not answer within {timeout_s:g} s"
+                           ) from None
+    except OSError as e:  # ssl.SSLError included
+        raise ConnectionError(f"could not reach the edge node at {edge} ({e}): check the "
+                              "address and that the node runs") from None
+    try:
+        sslobj = writer.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+    finally:
+        writer.transport.abort()
+    if not der:
+        raise UntrustedEdge(f"the server at {edge} presents no TLS certificate; nothing was "
+                            "sent")
+    return hashlib.sha256(der).hexdigest()
+
+
+def _pin_mismatch(edge: str, got: str, token: JoinToken) -> UntrustedEdge:
+    return UntrustedEdge(f"the server at {edge} presents TLS certificate {got[:16]}, but "
+                         f"the token pins {token.tls_pin[:16]}: it is not the edge node that "
+                         "issued the token (or someone is in between); nothing was sent")
 
 
 def _remote_error(data: bytes) -> tuple[str, str]:

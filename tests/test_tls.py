@@ -440,7 +440,16 @@ async def test_dial_checks_the_node_id_it_meant(cluster: Cluster, tmp_path: Path
         # the TLS certificate is checked before a hello is sent: the edge saw no session
         assert ra.node_id not in await peers_up(http, edge)
         s = await dial(http, edge.url, ra, now_ms, expect=edge.node_id)
+        await until(lambda: _has(http, edge, ra.node_id), within=10, what="ra's session")
         await s.ws.close()
+        # until the edge has ended it too: the TLS shutdown of that connection is then
+        # done, before this test's event loop closes (else a transport is left unclosed)
+        await until(lambda: _lacks(http, edge, ra.node_id), within=10,
+                    what="the edge ends ra's session")
+
+
+async def _lacks(http: aiohttp.ClientSession, node: meshkit.NodeProc, peer: str) -> bool:
+    return peer not in await peers_up(http, node)
 
 
 # --- join over TLS through a machine in the middle --------------------------------------------
