@@ -30,19 +30,23 @@ Invariants:
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from mesh import config
-from mesh.datadir import NodeIdentity, load_identity
 from mesh.envelope import Envelope, decode, verify
 from mesh.errors import Equivocation
-from mesh.ledger import Ledger
+from mesh.ports import Identity, Storage
 from mesh.replica import CommandResult, Replica
+
+if TYPE_CHECKING:
+    from mesh.ledger import Ledger
+
+S = TypeVar("S", bound=Storage)
 
 __all__ = ["DurableReplica", "RebuildStats", "rebuild"]
 
@@ -61,10 +65,12 @@ class _Counters:
     duplicates: int = 0
 
 
-def rebuild(replica: Replica, ledger: Ledger) -> RebuildStats:
+def rebuild(replica: Replica, ledger: Storage,
+            perf_counter: Callable[[], float] | None = None) -> RebuildStats:
     """Load the newest snapshot, then replay the ledger rows after it (trusted: every
-    row was verified when it was first accepted; ``storemesh ledger verify`` re-checks)."""
-    t0 = time.perf_counter()
+    row was verified when it was first accepted; ``storemesh ledger verify`` re-checks).
+    ``perf_counter`` times it (the real node passes ``time.perf_counter``)."""
+    t0 = perf_counter() if perf_counter is not None else 0.0
     stats = RebuildStats()
     snap = ledger.latest_snapshot()
     after = 0
@@ -75,21 +81,25 @@ def rebuild(replica: Replica, ledger: Ledger) -> RebuildStats:
     for _, raw in ledger.scan(after):
         replica.apply(decode(raw), None, check_skew=False)
         stats.replayed += 1
-    stats.seconds = time.perf_counter() - t0
+    if perf_counter is not None:
+        stats.seconds = perf_counter() - t0
     return stats
 
 
-class DurableReplica:
-    """A ``Replica`` whose every change is appended to a ``Ledger``."""
+class DurableReplica(Generic[S]):
+    """A ``Replica`` whose every change is appended to a ledger (any ``Storage``: the
+    SQLite ``Ledger`` for real, ``SimDisk`` in the simulator)."""
 
-    def __init__(self, identity: NodeIdentity, ledger: Ledger,
-                 snapshot_every: int = config.SNAPSHOT_EVERY) -> None:
+    def __init__(self, identity: Identity, ledger: S,
+                 snapshot_every: int = config.SNAPSHOT_EVERY,
+                 perf_counter: Callable[[], float] | None = None) -> None:
         self.identity = identity
         self.ledger = ledger
         self.snapshot_every = snapshot_every
+        self._perf = perf_counter
         self.replica = self._fresh_replica()
         self.counters = _Counters()
-        self.rebuild_stats = rebuild(self.replica, ledger)
+        self.rebuild_stats = rebuild(self.replica, ledger, perf_counter)
         self._in_flight = 0
         #: seq -> the durability future of our own envelopes not yet on disk: a replay
         #: of their command is answered with the original's future (invariant 5).
@@ -98,12 +108,20 @@ class DurableReplica:
         self._since_snapshot = self.rebuild_stats.replayed
         self._trust_saved = identity.trust.version  # trust store version on disk
 
-    @classmethod
-    def open(cls, data_dir: Path, snapshot_every: int = config.SNAPSHOT_EVERY,
-             max_bytes: int | None = None) -> DurableReplica:
-        """Load the node in ``data_dir`` and rebuild its state from the ledger."""
+    @staticmethod
+    def open(data_dir: Path, snapshot_every: int = config.SNAPSHOT_EVERY,
+             max_bytes: int | None = None) -> DurableReplica[Ledger]:
+        """Load the node in ``data_dir`` and rebuild its state from the SQLite ledger."""
+        # The real storage is imported by the real path only: the simulator imports
+        # this module and must not pull in sqlite3 (tests/test_purity.py).
+        import time
+
+        from mesh.datadir import load_identity
+        from mesh.ledger import Ledger
+
         identity = load_identity(data_dir)
-        return cls(identity, Ledger(identity.ledger_path, max_bytes=max_bytes), snapshot_every)
+        return DurableReplica(identity, Ledger(identity.ledger_path, max_bytes=max_bytes),
+                              snapshot_every, time.perf_counter)
 
     def _fresh_replica(self) -> Replica:
         i = self.identity
@@ -228,7 +246,7 @@ class DurableReplica:
         self._trust_saved = -1  # the failure may have been node.json's: write it again
         self._pending_local.clear()  # their commands are not on disk: a replay is new
         self.replica = self._fresh_replica()
-        self.rebuild_stats = rebuild(self.replica, self.ledger)
+        self.rebuild_stats = rebuild(self.replica, self.ledger, self._perf)
         self._since_snapshot = self.rebuild_stats.replayed
 
     def close(self) -> None:

@@ -247,13 +247,14 @@ def verify(raw: bytes | Envelope, trust: TrustStore, now_ms: int) -> Envelope:
         raise WrongStore(f"envelope of {env.origin!r} is for store {env.store!r}")
     cert = trust.check(env.origin, now_ms)
     check_rights(env.ops, env.origin, cert.role)
-    _check_signature(env, cert.public_key)
+    _check_signature(env, cert.public_key, trust)
     return env
 
 
-def _check_signature(env: Envelope, public_key: bytes) -> None:
+def _check_signature(env: Envelope, public_key: bytes, trust: TrustStore) -> None:
     raw = env.raw
-    if not verify_signature(public_key, _signature(raw), DOMAIN + raw[_PREFIX_LEN:-_SUFFIX_LEN]):
+    if not verify_signature(public_key, _signature(raw), DOMAIN + raw[_PREFIX_LEN:-_SUFFIX_LEN],
+                            trust.verifier):
         raise BadSignature(f"signature of {env.origin!r} seq {env.seq} does not verify")
 
 
@@ -313,5 +314,5 @@ def verify_chain(
         check_rights(env.ops, origin, role)
         link = env.hash
         seq += 1
-    _check_signature(envs[-1], cert.public_key)
+    _check_signature(envs[-1], cert.public_key, trust)
     return envs

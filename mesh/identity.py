@@ -66,7 +66,7 @@ __all__ = [
     "NodeKey",
     "RevocationList",
     "TrustStore",
-    "clear_verify_cache",
+    "Verifier",
     "fingerprint",
     "issue_certificate",
     "issue_revocations",
@@ -191,44 +191,62 @@ def fingerprint(public_key: bytes) -> str:
     return hashlib.sha256(public_key).hexdigest()[:16]
 
 
-_pubkey_cache: dict[bytes, Ed25519PublicKey] = {}
-#: Successful signature checks remembered (see verify_signature): 64k entries ~ 6 MB.
+#: Successful signature checks a ``Verifier`` remembers: 64k entries ~ 6 MB.
 _VERIFIED_MAX: Final = 65_536
-_verified: dict[bytes, None] = {}
 
 
-def clear_verify_cache() -> None:
-    """Forget remembered signature checks (benchmarks measure the real cost)."""
-    _verified.clear()
+class Verifier:
+    """Ed25519 checks with memory: parsed public keys and successful checks, bounded,
+    oldest forgotten first. An object, not process-global state: every ``TrustStore``
+    owns one; the simulator hands one to all the nodes it hosts in its process, so the
+    same bytes are verified once per run, as a relay verifies them once per node."""
+
+    __slots__ = ("_keys", "_ok")
+
+    def __init__(self) -> None:
+        self._keys: dict[bytes, Ed25519PublicKey] = {}
+        self._ok: dict[bytes, None] = {}
+
+    def clear(self) -> None:
+        """Forget remembered checks (benchmarks measure the real cost)."""
+        self._ok.clear()
+
+    def check(self, public_key: bytes, signature: bytes, data: bytes) -> bool:
+        memo = hashlib.sha256(public_key + signature + data).digest()
+        if memo in self._ok:
+            return True
+        pk = self._keys.get(public_key)
+        if pk is None:
+            try:
+                pk = Ed25519PublicKey.from_public_bytes(public_key)
+            except ValueError:
+                return False
+            if len(self._keys) >= _PUBKEY_CACHE_MAX:
+                del self._keys[next(iter(self._keys))]  # oldest first
+            self._keys[bytes(public_key)] = pk
+        try:
+            pk.verify(signature, data)
+        except (InvalidSignature, ValueError, TypeError):
+            return False
+        if len(self._ok) >= _VERIFIED_MAX:
+            del self._ok[next(iter(self._ok))]  # oldest first
+        self._ok[memo] = None
+        return True
 
 
-def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
+def verify_signature(public_key: bytes, signature: bytes, data: bytes,
+                     verifier: Verifier | None = None) -> bool:
     """True iff ``signature`` is a valid Ed25519 signature of ``data`` by ``public_key``.
 
-    Total: a malformed key or signature is just ``False``. Successful checks are
-    remembered (bounded, keyed by a hash of key, signature and data), so the same bytes
-    are not verified twice in one process: a relay that sees an envelope again, or the
-    simulator, which hosts every node of a store in one process.
-    """
-    memo = hashlib.sha256(public_key + signature + data).digest()
-    if memo in _verified:
-        return True
-    pk = _pubkey_cache.get(public_key)
-    if pk is None:
-        try:
-            pk = Ed25519PublicKey.from_public_bytes(public_key)
-        except ValueError:
-            return False
-        if len(_pubkey_cache) >= _PUBKEY_CACHE_MAX:
-            del _pubkey_cache[next(iter(_pubkey_cache))]  # oldest first
-        _pubkey_cache[bytes(public_key)] = pk
+    Total: a malformed key or signature is just ``False``. With a ``verifier`` (a trust
+    store's), successful checks are remembered there, so the same bytes are not
+    verified twice: a relay that sees an envelope again."""
+    if verifier is not None:
+        return verifier.check(public_key, signature, data)
     try:
-        pk.verify(signature, data)
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
     except (InvalidSignature, ValueError, TypeError):
         return False
-    if len(_verified) >= _VERIFIED_MAX:
-        del _verified[next(iter(_verified))]  # oldest first
-    _verified[memo] = None
     return True
 
 
@@ -324,8 +342,8 @@ class Certificate:
             signature=_hex(f["signature"], _SIG_LEN, "certificate signature"),
         )
 
-    def verify(self, store_public_key: bytes) -> None:
-        if not verify_signature(store_public_key, self.signature, self.body_bytes()):
+    def verify(self, store_public_key: bytes, verifier: Verifier | None = None) -> None:
+        if not verify_signature(store_public_key, self.signature, self.body_bytes(), verifier):
             raise BadSignature(
                 f"certificate of node {self.node_id!r} is not signed by the store key"
             )
@@ -394,8 +412,8 @@ class RevocationList:
             signature=_hex(f["signature"], _SIG_LEN, "revocation list signature"),
         )
 
-    def verify(self, store_public_key: bytes) -> None:
-        if not verify_signature(store_public_key, self.signature, self.body_bytes()):
+    def verify(self, store_public_key: bytes, verifier: Verifier | None = None) -> None:
+        if not verify_signature(store_public_key, self.signature, self.body_bytes(), verifier):
             raise BadSignature(f"revocation list v{self.version} is not signed by the store key")
 
 
@@ -428,7 +446,7 @@ class TrustStore:
     """Who may write to this store: the store key, certificates and revocations seen."""
 
     __slots__ = ("_cert_at", "_certs", "_crl", "_local_revoked", "_revoked", "_roster",
-                 "store_id", "store_public_key", "version")
+                 "store_id", "store_public_key", "verifier", "version")
 
     def __init__(self, store_id: str, store_public_key: bytes) -> None:
         _local_ident(store_id, "store_id")
@@ -445,6 +463,8 @@ class TrustStore:
         self._roster: Roster | None = None
         #: Bumped on every change, so derived values (digests) can be cached.
         self.version = 0
+        #: Signature checks against this store's keys, remembered (see ``Verifier``).
+        self.verifier = Verifier()
 
     def __repr__(self) -> str:
         return (
@@ -471,7 +491,7 @@ class TrustStore:
         held = self._certs.get(cert.node_id)
         if held == cert:
             return  # already held (and verified): gossip repeats certificates a lot
-        cert.verify(self.store_public_key)
+        cert.verify(self.store_public_key, self.verifier)
         if held is None or (cert.not_after, cert.body_bytes()) > (
             held.not_after,
             held.body_bytes(),
@@ -487,7 +507,7 @@ class TrustStore:
                 f"revocation list v{crl.version} is for store {crl.store_id!r}, "
                 f"not {self.store_id!r}"
             )
-        crl.verify(self.store_public_key)
+        crl.verify(self.store_public_key, self.verifier)
         if crl.version <= self.crl_version:
             return
         self._crl = crl

@@ -27,6 +27,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from mesh.datadir import NodeIdentity
 from mesh.durable import DurableReplica
 from mesh.httpfaults import ClientFaults
+from mesh.ledger import Ledger
 from mesh.replica import CommandResult, Replica
 from mesh.sync import NOT_REFUSALS, Effect, SyncCore
 
@@ -53,7 +54,7 @@ class NodeView(Protocol):
     modules, and this keeps the dependency one-way."""
 
     identity: NodeIdentity
-    durable: DurableReplica
+    durable: DurableReplica[Ledger]
     core: SyncCore
     rejected_sessions: dict[str, int]
     http_faults: ClientFaults

@@ -1,37 +1,32 @@
-"""The asyncio driver of one store node: ledger + sync core + sessions + discovery + API.
+"""One store node: assembly, lifecycle, HTTP, dialing and discovery around the driver.
 
-Everything that touches the replica or the sync core runs on the event loop thread;
-the ledger's writer thread only resolves futures, which come back to the loop with
-``call_soon_threadsafe``. The driver carries out the core's effects and re-arms one
-timer (the aioquic pattern).
+Everything that decides what the node does with the sync core's effects (durable
+acknowledgement, duplicate answers, batched receive, persist/fetch, priorities, trust
+persistence, snapshots, recovery after a failed write, the one re-armed timer) is in
+``mesh.driver.Driver``, which the simulator runs too. This module plugs the real ports
+into it (``mesh.runtime``: the asyncio clock, a worker thread pool, the aiohttp sessions;
+the SQLite ledger; zeroconf discovery) and keeps the glue: the HTTP server, the dial
+loops, the live stream and the reservation-expiry sweep.
 
-Receive path: sessions only queue their messages (``_on_message``); once per loop
-iteration ``_drain`` hands everything that arrived, from every session, to the core in
-one call (``SyncCore.receive_many``). The core verifies each origin's run across those
-messages as one hash chain (one signature check), and the driver makes every envelope
-applied in that iteration durable with ONE ledger append, so one group commit, one
-thread hand-off back and one live-stream publish pass per iteration, not per message.
+Everything that touches the replica, the sync core or the driver runs on the event loop
+thread; the ledger's writer thread only resolves futures, which the driver takes back to
+the loop (``LoopClock.call_soon`` is thread-safe).
 
 Invariants:
- 1. A local command returns only once its envelope is durable; it is pushed to peers
-    only then (via ``SyncCore.durable``).
- 2. Every task has an owner: the node's task set (cancelled and awaited on ``close``)
-    or a ``Session``. No fire-and-forget.
- 3. No blocking call on the loop: ledger reads and evidence go through
-    ``asyncio.to_thread``, rebuild at start-up too; identity (trust store) writes go to
-    the ledger's writer thread, ahead of the envelopes that need them (durable inv. 6).
+ 1. A local command returns only once its envelope is durable (driver invariant 1).
+ 2. Every task has an owner: the node's task set (cancelled and awaited on ``close``),
+    a ``Session``, or the worker (awaited on ``close``). No fire-and-forget.
+ 3. No blocking call on the loop: ledger reads, evidence and snapshot writes run on the
+    worker's threads, rebuild at start-up too; identity (trust store) writes go to the
+    ledger's writer thread, ahead of the envelopes that need them (durable inv. 6).
  4. At most one session per peer node id; with discovery, only the node with the
     smaller id dials, so two nodes do not race to connect to each other.
- 5. Messages of one session reach the core in the order received; every message
-    queued by ``_on_message`` is handed to the core by the next ``_drain`` (dropped only
-    once the node is closing, like a message still in a socket buffer).
- 6. The envelopes of all ``Persist`` effects of one ``_handle`` call go to the ledger
-    as one append, in effect order (= apply order: ledger invariant 1).
- 7. The live stream shows a local change once it is durable here (when the command
-    is acknowledged), a peer's change once it is applied here (it was durable at its
-    origin before it was pushed): the stream never runs ahead of ``GET /v1/stock``,
-    and never shows a change that no disk holds.
- 8. One process per data directory: ``start`` takes its lock (``mesh.datadir``
+ 5. Messages of one session reach the driver in the order received (driver invariant 2
+    batches them per loop iteration).
+ 6. The live stream shows what the driver's ``applied`` listeners report (driver
+    invariant 7): it never runs ahead of ``GET /v1/stock``, and never shows a change
+    that no disk holds.
+ 7. One process per data directory: ``start`` takes its lock (``mesh.datadir``
     invariant 3) before opening anything; ``close`` releases it last.
 """
 
@@ -44,7 +39,6 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -54,21 +48,15 @@ from aiohttp import web
 
 from mesh import config, transport
 from mesh.datadir import DataDirLock, NodeIdentity, ensure_tls, lock_data_dir
+from mesh.driver import Driver
 from mesh.durable import DurableReplica
 from mesh.envelope import Envelope
 from mesh.errors import CommandError, LedgerError
 from mesh.httpfaults import ClientFaults, ServerLog
+from mesh.ledger import Ledger
 from mesh.replica import CommandResult, Replica
-from mesh.sync import (
-    Alert,
-    Effect,
-    EndSession,
-    Fetch,
-    Persist,
-    Send,
-    SyncCore,
-    TrustChanged,
-)
+from mesh.runtime import LoopClock, SessionTransport, ThreadWorker
+from mesh.sync import Effect, SyncCore
 from mesh.tls import (
     TlsFiles,
     TlsSite,
@@ -125,28 +113,23 @@ class Node:
         self.rejected_sessions: dict[str, int] = {}
         self.http_faults = ClientFaults()  # malformed/abandoned HTTP requests (mesh.api)
         self.duplicate_sessions = 0
-        self.sessions: dict[str, transport.Session] = {}
-        self.last_seen: dict[str, int] = {}
+        self.transport = SessionTransport()
+        self.sessions: dict[str, transport.Session] = self.transport.sessions
         self._wan_closed = [0, 0]  # wire bytes (sent, received) of ended WAN sessions
         self.known_urls: dict[str, str] = {}  # node id -> URL (discovery, sessions)
         self.app = web.Application(client_max_size=config.MAX_HTTP_BODY)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dialers: dict[str, asyncio.Task[None]] = {}  # URL -> dial loop
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
-        self._durable_batch: list[Envelope] = []
-        #: Messages received in this loop iteration, (data, peer id), in arrival order.
-        self._inbox: list[tuple[bytes, str]] = []
-        self._timer_wake = asyncio.Event()
-        #: Wall-clock ms the timer loop sleeps until (it wakes early only for an earlier
-        #: deadline); -1 while it is not sleeping (it re-reads the deadline first).
-        self._timer_at = -1
         self._closed = False
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
         self._discovery: Any = None
         self._lock: DataDirLock | None = None
-        self.durable: DurableReplica
+        self.durable: DurableReplica[Ledger]
         self.core: SyncCore
+        self.driver: Driver
+        self._worker: ThreadWorker | None = None
         self.identity: NodeIdentity
         self.url = ""
 
@@ -159,6 +142,10 @@ class Node:
     @property
     def replica(self) -> Replica:
         return self.durable.replica
+
+    @property
+    def last_seen(self) -> dict[str, int]:
+        return self.driver.last_seen
 
     async def start(self) -> None:
         """Open the data dir (locked for this process: ``mesh.datadir.DataDirLock``),
@@ -177,13 +164,21 @@ class Node:
             self._lock.release()  # nothing else was opened
             self._lock = None
             raise
-        self.identity = self.durable.identity
+        identity = self.durable.identity
+        assert isinstance(identity, NodeIdentity)
+        self.identity = identity
         if not self.insecure_plaintext:
             self.tls = await asyncio.to_thread(ensure_tls, self.identity, now_ms=self.now_ms())
             self.client_ssl = client_context(self.tls)
         self.core = SyncCore(self.replica, self.identity.trust,
                              random.Random())  # noqa: S311 -- sync timer jitter
         self._loop = asyncio.get_running_loop()
+        self._worker = ThreadWorker(self._loop)
+        self.driver = Driver(self.durable, self.core, self.transport, LoopClock(self._loop),
+                             self._worker, self.identity)
+        self.driver.durable_listeners = self.listeners
+        self.driver.applied_listeners.append(self._applied)
+        self.driver.start()
         self.app.router.add_get("/v1/sync", self._accept)
         self._setup_optional_routes()
         if self.serve:
@@ -203,8 +198,6 @@ class Node:
             scheme = "http" if self.tls is None else "https"
             self.url = f"{scheme}://{self.http_host}:{self.http_port}"
         self._http = aiohttp.ClientSession()
-        self._spawn(self._timer_loop(), "timer")
-        self._spawn(self._snapshot_loop(), "snapshots")
         self._spawn(self._expiry_loop(), "reservation-expiry")
         for url in self.static_peers:
             self._ensure_dialer(url)
@@ -241,6 +234,9 @@ class Node:
         if self._closed:
             return
         self._closed = True
+        driver: Driver | None = getattr(self, "driver", None)  # None: start was cancelled
+        if driver is not None:
+            driver.close()
         if self._discovery is not None:
             await self._discovery.close()
         for session in list(self.sessions.values()):
@@ -256,8 +252,10 @@ class Node:
             await self._http.close()
         if self._runner is not None:
             await self._runner.cleanup()
-        durable: DurableReplica | None = getattr(self, "durable", None)  # None: start
-        if durable is not None:                                          # was cancelled
+        if self._worker is not None:
+            await self._worker.close()
+        durable: DurableReplica[Ledger] | None = getattr(self, "durable", None)
+        if durable is not None:
             durable.save_trust()
             await asyncio.to_thread(durable.close)
         if self._lock is not None:
@@ -278,141 +276,37 @@ class Node:
     # --- local commands -----------------------------------------------------------------
 
     async def execute(self, fn: Callable[[Replica], CommandResult]) -> CommandResult:
-        """Run a local command; returns once its envelope is durable (invariant 1)."""
-        if self.durable.ledger.failed is not None:
-            self._recover()
-        result, fut = self.durable.execute(fn)
-        if result.envelope is None:
-            if not fut.done():  # a replay of a command still being written (durable inv. 5)
-                await asyncio.wrap_future(fut)
-            return result
-        try:
-            await asyncio.wrap_future(fut)
-        except LedgerError:
-            # Memory holds a change the disk does not: drop it now, not at the next
-            # command, so no reader sees it (mesh.durable invariant 3).
-            self._recover()
-            raise
-        self._publish([result.envelope])
-        self._on_durable([result.envelope])
-        return result
+        """Run a local command; returns once its envelope is durable (invariant 1).
+        Raises ``CommandError`` (refused) or ``LedgerError`` (not written)."""
+        fut: asyncio.Future[CommandResult] = self._loop.create_future()
 
-    def _recover(self) -> None:
-        if self.durable.ledger.failed is None:
-            return  # already recovered (several failed futures report one failure)
-        self.durable.recover()
-        self.core.replica = self.durable.replica
-        self.core.stored = self.durable.replica.vv.copy()
-
-    # --- effects --------------------------------------------------------------------------
-
-    def _on_durable(self, envs: list[Envelope]) -> None:
-        """Collect envelopes that became durable; hand them to the core in one batch per
-        loop iteration, so a group commit becomes one push per peer."""
-        if not self._durable_batch:
-            self._loop.call_soon(self._flush_durable)
-        self._durable_batch.extend(envs)
-
-    def _flush_durable(self) -> None:
-        batch, self._durable_batch = self._durable_batch, []
-        if batch and not self._closed:
-            self._handle(self.core.durable(batch, self.now_ms()))
-            for listener in self.listeners:
-                try:
-                    listener(batch)
-                except Exception:
-                    log.exception("durable-envelope listener failed")
-
-    def handle_effects(self, effects: list[Effect]) -> None:
-        """Carry out effects of the core returned to someone else (the API's gate)."""
-        self._handle(effects)
-
-    def _handle(self, effects: list[Effect]) -> None:
-        persist: list[Envelope] = []
-        for eff in effects:
-            if isinstance(eff, Send):
-                session = self.sessions.get(eff.peer)
-                if session is not None:
-                    session.send(eff.data, eff.priority)
-            elif isinstance(eff, Persist):
-                persist.extend(eff.envelopes)  # one append for all (invariant 6)
-            elif isinstance(eff, Fetch):
-                self._spawn(self._fetch(eff), "fetch")
-            elif isinstance(eff, Alert):
-                log.warning("ALERT %s: %s seq %s", eff.kind, eff.origin, eff.seq)
-                self._spawn(asyncio.to_thread(self.durable.ledger.add_evidence, eff.origin,
-                                              eff.seq, eff.first, eff.second), "evidence")
-            elif isinstance(eff, TrustChanged):
-                self.trust_changed()
-            elif isinstance(eff, EndSession):  # revoked: refused from now on
-                ended = self.sessions.get(eff.peer)
-                if ended is not None:
-                    ended.close(eff.reason)
-        if persist:
-            fut = self.durable.persist(persist)
-            fut.add_done_callback(self._persisted_callback(persist))
-            # Peers' envelopes are durable at their origin already (pushed only then),
-            # and GET /v1/stock shows them from this moment: the live stream shows them
-            # now too, not one local fsync later (invariant 7).
-            self._publish(persist)
-        # Wake the timer loop only for a deadline earlier than the one it sleeps until:
-        # waking it after every message cost a task switch and a new timeout each time.
-        nxt = self.core.next_timer()
-        if nxt is not None and nxt < self._timer_at:
-            self._timer_wake.set()
-
-    def _persisted_callback(self, envs: list[Envelope]) -> Callable[[Future[int]], None]:
-        def done(fut: Future[int]) -> None:
-            if self._closed:
+        def done(result: CommandResult, exc: BaseException | None) -> None:
+            if fut.done():
                 return
-            if fut.exception() is None:
-                self._loop.call_soon_threadsafe(self._remote_durable, envs)
-            else:  # the peers still hold these; anti-entropy brings them back later
-                self._loop.call_soon_threadsafe(self._recover)
-        return done
-
-    def _remote_durable(self, envs: list[Envelope]) -> None:
-        if not self._closed:
-            self._on_durable(envs)
-
-    async def _fetch(self, eff: Fetch) -> None:
-        raws = await asyncio.to_thread(self.durable.ledger.read_origin, eff.origin, eff.first,
-                                       eff.last)
-        if not self._closed:
-            self._handle(self.core.fetched(eff.peer, eff.origin, eff.first, raws,
-                                           self.now_ms()))
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+        self.driver.execute(fn, done)
+        return await fut
 
     def trust_changed(self) -> None:
         """New certificates or revocations: persist them (peers learn via the core), on
         the ledger's writer thread ahead of any envelope that needs them (durable
         invariant 6)."""
         if not self._closed:
-            self.durable.save_trust()
+            self.driver.trust_changed()
 
-    async def _timer_loop(self) -> None:
-        # Sleep until the core's next deadline, but never longer than one sync interval:
-        # deadlines are wall-clock times, and a clock set backwards must not stall us.
-        cap = config.SYNC_INTERVAL_MS / 1000
-        while True:
-            nxt = self.core.next_timer()
-            now = self.now_ms()
-            delay = cap if nxt is None else min(cap, max(0.0, (nxt - now) / 1000))
-            self._timer_wake.clear()
-            self._timer_at = now + int(delay * 1000)
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
-                # cancellation that lands as the event fires, and close() would hang
-                async with asyncio.timeout(delay):
-                    await self._timer_wake.wait()
-            except TimeoutError:
-                self._timer_at = -1
-                self._handle(self.core.on_timer(self.now_ms()))
-                continue
-            self._timer_at = -1
-            now = self.now_ms()
-            nxt = self.core.next_timer()
-            if nxt is not None and nxt <= now:
-                self._handle(self.core.on_timer(now))
+    def _on_message(self, peer_id: str, data: bytes) -> None:
+        self.driver.message(peer_id, data)
+
+    def handle_effects(self, effects: list[Effect]) -> None:
+        """Carry out effects of the core returned to someone else (the API's gate:
+        a roster or revocation list picked up from the edge's files)."""
+        self.driver.carry_out(effects)
+
+    def _applied(self, envs: list[Envelope], local: bool) -> None:
+        self._publish(envs)
 
     async def _expiry_loop(self) -> None:
         """Release reservations whose hold has run out: our own at once, others' once
@@ -426,26 +320,6 @@ class Node:
                 await self.execute(partial(_sweep, now=self.now_ms(), takeover=takeover))
             except (LedgerError, CommandError) as exc:
                 log.warning("reservation expiry sweep failed: %s", exc)
-
-    async def _snapshot_loop(self) -> None:
-        while True:
-            await asyncio.sleep(config.SNAPSHOT_CHECK_S)
-            if self.durable.ledger.failed is None:
-                try:
-                    await asyncio.to_thread(self._maybe_snapshot_blocking)
-                except LedgerError as exc:  # e.g. a sale landed between capture and write
-                    log.info("snapshot skipped, retried later: %s", exc)
-
-    def _maybe_snapshot_blocking(self) -> None:
-        # snapshot() reads replica state: take it on the loop thread, write it here
-        fut = asyncio.run_coroutine_threadsafe(self._take_snapshot(), self._loop)
-        blob = fut.result()
-        if blob is not None:
-            upto, state = blob
-            self.durable.ledger.save_snapshot(upto, state)
-
-    async def _take_snapshot(self) -> tuple[int, bytes] | None:
-        return self.durable.take_snapshot() if self.durable.snapshot_due() else None
 
     # --- live stream ------------------------------------------------------------------------
 
@@ -619,12 +493,11 @@ class Node:
             return False
         self.sessions[pid] = session
         session.on_refuse = self._reject  # frames it refuses: session_<reason> in /metrics
-        self.last_seen[pid] = self.now_ms()
         self.trust_changed()  # the handshake may have taught us its certificate
         log.info("session up: %s (%s)", pid, "out" if session.outbound else "in")
         try:
-            self._handle(self.core.peer_up(pid, self.now_ms(), wan=session.wan))
-            await session.run(self._on_message)
+            self.driver.session_up(pid, wan=session.wan)
+            await session.run(self.driver.message)
         finally:
             if session.wan:
                 sent, received = session.last_wire
@@ -632,31 +505,9 @@ class Node:
                 self._wan_closed[1] += received
             if self.sessions.get(pid) is session:
                 del self.sessions[pid]
-                # What it queued and the core has not seen dies with it: a next session
-                # of the same peer must not get this one's messages (sync: stale rx).
-                self._inbox = [(d, p) for d, p in self._inbox if p != pid]
-                if not self._closed:
-                    self._handle(self.core.peer_down(pid, self.now_ms()))
+                self.driver.session_down(pid)
             log.info("session down: %s (%s)", pid, session.close_reason)
         return True
-
-    def _on_message(self, peer_id: str, data: bytes) -> None:
-        """A session received a message: queue it for this iteration's ``_drain``."""
-        if not self._inbox:
-            self._loop.call_soon(self._drain)
-        self._inbox.append((data, peer_id))
-
-    def _drain(self) -> None:
-        """Hand every message queued since the last call to the core in one batch.
-        Scheduled with ``call_soon`` by the first message, so it runs after every reader
-        woken in the same loop iteration has queued its messages."""
-        items, self._inbox = self._inbox, []
-        if not items or self._closed:
-            return
-        now = self.now_ms()
-        for _, peer_id in items:
-            self.last_seen[peer_id] = now
-        self._handle(self.core.receive_many(items, now))
 
 
 def _sweep(replica: Replica, *, now: int, takeover: int) -> CommandResult:

@@ -277,7 +277,7 @@ async def deliver(url: str, crl: RevocationList, *, timeout_s: float = 5.0,
 
 def setup_revocation_routes(app: web.Application, node: Any) -> None:
     """Serve ``POST /v1/revocations`` for ``node`` (``.core``, ``.now_ms()``,
-    ``._handle(effects)``, ``.rejected_sessions``)."""
+    ``.driver.carry_out(effects)``, ``.rejected_sessions``)."""
 
     async def post(request: web.Request) -> web.Response:
         return await _post_revocations(node, request)
@@ -307,7 +307,7 @@ async def _post_revocations(node: Any, request: web.Request) -> web.Response:
         effects = node.core.learn_revocations(crl, node.now_ms())
     except EnvelopeError as exc:
         return _refuse(node, request, 400, exc.reason, exc.message)
-    node._handle(effects)  # ends the revoked sessions, passes the list on, saves it
+    node.driver.carry_out(effects)  # ends the revoked sessions, passes the list on, saves it
     held = node.core.trust.crl_version
     if held != before:
         log.warning("revocation list v%d adopted (from %s): revoked %s", held, request.remote,

@@ -899,6 +899,12 @@ class SyncCore:
         spans: dict[str, list[tuple[int, int]]] = {}
         timed_out = False
         all_arrived = their_rx >= peer.tx
+        #: per origin, whether its refused/lost batches are resent now: decided once per
+        #: origin and summary, so a backoff slot resends ALL of them. (One batch per slot
+        #: left the one holding the peer's next seq behind the others; the peer's
+        #: contiguous ``have`` never rose, so the backoff never reset: a swarm run of
+        #: lossy_busy_till took minutes to repair a dozen lost pushes.)
+        due: dict[str, bool] = {}
         for b in peer.out:
             have = tget(b.origin, 0)
             if have >= b.last:
@@ -909,16 +915,11 @@ class SyncCore:
             if all_arrived or b.origin in asked:
                 # Refused (e.g. a certificate it lacked) or lost with everything after
                 # it arriving: resend, backing off per origin while it keeps refusing.
-                until, delay, at_have = peer.refused.get(b.origin, (-1, 0, -1))
-                if have > at_have or b.origin in asked:
-                    # it took some since, or asks for them (``rs``: the certificate it
-                    # lacked has come): start the backoff afresh
-                    until, delay = -1, 0
-                if mono >= until:
-                    delay = min(config.SYNC_REFUSAL_BACKOFF_MAX_MS,
-                                max(config.SYNC_NACK_MS, 2 * delay)) if until >= 0 else 0
-                    peer.refused[b.origin] = (mono + delay, delay, have)
-                    lost = True
+                verdict = due.get(b.origin)
+                if verdict is None:
+                    verdict = due[b.origin] = self._refusal_due(peer, b.origin, have, mono,
+                                                                b.origin in asked)
+                lost = verdict
             elif mono - b.at > peer.rto:
                 lost = timed_out = True
             if lost:
@@ -942,6 +943,22 @@ class SyncCore:
         if timed_out:  # RFC 6298 5.5: back off until a fresh sample
             peer.rto = min(config.SYNC_RTO_MAX_MS, 2 * peer.rto)
         return spans
+
+    @staticmethod
+    def _refusal_due(peer: _Peer, origin: str, have: int, mono: int, asked: bool) -> bool:
+        """Whether ``origin``'s refused batches may go again now (per-origin backoff,
+        doubling from SYNC_NACK_MS while the peer's ``have`` does not move)."""
+        until, delay, at_have = peer.refused.get(origin, (-1, 0, -1))
+        if have > at_have or asked:
+            # it took some since, or asks for them (``rs``: the certificate it lacked
+            # has come): start the backoff afresh
+            until, delay = -1, 0
+        if mono < until:
+            return False
+        delay = min(config.SYNC_REFUSAL_BACKOFF_MAX_MS,
+                    max(config.SYNC_NACK_MS, 2 * delay)) if until >= 0 else 0
+        peer.refused[origin] = (mono + delay, delay, have)
+        return True
 
     @staticmethod
     def _uncovered(peer: _Peer, origin: str, have: int, spans: list[tuple[int, int]]) -> None:

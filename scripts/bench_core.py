@@ -62,7 +62,7 @@ from mesh.envelope import DOMAIN, Envelope, body_bytes, decode, verify, verify_c
 from mesh.identity import (
     NodeKey,
     TrustStore,
-    clear_verify_cache,
+    Verifier,
     issue_certificate,
     verify_signature,
 )
@@ -383,10 +383,15 @@ def gen_register_chain(key: NodeKey, node_id: str, n_skus: int, n_sales: int,
     return ([e.raw for e in receipts if e is not None], [e.raw for e in sales if e is not None])
 
 
+#: The trust stores' signature-check memories the timed phases clear.
+_VERIFIERS: list[Verifier] = []
+
+
 def _timed_loop(items: list[Any], fn: Callable[[Any], object], seconds: float,
                 step: int = 256) -> tuple[int, float]:
     """Run ``fn`` over ``items`` (bounded by ``seconds``); returns (count, elapsed)."""
-    clear_verify_cache()  # each phase pays for its own signature checks
+    for v in _VERIFIERS:  # each phase pays for its own signature checks
+        v.clear()
     t0 = time.perf_counter()
     deadline = t0 + seconds
     n = 0
@@ -408,6 +413,7 @@ def section_verify(sz: Sizes) -> dict[str, Any]:
     receipts, sales = gen_register_chain(key, "reg-01", n_skus, sz.verify_n, seed=1)
     gen_s = time.perf_counter() - t
     trust, now = world.trust, T0 + 10_000_000
+    _VERIFIERS.append(trust.verifier)
     sizes = [len(r) for r in sales]
 
     # Baseline: Ed25519 alone, on the exact bytes verify() checks.

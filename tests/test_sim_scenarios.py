@@ -26,6 +26,7 @@ SHIPPED = {
     "busy_saturday_40": 0.01,
     "cloud_cut_off_day": 0.01,
     "swarm_small": 1.0,
+    "driver_faults": 1.0,
     "slow_wan_catchup": 0.1,
     "lossy_busy_till": 0.25,
     "clock_step": 0.2,

@@ -108,6 +108,9 @@ class Checker:
             self._marks[node.node_id] = node.disk.durable_seqs()
             for reason, n in node.core.stats.items():
                 self.carried_stats[reason] = self.carried_stats.get(reason, 0) + n
+        elif kind == "recovered":  # memory rebuilt from disk after a failed write
+            node = self.world.nodes[data["node"]]
+            self._marks[node.node_id] = node.disk.durable_seqs()
 
     def _mark(self, node: str, env: Envelope) -> None:
         marks = self._marks[node]

@@ -8,6 +8,7 @@ with --seed N"), 2 for a scenario or argument the user can fix.
 from __future__ import annotations
 
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ def run_cmd(scenario: Path, seed: int | None, as_json: bool, plot_path: Path | N
         # checked before the run, not after it: a long run must not end in an error
         raise _UserError(f"--plot {plot_path}: folder {plot_path.parent} does not exist")
     sc = _load(scenario, duration_scale)
-    result = run_scenario(sc, seed, randomise=random_faults)
+    result = run_scenario(sc, seed, randomise=random_faults, timer=time.perf_counter)
     if plot_path is not None:
         from mesh.sim.plot import plot_run
 

@@ -1,11 +1,17 @@
 """The fault plane of a simulation run: schedules partitions, heals, flapping links,
-degraded links, crashes, restarts and clock jumps onto the world.
+degraded links, crashes, restarts and clock jumps onto the world, and the driver-level
+faults: a retry of a command while its original is still being written followed by a
+crash, slow disks and fsync spikes, a full disk, I/O errors, a frozen process.
 
 Invariants:
  1. A link is down while at least one active fault cuts it (cuts are counted per
     fault), so overlapping partitions heal only when the last one ends.
- 2. ``heal_all`` ends every cut, blackhole and degradation and restarts every crashed
-    node; afterwards nothing scheduled by this plane changes the world any more.
+ 2. ``heal_all`` ends every cut, blackhole, degradation, disk fault and freeze and
+    restarts every crashed node; afterwards nothing scheduled by this plane changes the
+    world any more.
+ 4. A link's physics are its own (``base``) overridden by the newest degrade still in
+    force on it; when the last one ends, the link has its own physics again, whatever
+    the order in which overlapping degrades end.
  3. Every random choice (flap timings) comes from the ``random.Random`` given at
     construction, drawn while scheduling, in fault order.
 """
@@ -17,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+from mesh.sim.ports import DiskFaults
 from mesh.sim.scenario import CUTTING, FaultSpec, LinkSpec, Scenario, resolve
 from mesh.sim.world import LinkModel, World
 
@@ -45,22 +52,27 @@ class Interval:
     end_ms: float | None = None
 
 
-_PHYSICS = ("latency_ms", "jitter_ms", "loss", "duplicate", "distribution", "reorder",
-            "reorder_ms", "fifo")
+_PHYSICS = ("latency_ms", "jitter_ms", "loss", "duplicate", "bandwidth", "distribution",
+            "reorder", "reorder_ms", "fifo")
 
 
 class FaultPlane:
     def __init__(self, world: World, sc: Scenario, rng: random.Random,
-                 on_heal: Callable[[str], None], mid_sale: Callable[[str], None]) -> None:
+                 on_heal: Callable[[str], None], mid_sale: Callable[[str], None],
+                 retry: Callable[[str], object] | None = None) -> None:
         self.world = world
         self.sc = sc
         self.rng = rng
         self.on_heal = on_heal
         self.mid_sale = mid_sale
+        self.retry = retry or (lambda node: None)
         self.order = {n: i for i, n in enumerate(world.nodes)}
         self._cuts: dict[Pair, list[int]] = {}
         self._holes: dict[Pair, list[int]] = {}
-        self._saved: dict[int, list[tuple[LinkModel, dict[str, object]]]] = {}
+        #: per degraded link: its own physics, and the degrades in force (uid, model)
+        self._base: dict[Pair, dict[str, object]] = {}
+        self._degrades: dict[Pair, list[tuple[int, LinkModel]]] = {}
+        self._disk_faults: set[str] = set()
         self.intervals: list[Interval] = []
         self.crashes = 0
         self.restarts = 0
@@ -174,6 +186,9 @@ class FaultPlane:
             self._degrade(uid, f, sel, at, end)
         elif f.kind == "heal":
             self._at(at, self._heal_cuts)
+        elif f.kind in ("retry_crash", "disk_slow", "disk_full", "disk_error", "freeze"):
+            for n in sel:
+                self._driver_fault(f, n, at, end, interval)
 
     def _cut_window(self, uid: int, pairs: list[Pair], at: float, end: float | None,
                     interval: Interval) -> None:
@@ -273,22 +288,86 @@ class FaultPlane:
                    and (f.link_class in (None, "any") or self.world.links[k].kind == f.link_class)]
 
         def start() -> None:
-            saved = []
             for k in targets:
                 link = self.world.links[k]
-                saved.append((link, {a: getattr(link, a) for a in _PHYSICS}))
-                new = link_model(spec, link.kind)
-                for a in _PHYSICS:
-                    setattr(link, a, getattr(new, a))
-            self._saved[uid] = saved
+                if k not in self._base:
+                    self._base[k] = {a: getattr(link, a) for a in _PHYSICS}
+                self._degrades.setdefault(k, []).append((uid, link_model(spec, link.kind)))
+                self._physics(k)
 
         def stop() -> None:
-            for link, old in self._saved.pop(uid, []):
-                for a, v in old.items():
-                    setattr(link, a, v)
+            for k in targets:
+                active = self._degrades.get(k, [])
+                self._degrades[k] = [(u, m) for u, m in active if u != uid]
+                self._physics(k)
         self._at(at, start)
         if end is not None:
             self._at(end, stop)
+
+    def _physics(self, k: Pair) -> None:
+        """Invariant 4: the newest degrade in force, else the link's own physics."""
+        link = self.world.links[k]
+        active = self._degrades.get(k)
+        if active:
+            model = active[-1][1]
+            for a in _PHYSICS:
+                setattr(link, a, getattr(model, a))
+            return
+        for a, v in self._base.pop(k, {}).items():
+            setattr(link, a, v)
+        self._degrades.pop(k, None)
+
+    # --- driver-level faults --------------------------------------------------------------
+
+    def _driver_fault(self, f: FaultSpec, node: str, at: float, end: float | None,
+                      interval: Interval) -> None:
+        n = self.world.nodes[node]
+        disk = n.disk
+        if f.kind == "retry_crash":
+            self._at(at, lambda: self.intervals.append(interval))
+            self._at(at, partial(self._retry_crash, node))
+            if end is not None:
+                self._at(end, lambda: self._restart(node, interval.label, interval))
+            return
+        if f.kind == "freeze":
+            self._at(at, n.freeze)
+            if end is not None:
+                self._at(end, n.resume)
+            return
+
+        def start() -> None:
+            self._disk_faults.add(node)
+            if f.kind == "disk_slow":
+                disk.faults.slow_ms, disk.faults.spike_ms = f.slow_ms, f.spike_ms
+                disk.faults.spike_every = f.spike_every
+            elif f.kind == "disk_full":
+                disk.faults.full = True
+            elif f.kind == "disk_error":
+                disk.faults.io_error += f.count
+
+        def stop() -> None:
+            if f.kind == "disk_slow":
+                disk.faults.slow_ms = disk.faults.spike_ms = 0.0
+                disk.faults.spike_every = 0
+            elif f.kind == "disk_full":
+                disk.faults.full = False
+        self._at(at, start)
+        if end is not None:
+            self._at(end, stop)
+
+    def _retry(self, node: str) -> None:
+        self.retry(node)
+
+    def _retry_crash(self, node: str) -> None:
+        """A sale goes in; the POS, not answered yet, sends it again while the original
+        is still being written; the power goes before the fsync completes."""
+        n = self.world.nodes[node]
+        if not n.alive or n.frozen:
+            return
+        self.mid_sale(node)
+        fsync = n.disk.fsync_ms + n.disk.faults.slow_ms
+        self._at(self.world.now + fsync / 4, lambda: self._retry(node))
+        self._at(self.world.now + fsync / 2, lambda: self._do_crash(node))
 
     def _healed(self, interval: Interval) -> None:
         interval.end_ms = self.world.now
@@ -311,13 +390,17 @@ class FaultPlane:
 
     def heal_all(self) -> bool:
         """End every fault now (the start of the liveness phase); True if any was active."""
-        active = self.partitioned() or bool(self._saved) or any(
-            not n.alive for n in self.world.nodes.values())
+        nodes = self.world.nodes.values()
+        active = self.partitioned() or bool(self._base) or bool(self._disk_faults) or any(
+            not n.alive or n.frozen for n in nodes)
         self._heal_cuts(notify=active)
-        for uid in list(self._saved):
-            for link, old in self._saved.pop(uid):
-                for a, v in old.items():
-                    setattr(link, a, v)
+        for k in list(self._degrades):
+            self._degrades[k] = []
+            self._physics(k)
+        for n in nodes:
+            n.disk.faults = DiskFaults()
+            n.resume()
+        self._disk_faults.clear()
         for node in self.world.nodes:
             self._restart(node, "restart at heal")
         for iv in self.intervals:

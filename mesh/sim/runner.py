@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,11 +117,14 @@ def _tracked(sc: Scenario, skus: list[str]) -> list[str]:
 
 
 def run_scenario(sc: Scenario, seed: int | None = None, *, randomise: bool = False,
-                 setup: Callable[[RunContext], None] | None = None) -> RunResult:
+                 setup: Callable[[RunContext], None] | None = None,
+                 timer: Callable[[], float] | None = None) -> RunResult:
     """Run ``sc`` with ``seed`` (default: the scenario's). ``randomise`` replaces the
     fault schedule by one drawn from the seed (what a swarm run does); ``setup`` is a
-    test hook called once the world is built, before anything runs."""
-    wall0 = time.perf_counter()
+    test hook called once the world is built, before anything runs. ``timer`` (e.g.
+    ``time.perf_counter``, from the CLI: the simulator itself reads no clock) measures
+    ``RunResult.wall_s``."""
+    wall0 = timer() if timer is not None else 0.0
     seed = sc.seed if seed is None else seed
     if randomise:
         sc = sc.with_faults(random_faults(sc, random.Random(f"storemesh-faults:{seed}")))
@@ -138,7 +140,8 @@ def run_scenario(sc: Scenario, seed: int | None = None, *, randomise: bool = Fal
                         max(sc.warmup_s * 1000, (sc.byzantine.start_s or 0) * 1000),
                         min(end_ms, (sc.byzantine.end_s or sc.duration_s) * 1000))
     _connect(w, sc)
-    faults = FaultPlane(w, sc, fault_rng, checker.healed, workload.mid_sale)
+    faults = FaultPlane(w, sc, fault_rng, checker.healed, workload.mid_sale,
+                        workload.retry_now)
     if setup is not None:
         setup(RunContext(w, checker, workload, faults))
     workload.start()
@@ -176,7 +179,7 @@ def run_scenario(sc: Scenario, seed: int | None = None, *, randomise: bool = Fal
     checker.check_catchups()
     result = _report(sc, seed, randomise, w, workload, checker, faults, injector,
                      quiesce, converged_at)
-    result.wall_s = time.perf_counter() - wall0
+    result.wall_s = timer() - wall0 if timer is not None else 0.0
     return result
 
 

@@ -51,6 +51,8 @@ STREAM_KINDS: Final = (
 FAULT_KINDS: Final = (
     "partition", "isolate", "asymmetric", "link_down", "flap", "crash", "restart",
     "clock_jump", "degrade", "heal",
+    # driver-level faults (docs/simulation.md)
+    "retry_crash", "disk_slow", "disk_full", "disk_error", "freeze",
 )
 FORGERY_KINDS: Final = (
     "bad_signature", "tampered", "unenrolled", "wrong_store", "forbidden", "garbage",
@@ -144,6 +146,12 @@ class FaultSpec:
     link: LinkSpec | None = None
     link_class: str | None = None
     label: str = ""
+    #: disk_slow: added to every fsync; every ``spike_every``-th fsync ``spike_ms`` more
+    slow_ms: float = 0.0
+    spike_every: int = 0
+    spike_ms: float = 0.0
+    #: disk_error: how many commits fail
+    count: int = 1
 
     @property
     def end_s(self) -> float | None:
@@ -489,10 +497,15 @@ def _fault(t: _Table, nodes: tuple[NodeSpec, ...]) -> FaultSpec:
         link_class=t.str_("link_class", "any", ("lan", "wan", "any")) if t.has("link_class")
         else None,
         label=t.str_("label", kind),
+        slow_ms=t.num("slow_ms", 0.0, hi=3_600_000),
+        spike_every=t.int_("spike_every", 0, hi=1_000_000),
+        spike_ms=t.num("spike_ms", 0.0, hi=3_600_000),
+        count=t.int_("count", 1, lo=1, hi=1_000_000),
     )
     t.done()
     need_nodes = kind in ("isolate", "asymmetric", "crash", "restart", "clock_jump", "flap",
-                          "link_down")
+                          "link_down", "retry_crash", "disk_slow", "disk_full", "disk_error",
+                          "freeze")
     if need_nodes:
         _check_selectors(spec.nodes, nodes, f"{where}.nodes")
     elif spec.nodes:
@@ -503,8 +516,8 @@ def _fault(t: _Table, nodes: tuple[NodeSpec, ...]) -> FaultSpec:
         raise ScenarioError(f"{where}: a partition needs groups = [[...], ...]")
     if kind == "degrade" and spec.link is None:
         raise ScenarioError(f"{where}: degrade needs a [faults.link] table")
-    if kind == "flap" and spec.duration_s is None:
-        raise ScenarioError(f"{where}: flap needs duration_s")
+    if kind in ("flap", "freeze", "disk_slow", "disk_full") and spec.duration_s is None:
+        raise ScenarioError(f"{where}: {kind} needs duration_s")
     return spec
 
 

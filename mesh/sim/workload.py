@@ -74,7 +74,7 @@ class Workload:
         """Run ``fn`` as a local command at ``node_id`` and count the outcome."""
         counts = self.counts.setdefault(kind, Counts())
         node = self.world.nodes[node_id]
-        if not node.alive:
+        if not node.alive or node.frozen:
             counts.offline += 1
             return
         inflight = self._inflight[node_id]
@@ -255,6 +255,18 @@ class Workload:
                 raise CommandError("nothing to expire")
             return res
         self.issue(node_id, "expire", txn, fn)
+
+    def retry_now(self, node_id: str) -> bool:
+        """The POS resubmits the newest command still waiting for its answer at
+        ``node_id`` (same txn id: a retry after a timeout); False if none waits."""
+        inflight = self._inflight[node_id]
+        if not inflight:
+            return False
+        txn = next(reversed(inflight))
+        job = inflight[txn]
+        self.retried += 1
+        self.issue(node_id, job.kind, txn, job.fn)
+        return True
 
     def mid_sale(self, node_id: str) -> None:
         """A sale at ``node_id`` right now (the crash fault cuts its fsync short)."""

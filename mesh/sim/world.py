@@ -1,28 +1,36 @@
-"""A deterministic discrete-event world that drives the real replica and sync core.
+"""A deterministic discrete-event world that drives the real node program.
 
-Nothing here replicates anything: every node is a real ``Replica`` + ``SyncCore``
-with real signed envelopes; only the ports are simulated — a virtual clock, a network
-of links that delay, drop, duplicate and reorder, a disk that loses what was not yet
-durable when its node crashes, and clock skew.
+Nothing here replicates anything, nor interprets the core's effects: every node is the
+real ``Driver`` (``mesh.driver``) over a real ``DurableReplica`` + ``SyncCore`` with real
+signed envelopes; only the ports are simulated (``mesh.sim.ports``) — a virtual clock
+with skew, a network of links that queue by priority, delay, drop, duplicate and
+reorder and run the WAN codec both ways, and a disk with group commit that loses what
+was not yet durable when its node crashes.
 
 Invariants:
  1. One seed drives every random choice (``World.rng`` and generators derived from it
     in a fixed order), so the same scenario and seed replay the same trace. Nothing
     iterates a set of strings (hash order differs between processes).
  2. Events at the same virtual time run in the order they were scheduled.
- 3. A node's disk rows up to ``durable`` survive a crash; later rows are lost. A local
-    command is acknowledged only once its rows are durable, as on a real node.
+ 3. A node's disk rows up to ``durable`` survive a crash; later rows are lost. A crash
+    drops the node's ``Driver`` and keeps its ``SimDisk``; a restart is a new ``Driver``
+    over a new ``DurableReplica`` over the same disk (rebuild from snapshot + rows).
  4. Messages on a link that is down are dropped; a link going down ends the sessions
-    across it (``peer_down`` on both ends) and coming back up re-opens them after the
-    discovery delay.
- 5. Fault hooks (``LinkModel.blackhole``, ``SimNode.send_filter``,
-    ``SimDisk.lie_about_fsync``) only change what the simulated ports do; the replica
-    and the sync core are never touched.
+    across it (``session_down`` on both ends) and coming back up re-opens them after the
+    discovery delay. Messages queued on a link die with its session.
+ 6. Per directed link, messages queue while the link is busy (bandwidth) or a LOW one
+    waits; HIGH leaves before LOW; more than ``SESSION_MAX_QUEUE`` queued drops the
+    session (a slow peer), as the real ``Session`` does.
+ 5. Fault hooks (``LinkModel.blackhole``, ``SimNode.send_filter``, ``SimDisk.faults``,
+    ``SimDisk.lie_about_fsync``, ``SimNode.freeze``) only change what the simulated
+    ports do; the replica, the sync core and the driver are never touched (tests break
+    the driver on purpose only through ``Driver.faults``).
 
 Observers (``World.observers``) see ``emit(kind, **data)`` calls: ``created`` (node,
 envelope: a local command signed it), ``acked`` (node, result: durable, acknowledged to
-the POS), ``applied`` (node, envelopes: a ``Persist`` of remote envelopes), ``crash`` and
-``restart`` (node).
+the POS; a replay answered as a duplicate carries its original's envelope), ``applied``
+(node, envelopes: a ``Persist`` of remote envelopes), ``recovered`` (node: memory rebuilt
+from disk after a failed write), ``crash`` and ``restart`` (node).
 """
 
 from __future__ import annotations
@@ -30,16 +38,22 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import zlib
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from mesh.crdt import VersionVector
+from mesh import config
+from mesh.driver import Driver
+from mesh.durable import DurableReplica
 from mesh.envelope import Envelope, decode
-from mesh.identity import NodeKey, TrustStore, issue_certificate
+from mesh.identity import NodeKey, TrustStore, Verifier, issue_certificate
 from mesh.replica import CommandResult, Replica
-from mesh.sync import Alert, Effect, EndSession, Fetch, Persist, Send, SyncCore
+from mesh.sim.ports import SimClock, SimDisk, SimIdentity, SimTransport, SimWorker
+from mesh.sync import HIGH, Alert, Effect, SyncCore
+from mesh.wancodec import WanCodec
 
 __all__ = ["DISTRIBUTIONS", "LinkModel", "SimDisk", "SimNode", "World"]
 
@@ -49,6 +63,9 @@ __all__ = ["DISTRIBUTIONS", "LinkModel", "SimDisk", "SimNode", "World"]
 #: ``_MAX_JITTER_FACTOR`` x jitter so one draw cannot stall a run.
 DISTRIBUTIONS = ("uniform", "normal", "exponential", "lognormal", "pareto")
 _MAX_JITTER_FACTOR = 50.0
+
+
+_Queued = tuple[bytes, int]  # (data, session number)
 
 
 @dataclass(slots=True)
@@ -79,59 +96,13 @@ class LinkModel:
     duplicated: int = 0
     wire_bytes: int = 0  # after the WAN codec on "wan" links, else == bytes
     summary_bytes: int = 0  # of ``bytes``, those of ``V`` messages (summaries)
-    codec: Any = None  # mesh.transport.WanCodec of the current session ("wan" links)
-
-
-class SimDisk:
-    """The ledger of one node: rows in apply order; ``durable`` rows survive a crash.
-
-    Rows keep the decoded envelope next to its raw bytes (as the real driver holds the
-    envelopes it handed to the ledger), so a group commit does not decode them again; a
-    restart still decodes the raw bytes, as a real node reading its ledger does.
-
-    ``lie_about_fsync`` is a fault: fsync reports success (the node acknowledges) but the
-    rows reach the platter only when the lie is switched off; a crash meanwhile loses
-    them. A correct node cannot survive that, so it is for showing the checker fails.
-    """
-
-    def __init__(self, fsync_ms: float = 0.5) -> None:
-        self.rows: list[Envelope] = []
-        self.durable = 0
-        self.fsync_ms = fsync_ms
-        self.by_origin: dict[str, list[bytes]] = {}
-        self.syncing = False
-        self.lie_about_fsync = False
-        self._platter = 0  # rows really durable (== durable unless lying)
-
-    def append(self, envs: list[Envelope]) -> None:
-        self.rows.extend(envs)
-
-    def crash(self) -> None:
-        self.durable = self._platter
-        del self.rows[self.durable:]
-        self._reindex()
-
-    def _reindex(self) -> None:
-        self.by_origin = {}
-        for env in self.rows[: self.durable]:
-            self.by_origin.setdefault(env.origin, []).append(env.raw)
-
-    def mark_durable(self, upto: int) -> list[Envelope]:
-        newly = self.rows[self.durable:upto]
-        for env in newly:
-            self.by_origin.setdefault(env.origin, []).append(env.raw)
-        self.durable = upto
-        if not self.lie_about_fsync:
-            self._platter = upto
-        return newly
-
-    def durable_seqs(self) -> dict[str, int]:
-        """Per origin, the highest seq on disk (rows of one origin are contiguous)."""
-        return {origin: len(raws) for origin, raws in self.by_origin.items()}
-
-    def read_origin(self, origin: str, first: int, last: int) -> list[bytes]:
-        rows = self.by_origin.get(origin, [])
-        return rows[first - 1 : last]
+    #: The sending end's WanCodec of the current session ("wan" links); the receiving
+    #: end's is on the link of the other direction.
+    codec: WanCodec | None = None
+    #: Messages waiting for the link (busy, or behind a LOW one): (data, session).
+    high: deque[_Queued] = field(default_factory=deque)
+    low: deque[_Queued] = field(default_factory=deque)
+    pumping: bool = False
 
 
 #: A scheduled event: (virtual time, scheduling order, action). A plain tuple: the heap
@@ -153,15 +124,22 @@ class World:
         self.events = 0  # events run so far (a deterministic measure of work)
         self.store_id = store_id
         self._queue: list[_Event] = []
+        #: (seq, fn) to run at ``now`` (``soon``), in order; empty whenever time moves
+        self._soon: deque[tuple[int, Callable[[], None]]] = deque()
         self._seq = 0
         self.nodes: dict[str, SimNode] = {}
         self.links: dict[tuple[str, str], LinkModel] = {}
         #: session number per node pair (sorted): bumped when a session opens
         self._sessions: dict[tuple[str, str], int] = {}
         self.store_key = NodeKey.from_bytes(self.rng.randbytes(32))
+        #: One signature-check memory for every node hosted in this process (an object
+        #: the world owns, not process-global state).
+        self.verifier = Verifier()
         self.trust_template = TrustStore(store_id, self.store_key.public_key)
         self.certs: list[Any] = []
         self.observers: list[Callable[[str, dict[str, Any]], None]] = []
+        #: sessions dropped by a transport, per reason (slow_peer, bad_wan_message)
+        self.dropped_sessions: dict[str, int] = {}
 
     # --- scheduling ---------------------------------------------------------------------
 
@@ -169,15 +147,27 @@ class World:
         self._seq += 1
         heapq.heappush(self._queue, (max(when, self.now), self._seq, fn))
 
+    def soon(self, fn: Callable[[], None]) -> None:
+        """``at(now, fn)``, cheaper: the batch boundary (``SimClock.call_soon``) is
+        half of all events. Same order as the heap would give (invariant 2)."""
+        self._seq += 1
+        self._soon.append((self._seq, fn))
+
     def after(self, delay: float, fn: Callable[[], None]) -> None:
         self.at(self.now + delay, fn)
 
     def run_until(self, until: float, max_events: int = 50_000_000) -> None:
         n = 0
         queue = self._queue
-        while queue and queue[0][0] <= until:
-            at, _, fn = heapq.heappop(queue)
-            self.now = at
+        soon = self._soon
+        while True:
+            if soon and (not queue or queue[0][0] > self.now or queue[0][1] > soon[0][0]):
+                fn = soon.popleft()[1]  # at ``now``, scheduled before the heap's next
+            elif queue and queue[0][0] <= until:
+                at, _, fn = heapq.heappop(queue)
+                self.now = at
+            else:
+                break
             fn()
             n += 1
             if n >= max_events:
@@ -187,7 +177,7 @@ class World:
         self.now = max(self.now, until)
 
     def pending_events(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._soon)
 
     def discovery_delay(self) -> float:
         """How long until two nodes that can reach each other again have a session."""
@@ -220,6 +210,7 @@ class World:
             other.trust.add_certificate(cert)
             if other is not node:
                 node.trust.add_certificate(other.certificate)
+            other.identity.save()  # enrolment writes node.json
         return node
 
     def connect(self, a: str, b: str, model: LinkModel | None = None,
@@ -239,18 +230,31 @@ class World:
             self._sessions[pair] = self._sessions.get(pair, 0) + 1
             wan = ab.kind == "wan"
             if wan:
-                # A new session, a new compression stream per direction (as the transport).
-                from mesh.transport import WanCodec
-
+                # A new session, a new codec at each end (as the transport).
                 ab.codec, ba.codec = WanCodec(), WanCodec()
-            na.handle(na.core.peer_up(b, na.clock(), wan=wan))
-            nb.handle(nb.core.peer_up(a, nb.clock(), wan=wan))
+            na.driver.session_up(b, wan=wan)
+            nb.driver.session_up(a, wan=wan)
 
     def _session_down(self, a: str, b: str) -> None:
         for x, y in ((a, b), (b, a)):
+            link = self.links.get((x, y))
+            if link is not None:
+                link.high.clear()  # queued messages die with the session
+                link.low.clear()
             node = self.nodes[x]
             if node.alive and node.core.is_up(y):
-                node.handle(node.core.peer_down(y, node.clock()))
+                if node.frozen:  # it learns when it runs again
+                    node.defer(partial(node.lost_session, y))
+                else:
+                    node.driver.session_down(y)
+
+    def drop_session(self, a: str, b: str, reason: str) -> None:
+        """A transport ended the session a<->b (slow peer, bad WAN message): both ends
+        see it go down; it re-opens after the discovery delay."""
+        self.dropped_sessions[reason] = self.dropped_sessions.get(reason, 0) + 1
+        if self.nodes[a].core.is_up(b) or self.nodes[b].core.is_up(a):
+            self._session_down(a, b)
+            self.after(self.discovery_delay(), partial(self._reconnect, a, b))
 
     def set_link(self, a: str, b: str, up: bool, *, both: bool = True) -> None:
         """Cut or restore a link. A cut in either direction ends the session (a TCP
@@ -267,23 +271,60 @@ class World:
 
     def _reconnect(self, a: str, b: str) -> None:
         na, nb = self.nodes[a], self.nodes[b]
-        if not (na.alive and nb.alive) or na.core.is_up(b):
+        if not (na.alive and nb.alive) or na.frozen or nb.frozen or na.core.is_up(b):
             return
         self._session_up(a, b)
 
-    def send(self, src: str, dst: str, data: bytes) -> None:
+    def send(self, src: str, dst: str, data: bytes, priority: int = HIGH) -> None:
+        """``src`` sends ``data`` on its session with ``dst`` (invariant 6: queued while
+        the link is busy or a LOW message waits, HIGH first)."""
         link = self.links.get((src, dst))
         if link is None or not link.up:
             return
         session = self._session_of(src, dst)
+        if (priority == HIGH and not link.high and not link.low
+                and (not link.bandwidth or link.busy_until <= self.now)):
+            self._transmit(link, src, dst, data, session)
+            return
+        if len(link.high) + len(link.low) >= config.SESSION_MAX_QUEUE:
+            self.drop_session(src, dst, "slow_peer")
+            return
+        (link.high if priority == HIGH else link.low).append((data, session))
+        if not link.pumping:
+            link.pumping = True
+            self.at(max(self.now, link.busy_until), partial(self._pump, src, dst))
+
+    def _pump(self, src: str, dst: str) -> None:
+        link = self.links[(src, dst)]
+        link.pumping = False
+        while link.high or link.low:
+            if link.bandwidth and link.busy_until > self.now:
+                link.pumping = True
+                self.at(link.busy_until, partial(self._pump, src, dst))
+                return
+            data, session = (link.high or link.low).popleft()
+            if link.up and session == self._session_of(src, dst):
+                self._transmit(link, src, dst, data, session)
+
+    def _transmit(self, link: LinkModel, src: str, dst: str, data: bytes,
+                  session: int) -> None:
         link.messages += 1
         link.bytes += len(data)
         if data[:1] == b"V":
             link.summary_bytes += len(data)
         if link.codec is not None:
-            # What the real WAN transport would put on the wire (prev elided, raw
-            # signatures, one zlib stream per direction): the metered figure.
-            link.wire_bytes += len(link.codec.encode(data))
+            # What the real WAN transport puts on the wire (prev elided, raw signatures,
+            # one zlib stream per direction), decoded by the receiving end's codec in
+            # stream order, as TCP delivers it.
+            wire = link.codec.encode(data)
+            link.wire_bytes += len(wire)
+            back = self.links[(dst, src)].codec
+            try:
+                assert back is not None
+                data = back.decode(wire)
+            except (ValueError, zlib.error, AssertionError):
+                self.drop_session(src, dst, "bad_wan_message")
+                return
         else:
             link.wire_bytes += len(data)
         if link.blackhole:
@@ -342,7 +383,10 @@ class World:
             return
         if session is not None and session != self._session_of(src, dst):
             return  # sent in an earlier session of this pair
-        node.handle(node.core.receive(data, src, node.clock()))
+        if node.frozen:  # the kernel holds it until the process runs again
+            node.defer(partial(self._deliver, src, dst, data, session))
+            return
+        node.driver.message(src, data)
 
 
 def _copyable(m: LinkModel) -> dict[str, Any]:
@@ -353,151 +397,174 @@ def _copyable(m: LinkModel) -> dict[str, Any]:
 
 
 class SimNode:
-    """A real replica + sync core on simulated ports."""
+    """The real node program (``Driver`` over ``DurableReplica`` + ``SyncCore``) on
+    simulated ports, plus crash and restart."""
 
     def __init__(self, world: World, node_id: str, role: str, key: NodeKey, *,
-                 skew_ms: float, fsync_ms: float) -> None:
+                 skew_ms: float, fsync_ms: float,
+                 snapshot_every: int = config.SNAPSHOT_EVERY) -> None:
         self.world = world
         self.node_id = node_id
         self.role = role
         self.key = key
         self.skew_ms = skew_ms
+        self.snapshot_every = snapshot_every
         self.certificate = world.certs[-1]
-        self.trust = TrustStore(world.store_id, world.store_key.public_key)
-        self.trust.add_certificate(self.certificate)
-        self.disk = SimDisk(fsync_ms)
+        trust = TrustStore(world.store_id, world.store_key.public_key)
+        trust.verifier = world.verifier
+        trust.add_certificate(self.certificate)
+        self.identity = SimIdentity(node_id, world.store_id, role, key, trust,
+                                    self.certificate)
+        self.disk = SimDisk(world, fsync_ms)
+        self.sim_clock = SimClock(world, self)
+        self.transport = SimTransport(world, self)
+        self.worker = SimWorker(self.sim_clock)
         self.alive = True
+        #: SIGSTOP-like: nothing of this process runs; what it would run waits here
+        self.frozen = False
+        self._deferred: list[Callable[[], None]] = []
         self.alerts: list[Alert] = []
         self.acked: list[CommandResult] = []
-        self._waiting: list[tuple[int, Callable[[], None]]] = []  # (row, on_durable)
-        self.replica = Replica(world.store_id, node_id, role, key)
-        self.core = SyncCore(self.replica, self.trust, random.Random(world.rng.random()))
-        self._timer_at: float | None = None
-        self._epoch = 0
         #: Fault hook: sees every message this node sends (peer, bytes) and returns the
         #: bytes to send (maybe altered) or None to drop them. Tests use it to build
         #: deliberately broken nodes; the sync core never knows.
         self.send_filter: Callable[[str, bytes], bytes | None] | None = None
+        #: Called with every new Driver (boot and restart), e.g. to set its ``faults``.
+        self.on_boot: list[Callable[[Driver], None]] = []
+        self.durable: DurableReplica[SimDisk]
+        self.core: SyncCore
+        self.driver: Driver
+        self._boot()
+
+    def _boot(self) -> None:
+        """A process start: rebuild from the disk, a new core and driver."""
+        self.durable = DurableReplica(self.identity, self.disk, self.snapshot_every)
+        self.core = SyncCore(self.durable.replica, self.identity.trust,
+                             random.Random(self.world.rng.random()))
+        self.driver = Driver(self.durable, self.core, self.transport, self.sim_clock,
+                             self.worker, self.identity)
+        self.driver.alerts = self.alerts
+        self.driver.signed_listeners.append(self._signed)
+        self.driver.applied_listeners.append(self._applied)
+        self.driver.recovered_listeners.append(self._recovered)
+        for hook in self.on_boot:
+            hook(self.driver)
+        self.driver.start()
+
+    @property
+    def replica(self) -> Replica:
+        return self.durable.replica
+
+    @property
+    def trust(self) -> TrustStore:
+        return self.identity.trust
 
     def clock(self) -> int:
         return self.world.wall_ms(self.skew_ms)
+
+    def _signed(self, env: Envelope) -> None:
+        self.world.emit("created", node=self.node_id, envelope=env)
+
+    def _recovered(self) -> None:
+        self.world.emit("recovered", node=self.node_id)
+
+    def _applied(self, envs: list[Envelope], local: bool) -> None:
+        if not local:
+            self.world.emit("applied", node=self.node_id, envelopes=tuple(envs))
 
     # --- commands -----------------------------------------------------------------------
 
     def command(self, fn: Callable[[Replica], CommandResult],
                 on_ack: Callable[[CommandResult], None] | None = None) -> CommandResult | None:
-        """Run a local command; acknowledged (``on_ack``) once its envelope is durable."""
+        """Run a local command; acknowledged (``on_ack``) once the driver says it is
+        durable. Raises ``CommandError`` for a refused command."""
         if not self.alive:
             return None
-        result = fn(self.replica)
-        if result.envelope is None:
+        driver = self.driver
+
+        def done(result: CommandResult, exc: BaseException | None) -> None:
+            if exc is not None or driver is not self.driver:
+                return  # not written (the POS sees an error), or the process is gone
+            if result.envelope is None and result.duplicate:
+                # A replay acknowledges its original: the checker holds it to that.
+                env = self._envelope(result.seq)
+                if env is None:
+                    return
+                result = CommandResult(env, result.origin, result.seq, True,
+                                       result.reservation_id)
+            if result.envelope is not None:
+                self.acked.append(result)
+                self.world.emit("acked", node=self.node_id, result=result)
             if on_ack:
                 on_ack(result)
-            return result
-        self.disk.append([result.envelope])
-        self.world.emit("created", node=self.node_id, envelope=result.envelope)
+        return self.driver.execute(fn, done)
 
-        def acked() -> None:
-            self.acked.append(result)
-            self.world.emit("acked", node=self.node_id, result=result)
-            if on_ack:
-                on_ack(result)
-        self._waiting.append((len(self.disk.rows), acked))
-        self._sync_disk()
-        return result
-
-    def _sync_disk(self) -> None:
-        """Group commit: one fsync covers every row appended before it starts."""
-        if self.disk.syncing or self.disk.durable >= len(self.disk.rows):
-            return
-        self.disk.syncing = True
-        upto = len(self.disk.rows)
-        epoch = self._epoch
-
-        def done() -> None:
-            if epoch != self._epoch:
-                return  # crashed meanwhile
-            self.disk.syncing = False
-            envs = self.disk.mark_durable(upto)
-            ready = [cb for row, cb in self._waiting if row <= upto]
-            self._waiting = [(row, cb) for row, cb in self._waiting if row > upto]
-            for cb in ready:
-                cb()
-            self.handle(self.core.durable(envs, self.clock()))
-            self._sync_disk()
-        self.world.after(self.disk.fsync_ms, done)
-
-    # --- effects ------------------------------------------------------------------------------
+    def _envelope(self, seq: int) -> Envelope | None:
+        """Our own envelope ``seq``, as memory holds it (durable or not)."""
+        raws = self.disk.by_origin.get(self.node_id, [])
+        if 0 < seq <= len(raws):
+            return decode(raws[seq - 1])
+        for env in reversed(self.disk.rows):
+            if env.origin == self.node_id and env.seq == seq:
+                return env
+        return None
 
     def handle(self, effects: list[Effect]) -> None:
-        for eff in effects:
-            if isinstance(eff, Send):
-                data: bytes | None = eff.data
-                if self.send_filter is not None:
-                    data = self.send_filter(eff.peer, eff.data)
-                if data is not None:
-                    self.world.send(self.node_id, eff.peer, data)
-            elif isinstance(eff, Persist):
-                self.disk.append(list(eff.envelopes))
-                self._sync_disk()
-                self.world.emit("applied", node=self.node_id, envelopes=eff.envelopes)
-            elif isinstance(eff, Fetch):
-                raws = self.disk.read_origin(eff.origin, eff.first, eff.last)
-                self.handle(self.core.fetched(eff.peer, eff.origin, eff.first, raws,
-                                              self.clock()))
-            elif isinstance(eff, Alert):
-                self.alerts.append(eff)
-            elif isinstance(eff, EndSession):
-                # The connection ends for both sides, as closing a socket would.
-                self.world._session_down(self.node_id, eff.peer)
-        self._arm_timer()
+        """Carry out effects a test took from the core directly."""
+        self.driver.carry_out(effects)
 
-    def _arm_timer(self) -> None:
-        nxt = self.core.next_timer()
-        if nxt is None:
+    # --- freeze, crash and restart --------------------------------------------------------
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        self._deferred.append(fn)
+
+    def lost_session(self, peer: str) -> None:
+        if self.core.is_up(peer):
+            self.driver.session_down(peer)
+
+    def freeze(self) -> None:
+        """SIGSTOP: timers, message deliveries and completions wait until ``resume``."""
+        if self.alive:
+            self.frozen = True
+
+    def resume(self) -> None:
+        """SIGCONT: everything that waited runs now, in order; dropped sessions re-open."""
+        if not self.frozen:
             return
-        at = nxt - self.world.start_ms - self.skew_ms
-        if self._timer_at is not None and self._timer_at <= at and self._timer_at >= self.world.now:
-            return
-        self._timer_at = at
-        epoch = self._epoch
-
-        def fire() -> None:
-            if epoch != self._epoch or not self.alive:
-                return
-            if self._timer_at != at:
-                return
-            self._timer_at = None
-            self.handle(self.core.on_timer(self.clock()))
-        self.world.at(at, fire)
-
-    # --- crash and restart ------------------------------------------------------------------
+        self.frozen = False
+        todo, self._deferred = self._deferred, []
+        for fn in todo:
+            self.world.at(self.world.now, fn)
+        for (a, b) in list(self.world.links):
+            if a == self.node_id and not self.core.is_up(b):
+                self.world.after(self.world.discovery_delay(),
+                                 partial(self.world._reconnect, self.node_id, b))
 
     def crash(self) -> None:
-        """Power loss: memory gone, disk keeps only durable rows, sessions end."""
+        """Power loss: the process (driver, replica, core) is gone, the disk keeps only
+        durable rows, sessions end."""
         if not self.alive:
             return
         self.alive = False
-        self._epoch += 1
+        self.frozen = False
+        self._deferred = []
+        self.driver.close()
         self.disk.crash()
-        self.disk.syncing = False
-        self._waiting = []
-        self._timer_at = None
         for other in self.world.nodes.values():
             if other is not self and other.alive and other.core.is_up(self.node_id):
-                other.handle(other.core.peer_down(self.node_id, other.clock()))
+                other.driver.session_down(self.node_id)
+        for (a, b), link in self.world.links.items():
+            if self.node_id in (a, b):
+                link.high.clear()
+                link.low.clear()
         self.world.emit("crash", node=self.node_id)
 
     def restart(self) -> None:
-        """Boot: rebuild the replica from the disk, then reconnect after discovery."""
+        """Boot: a new driver over the same disk, then reconnect after discovery."""
         if self.alive:
             return
-        self.replica = Replica(self.world.store_id, self.node_id, self.role, self.key)
-        for env in self.disk.rows[: self.disk.durable]:
-            self.replica.apply(decode(env.raw), None, check_skew=False)
-        stored = VersionVector(self.replica.vv.to_dict())
-        self.core = SyncCore(self.replica, self.trust, random.Random(self.world.rng.random()),
-                             stored)
+        self.identity.reload()
+        self._boot()
         self.alive = True
         self.world.emit("restart", node=self.node_id)
         for (a, b) in list(self.world.links):

@@ -1,0 +1,358 @@
+"""The one effect interpreter around the sync core, written against the ports only.
+
+The real node (``mesh.node``, over asyncio/aiohttp/SQLite) and the simulator
+(``mesh.sim``, over simulated ports) both run this class: every behaviour that decides
+what a node does with the core's effects lives here, once (aioquic's
+``asyncio/protocol.py`` pattern: carry out the effects, then re-arm one timer).
+
+Inputs: ``execute`` (a local command), ``session_up`` / ``message`` / ``session_down``
+(from the transport), the clock's callbacks. Outputs: the ack of a command (``done``),
+sends with a priority, ledger appends, reads, evidence, trust-store saves, snapshots.
+
+Invariants:
+ 1. A local command is acknowledged (``done``) only once its envelope is durable, and
+    pushed to peers only then (``SyncCore.durable``). A replay of a command whose
+    original is still being written is acknowledged only when the original is durable,
+    and fails if the original fails (``mesh.durable`` invariant 5).
+ 2. Messages are queued by ``message`` and handed to the core once per batch boundary
+    (``Clock.call_soon``) in one ``SyncCore.receive_many`` call, in arrival order per
+    session; a closed session's queued messages are dropped (a next session of the same
+    peer must not get them).
+ 3. The envelopes of all ``Persist`` effects of one batch of effects go to storage as ONE
+    append, in effect order (= apply order: ledger invariant 1).
+ 4. After a failed write the replica is rebuilt from storage (``recover``) before any
+    further command, and the core's view of what is stored is reset with it.
+ 5. Storage completions that arrive together (one group commit) are taken in one
+    batch boundary, and the envelopes they made durable reach the core in one
+    ``SyncCore.durable`` call (one push per peer), then the ``durable`` listeners, in
+    apply order.
+ 6. One timer is armed at a time, for the core's next deadline (never further than one
+    sync interval away: deadlines are wall-clock times, and a wall clock set back must
+    not stall the node). When it fires, ``SyncCore.on_timer`` runs.
+ 7. ``applied`` listeners see a local change once it is durable here (when acknowledged),
+    a peer's change once it is applied here (durable at its origin already).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from mesh import config
+from mesh.durable import DurableReplica
+from mesh.envelope import Envelope
+from mesh.errors import LedgerError
+from mesh.ports import Cancel, Clock, Identity, Storage, Transport, Worker
+from mesh.replica import CommandResult, Replica
+from mesh.sync import Alert, Effect, EndSession, Fetch, Persist, Send, SyncCore, TrustChanged
+
+__all__ = ["Done", "Driver", "Faults"]
+
+log = logging.getLogger(__name__)
+
+#: ``done(result, error)``: a command's acknowledgement (error None) or its failure.
+Done = Callable[[CommandResult, BaseException | None], None]
+
+
+@dataclass(slots=True)
+class Faults:
+    """Deliberate breakage, switched on only inside tests to show that the simulator
+    runs each of these paths (a test that cannot fail is worse than none)."""
+
+    unbatched_receive: bool = False  #: hand each message to the core on its own
+    ack_before_durable: bool = False  #: acknowledge a command before its fsync
+    no_recover: bool = False  #: keep memory after a failed write
+    flat_priority: bool = False  #: send everything at HIGH priority
+    empty_snapshot: bool = False  #: snapshot a fresh replica instead of ours
+
+
+class Driver:
+    """One node's effect interpreter over the ports."""
+
+    def __init__(self, durable: DurableReplica[Any], core: SyncCore, transport: Transport,
+                 clock: Clock, worker: Worker, identity: Identity) -> None:
+        self.durable = durable
+        self.core = core
+        self.transport = transport
+        self.clock = clock
+        self.worker = worker
+        self.identity = identity
+        self.faults = Faults()
+        #: Called with every batch of envelopes that became durable (local and remote),
+        #: in apply order (analytics; invariant 5).
+        self.durable_listeners: list[Callable[[list[Envelope]], None]] = []
+        #: Called with envelopes whose change is now visible (invariant 7) and whether
+        #: they are local (the live stream; the simulator's checker).
+        self.applied_listeners: list[Callable[[list[Envelope], bool], None]] = []
+        #: Called with a local envelope as soon as a command signed it (not yet durable).
+        self.signed_listeners: list[Callable[[Envelope], None]] = []
+        #: Called after ``recover`` rebuilt the replica from storage.
+        self.recovered_listeners: list[Callable[[], None]] = []
+        self.alerts: list[Alert] = []
+        self.last_seen: dict[str, int] = {}
+        self.closed = False
+        self._inbox: list[tuple[bytes, str]] = []  # (data, peer) since the last drain
+        self._durable_batch: list[Envelope] = []
+        self._done: deque[tuple[Callable[[Future[Any]], None], Future[Any]]] = deque()
+        self._timer: Cancel | None = None
+        self._timer_at = 0.0
+        self._timer_deadline = 0  # the wall-clock time the armed timer serves
+        self._snapshot_timer: Cancel | None = None
+
+    @property
+    def storage(self) -> Storage:
+        return self.durable.ledger  # type: ignore[no-any-return]
+
+    @property
+    def replica(self) -> Replica:
+        return self.durable.replica
+
+    def start(self) -> None:
+        """Arm the periodic snapshot check."""
+        self._arm_snapshot()
+
+    def close(self) -> None:
+        """Stop reacting: later callbacks (durable writes, reads, timers) are ignored."""
+        self.closed = True
+        self._inbox = []
+        for t in (self._timer, self._snapshot_timer):
+            if t is not None:
+                t.cancel()
+        self._timer = self._snapshot_timer = None
+
+    def _when(self, fut: Future[Any], fn: Callable[[Future[Any]], None]) -> None:
+        """Call ``fn(fut)`` on the driver's thread once ``fut`` is done (storage futures
+        may complete on a writer thread). Completions that arrive together (one group
+        commit) are taken in one batch boundary (invariant 5)."""
+        done = self._done
+
+        def landed(f: Future[Any]) -> None:
+            done.append((fn, f))  # deque: atomic, from any thread
+            if len(done) == 1:
+                self.clock.call_soon(self._run_done)
+        fut.add_done_callback(landed)
+
+    def _run_done(self) -> None:
+        done = self._done
+        while done:
+            fn, f = done.popleft()
+            fn(f)
+        self._flush_durable()
+
+    # --- local commands -----------------------------------------------------------------
+
+    def execute(self, fn: Callable[[Replica], CommandResult], done: Done) -> CommandResult:
+        """Run a local command now; ``done`` once it is durable (invariant 1). Raises
+        ``CommandError`` for a refused command (nothing is written then)."""
+        if self.storage.failed is not None:
+            self.recover()
+        result, fut = self.durable.execute(fn)
+        env = result.envelope
+        if env is None:
+            self._when(fut, lambda f: done(result, f.exception()))
+            return result
+        for listener in self.signed_listeners:
+            listener(env)
+        if self.faults.ack_before_durable:
+            done(result, None)
+            done = _ignore
+        self._when(fut, partial(self._local_written, result, done))
+        return result
+
+    def _local_written(self, result: CommandResult, done: Done, fut: Future[int]) -> None:
+        if self.closed:
+            return
+        exc = fut.exception()
+        if exc is not None:
+            # Memory holds a change the disk does not: drop it now, not at the next
+            # command, so no reader sees it (invariant 4).
+            self.recover()
+            done(result, exc)
+            return
+        assert result.envelope is not None
+        envs = [result.envelope]
+        for listener in self.applied_listeners:
+            listener(envs, True)
+        self._became_durable(envs)
+        done(result, None)
+
+    def recover(self) -> None:
+        """After a failed write: rebuild the replica from storage (invariant 4)."""
+        if self.storage.failed is None or self.faults.no_recover:
+            return  # already recovered (several failed futures report one failure)
+        self.durable.recover()
+        self.core.replica = self.durable.replica
+        self.core.stored = self.durable.replica.vv.copy()
+        for listener in self.recovered_listeners:
+            listener()
+
+    # --- sessions and messages --------------------------------------------------------------
+
+    def session_up(self, peer: str, *, wan: bool) -> None:
+        now = self.clock.realtime_ms()
+        self.last_seen[peer] = now
+        self.carry_out(self.core.peer_up(peer, now, wan=wan))
+
+    def session_down(self, peer: str) -> None:
+        # What it queued and the core has not seen dies with it (invariant 2).
+        self._inbox = [(d, p) for d, p in self._inbox if p != peer]
+        if not self.closed:
+            self.carry_out(self.core.peer_down(peer, self.clock.realtime_ms()))
+
+    def message(self, peer: str, data: bytes) -> None:
+        """A session received a message: queue it for this batch boundary's drain."""
+        if self.closed:
+            return
+        if self.faults.unbatched_receive:
+            self.carry_out(self.core.receive(data, peer, self.clock.realtime_ms()))
+            return
+        if not self._inbox:
+            self.clock.call_soon(self._drain)
+        self._inbox.append((data, peer))
+
+    def _drain(self) -> None:
+        items, self._inbox = self._inbox, []
+        if not items or self.closed:
+            return
+        now = self.clock.realtime_ms()
+        for _, peer in items:
+            self.last_seen[peer] = now
+        self.carry_out(self.core.receive_many(items, now))
+
+    # --- effects ------------------------------------------------------------------------------
+
+    def carry_out(self, effects: list[Effect]) -> None:
+        persist: list[Envelope] = []
+        for eff in effects:
+            if isinstance(eff, Send):
+                prio = 0 if self.faults.flat_priority else eff.priority
+                self.transport.send(eff.peer, eff.data, prio)
+            elif isinstance(eff, Persist):
+                persist.extend(eff.envelopes)  # one append for all (invariant 3)
+            elif isinstance(eff, Fetch):
+                self.worker.run(partial(self.storage.read_origin, eff.origin, eff.first,
+                                        eff.last), partial(self._fetched, eff))
+            elif isinstance(eff, Alert):
+                self._alert(eff)
+            elif isinstance(eff, TrustChanged):
+                self.trust_changed()
+            elif isinstance(eff, EndSession):  # revoked: refused from now on
+                self.transport.close(eff.peer, eff.reason)
+        if persist:
+            fut = self.durable.persist(persist)
+            self._when(fut, partial(self._persisted, persist))
+            for listener in self.applied_listeners:
+                listener(persist, False)
+        self._rearm()
+
+    def _persisted(self, envs: list[Envelope], fut: Future[int]) -> None:
+        if self.closed:
+            return
+        if fut.exception() is None:
+            self._became_durable(envs)
+        else:  # the peers still hold these; anti-entropy brings them back later
+            self.recover()
+
+    def _fetched(self, eff: Fetch, fut: Future[list[bytes]]) -> None:
+        if self.closed:
+            return
+        exc = fut.exception()
+        raws = [] if exc is not None else fut.result()
+        if exc is not None:
+            log.warning("ledger read for %s failed: %s", eff.origin, exc)
+        self.carry_out(self.core.fetched(eff.peer, eff.origin, eff.first, raws,
+                                          self.clock.realtime_ms()))
+
+    def _alert(self, eff: Alert) -> None:
+        log.warning("ALERT %s: %s seq %s", eff.kind, eff.origin, eff.seq)
+        self.alerts.append(eff)
+        self.worker.run(partial(self.storage.add_evidence, eff.origin, eff.seq, eff.first,
+                                eff.second), _log_failure("evidence not saved"))
+
+    def trust_changed(self) -> None:
+        """New certificates or revocations: persist them (peers learn via the core),
+        through storage, ahead of every append queued after (``mesh.durable``
+        invariant 6)."""
+        self.durable.save_trust()
+
+    def _became_durable(self, envs: list[Envelope]) -> None:
+        self._durable_batch.extend(envs)  # flushed at the end of this _run_done
+
+    def _flush_durable(self) -> None:
+        batch, self._durable_batch = self._durable_batch, []
+        if not batch or self.closed:
+            return
+        self.carry_out(self.core.durable(batch, self.clock.realtime_ms()))
+        for listener in self.durable_listeners:
+            try:
+                listener(batch)
+            except Exception:
+                log.exception("durable-envelope listener failed")
+
+    # --- timers -------------------------------------------------------------------------------
+
+    def _rearm(self) -> None:
+        """Arm one timer for the core's next deadline (invariant 6)."""
+        nxt = self.core.next_timer()
+        if nxt is None or self.closed:
+            return
+        if self._timer is not None and nxt >= self._timer_deadline:
+            return  # the armed one comes first (the common case: no clock reads)
+        now = self.clock.realtime_ms()
+        delay = min(max(0, nxt - now), config.SYNC_INTERVAL_MS)
+        at = self.clock.monotonic_ms() + delay
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return  # the armed one comes first; it re-arms when it fires
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer_deadline = now + delay
+        self._timer = self.clock.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        if not self.closed:
+            self.carry_out(self.core.on_timer(self.clock.realtime_ms()))
+
+    # --- snapshots ----------------------------------------------------------------------------
+
+    def _arm_snapshot(self) -> None:
+        at = self.clock.monotonic_ms() + config.SNAPSHOT_CHECK_S * 1000
+        self._snapshot_timer = self.clock.call_at(at, self._snapshot_tick)
+
+    def _snapshot_tick(self) -> None:
+        if self.closed:
+            return
+        self.maybe_snapshot()
+        self._arm_snapshot()
+
+    def maybe_snapshot(self) -> bool:
+        """Take a snapshot if one is due (``DurableReplica.snapshot_due``): the state is
+        captured here, on the driver's thread, and written by the worker."""
+        if self.storage.failed is not None or not self.durable.snapshot_due():
+            return False
+        upto, state = self.durable.take_snapshot()
+        if self.faults.empty_snapshot:
+            state = self.durable._fresh_replica().snapshot()
+        self.worker.run(partial(self.storage.save_snapshot, upto, state),
+                        _log_failure("snapshot skipped, retried later"))
+        return True
+
+
+def _ignore(result: CommandResult, exc: BaseException | None) -> None:
+    pass
+
+
+def _log_failure(what: str) -> Callable[[Future[Any]], None]:
+    def done(fut: Future[Any]) -> None:
+        exc = fut.exception()
+        if isinstance(exc, LedgerError):
+            log.info("%s: %s", what, exc)
+        elif exc is not None:
+            log.error("%s: %r", what, exc)
+    return done
