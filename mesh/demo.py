@@ -437,7 +437,8 @@ async def run_demo(base: Path, creds: dict[str, Any], duration: float | None) ->
                       "trust it in your browser, or accept the browser's warning once")
         console.print(f"dashboard    {dash}/   (the cloud peer's fleet view; log in as "
                       f"{creds['hq'][0]}, password in {base / 'demo-secrets.txt'})\n"
-                      f"stock        {e}/v1/stock\nlive stream  {e}/v1/events\n"
+                      f"stock        {e}/v1/stock\nlive stream  {e}/v1/events   (with the "
+                      "'screen' credential: -H 'Authorization: Bearer ...')\n"
                       f"exceptions   {e}/v1/exceptions\nmetrics      {e}/metrics\n"
                       f"status       .venv/bin/storemesh status {e} --ca {ca}\n"
                       f"audit trail  .venv/bin/storemesh ledger show {base / 'edge'}   "

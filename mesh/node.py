@@ -273,10 +273,6 @@ class Node:
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
-    def handle_effects(self, effects: list[Effect]) -> None:
-        """Carry out effects of the core returned to someone else (the API's gate)."""
-        self.driver.carry_out(effects)
-
     # --- local commands -----------------------------------------------------------------
 
     async def execute(self, fn: Callable[[Replica], CommandResult]) -> CommandResult:
@@ -303,6 +299,11 @@ class Node:
 
     def _on_message(self, peer_id: str, data: bytes) -> None:
         self.driver.message(peer_id, data)
+
+    def handle_effects(self, effects: list[Effect]) -> None:
+        """Carry out effects of the core returned to someone else (the API's gate:
+        a roster or revocation list picked up from the edge's files)."""
+        self.driver.carry_out(effects)
 
     def _applied(self, envs: list[Envelope], local: bool) -> None:
         self._publish(envs)

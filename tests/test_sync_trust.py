@@ -202,3 +202,42 @@ def test_an_older_or_forged_revocation_list_changes_nothing() -> None:
     else:
         raise AssertionError("a list not signed by the store key was adopted")
     assert edge.core.is_up("r1") and edge.trust.crl_version == 2
+
+
+def test_a_new_staff_roster_reaches_every_node_at_once_and_a_forged_one_nowhere() -> None:
+    """Issue 11: a staff member disabled on the edge (a new roster version) is refused
+    store-wide within a few round trips, not one summary interval per hop: a newer
+    roster is pushed to every peer whose summary shows an older one, and relayed on.
+    An older roster, and one not signed by the store key, change nothing."""
+    from mesh.auth import StaffEntry, issue_roster, make_pin_verifier
+    from mesh.errors import BadSignature
+    from mesh.identity import NodeKey
+
+    w = _mesh(13)
+    edge = w.nodes["edge"]
+    pin = make_pin_verifier("2468", n=1024)
+    staff = {"ann": StaffEntry("ann", "Ann", "cashier", False, pin)}
+    far = 10**13
+    v1 = issue_roster(w.store_key, store_id=w.store_id, version=1, not_after=far, staff=staff)
+    edge.handle(edge.core.learn_roster(v1))
+    took = _until(w, lambda: all(n.trust.roster_version == 1 for n in w.nodes.values()), 5000)
+    assert took < 100, took
+    disabled = {"ann": StaffEntry("ann", "Ann", "cashier", True, pin)}
+    v2 = issue_roster(w.store_key, store_id=w.store_id, version=2, not_after=far,
+                      staff=disabled)
+    edge.handle(edge.core.learn_roster(v2))
+    took = _until(w, lambda: all(n.trust.roster is not None
+                                 and n.trust.roster.staff["ann"].disabled
+                                 for n in w.nodes.values()), 5000)
+    assert took < 100, took  # pushed at once (the cloud's WAN summary is 15 s away)
+    assert edge.core.learn_roster(v1) == [] and edge.trust.roster_version == 2
+    forged = issue_roster(NodeKey.from_bytes(b"\x02" * 32), store_id=w.store_id, version=9,
+                          not_after=far, staff=staff)
+    try:
+        edge.core.learn_roster(forged)
+    except BadSignature:
+        pass
+    else:
+        raise AssertionError("a roster not signed by the store key was adopted")
+    w.run_until(w.now + 1000)
+    assert all(n.trust.roster_version == 2 for n in w.nodes.values())
