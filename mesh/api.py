@@ -48,6 +48,7 @@ from mesh.errors import (
     CommandError,
     EnvelopeError,
     LedgerError,
+    NodeCertificateExpired,
     StorageFull,
     TxnReused,
     UnknownSku,
@@ -408,6 +409,9 @@ class _Api:
         except CommandError as exc:
             field = _API_FIELD.get(exc.field or "", exc.field)
             raise ApiError(409 if exc.field in conflict else 400, exc.message, field) from None
+        except NodeCertificateExpired as exc:
+            log.error("%s", exc)
+            raise ApiError(503, str(exc)) from None
         except StorageFull as exc:
             log.error("disk full: %s", exc)
             raise ApiError(507, _DISK_FULL) from None

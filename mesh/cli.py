@@ -198,12 +198,16 @@ def store_ca(data_dir: Path, output: Path | None) -> None:
 @click.option("--insecure-plaintext", is_flag=True, default=False,
               help="Development only: plain HTTP and ws:// instead of TLS; refused unless "
                    "the node listens on a loopback address. Never saved in config.json.")
+@click.option("--cert-validity", "cert_validity_s", type=click.IntRange(min=10),
+              default=None, metavar="SECONDS",
+              help="On the edge: how long the node certificates it issues (join tokens) "
+                   "and renews stay valid (default a year; renewed when a third is left).")
 @click.option("--log-level", default="INFO", show_default=True)
 @click.pass_context
 def node_cmd(ctx: click.Context, data_dir: Path, http_port: int, http_host: str | None,
              interface: str | None, peers: tuple[str, ...], cloud_urls: tuple[str, ...],
              token: str | None, node_id: str | None, join_url: str | None, discovery: bool,
-             insecure_plaintext: bool, log_level: str) -> None:
+             insecure_plaintext: bool, cert_validity_s: int | None, log_level: str) -> None:
     """Run a store node: sync with peers, serve the POS/channel API, until Ctrl-C.
 
     The network flags (--interface, --http-host, --http-port, --peer, --cloud,
@@ -217,7 +221,8 @@ def node_cmd(ctx: click.Context, data_dir: Path, http_port: int, http_host: str 
         raise UserError(f"{data_dir} holds no node: create a store with 'storemesh store init' "
                         "or join one with --join TOKEN")
     given = {"interface": interface, "http_host": http_host, "http_port": http_port,
-             "peers": list(peers), "cloud_urls": list(cloud_urls), "discovery": discovery}
+             "peers": list(peers), "cloud_urls": list(cloud_urls), "discovery": discovery,
+             "cert_validity_s": cert_validity_s}
     try:
         given = {k: v for k, v in given.items() if _from_command_line(ctx, k)}
         for url in (*peers, *cloud_urls, *((join_url,) if join_url else ())):
@@ -284,7 +289,9 @@ def _run_node(data_dir: Path, given: dict[str, Any], token: str | None, node_id:
         node = Node(data_dir, http_host=http_host, http_port=http_port, interface=interface,
                     peers=peers, wan_peers=settings.get("cloud_urls", []),
                     discovery=settings.get("discovery", True),
-                    insecure_plaintext=insecure_plaintext)
+                    insecure_plaintext=insecure_plaintext,
+                    cert_validity_ms=None if settings.get("cert_validity_s") is None
+                    else settings["cert_validity_s"] * 1000)
         try:
             await node.start()
         except Exception as exc:

@@ -43,7 +43,7 @@ from mesh.hq import setup_hq
 from mesh.hqtls import HqTls, ensure_hq_tls, hq_hosts, hq_server_context
 from mesh.httpfaults import CLIENT_FAULTS, ClientFaults, ServerLog
 from mesh.node import Node
-from mesh.tls import TlsSite, is_loopback_host, server_context, sni_name
+from mesh.tls import TlsSite, is_loopback_host, sni_name
 
 __all__ = ["CloudNode", "cloud_join"]
 
@@ -148,8 +148,8 @@ class CloudNode:
         hq = hq_server_context(self.hq)
         by_name: dict[str, ssl.SSLContext] = {}
         for store_id, node in sorted(self.nodes.items()):
-            assert node.tls is not None
-            by_name[sni_name(store_id)] = server_context(node.tls)
+            assert node.tls is not None and node.server_ssl is not None
+            by_name[sni_name(store_id)] = node.server_ssl  # reloaded in place on renewal
             # OpenSSL keeps the first context's verify settings when the SNI callback
             # switches: the HQ context asks for a client certificate (optional) and
             # verifies one of any hosted store's CA; the sync handshake checks the rest.

@@ -192,6 +192,21 @@ MAX_STAFF: Final = 1000
 #: How long a roster stays valid with no newer one from the edge (the "time offline"
 #: after which tills stop accepting PINs). The edge re-signs it at half this age.
 ROSTER_VALIDITY_MS: Final = 7 * 24 * 3600 * 1000
+
+# --- certificate renewal (mesh.driver, docs/security.md "Renewal") ----------------
+#: How long a node certificate the edge issues is valid (storemesh and TLS alike). A
+#: year: short enough that a key retired without revocation stops working, long enough
+#: that renewal is a non-event. ``storemesh node --cert-validity`` changes it per store.
+CERT_VALIDITY_MS: Final = 365 * 24 * 3600 * 1000
+#: The edge renews a certificate once less than 1/CERT_RENEW_FRACTION of the store's
+#: validity remains (four months of a year): a till that is away, or offline, for
+#: anything short of that still comes back to a renewed certificate in time.
+CERT_RENEW_FRACTION: Final = 3
+#: How often the edge looks for certificates due for renewal (also at every new
+#: session); at most a tenth of the validity, so short test validities work too.
+CERT_RENEW_CHECK_MS: Final = 3600 * 1000
+#: Largest TLS certificate (PEM) accepted in a certificate message (~900 B normal).
+MAX_TLS_PEM_BYTES: Final = 8192
 #: How often the edge looks at auth.json (CLI changes) and at the roster's age.
 AUTH_RELOAD_S: Final = 1.0
 #: scrypt cost of a PIN verifier (n=2**14, r=8, p=1: ~16 MB, ~50 ms here): slow enough

@@ -27,6 +27,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -39,7 +40,13 @@ import orjson
 
 from mesh import config
 from mesh.errors import EnvelopeError
-from mesh.identity import Certificate, NodeKey, TrustStore, issue_certificate
+from mesh.identity import (
+    Certificate,
+    NodeKey,
+    TrustStore,
+    issue_certificate,
+    renew_certificate,
+)
 
 if TYPE_CHECKING:  # mesh.tls (aiohttp, x509) is imported where used: load_identity needs none
     from mesh.tls import TlsFiles
@@ -62,9 +69,10 @@ def check_id(value: str, what: str) -> None:
             "A-Z a-z 0-9 . _ - starting with a letter or digit (e.g. 'berlin-mitte')")
 
 
-#: Certificates issued by ``store init`` / join tokens are valid for a year; renewal
-#: re-issues them (a revoked node is refused whatever its expiry).
-DEFAULT_VALIDITY_MS = 365 * 24 * 3600 * 1000
+#: Certificates issued by ``store init`` / join tokens are valid for a year; the edge
+#: renews them (``mesh.driver`` invariant 8; a revoked node is refused whatever its
+#: expiry).
+DEFAULT_VALIDITY_MS = config.CERT_VALIDITY_MS
 _SAVE_LOCK = threading.Lock()
 LOCK_FILE = "node.lock"
 
@@ -153,10 +161,63 @@ class NodeIdentity:
     certificate: Certificate
     trust: TrustStore
     store_key: NodeKey | None = None
+    #: How long certificates this node issues are valid (``storemesh node
+    #: --cert-validity`` on the edge; tokens redeemed here and renewals).
+    validity_ms: int = DEFAULT_VALIDITY_MS
 
     @property
     def ledger_path(self) -> Path:
         return self.data_dir / "ledger.sqlite"
+
+    # --- renewal (``mesh.ports.Identity`` / ``Issuer``; mesh.driver invariant 8) -------
+
+    @property
+    def issuer(self) -> NodeIdentity | None:
+        """This node renews certificates if it holds the store key (the edge)."""
+        if self.store_key is None or self.store_key.public_key != self.trust.store_public_key:
+            return None
+        return self
+
+    def renew(self, cert: Certificate, now_ms: int) -> tuple[Certificate, str | None]:
+        """``cert`` renewed for ``validity_ms``, with a TLS certificate to match."""
+        from mesh.tls import issue_node_cert
+
+        assert self.store_key is not None
+        new = renew_certificate(self.store_key, cert, now_ms=now_ms,
+                                validity_ms=self.validity_ms)
+        pem = issue_node_cert(self.store_key, store_id=new.store_id, node_id=new.node_id,
+                              public_key=new.public_key, not_after_ms=new.not_after,
+                              now_ms=now_ms)
+        return new, pem.decode("ascii")
+
+    def write_tls(self, pem: str) -> bool:
+        """Install a renewed TLS certificate for this node: it must be the store CA's,
+        for this node and key, and outlast the one in place (``ValueError`` if not).
+        Written atomically; ``False`` if it is not newer (a repeat)."""
+        from cryptography import x509
+
+        from mesh.tls import CA_FILE, CERT_FILE, check_node_cert, write_file
+
+        data = pem.encode("ascii", "replace")
+        ca = (self.data_dir / CA_FILE).read_bytes()
+        check_node_cert(ca, data, store_id=self.store_id, node_id=self.node_id,
+                        public_key=self.key.public_key)
+        path = self.data_dir / CERT_FILE
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            held = x509.load_pem_x509_certificate(path.read_bytes())
+            new = x509.load_pem_x509_certificate(data)
+            if new.not_valid_after_utc <= held.not_valid_after_utc:
+                return False
+        write_file(path, data, 0o644)
+        return True
+
+    def _own_certificate(self) -> None:
+        """Follow a renewed certificate of ours that the trust store holds (from the
+        edge, or issued here): the handshake presents ``certificate``."""
+        held = self.trust.certificate(self.node_id)
+        if (held is not None and held.public_key == self.key.public_key
+                and held.not_after > self.certificate.not_after):
+            self.certificate = held
 
     def save(self) -> None:
         """Write node.json atomically (invariant 1)."""
@@ -165,6 +226,7 @@ class NodeIdentity:
     def encode(self) -> bytes:
         """node.json's bytes now: taken on the thread that changes the trust store (the
         event loop), so ``write`` may run on another thread (the ledger's writer)."""
+        self._own_certificate()
         doc: dict[str, Any] = {
             "node_id": self.node_id,
             "store_id": self.store_id,

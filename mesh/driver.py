@@ -31,6 +31,13 @@ Invariants:
     not stall the node). When it fires, ``SyncCore.on_timer`` runs.
  7. ``applied`` listeners see a local change once it is durable here (when acknowledged),
     a peer's change once it is applied here (durable at its origin already).
+ 8. Certificates are renewed by the store key's holder (``Identity.issuer``: the edge)
+    before they expire (``mesh.identity.renewal_due``): its own, and every peer's with a
+    live session, at every new session and every ``renew_interval_ms``. A renewed
+    certificate goes to its node at once with its TLS certificate (``SyncCore.renewed``)
+    and to every other peer before our next envelopes; the node saves the TLS
+    certificate (``Identity.write_tls``, on the worker) and the ``tls_listeners`` reload
+    it. Revoked nodes are never renewed.
 """
 
 from __future__ import annotations
@@ -46,10 +53,21 @@ from typing import Any
 from mesh import config
 from mesh.durable import DurableReplica
 from mesh.envelope import Envelope
-from mesh.errors import LedgerError
+from mesh.errors import LedgerError, NodeCertificateExpired
+from mesh.identity import renewal_due
 from mesh.ports import Cancel, Clock, Identity, Storage, Transport, Worker
 from mesh.replica import CommandResult, Replica
-from mesh.sync import Alert, Effect, EndSession, Fetch, Persist, Send, SyncCore, TrustChanged
+from mesh.sync import (
+    Alert,
+    Effect,
+    EndSession,
+    Fetch,
+    InstallTls,
+    Persist,
+    Send,
+    SyncCore,
+    TrustChanged,
+)
 
 __all__ = ["Done", "Driver", "Faults"]
 
@@ -93,6 +111,11 @@ class Driver:
         self.signed_listeners: list[Callable[[Envelope], None]] = []
         #: Called after ``recover`` rebuilt the replica from storage.
         self.recovered_listeners: list[Callable[[], None]] = []
+        #: Called (driver thread) once a renewed TLS certificate of ours is saved: the
+        #: node reloads its TLS contexts (invariant 8).
+        self.tls_listeners: list[Callable[[], None]] = []
+        #: Certificates this node renewed as the store key's holder (invariant 8).
+        self.renewed = 0
         self.alerts: list[Alert] = []
         self.last_seen: dict[str, int] = {}
         self.closed = False
@@ -103,6 +126,7 @@ class Driver:
         self._timer_at = 0.0
         self._timer_deadline = 0  # the wall-clock time the armed timer serves
         self._snapshot_timer: Cancel | None = None
+        self._renew_timer: Cancel | None = None
 
     @property
     def storage(self) -> Storage:
@@ -113,17 +137,20 @@ class Driver:
         return self.durable.replica
 
     def start(self) -> None:
-        """Arm the periodic snapshot check."""
+        """Arm the periodic snapshot and certificate-renewal checks."""
         self._arm_snapshot()
+        if self.identity.issuer is not None:
+            self.renew_certificates()
+            self._arm_renewal()
 
     def close(self) -> None:
         """Stop reacting: later callbacks (durable writes, reads, timers) are ignored."""
         self.closed = True
         self._inbox = []
-        for t in (self._timer, self._snapshot_timer):
+        for t in (self._timer, self._snapshot_timer, self._renew_timer):
             if t is not None:
                 t.cancel()
-        self._timer = self._snapshot_timer = None
+        self._timer = self._snapshot_timer = self._renew_timer = None
 
     def _when(self, fut: Future[Any], fn: Callable[[Future[Any]], None]) -> None:
         """Call ``fn(fut)`` on the driver's thread once ``fut`` is done (storage futures
@@ -148,9 +175,16 @@ class Driver:
 
     def execute(self, fn: Callable[[Replica], CommandResult], done: Done) -> CommandResult:
         """Run a local command now; ``done`` once it is durable (invariant 1). Raises
-        ``CommandError`` for a refused command (nothing is written then)."""
+        ``CommandError`` for a refused command, ``NodeCertificateExpired`` once our own
+        certificate has expired (nothing is written then)."""
         if self.storage.failed is not None:
             self.recover()
+        own = self.identity.trust.certificate(self.identity.node_id)
+        if own is not None and self.clock.realtime_ms() > own.not_after:
+            raise NodeCertificateExpired(
+                f"this node's certificate expired at {own.not_after} ms, so no peer would "
+                "accept what it records: nothing was recorded. Join the store again with a "
+                "new token (storemesh token create on the edge, then storemesh node --join)")
         result, fut = self.durable.execute(fn)
         env = result.envelope
         if env is None:
@@ -197,6 +231,8 @@ class Driver:
         now = self.clock.realtime_ms()
         self.last_seen[peer] = now
         self.carry_out(self.core.peer_up(peer, now, wan=wan))
+        if self.identity.issuer is not None:
+            self.renew_certificates([peer])
 
     def session_down(self, peer: str) -> None:
         # What it queued and the core has not seen dies with it (invariant 2).
@@ -243,6 +279,8 @@ class Driver:
                 self.trust_changed()
             elif isinstance(eff, EndSession):  # revoked: refused from now on
                 self.transport.close(eff.peer, eff.reason)
+            elif isinstance(eff, InstallTls):
+                self.worker.run(partial(self.identity.write_tls, eff.pem), self._tls_written)
         if persist:
             fut = self.durable.persist(persist)
             self._when(fut, partial(self._persisted, persist))
@@ -293,6 +331,61 @@ class Driver:
                 listener(batch)
             except Exception:
                 log.exception("durable-envelope listener failed")
+
+    def _tls_written(self, fut: Future[bool]) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            self.core.stats["tls_refused"] = self.core.stats.get("tls_refused", 0) + 1
+            log.warning("renewed TLS certificate not installed: %s", exc)
+        elif fut.result() and not self.closed:
+            for listener in self.tls_listeners:
+                listener()
+
+    # --- certificate renewal (invariant 8) -------------------------------------------------
+
+    @property
+    def renew_interval_ms(self) -> int:
+        issuer = self.identity.issuer
+        validity = config.CERT_VALIDITY_MS if issuer is None else issuer.validity_ms
+        return max(1000, min(config.CERT_RENEW_CHECK_MS, validity // 10))
+
+    def _arm_renewal(self) -> None:
+        at = self.clock.monotonic_ms() + self.renew_interval_ms
+        self._renew_timer = self.clock.call_at(at, self._renew_tick)
+
+    def _renew_tick(self) -> None:
+        if self.closed:
+            return
+        self.renew_certificates()
+        self._arm_renewal()
+
+    def renew_certificates(self, nodes: list[str] | None = None) -> int:
+        """As the store key's holder: renew the certificates of ``nodes`` (default: this
+        node and every peer with a live session) that are due; returns how many."""
+        issuer = self.identity.issuer
+        if issuer is None or self.closed:
+            return 0
+        trust = self.identity.trust
+        me = self.identity.node_id
+        now = self.clock.realtime_ms()
+        targets = nodes if nodes is not None else [me, *self.core.ready_peers()]
+        effects: list[Effect] = []
+        n = 0
+        for node_id in targets:
+            cert = trust.certificate(node_id)
+            if (cert is None or trust.is_revoked(node_id)
+                    or not renewal_due(cert, now, issuer.validity_ms)):
+                continue
+            new, pem = issuer.renew(cert, now)
+            effects.extend(self.core.renewed(new, pem))
+            n += 1
+            log.info("certificate of %s renewed until %d", node_id, new.not_after)
+            if node_id == me and pem is not None:
+                effects.append(InstallTls(pem))
+        self.renewed += n
+        if effects:
+            self.carry_out(effects)
+        return n
 
     # --- timers -------------------------------------------------------------------------------
 

@@ -61,7 +61,7 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from mesh import config
-from mesh.datadir import DEFAULT_VALIDITY_MS, NodeIdentity, ensure_tls, write_atomic
+from mesh.datadir import NodeIdentity, ensure_tls, write_atomic
 from mesh.discovery import (
     PROTOCOL_VERSION,
     RESOLVE_TIMEOUT_MS,
@@ -488,7 +488,7 @@ def redeem(
         _check_node_free(identity.trust, nid, public_key, now_ms)
         cert = issue_certificate(store_key, node_id=nid, store_id=identity.store_id,
                                  role=rec["role"], public_key=public_key,
-                                 not_after=now_ms + DEFAULT_VALIDITY_MS)
+                                 not_after=now_ms + identity.validity_ms)
         rec["used_by"], rec["used_ms"] = nid, now_ms
         _write_tokens(identity.data_dir, tokens)  # used before anything leaves (invariant 2)
         identity.trust.add_certificate(cert)

@@ -31,6 +31,12 @@ Invariants:
 5. Envelopes compare and hash by ``raw`` only.
 6. ``seal`` produces only envelopes that ``decode`` accepts; a caller's bad argument
    raises ``ValueError`` before anything is signed.
+7. A certificate's expiry is judged against the envelope's own stamp (the wall-clock
+   part of its HLC), not the time it is received: an envelope signed while its origin's
+   certificate was valid stays valid for every replica, at any later time (a till's
+   offline sales that reach the store after its certificate expired, a new till
+   catching up on a retired one's history). One signed after expiry is refused
+   (``ExpiredCertificate``). A revoked origin is refused whatever the stamp.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from typing import Any, Final
 import orjson
 
 from mesh import config
+from mesh.crdt.hlc import COUNTER_BITS
 from mesh.errors import BadSignature, BrokenChain, EnvelopeError, Malformed, Oversized, WrongStore
 from mesh.identity import NodeKey, TrustStore, verify_signature
 from mesh.ops import check_rights, validate_meta, validate_ops
@@ -241,11 +248,11 @@ def seal(
 
 def verify(raw: bytes | Envelope, trust: TrustStore, now_ms: int) -> Envelope:
     """Decode ``raw`` (unless given decoded) and check store, certificate, rights and
-    signature (in that order)."""
+    signature (in that order). ``now_ms`` is not used for expiry (invariant 7)."""
     env = raw if isinstance(raw, Envelope) else decode(raw)
     if env.store != trust.store_id:
         raise WrongStore(f"envelope of {env.origin!r} is for store {env.store!r}")
-    cert = trust.check(env.origin, now_ms)
+    cert = trust.check(env.origin, env.hlc >> COUNTER_BITS)  # invariant 7
     check_rights(env.ops, env.origin, cert.role)
     _check_signature(env, cert.public_key, trust)
     return env
@@ -297,7 +304,8 @@ def verify_chain(
     store, origin = first.store, first.origin
     if store != trust.store_id:
         raise WrongStore(f"envelope of {origin!r} is for store {store!r}")
-    cert = trust.check(origin, now_ms)
+    # invariant 7: the newest stamp of the page (an origin's stamps only grow)
+    cert = trust.check(origin, max(e.hlc for e in envs) >> COUNTER_BITS)
     role = cert.role
     seq = first.seq
     link = prev

@@ -21,6 +21,7 @@ __all__ = [
     "KeyPermissionError",
     "LedgerError",
     "Malformed",
+    "NodeCertificateExpired",
     "NotEnrolled",
     "Oversized",
     "PendingFull",
@@ -141,6 +142,13 @@ class CommandError(Exception):
         super().__init__(message)
         self.message = message
         self.field = field
+
+
+class NodeCertificateExpired(CommandError):
+    """This node's own certificate has expired: no peer would accept what it signs
+    (``mesh.envelope`` invariant 7), so a local command is refused before anything is
+    written (the POS API answers 503). Renewal by the edge prevents it; past it, join
+    again."""
 
 
 class UnknownSku(CommandError):

@@ -70,6 +70,8 @@ __all__ = [
     "fingerprint",
     "issue_certificate",
     "issue_revocations",
+    "renew_certificate",
+    "renewal_due",
     "verify_signature",
 ]
 
@@ -371,6 +373,23 @@ def issue_certificate(
     return Certificate(
         node_id, store_id, role, public_key, not_after, store_key.sign(unsigned.body_bytes())
     )
+
+
+def renewal_due(cert: Certificate, now_ms: int, validity_ms: int) -> bool:
+    """Should the store key's holder renew ``cert`` now? Once less than a third
+    (``config.CERT_RENEW_FRACTION``) of the store's certificate validity remains, and
+    only while it is still valid: an expired node is past renewal and must join again
+    (its TLS certificate no longer opens a session to ask for one either)."""
+    return now_ms <= cert.not_after < now_ms + validity_ms // config.CERT_RENEW_FRACTION
+
+
+def renew_certificate(store_key: NodeKey, cert: Certificate, *, now_ms: int,
+                      validity_ms: int) -> Certificate:
+    """``cert`` again, for the same node, store, role and key, valid ``validity_ms``
+    from ``now_ms``."""
+    return issue_certificate(store_key, node_id=cert.node_id, store_id=cert.store_id,
+                             role=cert.role, public_key=cert.public_key,
+                             not_after=now_ms + validity_ms)
 
 
 # --- revocations --------------------------------------------------------------------

@@ -80,13 +80,16 @@ class Node:
         snapshot_every: int = config.SNAPSHOT_EVERY, advertise: bool = True,
         max_bytes: int | None = None, wan_peers: Sequence[str] = (), serve: bool = True,
         wan: bool = False, insecure_plaintext: bool = False,
+        cert_validity_ms: int | None = None,
     ) -> None:
         """``peers``: static LAN peer URLs. ``wan_peers``: URLs reached over the WAN (the
         cloud: compressed, batched). ``serve=False``: do not listen; the caller mounts
         ``app`` (the cloud hosts one node per store). ``wan``: every session of this node
         is a WAN session (the cloud's side). Every link is mutual TLS pinned to the store
         CA (``mesh.tls``); ``insecure_plaintext``: plain HTTP and ``ws://``, refused
-        unless ``http_host`` is a loopback address (development only)."""
+        unless ``http_host`` is a loopback address (development only).
+        ``cert_validity_ms``: on the edge, how long the certificates it issues and
+        renews are valid (default ``config.CERT_VALIDITY_MS``)."""
         self.data_dir = Path(data_dir)
         self.http_host = http_host
         self.http_port = http_port
@@ -96,11 +99,15 @@ class Node:
         self.serve = serve
         self.wan = wan
         self.insecure_plaintext = insecure_plaintext
+        self.cert_validity_ms = cert_validity_ms
         if insecure_plaintext and serve and not is_loopback_host(http_host):
             raise ValueError(f"--insecure-plaintext serves plain HTTP: only on a loopback "
                              f"address (127.0.0.1), not {http_host}")
         self.tls: TlsFiles | None = None  # set by start() unless insecure_plaintext
         self.client_ssl: ssl.SSLContext | None = None
+        #: The listener's context (the cloud's SNI callback picks it per store); reloaded
+        #: in place when the edge renews our certificate, like ``client_ssl``.
+        self.server_ssl: ssl.SSLContext | None = None
         #: Called on the loop thread with every batch of envelopes that became durable
         #: (local and remote), in apply order: analytics and other consumers.
         self.listeners: list[Callable[[list[Envelope]], None]] = []
@@ -167,9 +174,12 @@ class Node:
         identity = self.durable.identity
         assert isinstance(identity, NodeIdentity)
         self.identity = identity
+        if self.cert_validity_ms is not None:
+            identity.validity_ms = self.cert_validity_ms
         if not self.insecure_plaintext:
             self.tls = await asyncio.to_thread(ensure_tls, self.identity, now_ms=self.now_ms())
             self.client_ssl = client_context(self.tls)
+            self.server_ssl = server_context(self.tls)
         self.core = SyncCore(self.replica, self.identity.trust,
                              random.Random())  # noqa: S311 -- sync timer jitter
         self._loop = asyncio.get_running_loop()
@@ -178,6 +188,7 @@ class Node:
                              self._worker, self.identity)
         self.driver.durable_listeners = self.listeners
         self.driver.applied_listeners.append(self._applied)
+        self.driver.tls_listeners.append(self._tls_renewed)
         self.driver.start()
         self.app.router.add_get("/v1/sync", self._accept)
         self._setup_optional_routes()
@@ -187,8 +198,9 @@ class Node:
             await self._runner.setup()
             site: web.BaseSite
             if self.tls is not None:
+                assert self.server_ssl is not None
                 site = TlsSite(self._runner, self.http_host, self.http_port,
-                               server_context(self.tls), self._reject)
+                               self.server_ssl, self._reject)
             else:
                 site = web.TCPSite(self._runner, self.http_host, self.http_port)
             await site.start()
@@ -304,6 +316,17 @@ class Node:
         """Carry out effects of the core returned to someone else (the API's gate:
         a roster or revocation list picked up from the edge's files)."""
         self.driver.carry_out(effects)
+
+    def _tls_renewed(self) -> None:
+        """Our renewed TLS certificate is on disk (driver invariant 8): new connections,
+        accepted and dialed, present it; live ones keep theirs until they end."""
+        if self.tls is None:
+            return
+        self.tls = TlsFiles(self.tls.data_dir, self.tls.ca_pem, self.tls.cert_path.read_bytes())
+        for ctx in (self.server_ssl, self.client_ssl):
+            if ctx is not None:
+                ctx.load_cert_chain(self.tls.cert_path, self.tls.key_path)
+        log.info("node %s: renewed TLS certificate loaded", self.identity.node_id)
 
     def _applied(self, envs: list[Envelope], local: bool) -> None:
         self._publish(envs)

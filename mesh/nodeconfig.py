@@ -38,6 +38,7 @@ _KEYS: Final[dict[str, tuple[type, str]]] = {
     "peers": (list, "--peer"),
     "cloud_urls": (list, "--cloud"),
     "discovery": (bool, "--discovery/--no-discovery"),
+    "cert_validity_s": (int, "--cert-validity"),
 }
 _KINDS: Final = {str: "a string", int: "an integer", list: "a list of URLs", bool: "true or false"}
 

@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from mesh.envelope import Envelope
-    from mesh.identity import NodeKey, TrustStore
+    from mesh.identity import Certificate, NodeKey, TrustStore
 
-__all__ = ["Cancel", "Clock", "Discovery", "Identity", "Storage", "Transport", "Worker"]
+__all__ = ["Cancel", "Clock", "Discovery", "Identity", "Issuer", "Storage", "Transport",
+           "Worker"]
 
 T = TypeVar("T")
 
@@ -128,6 +129,27 @@ class Identity(Protocol):
     def encode(self) -> bytes: ...
 
     def write(self, data: bytes) -> None: ...
+
+    @property
+    def issuer(self) -> Issuer | None:
+        """The store key's holder (the edge) renews certificates; None elsewhere."""
+
+    def write_tls(self, pem: str) -> bool:
+        """A renewed TLS certificate for this node (from the edge): check it (store CA,
+        this node and key; ``ValueError`` if not), save it durably, and return whether
+        it replaced an older one. Blocking: the driver calls it on the worker."""
+
+
+class Issuer(Protocol):
+    """Certificate renewal by the store key's holder (``mesh.identity.renewal_due``)."""
+
+    @property
+    def validity_ms(self) -> int:
+        """How long the certificates it issues are valid."""
+
+    def renew(self, cert: Certificate, now_ms: int) -> tuple[Certificate, str | None]:
+        """``cert`` renewed from ``now_ms``, and a TLS certificate (PEM) for it (None
+        where there is no TLS: the simulator)."""
 
 
 class Discovery(Protocol):

@@ -2,7 +2,7 @@
 
 Inputs go in (``peer_up``, ``peer_down``, ``receive``, ``durable``, ``fetched``,
 ``on_timer``), each with ``now`` in ms; effects come out (``Send``, ``Persist``,
-``Fetch``, ``Alert``, ``TrustChanged``, ``EndSession``). The asyncio node and the
+``Fetch``, ``Alert``, ``TrustChanged``, ``InstallTls``, ``EndSession``). The asyncio node and the
 partition simulator drive this same class; only the drivers differ.
 
 Wire messages (bytes, first byte is the type):
@@ -21,7 +21,10 @@ Wire messages (bytes, first byte is the type):
   roster (``mesh.auth``), all signed by the store key and relayable by anyone. ``V``
   carries the roster version held as ``"ro"``, so a peer behind gets the newer one. A
   new revocation list or roster goes to every peer whose summary shows an older one at
-  once, without the certificates (``certs`` empty).
+  once, without the certificates (``certs`` empty). From the edge, a ``C`` may also
+  carry ``"tls": PEM``: the receiver's own renewed TLS certificate (``renewed``), which
+  it installs (``InstallTls``) once it checks against the store CA and its key. Peers
+  that predate renewal ignore the key.
 
 Invariants:
  1. Envelopes are forwarded verbatim; every envelope is verified (signature, or its
@@ -79,6 +82,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
+from typing import Any
 
 import orjson
 
@@ -96,6 +100,7 @@ __all__ = [
     "Effect",
     "EndSession",
     "Fetch",
+    "InstallTls",
     "Persist",
     "Send",
     "SyncCore",
@@ -152,6 +157,14 @@ class TrustChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class InstallTls:
+    """A renewed TLS certificate (PEM) for this node arrived from the edge: the driver
+    checks it against the store CA and this node's key, saves it and reloads it."""
+
+    pem: str
+
+
+@dataclass(frozen=True, slots=True)
 class EndSession:
     """Close the session with ``peer`` (it was revoked): the driver ends the connection."""
 
@@ -159,7 +172,7 @@ class EndSession:
     reason: str
 
 
-Effect = Send | Persist | Fetch | Alert | TrustChanged | EndSession
+Effect = Send | Persist | Fetch | Alert | TrustChanged | InstallTls | EndSession
 
 
 def encode_batch(raws: Iterable[bytes]) -> bytes:
@@ -1053,8 +1066,33 @@ class SyncCore:
                         self._roster_changed(out)
         if changed:
             out.append(TrustChanged())
+        tls = msg.get("tls")
+        if tls is not None:
+            if isinstance(tls, str) and len(tls) <= config.MAX_TLS_PEM_BYTES:
+                out.append(InstallTls(tls))  # after TrustChanged: its certificate first
+            else:
+                self._count("malformed")
         if learned and self._awaited:
             self._ask_again(out, learned, now)
+
+    def ready_peers(self) -> list[str]:
+        """Peers with a live, handshaken session (whom a ``Send`` reaches now)."""
+        return sorted(pid for pid, p in self.peers.items() if p.ready)
+
+    def renewed(self, cert: Certificate, tls_pem: str | None) -> list[Effect]:
+        """The store key's holder renewed ``cert`` (``mesh.driver``): hold it (every
+        peer gets it before our next envelopes, invariant 8, and with our summary) and,
+        if its node is a peer now, send it there at once with its TLS certificate."""
+        out: list[Effect] = []
+        self.trust.add_certificate(cert)
+        out.append(TrustChanged())
+        peer = self.peers.get(cert.node_id)
+        if peer is not None and peer.ready:
+            msg: dict[str, Any] = {"certs": [cert.to_dict()], "crl": None}
+            if tls_pem is not None:
+                msg["tls"] = tls_pem
+            self._send(out, peer.id, b"C" + orjson.dumps(msg), HIGH)
+        return out
 
     def _ask_again(self, out: list[Effect], learned: list[str], now: int) -> None:
         """Certificates of ``learned`` arrived: peers that sent us envelopes of those

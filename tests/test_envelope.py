@@ -111,6 +111,7 @@ def make(
     store: str | None = None,
     ops: list[dict[str, Any]] | None = None,
     meta: dict[str, Any] | None = None,
+    hlc: int | None = None,
 ) -> Envelope:
     return seal(
         key or w.keys[origin],
@@ -118,7 +119,7 @@ def make(
         origin=origin,
         seq=seq,
         prev=prev,
-        hlc=HLC0 + seq,
+        hlc=HLC0 + seq if hlc is None else hlc,
         ops=ops if ops is not None else sale_ops(origin, p=10 + seq),
         meta=meta if meta is not None else sale_meta(f"t-{seq}"),
     )
@@ -397,11 +398,31 @@ def test_foreign_store(world: World) -> None:
 
 
 def test_expired_certificate(world: World) -> None:
+    """Expiry is judged against the envelope's stamp, never the time it arrives."""
     world.enrol("reg-old", not_after=T0 - 1)
-    raw = make(world, "reg-old").raw
+    raw = make(world, "reg-old").raw  # stamped at T0: signed after expiry
     err = raises(ExpiredCertificate, "expired", verify, raw, world.trust, T0)
     assert "reg-old" in str(err)
-    verify(raw, world.trust, T0 - 1)
+    raises(ExpiredCertificate, "expired", verify, raw, world.trust, T0 - 10 * DAY)
+    raises(ExpiredCertificate, "expired", verify_chain, [raw], world.trust, T0 - DAY, prev=None)
+
+
+def test_an_envelope_signed_while_valid_verifies_after_the_certificate_expired() -> None:
+    """A till's offline sales reaching the store after its certificate expired, or a
+    new till catching up on a retired one's history: signed while valid, valid for ever
+    (mesh.envelope invariant 7). Before, both were refused as expired on arrival."""
+    w = new_world()
+    w.enrol("reg-gone", not_after=T0 + 5)
+    page = [make(w, "reg-gone", seq=1, hlc=(T0 + 4) << 16)]
+    page.append(make(w, "reg-gone", seq=2, prev=page[0].hash, hlc=(T0 + 5) << 16))
+    later = T0 + 400 * DAY
+    assert verify(page[0].raw, w.trust, later) == page[0]
+    assert verify_chain([e.raw for e in page], w.trust, later, prev=None) == page
+    # one stamped a millisecond past expiry spoils the page (the newest stamp counts)
+    late = make(w, "reg-gone", seq=3, prev=page[1].hash, hlc=(T0 + 6) << 16)
+    raises(ExpiredCertificate, "expired", verify_chain, [e.raw for e in (*page, late)],
+           w.trust, T0, prev=None)
+    raises(ExpiredCertificate, "expired", verify, late.raw, w.trust, T0)
 
 
 def test_revoked_certificate() -> None:
@@ -556,9 +577,11 @@ def test_chain_checks_certificate_and_rights() -> None:
     other.enrol("reg-77")
     stranger = raws_of(chain(other, 3, origin="reg-77"))
     raises(NotEnrolled, "not_enrolled", verify_chain, stranger, w.trust, T0, prev=None)
-    raises(
-        ExpiredCertificate, "expired", verify_chain, raws_of(p), w.trust, T0 + DAY + 1, prev=None
-    )
+    # signed while valid: still valid after expiry; signed after it: expired
+    assert verify_chain(raws_of(p), w.trust, T0 + DAY + 1, prev=None) == p
+    w.enrol("reg-05", not_after=T0 - 1)
+    raises(ExpiredCertificate, "expired", verify_chain, raws_of(chain(w, 2, origin="reg-05")),
+           w.trust, T0 - 2, prev=None)
     forbidden = make(w, seq=6, prev=p[-1].hash, ops=sale_ops("reg-02"))
     raws = [*raws_of(p), forbidden.raw, make(w, seq=7, prev=forbidden.hash).raw]
     raises(Forbidden, "forbidden", verify_chain, raws, w.trust, T0, prev=None)

@@ -31,7 +31,7 @@ import orjson
 from mesh import config
 from mesh.envelope import Envelope
 from mesh.errors import LedgerError, StorageFull
-from mesh.identity import Certificate, NodeKey, TrustStore
+from mesh.identity import Certificate, NodeKey, TrustStore, renew_certificate
 
 if TYPE_CHECKING:
     from mesh.sim.world import SimNode, World
@@ -121,11 +121,33 @@ class SimIdentity:
     certificate: Certificate
     saved: dict[str, Any] = field(default_factory=dict)
     saves: int = 0
+    #: The store key on the simulated edge: it renews certificates (``Issuer``).
+    store_key: NodeKey | None = None
+    validity_ms: int = config.CERT_VALIDITY_MS
+    #: TLS certificates installed (the simulator has no TLS: the renewal carries none).
+    tls_installed: list[str] = field(default_factory=list)
+
+    @property
+    def issuer(self) -> SimIdentity | None:
+        return self if self.store_key is not None else None
+
+    def renew(self, cert: Certificate, now_ms: int) -> tuple[Certificate, str | None]:
+        assert self.store_key is not None
+        return renew_certificate(self.store_key, cert, now_ms=now_ms,
+                                 validity_ms=self.validity_ms), None
+
+    def write_tls(self, pem: str) -> bool:
+        self.tls_installed.append(pem)
+        return True
 
     def save(self) -> None:
         self.write(self.encode())
 
     def encode(self) -> bytes:
+        held = self.trust.certificate(self.node_id)
+        if (held is not None and held.public_key == self.key.public_key
+                and (self.certificate is None or held.not_after > self.certificate.not_after)):
+            self.certificate = held
         return orjson.dumps(self.trust.to_dict())
 
     def write(self, data: bytes) -> None:

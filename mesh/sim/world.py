@@ -137,6 +137,11 @@ class World:
         self.verifier = Verifier()
         self.trust_template = TrustStore(store_id, self.store_key.public_key)
         self.certs: list[Any] = []
+        #: How long certificates are valid (the edge, which holds the store key, renews
+        #: them: mesh.driver invariant 8). Ten years unless a scenario says otherwise.
+        self.cert_validity_ms = 10 * 365 * 24 * 3600 * 1000
+        #: The node holding the store key: the first edge added.
+        self.issuer: str | None = None
         self.observers: list[Callable[[str, dict[str, Any]], None]] = []
         #: sessions dropped by a transport, per reason (slow_peer, bad_wan_message)
         self.dropped_sessions: dict[str, int] = {}
@@ -202,8 +207,10 @@ class World:
         key = NodeKey.from_bytes(self.rng.randbytes(32))
         cert = issue_certificate(self.store_key, node_id=node_id, store_id=self.store_id,
                                  role=role, public_key=key.public_key,
-                                 not_after=self.start_ms + 10 * 365 * 24 * 3600 * 1000)
+                                 not_after=self.start_ms + self.cert_validity_ms)
         self.certs.append(cert)
+        if role == "edge" and self.issuer is None:
+            self.issuer = node_id
         node = SimNode(self, node_id, role, key, skew_ms=skew_ms, fsync_ms=fsync_ms)
         self.nodes[node_id] = node
         for other in self.nodes.values():
@@ -415,6 +422,9 @@ class SimNode:
         trust.add_certificate(self.certificate)
         self.identity = SimIdentity(node_id, world.store_id, role, key, trust,
                                     self.certificate)
+        if world.issuer == node_id:
+            self.identity.store_key = world.store_key
+            self.identity.validity_ms = world.cert_validity_ms
         self.disk = SimDisk(world, fsync_ms)
         self.sim_clock = SimClock(world, self)
         self.transport = SimTransport(world, self)
