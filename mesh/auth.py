@@ -76,7 +76,8 @@ SESSION_PREFIX: Final = "sms1."
 #: What a request may do. ``read``: the protected reads (reservation list, live events,
 #: sensors and review items); ``price``: catalog writes on an edge (prices, products,
 #: the sensor registry); ``review``: resolve a sensor review item (it may adjust stock);
-#: ``sensor``: post sensor readings and telemetry; ``login``: open a staff session here.
+#: ``sensor``: post sensor readings and telemetry (at a till: manual counts only, with a
+#: staff session); ``login``: open a staff session here.
 COMMANDS: Final = frozenset({"sale", "return", "receipt", "adjust", "reserve", "release",
                              "fulfil", "price", "review", "sensor", "audit", "read",
                              "login"})
@@ -89,7 +90,7 @@ WRITES: Final = frozenset({"sale", "return", "receipt", "adjust", "reserve", "re
 #: ``read`` only reads.
 DEVICE_COMMANDS: Final[dict[str, frozenset[str]]] = {
     "pos": frozenset({"sale", "return", "receipt", "adjust", "release", "fulfil", "price",
-                      "review", "read", "login", "audit"}),
+                      "review", "sensor", "read", "login", "audit"}),
     "online": frozenset({"reserve", "release", "fulfil", "read"}),
     "hq": frozenset({"reserve", "release", "fulfil", "read", "audit", "price"}),
     "service": COMMANDS - {"login"},
@@ -101,11 +102,12 @@ DEVICE_ROLES: Final = frozenset(DEVICE_COMMANDS)
 CHANNEL_ROLES: Final = frozenset({"online", "hq"})
 STAFF_ROLES: Final = frozenset({"cashier", "supervisor", "manager"})
 _SUPERVISOR: Final = frozenset({"sale", "return", "fulfil", "read", "receipt", "adjust",
-                                "release", "price", "review", "audit", "return_large"})
+                                "release", "price", "review", "sensor", "audit",
+                                "return_large"})
 #: What a staff member may do at a ``pos`` device, by role. ``return_large``: a return
 #: of more than ``RETURN_APPROVAL_QTY`` units. Anything else needs an approver.
 STAFF_PERMISSIONS: Final[dict[str, frozenset[str]]] = {
-    "cashier": frozenset({"sale", "return", "fulfil", "read"}),
+    "cashier": frozenset({"sale", "return", "fulfil", "sensor", "read"}),
     "supervisor": _SUPERVISOR,
     "manager": _SUPERVISOR,
 }

@@ -78,8 +78,9 @@ _RULES: Final = {
     ("GET", "reviews/{rid}"): "read", ("POST", "reviews/{rid}/resolve"): "review",
     ("GET", "replenishment"): "read", ("GET", "telemetry/alerts"): "read",
 }
-#: Commands a ``pos`` device runs only with a staff session.
-_STAFFED: Final = WRITES | {"audit"}
+#: Commands a ``pos`` device runs only with a staff session (``sensor``: a manual count
+#: posted at a till is the logged-in staff member's, docs/sensors.md).
+_STAFFED: Final = WRITES | {"audit", "sensor"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -392,15 +392,17 @@ def resolve(replica: Replica, rid: str, resolution: str, *, now_ms: int, txn: st
 
 
 def auto_adjust(replica: Replica, *, sku: str, delta: int, score: int, readings: list[str],
-                rule: str, now_ms: int, txn: str) -> CommandResult:
+                rule: str, now_ms: int, txn: str, staff: str | None = None) -> CommandResult:
     """An adjustment reconciliation confirmed with high confidence: kind ``adjust``,
-    reason ``sensor_reconcile``, the evidence (reading ids, score, rule) in the meta."""
+    reason ``sensor_reconcile``, the evidence (reading ids, score, rule) in the meta;
+    ``staff``: who made the manual counts behind it (from their sessions), if any."""
     if type(delta) is not int or delta == 0 or abs(delta) > config.MAX_QTY:
         raise CommandError(f"delta must be a non-zero integer within ±{config.MAX_QTY}",
                            "delta")
     if not math.isfinite(score) or not 0 <= score <= 1000:
         raise CommandError("score must be in 0..1000", "score")
     meta = {"kind": "adjust", "txn": txn, "reason": "sensor_reconcile", "sku": sku,
-            "qty": delta, "evidence": {"readings": readings[: config.REVIEW_MAX_EVIDENCE],
-                                       "score": score, "rule": rule}}
+            "qty": delta, "staff": staff,
+            "evidence": {"readings": readings[: config.REVIEW_MAX_EVIDENCE], "score": score,
+                         "rule": rule}}
     return _result(replica, [_pn_op(replica, sku, delta)], meta, now_ms)

@@ -42,6 +42,7 @@ from mesh.api import PATH_ID, ApiError, _fields, _ident, _json, _query_ident, _r
 from mesh.crdt import HLC
 from mesh.envelope import Envelope
 from mesh.errors import CommandError, LedgerError, StorageFull, TxnReused
+from mesh.gate import PRINCIPAL
 from mesh.metrics import NodeView
 from mesh.ops import CATALOG_ROLES
 from mesh.reconcile import (
@@ -233,9 +234,10 @@ class SensorService:
                     n += 1
         if out.action == "auto":
             txn = reviews.stable_txn("rec", out.sku, out.expected, out.evidence)
+            staff = self._counted_by(out)
             res = await self._run(lambda r: reviews.auto_adjust(
                 r, sku=out.sku, delta=out.delta, score=out.score, readings=list(out.evidence),
-                rule=out.rule, now_ms=now, txn=txn))
+                rule=out.rule, now_ms=now, txn=txn, staff=staff))
             if res is not None and not res.duplicate:
                 done["auto"].append({"sku": out.sku, "delta": out.delta, "score": out.score,
                                      "seq": res.seq})
@@ -261,6 +263,16 @@ class SensorService:
                 sig.kind == "count" and sig.agrees for sig in out.signals):
             n += await self._close_counts(out.sku, now)
         return n
+
+    def _counted_by(self, out: Outcome) -> str | None:
+        """The staff (from their sessions) whose agreeing manual counts back ``out``."""
+        names: set[str] = set()
+        for sig in out.signals:
+            if sig.kind == "count" and sig.agrees:
+                for r in self.state.readings.get(sig.sensor, ()):
+                    if r.id == sig.reading and r.staff is not None:
+                        names.add(r.staff)
+        return ",".join(sorted(names))[: config.MAX_ID_LEN] or None
 
     async def _close_counts(self, sku: str, now: int) -> int:
         """A manual count settled the SKU: close its ``count_requested`` items."""
@@ -534,7 +546,12 @@ class _Routes:
             except ApiError as exc:
                 raise BadReading(exc.status, "body_too_large" if exc.status == 413
                                  else "malformed", exc.field, exc.message) from None
-            batch = check_batch(body, self.svc.sensors(), self.node.now_ms())
+            p = request[PRINCIPAL]
+            batch = check_batch(body, self.svc.sensors(), self.node.now_ms(), p.staff_meta)
+            if p.device.role == "pos" and any(r.kind != "count" for r in batch):
+                raise BadReading(403, "till_not_count", "readings",
+                                 "a till posts manual counts only (kind count); other "
+                                 "readings come from a sensor gateway's credential")
         except ApiError:
             st.refuse("wrong_role")
             raise
@@ -600,6 +617,9 @@ class _Routes:
 
     async def post_telemetry(self, request: web.Request) -> web.Response:
         self._edge_only("telemetry readings")
+        if request[PRINCIPAL].device.role == "pos":
+            raise ApiError(403, "telemetry comes from a sensor gateway's credential, not a "
+                                "till's", "Authorization")
         body = await _read_object(request)
         rows = body.get("readings")
         if set(body) != {"readings"} or not isinstance(rows, list) or not rows:

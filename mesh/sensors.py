@@ -23,6 +23,8 @@ Invariants:
     sensor, at most ``SENSOR_MAX_SENSORS`` sensors. A reading id seen before for its
     sensor is a replay: dropped and counted (``duplicate``), never an error.
  4. Registry reads are total: an entry that does not parse reads as absent.
+ 5. Who made a manual count is the caller's staff session, never a body field: a
+    reading naming ``staff_id`` (or ``staff``) is refused (``staff_in_body``).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class Reading:
     at_ms: int
     confidence: float | None = None  # vision: the model's own confidence, 0..1
     calibration: str = "ok"
+    staff: str | None = None  # a manual count: who counted (the staff session's, never the body's)
 
 
 # --- the registry ---------------------------------------------------------------------
@@ -232,10 +235,16 @@ class BadReading(Exception):
         self.status, self.reason, self.field, self.message = status, reason, field, message
 
 
-def _reading(i: int, r: object, sensors: dict[str, SensorInfo], now_ms: int) -> Reading:
+def _reading(i: int, r: object, sensors: dict[str, SensorInfo], now_ms: int,
+             staff: str | None) -> Reading:
     at = f"readings[{i}]"
     if not isinstance(r, dict):
         raise BadReading(400, "malformed", at, f"{at} must be an object")
+    for name in ("staff_id", "staff"):
+        if name in r:
+            raise BadReading(400, "staff_in_body", f"{at}.{name}",
+                             "who counted comes from the staff session (X-Staff-Session "
+                             "of a till), never from the body: leave it out")
     unknown = sorted(set(r) - _READING)
     if unknown:
         raise BadReading(400, "malformed", f"{at}.{unknown[0]}",
@@ -304,11 +313,14 @@ def _reading(i: int, r: object, sensors: dict[str, SensorInfo], now_ms: int) -> 
             raise BadReading(400, "malformed", f"{at}.confidence",
                              "confidence (vision only) must be a number in 0..1")
         conf = float(conf)
-    return Reading(r["id"], sid, kind, sku, float(value), t, conf, calibration)
+    return Reading(r["id"], sid, kind, sku, float(value), t, conf, calibration,
+                   staff if kind == "count" else None)
 
 
-def check_batch(body: object, sensors: dict[str, SensorInfo], now_ms: int) -> list[Reading]:
-    """Validate a ``POST /v1/sensors/readings`` body (invariants 1, 2)."""
+def check_batch(body: object, sensors: dict[str, SensorInfo], now_ms: int,
+                staff: str | None = None) -> list[Reading]:
+    """Validate a ``POST /v1/sensors/readings`` body (invariants 1, 2). ``staff`` is the
+    staff session's id (``None`` for a gateway): manual counts are recorded as theirs."""
     if not isinstance(body, dict) or set(body) != {"readings"}:
         raise BadReading(400, "malformed", "readings",
                          'the body must be {"readings": [...]}')
@@ -319,7 +331,7 @@ def check_batch(body: object, sensors: dict[str, SensorInfo], now_ms: int) -> li
         raise BadReading(413, "batch_too_large", "readings",
                          f"at most {config.SENSOR_MAX_BATCH} readings per request "
                          f"({len(rows)} sent): split the batch")
-    return [_reading(i, r, sensors, now_ms) for i, r in enumerate(rows)]
+    return [_reading(i, r, sensors, now_ms, staff) for i, r in enumerate(rows)]
 
 
 class SensorState:

@@ -330,3 +330,55 @@ async def test_the_registry_is_parsed_again_only_when_it_changed(
         "txn_id": "reg-cam"})
     assert st == 201
     assert "cam-1" in svc.sensors()
+
+
+async def test_a_body_staff_id_on_a_resolution_is_refused_and_changes_nothing(
+        http: aiohttp.ClientSession) -> None:
+    """Who resolved an item is the staff session's, never the body's (DESIGN.md §7)."""
+    await setup_shelf(http)
+    await post_readings(http, reading("s1", "scale-MILK", 800))
+    await call(http, "POST", "/v1/sensors/reconcile")
+    _, body = await call(http, "GET", "/v1/reviews?sku=MILK")
+    rid = body["reviews"][0]["id"]
+    anna = await login(http, "", TOKENS["till"], "anna")
+    for headers in (anna, None):  # at a till as someone else; a gateway naming anyone
+        st, body = await call(http, "POST", f"/v1/reviews/{rid}/resolve",
+                              {"resolution": "accept", "txn_id": "res-x",
+                               "staff_id": "bob" if headers else "anna"}, headers=headers)
+        assert st == 403 and body["error"]["field"] == "staff_id", body
+    _, view = await call(http, "GET", f"/v1/reviews/{rid}")
+    assert view["open"] is True and view["resolutions"] == []
+    _, stock = await call(http, "GET", "/v1/stock/MILK")
+    assert stock["on_hand"] == 10
+    st, body = await call(http, "POST", f"/v1/reviews/{rid}/resolve",
+                          {"resolution": "reject", "txn_id": "res-y"}, headers=anna)
+    assert st == 201 and body["resolutions"][0]["staff_id"] == "anna"
+
+
+async def test_a_manual_count_at_a_till_is_recorded_as_the_session_staffs(
+        http: aiohttp.ClientSession) -> None:
+    await setup_shelf(http)
+    st, body = await call(http, "PUT", "/v1/sensors/count-dairy", {
+        "kind": "count", "zone": "dairy", "skus": ["MILK"], "calibrated_ms": now_ms(),
+        "txn_id": "reg-count"})
+    assert st == 201, body
+    anna = await login(http, "", TOKENS["till"], "anna")
+    # the body cannot say who counted; a till posts counts only; a till needs a session
+    st, body = await post_readings(http, reading("c0", "count-dairy", 7, staff_id="bob"))
+    assert st == 400 and body["error"]["field"] == "readings[0].staff_id", body
+    st, body = await call(http, "POST", "/v1/sensors/readings",
+                          {"readings": [reading("s0", "scale-MILK", 700)]}, headers=anna)
+    assert st == 403 and body["error"]["field"] == "readings", body
+    st, body = await call(http, "POST", "/v1/sensors/readings",
+                          {"readings": [reading("c1", "count-dairy", 7)]},
+                          headers=bearer(TOKENS["till"]))
+    assert st == 401 and body["error"]["field"] == "X-Staff-Session", body
+    assert await metric(http, "storemesh_sensor_readings_total", outcome="accepted") == 0
+    st, body = await call(http, "POST", "/v1/sensors/readings",
+                          {"readings": [reading("c1", "count-dairy", 7)]}, headers=anna)
+    assert st == 200 and body["accepted"] == 1, body
+    _, done = await call(http, "POST", "/v1/sensors/reconcile")
+    assert [(a["sku"], a["delta"]) for a in done["auto"]] == [("MILK", -3)], done
+    _, audit = await call(http, "GET", "/v1/audit?sku=MILK")
+    [adj] = [e for e in audit["entries"] if e["reason"] == "sensor_reconcile"]
+    assert adj["staff_id"] == "anna" and adj["evidence"]["readings"] == ["c1"], adj
