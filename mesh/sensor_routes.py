@@ -19,6 +19,9 @@ Invariants:
     replenishment runs on ``edge`` (back room) and ``cloud`` (distribution centre)
     nodes; registry writes need an ``edge`` or ``cloud`` role, as the catalog.
  4. Every task this module starts is cancelled and awaited on the app's cleanup.
+ 5. An edge's kept readings and the recent events its phantom checks use survive a
+    restart (``mesh.sensorstore``, ``<data dir>/sensors.sqlite``): restored before the
+    first run, written before a readings request is answered.
 """
 
 from __future__ import annotations
@@ -58,12 +61,14 @@ from mesh.reconcile import (
 from mesh.replica import CommandResult, Replica
 from mesh.sensors import (
     BadReading,
+    Reading,
     SensorInfo,
     SensorState,
     check_batch,
     make_sensor_update,
     registry,
 )
+from mesh.sensorstore import Recent, SensorStore
 
 __all__ = ["SENSORS_KEY", "SensorService", "load_rules", "setup_fleet_sensors",
            "setup_sensor_routes"]
@@ -98,9 +103,12 @@ def load_rules(data_dir: Path | None) -> Rules:
 class SensorService:
     """Sensors, reconciliation, telemetry and replenishment of one node."""
 
-    def __init__(self, node: NodeView, rules: Rules) -> None:
+    def __init__(self, node: NodeView, rules: Rules, data_dir: Path | None = None) -> None:
         self.node = node
         self.rules = rules
+        self.data_dir = data_dir
+        #: the edge's readings and recent events on disk (``mesh.sensorstore``)
+        self.store: SensorStore | None = None
         self.state = SensorState()
         self.telemetry = telemetry.Telemetry()
         self.outcomes: dict[str, Outcome] = {}
@@ -138,6 +146,7 @@ class SensorService:
     # --- envelopes seen (local and remote) -------------------------------------------
 
     def on_envelopes(self, batch: list[Envelope]) -> None:
+        kept: list[Recent] = []  # what the phantom checks need after a restart
         for env in batch:
             meta = env.meta
             kind = meta.get("kind")
@@ -147,16 +156,21 @@ class SensorService:
                     for rid in op.get("rec", {}) if op.get("t") == "rs" else ():
                         if len(self.reserved_at) < config.MAX_PENDING_PER_ORIGIN * 4:
                             self.reserved_at[rid] = at
+                            kept.append(("reserve", rid, "", at, 0))
             elif kind == "sale" and isinstance(meta.get("sku"), str):
-                self.sales.append((f"{env.origin}:{env.seq}", meta["sku"], at,
-                                   -int(meta.get("qty") or 0)))
+                sale = (f"{env.origin}:{env.seq}", meta["sku"], at,
+                        -int(meta.get("qty") or 0))
+                self.sales.append(sale)
+                kept.append(("sale", *sale))
             elif kind == "adjust" and meta.get("reason") in ("sensor_reconcile",
                                                              "review_accept"):
                 if meta.get("reason") == "sensor_reconcile":
                     self.auto_seen += 1
                 qty = meta.get("qty")
                 if type(qty) is int and qty < 0:
-                    self.shrink.append((self._zone_of(str(meta.get("sku"))), at, qty))
+                    zone = self._zone_of(str(meta.get("sku")))
+                    self.shrink.append((zone, at, qty))
+                    kept.append(("shrink", f"{env.origin}:{env.seq}", zone, at, qty))
             elif kind == "review" and meta.get("reason") == "open:sensor_disagree":
                 self.reviews_seen += 1
             elif kind == "telemetry":
@@ -170,6 +184,8 @@ class SensorService:
                             self.alerts.pop(key, None)
                         elif len(self.alerts) < config.TELEMETRY_MAX_SERIES:
                             self.alerts[key] = {**a, "origin": env.origin}
+        if kept and self.store is not None:
+            self.store.add_recent(kept)  # the store's thread owns it (sensorstore inv. 2)
 
     def _zone_of(self, sku: str) -> str:
         zones = sorted(s.zone for s in self.sensors().values() if sku in s.skus)
@@ -291,8 +307,11 @@ class SensorService:
         replica = self.node.replica
         active = replica.active_reservations()
         live = {r.id for r in active}
-        for rid in [r for r in self.reserved_at if r not in live]:
+        gone = [r for r in self.reserved_at if r not in live]
+        for rid in gone:
             del self.reserved_at[rid]
+        if gone and self.store is not None:
+            self.store.forget_recent("reserve", gone)
         found: list[tuple[str, str, str | None, list[str]]] = []  # why, sku, zone, evidence
         for rid, sku in phantom_reservations(
                 [(r.id, r.sku, r.qty, self.reserved_at.get(r.id)) for r in active],
@@ -384,7 +403,26 @@ class SensorService:
             except (LedgerError, CommandError, StorageFull) as exc:
                 log.warning("%s failed: %s", name, exc)
 
+    async def _restore(self) -> None:
+        """Readings and recent events kept before a restart (``mesh.sensorstore``)."""
+        assert self.data_dir is not None
+        self.store = store = SensorStore(self.data_dir)
+        readings, recent = await asyncio.to_thread(store.load, self.node.now_ms())
+        self.state.restore(readings)
+        for kind, key, sku, at, qty in recent:
+            if kind == "reserve":
+                self.reserved_at[key] = at
+            elif kind == "sale":
+                self.sales.append((key, sku, at, qty))
+            elif kind == "shrink":
+                self.shrink.append((sku, at, qty))
+        if readings or recent:
+            log.info("sensors: %d readings and %d recent events kept from before the "
+                     "restart", len(readings), len(recent))
+
     async def on_startup(self, app: web.Application) -> None:
+        if self.role == "edge" and self.data_dir is not None:
+            await self._restore()
         if self.role in ("edge", "cloud"):
             self._tasks.append(asyncio.create_task(self._every(
                 config.RECONCILE_INTERVAL_S, self.reconcile, "reconciliation")))
@@ -399,6 +437,8 @@ class SensorService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
 
     # --- metrics ----------------------------------------------------------------------
 
@@ -442,6 +482,11 @@ class SensorService:
             "storemesh_telemetry_alerts_active",
             "Telemetry alerts raised and not cleared, as replicated to this node.",
             value=len(self.alerts))
+        yield CounterMetricFamily(
+            "storemesh_sensor_store_errors",
+            "Failed writes of readings or recent events to sensors.sqlite (they stay in "
+            "memory; a restart then forgets them).",
+            value=0 if self.store is None else self.store.errors)
         tele = CounterMetricFamily(
             "storemesh_telemetry_readings", "Telemetry readings at this edge, by outcome.",
             labels=["outcome"])
@@ -558,7 +603,11 @@ class _Routes:
         except BadReading as exc:
             st.refuse(exc.reason)
             raise ApiError(exc.status, exc.message, exc.field) from None
-        new = st.add(batch)
+        kept: list[Reading] = []
+        new = st.add(batch, kept)
+        if kept and self.svc.store is not None:
+            with contextlib.suppress(Exception):  # logged and counted by the store (inv. 3)
+                await asyncio.wrap_future(self.svc.store.add_readings(kept))
         return _json({"accepted": new, "duplicates": len(batch) - new}, 200)
 
     async def reconcile(self, request: web.Request) -> web.Response:
@@ -663,7 +712,7 @@ def setup_sensor_routes(app: web.Application, node: NodeView,
     """Add the sensor endpoints of ``node`` to ``app`` (docs/sensors.md)."""
     if SENSORS_KEY in app:
         return app[SENSORS_KEY]
-    svc = SensorService(node, load_rules(data_dir))
+    svc = SensorService(node, load_rules(data_dir), data_dir)
     app[SENSORS_KEY] = svc
     listeners = getattr(node, "listeners", None)
     if isinstance(listeners, list):

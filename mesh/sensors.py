@@ -348,8 +348,8 @@ class SensorState:
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
-    def add(self, readings: list[Reading]) -> int:
-        """Keep ``readings``; returns how many were new."""
+    def add(self, readings: list[Reading], out: list[Reading] | None = None) -> int:
+        """Keep ``readings``; returns how many were new (appended to ``out`` if given)."""
         new = 0
         for r in readings:
             ring = self.readings.get(r.sensor)
@@ -369,8 +369,17 @@ class SensorState:
                 seen.discard(order.popleft())
             ring.append(r)
             new += 1
+            if out is not None:
+                out.append(r)
         self.accepted += new
         return new
+
+    def restore(self, readings: list[Reading]) -> None:
+        """Readings kept before a restart (``mesh.sensorstore``): kept and their ids
+        remembered as seen, not counted as accepted again."""
+        accepted, duplicates = self.accepted, self.duplicates
+        self.add(readings)
+        self.accepted, self.duplicates = accepted, duplicates
 
     def by_sku(self) -> dict[str, dict[str, list[Reading]]]:
         """sku -> sensor -> its kept readings for that SKU, oldest first."""

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh import config
 from mesh.datadir import init_store
 from mesh.node import Node
+from mesh.sensor_routes import SENSORS_KEY as SENSORS_KEY_
 from tests.meshkit import add_staff, bearer, issue_token, login, now_ms, running_node, wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -382,3 +383,59 @@ async def test_a_manual_count_at_a_till_is_recorded_as_the_session_staffs(
     _, audit = await call(http, "GET", "/v1/audit?sku=MILK")
     [adj] = [e for e in audit["entries"] if e["reason"] == "sensor_reconcile"]
     assert adj["staff_id"] == "anna" and adj["evidence"]["readings"] == ["c1"], adj
+
+
+async def test_readings_and_reservation_times_survive_a_restart(tmp_path: Path) -> None:
+    """The edge is closed and started again on its data dir: readings taken before (two
+    signals agreeing on shrink) still settle the shelf, a replayed batch is still a
+    duplicate, and a reservation made before is still caught past its pick window."""
+    edge = tmp_path / "edge"
+    init_store(edge, "store-1", now_ms=now_ms(), node_id="edge")
+    (edge / "sensor_rules.json").write_bytes(orjson.dumps({
+        "version": 1, "phantom": {"pick_window_ms": 1_000, "zone_shrink_repeat": 3,
+                                  "zone_shrink_window_ms": 86_400_000}}))
+    token = issue_token(edge)
+    t = now_ms() - 2_000
+    before = [reading("s1", "scale-MILK", 700, at=t), reading("f1", "rfid-MILK", 7, at=t)]
+    async with running_node(edge) as n, aiohttp.ClientSession(
+            base_url=n.url, headers=bearer(token)) as http:
+        await setup_shelf(http)
+        st, body = await post_readings(http, *before)
+        assert body == {"accepted": 2, "duplicates": 0}
+        st, body = await call(http, "POST", "/v1/reservations", {
+            "sku": "MILK", "qty": 1, "channel": "web", "txn_id": "res-1"})
+        assert st == 201, body
+        await wait_until(lambda: len(n.app[SENSORS_KEY_].reserved_at) == 1, 5, "reserve")
+    assert (edge / "sensors.sqlite").exists()
+    await asyncio.sleep(1.1)  # past the pick window
+    async with running_node(edge) as n, aiohttp.ClientSession(
+            base_url=n.url, headers=bearer(token)) as http:
+        st, body = await post_readings(http, *before)
+        assert body == {"accepted": 0, "duplicates": 2}
+        _, done = await call(http, "POST", "/v1/sensors/reconcile")
+        assert [(a["sku"], a["delta"]) for a in done["auto"]] == [("MILK", -3)], done
+        assert [p["why"] for p in done["phantom"]] == ["phantom_reservation"], done
+        _, audit = await call(http, "GET", "/v1/audit?sku=MILK")
+        [adj] = [e for e in audit["entries"] if e["reason"] == "sensor_reconcile"]
+        assert sorted(adj["evidence"]["readings"]) == ["f1", "s1"]
+        assert await metric(http, "storemesh_sensor_store_errors_total") == 0
+
+
+async def test_the_sensor_store_is_bounded(tmp_path: Path) -> None:
+    from mesh.sensors import Reading
+    from mesh.sensorstore import SensorStore
+
+    store = SensorStore(tmp_path)
+    now = now_ms()
+    rows = [Reading(f"r{i}", "s", "weight", "A", float(i), now - 1000 + i) for i in range(40)]
+    store.add_readings(rows[:20])
+    store.add_readings(rows[20:]).result()
+    store.add_recent([("sale", f"k{i}", "A", now + i, -1) for i in range(5)]).result()
+    store.close()
+    store = SensorStore(tmp_path)
+    kept, recent = store.load(now - 1000 + 30 + config.SENSOR_MAX_AGE_MS)
+    store.close()
+    # the newest KEPT, less those now older than SENSOR_MAX_AGE_MS
+    assert [r.id for r in kept] == [f"r{i}" for i in range(40 - config.SENSOR_READINGS_KEPT, 40)
+                                    if i >= 30]
+    assert [k for _, k, *_ in recent] == [f"k{i}" for i in range(5)]
