@@ -272,6 +272,10 @@ SENSOR_SEEN_IDS: Final = 256
 SENSOR_MAX_VALUE: Final = 1_000_000.0
 #: Reading ids (evidence) recorded in one adjustment or review item.
 REVIEW_MAX_EVIDENCE: Final = 32
+#: How long a resolved review item is kept (ms, after its first resolution) before every
+#: replica retires it (mesh.reviews invariant 6). A month covers the audit questions
+#: staff ask of the review screen; the ledger keeps the envelopes for longer questions.
+REVIEW_RETAIN_MS: Final = 30 * 86_400_000
 #: Seconds between two reconciliation runs at an edge (also POST /v1/sensors/reconcile).
 RECONCILE_INTERVAL_S: Final = 30.0
 #: Most review items or adjustments one reconciliation run may create: a miswired

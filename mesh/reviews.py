@@ -22,11 +22,21 @@ Invariants:
     ``Malformed``; ``mutate`` never raises (the replica's apply is all-or-nothing).
  5. An accepted item with a non-zero ``delta`` adjusts stock in the same envelope that
     closes it (a ``pn`` op, kind ``adjust``), so no replica sees one without the other.
+ 6. Resolved items are retired, like tombstones: the set's *horizon* is the newest HLC
+    of the ``rv`` envelopes applied (a function of the applied set, not of any clock),
+    and an item whose first resolution is more than ``REVIEW_RETAIN_MS`` older than the
+    horizon is dropped with its history. Replicas holding the same envelopes hold the
+    same items, in whatever order they came: a late resolution of a retired item (its
+    dot in the causal context, its record gone) is dropped, a resolution older than the
+    window waiting for its add is dropped, and an add that arrives already resolved with
+    no history left is not kept. Memory is then bounded by the open items and the items
+    resolved within the window. (The OR-set's causal context stays: it is compact.)
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -193,6 +203,12 @@ class ReviewSet:
         self.records: dict[str, ReviewItem] = {}
         self._dot_id: dict[Dot, str] = {}
         self._resolutions: dict[Dot, list[Resolution]] = {}
+        #: newest HLC of the rv envelopes applied (invariant 6)
+        self.horizon = 0
+        #: items retired so far here (a counter for /metrics, not replicated state)
+        self.retired = 0
+        self._closed: list[tuple[int, str, Dot]] = []  # heap: (first resolution, id, dot)
+        self._swept_ms = 0
 
     # --- the replica's apply path -------------------------------------------------------
 
@@ -218,12 +234,58 @@ class ReviewSet:
         meta = env.meta
         res: Resolution = (env.hlc, env.origin, env.seq, meta["kind"], meta.get("reason"),
                            meta.get("staff"))
+        known = self.items.context
         for r, c in op["c"]:
-            if (r, c) not in added:
-                hist = self._resolutions.setdefault((r, c), [])
-                hist.append(res)
-                hist.sort()
+            dot = (r, c)
+            if dot in added:
+                continue
+            if dot in known and dot not in self._dot_id and dot not in self._resolutions:
+                continue  # its item was retired here: a late resolution (invariant 6)
+            hist = self._resolutions.setdefault(dot, [])
+            hist.append(res)
+            hist.sort()
         self.items.merge(delta)
+        self.horizon = max(self.horizon, env.hlc)
+        for dot in added | {(r, c) for r, c in op["c"]}:
+            self._note_closed(dot)
+        self._retire()
+
+    # --- retirement (invariant 6) --------------------------------------------------------
+
+    def _note_closed(self, dot: Dot) -> None:
+        rid = self._dot_id.get(dot)
+        hist = self._resolutions.get(dot)
+        if rid is None or rid in self.items:
+            return
+        if not hist:  # an add already resolved, its history retired elsewhere first
+            self._drop(rid, dot)
+            return
+        heapq.heappush(self._closed, (hist[0][0], rid, dot))
+
+    def _expired(self, hlc: int) -> bool:
+        return (self.horizon >> 16) - (hlc >> 16) > config.REVIEW_RETAIN_MS
+
+    def _retire(self) -> None:
+        while self._closed and self._expired(self._closed[0][0]):
+            _, rid, dot = heapq.heappop(self._closed)
+            if rid in self.records and rid not in self.items:
+                self._drop(rid, dot)
+        # Resolutions waiting for an add that the window has passed: when the add comes,
+        # its item is already past the window (its first resolution is no later). They
+        # are never shown, so sweeping them once a minute of horizon is enough.
+        if (self.horizon >> 16) - self._swept_ms < 60_000:
+            return
+        self._swept_ms = self.horizon >> 16
+        for d in [d for d, h in self._resolutions.items()
+                  if d not in self._dot_id and self._expired(h[0][0])]:
+            del self._resolutions[d]
+
+    def _drop(self, rid: str, dot: Dot) -> None:
+        """Retire item ``rid`` (one add, so one dot: ``dot``)."""
+        if self.records.pop(rid, None) is not None:
+            self.retired += 1
+        self._dot_id.pop(dot, None)
+        self._resolutions.pop(dot, None)
 
     # --- queries ------------------------------------------------------------------------
 
@@ -264,6 +326,7 @@ class ReviewSet:
             "dot_id": [[list(d), rid] for d, rid in self._dot_id.items()],
             "resolutions": [[list(d), [list(x) for x in hist]]
                             for d, hist in self._resolutions.items()],
+            "horizon": self.horizon,
         }
 
     @classmethod
@@ -277,6 +340,10 @@ class ReviewSet:
         out._dot_id = {(dd[0], dd[1]): rid for dd, rid in d["dot_id"]}
         out._resolutions = {(dd[0], dd[1]): [
             (x[0], x[1], x[2], x[3], x[4], x[5]) for x in hist] for dd, hist in d["resolutions"]}
+        out.horizon = d.get("horizon", 0)
+        for dot in list(out._dot_id):
+            out._note_closed(dot)
+        out._retire()
         return out
 
 

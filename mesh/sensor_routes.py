@@ -474,6 +474,10 @@ class SensorService:
         for why, n in counts.items():
             open_items.add_metric([why], n)
         yield open_items
+        yield CounterMetricFamily(
+            "storemesh_review_items_retired",
+            "Resolved review items retired here after REVIEW_RETAIN_MS (mesh.reviews inv. 6).",
+            value=self.node.replica.reviews.retired)
         yield GaugeMetricFamily(
             "storemesh_replenishment_suggestions",
             "SKUs at or below their reorder point at the last run.",

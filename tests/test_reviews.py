@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from mesh import ops, reviews
+from mesh import config, ops, reviews
 from mesh.envelope import Envelope, verify
 from mesh.errors import CommandError, Forbidden, Malformed
 from mesh.replica import Replica
@@ -97,6 +97,68 @@ def test_any_delivery_order_converges_and_snapshots_keep_items(kit: StoreKit) ->
         assert restored.reviews.open_items() == rep.reviews.open_items()
         assert restored.reviews.view("edge:o2") == rep.reviews.view("edge:o2")
     assert states == {("edge:c2", "edge:o0", "edge:o3")}
+
+
+def _seen(rep: Replica) -> tuple[list[str], list[object], list[str]]:
+    """Items, their views, and the held history (internal: what memory keeps)."""
+    rs = rep.reviews
+    d = rs.to_dict()
+    held = sorted(repr(x) for x in [*d["dot_id"], *d["resolutions"]])
+    return sorted(rs.records), [rs.view(r) for r in sorted(rs.records)], held
+
+
+def test_resolved_items_retire_after_the_window_alike_in_any_order(
+        kit: StoreKit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invariant 6: a resolved item is retired once the rv log has moved REVIEW_RETAIN_MS
+    past its first resolution; every replica holds the same items and history whatever
+    the order: a concurrent (late) resolution of an item another replica retired, an
+    item resolved only on another node whose add arrives after the window passed."""
+    monkeypatch.setattr(config, "REVIEW_RETAIN_MS", 1_000)
+    edge, r1, envs = _stocked(kit)
+    for i in range(5):
+        envs.append(_env(reviews.open_item(
+            edge, sku="A", why="replenish", delta=0, score=0, evidence=[f"q{i}"], zone=None,
+            now_ms=NOW + i, txn=f"o{i}")))
+    _deliver(kit, envs[1:], r1)
+    envs.append(_env(reviews.resolve(edge, "edge:o1", "reject", now_ms=NOW + 9, txn="r1")))
+    envs.append(_env(reviews.resolve(edge, "edge:o2", "count", now_ms=NOW + 9, txn="c2")))
+    envs.append(_env(reviews.resolve(edge, "edge:o3", "reject", now_ms=NOW + 10, txn="r3")))
+    only_r1 = _env(reviews.resolve(r1, "edge:o0", "reject", now_ms=NOW + 15, txn="r0"))
+    envs.append(only_r1)
+    late = _env(reviews.resolve(r1, "edge:o3", "accept", now_ms=NOW + 20, txn="a3"))
+    within = [*envs, late]
+    # before the window has passed, every resolved item is kept, with its history
+    rep = kit.replica("r2")
+    _deliver(kit, within, rep)
+    assert sorted(rep.reviews.records) == ["edge:c2", *(f"edge:o{i}" for i in range(5))]
+    view = rep.reviews.view("edge:o3")
+    assert view is not None and view["conflict"] is False and len(view["resolutions"]) == 2
+    # items opened past the window (on both nodes) move the horizon: all but the open
+    # ones retire everywhere
+    jumps = [_env(reviews.open_item(n, sku="A", why="replenish", delta=0, score=0,
+                                    evidence=["q9"], zone=None, now_ms=NOW + t, txn="o9"))
+             for n, t in ((r1, 120_000), (edge, 121_000))]
+    everything = [*within, *jumps]
+    seen = set()
+    for seed in range(24):
+        rep = kit.replica("r2")
+        shuffled = everything[:]
+        random.Random(seed).shuffle(shuffled)
+        _deliver(kit, shuffled, rep)
+        ids, views, held = _seen(rep)
+        assert ids == ["edge:c2", "edge:o4", "edge:o9", "r1:o9"], (seed, ids)
+        assert rep.reviews.view("edge:o3") is None
+        seen.add(repr((views, held)))
+        restored = kit.replica("r2")
+        restored.restore(rep.snapshot())
+        assert _seen(restored) == (ids, views, held)
+    assert len(seen) == 1
+    # the edge retired its own items too, and the late resolution changes nothing there
+    _deliver(kit, [only_r1, late, jumps[0]], edge)
+    assert sorted(edge.reviews.records) == ["edge:c2", "edge:o4", "edge:o9", "r1:o9"]
+    assert edge.reviews.retired == 4
+    with pytest.raises(CommandError):
+        reviews.resolve(edge, "edge:o1", "accept", now_ms=NOW + 121_001, txn="again")
 
 
 def test_rv_ops_are_validated_and_namespaced(kit: StoreKit) -> None:
