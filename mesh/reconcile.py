@@ -34,6 +34,9 @@ Invariants:
  3. A drifting sensor's readings are never evidence of an automatic adjustment.
  4. ``Rules.from_dict`` is total: any JSON value in, a ``Rules`` or ``ValueError``
     naming the bad key out.
+ 5. A reading older than the ledger's last movement of its SKU is never a signal: the
+    ledger counts a sale the reading did not see (found by ``mesh.sim.sensorwork``:
+    without it, a sale between a reading and the run made a false +1 adjustment).
 """
 
 from __future__ import annotations
@@ -328,10 +331,13 @@ def _drifting(sid: str, history: Mapping[str, Sequence[Reading]],
 
 
 def reconcile_sku(sku: str, expected: int, history: Mapping[str, Sequence[Reading]],
-                  sensors: Mapping[str, SensorInfo], rules: Rules, now: int) -> Outcome:
+                  sensors: Mapping[str, SensorInfo], rules: Rules, now: int,
+                  moved_ms: int | None = None) -> Outcome:
     """The outcome for one SKU. ``history``: sensor id -> its readings of this SKU,
     oldest first (the edge keeps a bounded window); ``expected``: on hand per the
-    replica."""
+    replica; ``moved_ms``: when the ledger last moved this SKU's stock (a sale, a
+    receipt, an adjustment), if known. A newest reading taken before that is no signal:
+    it saw the shelf before the movement the ledger already counts (invariant 5)."""
     rule_name = rules.class_of(sku)
     rule = rules.classes[rule_name]
     known = {sid: rs for sid, rs in sorted(history.items()) if sid in sensors and rs}
@@ -341,13 +347,22 @@ def reconcile_sku(sku: str, expected: int, history: Mapping[str, Sequence[Readin
         if sid in drifting:
             continue
         r = rs[-1]
+        if moved_ms is not None and r.at_ms < moved_ms:
+            continue
         t = _trust(r, sensors[sid], rules, now)
         if t > 0:
             fresh.append((sid, r, _estimate(r, sensors[sid]), t))
     if not fresh:
         return Outcome(sku, "none", expected, None, 0, 0, rule_name, (), drifting, ())
     center = _weighted_median([(e, t, sid) for sid, _, e, t in fresh])
-    estimate = math.floor(center + 0.5)
+    # The estimate: the trust-weighted mean of the signals around the median (within
+    # their kind's error of it), so two agreeing sensors of which one reads a little off
+    # do not round to the off one's figure (the world simulator found a +1 that way).
+    near = [(e, t) for sid, _, e, t in fresh
+            if abs(e - center) <= rules.error_units[sensors[sid].kind] + 1e-9]
+    weight = sum(t for _, t in near)
+    refined = sum(e * t for e, t in near) / weight if weight > 0 else center
+    estimate = math.floor(refined + 0.5)
     signals = []
     for sid, r, e, t in fresh:
         kind = sensors[sid].kind

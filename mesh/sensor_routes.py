@@ -116,6 +116,8 @@ class SensorService:
         self.actions: dict[str, int] = {a: 0 for a in ("auto", "review", "warn", "ok",
                                                        "drift", "phantom", "replenish")}
         self.reserved_at: dict[str, int] = {}
+        #: sku -> when the ledger (as this node saw it) last moved its stock
+        self.moved: dict[str, int] = {}
         self.sales: deque[tuple[str, str, int, int]] = deque(maxlen=_RECENT)
         self.shrink: deque[tuple[str, int, int]] = deque(maxlen=_RECENT)
         #: replicated telemetry seen (every node): (origin, device, metric, rule) -> alert
@@ -151,6 +153,12 @@ class SensorService:
             meta = env.meta
             kind = meta.get("kind")
             at = env.hlc >> 16
+            for op in env.ops:
+                sku = op.get("sku") if op.get("t") == "pn" else None
+                if isinstance(sku, str) and at > self.moved.get(sku, -1) and (
+                        sku in self.moved or len(self.moved) < _RECENT):
+                    self.moved[sku] = at  # reconcile_sku's moved_ms (reconcile inv. 5)
+                    kept.append(("moved", sku, sku, at, 0))
             if kind == "reserve":
                 for op in env.ops:
                     for rid in op.get("rec", {}) if op.get("t") == "rs" else ():
@@ -228,7 +236,7 @@ class SensorService:
                 if budget <= 0:
                     break
                 out = reconcile_sku(sku, replica.on_hand(sku), history, sensors, self.rules,
-                                    now)
+                                    now, self.moved.get(sku))
                 self.outcomes[sku] = out
                 budget -= await self._act(out, sensors, now, done)
             budget -= await self._phantoms(now, sensors, done, budget)
@@ -416,6 +424,8 @@ class SensorService:
                 self.sales.append((key, sku, at, qty))
             elif kind == "shrink":
                 self.shrink.append((sku, at, qty))
+            elif kind == "moved":
+                self.moved[key] = at
         if readings or recent:
             log.info("sensors: %d readings and %d recent events kept from before the "
                      "restart", len(readings), len(recent))

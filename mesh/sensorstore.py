@@ -39,7 +39,8 @@ SENSOR_DB: Final = "sensors.sqlite"
 #: Recent events kept per kind (as ``SensorService``'s in-memory deques).
 RECENT_KEPT: Final = 10_000
 #: (kind, key, sku or zone, at_ms, qty): kind ``reserve`` (key = reservation id),
-#: ``sale`` (key = origin:seq), ``shrink`` (key = origin:seq, sku = the zone).
+#: ``sale`` (key = origin:seq), ``shrink`` (key = origin:seq, sku = the zone),
+#: ``moved`` (key = sku: when the ledger last moved its stock).
 Recent = tuple[str, str, str, int, int]
 
 _SCHEMA: Final = """

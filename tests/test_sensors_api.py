@@ -395,11 +395,11 @@ async def test_readings_and_reservation_times_survive_a_restart(tmp_path: Path) 
         "version": 1, "phantom": {"pick_window_ms": 1_000, "zone_shrink_repeat": 3,
                                   "zone_shrink_window_ms": 86_400_000}}))
     token = issue_token(edge)
-    t = now_ms() - 2_000
-    before = [reading("s1", "scale-MILK", 700, at=t), reading("f1", "rfid-MILK", 7, at=t)]
     async with running_node(edge) as n, aiohttp.ClientSession(
             base_url=n.url, headers=bearer(token)) as http:
         await setup_shelf(http)
+        await asyncio.sleep(0.01)  # readings after the receipt (reconcile invariant 5)
+        before = [reading("s1", "scale-MILK", 700), reading("f1", "rfid-MILK", 7)]
         st, body = await post_readings(http, *before)
         assert body == {"accepted": 2, "duplicates": 0}
         st, body = await call(http, "POST", "/v1/reservations", {

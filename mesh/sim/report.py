@@ -130,6 +130,31 @@ def _forgeries(r: dict[str, Any]) -> Table:
     return t
 
 
+def _sensors(s: dict[str, Any]) -> Table:
+    t = Table(title=f"sensors: {s['skus']} SKUs, {s['sensors']} sensors, "
+                    f"{s['readings']:,} readings", title_justify="left")
+    t.add_column("reconciliation")
+    t.add_column("value", justify="right")
+    share = "-" if s["auto_share"] is None else f"{100 * s['auto_share']:.0f} %"
+    rows = [
+        ("SKU-checks", f"{s['checks']:,}"),
+        ("automatic adjustments", f"{s['auto']:,}"),
+        ("auto-reconciled share (auto / (auto + disagreements))", share),
+        ("false auto-adjustments (estimate != simulated truth)",
+         f"{s['false_auto']} ({s['false_auto_per_1000_auto']:g} per 1,000 auto, "
+         f"{s['false_auto_per_1000_checks']:g} per 1,000 checks)"),
+        ("review items opened", f"{s['review_items_opened']:,} "
+         + ", ".join(f"{k} {v}" for k, v in s["reviews_opened"].items())),
+        ("low-confidence warnings", f"{s['warn']:,}"),
+        ("faulty sensors flagged", f"{s['faulty_flagged']} of {s['faulty_sensors']}"),
+        ("shrink injected", f"{s['shrink_events']} events, {s['shrink_units']} units"),
+        ("SKUs whose edge ledger is off the truth at the end", str(s["ledger_off_at_end"])),
+    ]
+    for name, value in rows:
+        t.add_row(name, value)
+    return t
+
+
 def render(result: RunResult, console: Console, path: str = "SCENARIO") -> None:
     r = result.report
     head = Text.assemble(
@@ -150,6 +175,8 @@ def render(result: RunResult, console: Console, path: str = "SCENARIO") -> None:
     parts += [_traffic(r), _lag_and_divergence(r), _commands(r), _exceptions(r)]
     if r["forged_injected"] or r["rejected"]:
         parts.append(_forgeries(r))
+    if "sensors" in r:
+        parts.append(_sensors(r["sensors"]))
     console.print(Panel(Group(*parts), title="storemesh sim run", expand=False))
     for ex in r["examples"]:
         console.print(f"[red]  {ex}[/]")

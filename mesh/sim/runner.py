@@ -30,6 +30,7 @@ from mesh.sim.byzantine import Injector
 from mesh.sim.checker import NOT_REJECTIONS, Checker, Sample, percentiles
 from mesh.sim.faults import FaultPlane, Interval, link_model
 from mesh.sim.scenario import Scenario, random_faults, resolve
+from mesh.sim.sensorwork import SensorWorkload
 from mesh.sim.workload import Workload
 from mesh.sim.world import World
 
@@ -135,6 +136,9 @@ def run_scenario(sc: Scenario, seed: int | None = None, *, randomise: bool = Fal
     end_ms = sc.duration_s * 1000
 
     workload = Workload(w, sc, work_rng)
+    sensors = None if sc.sensors is None else SensorWorkload(
+        w, sc.sensors, random.Random(f"storemesh-sensors:{seed}"), lambda: workload.skus,
+        lambda: workload.stopped, sc.warmup_s * 1000, end_ms)
     checker = Checker(w, [], watch_from_ms=sc.warmup_s * 1000)
     injector = Injector(w, sc.byzantine, byz_rng, checker,
                         max(sc.warmup_s * 1000, (sc.byzantine.start_s or 0) * 1000),
@@ -145,6 +149,8 @@ def run_scenario(sc: Scenario, seed: int | None = None, *, randomise: bool = Fal
     if setup is not None:
         setup(RunContext(w, checker, workload, faults))
     workload.start()
+    if sensors is not None:
+        sensors.start()
     checker.tracked = _tracked(sc, workload.skus)
     faults.schedule(sc.faults)
     injector.start()
@@ -179,6 +185,8 @@ def run_scenario(sc: Scenario, seed: int | None = None, *, randomise: bool = Fal
     checker.check_catchups()
     result = _report(sc, seed, randomise, w, workload, checker, faults, injector,
                      quiesce, converged_at)
+    if sensors is not None:
+        result.report["sensors"] = sensors.report()
     result.wall_s = timer() - wall0 if timer is not None else 0.0
     return result
 

@@ -24,6 +24,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
+
+from mesh.reconcile import Rules
+from mesh.sim.sensorwork import SensorSpec
 from mesh.sim.world import DISTRIBUTIONS
 
 __all__ = [
@@ -205,6 +209,8 @@ class Scenario:
     converge_timeout_s: float = 120.0
     retry_unacked: bool = True
     source: str = ""
+    #: sensor streams at an edge (``mesh.sim.sensorwork``); None: no sensors
+    sensors: SensorSpec | None = None
 
     def node_ids(self) -> list[str]:
         return [n.id for n in self.nodes]
@@ -229,6 +235,8 @@ class Scenario:
             byzantine=replace(self.byzantine, start_s=t(self.byzantine.start_s),
                               end_s=t(self.byzantine.end_s)),
             warmup_s=min(self.warmup_s, self.duration_s * factor / 4),
+            sensors=None if self.sensors is None else replace(
+                self.sensors, failing_from_s=self.sensors.failing_from_s * factor),
         )
 
     def with_faults(self, faults: tuple[FaultSpec, ...]) -> Scenario:
@@ -613,6 +621,8 @@ def parse_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario
                           sw_t.bool_("keep_faults", False))
         sw_t.done()
 
+    sensors = _sensors(root.sub("sensors"), nodes, known)
+
     sim = root.sub("sim") or _Table({}, "sim")
     warmup = sim.num("warmup_s", 2.0, hi=MAX_DURATION_S)
     sample_ms = sim.opt_num("sample_ms", lo=1.0)
@@ -626,8 +636,55 @@ def parse_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario
         discovery_jitter_ms=discovery_jitter, stock=tuple(stock), stock_generate=generate,
         stock_at=stock_at, hot=hot, streams=streams, races=tuple(races), faults=faults,
         byzantine=byz, swarm=swarm, warmup_s=warmup, sample_ms=sample_ms,
-        converge_timeout_s=converge, retry_unacked=retry, source=source,
+        converge_timeout_s=converge, retry_unacked=retry, source=source, sensors=sensors,
     )
+
+
+def _sensors(t: _Table | None, nodes: tuple[NodeSpec, ...], known: set[str]
+             ) -> SensorSpec | None:
+    if t is None:
+        return None
+    edges = [n.id for n in nodes if n.role == "edge"]
+    node = t.str_("node", edges[0] if edges else None)
+    if node not in edges:
+        raise ScenarioError(f"{t.where}.node must name an edge node (the shelf is there), "
+                            f"got {node!r}")
+    d = SensorSpec(node)
+    raw_rules = t._get("rules")
+    rules = "{}"
+    if raw_rules is not None:
+        if not isinstance(raw_rules, dict):
+            raise ScenarioError(f"{t.where}.rules must be a table (docs/sensors.md, rules)")
+        rules = orjson.dumps(raw_rules).decode()
+    spec = SensorSpec(
+        node=node,
+        skus=t.int_("skus", d.skus, lo=1, hi=MAX_SKUS),
+        vision_share=t.num("vision_share", d.vision_share, hi=1.0),
+        every_s=t.num("every_s", d.every_s, lo=1.0, hi=3600),
+        reconcile_every_s=t.num("reconcile_every_s", d.reconcile_every_s, lo=1.0, hi=86_400),
+        unit_grams=t.num("unit_grams", d.unit_grams, lo=0.001, hi=1e6),
+        scale_noise_g=t.num("scale_noise_g", d.scale_noise_g, hi=1e6),
+        rfid_miss=t.num("rfid_miss", d.rfid_miss, hi=1.0),
+        shrink_per_sku_hour=t.num("shrink_per_sku_hour", d.shrink_per_sku_hour, hi=3600),
+        drifting=t.int_("drifting", d.drifting, hi=MAX_SKUS),
+        drift_g_per_hour=t.num("drift_g_per_hour", d.drift_g_per_hour, hi=1e7),
+        failing=t.int_("failing", d.failing, hi=MAX_SKUS),
+        failing_from_s=t.num("failing_from_s", d.failing_from_s, hi=MAX_DURATION_S),
+        mismapped=t.int_("mismapped", d.mismapped, hi=MAX_SKUS),
+        review_delay_s=t.num("review_delay_s", d.review_delay_s, hi=MAX_DURATION_S),
+        rules=rules,
+    )
+    t.done()
+    if spec.skus > len(known):
+        raise ScenarioError(f"{t.where}.skus: {spec.skus} SKUs with sensors, but the "
+                            f"initial stock has {len(known)}")
+    if spec.drifting + spec.failing + spec.mismapped > spec.skus:
+        raise ScenarioError(f"{t.where}: more faulty sensors than SKUs with sensors")
+    try:
+        Rules.from_dict(spec.rules_doc())
+    except ValueError as exc:
+        raise ScenarioError(f"{t.where}.rules: {exc}") from None
+    return spec
 
 
 def load_scenario(path: str | Path) -> Scenario:
