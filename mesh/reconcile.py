@@ -355,14 +355,10 @@ def reconcile_sku(sku: str, expected: int, history: Mapping[str, Sequence[Readin
     if not fresh:
         return Outcome(sku, "none", expected, None, 0, 0, rule_name, (), drifting, ())
     center = _weighted_median([(e, t, sid) for sid, _, e, t in fresh])
-    # The estimate: the trust-weighted mean of the signals around the median (within
-    # their kind's error of it), so two agreeing sensors of which one reads a little off
-    # do not round to the off one's figure (the world simulator found a +1 that way).
-    near = [(e, t) for sid, _, e, t in fresh
-            if abs(e - center) <= rules.error_units[sensors[sid].kind] + 1e-9]
-    weight = sum(t for _, t in near)
-    refined = sum(e * t for e, t in near) / weight if weight > 0 else center
-    estimate = math.floor(refined + 0.5)
+    # (A trust-weighted mean around the median was tried: it fixed a false +1 of a
+    # drifting scale in the world simulator but made RFID's missed tags pull healthy
+    # shelves down: 16 false in 289 against 0 in 263 over mesh.sim.sensors seeds 1-5.)
+    estimate = math.floor(center + 0.5)
     signals = []
     for sid, r, e, t in fresh:
         kind = sensors[sid].kind

@@ -32,6 +32,7 @@ SHIPPED = {
     "clock_step": 0.2,
     "skewed_till": 0.05,
     "flapping_till_100": 0.05,
+    "sensor_shelves": 0.1,
 }
 
 REQUIRED_KEYS = ("converged", "convergence_ms", "lost_ops", "duplicate_applies",

@@ -45,6 +45,7 @@ from typing import Any
 import orjson
 
 from mesh import config, reviews
+from mesh.envelope import Envelope
 from mesh.errors import CommandError
 from mesh.reconcile import DEFAULT_RULES, Outcome, Rules, reconcile_sku
 from mesh.replica import CommandResult, Replica
@@ -125,8 +126,9 @@ class SensorWorkload:
 
     def _observe(self, kind: str, data: dict[str, object]) -> None:
         if data.get("node") == self.spec.node and kind in ("created", "applied"):
-            envs = data.get("envelopes") or (data.get("envelope"),)
-            for e in envs:  # type: ignore[union-attr]
+            raw = data.get("envelopes") or (data.get("envelope"),)
+            envs: tuple[Envelope, ...] = raw if isinstance(raw, tuple) else ()
+            for e in envs:
                 at = e.hlc >> 16
                 for op in e.ops:
                     if op.get("t") == "pn" and at > self.moved.get(op["sku"], -1):
