@@ -65,8 +65,9 @@ async def test_alert_reaches_the_dashboard_raw_readings_stay_at_the_edge(
             st, body = await call(http, "PUT", f"{edge}/v1/sensors/{sid}", {
                 **entry, "zone": "dairy", "calibrated_ms": t - 3_600_000, "txn_id": sid})
             assert st == 201, body
-        # shrink: 3 MILK and 2 BREAD vanish without a sale
-        readings = [{"id": f"g{i}-{s}", "sensor": s, "value": v, "at_ms": now_ms() - 100 + i}
+        # shrink: 3 MILK and 2 BREAD vanish without a sale (read after the receipts: a
+        # reading older than the last stock movement is no signal, reconcile inv. 5)
+        readings = [{"id": f"g{i}-{s}", "sensor": s, "value": v, "at_ms": now_ms() + i}
                     for i, (s, v) in enumerate([("scale-MILK", 7012.375), ("rfid-dairy", 7),
                                                 ("scale-BREAD", 3195.625)])]
         st, body = await call(http, "POST", f"{edge}/v1/sensors/readings",
