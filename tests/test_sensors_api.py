@@ -419,6 +419,26 @@ async def test_readings_and_reservation_times_survive_a_restart(tmp_path: Path) 
         [adj] = [e for e in audit["entries"] if e["reason"] == "sensor_reconcile"]
         assert sorted(adj["evidence"]["readings"]) == ["f1", "s1"]
         assert await metric(http, "storemesh_sensor_store_errors_total") == 0
+        # the SKU's last stock movement was kept too (reconcile invariant 5)
+        assert n.app[SENSORS_KEY_].moved["MILK"] >= max(r["at_ms"] for r in before) - 5
+
+
+async def test_a_sale_after_the_readings_makes_them_no_signal(
+        http: aiohttp.ClientSession) -> None:
+    """Reconcile invariant 5 at the node: readings taken before a sale did not see it; a
+    run then adjusts nothing, and new readings settle the shelf."""
+    await setup_shelf(http)
+    await asyncio.sleep(0.01)
+    await post_readings(http, reading("s1", "scale-MILK", 700), reading("f1", "rfid-MILK", 7))
+    await asyncio.sleep(0.01)
+    st, _ = await call(http, "POST", "/v1/sales", {"sku": "MILK", "qty": 1, "txn_id": "s-1"})
+    assert st == 201
+    await asyncio.sleep(0.05)  # the listener sees the durable sale
+    _, done = await call(http, "POST", "/v1/sensors/reconcile")
+    assert done["auto"] == [] and done["review"] == [], done
+    await post_readings(http, reading("s2", "scale-MILK", 700), reading("f2", "rfid-MILK", 7))
+    _, done = await call(http, "POST", "/v1/sensors/reconcile")
+    assert [(a["sku"], a["delta"]) for a in done["auto"]] == [("MILK", -2)], done
 
 
 async def test_the_sensor_store_is_bounded(tmp_path: Path) -> None:
