@@ -28,7 +28,6 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
@@ -59,7 +58,7 @@ from mesh.crdt import HLC
 from mesh.crdt.hlc import MAX_TS
 from mesh.errors import CommandError, LedgerError, StorageFull, TxnReused
 from mesh.metrics import NodeView
-from mesh.ops import CATALOG_ROLES
+from mesh.ops import CATALOG_ROLES, client_id
 from mesh.replica import CommandResult, Replica
 
 __all__ = [
@@ -100,7 +99,6 @@ _DEFAULTS: Final[dict[str, object]] = {"tax_class": "standard", "active": True}
 #: ``storemesh_envelopes_rejected_total{reason="session_catalog_write_forbidden"}``.
 FORBIDDEN_KEY: Final = "catalog_write_forbidden"
 _ROOT: Final = "products"
-_CLIENT_DOMAIN: Final = b"storemesh/catalog-client/v1\n"
 
 Doc = pycrdt.Doc[Any]
 
@@ -216,17 +214,6 @@ def _check_sku(sku: object) -> str:
         raise CommandError(f"sku must be a non-empty string of at most {config.MAX_ID_LEN} "
                            "characters", "sku")
     return sku
-
-
-def client_id(node_id: str) -> int:
-    """The Yjs client id a node writes the catalog with: stable, so the document's state
-    vector holds one entry per writer rather than one per change (Yjs ids are < 2**53).
-
-    A node continues its own client's clock from the document, which holds every change
-    it made (a local command applies its envelope at once). Like the envelope chain,
-    that breaks only if a node's data directory is rolled back to an old copy."""
-    digest = hashlib.blake2b(_CLIENT_DOMAIN + node_id.encode(), digest_size=8).digest()
-    return (int.from_bytes(digest, "big") >> 11) or 1
 
 
 def make_update(doc: Doc, sku: str, fields: Mapping[str, object], *, rev: int,
