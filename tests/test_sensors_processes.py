@@ -9,6 +9,7 @@ not believed."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 from typing import Any
@@ -150,3 +151,33 @@ async def test_shrink_review_and_drift_with_real_processes(cluster: mk.Cluster,
         refused = {s.labels["reason"]: s.value
                    for s in families["storemesh_sensor_readings_refused"].samples}
         assert refused == {"negative": 1.0}
+
+
+async def test_readings_survive_a_kill_of_the_edge_process(cluster: mk.Cluster,
+                                                           tmp_path: Path) -> None:
+    """Shrink seen by two sensors just before the edge is killed (SIGKILL, no flush): the
+    restarted edge still settles it from the readings taken before (mesh.sensorstore),
+    and the gateway's retry of the same batch is a duplicate."""
+    t = mk.tag()
+    edge_id = mk.new_store(tmp_path, f"store-{t}", f"edge-{t}")
+    edge = await cluster.start("edge", edge_id.data_dir, discovery=False)
+    async with mk.client() as http:
+        gw = Gateway(http, edge.url)
+        for sku, qty in gw.shelf.items():
+            await mk.post_ok(http, edge.url, "/v1/receipts",
+                             {"sku": sku, "qty": qty, "txn_id": f"po-{sku}"})
+        await gw.register()
+        await asyncio.sleep(0.05)  # readings after the receipts
+        gw.shelf["MILK"] -= 3
+        await gw.report()
+    cluster.kill(edge)
+    cluster.restart(edge)
+    await cluster.wait_ready(edge)
+    async with mk.client() as http:
+        gw.http, gw.n = http, 0
+        replay = [{"id": "w1", "sensor": "scale-MILK", "value": 1.0, "at_ms": mk.now_ms()}]
+        st, body = await call(http, "POST", f"{edge.url}/v1/sensors/readings",
+                              {"readings": replay})
+        assert st == 200 and body == {"accepted": 0, "duplicates": 1}, body
+        st, done = await call(http, "POST", f"{edge.url}/v1/sensors/reconcile")
+        assert [(a["sku"], a["delta"]) for a in done["auto"]] == [("MILK", -3)], done
