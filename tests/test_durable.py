@@ -226,7 +226,11 @@ def test_group_commit_batches_concurrent_appends(tmp_path: Path) -> None:
     # not depend on how fast this machine's disk is; then every waiting append must
     # share a commit with the others.
     gate = threading.Event()
-    held = dr.ledger.call(lambda: None if gate.wait(30) else None)
+
+    def hold() -> None:
+        gate.wait(30)
+
+    held = dr.ledger.call(hold)
     futs = [dr.execute(lambda r, i=i: r.sell("SKU-1", 1, txn=f"s{i}", now_ms=NOW))[1]
             for i in range(2000)]
     before = dr.ledger.batches
