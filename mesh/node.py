@@ -221,10 +221,10 @@ class Node:
                  self.identity.role, self.identity.store_id, self.url)
 
     def _setup_optional_routes(self) -> None:
-        from mesh import api, catalog, enrol, revoke
+        from mesh import api, catalog_routes, enrol, revoke
 
         api.setup_routes(self.app, self)
-        catalog.setup_catalog_routes(self.app, self)
+        catalog_routes.setup_catalog_routes(self.app, self)
         enrol.setup_join_routes(self.app, self)
         revoke.setup_revocation_routes(self.app, self)
         from mesh import sensor_routes  # issue 14: sensors, reviews, telemetry
