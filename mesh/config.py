@@ -215,6 +215,11 @@ PIN_SCRYPT_N: Final = 1 << 14
 #: Consecutive wrong PINs before a staff member is locked out on a node (NIST 800-63B
 #: 5.2.2: at most 100). A 4-digit PIN has 10k values: 10 tries is a 0.1% guess chance.
 PIN_MAX_FAILURES: Final = 10
+#: The same bound for the whole store: failures are counted on each node (a till checks
+#: PINs with every link down), so a node allows PIN_STORE_MAX_FAILURES // nodes of them,
+#: at most PIN_MAX_FAILURES and at least PIN_FREE_FAILURES (``mesh.auth.pin_limit``): a
+#: guesser walking from till to till gets at most 100 tries in a store of up to 33 nodes.
+PIN_STORE_MAX_FAILURES: Final = 100
 #: Free wrong PINs before delays start, then the delay doubles from PIN_DELAY_MS up to
 #: PIN_DELAY_MAX_MS (typos are free; guessing is slow).
 PIN_FREE_FAILURES: Final = 3
