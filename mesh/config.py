@@ -250,6 +250,13 @@ HQ_SESSIONS_MAX: Final = 1000
 #: 1.5 s, so an open page keeps it) and 12 hours after login at the latest.
 HQ_IDLE_S: Final = 30 * 60
 HQ_SESSION_S: Final = 12 * 3600
+#: HQ sessions live in ROOT/hq_sessions.sqlite, shared by every cloud process on that
+#: root and kept over a restart. A process re-reads a session it holds at most this old,
+#: so a logout or an ended account at another process takes effect here within it.
+HQ_SESSION_RECHECK_S: Final = 1.0
+#: How stale a session's last-seen time may be on disk (one write a minute per session,
+#: not one per dashboard poll); the idle timeout is kept to within it.
+HQ_SESSION_TOUCH_S: Final = 60.0
 
 # --- sensors, reconciliation, telemetry (issue 14: mesh.sensors, mesh.reconcile,
 # mesh.reviews, mesh.telemetry, mesh.sensor_routes) ------------------------------------
