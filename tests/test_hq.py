@@ -253,7 +253,8 @@ async def test_a_session_survives_a_restart_and_is_shared_by_every_cloud_on_the_
         await other.close()
 
 
-async def test_the_sessions_file_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_sessions_file_is_bounded(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(config, "HQ_SESSIONS_MAX", 5)
     store = hq.SessionStore(tmp_path / hq.SESSIONS_FILE)
     now = time.time()
