@@ -383,7 +383,9 @@ async def run_demo(base: Path, creds: dict[str, Any], duration: float | None) ->
                       f"  curl --cacert {ca} --resolve edge:{e.rsplit(':', 1)[1]}:127.0.0.1 "
                       f"https://edge:{e.rsplit(':', 1)[1]}/v1/stock\n"
                       "(store certificates are Ed25519: curl, Python and the CLI accept "
-                      "them, today's browsers do not; see docs/security.md)\n"
+                      "them, browsers do not; a browser till opens "
+                      f"https://localhost:{e.rsplit(':', 1)[1]} trusting the node's own "
+                      f"{base / 'edge' / 'browser-ca.pem'}: docs/security.md)\n"
                       f"the dashboard's certificate (ECDSA) comes from the HQ CA {hq_ca}: "
                       "trust it in your browser, or accept the browser's warning once")
         console.print(f"dashboard    {dash}/   (the cloud peer's fleet view; log in as "
