@@ -611,13 +611,7 @@ async def test_the_cloud_answers_browsers_with_the_hq_certificate(tmp_path: Path
         port = cloud.http_port
 
         def presented(sni: str | None) -> x509.Certificate:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                    ctx.wrap_socket(raw, server_hostname=sni) as tls_sock:
-                der = tls_sock.getpeercert(binary_form=True)
-            assert der is not None
-            return x509.load_der_x509_certificate(der)
+            return presented_certificate(port, sni)
 
         browser = await asyncio.to_thread(presented, None)
         assert isinstance(browser.public_key(), ec.EllipticCurvePublicKey)
@@ -643,6 +637,18 @@ async def test_the_cloud_answers_browsers_with_the_hq_certificate(tmp_path: Path
         assert not cloud.nodes[a.store_id].sessions
     finally:
         await cloud.close()
+
+
+def presented_certificate(port: int, sni: str | None) -> x509.Certificate:
+    """The certificate a listener on 127.0.0.1:``port`` presents for server name ``sni``
+    (not verified: the test looks at which one it is)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname=sni) as tls_sock:
+        der = tls_sock.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
 
 
 def test_browser_names_are_host_names_not_addresses() -> None:
@@ -683,13 +689,7 @@ async def test_a_node_answers_browser_tills_with_its_p256_certificate(tmp_path: 
             return x509.load_der_x509_certificate(der)
 
         def presented(sni: str | None) -> x509.Certificate:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                    ctx.wrap_socket(raw, server_hostname=sni) as tls_sock:
-                der = tls_sock.getpeercert(binary_form=True)
-            assert der is not None
-            return x509.load_der_x509_certificate(der)
+            return presented_certificate(port, sni)
 
         for name in ("localhost", f"edge-{t}.local", "pos.store.example", "LOCALHOST"):
             cert = await asyncio.to_thread(browser_like, name)

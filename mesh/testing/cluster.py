@@ -72,7 +72,8 @@ class NodeProcess:
     env: Mapping[str, str] | None = None
     preexec_fn: Callable[[], None] | None = None
     proc: subprocess.Popen[bytes] | None = None
-    url: str = ""
+    url: str = ""  # from its "listening on" line (a caller may set it beforehand)
+    listening: bool = False  # this start of it printed its "listening on" line
     node_id: str = ""
     role: str = ""
     store_id: str = ""
@@ -112,7 +113,7 @@ class NodeProcess:
         if self.netns is not None:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         self.starts += 1
-        self.url = ""
+        self.listening = False
         self.lines = queue.Queue()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
@@ -135,7 +136,7 @@ class NodeProcess:
 
     async def wait_ready(self, within: float = START_TIMEOUT_S) -> None:
         """Until this start of the process printed its "listening on URL" line."""
-        if self.url:
+        if self.listening:
             return
         deadline = time.monotonic() + within
         seen: list[str] = []
@@ -160,6 +161,7 @@ class NodeProcess:
                            f"{seen}\nlog:\n{self.log_tail()}")
 
     def _listening(self, line: str) -> None:
+        self.listening = True
         self.listening_at = time.perf_counter()
         words = line.split()
         self.url = words[-1]
@@ -170,6 +172,36 @@ class NodeProcess:
 
     def _reader_alive(self) -> bool:
         return self._reader is not None and self._reader.is_alive()
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting (``stop`` waits): stop many nodes at once."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL, by pid: no goodbye, no flush, no cleanup."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(STOP_TIMEOUT_S)
+        self.reap()
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGABRT + SIGKILL after ``STOP_TIMEOUT_S`` (raises
+        ``ClusterError``: the stacks are in the log); returns the exit status."""
+        assert self.proc is not None
+        proc = self.proc
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                _force(proc)
+                self.reap()
+                raise ClusterError(f"{self.name} did not exit within {STOP_TIMEOUT_S} s of "
+                                   f"SIGTERM; its stacks:\n{self.log_tail(60)}") from None
+        self.reap()
+        return proc.returncode
 
     def reap(self) -> None:
         if self._reader is not None:
@@ -220,28 +252,12 @@ class Cluster:
 
     def kill(self, node: NodeProcess) -> None:
         """SIGKILL, by pid: no goodbye, no flush, no cleanup."""
-        assert node.proc is not None
-        if node.proc.poll() is None:
-            os.kill(node.proc.pid, signal.SIGKILL)
-        node.proc.wait(STOP_TIMEOUT_S)
-        node.reap()
+        node.kill()
 
     def stop(self, node: NodeProcess) -> int:
         """SIGTERM, then SIGABRT + SIGKILL after ``STOP_TIMEOUT_S`` (a failure: the
         stacks are in the log); returns the exit status."""
-        assert node.proc is not None
-        proc = node.proc
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                _force(proc)
-                node.reap()
-                raise ClusterError(f"{node.name} did not exit within {STOP_TIMEOUT_S} s of "
-                                   f"SIGTERM; its stacks:\n{node.log_tail(60)}") from None
-        node.reap()
-        return proc.returncode
+        return node.stop()
 
     def restart(self, node: NodeProcess, *, same_port: bool = True) -> NodeProcess:
         """Start the node again on its data dir (without ``--join``: it has joined)."""
