@@ -18,19 +18,6 @@ import pycrdt
 from aiohttp import web
 
 from mesh import config
-from mesh.api import (
-    _DISK_FULL,
-    DEFAULT_PAGE,
-    MAX_PAGE,
-    PATH_ID,
-    ApiError,
-    _fields,
-    _ident,
-    _json,
-    _query_ident,
-    _query_int,
-    _read_object,
-)
 from mesh.catalog import (
     _CHECKS,
     FIELDS,
@@ -46,6 +33,19 @@ from mesh.catalog import (
 from mesh.crdt import HLC
 from mesh.crdt.hlc import MAX_TS
 from mesh.errors import CommandError, LedgerError, StorageFull, TxnReused
+from mesh.http_common import (
+    DEFAULT_PAGE,
+    DISK_FULL,
+    MAX_PAGE,
+    PATH_ID,
+    ApiError,
+    check_ident,
+    command_fields,
+    json_response,
+    query_ident,
+    query_int,
+    read_object,
+)
 from mesh.metrics import NodeView
 from mesh.ops import CATALOG_ROLES
 from mesh.replica import CommandResult, Replica
@@ -202,7 +202,7 @@ def _api_check(check: Callable[[object], object]) -> Callable[[object, str], obj
 
 
 _PUT: Final = {
-    "txn_id": (_ident, False), "staff_id": (_ident, False),
+    "txn_id": (check_ident, False), "staff_id": (check_ident, False),
     **{name: (_api_check(check), False) for name, check in _CHECKS.items()},
 }
 _ROUTES_KEY: Final = web.AppKey("storemesh_catalog_routes", CatalogIndex)
@@ -223,27 +223,27 @@ class _CatalogApi:
                              "the edge (manager) or cloud node", "role")
 
     async def get_one(self, request: web.Request) -> web.Response:
-        sku = _ident(request.match_info["sku"], "sku")
+        sku = check_ident(request.match_info["sku"], "sku")
         found = product(self.node.replica.catalog, sku)
         if found is None:
             raise ApiError(404, f"unknown product {sku!r}: this node's catalog has no such "
                                 "SKU", "sku")
-        return _json(found)
+        return json_response(found)
 
     async def get_changed(self, request: web.Request) -> web.Response:
-        since = _query_int(request, "since", 0, MAX_TS, 0)
-        after = _query_ident(request, "after")
-        limit = _query_int(request, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
+        since = query_int(request, "since", 0, MAX_TS, 0)
+        after = query_ident(request, "after")
+        limit = query_int(request, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
         doc = self.node.replica.catalog
         version = self.index.version(doc)
         page, nxt = self.index.changed(doc, since, after=after, limit=limit)
-        return _json({"version": version, "products": page, "next": nxt})
+        return json_response({"version": version, "products": page, "next": nxt})
 
     async def put(self, request: web.Request) -> web.Response:
         if self.node.identity.role not in CATALOG_ROLES:
             raise self._forbidden()
-        sku = _ident(request.match_info["sku"], "sku")
-        f = _fields(await _read_object(request), _PUT, request)
+        sku = check_ident(request.match_info["sku"], "sku")
+        f = command_fields(await read_object(request), _PUT, request)
         changes: dict[str, object] = {name: f[name] for name in FIELDS if name in f}
         if not changes:
             raise ApiError(400, f"nothing to change: send at least one of {', '.join(FIELDS)}")
@@ -258,12 +258,12 @@ class _CatalogApi:
                            exc.field) from None
         except StorageFull as exc:
             log.error("disk full: %s", exc)
-            raise ApiError(507, _DISK_FULL) from None
+            raise ApiError(507, DISK_FULL) from None
         except LedgerError as exc:
             log.error("ledger write failed: %s", exc)
             raise ApiError(503, "the ledger write failed, so the change was NOT recorded; "
                                 "retry with the same txn_id") from None
-        return _json(body, 200 if body["duplicate"] else 201)
+        return json_response(body, 200 if body["duplicate"] else 201)
 
     async def on_cleanup(self, app: web.Application) -> None:
         self.index.close()
