@@ -48,8 +48,8 @@ import orjson
 from aiohttp import web
 
 from mesh import config
-from mesh.api import ApiError, _json, _json_errors, _query_ident, _query_int
 from mesh.envelope import Envelope
+from mesh.http_common import ApiError, json_errors, json_response, query_ident, query_int
 from mesh.metrics import rejection_counts
 
 if TYPE_CHECKING:
@@ -513,7 +513,7 @@ class Analytics:
             listener = partial(self._on_durable, store_id)
             self._listeners[store_id] = listener
             node.listeners.append(listener)
-        fleet = web.Application(middlewares=[_json_errors])  # mesh.api's
+        fleet = web.Application(middlewares=[json_errors])  # mesh.api's
         fleet.router.add_get("/stock", self.stock)
         fleet.router.add_get("/sales", self.sales)
         fleet.router.add_get("/exceptions", self.exceptions)
@@ -559,9 +559,9 @@ class Analytics:
     # --- GET /v1/fleet/stock -------------------------------------------------------------
 
     async def stock(self, request: web.Request) -> web.Response:
-        sku = _query_ident(request, "sku")
-        after = _query_ident(request, "after")
-        limit = _query_int(request, "limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
+        sku = query_ident(request, "sku")
+        after = query_ident(request, "after")
+        limit = query_int(request, "limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
         nodes = sorted(self.cloud.nodes.items())
         if sku is not None:
             skus = [sku] if any(n.replica.knows_sku(sku) for _, n in nodes) else []
@@ -586,29 +586,29 @@ class Analytics:
             out.append({"sku": s, "on_hand": sum(x["on_hand"] for x in stores),
                         "reserved": sum(x["reserved"] for x in stores),
                         "available": sum(x["available"] for x in stores), "stores": stores})
-        return _json({"stock": out, "next": page[-1] if len(skus) > limit else None})
+        return json_response({"stock": out, "next": page[-1] if len(skus) > limit else None})
 
     # --- GET /v1/fleet/sales ----------------------------------------------------------------
 
     async def sales(self, request: web.Request) -> web.Response:
-        sku = _query_ident(request, "sku")
-        store = _query_ident(request, "store")
-        hours = _query_int(request, "hours", 1, MAX_HOURS, 24)
-        limit = _query_int(request, "limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
+        sku = query_ident(request, "sku")
+        store = query_ident(request, "store")
+        hours = query_int(request, "hours", 1, MAX_HOURS, 24)
+        limit = query_int(request, "limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
         self._node(store)
         until = (self._now() // HOUR_MS + 1) * HOUR_MS  # end of the current hour
         since = until - hours * HOUR_MS
         body = await asyncio.to_thread(self.store.sales, since_ms=since, until_ms=until,
                                        sku=sku, store=store, limit=limit)
-        return _json({"sku": sku, "store": store, "hours": hours, "since_ms": since,
+        return json_response({"sku": sku, "store": store, "hours": hours, "since_ms": since,
                       "until_ms": until, **body})
 
     # --- GET /v1/fleet/exceptions -----------------------------------------------------------
 
     async def exceptions(self, request: web.Request) -> web.Response:
-        sku = _query_ident(request, "sku")
-        store = _query_ident(request, "store")
-        limit = _query_int(request, "limit", 1, MAX_LIMIT, 100)
+        sku = query_ident(request, "sku")
+        store = query_ident(request, "store")
+        limit = query_int(request, "limit", 1, MAX_LIMIT, 100)
         self._node(store)
         found: list[dict[str, Any]] = []
         by_store: dict[str, dict[str, int]] = {}
@@ -620,7 +620,7 @@ class Analytics:
             found.extend({"store": store_id, **e.to_dict(), "at_ms": e.hlc >> 16}
                          for e in excs)
         found.sort(key=lambda e: (e["hlc"], e["store"], e["origin"], e["seq"]), reverse=True)
-        return _json({
+        return json_response({
             "exceptions": found[:limit], "truncated": len(found) > limit,
             "totals": {"count": len(found), "short_units": sum(e["short"] for e in found),
                        "by_store": by_store},
@@ -633,7 +633,7 @@ class Analytics:
         now = self._now()  # after the read, so no lag comes out negative
         stores = [self._store_health(sid, node, marks.get(sid, {}), now)
                   for sid, node in sorted(self.cloud.nodes.items())]
-        return _json({"now_ms": now, "stores": stores,
+        return json_response({"now_ms": now, "stores": stores,
                       "analytics": {"aggregated": self.store.aggregated,
                                     "duplicates_skipped": self.store.skipped,
                                     "catch_ups": self.store.catch_ups,

@@ -2,7 +2,8 @@
 
 Handlers are thin: parse and validate the request, run one replica command through
 ``Node.execute`` (which returns once the envelope is durable), answer in JSON. The
-endpoint reference is ``docs/api.md``.
+endpoint reference is ``docs/api.md``. What every route module shares (errors, body and
+field checks, command fields) is ``mesh.http_common``.
 
 Invariants:
  1. Nothing is half-applied: a request is fully validated (JSON shape, every field's
@@ -38,8 +39,6 @@ from typing import Any, Final
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.typedefs import Handler
 
 from mesh import config
 from mesh.auth import AuthError, who
@@ -54,31 +53,33 @@ from mesh.errors import (
     UnknownSku,
 )
 from mesh.gate import PRINCIPAL, Gate, Principal, setup_gate
-from mesh.httpfaults import CLIENT_FAULTS, ClientFaults
+from mesh.http_common import (
+    DEFAULT_PAGE,
+    DISK_FULL,
+    MAX_PAGE,
+    PATH_ID,
+    ApiError,
+    Spec,
+    check_ident,
+    check_text,
+    command_fields,
+    json_errors,
+    json_response,
+    query_ident,
+    query_int,
+    query_opt_int,
+    read_object,
+)
+from mesh.httpfaults import CLIENT_FAULTS
 from mesh.ledger import Ledger
 from mesh.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mesh.metrics import NodeView, make_registry, render
 from mesh.replica import CommandResult, Replica, Reservation
 
-__all__ = [
-    "AUDIT_MAX_LIMIT",
-    "AUDIT_MAX_SCAN",
-    "MAX_BODY_BYTES",
-    "MAX_PAGE",
-    "PATH_ID",
-    "ApiError",
-    "setup_routes",
-]
+__all__ = ["AUDIT_MAX_LIMIT", "AUDIT_MAX_SCAN", "setup_routes"]
 
 log = logging.getLogger(__name__)
 
-#: Largest request body (``config.MAX_HTTP_BODY``, 64 KiB; the node also creates its
-#: aiohttp app with it as ``client_max_size``). A command is a few hundred bytes.
-MAX_BODY_BYTES: Final = config.MAX_HTTP_BODY
-#: Largest page of a list endpoint (stock, reservations, exceptions): ~150 bytes an item,
-#: so at most ~1.5 MB of JSON per response.
-MAX_PAGE: Final = 10_000
-DEFAULT_PAGE: Final = 1_000
 #: Most audit entries in one response, and the default.
 AUDIT_MAX_LIMIT: Final = 1_000
 AUDIT_DEFAULT_LIMIT: Final = 100
@@ -93,53 +94,22 @@ SSE_KEEPALIVE_S = 15.0
 #: Most live-stream events written to a client in one write: the events already queued
 #: go out together (one write, not one per event) up to this many (~30 KB).
 SSE_MAX_WRITE_EVENTS: Final = 256
-_DISK_FULL: Final = ("this node's disk is full: the operation was NOT recorded; free disk "
-                     "space, then retry with the same txn_id")
-#: Pattern of an identifier in a path (``{rid:...}``): any characters but ``/``, which the
-#: client percent-encodes (``%2F``) with everything reserved. aiohttp's default,
-#: ``[^{}/]+``, would leave ids holding ``{`` or ``}`` unaddressable (issue 10 item 8):
-#: every id a write accepts must be addressable. (``%2F`` and ``%25`` stay encoded while
-#: routes match and are decoded in ``match_info``.)
-PATH_ID: Final = "[^/]+"
 #: Body fields whose replica-side name differs from the API's.
 _API_FIELD: Final = {"expires": "expires_ms"}
 
 
-class ApiError(Exception):
-    """A request refused with ``status``; ``field`` names the offending input (or None)."""
-
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def _error(status: int, message: str, field: str | None = None) -> web.Response:
-    return _json({"error": {"field": field, "message": message}}, status)
 
 
 # --- validation of request fields ---------------------------------------------------------
 
-_Check = Callable[[object, str], Any]
 
 
-def _ident(value: object, field: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > config.MAX_ID_LEN:
-        raise ApiError(400, f"{field} must be a non-empty string of at most "
-                            f"{config.MAX_ID_LEN} characters", field)
-    return value
 
 
-def _text(value: object, field: str) -> str:
-    if not isinstance(value, str) or len(value) > config.MAX_TEXT_LEN:
-        raise ApiError(400, f"{field} must be a string of at most {config.MAX_TEXT_LEN} "
-                            "characters", field)
-    return value
 
 
 def _qty(value: object, field: str) -> int:
@@ -167,189 +137,49 @@ def _time_ms(value: object, field: str) -> int:
     return value
 
 
-#: (check, required) per body field, for each command. ``txn_id`` is handled apart
-#: (it may come from the Idempotency-Key header).
-_Spec = dict[str, tuple[_Check, bool]]
-_COMMON: Final[_Spec] = {"txn_id": (_ident, False), "staff_id": (_ident, False),
-                         "note": (_text, False)}
-_RECEIPT: Final[_Spec] = {"sku": (_ident, True), "qty": (_qty, True),
-                          "reason": (_ident, False), **_COMMON}
-_SALE: Final[_Spec] = {"sku": (_ident, True), "qty": (_qty, True),
+_COMMON: Final[Spec] = {"txn_id": (check_ident, False), "staff_id": (check_ident, False),
+                         "note": (check_text, False)}
+_RECEIPT: Final[Spec] = {"sku": (check_ident, True), "qty": (_qty, True),
+                          "reason": (check_ident, False), **_COMMON}
+_SALE: Final[Spec] = {"sku": (check_ident, True), "qty": (_qty, True),
                        "strict": (_flag, False), **_COMMON}
-_RETURN: Final[_Spec] = _RECEIPT
-_ADJUST: Final[_Spec] = {"sku": (_ident, True), "delta": (_delta, True),
-                         "reason": (_ident, True), **_COMMON}
-_RESERVE: Final[_Spec] = {"sku": (_ident, True), "qty": (_qty, True),
-                          "channel": (_ident, True), "order": (_text, False),
-                          "expires_ms": (_time_ms, False), "txn_id": (_ident, False),
-                          "staff_id": (_ident, False)}
-_RELEASE: Final[_Spec] = {"txn_id": (_ident, False), "staff_id": (_ident, False),
-                          "reason": (_ident, False)}
-_FULFIL: Final[_Spec] = {"txn_id": (_ident, False), "staff_id": (_ident, False)}
+_RETURN: Final[Spec] = _RECEIPT
+_ADJUST: Final[Spec] = {"sku": (check_ident, True), "delta": (_delta, True),
+                         "reason": (check_ident, True), **_COMMON}
+_RESERVE: Final[Spec] = {"sku": (check_ident, True), "qty": (_qty, True),
+                          "channel": (check_ident, True), "order": (check_text, False),
+                          "expires_ms": (_time_ms, False), "txn_id": (check_ident, False),
+                          "staff_id": (check_ident, False)}
+_RELEASE: Final[Spec] = {"txn_id": (check_ident, False), "staff_id": (check_ident, False),
+                          "reason": (check_ident, False)}
+_FULFIL: Final[Spec] = {"txn_id": (check_ident, False), "staff_id": (check_ident, False)}
 
 
-async def _read_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object (400/413 otherwise)."""
-    too_large = f"request body is larger than {MAX_BODY_BYTES} bytes"
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise ApiError(413, too_large)
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, too_large) from None
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, too_large)
-    if not raw.strip():
-        raise ApiError(400, "empty body: send a JSON object")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"malformed JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    return body
 
 
-def _fields(body: dict[str, Any], spec: _Spec, request: web.Request) -> dict[str, Any]:
-    """Check ``body`` against ``spec``; returns the present fields plus ``txn_id``."""
-    unknown = sorted(set(body) - set(spec))
-    if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}; allowed: {', '.join(spec)}",
-                       unknown[0])
-    for name, (_, required) in spec.items():
-        if required and name not in body:
-            raise ApiError(400, f"{name} is required", name)
-    # An optional field sent as null counts as absent.
-    out = {name: check(body[name], name) for name, (check, required) in spec.items()
-           if name in body and (required or body[name] is not None)}
-    out["txn_id"] = _txn_id(out.get("txn_id"), request)
-    _authorised(out, request)
-    return out
 
 
-def _authorised(out: dict[str, Any], request: web.Request) -> None:
-    """Add ``key`` (the idempotency key scoped to the calling device) and ``staff`` (from
-    the staff session, never the body: a body ``staff_id`` must name the same person)."""
-    p = request.get(PRINCIPAL)
-    if p is None:  # (only the gate's public routes get here without one)
-        raise ApiError(401, "this endpoint needs a device credential", "Authorization")
-    staff = p.staff_meta
-    given = out.get("staff_id")
-    if given is not None and (p.staff is None or given != p.staff.staff_id):
-        raise ApiError(403, "staff_id comes from the staff session (X-Staff-Session), not "
-                            "the body: leave it out or send the logged-in staff id",
-                       "staff_id")
-    limit = config.MAX_ID_LEN - len(p.device.device_id) - 1
-    if len(out["txn_id"]) > limit:
-        raise ApiError(400, f"txn_id has at most {limit} characters for this device (keys "
-                            "are stored as '<device id>:<txn_id>')", "txn_id")
-    out["key"] = p.scoped(out["txn_id"])
-    out["staff"] = staff
 
 
-def _txn_id(body_txn: str | None, request: web.Request) -> str:
-    header = request.headers.get("Idempotency-Key")
-    if header is not None:
-        header = _ident(header, "txn_id")
-        if body_txn is not None and body_txn != header:
-            raise ApiError(400, "the Idempotency-Key header and txn_id differ; send one key "
-                                "or the same key in both", "txn_id")
-        return header
-    if body_txn is None:
-        raise ApiError(400, "txn_id is required (or an Idempotency-Key header): it makes "
-                            "a retried request safe", "txn_id")
-    return body_txn
 
 
-def _query_opt_int(request: web.Request, name: str, lo: int, hi: int) -> int | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = lo - 1
-    if not lo <= value <= hi:
-        raise ApiError(400, f"{name} must be an integer in {lo}..{hi}", name)
-    return value
 
 
-def _query_int(request: web.Request, name: str, lo: int, hi: int, default: int) -> int:
-    value = _query_opt_int(request, name, lo, hi)
-    return default if value is None else value
 
 
-def _query_ident(request: web.Request, name: str) -> str | None:
-    raw = request.query.get(name)
-    return None if raw is None else _ident(raw, name)
 
 
 # --- error middleware ---------------------------------------------------------------------
 
 
-def _ours(path: str) -> bool:
-    # Also under a mount prefix: the cloud serves each store's node at /stores/<id>/.
-    return "/v1/" in path or path.endswith("/metrics")
 
 
-@web.middleware
-async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every failure under /v1/ and /metrics into a JSON error (invariant 2).
-    Other routes (the node's peer transport) keep their own handling."""
-    if not _ours(request.path):
-        return await handler(request)
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return _error(exc.status, exc.message, exc.field)
-    except web.HTTPRequestEntityTooLarge:
-        return _error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        message = exc.reason
-        if exc.status == 404:
-            message = f"no such endpoint: {request.method} {request.path} (see docs/api.md)"
-        resp = _error(exc.status, message)
-        if "Allow" in exc.headers:
-            resp.headers["Allow"] = exc.headers["Allow"]
-        return resp
-    except StorageFull:
-        return _error(507, _DISK_FULL)
-    except Exception as exc:
-        reason = _client_fault(request, exc)
-        if reason is None:
-            log.exception("%s %s failed", request.method, request.path)
-            return _error(500, "internal error (logged on the node); retrying a command "
-                               "with the same txn_id is safe")
-        # Counted, and logged at most once a minute: anyone can cause these.
-        _client_faults(request).note(reason, f"{request.method} {request.path} from "
-                                             f"{request.remote}: {exc}")
-        return _error(400, "the request body was cut short or malformed; nothing changed")
 
 
-def _client_fault(request: web.Request, exc: Exception) -> str | None:
-    """The ``mesh.httpfaults`` reason if reading the request failed by the client's
-    doing (it hung up mid-body, or sent a body aiohttp cannot parse), else None."""
-    if isinstance(exc, HttpProcessingError):  # e.g. a broken chunked body
-        return "bad_request"
-    if isinstance(exc, ConnectionResetError) and (
-            request.transport is None or request.transport.is_closing()):
-        return "disconnected"
-    return None
 
 
-#: Faults of requests to an app that keeps no counters of its own (not a node's).
-_UNATTRIBUTED: Final = ClientFaults()
 
 
-def _client_faults(request: web.Request) -> ClientFaults:
-    """The counters of the innermost app of the request that keeps them (a node's)."""
-    for app in reversed(request.match_info.apps):
-        faults = app.get(CLIENT_FAULTS)
-        if faults is not None:
-            return faults
-    return _UNATTRIBUTED
 
 
 # --- the API ------------------------------------------------------------------------------
@@ -414,7 +244,7 @@ class _Api:
             raise ApiError(503, str(exc)) from None
         except StorageFull as exc:
             log.error("disk full: %s", exc)
-            raise ApiError(507, _DISK_FULL) from None
+            raise ApiError(507, DISK_FULL) from None
         except LedgerError as exc:
             log.error("ledger write failed: %s", exc)
             raise ApiError(503, "the ledger write failed, so the operation was NOT recorded; "
@@ -429,12 +259,12 @@ class _Api:
             body["reservation_id"] = res.reservation_id
         body.update(sku=sku, on_hand=replica.on_hand(sku), reserved=replica.reserved(sku),
                     available=replica.available(sku))
-        return _json(body, 200 if res.duplicate else 201)
+        return json_response(body, 200 if res.duplicate else 201)
 
     # --- stock commands ------------------------------------------------------------------
 
     async def receipts(self, request: web.Request) -> web.Response:
-        f = _fields(await _read_object(request), _RECEIPT, request)
+        f = command_fields(await read_object(request), _RECEIPT, request)
         now = self.node.now_ms
         res = await self._execute(lambda r: r.receive(
             f["sku"], f["qty"], txn=f["key"], now_ms=now(), staff=f["staff"],
@@ -442,7 +272,7 @@ class _Api:
         return self._done(f["txn_id"], res, f["sku"])
 
     async def sales(self, request: web.Request) -> web.Response:
-        f = _fields(await _read_object(request), _SALE, request)
+        f = command_fields(await read_object(request), _SALE, request)
         now = self.node.now_ms
         res = await self._execute(lambda r: r.sell(
             f["sku"], f["qty"], txn=f["key"], now_ms=now(), staff=f["staff"],
@@ -450,7 +280,7 @@ class _Api:
         return self._done(f["txn_id"], res, f["sku"])
 
     async def returns(self, request: web.Request) -> web.Response:
-        f = _fields(await _read_object(request), _RETURN, request)
+        f = command_fields(await read_object(request), _RETURN, request)
         if f["qty"] > config.RETURN_APPROVAL_QTY:
             try:
                 await self.gate.require(request, "return_large")
@@ -464,7 +294,7 @@ class _Api:
         return self._done(f["txn_id"], res, f["sku"])
 
     async def adjustments(self, request: web.Request) -> web.Response:
-        f = _fields(await _read_object(request), _ADJUST, request)
+        f = command_fields(await read_object(request), _ADJUST, request)
         now = self.node.now_ms
         res = await self._execute(lambda r: r.adjust(
             f["sku"], f["delta"], reason=f["reason"], txn=f["key"], now_ms=now(),
@@ -474,7 +304,7 @@ class _Api:
     # --- reservations ---------------------------------------------------------------------
 
     async def reserve(self, request: web.Request) -> web.Response:
-        f = _fields(await _read_object(request), _RESERVE, request)
+        f = command_fields(await read_object(request), _RESERVE, request)
         channel = request[PRINCIPAL].device.channel
         if channel is not None and f["channel"] != channel:
             raise ApiError(403, f"this device reserves for channel {channel!r} only",
@@ -487,16 +317,16 @@ class _Api:
         return self._done(f["txn_id"], res, f["sku"])
 
     def _reservation_path(self, request: web.Request) -> str:
-        rid = _ident(request.match_info["rid"], "reservation_id")
+        rid = check_ident(request.match_info["rid"], "reservation_id")
         if rid not in self.node.replica.records:
             raise ApiError(404, f"no reservation {rid!r}", "reservation_id")
         return rid
 
-    async def _end_reservation(self, request: web.Request, spec: _Spec,
+    async def _end_reservation(self, request: web.Request, spec: Spec,
                                command: Callable[[Replica, str, dict[str, Any]], CommandResult]
                                ) -> web.Response:
         rid = self._reservation_path(request)
-        f = _fields(await _read_object(request), spec, request)
+        f = command_fields(await read_object(request), spec, request)
         p: Principal = request[PRINCIPAL]
         channel = p.device.channel
         if channel is not None and self.node.replica.records[rid].channel != channel:
@@ -517,14 +347,14 @@ class _Api:
             rid, txn=f["key"], now_ms=now(), staff=f["staff"]))
 
     async def reservations(self, request: web.Request) -> web.Response:
-        sku = _query_ident(request, "sku")
-        after = _query_ident(request, "after")
-        limit = _query_int(request, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
+        sku = query_ident(request, "sku")
+        after = query_ident(request, "after")
+        limit = query_int(request, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
         active = self.node.replica.active_reservations(sku)  # sorted by id
         if after is not None:
             active = [r for r in active if r.id > after]
         page = active[:limit]
-        return _json({
+        return json_response({
             "reservations": [_reservation(r) for r in page],
             "next": page[-1].id if len(active) > limit else None,
         })
@@ -532,36 +362,36 @@ class _Api:
     # --- queries ------------------------------------------------------------------------
 
     async def stock_one(self, request: web.Request) -> web.Response:
-        sku = _ident(request.match_info["sku"], "sku")
+        sku = check_ident(request.match_info["sku"], "sku")
         replica = self.node.replica
         if not replica.knows_sku(sku):
             raise ApiError(404, f"unknown SKU {sku!r}: this node has never seen it", "sku")
-        return _json(self._stock(replica, sku, self._staleness_ms(self.node.now_ms())))
+        return json_response(self._stock(replica, sku, self._staleness_ms(self.node.now_ms())))
 
     async def stock_all(self, request: web.Request) -> web.Response:
-        after = _query_ident(request, "after")
-        limit = _query_int(request, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
+        after = query_ident(request, "after")
+        limit = query_int(request, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
         replica = self.node.replica
         skus = replica.skus()
         if after is not None:
             skus = skus[bisect_right(skus, after):]
         page = skus[:limit]
         staleness = self._staleness_ms(self.node.now_ms())
-        return _json({
+        return json_response({
             "stock": [self._stock(replica, s, staleness) for s in page],
             "next": page[-1] if len(skus) > limit else None,
         })
 
     async def exceptions(self, request: web.Request) -> web.Response:
-        sku = _query_ident(request, "sku")
-        limit = _query_int(request, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
+        sku = query_ident(request, "sku")
+        limit = query_int(request, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
         found = self.node.replica.exceptions(sku)
         by_sku: dict[str, dict[str, int]] = {}
         for e in found:
             t = by_sku.setdefault(e.sku, {"count": 0, "short_units": 0})
             t["count"] += 1
             t["short_units"] += e.short
-        return _json({
+        return json_response({
             "exceptions": [{**e.to_dict(), "at_ms": e.hlc >> 16} for e in found[:limit]],
             "truncated": len(found) > limit,
             "totals": {"count": len(found), "short_units": sum(e.short for e in found),
@@ -570,7 +400,7 @@ class _Api:
 
     async def peers(self, request: web.Request) -> web.Response:
         ident = self.node.identity
-        return _json({"node_id": ident.node_id, "store_id": ident.store_id,
+        return json_response({"node_id": ident.node_id, "store_id": ident.store_id,
                       "role": ident.role, "peers": self.node.peer_status()})
 
     async def health(self, request: web.Request) -> web.Response:
@@ -597,19 +427,19 @@ class _Api:
         }
         if failed is not None:
             body["reason"] = f"ledger failed: {failed}"
-        return _json(body, 200 if failed is None else 503)
+        return json_response(body, 200 if failed is None else 503)
 
     async def audit(self, request: web.Request) -> web.Response:
-        limit = _query_int(request, "limit", 1, AUDIT_MAX_LIMIT, AUDIT_DEFAULT_LIMIT)
-        before = _query_opt_int(request, "before", 1, (1 << 63) - 1)
-        sku = _query_ident(request, "sku")
+        limit = query_int(request, "limit", 1, AUDIT_MAX_LIMIT, AUDIT_DEFAULT_LIMIT)
+        before = query_opt_int(request, "before", 1, (1 << 63) - 1)
+        sku = query_ident(request, "sku")
         rids: frozenset[str] = frozenset()
         if sku is not None:  # releases name only the reservation: map it to its SKU here
             rids = frozenset(rid for rid, rec in self.node.replica.records.items()
                              if rec.sku == sku)
         entries, next_before = await asyncio.to_thread(
             _read_audit, self.node.durable.ledger, limit, before, sku, rids)
-        return _json({"entries": entries, "next_before": next_before})
+        return json_response({"entries": entries, "next_before": next_before})
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=render(self.registry),
@@ -763,8 +593,8 @@ def _read_audit(ledger: Ledger, limit: int, before: int | None, sku: str | None,
 def setup_routes(app: web.Application, node: NodeView) -> None:
     """Add the HTTP API of ``node`` to ``app`` (see docs/api.md)."""
     app[CLIENT_FAULTS] = node.http_faults
-    app.middlewares.append(_json_errors)
-    api = _Api(node, setup_gate(app, node))  # its middleware runs inside _json_errors
+    app.middlewares.append(json_errors)
+    api = _Api(node, setup_gate(app, node))  # its middleware runs inside json_errors
     app.on_shutdown.append(api.on_shutdown)
     r = app.router
     r.add_post("/v1/receipts", api.receipts)

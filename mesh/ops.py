@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 from typing import Any, Final
 
 from mesh import config, reviews, telemetry
@@ -38,7 +37,6 @@ __all__ = [
     "EVENT_KINDS",
     "ROLES",
     "check_rights",
-    "client_id",
     "validate_meta",
     "validate_ops",
     "validate_record",
@@ -220,18 +218,3 @@ def check_rights(ops: list[dict[str, Any]], origin: str, role: str) -> None:
         elif t == "tm":
             if role not in CATALOG_ROLES:
                 raise Forbidden(f"a {role} node may not send telemetry summaries")
-
-
-#: Domain of the catalog's Yjs client ids (``client_id``).
-_CLIENT_DOMAIN: Final = b"storemesh/catalog-client/v1\n"
-
-
-def client_id(node_id: str) -> int:
-    """The Yjs client id a node writes the catalog with: stable, so the document's state
-    vector holds one entry per writer rather than one per change (Yjs ids are < 2**53).
-
-    A node continues its own client's clock from the document, which holds every change
-    it made (a local command applies its envelope at once). Like the envelope chain,
-    that breaks only if a node's data directory is rolled back to an old copy."""
-    digest = hashlib.blake2b(_CLIENT_DOMAIN + node_id.encode(), digest_size=8).digest()
-    return (int.from_bytes(digest, "big") >> 11) or 1

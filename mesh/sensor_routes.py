@@ -41,11 +41,21 @@ from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from mesh import config, metrics, reviews, telemetry
-from mesh.api import PATH_ID, ApiError, _fields, _ident, _json, _query_ident, _read_object, _text
 from mesh.crdt import HLC
 from mesh.envelope import Envelope
 from mesh.errors import CommandError, LedgerError, StorageFull, TxnReused
 from mesh.gate import PRINCIPAL
+from mesh.http_common import (
+    PATH_ID,
+    ApiError,
+    Spec,
+    check_ident,
+    check_text,
+    command_fields,
+    json_response,
+    query_ident,
+    read_object,
+)
 from mesh.metrics import NodeView
 from mesh.ops import CATALOG_ROLES
 from mesh.reconcile import (
@@ -83,13 +93,12 @@ _RATE_DAYS: Final = 7.0
 _DAY_MS: Final = 86_400_000
 #: Warnings (low-confidence outcomes) kept for GET /v1/sensors/outcomes.
 _WARNINGS: Final = 200
-_Spec = dict[str, tuple[Callable[[object, str], Any], bool]]
-_PUT: Final[_Spec] = {"txn_id": (_ident, False), "staff_id": (_ident, False),
+_PUT: Final[Spec] = {"txn_id": (check_ident, False), "staff_id": (check_ident, False),
                **{k: ((lambda v, f: v), False) for k in (
                    "kind", "zone", "skus", "unit_grams", "tare_grams", "calibrated_ms",
                    "drift_tolerance", "owner", "status")}}
-_RESOLVE: Final[_Spec] = {"resolution": (_ident, True), "txn_id": (_ident, False),
-                   "staff_id": (_ident, False), "note": (_text, False)}
+_RESOLVE: Final[Spec] = {"resolution": (check_ident, True), "txn_id": (check_ident, False),
+                   "staff_id": (check_ident, False), "note": (check_text, False)}
 
 
 def load_rules(data_dir: Path | None) -> Rules:
@@ -545,8 +554,8 @@ class _Routes:
             raise ApiError(403, f"a {node.identity.role} node may not write the sensor "
                                 "registry; change it on the edge (manager) or cloud node",
                            "role")
-        sid = _ident(request.match_info["sid"], "sensor_id")
-        f = _fields(await _read_object(request), _PUT, request)
+        sid = check_ident(request.match_info["sid"], "sensor_id")
+        f = command_fields(await read_object(request), _PUT, request)
         entry = {k: v for k, v in f.items() if k not in ("txn_id", "staff_id", "key", "staff")}
         try:
             from mesh.sensors import check_entry
@@ -565,7 +574,7 @@ class _Routes:
 
         res = await self._execute(command)
         info = self.svc.sensors().get(sid)
-        return _json({"txn_id": f["txn_id"], "origin": res.origin, "seq": res.seq,
+        return json_response({"txn_id": f["txn_id"], "origin": res.origin, "seq": res.seq,
                       "duplicate": res.duplicate, **(info.to_dict() if info else {})},
                      200 if res.duplicate else 201)
 
@@ -586,22 +595,22 @@ class _Routes:
 
     async def list_sensors(self, request: web.Request) -> web.Response:
         reg = self.svc.sensors()
-        return _json({"sensors": [s.to_dict() for s in reg.values()]})
+        return json_response({"sensors": [s.to_dict() for s in reg.values()]})
 
     async def get_sensor(self, request: web.Request) -> web.Response:
-        sid = _ident(request.match_info["sid"], "sensor_id")
+        sid = check_ident(request.match_info["sid"], "sensor_id")
         info = self.svc.sensors().get(sid)
         if info is None:
             raise ApiError(404, f"unknown sensor {sid!r}", "sensor_id")
         kept = [asdict(r) for r in self.svc.state.readings.get(sid, ())]
-        return _json({**info.to_dict(), "recent_readings": kept})
+        return json_response({**info.to_dict(), "recent_readings": kept})
 
     async def readings(self, request: web.Request) -> web.Response:
         st = self.svc.state
         try:
             self._edge_only("sensor readings")
             try:
-                body = await _read_object(request)
+                body = await read_object(request)
             except ApiError as exc:
                 raise BadReading(exc.status, "body_too_large" if exc.status == 413
                                  else "malformed", exc.field, exc.message) from None
@@ -622,22 +631,22 @@ class _Routes:
         if kept and self.svc.store is not None:
             with contextlib.suppress(Exception):  # logged and counted by the store (inv. 3)
                 await asyncio.wrap_future(self.svc.store.add_readings(kept))
-        return _json({"accepted": new, "duplicates": len(batch) - new}, 200)
+        return json_response({"accepted": new, "duplicates": len(batch) - new}, 200)
 
     async def reconcile(self, request: web.Request) -> web.Response:
         if self.svc.role not in ("edge", "cloud"):
             raise ApiError(403, "reconciliation runs on the edge (and replenishment on "
                                 "the cloud)", "role")
-        return _json(await self.svc.reconcile())
+        return json_response(await self.svc.reconcile())
 
     async def outcomes(self, request: web.Request) -> web.Response:
-        sku = _query_ident(request, "sku")
+        sku = query_ident(request, "sku")
         rows = [o.to_dict() for s, o in sorted(self.svc.outcomes.items())
                 if sku is None or s == sku]
-        return _json({"outcomes": rows, "warnings": list(self.svc.warnings)})
+        return json_response({"outcomes": rows, "warnings": list(self.svc.warnings)})
 
     async def list_reviews(self, request: web.Request) -> web.Response:
-        sku = _query_ident(request, "sku")
+        sku = query_ident(request, "sku")
         why = request.query.get("why")
         rs = self.node.replica.reviews
         if request.query.get("all") == "1":
@@ -650,18 +659,18 @@ class _Routes:
             if v is not None and (sku is None or v["sku"] == sku) and (
                     why is None or v["why"] == why):
                 out.append(v)
-        return _json({"reviews": out[: 10_000]})
+        return json_response({"reviews": out[: 10_000]})
 
     async def get_review(self, request: web.Request) -> web.Response:
-        rid = _ident(request.match_info["rid"], "review_id")
+        rid = check_ident(request.match_info["rid"], "review_id")
         v = self.node.replica.reviews.view(rid)
         if v is None:
             raise ApiError(404, f"no review item {rid!r}", "review_id")
-        return _json(v)
+        return json_response(v)
 
     async def resolve(self, request: web.Request) -> web.Response:
-        rid = _ident(request.match_info["rid"], "review_id")
-        f = _fields(await _read_object(request), _RESOLVE, request)
+        rid = check_ident(request.match_info["rid"], "review_id")
+        f = command_fields(await read_object(request), _RESOLVE, request)
         if f["resolution"] not in reviews.RESOLUTIONS:
             raise ApiError(400, f"resolution must be one of {', '.join(reviews.RESOLUTIONS)}",
                            "resolution")
@@ -670,20 +679,20 @@ class _Routes:
             r, rid, f["resolution"], now_ms=now(), txn=f["key"], staff=f["staff"],
             note=f.get("note")))
         view = self.node.replica.reviews.view(rid) or {}
-        return _json({"txn_id": f["txn_id"], "origin": res.origin, "seq": res.seq,
+        return json_response({"txn_id": f["txn_id"], "origin": res.origin, "seq": res.seq,
                       "duplicate": res.duplicate, **view}, 200 if res.duplicate else 201)
 
     async def replenishment(self, request: web.Request) -> web.Response:
         items = [i.to_dict() for i in self.node.replica.reviews.open_items()
                  if i.why == "replenish"]
-        return _json({"suggestions": self.svc.suggestions, "open": items})
+        return json_response({"suggestions": self.svc.suggestions, "open": items})
 
     async def post_telemetry(self, request: web.Request) -> web.Response:
         self._edge_only("telemetry readings")
         if request[PRINCIPAL].device.role == "pos":
             raise ApiError(403, "telemetry comes from a sensor gateway's credential, not a "
                                 "till's", "Authorization")
-        body = await _read_object(request)
+        body = await read_object(request)
         rows = body.get("readings")
         if set(body) != {"readings"} or not isinstance(rows, list) or not rows:
             raise ApiError(400, 'the body must be {"readings": [...]}', "readings")
@@ -696,8 +705,8 @@ class _Routes:
             at = f"readings[{i}]"
             if not isinstance(r, dict) or set(r) != {"device", "metric", "value", "at_ms"}:
                 raise ApiError(400, "a telemetry reading is {device, metric, value, at_ms}", at)
-            _ident(r["device"], f"{at}.device")
-            _ident(r["metric"], f"{at}.metric")
+            check_ident(r["device"], f"{at}.device")
+            check_ident(r["metric"], f"{at}.metric")
             try:
                 v = telemetry._num(r["value"], "value")
             except Exception:
@@ -713,10 +722,10 @@ class _Routes:
             alerts.extend(self.svc.telemetry.add(device, metric, v, t))
         if alerts:  # alerts go out at once; summaries with the next flush
             await self.svc.flush_telemetry()
-        return _json({"accepted": len(parsed), "alerts": [a.wire() for a in alerts]})
+        return json_response({"accepted": len(parsed), "alerts": [a.wire() for a in alerts]})
 
     async def get_alerts(self, request: web.Request) -> web.Response:
-        return _json({"alerts": sorted(self.svc.alerts.values(),
+        return json_response({"alerts": sorted(self.svc.alerts.values(),
                                        key=lambda a: (a["origin"], a["device"], a["rule"])),
                       "local_active": self.svc.telemetry.active_alerts()})
 
@@ -765,6 +774,6 @@ def setup_fleet_sensors(cloud: Any) -> None:
             svc = node.app.get(SENSORS_KEY)
             if svc is not None:
                 rows.append({"store": store_id, **svc.fleet_row(node.now_ms())})
-        return _json({"stores": rows})
+        return json_response({"stores": rows})
 
     cloud.app.router.add_get("/v1/fleet/sensors", fleet)

@@ -38,9 +38,9 @@ import orjson
 import pycrdt
 
 from mesh import config
+from mesh.catalog import client_id
 from mesh.crdt.hlc import MAX_TS
 from mesh.errors import CommandError
-from mesh.ops import client_id
 
 __all__ = [
     "CALIBRATION",

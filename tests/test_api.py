@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh import api
+from mesh import api, http_common
 from mesh.datadir import enrol_node, init_store
 from mesh.node import Node
 from tests.meshkit import client, issue_token, now_ms, running_node, use_token, wait_until
@@ -321,10 +321,10 @@ async def test_unparseable_and_oversized_bodies(http: aiohttp.ClientSession,
         status, err = await post(http, "/v1/sales", raw=raw)
         assert status == 400 and err["error"]["field"] is None, (raw, err)
 
-    big = orjson.dumps({**OK_SALE, "note": "n" * (api.MAX_BODY_BYTES + 10)})
+    big = orjson.dumps({**OK_SALE, "note": "n" * (http_common.MAX_BODY_BYTES + 10)})
     status, err = await post(http, "/v1/sales", raw=big)
     assert status == 413 and err["error"]["field"] is None
-    assert str(api.MAX_BODY_BYTES) in err["error"]["message"]
+    assert str(http_common.MAX_BODY_BYTES) in err["error"]["message"]
 
     async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: caught while reading
         for _ in range(5):

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh.envelope import decode
 from mesh.hqtls import ensure_hq_tls, hq_hosts
 from tests import meshkit as mk
-from tests.test_cloud_processes import _free_port
+from tests.test_cloud_processes import _free_port, _start_cloud
 from tests.test_dashboard_e2e import chromium, logged_in_dashboard, open_browser
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
@@ -66,15 +66,9 @@ async def test_cooler_alert_reaches_the_cloud_dashboard_raw_readings_stay_at_the
     gateway = mk.issue_token(edge_id, "gw-1", role="sensor")  # the sensor gateway's own
     port = _free_port()
     cloud_url = f"https://127.0.0.1:{port}"
+    _start_cloud(cluster, tmp_path / "hq", port)  # `storemesh cloud run`
+    # the certificate it serves, which the browser pins (made by _start_cloud: unchanged)
     hq = ensure_hq_tls(tmp_path / "hq", hq_hosts("127.0.0.1"), now_ms=mk.now_ms())
-    assert hq.ca_path is not None
-    mk.TEST_SSL.load_verify_locations(cafile=hq.ca_path)
-    cloud = mk.NodeProc("cloud", tmp_path / "hq", [
-        "cloud", "run", "--data", str(tmp_path / "hq"), "--http-host", "127.0.0.1",
-        "--http-port", str(port)], cluster.base / "cloud.log")
-    cluster.nodes["cloud"] = cloud
-    cluster._spawn(cloud)
-    cloud.url = cloud_url
     edge = await cluster.start("edge", edge_id.data_dir, discovery=False,
                                extra=["--cloud", f"{cloud_url}/stores/{sid}"])
     store = f"{cloud_url}/stores/{sid}"
