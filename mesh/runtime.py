@@ -8,17 +8,47 @@ that decides behaviour is in ``mesh.driver``.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from mesh import transport
 from mesh.ports import Cancel
 
-__all__ = ["LoopClock", "SessionTransport", "ThreadWorker"]
+__all__ = ["LOOP_ENV", "LoopClock", "SessionTransport", "ThreadWorker", "loop_kind", "run"]
 
 T = TypeVar("T")
+
+#: ``STOREMESH_LOOP=uvloop`` runs a node on uvloop (``pip install uvloop``) instead of the
+#: standard library's loop. Not the default: it measured no gain on the receive path
+#: (within ±2 %, docs/benchmarks.md, issue 13).
+LOOP_ENV = "STOREMESH_LOOP"
+
+
+def loop_kind() -> str:
+    """The event loop ``run`` will use: ``asyncio`` unless ``STOREMESH_LOOP=uvloop``."""
+    want = os.environ.get(LOOP_ENV, "").strip().lower() or "asyncio"
+    if want not in ("asyncio", "uvloop"):
+        raise ValueError(f"{LOOP_ENV} must be 'asyncio' or 'uvloop', not {want!r}")
+    if want == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            raise ValueError(f"{LOOP_ENV}=uvloop but uvloop is not installed "
+                             "(pip install uvloop)") from None
+    return want
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on the loop ``loop_kind`` names."""
+    if loop_kind() == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    return asyncio.run(main)
 
 
 class LoopClock:
@@ -39,8 +69,14 @@ class LoopClock:
         return self.loop.call_at(monotonic_ms / 1000.0, fn)
 
     def call_soon(self, fn: Callable[[], None]) -> None:
-        # thread-safe: storage futures complete on the ledger's writer thread
-        self.loop.call_soon_threadsafe(fn)
+        # Thread-safe: storage futures complete on the ledger's writer thread. From the
+        # loop's own thread (a session's reader queueing a drain: once per message) the
+        # plain call_soon does, without waking the loop through its self-pipe (a write and
+        # a read system call each time).
+        if asyncio._get_running_loop() is self.loop:
+            self.loop.call_soon(fn)
+        else:
+            self.loop.call_soon_threadsafe(fn)
 
 
 class ThreadWorker:

@@ -594,7 +594,7 @@ def build(name: str, root: Path, cache: Path) -> System | str:
 
 
 async def run_system(sys_: System, rates: Sequence[int], seconds: float,
-                     warm_s: float) -> list[dict[str, Any]]:
+                     warm_s: float, prof: bm.Profiler) -> list[dict[str, Any]]:
     rng = random.Random(13)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=64))
     out = []
@@ -603,7 +603,10 @@ async def run_system(sys_: System, rates: Sequence[int], seconds: float,
         await paced(sys_, http, 100, warm_s, "warm", rng)
         await asyncio.sleep(0.5)
         for r in rates:
+            if isinstance(sys_, MeshSystem):
+                prof.start(f"r{r}", sys_.cl.nodes, seconds)
             res = await measure(sys_, http, r, seconds, rng)
+            prof.collect()
             console.print(f"  {sys_.name} {r}/s: achieved {res['achieved']:.0f}/s, "
                           f"vis p99 {res['vis_p99_ms']:.1f} ms, "
                           f"{res['cpu_ms_per_sale']:.2f} ms CPU/sale, "
@@ -660,7 +663,7 @@ def table(results: dict[str, Any], rates: Sequence[int]) -> None:
                   "system and this one (a shared machine's noise).")
 
 
-async def run_all(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+async def run_all(args: argparse.Namespace, root: Path, prof: bm.Profiler) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in args.only or ["central", "storemesh", "pycrdt", "pouchdb"]:
         console.rule(f"[bold]{name}")
@@ -670,7 +673,7 @@ async def run_all(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             results[name] = {"skipped": s}
             continue
         try:
-            runs = await run_system(s, args.rates, args.seconds, args.warm)
+            runs = await run_system(s, args.rates, args.seconds, args.warm, prof)
         except (RuntimeError, TimeoutError, OSError) as e:
             console.print(f"  [red]{name} failed: {e!r}[/]")
             results[name] = {"skipped": f"failed: {e!r}"[:200]}
@@ -689,7 +692,16 @@ def main(argv: list[str] | None = None) -> int:
                     choices=("central", "storemesh", "pycrdt", "pouchdb"))
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                     help="where the peers are installed (default .bench-peers/)")
+    ap.add_argument("--profile", metavar="DIR", type=Path, default=None,
+                    help="py-spy the storemesh nodes during each rate into DIR (perturbs "
+                         "the figures; not for the record)")
+    ap.add_argument("--py-spy", default=shutil.which("py-spy")
+                    or (str(DEFAULT_CACHE / "py" / "bin" / "py-spy")
+                        if (DEFAULT_CACHE / "py" / "bin" / "py-spy").exists() else None))
     args = ap.parse_args(argv)
+    if args.profile is not None and not args.py_spy:
+        ap.error("--profile needs py-spy (pip install py-spy, or --py-spy PATH)")
+    prof = bm.Profiler(args.py_spy if args.profile else None, args.profile)
     if args.seconds is None:
         args.seconds = 3.0 if args.quick else 10.0
     if args.warm is None:
@@ -706,11 +718,13 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"calibration: Ed25519 verify {cal['verify_per_cpu_s']:,.0f}/CPU-s")
     t0 = time.perf_counter()
     try:
-        results = asyncio.run(run_all(args, root))
+        results = asyncio.run(run_all(args, root, prof))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     table(results, args.rates)
+    if prof.on:
+        bm.print_profiles(prof)
     console.print(f"total {time.perf_counter() - t0:.0f} s; load average now "
                   f"{os.getloadavg()[0]:.2f}")
     if args.json is not None:
