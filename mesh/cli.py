@@ -315,6 +315,10 @@ def _run_node(data_dir: Path, given: dict[str, Any], token: str | None, node_id:
 
     from mesh import runtime
 
+    try:
+        runtime.loop_kind()
+    except ValueError as exc:  # STOREMESH_LOOP: the operator's setting
+        raise UserError(str(exc)) from None
     runtime.run(_serve("node", start, close, ready))
 
 

@@ -69,14 +69,8 @@ class LoopClock:
         return self.loop.call_at(monotonic_ms / 1000.0, fn)
 
     def call_soon(self, fn: Callable[[], None]) -> None:
-        # Thread-safe: storage futures complete on the ledger's writer thread. From the
-        # loop's own thread (a session's reader queueing a drain: once per message) the
-        # plain call_soon does, without waking the loop through its self-pipe (a write and
-        # a read system call each time).
-        if asyncio._get_running_loop() is self.loop:
-            self.loop.call_soon(fn)
-        else:
-            self.loop.call_soon_threadsafe(fn)
+        # thread-safe: storage futures complete on the ledger's writer thread
+        self.loop.call_soon_threadsafe(fn)
 
 
 class ThreadWorker:

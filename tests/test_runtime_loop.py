@@ -1,6 +1,5 @@
 """The event loop a node runs on (``mesh.runtime.run``): asyncio unless
-``STOREMESH_LOOP=uvloop``; a bad value is the operator's mistake and says so. And the
-clock's ``call_soon``, which a session calls once per message."""
+``STOREMESH_LOOP=uvloop``; a bad value is the operator's mistake and says so."""
 
 from __future__ import annotations
 
@@ -38,34 +37,3 @@ def test_uvloop_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert runtime.loop_kind() == "uvloop"
     assert runtime.run(_loop_module()).startswith("uvloop")
 
-
-def test_loop_clock_call_soon_from_the_loop_and_from_a_thread() -> None:
-    """From the loop's thread, no self-pipe wake-up (call_soon_threadsafe); from another
-    thread (the ledger's writer), still thread-safe."""
-    import threading
-
-    async def main() -> list[str]:
-        loop = asyncio.get_running_loop()
-        clock = runtime.LoopClock(loop)
-        threadsafe_calls: list[int] = []
-        real = loop.call_soon_threadsafe
-
-        def counting(fn, *args):  # type: ignore[no-untyped-def]
-            threadsafe_calls.append(threading.get_ident())
-            return real(fn, *args)
-
-        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
-        ran: list[str] = []
-        done = asyncio.Event()
-        clock.call_soon(lambda: ran.append("loop"))
-        await asyncio.sleep(0)
-        assert threadsafe_calls == []
-        t = threading.Thread(target=clock.call_soon,
-                             args=(lambda: (ran.append("thread"), done.set()),))
-        t.start()
-        t.join()
-        await asyncio.wait_for(done.wait(), 5)
-        assert len(threadsafe_calls) == 1 and threadsafe_calls[0] != threading.get_ident()
-        return ran
-
-    assert asyncio.run(main()) == ["loop", "thread"]
