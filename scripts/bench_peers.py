@@ -28,7 +28,8 @@ ack to visibility at ALL the other replicas (the till or node that sold it exclu
 CPU per sale over every process of the system (utime + stime from /proc, gross, over the
 window from the first sale until the last was visible everywhere), LAN bytes per sale
 (TCP payload bytes, from ``ss -ti``, on the sockets between the system's processes; for
-the central server, between the tills and the server), whether the ack means durable,
+the central server, between the tills and the server; for PouchDB, whose replication
+opens a connection per request, from the edge's own socket counters), whether the ack means durable,
 and whether every replica ended with every sale. Ratios against the central baseline
 close the table.
 
@@ -233,6 +234,10 @@ class System:
         """Every replica holds every acknowledged sale."""
         raise NotImplementedError
 
+    async def lan_bytes(self) -> int | None:
+        """LAN bytes so far as the system counts them itself; None: use the socket meter."""
+        return None
+
     async def stop(self) -> None:
         raise NotImplementedError
 
@@ -249,6 +254,7 @@ class LineProcs(System):
         self.acks: dict[str, asyncio.Future[float]] = {}
         self.readers: list[asyncio.Task[None]] = []
         self.till_of: list[int] = []  # process index -> till index (-1: the server)
+        self._bytes: asyncio.Future[int] | None = None
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.aprocs]
@@ -284,6 +290,8 @@ class LineProcs(System):
                 fut = acks.pop(rest, None)
                 if fut is not None and not fut.done():
                     fut.set_exception(RuntimeError(f"sale {rest} refused"))
+            elif kind == "bytes" and self._bytes is not None and not self._bytes.done():
+                self._bytes.set_result(int(rest))
             elif kind == "ready" and not self.ready[i].done():
                 self.ready[i].set_result(rest)
         if not self.ready[i].done():
@@ -333,6 +341,9 @@ class LineProcs(System):
 
 
 class PouchSystem(LineProcs):
+    """LAN bytes from the edge's own socket counters: every replication request goes
+    through it, on a new connection each time (``Connection: close``)."""
+
     name = "pouchdb"
     durable = "no: LevelDB, no fsync"
     topology = "pouchdb-server edge + 3 LevelDB tills, live sync"
@@ -351,6 +362,13 @@ class PouchSystem(LineProcs):
             await self.spawn(["node", str(PEERS / "pouch_till.js"), str(self.root / f"till-{t}"),
                               f"http://127.0.0.1:{port}/store", f"t{t}"], t, self.env)
         await asyncio.gather(*(self.wait_ready(i) for i in range(1, TILLS + 1)))
+
+    async def lan_bytes(self) -> int | None:
+        edge = self.aprocs[0]
+        assert edge.stdin is not None
+        self._bytes = asyncio.get_running_loop().create_future()
+        edge.stdin.write(b"bytes\n")
+        return await asyncio.wait_for(self._bytes, bm.REQUEST_TIMEOUT_S)
 
 
 class YcrdtSystem(LineProcs):
@@ -537,6 +555,7 @@ async def measure(sys_: System, http: aiohttp.ClientSession, rate: int, seconds:
     pids = sys_.pids()
     lan = LanMeter(sys_.lan_pids())
     await lan.begin()
+    own0 = await sys_.lan_bytes()
     cpu0, busy0, w0 = cpu_of(pids), bm.machine_busy(), time.perf_counter()
     self0 = time.process_time()
     sales, t0, shed = await paced(sys_, http, rate, seconds, f"r{rate}", rng)
@@ -550,6 +569,9 @@ async def measure(sys_: System, http: aiohttp.ClientSession, rate: int, seconds:
     cpu, wall = cpu_of(pids) - cpu0, time.perf_counter() - w0
     other = max(0.0, bm.machine_busy() - busy0 - cpu - (time.process_time() - self0)) / wall
     lan_bytes = await lan.end()
+    own1 = await sys_.lan_bytes()
+    if own0 is not None and own1 is not None:
+        lan_bytes = own1 - own0
     vis: list[float] = []
     missing = 0
     for s in ok:
