@@ -325,7 +325,13 @@ def _run_node(data_dir: Path, given: dict[str, Any], token: str | None, node_id:
         if lock is not None:
             lock.release()
 
-    asyncio.run(_serve("node", start, close, ready))
+    from mesh import runtime
+
+    try:
+        runtime.loop_kind()
+    except ValueError as exc:  # STOREMESH_LOOP: the operator's setting
+        raise UserError(str(exc)) from None
+    runtime.run(_serve("node", start, close, ready))
 
 
 async def _join_node(data_dir: Path, token: str, url: str | None, interface: str | None,
@@ -427,7 +433,9 @@ def cloud_run(root: Path, http_host: str, http_port: int, insecure_plaintext: bo
                      insecure_plaintext=insecure_plaintext, tls_cert=tls_cert,
                      tls_key=tls_key)
     try:
-        asyncio.run(_serve("cloud", start, node.close, ready))
+        from mesh import runtime
+
+        runtime.run(_serve("cloud", start, node.close, ready))
     except KeyboardInterrupt:
         _interrupted_before_start("cloud")
 

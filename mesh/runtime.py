@@ -8,17 +8,47 @@ that decides behaviour is in ``mesh.driver``.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from mesh import transport
 from mesh.ports import Cancel
 
-__all__ = ["LoopClock", "SessionTransport", "ThreadWorker"]
+__all__ = ["LOOP_ENV", "LoopClock", "SessionTransport", "ThreadWorker", "loop_kind", "run"]
 
 T = TypeVar("T")
+
+#: ``STOREMESH_LOOP=uvloop`` runs a node on uvloop (``pip install uvloop``) instead of the
+#: standard library's loop. Not the default: it measured no gain on the receive path
+#: (within ±2 %, docs/benchmarks.md, issue 13).
+LOOP_ENV = "STOREMESH_LOOP"
+
+
+def loop_kind() -> str:
+    """The event loop ``run`` will use: ``asyncio`` unless ``STOREMESH_LOOP=uvloop``."""
+    want = os.environ.get(LOOP_ENV, "").strip().lower() or "asyncio"
+    if want not in ("asyncio", "uvloop"):
+        raise ValueError(f"{LOOP_ENV} must be 'asyncio' or 'uvloop', not {want!r}")
+    if want == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            raise ValueError(f"{LOOP_ENV}=uvloop but uvloop is not installed "
+                             "(pip install uvloop)") from None
+    return want
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on the loop ``loop_kind`` names."""
+    if loop_kind() == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    return asyncio.run(main)
 
 
 class LoopClock:

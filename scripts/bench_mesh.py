@@ -72,7 +72,6 @@ import orjson
 from bench import harness
 from bench.catchup import section_catchup
 from bench.harness import (
-    _MESH_FILES,
     FULL,
     GOAL_CATCHUP_S,
     GOAL_P99_MS,
@@ -85,6 +84,7 @@ from bench.harness import (
     code_fingerprint,
     console,
     git_head,
+    print_profiles,
     rate,
     snapshot_code,
 )
@@ -96,7 +96,6 @@ from benchkit import (  # scripts/ is on sys.path when run as a script
     print_summary,
     run_dir,
 )
-from rich.table import Table
 
 
 def summary(results: dict[str, Any], sz: Sizes) -> list[dict[str, Any]]:
@@ -184,24 +183,6 @@ def summary(results: dict[str, Any], sz: Sizes) -> list[dict[str, Any]]:
     return rows
 
 
-def print_profiles(prof: Profiler) -> dict[str, Any]:
-    rep = prof.report()
-    for key, r in rep.items():
-        if not r["samples"]:
-            continue
-        t = Table(title=f"py-spy {key}: {r['samples']:,} samples; threads "
-                        + ", ".join(f"{k} {v}" for k, v in r["threads"].items()))
-        t.add_column("self", justify="right")
-        t.add_column("function (self time)")
-        t.add_column("incl.", justify="right")
-        t.add_column("mesh function (inclusive)")
-        ours = [(f, v) for f, v in r["inclusive"] if f.split(" (")[-1].rstrip(")")
-                in _MESH_FILES][:len(r["self"])]
-        for i, (f, share) in enumerate(r["self"]):
-            g, gs = ours[i] if i < len(ours) else ("", 0.0)
-            t.add_row(f"{share:.1%}", f, f"{gs:.1%}" if g else "", g)
-        console.print(t)
-    return rep
 
 
 # --- main --------------------------------------------------------------------------------

@@ -931,3 +931,23 @@ def visibility_table(title: str, runs: Sequence[dict[str, Any]]) -> None:
         "saw an SSE event carrying their own origin/seq for "
         + ", ".join(f"{k} {v:.0%}" for k, v in last["own_event_share"].items())
         + " of their own sales.")
+
+
+def print_profiles(prof: Profiler) -> dict[str, Any]:
+    rep = prof.report()
+    for key, r in rep.items():
+        if not r["samples"]:
+            continue
+        t = Table(title=f"py-spy {key}: {r['samples']:,} samples; threads "
+                        + ", ".join(f"{k} {v}" for k, v in r["threads"].items()))
+        t.add_column("self", justify="right")
+        t.add_column("function (self time)")
+        t.add_column("incl.", justify="right")
+        t.add_column("mesh function (inclusive)")
+        ours = [(f, v) for f, v in r["inclusive"] if f.split(" (")[-1].rstrip(")")
+                in _MESH_FILES][:len(r["self"])]
+        for i, (f, share) in enumerate(r["self"]):
+            g, gs = ours[i] if i < len(ours) else ("", 0.0)
+            t.add_row(f"{share:.1%}", f, f"{gs:.1%}" if g else "", g)
+        console.print(t)
+    return rep
