@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -56,3 +57,28 @@ def _no_leftover_token() -> None:
     from tests import meshkit
 
     meshkit.reset_tokens()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():  # type: ignore[no-untyped-def]
+    """A throw-away PostgreSQL server on a Unix socket (``tests.pgkit``), one per test
+    session; skips with the reason only where it cannot be installed or started."""
+    pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver) is not installed")
+    from tests.pgkit import PgCluster, PgUnavailable
+
+    try:
+        cluster = PgCluster().start()
+    except PgUnavailable as exc:
+        pytest.skip(f"no PostgreSQL here: {exc}")
+    yield cluster
+    cluster.stop()
+
+
+_pg_dbs = [0]
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster) -> str:  # type: ignore[no-untyped-def]
+    """A fresh, empty database on the session's PostgreSQL: its DSN."""
+    _pg_dbs[0] += 1
+    return str(pg_cluster.create_database(f"t{os.getpid()}_{_pg_dbs[0]}"))
