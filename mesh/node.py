@@ -81,6 +81,7 @@ class Node:
         max_bytes: int | None = None, wan_peers: Sequence[str] = (), serve: bool = True,
         wan: bool = False, insecure_plaintext: bool = False,
         cert_validity_ms: int | None = None,
+        storage: Callable[[NodeIdentity], Ledger] | None = None,
     ) -> None:
         """``peers``: static LAN peer URLs. ``wan_peers``: URLs reached over the WAN (the
         cloud: compressed, batched). ``serve=False``: do not listen; the caller mounts
@@ -89,7 +90,10 @@ class Node:
         CA (``mesh.tls``); ``insecure_plaintext``: plain HTTP and ``ws://``, refused
         unless ``http_host`` is a loopback address (development only).
         ``cert_validity_ms``: on the edge, how long the certificates it issues and
-        renews are valid (default ``config.CERT_VALIDITY_MS``)."""
+        renews are valid (default ``config.CERT_VALIDITY_MS``). ``storage``: makes the
+        ledger from the node's identity instead of ``DIR/ledger.sqlite`` (the cloud on
+        PostgreSQL: ``mesh.pgstore.PgLedger``)."""
+        self.storage = storage
         self.data_dir = Path(data_dir)
         self.http_host = http_host
         self.http_port = http_port
@@ -160,7 +164,8 @@ class Node:
         whatever was opened (a rebuild under way is finished first, then closed)."""
         self._lock = lock_data_dir(self.data_dir)
         opening = asyncio.ensure_future(asyncio.to_thread(
-            DurableReplica.open, self.data_dir, self.snapshot_every, self.max_bytes))
+            DurableReplica.open, self.data_dir, self.snapshot_every, self.max_bytes,
+            self.storage))
         try:
             self.durable = await asyncio.shield(opening)
         except asyncio.CancelledError:

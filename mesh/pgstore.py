@@ -333,7 +333,7 @@ class PgLedger:
             rows.append((self.store_id, first + i, e.origin, e.seq, e.hlc, e.hash, e.raw,
                          kind, sku, qty))
             if kind in _MOVEMENTS and sku is not None and qty is not None:
-                agg = rollup.setdefault((sku, e.hlc // HOUR_MS * HOUR_MS, kind), [0, 0])
+                agg = rollup.setdefault((sku, (e.hlc >> 16) // HOUR_MS * HOUR_MS, kind), [0, 0])
                 agg[0] += 1
                 agg[1] += qty
         try:
