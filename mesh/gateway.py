@@ -68,13 +68,6 @@ DEFAULT_TTL_S: Final = 6.0
 #: is spread over a few ticks instead of a burst of rebuilds.
 MAX_MOVES_PER_TICK: Final = 16
 
-_GATEWAYS: Final = """
-CREATE TABLE IF NOT EXISTS gateways (
-    gateway text        PRIMARY KEY,
-    url     text        NOT NULL,
-    seen_at timestamptz NOT NULL
-);
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +108,6 @@ class Gateway:
         await asyncio.to_thread(ensure_schema, self.dsn)
         self._conn = await psycopg.AsyncConnection.connect(
             self.dsn, autocommit=True, connect_timeout=10, application_name=self.id)
-        await self._conn.execute(_GATEWAYS)
         for d in dirs:
             self.dirs[d.name] = d
             self.cloud.app.add_subapp(f"/stores/{d.name}/", self._slot(d.name))

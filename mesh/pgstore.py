@@ -108,6 +108,11 @@ CREATE TABLE IF NOT EXISTS leases (
     epoch      bigint      NOT NULL,   -- +1 on every change of holder
     expires_at timestamptz NOT NULL
 );
+CREATE TABLE IF NOT EXISTS gateways (
+    gateway text        PRIMARY KEY,  -- mesh.gateway: live ones are seen within a ttl
+    url     text        NOT NULL,
+    seen_at timestamptz NOT NULL
+);
 CREATE OR REPLACE VIEW sales_hourly AS
     SELECT store_id, sku, hour_ms, events AS sales, -qty AS units
     FROM movements_hourly WHERE kind = 'sale';

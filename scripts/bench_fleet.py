@@ -212,8 +212,11 @@ async def main() -> None:
         try:
             for n in (int(x) for x in args.gateways.split(",")):
                 results.append(await run_once(pg, base, n, stores, sales, console))
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
+                console.print(f"  G={n}: {results[-1]}")
+        except BaseException:
+            console.print(f"failed: logs kept in {base}")
+            raise
+        shutil.rmtree(base, ignore_errors=True)
     table = Table(title=f"Cloud ingest on PostgreSQL ({stores} stores, {os.cpu_count()} "
                         f"cores; CPU ms per 1,000 envelopes)")
     for col in ("gateways", "envelopes", "s", "env/s", "env/s/gw", "gw ms/kenv",
