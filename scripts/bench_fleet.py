@@ -128,10 +128,13 @@ def _count(dsn: str) -> int:
         return int(row[0]) if row else 0
 
 
-def _leased(dsn: str) -> int:
+def _leases(dsn: str) -> tuple[dict[str, int], int]:
+    """Live leases per gateway, and the sum of epochs (it grows with every move)."""
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM leases WHERE expires_at > now()").fetchone()
-        return int(row[0]) if row else 0
+        per = dict(conn.execute("SELECT gateway, count(*) FROM leases WHERE expires_at > "
+                                "now() GROUP BY gateway").fetchall())
+        row = conn.execute("SELECT COALESCE(sum(epoch), 0) FROM leases").fetchone()
+    return {str(g): int(n) for g, n in per.items()}, int(row[0]) if row else 0
 
 
 async def run_once(pg: PgCluster, base: Path, n_gw: int, stores: int, sales: int,
@@ -157,26 +160,43 @@ async def run_once(pg: PgCluster, base: Path, n_gw: int, stores: int, sales: int
     try:
         for g in gws:
             await g.ready()
+        # Timed only once the fair share settled: every store leased, no gateway above
+        # its share, and no lease moved for 5 s (hand-overs happen at ticks: ttl/3).
         deadline = time.monotonic() + START_S
-        while await asyncio.to_thread(_leased, dsn) < stores:
+        share = -(-stores // n_gw)
+        last: tuple[dict[str, int], int] | None = None
+        stable_since = time.monotonic()
+        while True:
             if time.monotonic() > deadline:
-                raise TimeoutError("the gateways did not lease every store")
+                raise TimeoutError(f"the gateways did not settle: {last}")
+            now = await asyncio.to_thread(_leases, dsn)
+            if now != last:
+                last, stable_since = now, time.monotonic()
+            elif sum(now[0].values()) == stores and max(now[0].values()) <= share \
+                    and time.monotonic() - stable_since >= 5:
+                break
             await asyncio.sleep(0.2)
-        await asyncio.sleep(3)  # let the fair share settle (hand-overs) before timing
+        epochs0 = last[1]
+        await fleet.start(connect=False)  # opened before the clock; dialled at t0
         cpu0 = {g.proc.pid: _cpu_s(g.proc.pid) for g in gws}
         pg0, me0 = pg.backend_cpu_s(), _self_cpu_s()
         t0 = time.monotonic()
-        await fleet.start()
+        fleet.connect()
+        connected_s: float | None = None
         got = 0
         while got < expected:
             if time.monotonic() - t0 > INGEST_S:
                 raise TimeoutError(f"ingest: {got}/{expected} after {INGEST_S} s")
             await asyncio.sleep(0.1)
+            if connected_s is None and all(
+                    any(p.startswith("cloud-") for p in n.sessions) for n in fleet.nodes.values()):
+                connected_s = time.monotonic() - t0
             got = await asyncio.to_thread(_count, dsn)
         secs = time.monotonic() - t0
         gw_cpu = sum(_cpu_s(p) - c for p, c in cpu0.items())
         pg_cpu = pg.backend_cpu_s() - pg0
         me_cpu = _self_cpu_s() - me0
+        moves = (await asyncio.to_thread(_leases, dsn))[1] - epochs0
     finally:
         await fleet.close()
         for g in gws:
@@ -189,7 +209,9 @@ async def run_once(pg: PgCluster, base: Path, n_gw: int, stores: int, sales: int
             "gateway_ms_per_kenv": 1e6 * gw_cpu / expected,
             "pg_ms_per_kenv": 1e6 * pg_cpu / expected,
             "edges_ms_per_kenv": 1e6 * me_cpu / expected,
-            "cpu_util": (gw_cpu + pg_cpu + me_cpu) / secs}
+            "cpu_util": (gw_cpu + pg_cpu + me_cpu) / secs,
+            "all_connected_s": connected_s, "lease_moves_while_timed": moves,
+            "share": last[0]}
 
 
 async def main() -> None:
@@ -201,7 +223,7 @@ async def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args()
     stores = args.stores or (10 if args.quick else 40)
-    sales = args.sales or (100 if args.quick else 400)
+    sales = args.sales or (100 if args.quick else 1000)
     console = Console()
     console.print(f"bench_fleet: {stores} stores x {sales} sales, gateways "
                   f"{args.gateways}, {os.cpu_count()} cores")

@@ -50,6 +50,10 @@ def provision(base: Path, cloud_root: Path, n: int, *, prefix: str = "st") -> li
     return stores
 
 
+def _receive(r: Replica, *, txn: str, now_ms: int) -> CommandResult:
+    return r.receive(SKU, STOCK, txn=txn, now_ms=now_ms)
+
+
 def _sell(r: Replica, *, txn: str, now_ms: int) -> CommandResult:
     return r.sell(SKU, 1, txn=txn, now_ms=now_ms)
 
@@ -68,18 +72,35 @@ class Fleet:
     acked: dict[str, int] = field(default_factory=dict)
     failed: int = 0
 
-    async def start(self) -> None:
-        for s in self.stores:
-            node = Node(self.base / s / "edge", serve=False, discovery=False,
-                        wan_peers=[f"{u}/stores/{s}" for u in self.clouds],
-                        insecure_plaintext=self.plaintext, advertise=False)
-            self.nodes[s] = node
-            await node.start()
-            if node.replica.on_hand(SKU) == 0:
-                await node.execute(partial(lambda r, t: r.receive(SKU, STOCK, txn=t,
-                                                                  now_ms=_now_ms()),
-                                           t=f"{s}-stock"))
-            self.acked.setdefault(s, 0)
+    async def start(self, *, concurrency: int = 16, connect: bool = True) -> None:
+        """Start every edge (``concurrency`` at a time) and stock it on first start;
+        ``connect=False``: do not dial the cloud yet (``connect`` does, for all at once:
+        a benchmark's clock then starts with every edge already open)."""
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(s: str) -> None:
+            async with sem:
+                node = Node(self.base / s / "edge", serve=False, discovery=False,
+                            wan_peers=[f"{u}/stores/{s}" for u in self.clouds]
+                            if connect else [],
+                            insecure_plaintext=self.plaintext, advertise=False)
+                self.nodes[s] = node
+                await node.start()
+                if node.replica.on_hand(SKU) == 0:
+                    await node.execute(partial(_receive, txn=f"{s}-stock", now_ms=_now_ms()))
+                self.acked.setdefault(s, 0)
+        async with asyncio.TaskGroup() as tg:
+            for s in self.stores:
+                tg.create_task(one(s))
+
+    def connect(self) -> None:
+        """Dial the cloud URLs from every edge started with ``connect=False``."""
+        for s, node in self.nodes.items():
+            for u in self.clouds:
+                url = f"{u}/stores/{s}"
+                if url not in node.wan_peers:
+                    node.wan_peers.append(url)
+                    node._ensure_dialer(url, wan=True, role="cloud")  # as Node.start does
 
     async def sell(self, store: str, n: int = 1) -> None:
         """``n`` sales at ``store``, one after the other, each acknowledged when durable."""
