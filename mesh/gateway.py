@@ -13,7 +13,8 @@ Invariants:
     lease, and every ledger write is fenced on it (``mesh.pgstore`` invariant 5), so a
     gateway that lost its lease cannot commit even before it notices.
  2. A lease expires ``ttl_s`` after its last renewal; the holder renews all its leases
-    every ``ttl_s / 3``. A gateway that dies (kill -9) stops renewing, so its leases
+    every ``ttl_s / 3``, on a thread of its own (``_Renewer``: a busy loop keeps
+    them). A gateway that dies (kill -9) stops renewing, so its leases
     expire within ``ttl_s`` and a live gateway acquires them at its next tick: a store
     is back within ``ttl_s + ttl_s / 3`` plus the node's rebuild from PostgreSQL plus
     the edge's redial backoff (``config.DIAL_BACKOFF_MAX_S``).
@@ -37,6 +38,8 @@ import logging
 import math
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -79,6 +82,65 @@ class Holder:
     live: bool
 
 
+class _Renewer:
+    """Heartbeat and lease renewal on a thread of its own (invariant 2), so that a busy
+    event loop (a catch-up of many stores verifying envelopes) does not lose leases it
+    is using. It renews only while the loop ticked within ``STALL_TICKS`` periods: a
+    wedged loop loses its stores within ``(STALL_TICKS + 3) x ttl / 3``."""
+
+    STALL_TICKS: Final = 9
+
+    def __init__(self, dsn: str, gateway: str, ttl_s: float) -> None:
+        self.dsn, self.gateway, self.ttl_s = dsn, gateway, ttl_s
+        self.url = ""
+        self.loop_seen = time.monotonic()
+        self.renewals = 0
+        self._conn: psycopg.Connection[Any] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"renew {gateway}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        elif self._conn is not None:
+            self._conn.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            if time.monotonic() - self.loop_seen > self.STALL_TICKS * self.ttl_s / 3:
+                log.error("gateway %s: event loop stalled; leases left to expire",
+                          self.gateway)
+                continue
+            self.renew_once()
+        if self._conn is not None:
+            self._conn.close()
+
+    def renew_once(self) -> None:
+        try:
+            if self._conn is None:
+                self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5,
+                                             application_name=f"{self.gateway}-renew")
+            self._conn.execute(
+                "INSERT INTO gateways (gateway, url, seen_at) VALUES (%s, %s, now()) "
+                "ON CONFLICT (gateway) DO UPDATE SET url = excluded.url, seen_at = now()",
+                (self.gateway, self.url))
+            self._conn.execute(
+                "UPDATE leases SET expires_at = now() + make_interval(secs => %s) "
+                "WHERE gateway = %s AND expires_at > now()", (self.ttl_s, self.gateway))
+            self.renewals += 1
+        except psycopg.Error as exc:  # the database is away: leases lapse meanwhile
+            log.warning("gateway %s: lease renewal failed: %s", self.gateway, exc)
+            with contextlib.suppress(psycopg.Error):
+                if self._conn is not None:
+                    self._conn.close()
+            self._conn = None
+
+
 class Gateway:
     """The lease keeper and the store mounts of one ``CloudNode`` in gateway mode."""
 
@@ -100,6 +162,7 @@ class Gateway:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
+        self._renewer = _Renewer(dsn, self.id, ttl_s)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -115,12 +178,16 @@ class Gateway:
 
     async def start(self) -> None:
         """After the server listens (its URL is known): first leases, then the loop."""
+        self._renewer.url = self.cloud.url
+        self._renewer.renew_once()  # heartbeat before the first tick counts the live ones
+        self._renewer.start()
         await self.tick()
         self._task = asyncio.create_task(self._loop(), name=f"gateway {self.id}")
 
     async def close(self) -> None:
         """Hand every store over (node closed first, then the lease released) and leave."""
         self._closed = True
+        self._renewer.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -168,14 +235,10 @@ class Gateway:
         async with self._lock:
             if self._closed:
                 return
-            await self._sql(
-                "INSERT INTO gateways (gateway, url, seen_at) VALUES (%s, %s, now()) "
-                "ON CONFLICT (gateway) DO UPDATE SET url = excluded.url, seen_at = now()",
-                (self.id, self.cloud.url))
-            kept = {r[0] for r in await self._sql(
-                "UPDATE leases SET expires_at = now() + make_interval(secs => %s) "
-                "WHERE gateway = %s AND expires_at > now() RETURNING store_id",
-                (self.ttl_s, self.id))}
+            self._renewer.loop_seen = time.monotonic()
+            kept = {r[0] for r in await self._sql(  # the renewer thread renews them
+                "SELECT store_id FROM leases WHERE gateway = %s AND expires_at > now()",
+                (self.id,))}
             for store_id in [s for s in self.cloud.nodes if s not in kept]:
                 log.warning("gateway %s lost the lease of store %s", self.id, store_id)
                 await self._drop(store_id, release=False, why="lost")

@@ -135,7 +135,8 @@ async def test_a_gateway_that_stops_renewing_loses_its_stores(tmp_path: Path,
     g2 = _gateway(root, pg_dsn, "g2", p2)
     try:
         assert g1.gateway is not None and g1.gateway._task is not None
-        g1.gateway._task.cancel()  # g1 stops renewing but keeps its node open
+        g1.gateway._task.cancel()  # g1 stops renewing (as if its process were
+        g1.gateway._renewer.stop()  # gone) but keeps its node open
         node = g1.nodes[stores[0]]
         await g2.start()
         t0 = time.monotonic()
