@@ -131,8 +131,9 @@ def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection[Any]:
     try:
         return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10,
                                application_name="storemesh")
-    except psycopg.Error as exc:
-        raise LedgerError(f"cannot connect to PostgreSQL: {exc}") from exc
+    except psycopg.Error as exc:  # libpq's message has a hint on a second line
+        why = " ".join(str(exc).split())
+        raise LedgerError(f"cannot connect to PostgreSQL: {why}") from exc
 
 
 def ensure_schema(dsn: str) -> None:

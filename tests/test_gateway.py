@@ -18,7 +18,7 @@ import psycopg
 
 from mesh.cloud import CloudNode
 from mesh.ledger import Ledger
-from mesh.pganalytics import setup_pg_analytics
+from mesh.pganalytics import setup_pg_dashboard
 from mesh.pgstore import PgLedger
 from mesh.testing.fleet import SKU, Fleet, provision
 from tests import meshkit as mk
@@ -39,7 +39,7 @@ def test_pg_ledger_has_the_sqlite_ledgers_public_surface() -> None:
 def _gateway(root: Path, dsn: str, gid: str, port: int) -> CloudNode:
     cloud = CloudNode(root, http_host="127.0.0.1", http_port=port, insecure_plaintext=True,
                       database=dsn, gateway_id=gid, lease_ttl_s=1.5)
-    cloud.setup_hooks.append(setup_pg_analytics)
+    cloud.setup_hooks.append(setup_pg_dashboard)
     return cloud
 
 
@@ -99,6 +99,25 @@ async def test_two_gateways_share_the_stores_by_lease(tmp_path: Path, pg_dsn: st
         await fleet.sell_all(15)
         await _converged(fleet, pg_dsn, 40)
 
+        # A gateway that does not hold a store sends its API to the holder, and refuses
+        # its sync path (the edge keeps the holder's session).
+        import aiohttp
+
+        other = moved[0]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{g1.url}/stores/{other}/v1/health",
+                                allow_redirects=False) as resp:
+                assert resp.status == 307, await resp.text()
+                assert resp.headers["Location"] == f"{g2.url}/stores/{other}/v1/health"
+            async with http.get(f"{g1.url}/stores/{other}/v1/sync") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["holder"] == g2.url
+            async with http.get(f"{g1.url}/v1/gateways") as resp:
+                assert resp.status == 200
+                body = await resp.json()
+                assert sorted(body["serving"]) == sorted(g1.nodes)
+                assert {lease["gateway"] for lease in body["leases"]} == {"g1", "g2"}
+
         await g1.close()  # graceful: hands its stores over at once
         await _serving(g2, 4, 15)
         await fleet.sell_all(10)
@@ -108,8 +127,19 @@ async def test_two_gateways_share_the_stores_by_lease(tmp_path: Path, pg_dsn: st
         # The fleet view in SQL, served by the gateway, says the same.
         async with mk.hq_session(g2.url) as http:
             body = await mk.get_json(http, g2.url, "/v1/fleet/sales?hours=24")
-        assert {r["store"]: r["sales"] for r in body["by_store"]} == fleet.acked
-        assert body["totals"]["sales"] == 160
+            assert {r["store"]: r["sales"] for r in body["by_store"]} == fleet.acked
+            assert body["totals"]["sales"] == 160
+            stock = await mk.get_json(http, g2.url, "/v1/fleet/stock")
+            (row,) = stock["stock"]
+            assert row["sku"] == SKU and row["on_hand"] == 4 * (1_000_000 - 40)
+            assert row["reserved_known"] is True
+            health = await mk.get_json(http, g2.url, "/v1/fleet/health")
+            assert {h["store"]: h["gateway"] for h in health["stores"]} == \
+                {s: "g2" for s in stores}
+            exc = await mk.get_json(http, g2.url, "/v1/fleet/exceptions")
+            assert exc["exceptions"] == [] and exc["partial"] is False
+            async with http.get(g2.url + "/") as resp:
+                assert resp.status == 200  # the dashboard page
     finally:
         await fleet.close()
         if g2 is not None:
