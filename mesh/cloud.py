@@ -191,6 +191,12 @@ class CloudNode:
         node.url = f"{self.url}/stores/{node.identity.store_id}"
         self.nodes[node.identity.store_id] = node
 
+    def unserve_store(self, store_id: str) -> Node | None:
+        """A gateway lost or handed over ``store_id``: stop routing to it and stop
+        presenting its certificate (its edge fails over at the TLS handshake)."""
+        self._sni.pop(sni_name(store_id), None)
+        return self.nodes.pop(store_id, None)
+
     def _tls_refused(self, reason: str) -> None:
         """A TLS handshake failed before any store was chosen: counted fleet-wide."""
         self.tls_refused[reason] = self.tls_refused.get(reason, 0) + 1

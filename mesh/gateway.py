@@ -315,7 +315,7 @@ class Gateway:
                  node.durable.rebuild_stats.replayed)
 
     async def _drop(self, store_id: str, *, release: bool, why: str) -> None:
-        node = self.cloud.nodes.pop(store_id, None)
+        node = self.cloud.unserve_store(store_id)
         runner = self.runners.pop(store_id, None)
         if node is not None:
             await node.close()
