@@ -174,7 +174,6 @@ class Gateway:
         for d in dirs:
             self.dirs[d.name] = d
             self.cloud.app.add_subapp(f"/stores/{d.name}/", self._slot(d.name))
-        self.cloud.app.router.add_get("/v1/gateways", self._status)
 
     async def start(self) -> None:
         """After the server listens (its URL is known): first leases, then the loop."""
@@ -351,7 +350,8 @@ class Gateway:
                                               query_string=request.query_string))
         return await node.app._handle(sub)
 
-    async def _status(self, request: web.Request) -> web.Response:
+    async def status(self, request: web.Request) -> web.Response:
+        """``GET /v1/fleet/gateways`` (behind the HQ login: ``mesh.pganalytics``)."""
         return web.json_response({
             "gateway": self.id, "url": self.cloud.url, "ttl_s": self.ttl_s,
             "live_gateways": self.live_gateways, "serving": sorted(self.cloud.nodes),

@@ -11,6 +11,7 @@ the fleet views from the one database, whichever stores it holds itself:
   CRDT state held by the store replicas, so ``reserved`` is given only for the stores
   this gateway serves (``reserved_known``)
 * ``GET /v1/fleet/health`` per store: envelopes, newest HLC and lag, the lease holder
+* ``GET /v1/fleet/gateways`` this gateway, the live ones, and who holds which lease
 * ``GET /v1/fleet/exceptions`` oversell exceptions from the replicas this gateway serves
   (the rule lives in the replica: ``mesh.analytics`` invariant 5), with ``partial``.
 
@@ -170,6 +171,8 @@ def setup_pg_analytics(cloud: CloudNode) -> None:
     fleet.router.add_get("/sales", pa.sales)
     fleet.router.add_get("/exceptions", pa.exceptions)
     fleet.router.add_get("/health", pa.health)
+    if cloud.gateway is not None:
+        fleet.router.add_get("/gateways", cloud.gateway.status)
     cloud.app.add_subapp("/v1/fleet/", fleet)
     cloud.app[_APP_KEY] = pa
 

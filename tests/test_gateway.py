@@ -112,11 +112,12 @@ async def test_two_gateways_share_the_stores_by_lease(tmp_path: Path, pg_dsn: st
             async with http.get(f"{g1.url}/stores/{other}/v1/sync") as resp:
                 assert resp.status == 503
                 assert (await resp.json())["holder"] == g2.url
-            async with http.get(f"{g1.url}/v1/gateways") as resp:
-                assert resp.status == 200
-                body = await resp.json()
-                assert sorted(body["serving"]) == sorted(g1.nodes)
-                assert {lease["gateway"] for lease in body["leases"]} == {"g1", "g2"}
+            async with http.get(f"{g1.url}/v1/fleet/gateways") as resp:
+                assert resp.status == 401  # behind the HQ login
+        async with mk.hq_session(g1.url) as http:
+            body = await mk.get_json(http, g1.url, "/v1/fleet/gateways")
+            assert sorted(body["serving"]) == sorted(g1.nodes)
+            assert {lease["gateway"] for lease in body["leases"]} == {"g1", "g2"}
 
         await g1.close()  # graceful: hands its stores over at once
         await _serving(g2, 4, 15)
