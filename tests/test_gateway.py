@@ -184,3 +184,36 @@ async def test_a_gateway_that_stops_renewing_loses_its_stores(tmp_path: Path,
     finally:
         await g2.close()
         await g1.close()
+
+
+@pytest.mark.asyncio
+async def test_a_database_crash_loses_nothing_acknowledged(tmp_path: Path, pg_cluster,  # type: ignore[no-untyped-def]
+                                                           pg_dsn: str) -> None:
+    """PostgreSQL crashes (immediate stop) and comes back while a gateway ingests: the
+    gateway's ledgers fail, recover and reconnect, its leases are renewed again, and
+    the cloud ends up holding exactly the sales the edges acknowledged."""
+    root = tmp_path / "cloud"
+    stores = provision(tmp_path / "edges", root, 2)
+    port = _port()
+    g1 = _gateway(root, pg_dsn, "g1", port)
+    await g1.start()
+    fleet = Fleet(tmp_path / "edges", stores, [f"http://127.0.0.1:{port}"])
+    try:
+        await fleet.start()
+        await fleet.sell_all(10)
+        await _converged(fleet, pg_dsn, 30)
+        selling = asyncio.create_task(fleet.sell_all(40))  # edges sell on meanwhile
+        data = str(pg_cluster.data)
+        res = await asyncio.to_thread(pg_cluster._run, "pg_ctl", "-D", data, "-m",
+                                      "immediate", "stop")
+        assert res.returncode == 0, res.stderr
+        await asyncio.sleep(0.5)
+        res = await asyncio.to_thread(pg_cluster._run, "pg_ctl", "-D", data, "-l",
+                                      str(pg_cluster.dir / "log"), "-w", "start")
+        assert res.returncode == 0, res.stderr
+        await selling
+        await _converged(fleet, pg_dsn, 60)
+        assert all(n == 50 for n in fleet.acked.values())
+    finally:
+        await fleet.close()
+        await g1.close()
