@@ -41,6 +41,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -155,6 +156,7 @@ class Gateway:
         self.dirs: dict[str, Path] = {}
         self.holders: dict[str, Holder] = {}
         self.runners: dict[str, web.AppRunner] = {}
+        self.opened_at: dict[str, datetime] = {}  # store -> when its node was opened
         self.live_gateways = 1
         #: (monotonic s, store, "took"/"handed"/"lost") of the latest lease changes
         self.moves: list[tuple[float, str, str]] = []
@@ -245,6 +247,7 @@ class Gateway:
                                    "now() - make_interval(secs => %s)", (self.ttl_s,))
             self.live_gateways = max(1, int(live[0][0]))
             await self._refresh_holders()
+            await self._save_egress(list(self.cloud.nodes))
             target = math.ceil(len(self.dirs) / self.live_gateways)
             held = sorted(self.cloud.nodes, key=self._rank)
             if len(held) > target:
@@ -308,12 +311,34 @@ class Gateway:
             await self._release(store_id)
             return
         self.runners[store_id] = runner
+        self.opened_at[store_id] = datetime.now(UTC)
         self.cloud.serve_store(node)
         self.moves.append((asyncio.get_running_loop().time(), store_id, "took"))
         log.info("gateway %s serves store %s (rebuilt %d rows)", self.id, store_id,
                  node.durable.rebuild_stats.replayed)
 
+    async def _save_egress(self, stores: list[str]) -> None:
+        """WAN bytes of the stores held, per hold (a node's counters start at zero), so
+        any gateway can answer a store's egress in SQL (``mesh.pganalytics``)."""
+        rows = []
+        for store_id in stores:
+            node, opened = self.cloud.nodes.get(store_id), self.opened_at.get(store_id)
+            if node is not None and opened is not None:
+                sent, received = node.wan_bytes()
+                rows.append((store_id, self.id, opened, sent, received))
+        if not rows or self._conn is None:
+            return
+        async with self._conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO egress (store_id, gateway, opened_at, sent, received, "
+                "updated_at) VALUES (%s, %s, %s, %s, %s, now()) ON CONFLICT (store_id, "
+                "gateway, opened_at) DO UPDATE SET sent = excluded.sent, received = "
+                "excluded.received, updated_at = now()", rows)
+
     async def _drop(self, store_id: str, *, release: bool, why: str) -> None:
+        with contextlib.suppress(psycopg.Error):
+            await self._save_egress([store_id])
+        self.opened_at.pop(store_id, None)
         node = self.cloud.unserve_store(store_id)
         runner = self.runners.pop(store_id, None)
         if node is not None:

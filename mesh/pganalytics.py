@@ -10,7 +10,8 @@ the fleet views from the one database, whichever stores it holds itself:
   (receipts, sales, returns, adjustments, fulfilments) in the ledger; reservations are
   CRDT state held by the store replicas, so ``reserved`` is given only for the stores
   this gateway serves (``reserved_known``)
-* ``GET /v1/fleet/health`` per store: envelopes, newest HLC and lag, the lease holder
+* ``GET /v1/fleet/health`` per store: envelopes, newest HLC and lag, the lease holder,
+  WAN bytes (``egress``: saved by the holding gateway every tick and at hand-over)
 * ``GET /v1/fleet/gateways`` this gateway, the live ones, and who holds which lease
 * ``GET /v1/fleet/exceptions`` oversell exceptions from the replicas this gateway serves
   (the rule lives in the replica: ``mesh.analytics`` invariant 5), with ``partial``.
@@ -134,14 +135,20 @@ class PgAnalytics:
         rows = await asyncio.to_thread(
             _rows, self.dsn,
             "SELECT d.store_id, d.n, d.newest, l.gateway, l.url, l.epoch, "
-            "l.expires_at > now() FROM (SELECT store_id, MAX(id) AS n, MAX(hlc) AS newest "
+            "l.expires_at > now(), COALESCE(w.sent, 0), COALESCE(w.received, 0) "
+            "FROM (SELECT store_id, MAX(id) AS n, MAX(hlc) AS newest "
             "FROM envelopes GROUP BY store_id) d LEFT JOIN leases l USING (store_id) "
+            "LEFT JOIN (SELECT store_id, SUM(sent) AS sent, SUM(received) AS received "
+            "FROM egress GROUP BY store_id) w USING (store_id) "
             "ORDER BY d.store_id", ())
         now = self._now()
         stores = [{"store": s, "envelopes": int(n),
                    "newest_ms": int(h) >> 16, "lag_ms": max(0, now - (int(h) >> 16)),
                    "gateway": g if live else None, "gateway_url": u if live else None,
-                   "lease_epoch": e} for s, n, h, g, u, e, live in rows]
+                   "lease_epoch": e,
+                   # as the SQLite cloud's wan_bytes: out = cloud to store, in = egress
+                   "wan_bytes": {"out": int(out), "in": int(inn), "source": "wire"}}
+                  for s, n, h, g, u, e, live, out, inn in rows]
         gw = self.cloud.gateway
         return _json({"now_ms": now, "stores": stores,
                       "gateway": None if gw is None else gw.id,

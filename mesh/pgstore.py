@@ -113,6 +113,15 @@ CREATE TABLE IF NOT EXISTS gateways (
     url     text        NOT NULL,
     seen_at timestamptz NOT NULL
 );
+CREATE TABLE IF NOT EXISTS egress (
+    store_id  text        NOT NULL,   -- WAN bytes of one hold of a store by a gateway
+    gateway   text        NOT NULL,
+    opened_at timestamptz NOT NULL,   -- when that gateway opened the store's node
+    sent      bigint      NOT NULL,   -- cloud -> store, on the wire (after compression)
+    received  bigint      NOT NULL,   -- store -> cloud: the store's egress
+    updated_at timestamptz NOT NULL,
+    PRIMARY KEY (store_id, gateway, opened_at)
+);
 CREATE OR REPLACE VIEW sales_hourly AS
     SELECT store_id, sku, hour_ms, events AS sales, -qty AS units
     FROM movements_hourly WHERE kind = 'sale';

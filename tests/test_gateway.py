@@ -134,9 +134,12 @@ async def test_two_gateways_share_the_stores_by_lease(tmp_path: Path, pg_dsn: st
             (row,) = stock["stock"]
             assert row["sku"] == SKU and row["on_hand"] == 4 * (1_000_000 - 40)
             assert row["reserved_known"] is True
+            await asyncio.sleep(1.0)  # a tick saves the WAN counters
             health = await mk.get_json(http, g2.url, "/v1/fleet/health")
             assert {h["store"]: h["gateway"] for h in health["stores"]} == \
                 {s: "g2" for s in stores}
+            # egress in SQL: every store sent its sales to the cloud over the wire
+            assert all(h["wan_bytes"]["in"] > 40 * 100 for h in health["stores"]), health
             exc = await mk.get_json(http, g2.url, "/v1/fleet/exceptions")
             assert exc["exceptions"] == [] and exc["partial"] is False
             async with http.get(g2.url + "/") as resp:
