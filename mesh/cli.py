@@ -389,9 +389,20 @@ def cloud_join_cmd(root: Path, token: str, url: str | None, insecure_plaintext: 
                                  "first start].")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="The key of --tls-cert (PEM).")
+@click.option("--database", default=None, metavar="URL",
+              help="postgresql://... (or postgresql:///DB?host=/socket/dir): every store's "
+                   "ledger and the fleet analytics in PostgreSQL, and this process one of "
+                   "many gateways sharing --data and the database [default: SQLite in "
+                   "--data, one process].")
+@click.option("--gateway-id", default=None,
+              help="This gateway's name in the lease table [default: gw-HOST-PID].")
+@click.option("--lease-ttl", type=click.FloatRange(min=1.0), default=None,
+              help="Seconds a store's lease outlives its gateway's last renewal "
+                   "[default: 6].")
 @click.option("--log-level", default="INFO", show_default=True)
 def cloud_run(root: Path, http_host: str, http_port: int, insecure_plaintext: bool,
-              tls_cert: Path | None, tls_key: Path | None, log_level: str) -> None:
+              tls_cert: Path | None, tls_key: Path | None, database: str | None,
+              gateway_id: str | None, lease_ttl: float | None, log_level: str) -> None:
     """Serve every store under ROOT: sync, analytics, dashboard, until Ctrl-C.
 
     Store nodes reach their store's replica over mutual TLS pinned to their store key
@@ -403,9 +414,14 @@ def cloud_run(root: Path, http_host: str, http_port: int, insecure_plaintext: bo
     _setup_logging(log_level)
 
     async def start() -> None:
-        from mesh.dashboard import setup_dashboard
+        if database is not None:  # fleet views in SQL over the shared database
+            from mesh.pganalytics import setup_pg_dashboard
 
-        node.setup_hooks.append(setup_dashboard)  # fleet analytics + the dashboard page
+            node.setup_hooks.append(setup_pg_dashboard)
+        else:
+            from mesh.dashboard import setup_dashboard
+
+            node.setup_hooks.append(setup_dashboard)  # fleet analytics + the dashboard page
         try:
             await node.start()  # each store's node locks its data dir
         except Exception as exc:
@@ -429,9 +445,22 @@ def cloud_run(root: Path, http_host: str, http_port: int, insecure_plaintext: bo
     if (tls_cert is None) != (tls_key is None):
         raise UserError("give --tls-cert and --tls-key together (or neither: the cloud "
                         "makes a certificate from its HQ CA)")
+    if database is not None:
+        from mesh.pgstore import is_pg_dsn
+
+        if not is_pg_dsn(database):
+            raise UserError(f"--database takes a postgresql:// URL, not {database!r}")
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise UserError("--database needs the PostgreSQL driver: pip install "
+                            "'storemesh[postgres]'") from None
+    elif gateway_id is not None or lease_ttl is not None:
+        raise UserError("--gateway-id and --lease-ttl are for a cloud on --database")
     node = CloudNode(root, http_host=http_host, http_port=http_port,
                      insecure_plaintext=insecure_plaintext, tls_cert=tls_cert,
-                     tls_key=tls_key)
+                     tls_key=tls_key, database=database, gateway_id=gateway_id,
+                     lease_ttl_s=lease_ttl)
     try:
         from mesh import runtime
 

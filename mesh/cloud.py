@@ -34,7 +34,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -44,6 +44,9 @@ from mesh.hqtls import HqTls, ensure_hq_tls, hq_hosts, hq_server_context
 from mesh.httpfaults import CLIENT_FAULTS, ClientFaults, ServerLog
 from mesh.node import Node
 from mesh.tls import TlsSite, is_loopback_host, sni_name
+
+if TYPE_CHECKING:
+    from mesh.gateway import Gateway
 
 __all__ = ["CloudNode", "cloud_join"]
 
@@ -68,10 +71,14 @@ class CloudNode:
 
     def __init__(self, root: Path, *, http_host: str = "127.0.0.1", http_port: int = 0,
                  insecure_plaintext: bool = False, tls_cert: Path | None = None,
-                 tls_key: Path | None = None) -> None:
+                 tls_key: Path | None = None, database: str | None = None,
+                 gateway_id: str | None = None, lease_ttl_s: float | None = None) -> None:
         """``tls_cert``/``tls_key``: HQ's own certificate (PEM, with its chain) for
         browsers and tools; without them the cloud makes one from its HQ CA in ROOT
-        (``mesh.hqtls``)."""
+        (``mesh.hqtls``). ``database``: a ``postgresql://`` URL: every store's ledger in
+        PostgreSQL and this process one of many gateways sharing ROOT and the database,
+        each store served by the gateway holding its lease (``mesh.gateway``); without
+        it, every store in ROOT is served here from its SQLite ledger."""
         if insecure_plaintext and not is_loopback_host(http_host):
             raise ValueError(f"insecure_plaintext serves plain HTTP: only on a loopback "
                              f"address, not {http_host}")
@@ -94,6 +101,14 @@ class CloudNode:
         #: hooks run after the store nodes start and before the server is frozen, to add
         #: fleet-wide routes (analytics, dashboard)
         self.setup_hooks: list[Callable[[CloudNode], None]] = []
+        self.database = database
+        self.gateway: Gateway | None = None
+        if database is not None:
+            from mesh.gateway import DEFAULT_TTL_S, Gateway
+
+            self.gateway = Gateway(self, database, gateway_id, lease_ttl_s or DEFAULT_TTL_S)
+        self._sni: dict[str, ssl.SSLContext] = {}
+        self._hq_ctx: ssl.SSLContext | None = None
 
     def store_dirs(self) -> list[Path]:
         if not self.root.is_dir():
@@ -105,7 +120,9 @@ class CloudNode:
         if not dirs:
             raise FileNotFoundError(
                 f"{self.root} holds no store: enrol the cloud with 'storemesh cloud join'")
-        for data_dir in dirs:
+        if self.gateway is not None:  # stores are opened as their leases are won
+            await self.gateway.prepare(dirs)
+        for data_dir in dirs if self.gateway is None else []:
             node = Node(data_dir, serve=False, discovery=False, wan=True,
                         insecure_plaintext=self.insecure_plaintext)
             self._opened.append(node)  # closed by close() even if its start is cut short
@@ -128,7 +145,7 @@ class CloudNode:
             if self.hq is None:
                 self.hq = await asyncio.to_thread(ensure_hq_tls, self.root,
                                                   hq_hosts(self.http_host),
-                                                  now_ms=next(iter(self.nodes.values())).now_ms())
+                                                  now_ms=Node.now_ms())
             site = TlsSite(self._runner, self.http_host, self.http_port, self._tls_context(),
                            self._tls_refused)
         await site.start()
@@ -139,21 +156,18 @@ class CloudNode:
         self.url = f"{scheme}://{self.http_host}:{self.http_port}"
         for store_id, node in self.nodes.items():
             node.url = f"{self.url}/stores/{store_id}"
+        if self.gateway is not None:
+            await self.gateway.start()
         log.info("cloud peer for %d store(s) listening on %s", len(self.nodes), self.url)
 
     def _tls_context(self) -> ssl.SSLContext:
         """Invariant 4: one context per store, chosen by the TLS server name; the HQ
         context for every other name (and none)."""
         assert self.hq is not None
-        hq = hq_server_context(self.hq)
-        by_name: dict[str, ssl.SSLContext] = {}
-        for store_id, node in sorted(self.nodes.items()):
-            assert node.tls is not None and node.server_ssl is not None
-            by_name[sni_name(store_id)] = node.server_ssl  # reloaded in place on renewal
-            # OpenSSL keeps the first context's verify settings when the SNI callback
-            # switches: the HQ context asks for a client certificate (optional) and
-            # verifies one of any hosted store's CA; the sync handshake checks the rest.
-            hq.load_verify_locations(cadata=node.tls.ca_pem.decode("ascii"))
+        hq = self._hq_ctx = hq_server_context(self.hq)
+        by_name = self._sni
+        for _store_id, node in sorted(self.nodes.items()):
+            self._add_tls(node)
 
         def pick(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
             chosen = by_name.get(name or "")
@@ -162,13 +176,36 @@ class CloudNode:
         hq.sni_callback = pick
         return hq
 
+    def _add_tls(self, node: Node) -> None:
+        assert self._hq_ctx is not None and node.tls is not None and node.server_ssl is not None
+        self._sni[sni_name(node.identity.store_id)] = node.server_ssl  # reloaded in place
+        # OpenSSL keeps the first context's verify settings when the SNI callback
+        # switches: the HQ context asks for a client certificate (optional) and
+        # verifies one of any hosted store's CA; the sync handshake checks the rest.
+        self._hq_ctx.load_verify_locations(cadata=node.tls.ca_pem.decode("ascii"))
+
+    def serve_store(self, node: Node) -> None:
+        """A store node opened after start (a gateway won its lease): TLS and routing."""
+        if self._hq_ctx is not None:
+            self._add_tls(node)
+        node.url = f"{self.url}/stores/{node.identity.store_id}"
+        self.nodes[node.identity.store_id] = node
+
+    def unserve_store(self, store_id: str) -> Node | None:
+        """A gateway lost or handed over ``store_id``: stop routing to it and stop
+        presenting its certificate (its edge fails over at the TLS handshake)."""
+        self._sni.pop(sni_name(store_id), None)
+        return self.nodes.pop(store_id, None)
+
     def _tls_refused(self, reason: str) -> None:
         """A TLS handshake failed before any store was chosen: counted fleet-wide."""
         self.tls_refused[reason] = self.tls_refused.get(reason, 0) + 1
 
     async def close(self) -> None:
         """Close every store node opened (all of them, or those a cancelled or failed
-        ``start`` got to), then the server."""
+        ``start`` got to), then the server. A gateway hands its stores over first."""
+        if self.gateway is not None:
+            await self.gateway.close()
         for node in self._opened:
             await node.close()
         if self._runner is not None:

@@ -43,6 +43,7 @@ from mesh.ports import Identity, Storage
 from mesh.replica import CommandResult, Replica
 
 if TYPE_CHECKING:
+    from mesh.datadir import NodeIdentity
     from mesh.ledger import Ledger
 
 S = TypeVar("S", bound=Storage)
@@ -108,8 +109,11 @@ class DurableReplica(Generic[S]):
 
     @staticmethod
     def open(data_dir: Path, snapshot_every: int = config.SNAPSHOT_EVERY,
-             max_bytes: int | None = None) -> DurableReplica[Ledger]:
-        """Load the node in ``data_dir`` and rebuild its state from the SQLite ledger."""
+             max_bytes: int | None = None,
+             storage: Callable[[NodeIdentity], Ledger] | None = None,
+             ) -> DurableReplica[Ledger]:
+        """Load the node in ``data_dir`` and rebuild its state from the SQLite ledger
+        (or from ``storage(identity)``: the cloud's PostgreSQL ledger, ``mesh.pgstore``)."""
         # The real storage is imported by the real path only: the simulator imports
         # this module and must not pull in sqlite3 (tests/test_purity.py).
         import time
@@ -118,8 +122,9 @@ class DurableReplica(Generic[S]):
         from mesh.ledger import Ledger
 
         identity = load_identity(data_dir)
-        return DurableReplica(identity, Ledger(identity.ledger_path, max_bytes=max_bytes),
-                              snapshot_every, time.perf_counter)
+        ledger = Ledger(identity.ledger_path, max_bytes=max_bytes) if storage is None \
+            else storage(identity)
+        return DurableReplica(identity, ledger, snapshot_every, time.perf_counter)
 
     def _fresh_replica(self) -> Replica:
         i = self.identity

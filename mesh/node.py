@@ -84,6 +84,7 @@ class Node:
         max_bytes: int | None = None, wan_peers: Sequence[str] = (), serve: bool = True,
         wan: bool = False, insecure_plaintext: bool = False,
         cert_validity_ms: int | None = None, browser_names: Sequence[str] = (),
+        storage: Callable[[NodeIdentity], Ledger] | None = None,
     ) -> None:
         """``peers``: static LAN peer URLs. ``wan_peers``: URLs reached over the WAN (the
         cloud: compressed, batched). ``serve=False``: do not listen; the caller mounts
@@ -94,7 +95,10 @@ class Node:
         ``cert_validity_ms``: on the edge, how long the certificates it issues and
         renews are valid (default ``config.CERT_VALIDITY_MS``). ``browser_names``: more
         host names (besides ``localhost`` and ``NODE.local``) browser tills reach this
-        node by; they get the node's P-256 browser certificate (``mesh.hqtls``)."""
+        node by; they get the node's P-256 browser certificate (``mesh.hqtls``).
+        ``storage``: makes the ledger from the node's identity instead of
+        ``DIR/ledger.sqlite`` (the cloud on PostgreSQL: ``mesh.pgstore.PgLedger``)."""
+        self.storage = storage
         self.data_dir = Path(data_dir)
         self.http_host = http_host
         self.http_port = http_port
@@ -170,7 +174,8 @@ class Node:
         whatever was opened (a rebuild under way is finished first, then closed)."""
         self._lock = lock_data_dir(self.data_dir)
         opening = asyncio.ensure_future(asyncio.to_thread(
-            DurableReplica.open, self.data_dir, self.snapshot_every, self.max_bytes))
+            DurableReplica.open, self.data_dir, self.snapshot_every, self.max_bytes,
+            self.storage))
         try:
             self.durable = await asyncio.shield(opening)
         except asyncio.CancelledError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -73,3 +74,28 @@ def ingest(dr: DurableReplica, raw: bytes,
     env = verify(raw, dr.identity.trust, now_ms)
     applied = dr.replica.apply(env, now_ms)
     return applied, (dr.persist(applied) if applied else None)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():  # type: ignore[no-untyped-def]
+    """A throw-away PostgreSQL server on a Unix socket (``tests.pgkit``), one per test
+    session; skips with the reason only where it cannot be installed or started."""
+    pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver) is not installed")
+    from tests.pgkit import PgCluster, PgUnavailable
+
+    try:
+        cluster = PgCluster().start()
+    except PgUnavailable as exc:
+        pytest.skip(f"no PostgreSQL here: {exc}")
+    yield cluster
+    cluster.stop()
+
+
+_pg_dbs = [0]
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster) -> str:  # type: ignore[no-untyped-def]
+    """A fresh, empty database on the session's PostgreSQL: its DSN."""
+    _pg_dbs[0] += 1
+    return str(pg_cluster.create_database(f"t{os.getpid()}_{_pg_dbs[0]}"))
