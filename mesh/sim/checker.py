@@ -14,7 +14,10 @@ Invariants checked on every step (the safety phase, as in TigerBeetle's VOPR):
     (*phantom* envelopes), checked at each sample.
 Checked at the end (the liveness phase, after the heal):
  4. Every acknowledged operation is present, byte for byte (its envelope hash), at
-    every replica: otherwise it is *lost*.
+    every live replica: otherwise it is *lost*. One acknowledged by a node that is
+    ``gone`` (crashed for good by a fault kept into the liveness phase) may instead be
+    at no live replica and on the gone node's disk: *stranded* (unavailable, not lost);
+    at some live replicas but not all, it is lost.
  5. Every replica derives the same oversell exception list.
 """
 
@@ -71,6 +74,8 @@ class Checker:
     peak_at_ms: float | None = None
     peak_sku: str | None = None
     catchups: list[_CatchUp] = field(default_factory=list)
+    #: nodes dead for good (a crash kept into the liveness phase, no end)
+    gone: list[str] = field(default_factory=list)
     carried_stats: dict[str, int] = field(default_factory=dict)
     _marks: dict[str, dict[str, int]] = field(default_factory=dict)
     _ack_at: dict[tuple[str, int], float] = field(default_factory=dict)
@@ -184,8 +189,9 @@ class Checker:
 
     def _check_catchup(self, c: _CatchUp) -> None:
         if c.done_ms is None and all(
-            n.alive and all(n.replica.vv.get(o) >= s for o, s in c.target.items())
-            for n in self.world.nodes.values()
+            n.alive and all(n.replica.vv.get(o) >= s for o, s in c.target.items()
+                            if o not in self.gone)
+            for n in self.world.nodes.values() if n.node_id not in self.gone
         ):
             c.done_ms = self.world.now
 
@@ -194,10 +200,11 @@ class Checker:
 
     # --- the end ----------------------------------------------------------------------------
 
-    def lost_ops(self) -> tuple[int, int]:
-        """(acknowledged operations, those missing or different at some live replica)."""
+    def lost_ops(self) -> tuple[int, int, int]:
+        """(acknowledged operations, those missing or different at some live replica,
+        those stranded on a gone node's disk: invariant 4)."""
         live = [n for n in self.world.nodes.values() if n.alive]
-        acked = lost = 0
+        acked = lost = stranded = 0
         for node in self.world.nodes.values():
             for res in node.acked:
                 if res.envelope is None:
@@ -205,11 +212,15 @@ class Checker:
                 acked += 1
                 h = res.envelope.hash
                 missing = [m.node_id for m in live if m.replica.hash_at(res.origin, res.seq) != h]
+                if (missing and node.node_id in self.gone and len(missing) == len(live)
+                        and node.disk.hash_at(res.origin, res.seq) == h):
+                    stranded += 1
+                    continue
                 if missing:
                     lost += 1
                     self._fail(f"acknowledged {res.origin} seq {res.seq} "
                                f"({res.envelope.meta.get('kind')}) missing at {missing[:5]}")
-        return acked, lost
+        return acked, lost, stranded
 
     def forged_in_state(self) -> int:
         """Forged envelopes found in any replica's chain at the end (belt and braces)."""

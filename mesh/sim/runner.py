@@ -4,9 +4,11 @@ A run has two phases, as TigerBeetle's VOPR does:
 
 1. **Safety** (``0 .. duration``): workload, faults and forgeries run; the checker
    watches every apply and samples every replica (``mesh.sim.checker``).
-2. **Liveness** (from ``duration``): the workload stops, every fault heals, crashed
-   nodes restart; the run continues until every replica's ``state_digest()`` is equal
-   (converged) or ``converge_timeout_s`` passes. Then the end checks run.
+2. **Liveness** (from ``duration``): the workload stops, every fault heals (but those
+   a scenario keeps into this phase: ``liveness = true``), crashed nodes restart; once
+   the last kept fault has ended, the run continues until every replica's
+   ``state_digest()`` is equal (converged; a node a kept fault crashed for good is left
+   out) or ``converge_timeout_s`` passes. Then the end checks run.
 
 Every node is a real ``Replica`` + ``SyncCore`` (``mesh.sim.world``); nothing here
 replicates anything. One seed drives the run: the world's generator, and from it (in a
@@ -164,12 +166,15 @@ def run_scenario(sc: Scenario, seed: int | None = None, *, randomise: bool = Fal
     workload.stop()
     injector.stop()
     faults.heal_all()
+    checker.gone = list(faults.gone)
     checker.sample(False)
     quiesce = w.now
-    deadline = quiesce + sc.converge_timeout_s * 1000
+    # Faults kept into the liveness phase end first (invariant 6 of mesh.sim.faults).
+    judge_from = max(quiesce, faults.kept_until_ms)
+    deadline = judge_from + sc.converge_timeout_s * 1000
     converged_at: float | None = None
     while True:
-        if _converged(w):
+        if w.now >= judge_from and _converged(w, faults.gone):
             converged_at = w.now
             break
         if w.now >= deadline:
@@ -183,9 +188,11 @@ def run_scenario(sc: Scenario, seed: int | None = None, *, randomise: bool = Fal
     return result
 
 
-def _converged(w: World) -> bool:
-    nodes = list(w.nodes.values())
-    if not all(n.alive for n in nodes):
+def _converged(w: World, gone: list[str]) -> bool:
+    """Every node up and holding the same state; a node a kept fault crashed for good
+    (``gone``) is left out, as the store would carry on without it."""
+    nodes = [n for n in w.nodes.values() if n.node_id not in gone]
+    if not nodes or not all(n.alive for n in nodes):
         return False
     first = nodes[0].replica.vv
     if any(n.replica.vv != first or n.replica.pending_count() for n in nodes):
@@ -219,7 +226,7 @@ def _traffic(w: World) -> dict[str, dict[str, int]]:
 def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Workload,
             checker: Checker, faults: FaultPlane, injector: Injector, quiesce: float,
             converged_at: float | None) -> RunResult:
-    acked, lost = checker.lost_ops()
+    acked, lost, stranded = checker.lost_ops()
     forged_left = checker.forged_in_state()
     live = [n for n in w.nodes.values() if n.alive]
     lists = [[e.to_dict() for e in n.replica.exceptions()] for n in live]
@@ -274,6 +281,8 @@ def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Worklo
         "heal_catch_up": catchups,
         "acked_ops": acked,
         "lost_ops": lost,
+        "stranded_ops": stranded,
+        "gone_nodes": list(faults.gone),
         "duplicate_applies": checker.duplicate_applies,
         "out_of_order_applies": checker.out_of_order_applies,
         "invalid_accepted": invalid,

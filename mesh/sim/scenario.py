@@ -152,10 +152,31 @@ class FaultSpec:
     spike_ms: float = 0.0
     #: disk_error: how many commits fail
     count: int = 1
+    #: Repeatable faults: the fault happens again every ``every_s`` seconds after
+    #: ``at_s``, ``repeat`` times in all (None: until the end of the phases it runs in).
+    every_s: float | None = None
+    repeat: int | None = None
+    #: The heal at the start of the liveness phase leaves this fault alone: it keeps
+    #: its own windows (and repeats) there; without ``duration_s`` it never ends (a
+    #: dead node that never returns).
+    liveness: bool = False
 
     @property
     def end_s(self) -> float | None:
         return None if self.duration_s is None else self.at_s + self.duration_s
+
+    def occurrences(self, until_s: float) -> list[float]:
+        """The start times (s) of this fault before ``until_s``, in order."""
+        if self.every_s is None:
+            return [self.at_s] if self.at_s < until_s else []
+        out: list[float] = []
+        t = self.at_s
+        while t < until_s and (self.repeat is None or len(out) < self.repeat):
+            out.append(t)
+            if len(out) >= MAX_FAULTS:
+                break
+            t = self.at_s + len(out) * self.every_s
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +245,8 @@ class Scenario:
             streams=tuple(replace(s, start_s=t(s.start_s), end_s=t(s.end_s))
                           for s in self.streams),
             races=tuple(replace(r, at_s=r.at_s * factor) for r in self.races),
-            faults=tuple(replace(f, at_s=f.at_s * factor, duration_s=t(f.duration_s))
+            faults=tuple(replace(f, at_s=f.at_s * factor, duration_s=t(f.duration_s),
+                                 every_s=t(f.every_s))
                          for f in self.faults),
             byzantine=replace(self.byzantine, start_s=t(self.byzantine.start_s),
                               end_s=t(self.byzantine.end_s)),
@@ -501,6 +523,9 @@ def _fault(t: _Table, nodes: tuple[NodeSpec, ...]) -> FaultSpec:
         spike_every=t.int_("spike_every", 0, hi=1_000_000),
         spike_ms=t.num("spike_ms", 0.0, hi=3_600_000),
         count=t.int_("count", 1, lo=1, hi=1_000_000),
+        every_s=t.opt_num("every_s", lo=0.001, hi=MAX_DURATION_S),
+        repeat=t.int_("repeat", 1, lo=1, hi=MAX_FAULTS) if t.has("repeat") else None,
+        liveness=t.bool_("liveness", False),
     )
     t.done()
     need_nodes = kind in ("isolate", "asymmetric", "crash", "restart", "clock_jump", "flap",
@@ -518,6 +543,17 @@ def _fault(t: _Table, nodes: tuple[NodeSpec, ...]) -> FaultSpec:
         raise ScenarioError(f"{where}: degrade needs a [faults.link] table")
     if kind in ("flap", "freeze", "disk_slow", "disk_full") and spec.duration_s is None:
         raise ScenarioError(f"{where}: {kind} needs duration_s")
+    if spec.repeat is not None and spec.every_s is None:
+        raise ScenarioError(f"{where}: repeat needs every_s (the period)")
+    if spec.every_s is not None:
+        if kind == "heal":
+            raise ScenarioError(f"{where}: a heal cannot repeat")
+        if spec.duration_s is not None and spec.duration_s >= spec.every_s:
+            raise ScenarioError(f"{where}: every_s must be longer than duration_s "
+                                "(one window ends before the next starts)")
+    if spec.liveness and kind in CUTTING and spec.duration_s is None:
+        raise ScenarioError(f"{where}: a {kind} kept into the liveness phase needs "
+                            "duration_s (a cut that never heals cannot converge)")
     return spec
 
 
