@@ -153,3 +153,58 @@ def test_a_crash_loop_kept_into_the_liveness_phase_still_converges() -> None:
     result = run_scenario(_base(loop), 3)
     assert result.ok, result.failures
     assert result.report["crashes"] >= 5  # some of the six fell in the liveness phase
+
+
+# --- link physics per direction ------------------------------------------------------------
+
+
+def _wan_doc(**extra: object) -> dict[str, object]:
+    return {"name": "dirs", "duration_s": 60, "seed": 2,
+            "nodes": [{"id": "edge", "role": "edge"}, {"prefix": "r", "count": 2},
+                      {"id": "cloud", "role": "cloud"}],
+            "stock": {"items": {"A": 50}},
+            "workload": {"streams": [{"kind": "sale", "nodes": ["role:register"],
+                                      "rate_per_min": 30}]},
+            **extra}
+
+
+def test_the_wan_has_physics_per_direction() -> None:
+    sc = parse_scenario(_wan_doc(network={"wan": {
+        "latency_ms": 30, "up": {"bandwidth_mbps": 0.5}, "down": {"latency_ms": 200}}}))
+    seen: dict[str, tuple[float, float | None]] = {}
+
+    def setup(ctx: RunContext) -> None:
+        for a, b in (("edge", "cloud"), ("cloud", "edge")):
+            m = ctx.world.links[(a, b)]
+            seen[f"{a}>{b}"] = (m.latency_ms, m.bandwidth)
+    result = run_scenario(sc, setup=setup)
+    assert result.ok, result.failures
+    assert seen["edge>cloud"] == (30.0, 62.5)  # up: the override, latency inherited
+    assert seen["cloud>edge"] == (200.0, 1250.0)  # down: the WAN's own 10 Mbit/s
+
+
+def test_a_degrade_can_hit_one_direction() -> None:
+    one_way = FaultSpec("degrade", 10.0, 30.0, nodes=("r1",), link=LinkSpec(
+        latency_ms=1.0, out=LinkSpec(latency_ms=90.0, loss=0.3)))
+    seen: dict[float, tuple[float, float | None]] = {}
+    back: dict[float, tuple[float, float | None]] = {}
+
+    def setup(ctx: RunContext) -> None:
+        _probe(ctx, [20_000, 50_000], seen, ("r1", "r2"))
+        _probe(ctx, [20_000, 50_000], back, ("r2", "r1"))
+    result = run_scenario(_base(one_way), 3, setup=setup)
+    assert result.ok, result.failures
+    assert seen[20_000] == (90.0, None) and back[20_000] == (1.0, None)
+    assert seen[50_000] == back[50_000] and seen[50_000][0] < 1.0  # own physics again
+    doc = _wan_doc(faults=[{"kind": "degrade", "at_s": 1, "duration_s": 2,
+                            "link": {"latency_ms": 5, "inbound": {"loss": 0.5}}}])
+    try:
+        parse_scenario(doc)
+    except ValueError as exc:
+        assert "need nodes" in str(exc)
+    else:
+        raise AssertionError("a one-direction degrade without nodes was accepted")
+    doc["faults"][0]["nodes"] = ["r1"]  # type: ignore[index]
+    link = parse_scenario(doc).faults[0].link
+    assert link is not None and link.back is not None
+    assert (link.back.latency_ms, link.back.loss) == (5.0, 0.5)

@@ -37,7 +37,9 @@ __all__ = ["FaultPlane", "Interval", "link_model"]
 Pair = tuple[str, str]
 
 
-def link_model(spec: LinkSpec, kind: str) -> LinkModel:
+def link_model(spec: LinkSpec, kind: str, back: bool = False) -> LinkModel:
+    """One direction of a link (``back``: the spec's ``back`` physics, else ``out``)."""
+    spec = spec.direction(back)
     return LinkModel(
         latency_ms=spec.latency_ms, jitter_ms=spec.jitter_ms, loss=spec.loss,
         duplicate=spec.duplicate,
@@ -337,7 +339,10 @@ class FaultPlane:
                 link = self.world.links[k]
                 if k not in self._base:
                     self._base[k] = {a: getattr(link, a) for a in _PHYSICS}
-                self._degrades.setdefault(k, []).append((uid, link_model(spec, link.kind)))
+                # from the fault's nodes: outbound; only to them: inbound
+                inbound = bool(sel) and k[0] not in sel
+                self._degrades.setdefault(k, []).append(
+                    (uid, link_model(spec, link.kind, inbound)))
                 self._physics(k)
 
         def stop() -> None:

@@ -105,7 +105,10 @@ def _connect(w: World, sc: Scenario) -> None:
                 w.connect(a.id, b.id, link_model(sc.lan, "lan"), link_model(sc.lan, "lan"))
             elif (a.id in wan_peers and a.site == "store") or (
                     b.id in wan_peers and b.site == "store"):
-                w.connect(a.id, b.id, link_model(sc.wan, "wan"), link_model(sc.wan, "wan"))
+                # per direction: ``up`` is store -> cloud, ``down`` cloud -> store
+                down = a.site != "store"
+                w.connect(a.id, b.id, link_model(sc.wan, "wan", down),
+                          link_model(sc.wan, "wan", not down))
 
 
 def _tracked(sc: Scenario, skus: list[str]) -> list[str]:

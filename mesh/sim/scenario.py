@@ -72,7 +72,11 @@ class ScenarioError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class LinkSpec:
-    """Network model of one link class (each direction drawn independently)."""
+    """Network model of one link class (each direction drawn independently). ``out``
+    and ``back`` override it for one direction (link physics per direction): on the
+    WAN ``out`` is store -> cloud (``up``), ``back`` cloud -> store (``down``); in a
+    ``degrade`` fault ``out`` is from the fault's nodes (``outbound``), ``back`` to
+    them (``inbound``)."""
 
     latency_ms: float = 0.3
     jitter_ms: float = 0.2
@@ -83,6 +87,13 @@ class LinkSpec:
     reorder_ms: float = 0.0
     fifo: bool = False
     bandwidth_mbps: float | None = None
+    out: LinkSpec | None = None
+    back: LinkSpec | None = None
+
+    def direction(self, back: bool) -> LinkSpec:
+        """The physics of one direction: ``back`` or ``out`` if given, else these."""
+        one = self.back if back else self.out
+        return self if one is None else one
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,9 +408,13 @@ class _Table:
             raise ScenarioError(f"{self.where}: unknown key(s) {unknown}; see docs/simulation.md")
 
 
-def _link(t: _Table | None, default: LinkSpec) -> LinkSpec:
+def _link(t: _Table | None, default: LinkSpec,
+          directions: tuple[str, str] | None = None) -> LinkSpec:
+    """A link table; ``directions`` names its per-direction sub-tables (out, back),
+    each any key of the table, defaulting to the table's own values."""
     if t is None:
         return default
+    subs = (t.sub(directions[0]), t.sub(directions[1])) if directions else (None, None)
     spec = LinkSpec(
         latency_ms=t.num("latency_ms", default.latency_ms, hi=600_000),
         jitter_ms=t.num("jitter_ms", default.jitter_ms, hi=600_000),
@@ -415,6 +430,9 @@ def _link(t: _Table | None, default: LinkSpec) -> LinkSpec:
     t.done()
     if spec.fifo and spec.reorder:
         raise ScenarioError(f"{t.where}: a fifo link cannot reorder; drop one of the two")
+    if subs[0] is not None or subs[1] is not None:
+        spec = replace(spec, out=None if subs[0] is None else _link(subs[0], spec),
+                       back=None if subs[1] is None else _link(subs[1], spec))
     return spec
 
 
@@ -515,7 +533,8 @@ def _fault(t: _Table, nodes: tuple[NodeSpec, ...]) -> FaultSpec:
         up_s=up,
         skew_ms=t.num("skew_ms", 0.0, lo=-MAX_DURATION_S * 1000),
         mid_sale=t.bool_("mid_sale", False),
-        link=_link(link_t, LinkSpec()) if link_t is not None else None,
+        link=_link(link_t, LinkSpec(), ("outbound", "inbound")) if link_t is not None
+        else None,
         link_class=t.str_("link_class", "any", ("lan", "wan", "any")) if t.has("link_class")
         else None,
         label=t.str_("label", kind),
@@ -541,6 +560,10 @@ def _fault(t: _Table, nodes: tuple[NodeSpec, ...]) -> FaultSpec:
         raise ScenarioError(f"{where}: a partition needs groups = [[...], ...]")
     if kind == "degrade" and spec.link is None:
         raise ScenarioError(f"{where}: degrade needs a [faults.link] table")
+    if (spec.link is not None and not spec.nodes
+            and (spec.link.out is not None or spec.link.back is not None)):
+        raise ScenarioError(f"{where}: [faults.link.outbound] / [faults.link.inbound] "
+                            "need nodes (the direction is from / to them)")
     if kind in ("flap", "freeze", "disk_slow", "disk_full") and spec.duration_s is None:
         raise ScenarioError(f"{where}: {kind} needs duration_s")
     if spec.repeat is not None and spec.every_s is None:
@@ -568,7 +591,7 @@ def parse_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario
 
     net = root.sub("network") or _Table({}, "network")
     lan = _link(net.sub("lan"), _LAN_DEFAULT)
-    wan = _link(net.sub("wan"), _WAN_DEFAULT)
+    wan = _link(net.sub("wan"), _WAN_DEFAULT, ("up", "down"))
     discovery_ms = net.num("discovery_ms", 150.0, hi=600_000)
     discovery_jitter = net.num("discovery_jitter_ms", 100.0, hi=600_000)
     edges = [n.id for n in nodes if n.role == "edge"]
