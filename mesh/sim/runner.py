@@ -215,6 +215,14 @@ def _state_equal(w: World) -> bool:
     return all(v == views[0] for v in views[1:])
 
 
+def _session_refused(w: World) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in w.nodes.values():
+        for reason, k in n.session_refused.items():
+            out[reason] = out.get(reason, 0) + k
+    return dict(sorted(out.items()))
+
+
 def _traffic(w: World) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for key in ("messages", "bytes", "wire_bytes", "summary_bytes", "lost", "duplicated"):
@@ -292,6 +300,7 @@ def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Worklo
         "forged_injected": dict(sorted(injector.injected.items())),
         "rejected": rejected,
         "duplicates_ignored": stats.get("duplicate", 0),
+        "session_refused": _session_refused(w),
         "phantom_envelopes": checker.phantom_envelopes,
         "equivocations": equivocations,
         "pending_at_end": pending,

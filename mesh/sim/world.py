@@ -20,7 +20,16 @@ Invariants:
     discovery delay. Messages queued on a link die with its session.
  6. Per directed link, messages queue while the link is busy (bandwidth) or a LOW one
     waits; HIGH leaves before LOW; more than ``SESSION_MAX_QUEUE`` queued drops the
-    session (a slow peer), as the real ``Session`` does.
+    session (a slow peer), as the real ``Session`` does; queued envelope batches are
+    merged (``wancodec.coalesce``) as its writer does.
+ 7. A WAN link is the real cloud link's byte path (``mesh.wancodec``): a write waits
+    ``WAN_LINGER_S`` to gather a batch, goes through the sender's ``WanCodec``, takes
+    the link's bandwidth for its *wire* bytes, and is decoded by the receiver's codec
+    on arrival, in stream order (a message that overtook an earlier one waits for it:
+    a TCP stream), with the receiver's enrolment check (``wancodec.enrolled``: refused
+    frames are counted in ``SimNode.session_refused``); after a ``C`` the receiver's
+    driver applies it before the next message is decoded. Loss and duplication on a
+    WAN link act on decoded messages (harsher than TCP, on purpose).
  5. Fault hooks (``LinkModel.blackhole``, ``SimNode.send_filter``, ``SimDisk.faults``,
     ``SimDisk.lie_about_fsync``, ``SimNode.freeze``) only change what the simulated
     ports do; the replica, the sync core and the driver are never touched (tests break
@@ -53,7 +62,7 @@ from mesh.identity import NodeKey, TrustStore, Verifier, issue_certificate
 from mesh.replica import CommandResult, Replica
 from mesh.sim.ports import SimClock, SimDisk, SimIdentity, SimTransport, SimWorker
 from mesh.sync import HIGH, Alert, Effect, SyncCore
-from mesh.wancodec import WanCodec
+from mesh.wancodec import WanCodec, coalesce, enrolled
 
 __all__ = ["DISTRIBUTIONS", "LinkModel", "SimDisk", "SimNode", "World"]
 
@@ -65,7 +74,9 @@ DISTRIBUTIONS = ("uniform", "normal", "exponential", "lognormal", "pareto")
 _MAX_JITTER_FACTOR = 50.0
 
 
-_Queued = tuple[bytes, int]  # (data, session number)
+#: A WAN message on its way: (wire bytes, copies to deliver (0: lost), session).
+_InFlight = tuple[bytes, int, int]
+_Bytes = bytes  # (``LinkModel.bytes`` is a field name)
 
 
 @dataclass(slots=True)
@@ -99,10 +110,17 @@ class LinkModel:
     #: The sending end's WanCodec of the current session ("wan" links); the receiving
     #: end's is on the link of the other direction.
     codec: WanCodec | None = None
-    #: Messages waiting for the link (busy, or behind a LOW one): (data, session).
-    high: deque[_Queued] = field(default_factory=deque)
-    low: deque[_Queued] = field(default_factory=deque)
+    #: Messages waiting for the link (busy, behind a LOW one, or lingering on the WAN),
+    #: all of session ``queue_session``.
+    high: deque[_Bytes] = field(default_factory=deque)
+    low: deque[_Bytes] = field(default_factory=deque)
+    queue_session: int = 0
     pumping: bool = False
+    #: WAN stream order (invariant 7): the next sequence number sent, the next one the
+    #: receiver decodes, and those arrived ahead of it.
+    tx_seq: int = 0
+    rx_next: int = 0
+    rx_wait: dict[int, _InFlight] = field(default_factory=dict)
 
 
 #: A scheduled event: (virtual time, scheduling order, action). A plain tuple: the heap
@@ -237,8 +255,13 @@ class World:
             self._sessions[pair] = self._sessions.get(pair, 0) + 1
             wan = ab.kind == "wan"
             if wan:
-                # A new session, a new codec at each end (as the transport).
-                ab.codec, ba.codec = WanCodec(), WanCodec()
+                # A new session, a new codec at each end (as the transport), each with
+                # its end's enrolment check (invariant 7).
+                ab.codec = WanCodec(enrolled(lambda: na.trust), na.refuse)
+                ba.codec = WanCodec(enrolled(lambda: nb.trust), nb.refuse)
+                for link in (ab, ba):
+                    link.tx_seq = link.rx_next = 0
+                    link.rx_wait.clear()
             na.driver.session_up(b, wan=wan)
             nb.driver.session_up(a, wan=wan)
 
@@ -284,34 +307,44 @@ class World:
 
     def send(self, src: str, dst: str, data: bytes, priority: int = HIGH) -> None:
         """``src`` sends ``data`` on its session with ``dst`` (invariant 6: queued while
-        the link is busy or a LOW message waits, HIGH first)."""
+        the link is busy or a LOW message waits, HIGH first; invariant 7 on the WAN)."""
         link = self.links.get((src, dst))
         if link is None or not link.up:
             return
         session = self._session_of(src, dst)
-        if (priority == HIGH and not link.high and not link.low
+        if link.queue_session != session:  # what an earlier session queued died with it
+            link.high.clear()
+            link.low.clear()
+            link.queue_session = session
+        wan = link.codec is not None
+        if (not wan and priority == HIGH and not link.high and not link.low
                 and (not link.bandwidth or link.busy_until <= self.now)):
             self._transmit(link, src, dst, data, session)
             return
         if len(link.high) + len(link.low) >= config.SESSION_MAX_QUEUE:
             self.drop_session(src, dst, "slow_peer")
             return
-        (link.high if priority == HIGH else link.low).append((data, session))
+        (link.high if priority == HIGH else link.low).append(data)
         if not link.pumping:
             link.pumping = True
-            self.at(max(self.now, link.busy_until), partial(self._pump, src, dst))
+            linger = config.WAN_LINGER_S * 1000 if wan else 0.0
+            self.at(max(self.now + linger, link.busy_until), partial(self._pump, src, dst))
 
     def _pump(self, src: str, dst: str) -> None:
         link = self.links[(src, dst)]
         link.pumping = False
+        session = self._session_of(src, dst)
+        if not link.up or link.queue_session != session:
+            link.high.clear()
+            link.low.clear()
+            return
         while link.high or link.low:
             if link.bandwidth and link.busy_until > self.now:
                 link.pumping = True
                 self.at(link.busy_until, partial(self._pump, src, dst))
                 return
-            data, session = (link.high or link.low).popleft()
-            if link.up and session == self._session_of(src, dst):
-                self._transmit(link, src, dst, data, session)
+            data = coalesce(link.high or link.low)
+            self._transmit(link, src, dst, data, session)
 
     def _transmit(self, link: LinkModel, src: str, dst: str, data: bytes,
                   session: int) -> None:
@@ -319,44 +352,86 @@ class World:
         link.bytes += len(data)
         if data[:1] == b"V":
             link.summary_bytes += len(data)
+        size = len(data)
+        wire = b""
         if link.codec is not None:
             # What the real WAN transport puts on the wire (prev elided, raw signatures,
-            # one zlib stream per direction), decoded by the receiving end's codec in
-            # stream order, as TCP delivers it.
+            # one zlib stream per direction): its size is what the link carries.
             wire = link.codec.encode(data)
-            link.wire_bytes += len(wire)
+            size = len(wire)
+        link.wire_bytes += size
+        rng = self.rng
+        lost = link.blackhole or rng.random() < link.loss
+        if lost:
+            link.lost += 1
+            if link.codec is not None:  # the receiver's stream still holds it
+                self._in_flight(link, src, dst, wire, 0, session, link.latency_ms)
+            return
+        copies = 2 if rng.random() < link.duplicate else 1
+        if copies == 2:
+            link.duplicated += 1
+        for i in range(copies):
+            delay = link.latency_ms + self._jitter(link)
+            if link.reorder and rng.random() < link.reorder:
+                delay += rng.random() * link.reorder_ms
+            if link.bandwidth:
+                start = max(self.now, link.busy_until)
+                link.busy_until = start + size / link.bandwidth
+                delay += link.busy_until - self.now
+            if link.fifo:
+                arrival = max(self.now + delay, link.last_arrival)
+                link.last_arrival = arrival
+                delay = arrival - self.now
+            if link.codec is not None:
+                if i == 0:  # one decode; the network's duplicate is a second delivery
+                    self._in_flight(link, src, dst, wire, copies, session, delay)
+            else:
+                self.after(delay, partial(self._deliver, src, dst, data, session))
+
+    def _in_flight(self, link: LinkModel, src: str, dst: str, wire: bytes, copies: int,
+                   session: int, delay: float) -> None:
+        seq = link.tx_seq
+        link.tx_seq += 1
+        self.after(delay, partial(self._arrive, src, dst, seq, (wire, copies, session)))
+
+    def _arrive(self, src: str, dst: str, seq: int, msg: _InFlight) -> None:
+        """A WAN message reached ``dst``; decode what is now in stream order."""
+        link = self.links[(src, dst)]
+        if msg[2] != self._session_of(src, dst):
+            return  # sent in an earlier session of this pair
+        link.rx_wait[seq] = msg
+        if seq == link.rx_next:
+            self._read_stream(src, dst, msg[2])
+
+    def _read_stream(self, src: str, dst: str, session: int) -> None:
+        """The receiver's reader: decode (its own codec, its enrolment check) and hand
+        over every message that is next in the stream (invariant 7)."""
+        link = self.links[(src, dst)]
+        node = self.nodes[dst]
+        while link.rx_next in link.rx_wait:
+            if session != self._session_of(src, dst) or not node.alive or not link.up:
+                link.rx_wait.clear()
+                return
+            if node.frozen:  # the process reads nothing until it runs again
+                node.defer(partial(self._read_stream, src, dst, session))
+                return
+            wire, copies, _ = link.rx_wait.pop(link.rx_next)
+            link.rx_next += 1
             back = self.links[(dst, src)].codec
             try:
                 assert back is not None
                 data = back.decode(wire)
             except (ValueError, zlib.error, AssertionError):
                 self.drop_session(src, dst, "bad_wan_message")
+                node.refuse("bad_wan_message")
                 return
-        else:
-            link.wire_bytes += len(data)
-        if link.blackhole:
-            link.lost += 1
-            return
-        rng = self.rng
-        if rng.random() < link.loss:
-            link.lost += 1
-            return
-        copies = 2 if rng.random() < link.duplicate else 1
-        if copies == 2:
-            link.duplicated += 1
-        for _ in range(copies):
-            delay = link.latency_ms + self._jitter(link)
-            if link.reorder and rng.random() < link.reorder:
-                delay += rng.random() * link.reorder_ms
-            if link.bandwidth:
-                start = max(self.now, link.busy_until)
-                link.busy_until = start + len(data) / link.bandwidth
-                delay += link.busy_until - self.now
-            if link.fifo:
-                arrival = max(self.now + delay, link.last_arrival)
-                link.last_arrival = arrival
-                delay = arrival - self.now
-            self.after(delay, partial(self._deliver, src, dst, data, session))
+            for _ in range(copies):
+                self._deliver(src, dst, data, session)
+            if copies and data[:1] == b"C" and link.rx_next in link.rx_wait:
+                # As the real reader: the driver's drain of the C (queued just now)
+                # runs before the next message is decoded.
+                self.soon(partial(self._read_stream, src, dst, session))
+                return
 
     def _session_of(self, a: str, b: str) -> int:
         return self._sessions.get((a, b) if a < b else (b, a), 0)
@@ -435,6 +510,8 @@ class SimNode:
         self._deferred: list[Callable[[], None]] = []
         self.alerts: list[Alert] = []
         self.acked: list[CommandResult] = []
+        #: frames its sessions refused, by reason (the real node's ``session_<reason>``)
+        self.session_refused: dict[str, int] = {}
         #: Fault hook: sees every message this node sends (peer, bytes) and returns the
         #: bytes to send (maybe altered) or None to drop them. Tests use it to build
         #: deliberately broken nodes; the sync core never knows.
@@ -471,6 +548,10 @@ class SimNode:
 
     def clock(self) -> int:
         return self.world.wall_ms(self.skew_ms)
+
+    def refuse(self, reason: str) -> None:
+        """A session of this node refused a frame (``Session.refuse``)."""
+        self.session_refused[reason] = self.session_refused.get(reason, 0) + 1
 
     def _signed(self, env: Envelope) -> None:
         self.world.emit("created", node=self.node_id, envelope=env)
