@@ -12,6 +12,9 @@ Invariants checked on every step (the safety phase, as in TigerBeetle's VOPR):
  2. No forged or tampered envelope (``forged``, filled by the injector) is applied.
  3. No replica holds more of an origin's chain than that origin ever made durable
     (*phantom* envelopes), checked at each sample.
+ 6. No replica applies an envelope of an origin its trust store holds as revoked
+    (*revoked_accepted*): after a node is revoked, every replica that has the list
+    refuses its envelopes.
 Checked at the end (the liveness phase, after the heal):
  4. Every acknowledged operation is present, byte for byte (its envelope hash), at
     every live replica: otherwise it is *lost*. One acknowledged by a node that is
@@ -65,6 +68,7 @@ class Checker:
     out_of_order_applies: int = 0
     invalid_accepted: int = 0
     phantom_envelopes: int = 0
+    revoked_accepted: int = 0
     examples: list[str] = field(default_factory=list)
     forged: dict[bytes, tuple[str, int]] = field(default_factory=dict)
     lags: list[float] = field(default_factory=list)
@@ -96,8 +100,12 @@ class Checker:
         if kind == "applied":
             node = data["node"]
             now = self.world.now
+            trust = self.world.nodes[node].trust
             for env in data["envelopes"]:
                 self._mark(node, env)
+                if trust.is_revoked(env.origin):
+                    self.revoked_accepted += 1
+                    self._fail(f"{node} applied {env.origin} seq {env.seq}, revoked")
                 t = self._ack_at.get((env.origin, env.seq))
                 if t is not None:
                     self.lags.append(now - t)
@@ -203,7 +211,7 @@ class Checker:
     def lost_ops(self) -> tuple[int, int, int]:
         """(acknowledged operations, those missing or different at some live replica,
         those stranded on a gone node's disk: invariant 4)."""
-        live = [n for n in self.world.nodes.values() if n.alive]
+        live = [n for n in self.world.nodes.values() if n.alive and n.node_id not in self.gone]
         acked = lost = stranded = 0
         for node in self.world.nodes.values():
             for res in node.acked:

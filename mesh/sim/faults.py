@@ -36,6 +36,9 @@ __all__ = ["FaultPlane", "Interval", "link_model"]
 
 Pair = tuple[str, str]
 
+#: How soon an enrolment or revocation is tried again while the edge is not running.
+ENROL_RETRY_MS = 1_000.0
+
 
 def link_model(spec: LinkSpec, kind: str, back: bool = False) -> LinkModel:
     """One direction of a link (``back``: the spec's ``back`` physics, else ``out``)."""
@@ -88,6 +91,8 @@ class FaultPlane:
         self._held: dict[str, str] = {}  # node -> "crash" | "freeze" | "disk"
         #: nodes crashed by a kept fault that never ends: dead for good
         self.gone: list[str] = []
+        #: nodes revoked by a ``revoke`` fault (from when the edge signed the list)
+        self.revoked: list[str] = []
         #: kept faults are scheduled up to here (the liveness phase's deadline)
         self.until_ms = sc.duration_s * 1000 + sc.converge_timeout_s * 1000
         #: when the last kept occurrence ends (or starts, if it has no end): the
@@ -228,6 +233,11 @@ class FaultPlane:
             self._degrade(uid, f, sel, at, end)
         elif f.kind == "heal":
             self._at(at, self._heal_cuts)
+        elif f.kind == "enrol":
+            for n in sel:
+                self._at(at, partial(self._enrol, n))
+        elif f.kind == "revoke":
+            self._at(at, partial(self._revoke, sel))
         elif f.kind in ("retry_crash", "disk_slow", "disk_full", "disk_error", "freeze"):
             for n in sel:
                 self._driver_fault(f, n, at, end, interval)
@@ -300,6 +310,26 @@ class FaultPlane:
         if end is not None:
             self._at(end, lambda: self._restart(node, interval.label, interval))
 
+    def _enrol(self, node: str) -> None:
+        """A join mid-run; while the edge is down the till waits and tries again."""
+        if not self.world.enrol(node):
+            self._at(self.world.now + ENROL_RETRY_MS, partial(self._enrol, node))
+
+    def _revoke(self, nodes: list[str]) -> None:
+        """A revocation mid-run, done on the edge (again later while it is down)."""
+        if not self.world.revoke(nodes):
+            self._at(self.world.now + ENROL_RETRY_MS, partial(self._revoke, nodes))
+            return
+        for n in nodes:
+            if n not in self.revoked:
+                self.revoked.append(n)
+
+    def excluded(self) -> list[str]:
+        """Nodes the end checks leave out: gone for good, revoked, never enrolled."""
+        out = [*self.gone, *self.revoked]
+        out += [n for n, node in self.world.nodes.items() if not node.enrolled]
+        return list(dict.fromkeys(out))
+
     def _jump(self, node: str, skew_ms: float) -> None:
         """The node's wall clock steps (NTP correction, a dead RTC battery)."""
         self.world.nodes[node].skew_ms = skew_ms
@@ -316,7 +346,7 @@ class FaultPlane:
         n = self.world.nodes[node]
         if self._held.get(node) == "crash" and not self._keep:
             return  # a kept fault holds it down; only its own end restarts it
-        if not n.alive:
+        if not n.alive and n.enrolled:
             self._held.pop(node, None)
             self.restarts += 1
             n.restart()

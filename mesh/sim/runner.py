@@ -91,8 +91,10 @@ def build_world(sc: Scenario, seed: int) -> World:
     """The store: nodes, LAN links between the store's nodes, WAN links to the cloud."""
     w = World(seed, store_id=f"sim-{sc.name}"[:64], discovery_ms=sc.discovery_ms,
               discovery_jitter_ms=sc.discovery_jitter_ms)
+    late = sc.late_nodes()
     for n in sc.nodes:
-        w.add_node(n.id, n.role, skew_ms=n.skew_ms, fsync_ms=n.fsync_ms)
+        w.add_node(n.id, n.role, skew_ms=n.skew_ms, fsync_ms=n.fsync_ms,
+                   enrolled=n.id not in late)
     return w
 
 
@@ -169,7 +171,7 @@ def run_scenario(sc: Scenario, seed: int | None = None, *, randomise: bool = Fal
     workload.stop()
     injector.stop()
     faults.heal_all()
-    checker.gone = list(faults.gone)
+    checker.gone = faults.excluded()
     checker.sample(False)
     quiesce = w.now
     # Faults kept into the liveness phase end first (invariant 6 of mesh.sim.faults).
@@ -177,7 +179,7 @@ def run_scenario(sc: Scenario, seed: int | None = None, *, randomise: bool = Fal
     deadline = judge_from + sc.converge_timeout_s * 1000
     converged_at: float | None = None
     while True:
-        if w.now >= judge_from and _converged(w, faults.gone):
+        if w.now >= judge_from and _converged(w, faults.excluded()):
             converged_at = w.now
             break
         if w.now >= deadline:
@@ -192,8 +194,9 @@ def run_scenario(sc: Scenario, seed: int | None = None, *, randomise: bool = Fal
 
 
 def _converged(w: World, gone: list[str]) -> bool:
-    """Every node up and holding the same state; a node a kept fault crashed for good
-    (``gone``) is left out, as the store would carry on without it."""
+    """Every node up and holding the same state; a node a kept fault crashed for good,
+    a revoked one and one never enrolled (``gone``) are left out, as the store would
+    carry on without them."""
     nodes = [n for n in w.nodes.values() if n.node_id not in gone]
     if not nodes or not all(n.alive for n in nodes):
         return False
@@ -239,12 +242,15 @@ def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Worklo
             converged_at: float | None) -> RunResult:
     acked, lost, stranded = checker.lost_ops()
     forged_left = checker.forged_in_state()
-    live = [n for n in w.nodes.values() if n.alive]
+    excluded = faults.excluded()
+    live = [n for n in w.nodes.values() if n.alive and n.node_id not in excluded]
     lists = [[e.to_dict() for e in n.replica.exceptions()] for n in live]
     identical = all(x == lists[0] for x in lists[1:]) if lists else True
     exceptions = lists[0] if lists else []
     oversold = [n.replica.oversold_units() for n in live]
-    equivocations = sum(len(n.alerts) for n in w.nodes.values())
+    # (a revoked node's alerts are about the honest nodes refusing it: not counted)
+    equivocations = sum(len(n.alerts) for n in w.nodes.values()
+                        if n.node_id not in faults.revoked)
     pending = sum(n.replica.pending_count() for n in live)
     stats = checker.stats()
     rejected = {k: v for k, v in stats.items() if k not in NOT_REJECTIONS}
@@ -260,6 +266,8 @@ def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Worklo
               ("out_of_order_applies", checker.out_of_order_applies,
                "envelopes applied out of order"),
               ("invalid_accepted", invalid, "forged or invalid envelopes accepted"),
+              ("revoked_accepted", checker.revoked_accepted,
+               "envelopes of a revoked origin accepted after the revocation"),
               ("phantom_envelopes", checker.phantom_envelopes,
                "envelopes held beyond what their origin made durable"),
               ("equivocations", equivocations, "equivocation alerts between honest nodes"),
@@ -294,6 +302,9 @@ def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Worklo
         "lost_ops": lost,
         "stranded_ops": stranded,
         "gone_nodes": list(faults.gone),
+        "revoked_nodes": list(faults.revoked),
+        "revoked_accepted": checker.revoked_accepted,
+        "enrolled_mid_run": [n for n in sc.late_nodes() if w.nodes[n].enrolled],
         "duplicate_applies": checker.duplicate_applies,
         "out_of_order_applies": checker.out_of_order_applies,
         "invalid_accepted": invalid,

@@ -53,6 +53,8 @@ FAULT_KINDS: Final = (
     "clock_jump", "degrade", "heal",
     # driver-level faults (docs/simulation.md)
     "retry_crash", "disk_slow", "disk_full", "disk_error", "freeze",
+    # trust changes mid-run: a till joins, a node is revoked
+    "enrol", "revoke",
 )
 FORGERY_KINDS: Final = (
     "bad_signature", "tampered", "unenrolled", "wrong_store", "forbidden", "garbage",
@@ -240,6 +242,10 @@ class Scenario:
 
     def node_ids(self) -> list[str]:
         return [n.id for n in self.nodes]
+
+    def late_nodes(self) -> list[str]:
+        """Nodes an ``enrol`` fault lets join mid-run (they start unenrolled)."""
+        return [n for f in self.faults if f.kind == "enrol" for n in resolve(f.nodes, self.nodes)]
 
     def scaled(self, factor: float) -> Scenario:
         """Every scheduled time (duration, fault and race times, stream windows)
@@ -549,7 +555,7 @@ def _fault(t: _Table, nodes: tuple[NodeSpec, ...]) -> FaultSpec:
     t.done()
     need_nodes = kind in ("isolate", "asymmetric", "crash", "restart", "clock_jump", "flap",
                           "link_down", "retry_crash", "disk_slow", "disk_full", "disk_error",
-                          "freeze")
+                          "freeze", "enrol", "revoke")
     if need_nodes:
         _check_selectors(spec.nodes, nodes, f"{where}.nodes")
     elif spec.nodes:
@@ -574,6 +580,15 @@ def _fault(t: _Table, nodes: tuple[NodeSpec, ...]) -> FaultSpec:
         if spec.duration_s is not None and spec.duration_s >= spec.every_s:
             raise ScenarioError(f"{where}: every_s must be longer than duration_s "
                                 "(one window ends before the next starts)")
+    if kind in ("enrol", "revoke"):
+        if spec.every_s is not None:
+            raise ScenarioError(f"{where}: {kind} cannot repeat")
+        issuer = next((n.id for n in nodes if n.role == "edge"), None)
+        if issuer is None:
+            raise ScenarioError(f"{where}: {kind} needs an edge node (it holds the store key)")
+        if issuer in resolve(spec.nodes, nodes):
+            raise ScenarioError(f"{where}: the edge {issuer!r} holds the store key: it "
+                                f"cannot be {'enrolled' if kind == 'enrol' else 'revoked'}")
     if spec.liveness and kind in CUTTING and spec.duration_s is None:
         raise ScenarioError(f"{where}: a {kind} kept into the liveness phase needs "
                             "duration_s (a cut that never heals cannot converge)")
@@ -647,6 +662,11 @@ def parse_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario
     faults = tuple(_fault(t, nodes) for t in root.subs("faults"))
     if len(faults) > MAX_FAULTS:
         raise ScenarioError(f"at most {MAX_FAULTS} faults")
+    late = [n for f in faults if f.kind == "enrol" for n in resolve(f.nodes, nodes)]
+    if len(late) != len(set(late)):
+        raise ScenarioError("faults: a node can be enrolled once")
+    if stock_at in late:
+        raise ScenarioError(f"stock.at names a node enrolled later: {stock_at!r}")
 
     byz_t = root.sub("byzantine")
     byz = ByzantineSpec()

@@ -58,7 +58,7 @@ from mesh import config
 from mesh.driver import Driver
 from mesh.durable import DurableReplica
 from mesh.envelope import Envelope, decode
-from mesh.identity import NodeKey, TrustStore, Verifier, issue_certificate
+from mesh.identity import NodeKey, TrustStore, Verifier, issue_certificate, issue_revocations
 from mesh.replica import CommandResult, Replica
 from mesh.sim.ports import SimClock, SimDisk, SimIdentity, SimTransport, SimWorker
 from mesh.sync import HIGH, Alert, Effect, SyncCore
@@ -221,7 +221,9 @@ class World:
     # --- topology -------------------------------------------------------------------------
 
     def add_node(self, node_id: str, role: str = "register", *, skew_ms: float = 0.0,
-                 fsync_ms: float = 0.5) -> SimNode:
+                 fsync_ms: float = 0.5, enrolled: bool = True) -> SimNode:
+        """A node; ``enrolled=False``: one that joins later (``enrol``): until then it
+        has its key but no certificate anyone knows of, and it does not run."""
         key = NodeKey.from_bytes(self.rng.randbytes(32))
         cert = issue_certificate(self.store_key, node_id=node_id, store_id=self.store_id,
                                  role=role, public_key=key.public_key,
@@ -231,12 +233,61 @@ class World:
             self.issuer = node_id
         node = SimNode(self, node_id, role, key, skew_ms=skew_ms, fsync_ms=fsync_ms)
         self.nodes[node_id] = node
+        if not enrolled:
+            node.unenrolled()
+            return node
         for other in self.nodes.values():
+            if not other.enrolled:
+                continue
             other.trust.add_certificate(cert)
             if other is not node:
                 node.trust.add_certificate(other.certificate)
             other.identity.save()  # enrolment writes node.json
         return node
+
+    def enrol(self, node_id: str) -> bool:
+        """A node joins mid-run with a join token (``mesh.enrol``): the issuer (the
+        edge holding the store key) signs its certificate, keeps it and saves its trust
+        store, as ``redeem`` does; the node gets that trust store (the join answer),
+        saves it and starts; the certificate reaches everyone else by gossip. False
+        (nothing done) while the issuer is not running: the join needs it."""
+        node = self.nodes[node_id]
+        issuer = self.nodes[self.issuer] if self.issuer is not None else None
+        if node.enrolled:
+            return True
+        if issuer is None or not issuer.alive or issuer.frozen:
+            return False
+        now = self.wall_ms(issuer.skew_ms)
+        cert = issue_certificate(self.store_key, node_id=node_id, store_id=self.store_id,
+                                 role=node.role, public_key=node.key.public_key,
+                                 not_after=now + self.cert_validity_ms)
+        issuer.trust.add_certificate(cert)
+        issuer.driver.trust_changed()
+        trust = TrustStore.from_dict(issuer.trust.to_dict())
+        trust.verifier = self.verifier
+        node.identity.trust = trust
+        node.identity.certificate = node.certificate = cert
+        node.identity.save()  # the joining node writes node.json
+        node.enrolled = True
+        node.restart()
+        self.emit("enrolled", node=node_id)
+        return True
+
+    def revoke(self, node_ids: list[str]) -> bool:
+        """The store owner revokes nodes on the issuer (``storemesh nodes revoke``): it
+        signs the next revocation list and hands it to its running node, which adopts
+        it and passes it on (``SyncCore.learn_revocations``, as ``POST
+        /v1/revocations``). False (nothing done) while the issuer is not running."""
+        issuer = self.nodes[self.issuer] if self.issuer is not None else None
+        if issuer is None or not issuer.alive or issuer.frozen:
+            return False
+        trust = issuer.trust
+        crl = issue_revocations(self.store_key, store_id=self.store_id,
+                                version=trust.crl_version + 1,
+                                revoked=set(trust.revoked) | set(node_ids))
+        issuer.driver.carry_out(issuer.core.learn_revocations(crl, self.wall_ms(issuer.skew_ms)))
+        self.emit("revoked", nodes=tuple(node_ids))
+        return True
 
     def connect(self, a: str, b: str, model: LinkModel | None = None,
                 back: LinkModel | None = None) -> None:
@@ -505,6 +556,8 @@ class SimNode:
         self.transport = SimTransport(world, self)
         self.worker = SimWorker(self.sim_clock)
         self.alive = True
+        #: False until an ``enrol`` fault lets it join (``World.enrol``)
+        self.enrolled = True
         #: SIGSTOP-like: nothing of this process runs; what it would run waits here
         self.frozen = False
         self._deferred: list[Callable[[], None]] = []
@@ -650,9 +703,15 @@ class SimNode:
                 link.low.clear()
         self.world.emit("crash", node=self.node_id)
 
+    def unenrolled(self) -> None:
+        """Not joined yet: the process is not running (its first start is the join)."""
+        self.enrolled = False
+        self.alive = False
+        self.driver.close()
+
     def restart(self) -> None:
         """Boot: a new driver over the same disk, then reconnect after discovery."""
-        if self.alive:
+        if self.alive or not self.enrolled:
             return
         self.identity.reload()
         self._boot()
