@@ -505,15 +505,23 @@ class Node:
         self.rejected_sessions[reason] = self.rejected_sessions.get(reason, 0) + 1
 
     async def _run_session(self, session: transport.Session) -> bool:
-        """Run an authenticated session until it ends; False if it was a duplicate of a
-        live session with the same peer (invariant 4) and was closed at once."""
+        """Run an authenticated session until it ends; False if it was a second one with
+        a peer that has a session here and the driver kept that one (``Driver.
+        admit_session``: a restart racing its stale session replaces it) and was closed
+        at once."""
         pid = session.peer_id
-        if pid in self.sessions or self._closed:
+        old = self.sessions.get(pid)
+        if self._closed or not self.driver.admit_session(
+                pid, outbound=session.outbound,
+                old_outbound=None if old is None else old.outbound):
             self.duplicate_sessions += 1  # normal when both sides dial: not a refusal
             session.close("duplicate")
             await session.ws.close()
             session.done.set()
             return False
+        if old is not None:  # the driver ended it (session_down): close its connection
+            del self.sessions[pid]
+            old.close("replaced")
         self.sessions[pid] = session
         session.on_refuse = self._reject  # frames it refuses: session_<reason> in /metrics
         self.trust_changed()  # the handshake may have taught us its certificate

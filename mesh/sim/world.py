@@ -17,7 +17,14 @@ Invariants:
     over a new ``DurableReplica`` over the same disk (rebuild from snapshot + rows).
  4. Messages on a link that is down are dropped; a link going down ends the sessions
     across it (``session_down`` on both ends) and coming back up re-opens them after the
-    discovery delay. Messages queued on a link die with its session.
+    discovery delay. Messages queued on a link die with its session. One end of each
+    pair dials (``dialer``: the smaller id on the LAN, as discovery does; the store end
+    of a WAN link, as ``--cloud``), and only while it holds no session with the other.
+ 8. A crash is noticed by a peer holding a session with the node only at the
+    transport's heartbeat (``stale_ms`` later): until then the peer's session is stale
+    and what it sends is lost. A restarted node that dials such a peer races that stale
+    session; ``Driver.admit_session`` decides, as in the real node (driver
+    invariant 9).
  6. Per directed link, messages queue while the link is busy (bandwidth) or a LOW one
     waits; HIGH leaves before LOW; more than ``SESSION_MAX_QUEUE`` queued drops the
     session (a slow peer), as the real ``Session`` does; queued envelope batches are
@@ -163,6 +170,13 @@ class World:
         self.observers: list[Callable[[str, dict[str, Any]], None]] = []
         #: sessions dropped by a transport, per reason (slow_peer, bad_wan_message)
         self.dropped_sessions: dict[str, int] = {}
+        #: How long a peer's session with a crashed node lives on (invariant 8): the
+        #: WebSocket heartbeat's worst case (a ping after HEARTBEAT_S of silence, and
+        #: HEARTBEAT_S / 2 for its pong).
+        self.stale_ms = config.HEARTBEAT_S * 1000 * 1.5
+        #: sessions a peer held stale when the crashed node's new one came up, by what
+        #: the driver did: "replaced" (the new one runs) or "refused" (until heartbeat)
+        self.stale_races: dict[str, int] = {}
 
     # --- scheduling ---------------------------------------------------------------------
 
@@ -296,10 +310,29 @@ class World:
         self.links[(b, a)] = back or LinkModel(**_copyable(self.links[(a, b)]))
         self._session_up(a, b)
 
+    def dialer(self, a: str, b: str) -> str:
+        """Which end of the pair dials (invariant 4)."""
+        if self.links[(a, b)].kind == "wan":
+            ra, rb = self.nodes[a].role, self.nodes[b].role
+            if (ra == "cloud") != (rb == "cloud"):
+                return b if ra == "cloud" else a
+        return min(a, b)
+
     def _session_up(self, a: str, b: str) -> None:
+        a, b = (a, b) if self.dialer(a, b) == a else (b, a)  # a dials
         na, nb = self.nodes[a], self.nodes[b]
         ab, ba = self.links[(a, b)], self.links[(b, a)]
         if na.alive and nb.alive and ab.up and ba.up:
+            for x, y in ((na, b), (nb, a)):
+                if x.core.is_up(y):  # a stale session (invariant 8): the driver decides
+                    kept = x.driver.admit_session(
+                        y, outbound=x is na, old_outbound=x.dialed.get(y) == x.node_id)
+                    key = "replaced" if kept else "refused"
+                    self.stale_races[key] = self.stale_races.get(key, 0) + 1
+                    if not kept:  # closed at once; the dialer tries again
+                        self.after(self.discovery_delay(), partial(self._reconnect, a, b))
+                        return
+            na.dialed[b] = nb.dialed[a] = a
             # A new session: what the old one still has in flight is never delivered
             # into it (a TCP connection's bytes die with it).
             pair = (a, b) if a < b else (b, a)
@@ -351,10 +384,28 @@ class World:
             self.after(self.discovery_delay(), lambda: self._reconnect(a, b))
 
     def _reconnect(self, a: str, b: str) -> None:
+        a, b = (a, b) if self.dialer(a, b) == a else (b, a)  # a dials (invariant 4)
         na, nb = self.nodes[a], self.nodes[b]
         if not (na.alive and nb.alive) or na.frozen or nb.frozen or na.core.is_up(b):
-            return
+            return  # (a dialer that holds a session, even a stale one, does not dial)
         self._session_up(a, b)
+
+    def stale_session(self, holder: str, crashed: str) -> None:
+        """``holder`` keeps its session with ``crashed`` until the heartbeat notices
+        (invariant 8); then it ends, and the dialer of the pair dials again."""
+        session = self._session_of(holder, crashed)
+
+        def notice() -> None:
+            node = self.nodes[holder]
+            if (not node.alive or not node.core.is_up(crashed)
+                    or self._session_of(holder, crashed) != session):
+                return  # replaced, cut or crashed meanwhile
+            if node.frozen:
+                node.defer(notice)
+                return
+            node.driver.session_down(crashed)
+            self.after(self.discovery_delay(), partial(self._reconnect, holder, crashed))
+        self.after(self.stale_ms, notice)
 
     def send(self, src: str, dst: str, data: bytes, priority: int = HIGH) -> None:
         """``src`` sends ``data`` on its session with ``dst`` (invariant 6: queued while
@@ -565,6 +616,8 @@ class SimNode:
         self.acked: list[CommandResult] = []
         #: frames its sessions refused, by reason (the real node's ``session_<reason>``)
         self.session_refused: dict[str, int] = {}
+        #: per peer, which end dialled the session held with it (world invariant 4)
+        self.dialed: dict[str, str] = {}
         #: Fault hook: sees every message this node sends (peer, bytes) and returns the
         #: bytes to send (maybe altered) or None to drop them. Tests use it to build
         #: deliberately broken nodes; the sync core never knows.
@@ -696,7 +749,7 @@ class SimNode:
         self.disk.crash()
         for other in self.world.nodes.values():
             if other is not self and other.alive and other.core.is_up(self.node_id):
-                other.driver.session_down(self.node_id)
+                self.world.stale_session(other.node_id, self.node_id)
         for (a, b), link in self.world.links.items():
             if self.node_id in (a, b):
                 link.high.clear()
