@@ -20,7 +20,9 @@ Invariants:
     worker's threads, rebuild at start-up too; identity (trust store) writes go to the
     ledger's writer thread, ahead of the envelopes that need them (durable inv. 6).
  4. At most one session per peer node id; with discovery, only the node with the
-    smaller id dials, so two nodes do not race to connect to each other.
+    smaller id dials, so two nodes do not race to connect to each other. A second
+    session with a peer is decided by the driver (``Driver.admit_session``, driver
+    invariant 9): a restart racing its stale session here replaces it.
  5. Messages of one session reach the driver in the order received (driver invariant 2
     batches them per loop iteration).
  6. The live stream shows what the driver's ``applied`` listeners report (driver
