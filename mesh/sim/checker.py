@@ -11,7 +11,10 @@ Invariants checked on every step (the safety phase, as in TigerBeetle's VOPR):
     kept (what was lost may, and must, be applied again).
  2. No forged or tampered envelope (``forged``, filled by the injector) is applied.
  3. No replica holds more of an origin's chain than that origin ever made durable
-    (*phantom* envelopes), checked at each sample.
+    (*phantom* envelopes). A replica's chain grows only by an apply, and an origin's
+    chain shrinks only at its crash or recovery, so it is checked there (each applied
+    envelope against its origin's chain; every replica's hold of an origin when that
+    origin crashes or recovers) instead of scanning every replica at every sample.
  6. No replica applies an envelope of an origin its trust store holds as revoked
     (*revoked_accepted*): after a node is revoked, every replica that has the list
     refuses its envelopes.
@@ -101,7 +104,8 @@ class Checker:
             node = data["node"]
             now = self.world.now
             trust = self.world.nodes[node].trust
-            for env in data["envelopes"]:
+            envs = data["envelopes"]
+            for env in envs:
                 self._mark(node, env)
                 if trust.is_revoked(env.origin):
                     self.revoked_accepted += 1
@@ -109,6 +113,7 @@ class Checker:
                 t = self._ack_at.get((env.origin, env.seq))
                 if t is not None:
                     self.lags.append(now - t)
+            self._check_applied(node, envs)
         elif kind == "created":
             self._mark(data["node"], data["envelope"])
         elif kind == "acked":
@@ -121,9 +126,11 @@ class Checker:
             self._marks[node.node_id] = node.disk.durable_seqs()
             for reason, n in node.core.stats.items():
                 self.carried_stats[reason] = self.carried_stats.get(reason, 0) + n
+            self._check_holders(node.node_id)
         elif kind == "recovered":  # memory rebuilt from disk after a failed write
             node = self.world.nodes[data["node"]]
             self._marks[node.node_id] = node.disk.durable_seqs()
+            self._check_holders(node.node_id)
 
     def _mark(self, node: str, env: Envelope) -> None:
         marks = self._marks[node]
@@ -158,23 +165,41 @@ class Checker:
                 if partitioned and div > self.peak_divergence_partitioned:
                     self.peak_divergence_partitioned = div
         self.samples.append(Sample(now, avail, partitioned))
-        self._check_phantoms()
 
-    def _check_phantoms(self) -> None:
-        made: dict[str, int] = {}
+    def _made(self, origin: str) -> int | None:
+        """How much of its chain ``origin`` has made (durable, if it is down)."""
+        n = self.world.nodes.get(origin)
+        if n is None:
+            return None
+        if n.alive:
+            return n.replica.vv.get(origin)
+        return len(n.disk.by_origin.get(origin, ()))
+
+    def _phantom(self, holder: str, origin: str, seq: int, made: int) -> None:
+        self.phantom_envelopes += 1
+        self._fail(f"{holder} holds {origin} seq {seq}, but {origin} made only {made}")
+
+    def _check_applied(self, node: str, envs: tuple[Envelope, ...]) -> None:
+        """Invariant 3 at an apply: nothing beyond what its origin has made."""
+        top: dict[str, int] = {}
+        for env in envs:
+            if env.seq > top.get(env.origin, 0):
+                top[env.origin] = env.seq
+        for origin, seq in top.items():
+            made = self._made(origin)
+            if made is not None and seq > made:
+                self._phantom(node, origin, seq, made)
+
+    def _check_holders(self, origin: str) -> None:
+        """Invariant 3 when ``origin``'s chain shrinks (crash, recovery)."""
+        made = self._made(origin)
+        if made is None:
+            return
         for n in self.world.nodes.values():
-            if n.alive:
-                made[n.node_id] = n.replica.vv.get(n.node_id)
-            else:
-                made[n.node_id] = len(n.disk.by_origin.get(n.node_id, ()))
-        for n in self.world.nodes.values():
-            if not n.alive:
-                continue
-            for origin, seq in n.replica.vv.items():
-                if origin in made and seq > made[origin]:
-                    self.phantom_envelopes += 1
-                    self._fail(f"{n.node_id} holds {origin} seq {seq}, but {origin} made "
-                               f"only {made[origin]}")
+            if n.alive and n.node_id != origin:
+                seq = n.replica.vv.get(origin)
+                if seq > made:
+                    self._phantom(n.node_id, origin, seq, made)
 
     def healed(self, label: str) -> None:
         """A cut or crash ended: time how long until everyone holds what was acked."""
