@@ -60,3 +60,27 @@ def test_a_restart_races_its_stale_sessions() -> None:
     assert seen["after heartbeat"] == {p: (True, True) for p in ("edge", "r2", "r4")}
     # the edge dials the cloud: its new session replaces the cloud's stale one at once
     assert seen["cloud-edge"] == (True, True)
+
+
+def test_a_frozen_node_loses_its_sessions_at_the_heartbeat_and_gets_them_back() -> None:
+    sc = load_scenario(SIMS / "register_crash.toml").with_faults((
+        FaultSpec("freeze", 100.0, 30.0, nodes=("r2",)),
+        FaultSpec("freeze", 200.0, 3.0, nodes=("r3",))))
+    seen: dict[str, Any] = {}
+
+    def setup(ctx: RunContext) -> None:
+        w = ctx.world
+
+        def look(tag: str, node: str) -> None:
+            seen[tag] = (w.nodes["r1"].core.is_up(node), w.nodes["edge"].core.is_up(node))
+        w.at(105_000, lambda: look("r2 frozen 5 s", "r2"))
+        w.at(100_000 + w.stale_ms + 500, lambda: look("r2 after heartbeat", "r2"))
+        w.at(135_000, lambda: look("r2 resumed", "r2"))
+        w.at(205_000, lambda: look("r3 resumed before the heartbeat", "r3"))
+    result = run_scenario(sc, 3, setup=setup)
+    assert result.ok, result.failures
+    assert seen["r2 frozen 5 s"] == (True, True)  # not yet noticed
+    assert seen["r2 after heartbeat"] == (False, False)  # no pong: dropped
+    assert seen["r2 resumed"] == (True, True)  # it learns, and the sessions re-open
+    assert seen["r3 resumed before the heartbeat"] == (True, True)  # never dropped
+    assert result.report["sync_lag_ms"]["count"] > 0

@@ -22,9 +22,10 @@ Invariants:
     of a WAN link, as ``--cloud``), and only while it holds no session with the other.
  8. A crash is noticed by a peer holding a session with the node only at the
     transport's heartbeat (``stale_ms`` later): until then the peer's session is stale
-    and what it sends is lost. A restarted node that dials such a peer races that stale
-    session; ``Driver.admit_session`` decides, as in the real node (driver
-    invariant 9).
+    and what it sends is lost. A frozen node answers no heartbeat either: its peers
+    drop their sessions with it ``stale_ms`` after the freeze, if it is still frozen.
+    A restarted node that dials such a peer races that stale session;
+    ``Driver.admit_session`` decides, as in the real node (driver invariant 9).
  6. Per directed link, messages queue while the link is busy (bandwidth) or a LOW one
     waits; HIGH leaves before LOW; more than ``SESSION_MAX_QUEUE`` queued drops the
     session (a slow peer), as the real ``Session`` does; queued envelope batches are
@@ -390,21 +391,25 @@ class World:
             return  # (a dialer that holds a session, even a stale one, does not dial)
         self._session_up(a, b)
 
-    def stale_session(self, holder: str, crashed: str) -> None:
-        """``holder`` keeps its session with ``crashed`` until the heartbeat notices
-        (invariant 8); then it ends, and the dialer of the pair dials again."""
-        session = self._session_of(holder, crashed)
+    def stale_session(self, holder: str, silent: str, *, frozen: bool = False) -> None:
+        """``holder`` keeps its session with ``silent`` (crashed, or ``frozen``: a
+        stopped process answers no ping either) until the heartbeat notices (invariant
+        8); then it ends at both ends (a frozen one learns when it runs again), and the
+        dialer of the pair dials again."""
+        session = self._session_of(holder, silent)
 
         def notice() -> None:
             node = self.nodes[holder]
-            if (not node.alive or not node.core.is_up(crashed)
-                    or self._session_of(holder, crashed) != session):
-                return  # replaced, cut or crashed meanwhile
+            if (not node.alive or not node.core.is_up(silent)
+                    or self._session_of(holder, silent) != session
+                    or (frozen and not self.nodes[silent].frozen)):
+                return  # replaced, cut, crashed or resumed meanwhile
             if node.frozen:
                 node.defer(notice)
                 return
-            node.driver.session_down(crashed)
-            self.after(self.discovery_delay(), partial(self._reconnect, holder, crashed))
+            self.dropped_sessions["heartbeat"] = self.dropped_sessions.get("heartbeat", 0) + 1
+            self._session_down(holder, silent)
+            self.after(self.discovery_delay(), partial(self._reconnect, holder, silent))
         self.after(self.stale_ms, notice)
 
     def send(self, src: str, dst: str, data: bytes, priority: int = HIGH) -> None:
@@ -720,9 +725,13 @@ class SimNode:
             self.driver.session_down(peer)
 
     def freeze(self) -> None:
-        """SIGSTOP: timers, message deliveries and completions wait until ``resume``."""
-        if self.alive:
+        """SIGSTOP: timers, message deliveries and completions wait until ``resume``;
+        peers drop their sessions with it at the heartbeat (world invariant 8)."""
+        if self.alive and not self.frozen:
             self.frozen = True
+            for other in self.world.nodes.values():
+                if other is not self and other.alive and other.core.is_up(self.node_id):
+                    self.world.stale_session(other.node_id, self.node_id, frozen=True)
 
     def resume(self) -> None:
         """SIGCONT: everything that waited runs now, in order; dropped sessions re-open."""
@@ -732,6 +741,12 @@ class SimNode:
         todo, self._deferred = self._deferred, []
         for fn in todo:
             self.world.at(self.world.now, fn)
+        # after what waited (it may learn of sessions dropped meanwhile): re-open those
+        self.world.at(self.world.now, self._reconnect_all)
+
+    def _reconnect_all(self) -> None:
+        if not self.alive or self.frozen:
+            return
         for (a, b) in list(self.world.links):
             if a == self.node_id and not self.core.is_up(b):
                 self.world.after(self.world.discovery_delay(),
