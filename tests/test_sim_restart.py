@@ -84,3 +84,21 @@ def test_a_frozen_node_loses_its_sessions_at_the_heartbeat_and_gets_them_back() 
     assert seen["r2 resumed"] == (True, True)  # it learns, and the sessions re-open
     assert seen["r3 resumed before the heartbeat"] == (True, True)  # never dropped
     assert result.report["sync_lag_ms"]["count"] > 0
+
+
+def test_a_session_cut_while_frozen_reopens_after_the_resume() -> None:
+    """Before, the resumed node looked for dropped sessions before it had learnt of
+    them (what it learns waits behind its deferred work), so a link cut while it was
+    frozen stayed without a session, and the run did not converge."""
+    sc = load_scenario(SIMS / "register_crash.toml").with_faults((
+        FaultSpec("freeze", 100.0, 30.0, nodes=("r2",)),
+        FaultSpec("isolate", 105.0, 5.0, nodes=("r2",))))
+    seen: dict[str, tuple[bool, bool]] = {}
+
+    def setup(ctx: RunContext) -> None:
+        w = ctx.world
+        w.at(150_000, lambda: seen.__setitem__(
+            "r1-r2", (w.nodes["r1"].core.is_up("r2"), w.nodes["r2"].core.is_up("r1"))))
+    result = run_scenario(sc, 3, setup=setup)
+    assert seen["r1-r2"] == (True, True)
+    assert result.ok, result.failures
