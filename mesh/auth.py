@@ -421,15 +421,25 @@ class _Failures:
     verifier: str  # a new PIN (new verifier) starts over
 
 
+def pin_limit(nodes: int) -> int:
+    """Wrong PINs a node allows before lockout in a store of ``nodes`` nodes that check
+    PINs: the store-wide bound shared out (``config.PIN_STORE_MAX_FAILURES``), at most
+    ``PIN_MAX_FAILURES``, at least ``PIN_FREE_FAILURES``."""
+    share = config.PIN_STORE_MAX_FAILURES // max(1, nodes)
+    return max(config.PIN_FREE_FAILURES, min(config.PIN_MAX_FAILURES, share))
+
+
 class PinGuard:
     """Consecutive wrong secrets (PINs; HQ passwords in ``mesh.hq``) per account on this
     node: free for the first ``PIN_FREE_FAILURES``, then a doubling delay, locked after
-    ``PIN_MAX_FAILURES`` until a supervisor unlocks it here or the account gets a new
-    secret (a new verifier starts over)."""
+    ``max_failures`` (``PIN_MAX_FAILURES``, or the node's share of the store-wide bound:
+    ``pin_limit``) until a supervisor unlocks it here or the account gets a new secret (a
+    new verifier starts over)."""
 
     def __init__(self, what: str = "staff") -> None:
         self._failures: dict[str, _Failures] = {}
         self.what = what
+        self.max_failures = config.PIN_MAX_FAILURES
 
     def check(self, entry: StaffEntry, now_ms: int) -> None:
         """Raise if a PIN attempt for ``entry`` is not allowed now."""
@@ -439,7 +449,7 @@ class PinGuard:
         f = self._failures.get(key)
         if f is None or f.verifier != verifier:
             return
-        if f.count >= config.PIN_MAX_FAILURES:
+        if f.count >= self.max_failures:
             raise AuthError(403, "locked_out", f"{self.what} {key!r} is locked out after "
                             f"{f.count} wrong attempts: "
                             + ("a supervisor unlocks it (POST /v1/staff/<id>/unlock) or sets "

@@ -202,12 +202,17 @@ def store_ca(data_dir: Path, output: Path | None) -> None:
               default=None, metavar="SECONDS",
               help="On the edge: how long the node certificates it issues (join tokens) "
                    "and renews stay valid (default a year; renewed when a third is left).")
+@click.option("--browser-name", "browser_names", multiple=True, metavar="HOST",
+              help="A host name browser tills reach this node by (repeatable), besides "
+                   "localhost and NODE.local: served the node's P-256 browser certificate "
+                   "(trust DATA/browser-ca.pem in the till's browser).")
 @click.option("--log-level", default="INFO", show_default=True)
 @click.pass_context
 def node_cmd(ctx: click.Context, data_dir: Path, http_port: int, http_host: str | None,
              interface: str | None, peers: tuple[str, ...], cloud_urls: tuple[str, ...],
              token: str | None, node_id: str | None, join_url: str | None, discovery: bool,
-             insecure_plaintext: bool, cert_validity_s: int | None, log_level: str) -> None:
+             insecure_plaintext: bool, cert_validity_s: int | None,
+             browser_names: tuple[str, ...], log_level: str) -> None:
     """Run a store node: sync with peers, serve the POS/channel API, until Ctrl-C.
 
     The network flags (--interface, --http-host, --http-port, --peer, --cloud,
@@ -216,17 +221,23 @@ def node_cmd(ctx: click.Context, data_dir: Path, http_port: int, http_host: str 
 
     Every link is TLS: peers and the cloud are https:// URLs, sync is mutual TLS pinned
     to the store CA, and the API is served with a certificate signed by the store key
-    (export the CA for tills with 'storemesh store ca DIR')."""
+    (export the CA for tills with 'storemesh store ca DIR'). Browsers accept no Ed25519
+    certificate: a browser till opens https://localhost:PORT (or NODE.local, or a
+    --browser-name) and trusts DATA/browser-ca.pem, the node's own P-256 CA."""
     if token is None and not (data_dir / "node.json").exists():
         raise UserError(f"{data_dir} holds no node: create a store with 'storemesh store init' "
                         "or join one with --join TOKEN")
     given = {"interface": interface, "http_host": http_host, "http_port": http_port,
              "peers": list(peers), "cloud_urls": list(cloud_urls), "discovery": discovery,
-             "cert_validity_s": cert_validity_s}
+             "cert_validity_s": cert_validity_s, "browser_names": list(browser_names)}
     try:
         given = {k: v for k, v in given.items() if _from_command_line(ctx, k)}
         for url in (*peers, *cloud_urls, *((join_url,) if join_url else ())):
             _check_url(url, "--url" if url == join_url else "--peer/--cloud")
+        from mesh.tls import check_browser_name
+
+        for name in browser_names:
+            check_browser_name(name)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     _sigterm_as_interrupt()
@@ -291,7 +302,8 @@ def _run_node(data_dir: Path, given: dict[str, Any], token: str | None, node_id:
                     discovery=settings.get("discovery", True),
                     insecure_plaintext=insecure_plaintext,
                     cert_validity_ms=None if settings.get("cert_validity_s") is None
-                    else settings["cert_validity_s"] * 1000)
+                    else settings["cert_validity_s"] * 1000,
+                    browser_names=settings.get("browser_names", []))
         try:
             await node.start()
         except Exception as exc:

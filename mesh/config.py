@@ -215,6 +215,11 @@ PIN_SCRYPT_N: Final = 1 << 14
 #: Consecutive wrong PINs before a staff member is locked out on a node (NIST 800-63B
 #: 5.2.2: at most 100). A 4-digit PIN has 10k values: 10 tries is a 0.1% guess chance.
 PIN_MAX_FAILURES: Final = 10
+#: The same bound for the whole store: failures are counted on each node (a till checks
+#: PINs with every link down), so a node allows PIN_STORE_MAX_FAILURES // nodes of them,
+#: at most PIN_MAX_FAILURES and at least PIN_FREE_FAILURES (``mesh.auth.pin_limit``): a
+#: guesser walking from till to till gets at most 100 tries in a store of up to 33 nodes.
+PIN_STORE_MAX_FAILURES: Final = 100
 #: Free wrong PINs before delays start, then the delay doubles from PIN_DELAY_MS up to
 #: PIN_DELAY_MAX_MS (typos are free; guessing is slow).
 PIN_FREE_FAILURES: Final = 3
@@ -245,6 +250,13 @@ HQ_SESSIONS_MAX: Final = 1000
 #: 1.5 s, so an open page keeps it) and 12 hours after login at the latest.
 HQ_IDLE_S: Final = 30 * 60
 HQ_SESSION_S: Final = 12 * 3600
+#: HQ sessions live in ROOT/hq_sessions.sqlite, shared by every cloud process on that
+#: root and kept over a restart. A process re-reads a session it holds at most this old,
+#: so a logout or an ended account at another process takes effect here within it.
+HQ_SESSION_RECHECK_S: Final = 1.0
+#: How stale a session's last-seen time may be on disk (one write a minute per session,
+#: not one per dashboard poll); the idle timeout is kept to within it.
+HQ_SESSION_TOUCH_S: Final = 60.0
 
 # --- sensors, reconciliation, telemetry (issue 14: mesh.sensors, mesh.reconcile,
 # mesh.reviews, mesh.telemetry, mesh.sensor_routes) ------------------------------------

@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -38,6 +37,7 @@ from mesh.datadir import init_store
 from mesh.enrol import create_token
 from mesh.hq import add_user
 from mesh.hqtls import CA_FILE as HQ_CA_FILE
+from mesh.testing.cluster import Cluster, ClusterError, wait_mesh
 from mesh.tls import api_client_context
 
 __all__ = ["run_demo"]
@@ -52,40 +52,6 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class _Proc:
-    def __init__(self, name: str, args: list[str], log: Path) -> None:
-        self.name = name
-        self.log = log.open("w")
-        self.proc = subprocess.Popen(  # noqa: S603 -- our own CLI, fixed arguments
-            [sys.executable, "-m", "mesh", *args], stdout=subprocess.PIPE,
-            stderr=self.log, text=True)
-        self.url = ""
-
-    async def wait_url(self, limit_s: float) -> str:
-        assert self.proc.stdout is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit_s
-        while loop.time() < deadline:
-            line = await asyncio.wait_for(loop.run_in_executor(None, self.proc.stdout.readline),
-                                          max(0.1, deadline - loop.time()))
-            if not line:
-                break
-            if " listening on " in line:
-                self.url = line.strip().rsplit(" ", 1)[1]
-                return self.url
-        raise RuntimeError(f"{self.name} did not start; see {self.log.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 async def _post(http: aiohttp.ClientSession, url: str, path: str,
                 body: dict[str, Any], who: dict[str, str]) -> dict[str, Any]:
     async with http.post(url + path, json=body, headers=who) as resp:
@@ -98,21 +64,6 @@ async def _post(http: aiohttp.ClientSession, url: str, path: str,
 async def _get(http: aiohttp.ClientSession, url: str, path: str) -> Any:
     async with http.get(url + path) as resp:
         return await resp.json()
-
-
-async def _wait_mesh(http: aiohttp.ClientSession, urls: dict[str, str], limit_s: float) -> float:
-    t0 = time.perf_counter()
-    want = len(urls) - 1
-    ups: list[int] = []
-    while time.perf_counter() - t0 < limit_s:
-        ups = []
-        for url in urls.values():
-            peers = await _get(http, url, "/v1/peers")
-            ups.append(sum(1 for p in peers["peers"] if p["up"]))
-        if all(n >= want for n in ups):
-            return time.perf_counter() - t0
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"the mesh did not form within {limit_s} s (peers up: {ups})")
 
 
 async def _wait_roster(http: aiohttp.ClientSession, urls: dict[str, str], version: int,
@@ -352,16 +303,16 @@ def _free_port() -> int:
 
 
 async def run_demo(base: Path, creds: dict[str, Any], duration: float | None) -> int:
-    procs: list[_Proc] = []
+    cluster = Cluster(base)  # every process by pid, logs in BASE/NAME.log
     common = ["--interface", "127.0.0.1", "--http-port", "0", "--log-level",
               os.environ.get("STOREMESH_LOG_LEVEL", "WARNING")]
     try:
         cloud_url = f"https://127.0.0.1:{_free_port()}"
         store_on_cloud = f"{cloud_url}/stores/demo-store"
-        edge = _Proc("edge", ["node", "--data", str(base / "edge"), "--cloud", store_on_cloud,
-                              *common], base / "edge.log")
-        procs.append(edge)
-        urls = {"edge": await edge.wait_url(30)}
+        edge = cluster.spawn("edge", ["node", "--data", str(base / "edge"),
+                                      "--cloud", store_on_cloud, *common])
+        await edge.wait_ready(30)
+        urls = {"edge": edge.url}
         # The cloud enrols with its token at the edge, then the edge dials out to it.
         join = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "mesh", "cloud", "join", str(base / "hq"),
@@ -369,17 +320,16 @@ async def run_demo(base: Path, creds: dict[str, Any], duration: float | None) ->
             "--url", urls["edge"], stdout=asyncio.subprocess.DEVNULL)
         if await join.wait() != 0:
             raise RuntimeError("the cloud could not join the store")
-        cloud = _Proc("cloud", ["cloud", "run", "--data", str(base / "hq"), "--http-host",
-                                "127.0.0.1", "--http-port", cloud_url.rsplit(":", 1)[1],
-                                "--log-level", "WARNING"], base / "cloud.log")
-        procs.append(cloud)
-        await cloud.wait_url(30)
-        for r in REGISTERS:
-            p = _Proc(r, ["node", "--data", str(base / r), "--join", creds["join"][r],
-                          "--node-id", r, *common], base / f"{r}.log")
-            procs.append(p)
-        for p in procs[2:]:
-            urls[p.name] = await p.wait_url(30)
+        cloud = cluster.spawn("cloud", ["cloud", "run", "--data", str(base / "hq"),
+                                        "--http-host", "127.0.0.1",
+                                        "--http-port", cloud_url.rsplit(":", 1)[1],
+                                        "--log-level", "WARNING"])
+        await cloud.wait_ready(30)
+        tills = [cluster.spawn(r, ["node", "--data", str(base / r), "--join",
+                                   creds["join"][r], "--node-id", r, *common])
+                 for r in REGISTERS]
+        await cluster.wait_ready(*tills, within=30)
+        urls.update({p.name: p.url for p in tills})
         everyone = {**urls, "cloud": store_on_cloud}
         # Every node serves TLS with a certificate the store key signed: pin that CA,
         # as a till does (what 'storemesh store ca' exports). The cloud's API and
@@ -391,7 +341,8 @@ async def run_demo(base: Path, creds: dict[str, Any], duration: float | None) ->
         pinned = aiohttp.TCPConnector(ssl=trusted)
         jar = aiohttp.CookieJar(unsafe=True)  # the HQ session cookie of 127.0.0.1
         async with aiohttp.ClientSession(connector=pinned, cookie_jar=jar) as http:
-            formed = await _wait_mesh(http, urls, 30)
+            formed = await wait_mesh(lambda url: _get(http, url, ""), list(urls.values()),
+                                     within=30)
             console.print(f"4 nodes up; registers joined by token and found each other by "
                           f"mDNS: full mesh in {formed:.1f} s; the edge dialled out to the "
                           f"cloud peer at {cloud_url}")
@@ -432,7 +383,9 @@ async def run_demo(base: Path, creds: dict[str, Any], duration: float | None) ->
                       f"  curl --cacert {ca} --resolve edge:{e.rsplit(':', 1)[1]}:127.0.0.1 "
                       f"https://edge:{e.rsplit(':', 1)[1]}/v1/stock\n"
                       "(store certificates are Ed25519: curl, Python and the CLI accept "
-                      "them, today's browsers do not; see docs/security.md)\n"
+                      "them, browsers do not; a browser till opens "
+                      f"https://localhost:{e.rsplit(':', 1)[1]} trusting the node's own "
+                      f"{base / 'edge' / 'browser-ca.pem'}: docs/security.md)\n"
                       f"the dashboard's certificate (ECDSA) comes from the HQ CA {hq_ca}: "
                       "trust it in your browser, or accept the browser's warning once")
         console.print(f"dashboard    {dash}/   (the cloud peer's fleet view; log in as "
@@ -461,7 +414,9 @@ async def run_demo(base: Path, creds: dict[str, Any], duration: float | None) ->
             await asyncio.sleep(duration)
         return 0
     finally:
-        for p in reversed(procs):
-            p.stop()
+        try:
+            cluster.close()
+        except ClusterError as exc:  # a node had to be killed: its stacks are in its log
+            console.print(f"[yellow]{exc}[/]")
         with contextlib.suppress(OSError):
             os.sync()

@@ -32,14 +32,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from mesh import config
-from mesh.envelope import Envelope, decode, verify
-from mesh.errors import Equivocation
+from mesh.envelope import Envelope, decode
 from mesh.ports import Identity, Storage
 from mesh.replica import CommandResult, Replica
 
@@ -60,7 +59,6 @@ class RebuildStats:
 
 @dataclass(slots=True)
 class _Counters:
-    rejected: dict[str, int] = field(default_factory=dict)
     applied: int = 0
     duplicates: int = 0
 
@@ -150,40 +148,6 @@ class DurableReplica(Generic[S]):
         return result, fut
 
     # --- remote envelopes -------------------------------------------------------------
-
-    def ingest(self, raw: bytes, now_ms: int) -> tuple[list[Envelope], Future[int] | None]:
-        """Verify and apply one remote envelope. Returns what was applied (with any
-        buffered successors) and the future of their append; raises ``EnvelopeError``
-        (counted in ``counters.rejected``) for anything refused."""
-        try:
-            env = verify(raw, self.identity.trust, now_ms)
-            applied = self.replica.apply(env, now_ms)
-        except Equivocation as exc:
-            self._count(exc.reason)
-            self.ledger.add_evidence(exc.origin, exc.seq, exc.first, exc.second)
-            raise
-        except Exception as exc:
-            self._count(getattr(exc, "reason", "invalid"))
-            raise
-        return self._accepted(applied)
-
-    def ingest_verified(self, envs: Sequence[Envelope],
-                        now_ms: int) -> tuple[list[Envelope], Future[int] | None]:
-        """Apply envelopes already verified as a page (``verify_chain``)."""
-        applied: list[Envelope] = []
-        for env in envs:
-            applied.extend(self.replica.apply(env, now_ms))
-        return self._accepted(applied)
-
-    def _accepted(self, applied: list[Envelope]) -> tuple[list[Envelope], Future[int] | None]:
-        if not applied:
-            self.counters.duplicates += 1
-            return applied, None
-        self.counters.applied += len(applied)
-        return applied, self._append(applied, sync=False)
-
-    def _count(self, reason: str) -> None:
-        self.counters.rejected[reason] = self.counters.rejected.get(reason, 0) + 1
 
     # --- durability -------------------------------------------------------------------
 

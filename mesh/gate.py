@@ -48,6 +48,7 @@ from mesh.auth import (
     SessionKeys,
     SourceThrottle,
     StaffEntry,
+    pin_limit,
     pin_matches,
     revoked_name,
 )
@@ -127,6 +128,8 @@ class Gate:
         ident = node.identity
         self.verifier = DeviceVerifier(ident.store_id, ident.trust.store_public_key)
         self.pins = PinGuard()
+        self._pin_limit_at = -1
+        self._pin_limit_cached = config.PIN_MAX_FAILURES
         self.sessions = SessionKeys(ident.node_id)
         self.throttle = SourceThrottle()
         self.refusals: dict[str, int] = {}
@@ -237,15 +240,27 @@ class Gate:
         entry = roster.staff.get(staff_id)
         if entry is None or entry.disabled:
             raise AuthError(401, "bad_pin", "unknown staff id or wrong PIN", field)
+        self.pins.max_failures = self._pin_limit()
         self.pins.check(entry, now)
         if await asyncio.to_thread(pin_matches, entry.pin, pin):
             self.pins.succeeded(staff_id)
             return entry
         n = self.pins.failed(entry, self.node.now_ms())
-        left = config.PIN_MAX_FAILURES - n
+        left = self.pins.max_failures - n
         raise AuthError(401, "bad_pin", "unknown staff id or wrong PIN"
                         + (f" ({left} tries left before lockout)" if left > 0 else
                            "; the staff member is now locked out"), field)
+
+    def _pin_limit(self) -> int:
+        """This node's share of the store-wide PIN bound: every enrolled, unrevoked node
+        but the cloud checks PINs on its own (cached per trust-store version)."""
+        trust = self.node.identity.trust
+        if self._pin_limit_at != trust.version:
+            nodes = sum(1 for c in trust.certificates()
+                        if c.role != "cloud" and not trust.is_revoked(c.node_id))
+            self._pin_limit_cached = pin_limit(nodes)
+            self._pin_limit_at = trust.version
+        return self._pin_limit_cached
 
     async def approver(self, request: web.Request, need: str, staff: StaffEntry, now: int
                        ) -> StaffEntry:

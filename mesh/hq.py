@@ -15,8 +15,10 @@ Invariants:
  2. A session is 32 random bytes in a cookie that scripts cannot read (``HttpOnly``),
     that no other site's request carries (``SameSite=Strict``), and that only TLS
     carries when the cloud serves TLS (``Secure`` and the ``__Host-`` prefix). The
-    cloud keeps only its SHA-256, with an idle timeout and an absolute lifetime; a
-    restart, a logout, a disabled account or a new password ends it.
+    cloud keeps only its SHA-256, in ``ROOT/hq_sessions.sqlite`` (mode 0600; shared by
+    every cloud process on that root, kept over a restart), with an idle timeout and
+    an absolute lifetime on the wall clock; a logout, a disabled account or a new
+    password ends it, at every process within ``HQ_SESSION_RECHECK_S``.
  3. CSRF: every state-changing request that a cookie authenticates (logout, and any
     later POST) needs ``X-CSRF-Token`` equal to the session's token (which only a
     same-origin script can learn, from ``GET /v1/hq/session``); login itself refuses a
@@ -24,8 +26,9 @@ Invariants:
  4. Refusals cost almost nothing (no hashing for an unknown cookie), are counted by
     reason (``storemesh_hq_auth_refusals_total``), and wrong passwords are throttled per
     account (``PinGuard``: delays, then a lockout) and per source (``SourceThrottle``).
- 5. Every table is bounded: sessions (``HQ_SESSIONS_MAX``, oldest evicted), accounts
-    (``HQ_USERS_MAX``), refusal sources (``AUTH_SOURCES_MAX``).
+ 5. Every table is bounded: sessions (``HQ_SESSIONS_MAX`` on disk and in memory, oldest
+    evicted; expired ones purged), accounts (``HQ_USERS_MAX``), refusal sources
+    (``AUTH_SOURCES_MAX``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ import logging
 import os
 import re
 import secrets
+import sqlite3
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -58,7 +63,8 @@ from mesh import config
 from mesh.auth import AuthError, PinGuard, SourceThrottle, make_pin_verifier, pin_matches
 from mesh.errors import CommandError
 
-__all__ = ["HQ_FILE", "HqDoor", "add_user", "list_users", "setup_hq", "update_user"]
+__all__ = ["HQ_FILE", "SESSIONS_FILE", "HqDoor", "SessionStore", "add_user", "list_users",
+           "setup_hq", "update_user"]
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +188,103 @@ class _Session:
     user: str
     role: str
     csrf: str
-    verifier: str  # the password it was opened with: a new password ends it
-    created: float
-    seen: float
+    verifier: str  # a digest of the password's verifier it was opened with (a new one ends it)
+    created: float  # wall-clock seconds
+    seen: float  # wall-clock seconds of the last request (on disk: within TOUCH_S)
+    stored_seen: float = 0.0  # what the file holds
+    checked: float = 0.0  # monotonic seconds when this process last read it from the file
 
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
+
+
+def _verifier_tag(verifier: str) -> str:
+    """What a session keeps of the verifier it was opened with: enough to see a new
+    password, without a copy of the verifier in a second file."""
+    return hashlib.sha256(verifier.encode()).hexdigest()[:32]
+
+
+SESSIONS_FILE: Final = "hq_sessions.sqlite"
+_SESSIONS_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS sessions (
+    digest  BLOB PRIMARY KEY,
+    user    TEXT NOT NULL,
+    role    TEXT NOT NULL,
+    csrf    TEXT NOT NULL,
+    vtag    TEXT NOT NULL,
+    created REAL NOT NULL,
+    seen    REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_created ON sessions (created);
+"""
+
+
+class SessionStore:
+    """HQ sessions on disk: one SQLite file per cloud root, WAL, shared by every cloud
+    process on that root (a second gateway, the next start). Every call is one short
+    statement under a lock; callers on the event loop make a few per login and at most
+    one a second per session otherwise."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        fresh = not path.exists()
+        if fresh:  # created 0600: it holds the CSRF tokens
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None,
+                                   check_same_thread=False)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SESSIONS_SCHEMA)
+
+    def get(self, key: bytes) -> _Session | None:
+        with self._lock:
+            row = self._db.execute("SELECT user, role, csrf, vtag, created, seen FROM "
+                                   "sessions WHERE digest = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        return _Session(row[0], row[1], row[2], row[3], row[4], row[5], stored_seen=row[5])
+
+    def put(self, key: bytes, s: _Session) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (key, s.user, s.role, s.csrf, s.verifier, s.created, s.seen))
+            self._db.execute(
+                "DELETE FROM sessions WHERE digest IN (SELECT digest FROM sessions ORDER BY "
+                "created DESC LIMIT -1 OFFSET ?)", (config.HQ_SESSIONS_MAX,))
+
+    def touch(self, key: bytes, seen: float) -> None:
+        with self._lock:
+            self._db.execute("UPDATE sessions SET seen = MAX(seen, ?) WHERE digest = ?",
+                             (seen, key))
+
+    def delete(self, key: bytes) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM sessions WHERE digest = ?", (key,))
+
+    def end_unless(self, allowed: dict[str, str]) -> int:
+        """End every session whose account is not in ``allowed`` (user -> verifier tag)
+        with that tag, and every expired one; returns how many ended."""
+        now = time.time()
+        with self._lock:
+            rows = self._db.execute("SELECT digest, user, vtag, created, seen FROM "
+                                    "sessions").fetchall()
+            ended = [r[0] for r in rows if allowed.get(r[1]) != r[2]
+                     or now - r[4] > config.HQ_IDLE_S or now - r[3] > config.HQ_SESSION_S]
+            self._db.executemany("DELETE FROM sessions WHERE digest = ?",
+                                 [(k,) for k in ended])
+        return len(ended)
+
+    def count(self) -> int:
+        with self._lock:
+            n: int = self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+        return n
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
 
 
 class HqDoor:
@@ -199,7 +295,9 @@ class HqDoor:
         self.root = Path(root)
         self.users: dict[str, dict[str, Any]] = {}
         self._mtime: int | None = None
+        #: Sessions this process has read lately (a cache of ``store``, bounded).
         self.sessions: OrderedDict[bytes, _Session] = OrderedDict()
+        self.store = SessionStore(self.root / SESSIONS_FILE)
         self.guard = PinGuard("HQ account")
         self.throttle = SourceThrottle()
         self.refusals: dict[str, int] = {}
@@ -217,20 +315,31 @@ class HqDoor:
             return
         self.users = load_users(self.root) if mtime is not None else {}
         self._mtime = mtime
-        for key, s in list(self.sessions.items()):
-            u = self.users.get(s.user)
-            if u is None or u["disabled"] or u["verifier"] != s.verifier:
-                del self.sessions[key]
+        self.end_sessions()
         self.guard.forget_except(self.users.keys())
         if not self.users:
             log.warning("no HQ account in %s: the dashboard and fleet API refuse everyone "
                         "until one is added ('storemesh hq add %s NAME')", self.root,
                         self.root)
 
+    def end_sessions(self) -> None:
+        """End the sessions the accounts no longer allow (disabled, new password, gone)
+        and the expired ones, on disk and here."""
+        allowed = {name: _verifier_tag(u["verifier"]) for name, u in self.users.items()
+                   if not u["disabled"]}
+        self.store.end_unless(allowed)
+        for key, held in list(self.sessions.items()):
+            if allowed.get(held.user) != held.verifier:
+                del self.sessions[key]
+
     async def _reload_loop(self) -> None:
+        last_purge = time.monotonic()
         while True:
             try:
                 await asyncio.to_thread(self.reload)
+                if time.monotonic() - last_purge > config.HQ_SESSION_TOUCH_S:
+                    last_purge = time.monotonic()
+                    await asyncio.to_thread(self.end_sessions)  # the expired ones
             except (OSError, ValueError) as exc:
                 log.error("cannot read %s: %s (keeping the accounts held)", HQ_FILE, exc)
             await asyncio.sleep(config.AUTH_RELOAD_S)
@@ -245,6 +354,7 @@ class HqDoor:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            self.store.close()
 
     # --- the door ---------------------------------------------------------------------
 
@@ -257,14 +367,31 @@ class HqDoor:
         if not token or len(token) > 64:
             return None
         key = _digest(token)
+        mono = time.monotonic()
         s = self.sessions.get(key)
-        if s is None:
-            return None
-        now = time.monotonic()
-        if (now - s.seen > config.HQ_IDLE_S or now - s.created > config.HQ_SESSION_S):
+        if s is None or mono - s.checked > config.HQ_SESSION_RECHECK_S:
+            # not read lately: the file says (a logout or a login at another process)
+            fresh = self.store.get(key)
+            if fresh is None:
+                self.sessions.pop(key, None)
+                return None
+            if s is not None:
+                fresh.seen = max(fresh.seen, s.seen)
+            s = fresh
+            s.checked = mono
+            self.sessions[key] = s
+            self.sessions.move_to_end(key)
+            while len(self.sessions) > config.HQ_SESSIONS_MAX:
+                self.sessions.popitem(last=False)
+        now = time.time()
+        if now - s.seen > config.HQ_IDLE_S or now - s.created > config.HQ_SESSION_S:
             del self.sessions[key]
+            self.store.delete(key)
             return None
         s.seen = now
+        if now - s.stored_seen > config.HQ_SESSION_TOUCH_S:
+            self.store.touch(key, now)
+            s.stored_seen = now
         return s
 
     def _refuse(self, request: web.Request, status: int, reason: str, message: str,
@@ -354,8 +481,11 @@ class HqDoor:
                 request, exc.status, exc.reason, exc.message, exc.field, exc.retry_after_s))
         self.guard.succeeded(user)
         token = secrets.token_urlsafe(32)
-        s = _Session(user, entry["role"], secrets.token_urlsafe(24), entry["verifier"],
-                     time.monotonic(), time.monotonic())
+        now_s = time.time()
+        s = _Session(user, entry["role"], secrets.token_urlsafe(24),
+                     _verifier_tag(entry["verifier"]), now_s, now_s, stored_seen=now_s,
+                     checked=time.monotonic())
+        self.store.put(_digest(token), s)  # on disk before the cookie is handed out
         self.sessions[_digest(token)] = s
         while len(self.sessions) > config.HQ_SESSIONS_MAX:
             self.sessions.popitem(last=False)
@@ -395,6 +525,7 @@ class HqDoor:
         for key, held in list(self.sessions.items()):
             if held is s:
                 del self.sessions[key]
+                self.store.delete(key)
         resp = web.json_response({"logged_out": s.user})
         resp.del_cookie(COOKIE_TLS if request.secure else COOKIE, path="/")
         return resp

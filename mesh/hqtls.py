@@ -1,4 +1,5 @@
-"""The cloud's certificate for browsers and HQ tools: ECDSA P-256 from an HQ CA.
+"""Certificates for browsers: ECDSA P-256 from a CA of their own (the cloud's HQ CA; a
+store node's browser CA).
 
 Store nodes' TLS certificates are Ed25519, signed by the store key (``mesh.tls``); no
 browser accepts those (Chromium and Firefox offer no Ed25519 signature algorithm, so
@@ -28,6 +29,13 @@ Invariants:
    not name a host asked for. The CA is kept as long as it is valid, so a browser that
    trusts it keeps trusting the cloud across renewals.
 3. Keys are written with mode 0600, atomically (``mesh.tls.write_file``).
+
+A store node serving its API to browser tills (``Node(browser_names=…)``) keeps the same
+kind of pair in its data directory (``NODE_FILES``: ``browser-ca.pem``/``.key``,
+``browser-tls.pem``/``.key``), its own CA per node: the CA key never leaves the node,
+so a stolen register can mint certificates only for itself. The node's listener picks it
+by SNI for the names it was made for (``localhost``, ``NODE.local``, ``--browser-name``)
+and keeps the Ed25519 store certificate for everything else (no SNI: peers, the CLI).
 """
 
 from __future__ import annotations
@@ -49,13 +57,30 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.tls import build_ca, write_file
 
-__all__ = ["CA_FILE", "CERT_FILE", "HqTls", "ensure_hq_tls", "hq_hosts", "hq_server_context",
+__all__ = ["CA_FILE", "CERT_FILE", "HQ_FILES", "NODE_FILES", "BrowserFiles", "HqTls",
+           "ensure_browser_tls", "ensure_hq_tls", "hq_hosts", "hq_server_context",
            "spki_sha256"]
 
-CA_FILE: Final = "hq-ca.pem"
-CA_KEY_FILE: Final = "hq-ca.key"
-CERT_FILE: Final = "hq-tls.pem"
-KEY_FILE: Final = "hq-tls.key"
+
+@dataclass(frozen=True, slots=True)
+class BrowserFiles:
+    """The file names of one browser CA + certificate pair, and the names it signs as."""
+
+    ca: str
+    ca_key: str
+    cert: str
+    key: str
+    ca_name: str
+    org: str
+
+
+HQ_FILES: Final = BrowserFiles("hq-ca.pem", "hq-ca.key", "hq-tls.pem", "hq-tls.key",
+                               "storemesh HQ CA", "storemesh HQ")
+NODE_FILES: Final = BrowserFiles("browser-ca.pem", "browser-ca.key", "browser-tls.pem",
+                                 "browser-tls.key", "storemesh node browser CA",
+                                 "storemesh store node")
+CA_FILE: Final = HQ_FILES.ca
+CERT_FILE: Final = HQ_FILES.cert
 #: CA/Browser Forum limit for a server certificate (398 days), with a day's margin.
 LEAF_VALIDITY: Final = dt.timedelta(days=397)
 RENEW_BEFORE: Final = dt.timedelta(days=30)
@@ -83,9 +108,9 @@ def hq_hosts(http_host: str) -> list[str]:
     return list(dict.fromkeys(h.lower() for h in hosts))
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "storemesh HQ")])
+def _name(cn: str, org: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn[:64]),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, org[:64])])
 
 
 def _san(host: str) -> x509.GeneralName:
@@ -100,11 +125,11 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _load_ca(root: Path, now: dt.datetime) -> tuple[x509.Certificate,
-                                                    ec.EllipticCurvePrivateKey] | None:
+def _load_ca(root: Path, now: dt.datetime, f: BrowserFiles
+             ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
     try:
-        cert = x509.load_pem_x509_certificate((root / CA_FILE).read_bytes())
-        key = serialization.load_pem_private_key((root / CA_KEY_FILE).read_bytes(), None)
+        cert = x509.load_pem_x509_certificate((root / f.ca).read_bytes())
+        key = serialization.load_pem_private_key((root / f.ca_key).read_bytes(), None)
     except (FileNotFoundError, ValueError):
         return None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or cert.not_valid_after_utc <= now \
@@ -113,20 +138,21 @@ def _load_ca(root: Path, now: dt.datetime) -> tuple[x509.Certificate,
     return cert, key
 
 
-def _new_ca(root: Path, now: dt.datetime) -> tuple[x509.Certificate,
-                                                   ec.EllipticCurvePrivateKey]:
+def _new_ca(root: Path, now: dt.datetime, f: BrowserFiles
+            ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = _name("storemesh HQ CA")
+    name = _name(f.ca_name, f.org)
     cert = build_ca(key, name, now, hashes.SHA256())
-    write_file(root / CA_KEY_FILE, _key_pem(key), 0o600)
-    write_file(root / CA_FILE, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_file(root / f.ca_key, _key_pem(key), 0o600)
+    write_file(root / f.ca, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert, key
 
 
-def _leaf_ok(root: Path, ca: x509.Certificate, hosts: Iterable[str], now: dt.datetime) -> bool:
+def _leaf_ok(root: Path, ca: x509.Certificate, hosts: Iterable[str], now: dt.datetime,
+             f: BrowserFiles) -> bool:
     try:
-        cert = x509.load_pem_x509_certificate((root / CERT_FILE).read_bytes())
-        key = serialization.load_pem_private_key((root / KEY_FILE).read_bytes(), None)
+        cert = x509.load_pem_x509_certificate((root / f.cert).read_bytes())
+        key = serialization.load_pem_private_key((root / f.key).read_bytes(), None)
         cert.verify_directly_issued_by(ca)
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (FileNotFoundError, ValueError, TypeError, InvalidSignature,
@@ -140,15 +166,23 @@ def _leaf_ok(root: Path, ca: x509.Certificate, hosts: Iterable[str], now: dt.dat
 def ensure_hq_tls(root: Path, hosts: Iterable[str], *, now_ms: int) -> HqTls:
     """The HQ CA and a certificate for ``hosts`` in ``root``, made or renewed as needed
     (invariant 2)."""
+    return ensure_browser_tls(root, hosts, now_ms=now_ms, files=HQ_FILES)
+
+
+def ensure_browser_tls(root: Path, hosts: Iterable[str], *, now_ms: int,
+                       files: BrowserFiles) -> HqTls:
+    """A browser CA and a certificate for ``hosts`` in ``root`` (file names: ``files``),
+    made or renewed as needed (invariant 2)."""
     now = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC)
     hosts = list(hosts)
+    f = files
     root.mkdir(parents=True, exist_ok=True)
-    loaded = _load_ca(root, now)
-    ca, ca_key = loaded if loaded is not None else _new_ca(root, now)
-    if not _leaf_ok(root, ca, hosts, now):
+    loaded = _load_ca(root, now, f)
+    ca, ca_key = loaded if loaded is not None else _new_ca(root, now, f)
+    if not _leaf_ok(root, ca, hosts, now, f):
         key = ec.generate_private_key(ec.SECP256R1())
         until = min(now + LEAF_VALIDITY, ca.not_valid_after_utc)
-        cert = (x509.CertificateBuilder().subject_name(_name(hosts[0]))
+        cert = (x509.CertificateBuilder().subject_name(_name(hosts[0], f.org))
                 .issuer_name(ca.subject).public_key(key.public_key())
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(now - _BACKDATE).not_valid_after(until)
@@ -161,9 +195,9 @@ def ensure_hq_tls(root: Path, hosts: Iterable[str], *, now_ms: int) -> HqTls:
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                     ca_key.public_key()), critical=False)
                 .sign(ca_key, hashes.SHA256()))
-        write_file(root / KEY_FILE, _key_pem(key), 0o600)
-        write_file(root / CERT_FILE, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return HqTls(root / CERT_FILE, root / KEY_FILE, root / CA_FILE)
+        write_file(root / f.key, _key_pem(key), 0o600)
+        write_file(root / f.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return HqTls(root / f.cert, root / f.key, root / f.ca)
 
 
 def hq_server_context(hq: HqTls) -> ssl.SSLContext:

@@ -19,8 +19,8 @@ Invariants:
     it fail too, so the ledger never gets a hole behind a failed write.
  4. A snapshot records the state after every row up to ``upto``; rebuild = newest
     snapshot + the rows after it.
- 5. Nothing here blocks an event loop: callers on asyncio await ``append_async`` or run
-    reads with ``asyncio.to_thread``.
+ 5. Nothing here blocks an event loop: callers on asyncio wrap ``append``'s future
+    (``asyncio.wrap_future``) or run reads with ``asyncio.to_thread``.
  6. One queue, one order: appends, jobs and ``call``s run on the writer thread in the
     order they were queued, so what a ``call`` writes is on disk before any row
     appended after it.
@@ -28,7 +28,6 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import queue
 import sqlite3
@@ -136,9 +135,6 @@ class Ledger:
 
     def append_sync(self, envs: Sequence[Envelope]) -> int:
         return self.append(envs).result()
-
-    async def append_async(self, envs: Sequence[Envelope]) -> int:
-        return await asyncio.wrap_future(self.append(envs))
 
     def _run(self) -> None:
         while True:

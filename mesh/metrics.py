@@ -95,7 +95,6 @@ def rejection_counts(node: NodeView) -> dict[str, int]:
             out[key] = out.get(key, 0) + n
 
     add(node.core.stats)
-    add(node.durable.counters.rejected)
     add(node.rejected_sessions, "session_")
     return dict(sorted(out.items()))
 

@@ -54,6 +54,7 @@ from mesh.driver import Driver
 from mesh.durable import DurableReplica
 from mesh.envelope import Envelope
 from mesh.errors import CommandError, LedgerError
+from mesh.hqtls import NODE_FILES, HqTls, ensure_browser_tls, hq_server_context
 from mesh.httpfaults import ClientFaults, ServerLog
 from mesh.ledger import Ledger
 from mesh.replica import CommandResult, Replica
@@ -62,6 +63,8 @@ from mesh.sync import Effect, SyncCore
 from mesh.tls import (
     TlsFiles,
     TlsSite,
+    browser_hosts,
+    check_browser_name,
     client_context,
     is_loopback_host,
     server_context,
@@ -82,7 +85,7 @@ class Node:
         snapshot_every: int = config.SNAPSHOT_EVERY, advertise: bool = True,
         max_bytes: int | None = None, wan_peers: Sequence[str] = (), serve: bool = True,
         wan: bool = False, insecure_plaintext: bool = False,
-        cert_validity_ms: int | None = None,
+        cert_validity_ms: int | None = None, browser_names: Sequence[str] = (),
     ) -> None:
         """``peers``: static LAN peer URLs. ``wan_peers``: URLs reached over the WAN (the
         cloud: compressed, batched). ``serve=False``: do not listen; the caller mounts
@@ -91,7 +94,9 @@ class Node:
         CA (``mesh.tls``); ``insecure_plaintext``: plain HTTP and ``ws://``, refused
         unless ``http_host`` is a loopback address (development only).
         ``cert_validity_ms``: on the edge, how long the certificates it issues and
-        renews are valid (default ``config.CERT_VALIDITY_MS``)."""
+        renews are valid (default ``config.CERT_VALIDITY_MS``). ``browser_names``: more
+        host names (besides ``localhost`` and ``NODE.local``) browser tills reach this
+        node by; they get the node's P-256 browser certificate (``mesh.hqtls``)."""
         self.data_dir = Path(data_dir)
         self.http_host = http_host
         self.http_port = http_port
@@ -102,6 +107,11 @@ class Node:
         self.wan = wan
         self.insecure_plaintext = insecure_plaintext
         self.cert_validity_ms = cert_validity_ms
+        self.extra_browser_names = [check_browser_name(n) for n in browser_names]
+        #: The names browsers are served the browser certificate for (set by start()).
+        self.browser_names: list[str] = []
+        self.browser_tls: HqTls | None = None
+        self.browser_ssl: ssl.SSLContext | None = None
         if insecure_plaintext and serve and not is_loopback_host(http_host):
             raise ValueError(f"--insecure-plaintext serves plain HTTP: only on a loopback "
                              f"address (127.0.0.1), not {http_host}")
@@ -182,6 +192,8 @@ class Node:
             self.tls = await asyncio.to_thread(ensure_tls, self.identity, now_ms=self.now_ms())
             self.client_ssl = client_context(self.tls)
             self.server_ssl = server_context(self.tls)
+            if self.serve:
+                await self._setup_browser_tls()
         self.core = SyncCore(self.replica, self.identity.trust,
                              random.Random())  # noqa: S311 -- sync timer jitter
         self._loop = asyncio.get_running_loop()
@@ -213,6 +225,8 @@ class Node:
             self.url = f"{scheme}://{self.http_host}:{self.http_port}"
         self._http = aiohttp.ClientSession()
         self._spawn(self._expiry_loop(), "reservation-expiry")
+        if self.browser_tls is not None:
+            self._spawn(self._browser_tls_loop(), "browser-tls")
         for url in self.static_peers:
             self._ensure_dialer(url)
         for url in self.wan_peers:
@@ -221,12 +235,15 @@ class Node:
             await self._start_discovery()
         log.info("node %s (%s) of store %s listening on %s", self.identity.node_id,
                  self.identity.role, self.identity.store_id, self.url)
+        if self.browser_tls is not None:
+            log.info("browser tills: https://%s:%d (%s), trusting %s", self.browser_names[0],
+                     self.http_port, ", ".join(self.browser_names), self.browser_tls.ca_path)
 
     def _setup_optional_routes(self) -> None:
-        from mesh import api, catalog, enrol, revoke
+        from mesh import api, catalog_routes, enrol, revoke
 
         api.setup_routes(self.app, self)
-        catalog.setup_catalog_routes(self.app, self)
+        catalog_routes.setup_catalog_routes(self.app, self)
         enrol.setup_join_routes(self.app, self)
         revoke.setup_revocation_routes(self.app, self)
         from mesh import sensor_routes  # issue 14: sensors, reviews, telemetry
@@ -318,6 +335,45 @@ class Node:
         """Carry out effects of the core returned to someone else (the API's gate:
         a roster or revocation list picked up from the edge's files)."""
         self.driver.carry_out(effects)
+
+    async def _setup_browser_tls(self) -> None:
+        """Browser tills (no Ed25519 in any browser): a P-256 certificate from this node's
+        own browser CA, chosen by SNI for ``browser_names``; every other name, and no
+        name (peers, the CLI), keeps the store certificate."""
+        assert self.server_ssl is not None
+        self.browser_names = browser_hosts(self.identity.node_id, self.extra_browser_names)
+        self.browser_tls = await asyncio.to_thread(
+            ensure_browser_tls, self.data_dir, self.browser_names, now_ms=self.now_ms(),
+            files=NODE_FILES)
+        browser = hq_server_context(self.browser_tls)
+        self.browser_ssl = browser
+        names = frozenset(self.browser_names)
+
+        def pick(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+            if name is not None and name.lower() in names:
+                sslobj.context = browser
+        self.server_ssl.sni_callback = pick
+
+    async def _browser_tls_loop(self) -> None:
+        """Renew the browser certificate before it ends (``RENEW_BEFORE``), in place."""
+        while True:
+            await asyncio.sleep(config.CERT_RENEW_CHECK_MS / 1000)
+            await self._renew_browser_tls()
+
+    async def _renew_browser_tls(self) -> None:
+        assert self.browser_tls is not None and self.browser_ssl is not None
+        before = self.browser_tls.cert_path.read_bytes()
+        try:
+            files = await asyncio.to_thread(ensure_browser_tls, self.data_dir,
+                                            self.browser_names, now_ms=self.now_ms(),
+                                            files=NODE_FILES)
+        except (OSError, ValueError) as exc:
+            log.error("node %s: cannot renew the browser certificate: %s",
+                      self.identity.node_id, exc)
+            return
+        if files.cert_path.read_bytes() != before:
+            self.browser_ssl.load_cert_chain(files.cert_path, files.key_path)
+            log.info("node %s: renewed browser certificate loaded", self.identity.node_id)
 
     def _tls_renewed(self) -> None:
         """Our renewed TLS certificate is on disk (driver invariant 8): new connections,

@@ -39,6 +39,7 @@ _KEYS: Final[dict[str, tuple[type, str]]] = {
     "cloud_urls": (list, "--cloud"),
     "discovery": (bool, "--discovery/--no-discovery"),
     "cert_validity_s": (int, "--cert-validity"),
+    "browser_names": (list, "--browser-name"),
 }
 _KINDS: Final = {str: "a string", int: "an integer", list: "a list of URLs", bool: "true or false"}
 
@@ -75,7 +76,15 @@ def load_settings(data_dir: Path) -> dict[str, Any]:
         if ok and kind is list:
             ok = all(isinstance(v, str) for v in value)
             for v in value if ok else ():
-                check_url(v, flag)
+                if key == "browser_names":
+                    from mesh.tls import check_browser_name
+
+                    try:
+                        check_browser_name(v)
+                    except ValueError as exc:
+                        raise ValueError(f"{path}: {flag}: {exc}") from None
+                else:
+                    check_url(v, flag)
         if not ok:
             raise ValueError(f"{path}: {key} ({flag}) must be {_KINDS[kind]}, not {value!r}")
     return doc

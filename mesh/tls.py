@@ -357,6 +357,35 @@ def sni_name(store_id: str) -> str:
     return f"s-{hashlib.sha256(store_id.encode()).hexdigest()[:32]}.storemesh.invalid"
 
 
+def check_browser_name(name: str) -> str:
+    """A host name browser tills may reach a node by (``--browser-name``): a DNS name,
+    not an IP address (browsers send no server name for an IP, so SNI cannot pick the
+    browser certificate for one). Lower-cased; ``ValueError`` says what is wrong."""
+    text = name.strip().lower().rstrip(".")
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    else:
+        raise ValueError(f"browser name {name!r} is an IP address: browsers send no server "
+                         "name for one, so it cannot be told apart; use a host name")
+    if not _HOSTNAME.fullmatch(text) or len(text) > 253:
+        raise ValueError(f"browser name {name!r} is not a DNS host name (letters, digits, "
+                         "'-' and dots)")
+    return text
+
+
+def browser_hosts(node_id: str, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The names a node's browser certificate covers: ``localhost`` (a web POS on the
+    register itself), ``NODE.local`` (its mDNS name, when the node id is a host label)
+    and the ``extra`` names; in that order, without repeats."""
+    names = ["localhost"]
+    if _HOSTNAME.fullmatch(node_id):
+        names.append(f"{node_id.lower()}.local")
+    names.extend(check_browser_name(n) for n in extra)
+    return list(dict.fromkeys(names))
+
+
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True

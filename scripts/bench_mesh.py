@@ -33,8 +33,8 @@ Sections, each bounded in count and in time:
    ``git archive HEAD mesh | tar -x -C DIR``) every regime runs alternately on a node
    importing that copy and on one importing the working tree's, in the same run.
 5. ``catchup``: a register is stopped, the edge's ledger gets N envelopes from 8 other
-   registers (written offline with ``DurableReplica.ingest_verified``), the register is
-   started again; time until its ledger holds everything the edge holds.
+   registers (written offline: applied to the replica, then ``DurableReplica.persist``),
+   the register is started again; time until its ledger holds everything the edge holds.
 
 Every window also reports "sent / applied": envelopes sent by all nodes over envelopes
 applied (1.00 when each envelope crosses each link once). Machine noise is reported as
@@ -1471,9 +1471,10 @@ def build_backlog(cl: Cluster, n: int, origins: int, skus: int) -> dict[str, Any
                     envs.append(decode(c[i]))
         writes = []
         for i in range(0, len(envs), 4096):
-            _, written = dr.ingest_verified(envs[i:i + 4096], now_ms())
-            if written is not None:
-                writes.append(written)
+            now = now_ms()
+            applied = [a for env in envs[i:i + 4096] for a in dr.replica.apply(env, now)]
+            if applied:  # the sync core's Persist effect, as the driver carries it out
+                writes.append(dr.persist(applied))
         for written in writes:
             written.result(timeout=600)
         dr.ledger.save_snapshot(*dr.take_snapshot())  # as a running edge would have

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pytest
 
+from mesh.envelope import Envelope, verify
 from mesh.identity import NodeKey, TrustStore, issue_certificate
 from mesh.replica import Replica
+
+if TYPE_CHECKING:
+    from mesh.durable import DurableReplica
 
 NOW = 1_790_000_000_000  # a fixed "now" in ms (2026-09); the core never reads a clock
 YEAR_MS = 365 * 24 * 3600 * 1000
@@ -56,3 +62,14 @@ def _no_leftover_token() -> None:
     from tests import meshkit
 
     meshkit.reset_tokens()
+
+
+def ingest(dr: DurableReplica, raw: bytes,
+           now_ms: int) -> tuple[list[Envelope], Future[int] | None]:
+    """A peer's envelope into a durable replica the way a node takes one: verified against
+    its trust store and applied (the sync core), then appended (the driver's ``Persist``).
+    Returns what was applied, with any buffered successors, and the append's future;
+    raises the ``EnvelopeError`` of a refusal."""
+    env = verify(raw, dr.identity.trust, now_ms)
+    applied = dr.replica.apply(env, now_ms)
+    return applied, (dr.persist(applied) if applied else None)

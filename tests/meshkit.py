@@ -1,12 +1,14 @@
 """Helpers for tests that run store nodes as real processes (tests/test_mesh_processes.py).
 
-* ``Cluster``: starts ``python -m mesh node`` processes (optionally inside a network
-  namespace), waits for each one's "listening on URL" line (bounded), kills and
-  restarts them by pid, and on ``close()`` stops every process it started (SIGTERM;
-  a node still running after ``STOP_TIMEOUT_S`` gets SIGABRT, so its faulthandler
-  writes every thread's stack to its log, then SIGKILL; that is reported as a failure)
-  and every proxy registered with it. The ``cluster`` fixture guarantees ``close()``.
-  Each node's stderr (its log) goes to ``<tmp_path>/<name>.log``.
+* ``Cluster``: the project's one process harness (``mesh.testing.cluster``, which the
+  demo and the benchmarks use too) plus ``launch``, the ``storemesh node`` command line:
+  starts node processes (optionally inside a network namespace), waits for each one's
+  "listening on URL" line (bounded), kills and restarts them by pid, and on ``close()``
+  stops every process it started (SIGTERM; a node still running after
+  ``STOP_TIMEOUT_S`` gets SIGABRT, so its faulthandler writes every thread's stack to
+  its log, then SIGKILL; that is reported as a failure) and every proxy registered
+  with it. The ``cluster`` fixture guarantees ``close()``. Each node's stderr (its log)
+  goes to ``<tmp_path>/<name>.log``.
 * Stores on disk: ``new_store`` (store key + edge node), ``enrol_direct`` (the local
   path: a certificate from the store key), ``join_token`` (a one-time token).
 * TLS: nodes run real TLS (``mesh.tls``), as in production. ``new_store`` adds the
@@ -31,18 +33,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import queue
-import signal
 import ssl
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 import orjson
@@ -55,19 +54,12 @@ from mesh.authdir import issue_device_credential
 from mesh.datadir import NodeIdentity, enrol_node, init_store
 from mesh.enrol import create_token
 from mesh.identity import TrustStore
+from mesh.testing.cluster import Cluster as ProcessCluster
+from mesh.testing.cluster import NodeProcess
 from mesh.tls import api_client_context
 
 LOOPBACK = "127.0.0.1"
-#: A node prints its URL after opening its ledger, binding HTTP and probing its mDNS
-#: name (~1 s); 30 s covers a loaded 2-core machine and a token join (edge lookup).
-START_TIMEOUT_S = 30.0
-#: SIGTERM -> exit: the node closes sessions, sends mDNS goodbyes, flushes its ledger.
-STOP_TIMEOUT_S = 10.0
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10)
-#: Lines of a node's log quoted in a failure message.
-LOG_TAIL_LINES = 30
-#: Most stdout lines kept per process (a node prints two or three).
-MAX_STDOUT_LINES = 1000
 
 
 def now_ms() -> int:
@@ -297,58 +289,13 @@ def join_token(edge: NodeIdentity, role: str = "register", url: str | None = Non
 # --- processes -------------------------------------------------------------------------
 
 
-class Closeable(Protocol):
-    def close(self) -> None: ...
+NodeProc = NodeProcess  # the harness's process, under the name the tests use
 
 
-@dataclass(eq=False)  # one object per node, hashed by identity
-class NodeProc:
-    """One ``storemesh node`` process (and, after ``Cluster.restart``, its successor)."""
-
-    name: str
-    data_dir: Path
-    argv: list[str]
-    log_path: Path
-    netns: str | None = None
-    proc: subprocess.Popen[bytes] | None = None
-    url: str = ""
-    node_id: str = ""
-    role: str = ""
-    store_id: str = ""
-    starts: int = 0
-    lines: queue.Queue[str] = field(default_factory=queue.Queue)
-    _reader: threading.Thread | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError as exc:
-            return f"(no log: {exc})"
-        return "\n".join(lines[-n:])
-
-
-class Cluster:
-    """Node processes (and proxies) of one test; ``close()`` stops all of them."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.nodes: dict[str, NodeProc] = {}
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._closeables: list[Closeable] = []
-
-    # --- starting -----------------------------------------------------------------
+class Cluster(ProcessCluster):
+    """Node processes (and proxies) of one test: ``mesh.testing.cluster.Cluster`` plus
+    the ``storemesh node`` command line (``launch``) and the store of each URL (so
+    ``client()`` sends that store's credential)."""
 
     def launch(self, name: str, data_dir: Path, *, interface: str = LOOPBACK,
                http_port: int = 0, peers: Sequence[str] = (), discovery: bool = True,
@@ -370,181 +317,18 @@ class Cluster:
             argv += ["--join", join]
         if node_id is not None:
             argv += ["--node-id", node_id]
-        node = NodeProc(name, data_dir, argv, self.base / f"{name}.log", netns)
-        if name in self.nodes:
-            raise ValueError(f"a node named {name!r} is already in this cluster")
-        self.nodes[name] = node
-        self._spawn(node)
-        return node
+        # cwd: the log's folder, so mesh is imported as installed, not from the cwd
+        return self.spawn(name, argv, data_dir=data_dir, netns=netns)
 
-    def _spawn(self, node: NodeProc) -> None:
-        cmd = [sys.executable, "-m", "mesh", *node.argv]
-        if node.netns is not None:
-            # `ip netns exec` execs the command: the pid we hold is the node's own.
-            cmd = ["ip", "netns", "exec", node.netns, *cmd]
-        node.starts += 1
-        node.url = ""
-        node.lines = queue.Queue()
-        with node.log_path.open("ab") as log:
-            log.write(f"=== start {node.starts}: {' '.join(cmd)}\n".encode())
-            log.flush()
-            # PYTHONFAULTHANDLER: a node that hangs on SIGTERM gets SIGABRT before SIGKILL
-            # and leaves every thread's stack in its log (``_force``).
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
-                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                    cwd=self.base,  # import mesh as installed, not from cwd
-                                    env={**os.environ, "PYTHONFAULTHANDLER": "1"})
-        self._procs.append(proc)
-        node.proc = proc
-        node._reader = threading.Thread(target=_read_lines, args=(proc, node.lines),
-                                        name=f"stdout {node.name}", daemon=True)
-        node._reader.start()
-
-    async def wait_ready(self, *nodes: NodeProc, within: float = START_TIMEOUT_S) -> None:
-        """Wait (concurrently) until every node printed its URL line."""
-        await asyncio.gather(*(self._wait_one(n, within) for n in nodes))
-
-    async def _wait_one(self, node: NodeProc, within: float) -> None:
-        if node.url:  # this start of it is already listening
-            return
-        deadline = time.monotonic() + within
-        seen: list[str] = []
-        for _poll in range(int(within / 0.02) + MAX_STDOUT_LINES):
-            if time.monotonic() > deadline:
-                break
-            try:
-                line = node.lines.get_nowait()
-            except queue.Empty:
-                if node.proc is not None and node.proc.poll() is not None \
-                        and node.lines.empty() and not _reader_alive(node):
-                    pytest.fail(f"node {node.name} exited with status {node.proc.returncode} "
-                                f"before listening; stdout {seen}\nlog:\n{node.log_tail()}")
-                await asyncio.sleep(0.02)
-                continue
-            seen.append(line)
-            if line.startswith("storemesh node ") and " listening on " in line:
-                # "storemesh node ID (ROLE) of store S listening on URL"
-                words = line.split()
-                node.node_id, node.role = words[2], words[3].strip("()")
-                node.store_id, node.url = words[6], words[-1]
-                url = URL(node.url)
-                _ORIGIN_STORE[f"{url.host}:{url.port}"] = node.store_id
-                return
-        pytest.fail(f"node {node.name} did not print its URL within {within} s; stdout "
-                    f"{seen}\nlog:\n{node.log_tail()}")
+    def ready(self, node: NodeProc) -> None:
+        if node.store_id:
+            url = URL(node.url)
+            _ORIGIN_STORE[f"{url.host}:{url.port}"] = node.store_id
 
     async def start(self, name: str, data_dir: Path, **kwargs: Any) -> NodeProc:
         node = self.launch(name, data_dir, **kwargs)
         await self.wait_ready(node)
         return node
-
-    # --- stopping -----------------------------------------------------------------
-
-    def kill(self, node: NodeProc) -> None:
-        """SIGKILL, by pid: no goodbye, no flush, no cleanup."""
-        assert node.proc is not None
-        if node.proc.poll() is None:
-            os.kill(node.proc.pid, signal.SIGKILL)
-        node.proc.wait(STOP_TIMEOUT_S)
-        self._reap(node)
-
-    def stop(self, node: NodeProc) -> int:
-        """SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``; returns the exit status."""
-        assert node.proc is not None
-        proc = node.proc
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                _force(proc)
-                self._reap(node)
-                raise AssertionError(f"node {node.name} did not exit within {STOP_TIMEOUT_S} s "
-                                     f"of SIGTERM; its stacks:\n{node.log_tail(60)}") from None
-        self._reap(node)
-        return proc.returncode
-
-    def restart(self, node: NodeProc, *, same_port: bool = True) -> NodeProc:
-        """Start the node again on its data dir (without ``--join``: it has joined)."""
-        assert node.proc is not None and node.proc.poll() is not None, "stop or kill it first"
-        argv = list(node.argv)
-        if "--join" in argv:
-            i = argv.index("--join")
-            del argv[i:i + 2]
-        if same_port and node.url:
-            argv[argv.index("--http-port") + 1] = str(node.port)
-        node.argv = argv
-        self._spawn(node)
-        return node
-
-    def _reap(self, node: NodeProc) -> None:
-        if node._reader is not None:
-            node._reader.join(STOP_TIMEOUT_S)
-        if node.proc is not None and node.proc.stdout is not None:
-            node.proc.stdout.close()
-
-    def add(self, thing: Closeable) -> Any:
-        """Close ``thing`` (a proxy, say) in ``close()``, before the processes stop."""
-        self._closeables.append(thing)
-        return thing
-
-    def close(self) -> None:
-        errors: list[str] = []
-        for thing in reversed(self._closeables):
-            try:
-                thing.close()
-            except Exception as exc:
-                errors.append(f"closing {thing!r}: {exc!r}")
-        for proc in self._procs:  # every process ever started, by pid
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for proc in self._procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _force(proc)
-                stuck = [n for n in self.nodes.values() if n.proc is proc]
-                where = stuck[0].log_path if stuck else "?"
-                errors.append(f"node {[n.name for n in stuck] or '?'} (pid {proc.pid}) did not "
-                              f"exit within {STOP_TIMEOUT_S} s of SIGTERM; killed (stacks in "
-                              f"{where})")
-        for node in self.nodes.values():
-            self._reap(node)
-        for proc in self._procs:
-            if proc.stdout is not None and not proc.stdout.closed:
-                proc.stdout.close()
-        if errors:
-            raise AssertionError("cluster teardown: " + "; ".join(errors))
-
-
-def _force(proc: subprocess.Popen[bytes]) -> None:
-    """A node ignored SIGTERM: SIGABRT (its faulthandler logs every thread's stack),
-    then SIGKILL; by pid."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGABRT)
-    try:
-        proc.wait(3)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(STOP_TIMEOUT_S)
-
-
-def _read_lines(proc: subprocess.Popen[bytes], out: queue.Queue[str]) -> None:
-    """Drain a node's stdout (so it never blocks on a full pipe), keeping its lines."""
-    assert proc.stdout is not None
-    n = 0
-    with contextlib.suppress(ValueError, OSError):  # closed under us at teardown
-        for raw in proc.stdout:
-            if n < MAX_STDOUT_LINES:
-                out.put(raw.decode(errors="replace").rstrip("\n"))
-                n += 1
-
-
-def _reader_alive(node: NodeProc) -> bool:
-    return node._reader is not None and node._reader.is_alive()
 
 
 @pytest.fixture

@@ -15,9 +15,11 @@ import pytest_asyncio
 from click.testing import CliRunner
 
 from mesh import authdir, config
+from mesh.auth import pin_limit
 from mesh.cli import main as cli
 from mesh.datadir import enrol_node, init_store
-from mesh.identity import TrustStore
+from mesh.gate import GATE
+from mesh.identity import NodeKey, TrustStore, issue_certificate
 from mesh.node import Node
 from tests.meshkit import PIN_COST, TEST_SSL, now_ms, trust_ca
 
@@ -166,6 +168,42 @@ async def test_wrong_pins_are_throttled_then_locked_out(
     assert await attempt("1111") == (201, "ok")
 
 
+async def test_the_store_wide_pin_bound_is_shared_out_between_nodes() -> None:
+    assert pin_limit(1) == pin_limit(10) == config.PIN_MAX_FAILURES
+    assert pin_limit(20) == 5 and pin_limit(25) == 4
+    assert pin_limit(1000) == config.PIN_FREE_FAILURES  # never below the free typos
+    for nodes in range(1, 34):  # a guesser walking from till to till: at most 100 tries
+        assert nodes * pin_limit(nodes) <= config.PIN_STORE_MAX_FAILURES
+
+
+async def test_a_big_store_locks_out_sooner_at_each_node(
+        store: tuple[Node, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    n, toks = store
+    clock = [now_ms()]
+    monkeypatch.setattr(n, "now_ms", lambda: clock[0])
+    tok = bearer(toks["till-1"])
+    key = n.identity.store_key
+    assert key is not None
+    for i in range(24):  # 25 nodes that check PINs (the cloud would not count)
+        n.identity.trust.add_certificate(issue_certificate(
+            key, node_id=f"reg-{i}", store_id="store-1", role="register",
+            public_key=NodeKey.generate().public_key, not_after=clock[0] + 86_400_000))
+    limit = pin_limit(25)
+    assert limit == 4 < config.PIN_MAX_FAILURES
+    for i in range(limit):
+        clock[0] += config.PIN_DELAY_MAX_MS + 1
+        status, body = await call(n, "POST", "/v1/session", {"staff_id": "ann", "pin": "0000"},
+                                  tok)
+        assert (status, body["error"]["reason"]) == (401, "bad_pin"), i
+    clock[0] += config.PIN_DELAY_MAX_MS + 1
+    status, body = await call(n, "POST", "/v1/session", {"staff_id": "ann", "pin": "1111"}, tok)
+    assert (status, body["error"]["reason"]) == (403, "locked_out")
+    # revoking most of them gives the node its larger share back (a new trust version)
+    for i in range(20):
+        n.identity.trust.revoke(f"reg-{i}")
+    assert n.app[GATE]._pin_limit() == config.PIN_MAX_FAILURES  # 5 nodes left
+
+
 async def test_keys_are_scoped_to_the_device_and_a_stolen_token_writes_only_as_its_device(
         store: tuple[Node, dict[str, str]]) -> None:
     n, toks = store
@@ -241,8 +279,10 @@ async def test_the_audit_trail_names_the_session_staff_device_and_approver(
 
 
 async def test_refusals_are_throttled_per_source_and_change_nothing(
-        store: tuple[Node, dict[str, str]]) -> None:
+        store: tuple[Node, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
     n, toks = store
+    frozen = now_ms()  # the bucket refills with the node's clock: no refill mid-burst
+    monkeypatch.setattr(n, "now_ms", lambda: frozen)
     before = await ledger_rows(n)
     seen = []
     for i in range(config.AUTH_BURST + 5):  # a guesser at 127.0.0.2

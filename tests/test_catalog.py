@@ -18,17 +18,17 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh import catalog, transport
+from mesh import catalog, catalog_routes, transport
 from mesh.catalog import (
     FORBIDDEN_KEY,
     MAX_NAME_LEN,
     MAX_PRICE_CENTS,
-    CatalogIndex,
     catalog_version,
     make_update,
     product,
     products,
 )
+from mesh.catalog_routes import CatalogIndex
 from mesh.datadir import enrol_node, init_store, load_identity
 from mesh.envelope import seal
 from mesh.errors import CommandError
@@ -289,7 +289,7 @@ class Store:
                     http_host="127.0.0.1", http_port=0,
                     discovery=False, peers=peers or [])
         # Until Node._setup_optional_routes adds it; a second call is a no-op.
-        catalog.setup_catalog_routes(node.app, node)
+        catalog_routes.setup_catalog_routes(node.app, node)
         await node.start()
         self.nodes.append(node)
         return node

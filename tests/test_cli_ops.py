@@ -20,7 +20,7 @@ from mesh.datadir import NodeIdentity, enrol_node, init_store, load_identity
 from mesh.durable import DurableReplica
 from mesh.identity import NodeKey, issue_revocations
 from mesh.replica import Replica
-from tests.conftest import NOW
+from tests.conftest import NOW, ingest
 
 # --- store init ---------------------------------------------------------------------------
 
@@ -141,7 +141,7 @@ def two_registers(tmp_path: Path) -> NodeIdentity:
                                       ("1", "A", NOW + 7_200_000)]):
         env = regs[n].sell(sku, 1, txn=f"s{i}", now_ms=at).envelope
         assert env is not None
-        fut = dr.ingest(env.raw, at)[1]
+        fut = ingest(dr, env.raw, at)[1]
         assert fut is not None
         fut.result()
     dr.close()

@@ -39,11 +39,8 @@ def _start_cloud(cluster: mk.Cluster, root: Path, port: int) -> mk.NodeProc:
     hq = ensure_hq_tls(root, hq_hosts("127.0.0.1"), now_ms=mk.now_ms())
     assert hq.ca_path is not None
     mk.TEST_SSL.load_verify_locations(cafile=hq.ca_path)
-    node = mk.NodeProc("cloud", root, ["cloud", "run", "--data", str(root), "--http-host",
-                                       "127.0.0.1", "--http-port", str(port)],
-                       cluster.base / "cloud.log")
-    cluster.nodes.setdefault("cloud", node)
-    cluster._spawn(node)
+    node = cluster.spawn("cloud", ["cloud", "run", "--data", str(root), "--http-host",
+                                   "127.0.0.1", "--http-port", str(port)], data_dir=root)
     node.url = f"https://127.0.0.1:{port}"
     return node
 
@@ -162,7 +159,7 @@ async def test_two_stores_and_a_cloud(cluster: mk.Cluster, tmp_path: Path) -> No
         # ... and restarted: its analytics catch up exactly, nothing double-counted
         cluster._spawn(cloud)
         await mk.until(lambda: _relogin(http, cloud_url), within=30,
-                       what="an HQ login at the restarted cloud (sessions end on restart)")
+                       what="an HQ login at the restarted cloud")
         await mk.until(lambda: sales_are({sid["a"]: 9, sid["b"]: 5}), within=40,
                        what="cloud analytics catch up to 9 + 5 sales")
         await asyncio.sleep(1.5)

@@ -279,3 +279,35 @@ async def log_in_expecting_failure(browser: Browser, cloud_url: str) -> None:
                                "document.getElementById('error').textContent",
                                "the login page to say why")
     assert "wrong password" in text and await browser.path() == "/login"
+
+
+@pytest.mark.asyncio
+async def test_a_browser_till_reaches_its_register_over_tls(chromium: str,
+                                                            tmp_path: Path) -> None:
+    """A web POS on the register opens https://localhost:PORT in Chromium. The store
+    certificate (Ed25519) cannot be used by any browser, even one told to trust its key;
+    the node's P-256 browser certificate, chosen by the server name, can."""
+    from mesh.hqtls import NODE_FILES
+    from mesh.node import Node
+    from tests.meshkit import new_store, tag
+
+    t = tag()
+    edge = new_store(tmp_path, f"s-{t}", f"edge-{t}")
+    node = Node(edge.data_dir, http_host="127.0.0.1", http_port=0, discovery=False)
+    await node.start()
+    try:
+        assert node.tls is not None
+        port = node.http_port
+        # no server name (an IP URL): the Ed25519 store certificate; pinned or not, the
+        # handshake fails (browsers offer no Ed25519 signature)
+        _, refused, _ = await run_chromium([
+            *chromium_argv(chromium, tmp_path / "p0", node.tls.cert_path),
+            "--dump-dom", f"https://127.0.0.1:{port}/v1/health"])
+        assert b'"status"' not in refused, refused[:300]
+        # by name: the browser certificate (a till that trusts the node's browser CA)
+        _, dom, err = await run_chromium([
+            *chromium_argv(chromium, tmp_path / "p1", edge.data_dir / NODE_FILES.cert),
+            "--dump-dom", f"https://localhost:{port}/v1/health"])
+        assert b'"status"' in dom, (dom[:300], err[-500:])
+    finally:
+        await node.close()

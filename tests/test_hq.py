@@ -8,6 +8,7 @@ refuses, how a session is carried and ended, and how password guessing is slowed
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,69 @@ async def test_accounts_file_and_bad_input(tmp_path: Path) -> None:
     (root / hq.HQ_FILE).write_text("{nope")
     with pytest.raises(ValueError, match="damaged"):
         hq.load_users(root)
+
+
+async def _second_cloud(root: Path) -> CloudNode:
+    """Another cloud process's door on the same root (a second gateway, or the next
+    start of this one): its own HqDoor, the same sessions file."""
+    c = CloudNode(root, insecure_plaintext=True, http_host="127.0.0.1")
+    c.setup_hooks.append(setup_dashboard)
+    await c.start()
+    return c
+
+
+async def test_a_session_survives_a_restart_and_is_shared_by_every_cloud_on_the_root(
+        cloud: CloudNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "hq"
+    assert (root / hq.SESSIONS_FILE).stat().st_mode & 0o777 == 0o600
+    other = await _second_cloud(root)
+    try:
+        async with session() as http:
+            _, me = await login(http, cloud.url)
+            raw = (root / hq.SESSIONS_FILE).read_bytes()
+            [cookie] = list(http.cookie_jar)
+            assert cookie.value.encode() not in raw  # only its digest is kept
+            # the other cloud serves the same browser, cookie and CSRF token alike
+            http.cookie_jar.update_cookies({cookie.key: cookie.value},
+                                           aiohttp.client.URL(other.url))
+            assert (await get(http, other.url + "/v1/fleet/health"))[0] == 200
+            assert (await get(http, other.url + "/v1/hq/session"))[1]["csrf"] == me["csrf"]
+            # a logout at the other one ends it here within HQ_SESSION_RECHECK_S
+            async with http.post(other.url + "/v1/hq/logout",
+                                 headers={"X-CSRF-Token": me["csrf"]}) as resp:
+                assert resp.status == 200
+            http.cookie_jar.update_cookies({cookie.key: cookie.value},
+                                           aiohttp.client.URL(cloud.url))
+            await asyncio.sleep(config.HQ_SESSION_RECHECK_S + 0.1)
+            assert (await get(http, cloud.url + "/v1/fleet/health"))[0] == 401
+            # a restart keeps a live session (the old process gone, a new one on the root)
+            _, me = await login(http, cloud.url)
+            [cookie] = [c for c in http.cookie_jar if c.key == "storemesh_hq"]
+        await other.close()
+        other = await _second_cloud(root)
+        async with session() as http:
+            http.cookie_jar.update_cookies({cookie.key: cookie.value},
+                                           aiohttp.client.URL(other.url))
+            assert (await get(http, other.url + "/v1/fleet/health"))[0] == 200
+            # idle past HQ_IDLE_S (the wall clock moves on): ended, and gone from the file
+            later = time.time() + config.HQ_IDLE_S + 1
+            monkeypatch.setattr(hq.time, "time", lambda: later)
+            monkeypatch.setattr(config, "HQ_SESSION_RECHECK_S", 0.0)
+            assert (await get(http, other.url + "/v1/fleet/health"))[0] == 401
+            assert other.app[hq.HQ_KEY].store.count() == 0
+    finally:
+        await other.close()
+
+
+async def test_the_sessions_file_is_bounded(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "HQ_SESSIONS_MAX", 5)
+    store = hq.SessionStore(tmp_path / hq.SESSIONS_FILE)
+    now = time.time()
+    for i in range(20):
+        store.put(bytes([i]) * 32, hq._Session("ann@hq", "viewer", "c", "v", now + i, now + i))
+    assert store.count() == 5
+    assert store.get(bytes([19]) * 32) is not None and store.get(bytes([0]) * 32) is None
+    assert store.end_unless({"ann@hq": "v"}) == 0
+    assert store.end_unless({"ann@hq": "another"}) == 5 and store.count() == 0
+    store.close()

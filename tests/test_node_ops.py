@@ -18,6 +18,7 @@ from mesh.cli import verify_ledger
 from mesh.node import Node
 from mesh.replica import Replica
 from tests import meshkit
+from tests.conftest import ingest
 from tests.meshkit import (
     LOOPBACK,
     Cluster,
@@ -102,7 +103,7 @@ def test_a_trust_store_change_is_on_disk_before_the_envelopes_after_it(tmp_path:
     dur = DurableReplica.open(tmp_path / "r2")
     try:
         dur.identity.trust.add_certificate(r1.certificate)  # as the handshake does
-        applied, fut = dur.ingest(env.raw, now_ms())
+        applied, fut = ingest(dur, env.raw, now_ms())
         assert applied and fut is not None
         fut.result(10)
         # no close, no flush: what is on disk now is what a SIGKILL would leave
@@ -127,14 +128,14 @@ def test_a_failed_trust_store_write_fails_the_appends_behind_it(tmp_path: Path) 
     try:
         dur.identity.trust.add_certificate(r1.certificate)
         dur.identity.data_dir = tmp_path / "gone"  # node.json cannot be written there
-        _, fut = dur.ingest(env.raw, now_ms())
+        _, fut = ingest(dur, env.raw, now_ms())
         assert fut is not None
         with pytest.raises(LedgerError):
             fut.result(10)
         assert dur.ledger.count() == 0
         dur.identity.data_dir = tmp_path / "r2"
         dur.recover()
-        _, fut = dur.ingest(env.raw, now_ms())
+        _, fut = ingest(dur, env.raw, now_ms())
         assert fut is not None and fut.result(10) == 1
     finally:
         dur.close()

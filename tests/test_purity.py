@@ -17,7 +17,8 @@ PURE = ("mesh.crdt", "mesh.ops", "mesh.envelope", "mesh.identity", "mesh.replica
         "mesh.sync", "mesh.wancodec", "mesh.ports", "mesh.driver", "mesh.durable",
         "mesh.sim", "mesh.sim.world", "mesh.sim.ports", "mesh.sim.runner",
         "mesh.sim.faults", "mesh.sim.checker", "mesh.sim.workload", "mesh.sim.byzantine",
-        "mesh.sim.scenario", "mesh.testing.contracts")
+        "mesh.sim.scenario", "mesh.testing.contracts", "mesh.catalog", "mesh.auth",
+        "mesh.reviews", "mesh.sensors", "mesh.reconcile", "mesh.telemetry")
 #: Never loaded by importing the pure modules (socket is: pycrdt imports anyio, which
 #: imports it; so socket is checked by the import scan below instead).
 NOT_LOADED = ("asyncio", "aiohttp", "sqlite3", "_sqlite3", "zeroconf")

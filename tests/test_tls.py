@@ -36,12 +36,14 @@ from mesh.cli import main
 from mesh.cloud import CloudNode
 from mesh.datadir import enrol_node, init_store, load_identity
 from mesh.enrol import UntrustedEdge, join, parse_token
-from mesh.hqtls import ensure_hq_tls
+from mesh.hqtls import LEAF_VALIDITY, NODE_FILES, RENEW_BEFORE, ensure_hq_tls
 from mesh.identity import TrustStore
 from mesh.node import Node
 from mesh.tls import (
     KEY_FILE,
     api_client_context,
+    browser_hosts,
+    check_browser_name,
     client_context,
     load_tls_files,
     peer_identity,
@@ -641,3 +643,80 @@ async def test_the_cloud_answers_browsers_with_the_hq_certificate(tmp_path: Path
         assert not cloud.nodes[a.store_id].sessions
     finally:
         await cloud.close()
+
+
+def test_browser_names_are_host_names_not_addresses() -> None:
+    assert browser_hosts("register-1") == ["localhost", "register-1.local"]
+    assert browser_hosts("Till_7", ["POS-3.Store12.example."]) == [
+        "localhost", "pos-3.store12.example"]  # "Till_7" is no host label: no .local
+    for bad in ("192.168.1.20", "::1", "bad name", "", "a..b", "x" * 300):
+        with pytest.raises(ValueError):
+            check_browser_name(bad)
+
+
+@pytest.mark.asyncio
+async def test_a_node_answers_browser_tills_with_its_p256_certificate(tmp_path: Path) -> None:
+    """Browsers offer no Ed25519: for the names a till's browser uses (localhost,
+    NODE.local, --browser-name) the node presents a P-256 certificate of its own browser
+    CA, which verifies by host name; without a server name (peers, the CLI, an IP URL)
+    and for any other name it keeps the Ed25519 certificate of the store CA, so sync and
+    the pinned CLI are unchanged."""
+    t = tag()
+    edge = new_store(tmp_path, f"s-{t}", f"edge-{t}")
+    node = Node(edge.data_dir, http_host="127.0.0.1", http_port=0, discovery=False,
+                browser_names=["pos.store.example"])
+    await node.start()
+    try:
+        port = node.http_port
+        ca = (edge.data_dir / NODE_FILES.ca).read_bytes()
+        assert (edge.data_dir / NODE_FILES.key).stat().st_mode & 0o777 == 0o600
+        assert (edge.data_dir / NODE_FILES.ca_key).stat().st_mode & 0o777 == 0o600
+
+        def browser_like(name: str) -> x509.Certificate:
+            """A client that checks the host name against the browser CA, as a browser
+            that trusts it does."""
+            ctx = ssl.create_default_context(cadata=ca.decode("ascii"))
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                    ctx.wrap_socket(raw, server_hostname=name) as tls_sock:
+                der = tls_sock.getpeercert(binary_form=True)
+            assert der is not None
+            return x509.load_der_x509_certificate(der)
+
+        def presented(sni: str | None) -> x509.Certificate:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                    ctx.wrap_socket(raw, server_hostname=sni) as tls_sock:
+                der = tls_sock.getpeercert(binary_form=True)
+            assert der is not None
+            return x509.load_der_x509_certificate(der)
+
+        for name in ("localhost", f"edge-{t}.local", "pos.store.example", "LOCALHOST"):
+            cert = await asyncio.to_thread(browser_like, name)
+            key = cert.public_key()
+            assert isinstance(key, ec.EllipticCurvePublicKey), name
+            assert key.curve.name == "secp256r1"
+        for sni in (None, f"edge-{t}", "other.example"):
+            cert = await asyncio.to_thread(presented, sni)
+            assert cert.public_key().public_bytes_raw() == edge.key.public_key, sni  # type: ignore[union-attr]
+        # the browser certificate does not open a sync session: it is no store CA's
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.to_thread(browser_like, f"edge-{t}")
+        # the API answers over it (what a web POS on the register does)
+        ctx = ssl.create_default_context(cadata=ca.decode("ascii"))
+        async with aiohttp.ClientSession() as http, http.get(
+                f"https://localhost:{port}/v1/health", ssl=ctx) as resp:
+            assert resp.status == 200
+        # renewal in place: a leaf close to its end is replaced, the CA kept
+        before = (edge.data_dir / NODE_FILES.cert).read_bytes()
+        soon = now_ms() + int((LEAF_VALIDITY - RENEW_BEFORE).total_seconds() * 1000) + 86_400_000
+        node.now_ms = lambda: soon  # type: ignore[method-assign]
+        await node._renew_browser_tls()
+        assert (edge.data_dir / NODE_FILES.cert).read_bytes() != before
+        assert (edge.data_dir / NODE_FILES.ca).read_bytes() == ca
+        again = await asyncio.to_thread(presented, "localhost")  # (dated in the future)
+        assert again.serial_number != x509.load_pem_x509_certificate(before).serial_number
+        assert again.serial_number == x509.load_pem_x509_certificate(
+            (edge.data_dir / NODE_FILES.cert).read_bytes()).serial_number
+    finally:
+        await node.close()
