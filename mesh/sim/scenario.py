@@ -685,7 +685,7 @@ def parse_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario
         fr = sw_t.range_("faults", (1, 4), integer=True)
         kinds = sw_t.strs("kinds", swarm.kinds)
         for k in kinds:
-            if k not in FAULT_KINDS or k in ("heal", "restart"):
+            if k not in FAULT_KINDS or k in ("heal", "restart", "enrol", "revoke"):
                 raise ScenarioError(f"swarm.kinds: {k!r} cannot be drawn at random")
         swarm = SwarmSpec((int(fr[0]), int(fr[1])), kinds,
                           sw_t.num("max_fault_s", 60.0, lo=0.001, hi=MAX_DURATION_S),
