@@ -38,6 +38,14 @@ Invariants:
     and to every other peer before our next envelopes; the node saves the TLS
     certificate (``Identity.write_tls``, on the worker) and the ``tls_listeners`` reload
     it. Revoked nodes are never renewed.
+ 9. A second session with a peer that already has one (``admit_session``) is decided
+    here, for the node and the simulator alike: dialled by the same end as the one
+    held, it replaces it (a node dials only a peer it holds no session with, so that
+    end has lost the old one: a restart racing its stale session at the peer); dialled
+    by the other end (both dialled at once, or the peer restarted while we held a
+    session we dialled), the session dialled by the smaller node id is kept, which both
+    ends decide alike, so they never both drop theirs. A stale session kept that way
+    ends at the transport's heartbeat, and the next dial succeeds.
 """
 
 from __future__ import annotations
@@ -69,12 +77,22 @@ from mesh.sync import (
     TrustChanged,
 )
 
-__all__ = ["Done", "Driver", "Faults"]
+__all__ = ["Done", "Driver", "Faults", "keep_new_session"]
 
 log = logging.getLogger(__name__)
 
 #: ``done(result, error)``: a command's acknowledgement (error None) or its failure.
 Done = Callable[[CommandResult, BaseException | None], None]
+
+
+def keep_new_session(me: str, peer: str, *, outbound: bool, old_outbound: bool) -> bool:
+    """Invariant 9: whether a new session with ``peer`` replaces the one held (True)
+    or is closed (False). ``outbound``: we dialled the new one; ``old_outbound``: we
+    dialled the one held."""
+    if outbound == old_outbound:
+        return True  # the same end dialled again: it has lost the old one
+    dialer = me if outbound else peer
+    return dialer == min(me, peer)
 
 
 @dataclass(slots=True)
@@ -118,6 +136,9 @@ class Driver:
         self.renewed = 0
         self.alerts: list[Alert] = []
         self.last_seen: dict[str, int] = {}
+        #: second sessions with a peer closed / replacing the one held (invariant 9)
+        self.duplicate_sessions = 0
+        self.replaced_sessions = 0
         self.closed = False
         self._inbox: list[tuple[bytes, str]] = []  # (data, peer) since the last drain
         self._durable_batch: list[Envelope] = []
@@ -233,6 +254,21 @@ class Driver:
         self.carry_out(self.core.peer_up(peer, now, wan=wan))
         if self.identity.issuer is not None:
             self.renew_certificates([peer])
+
+    def admit_session(self, peer: str, *, outbound: bool, old_outbound: bool | None) -> bool:
+        """A new authenticated session with ``peer`` is ready (``old_outbound``: who
+        dialled the one we hold, None: none). False: close the new one. True: run it;
+        if one was held, it has been ended here (``session_down``) and the caller closes
+        its connection (invariant 9)."""
+        if old_outbound is None:
+            return True
+        if not keep_new_session(self.identity.node_id, peer, outbound=outbound,
+                                old_outbound=old_outbound):
+            self.duplicate_sessions += 1
+            return False
+        self.replaced_sessions += 1
+        self.session_down(peer)
+        return True
 
     def session_down(self, peer: str) -> None:
         # What it queued and the core has not seen dies with it (invariant 2).

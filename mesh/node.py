@@ -20,7 +20,9 @@ Invariants:
     worker's threads, rebuild at start-up too; identity (trust store) writes go to the
     ledger's writer thread, ahead of the envelopes that need them (durable inv. 6).
  4. At most one session per peer node id; with discovery, only the node with the
-    smaller id dials, so two nodes do not race to connect to each other.
+    smaller id dials, so two nodes do not race to connect to each other. A second
+    session with a peer is decided by the driver (``Driver.admit_session``, driver
+    invariant 9): a restart racing its stale session here replaces it.
  5. Messages of one session reach the driver in the order received (driver invariant 2
     batches them per loop iteration).
  6. The live stream shows what the driver's ``applied`` listeners report (driver
@@ -566,15 +568,23 @@ class Node:
         self.rejected_sessions[reason] = self.rejected_sessions.get(reason, 0) + 1
 
     async def _run_session(self, session: transport.Session) -> bool:
-        """Run an authenticated session until it ends; False if it was a duplicate of a
-        live session with the same peer (invariant 4) and was closed at once."""
+        """Run an authenticated session until it ends; False if it was a second one with
+        a peer that has a session here and the driver kept that one (``Driver.
+        admit_session``: a restart racing its stale session replaces it) and was closed
+        at once."""
         pid = session.peer_id
-        if pid in self.sessions or self._closed:
+        old = self.sessions.get(pid)
+        if self._closed or not self.driver.admit_session(
+                pid, outbound=session.outbound,
+                old_outbound=None if old is None else old.outbound):
             self.duplicate_sessions += 1  # normal when both sides dial: not a refusal
             session.close("duplicate")
             await session.ws.close()
             session.done.set()
             return False
+        if old is not None:  # the driver ended it (session_down): close its connection
+            del self.sessions[pid]
+            old.close("replaced")
         self.sessions[pid] = session
         session.on_refuse = self._reject  # frames it refuses: session_<reason> in /metrics
         self.trust_changed()  # the handshake may have taught us its certificate

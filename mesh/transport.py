@@ -71,7 +71,7 @@ from mesh.datadir import NodeIdentity
 from mesh.errors import EnvelopeError
 from mesh.identity import Certificate, verify_signature
 from mesh.tls import PeerIdentity, client_context, load_tls_files, peer_identity
-from mesh.wancodec import WanCodec
+from mesh.wancodec import WanCodec, coalesce, enrolled, frames
 
 __all__ = ["HS_DOMAIN", "PROTO", "HandshakeError", "Session", "WanCodec", "accept", "dial"]
 
@@ -270,7 +270,7 @@ class Session:
             while self._high or self._low:
                 if self._closing:
                     return
-                data = _coalesce(self._high if self._high else self._low)
+                data = coalesce(self._high if self._high else self._low)
                 if self.codec is not None:
                     data = self.codec.encode(data)
                 self.bytes_out += len(data)
@@ -292,42 +292,16 @@ def _frame_fault(msg: aiohttp.WSMessage) -> str:
     return "unexpected_frame"
 
 
-def _frames(data: bytes) -> int:
-    """Number of envelopes in an ``E`` message (walks the length prefixes)."""
-    n, pos, end = 0, 1, len(data)
-    while pos + 4 <= end:
-        pos += 4 + int.from_bytes(data[pos : pos + 4], "big")
-        n += 1
-    return n
-
-
-def _coalesce(queue: deque[bytes]) -> bytes:
-    """Pop the next message; merge the ``E`` messages right behind it into it."""
-    data = queue.popleft()
-    if data[:1] != b"E" or not queue or queue[0][:1] != b"E":
-        return data
-    parts, size, count = [data], len(data), _frames(data)
-    while queue and queue[0][:1] == b"E":
-        nxt = queue[0]
-        n = _frames(nxt)
-        if (size + len(nxt) > config.MAX_BATCH_BYTES
-                or count + n > config.MAX_BATCH_ENVELOPES):
-            break
-        parts.append(queue.popleft())
-        size += len(nxt) - 1
-        count += n
-    return b"E" + b"".join(p[1:] for p in parts)
+#: (kept under their old names: tests and tools import them from here)
+_coalesce = coalesce
+_frames = frames
 
 
 def _enrolled(identity: NodeIdentity) -> Callable[[str], bool]:
     """Whether a node id holds a certificate of this store here (the WAN codec keeps
     per-origin state only for those)."""
     trust = identity.trust
-
-    def known(origin: str) -> bool:
-        return trust.certificate(origin) is not None
-
-    return known
+    return enrolled(lambda: trust)
 
 
 async def accept(request: web.Request, identity: NodeIdentity, now_ms: Callable[[], int],

@@ -1,5 +1,8 @@
 """The WAN session codec: pure bytes in, bytes out (no I/O), used by the real transport
-(``mesh.transport.Session``) and by the simulator's WAN links, both ways.
+(``mesh.transport.Session``) and by the simulator's WAN links, both ways; with it the
+rest of what a session does to bytes, shared by both the same way: the merge of queued
+envelope batches (``coalesce``), the enrolment check of the receiving table
+(``enrolled``) and the linger before a WAN write (``config.WAN_LINGER_S``).
 
 Invariants:
  1. ``decode(encode(m)) == m`` for every message, in stream order, per direction.
@@ -16,12 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mesh import config
 
-__all__ = ["WanCodec"]
+if TYPE_CHECKING:
+    from mesh.identity import TrustStore
+
+__all__ = ["WanCodec", "coalesce", "enrolled", "frames"]
 
 _PREV = b'"prev":"'
 _ELIDED = b'"prev":"="'
@@ -159,3 +166,41 @@ def _is_lower_hex(b: bytes) -> bool:
 def _origin_of(raw: bytes) -> bytes:
     at = raw.find(b'"origin":"')
     return raw[at + 10 : raw.find(b'"', at + 10)] if at >= 0 else b""
+
+
+def enrolled(trust: Callable[[], TrustStore]) -> Callable[[str], bool]:
+    """Whether a node id holds a certificate of this store in the trust store
+    ``trust()`` returns (the WAN codec keeps per-origin state only for those)."""
+
+    def known(origin: str) -> bool:
+        return trust().certificate(origin) is not None
+
+    return known
+
+
+def frames(data: bytes) -> int:
+    """Number of envelopes in an ``E`` message (walks the length prefixes)."""
+    n, pos, end = 0, 1, len(data)
+    while pos + 4 <= end:
+        pos += 4 + int.from_bytes(data[pos : pos + 4], "big")
+        n += 1
+    return n
+
+
+def coalesce(queue: deque[bytes]) -> bytes:
+    """Pop the next message; merge the ``E`` messages right behind it into it (bounded
+    by ``MAX_BATCH_BYTES`` and ``MAX_BATCH_ENVELOPES``)."""
+    data = queue.popleft()
+    if data[:1] != b"E" or not queue or queue[0][:1] != b"E":
+        return data
+    parts, size, count = [data], len(data), frames(data)
+    while queue and queue[0][:1] == b"E":
+        nxt = queue[0]
+        n = frames(nxt)
+        if (size + len(nxt) > config.MAX_BATCH_BYTES
+                or count + n > config.MAX_BATCH_ENVELOPES):
+            break
+        parts.append(queue.popleft())
+        size += len(nxt) - 1
+        count += n
+    return b"E" + b"".join(p[1:] for p in parts)

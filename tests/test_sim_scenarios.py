@@ -33,6 +33,7 @@ SHIPPED = {
     "skewed_till": 0.05,
     "flapping_till_100": 0.05,
     "sensor_shelves": 0.1,
+    "store_life": 0.5,
 }
 
 REQUIRED_KEYS = ("converged", "convergence_ms", "lost_ops", "duplicate_applies",
@@ -96,6 +97,20 @@ def test_scenarios_exercise_what_they_claim() -> None:
     assert wan.report["messages"]["wan"] > 0 and wan.report["bytes"]["wan"] > 0
     assert wan.report["commands"]["reserve"]["ok"] > 0
     assert wan.report["heal_catch_up"][0]["catch_up_ms"] is not None
+
+
+def test_store_life_exercises_what_it_claims() -> None:
+    """The trust, repeatable and liveness faults of store_life really happen."""
+    r = run_scenario(load_scenario(SIMS / "store_life.toml"))
+    assert_safe(r)
+    rep = r.report
+    assert rep["enrolled_mid_run"] == ["r7"] and rep["revoked_nodes"] == ["r6"]
+    assert rep["gone_nodes"] == ["r5"] and rep["revoked_accepted"] == 0
+    assert rep["stranded_ops"] > 0  # r6's sales after the list: on its disk only
+    loop = [f for f in rep["faults"] if f["label"] == "r2 crash loop"]
+    assert len(loop) == 7 and loop[-1]["start_ms"] > rep["duration_ms"]  # one in liveness
+    assert rep["wire_bytes"]["wan"] < rep["bytes"]["wan"] / 2
+    assert any(e["origin"] == "r7" for e in rep["exceptions"])  # r7 raced for LAST-1
 
 
 def _cli_json(seed: int, hashseed: str) -> bytes:

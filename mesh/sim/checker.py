@@ -11,10 +11,19 @@ Invariants checked on every step (the safety phase, as in TigerBeetle's VOPR):
     kept (what was lost may, and must, be applied again).
  2. No forged or tampered envelope (``forged``, filled by the injector) is applied.
  3. No replica holds more of an origin's chain than that origin ever made durable
-    (*phantom* envelopes), checked at each sample.
+    (*phantom* envelopes). A replica's chain grows only by an apply, and an origin's
+    chain shrinks only at its crash or recovery, so it is checked there (each applied
+    envelope against its origin's chain; every replica's hold of an origin when that
+    origin crashes or recovers) instead of scanning every replica at every sample.
+ 6. No replica applies an envelope of an origin its trust store holds as revoked
+    (*revoked_accepted*): after a node is revoked, every replica that has the list
+    refuses its envelopes.
 Checked at the end (the liveness phase, after the heal):
  4. Every acknowledged operation is present, byte for byte (its envelope hash), at
-    every replica: otherwise it is *lost*.
+    every live replica: otherwise it is *lost*. One acknowledged by a node that is
+    ``gone`` (crashed for good by a fault kept into the liveness phase) may instead be
+    at no live replica and on the gone node's disk: *stranded* (unavailable, not lost);
+    at some live replicas but not all, it is lost.
  5. Every replica derives the same oversell exception list.
 """
 
@@ -62,6 +71,7 @@ class Checker:
     out_of_order_applies: int = 0
     invalid_accepted: int = 0
     phantom_envelopes: int = 0
+    revoked_accepted: int = 0
     examples: list[str] = field(default_factory=list)
     forged: dict[bytes, tuple[str, int]] = field(default_factory=dict)
     lags: list[float] = field(default_factory=list)
@@ -71,6 +81,8 @@ class Checker:
     peak_at_ms: float | None = None
     peak_sku: str | None = None
     catchups: list[_CatchUp] = field(default_factory=list)
+    #: nodes dead for good (a crash kept into the liveness phase, no end)
+    gone: list[str] = field(default_factory=list)
     carried_stats: dict[str, int] = field(default_factory=dict)
     _marks: dict[str, dict[str, int]] = field(default_factory=dict)
     _ack_at: dict[tuple[str, int], float] = field(default_factory=dict)
@@ -91,11 +103,17 @@ class Checker:
         if kind == "applied":
             node = data["node"]
             now = self.world.now
-            for env in data["envelopes"]:
+            trust = self.world.nodes[node].trust
+            envs = data["envelopes"]
+            for env in envs:
                 self._mark(node, env)
+                if trust.is_revoked(env.origin):
+                    self.revoked_accepted += 1
+                    self._fail(f"{node} applied {env.origin} seq {env.seq}, revoked")
                 t = self._ack_at.get((env.origin, env.seq))
                 if t is not None:
                     self.lags.append(now - t)
+            self._check_applied(node, envs)
         elif kind == "created":
             self._mark(data["node"], data["envelope"])
         elif kind == "acked":
@@ -108,9 +126,11 @@ class Checker:
             self._marks[node.node_id] = node.disk.durable_seqs()
             for reason, n in node.core.stats.items():
                 self.carried_stats[reason] = self.carried_stats.get(reason, 0) + n
+            self._check_holders(node.node_id)
         elif kind == "recovered":  # memory rebuilt from disk after a failed write
             node = self.world.nodes[data["node"]]
             self._marks[node.node_id] = node.disk.durable_seqs()
+            self._check_holders(node.node_id)
 
     def _mark(self, node: str, env: Envelope) -> None:
         marks = self._marks[node]
@@ -145,23 +165,41 @@ class Checker:
                 if partitioned and div > self.peak_divergence_partitioned:
                     self.peak_divergence_partitioned = div
         self.samples.append(Sample(now, avail, partitioned))
-        self._check_phantoms()
 
-    def _check_phantoms(self) -> None:
-        made: dict[str, int] = {}
+    def _made(self, origin: str) -> int | None:
+        """How much of its chain ``origin`` has made (durable, if it is down)."""
+        n = self.world.nodes.get(origin)
+        if n is None:
+            return None
+        if n.alive:
+            return n.replica.vv.get(origin)
+        return len(n.disk.by_origin.get(origin, ()))
+
+    def _phantom(self, holder: str, origin: str, seq: int, made: int) -> None:
+        self.phantom_envelopes += 1
+        self._fail(f"{holder} holds {origin} seq {seq}, but {origin} made only {made}")
+
+    def _check_applied(self, node: str, envs: tuple[Envelope, ...]) -> None:
+        """Invariant 3 at an apply: nothing beyond what its origin has made."""
+        top: dict[str, int] = {}
+        for env in envs:
+            if env.seq > top.get(env.origin, 0):
+                top[env.origin] = env.seq
+        for origin, seq in top.items():
+            made = self._made(origin)
+            if made is not None and seq > made:
+                self._phantom(node, origin, seq, made)
+
+    def _check_holders(self, origin: str) -> None:
+        """Invariant 3 when ``origin``'s chain shrinks (crash, recovery)."""
+        made = self._made(origin)
+        if made is None:
+            return
         for n in self.world.nodes.values():
-            if n.alive:
-                made[n.node_id] = n.replica.vv.get(n.node_id)
-            else:
-                made[n.node_id] = len(n.disk.by_origin.get(n.node_id, ()))
-        for n in self.world.nodes.values():
-            if not n.alive:
-                continue
-            for origin, seq in n.replica.vv.items():
-                if origin in made and seq > made[origin]:
-                    self.phantom_envelopes += 1
-                    self._fail(f"{n.node_id} holds {origin} seq {seq}, but {origin} made "
-                               f"only {made[origin]}")
+            if n.alive and n.node_id != origin:
+                seq = n.replica.vv.get(origin)
+                if seq > made:
+                    self._phantom(n.node_id, origin, seq, made)
 
     def healed(self, label: str) -> None:
         """A cut or crash ended: time how long until everyone holds what was acked."""
@@ -184,8 +222,9 @@ class Checker:
 
     def _check_catchup(self, c: _CatchUp) -> None:
         if c.done_ms is None and all(
-            n.alive and all(n.replica.vv.get(o) >= s for o, s in c.target.items())
-            for n in self.world.nodes.values()
+            n.alive and all(n.replica.vv.get(o) >= s for o, s in c.target.items()
+                            if o not in self.gone)
+            for n in self.world.nodes.values() if n.node_id not in self.gone
         ):
             c.done_ms = self.world.now
 
@@ -194,10 +233,11 @@ class Checker:
 
     # --- the end ----------------------------------------------------------------------------
 
-    def lost_ops(self) -> tuple[int, int]:
-        """(acknowledged operations, those missing or different at some live replica)."""
-        live = [n for n in self.world.nodes.values() if n.alive]
-        acked = lost = 0
+    def lost_ops(self) -> tuple[int, int, int]:
+        """(acknowledged operations, those missing or different at some live replica,
+        those stranded on a gone node's disk: invariant 4)."""
+        live = [n for n in self.world.nodes.values() if n.alive and n.node_id not in self.gone]
+        acked = lost = stranded = 0
         for node in self.world.nodes.values():
             for res in node.acked:
                 if res.envelope is None:
@@ -205,11 +245,15 @@ class Checker:
                 acked += 1
                 h = res.envelope.hash
                 missing = [m.node_id for m in live if m.replica.hash_at(res.origin, res.seq) != h]
+                if (missing and node.node_id in self.gone and len(missing) == len(live)
+                        and node.disk.hash_at(res.origin, res.seq) == h):
+                    stranded += 1
+                    continue
                 if missing:
                     lost += 1
                     self._fail(f"acknowledged {res.origin} seq {res.seq} "
                                f"({res.envelope.meta.get('kind')}) missing at {missing[:5]}")
-        return acked, lost
+        return acked, lost, stranded
 
     def forged_in_state(self) -> int:
         """Forged envelopes found in any replica's chain at the end (belt and braces)."""

@@ -14,6 +14,11 @@ Invariants:
     the order in which overlapping degrades end.
  3. Every random choice (flap timings) comes from the ``random.Random`` given at
     construction, drawn while scheduling, in fault order.
+ 5. A repeatable fault (``every_s``, ``repeat``) is one occurrence per period, each
+    with its own cut count, degrade and interval, as if written out one by one.
+ 6. A fault marked ``liveness`` is left alone by ``heal_all``: its windows and repeats
+    go on in the liveness phase (to ``until_ms``); nodes it crashes without an end are
+    ``gone`` (dead for good): convergence is judged on the others.
 """
 
 from __future__ import annotations
@@ -31,8 +36,13 @@ __all__ = ["FaultPlane", "Interval", "link_model"]
 
 Pair = tuple[str, str]
 
+#: How soon an enrolment or revocation is tried again while the edge is not running.
+ENROL_RETRY_MS = 1_000.0
 
-def link_model(spec: LinkSpec, kind: str) -> LinkModel:
+
+def link_model(spec: LinkSpec, kind: str, back: bool = False) -> LinkModel:
+    """One direction of a link (``back``: the spec's ``back`` physics, else ``out``)."""
+    spec = spec.direction(back)
     return LinkModel(
         latency_ms=spec.latency_ms, jitter_ms=spec.jitter_ms, loss=spec.loss,
         duplicate=spec.duplicate,
@@ -50,6 +60,7 @@ class Interval:
     label: str
     start_ms: float
     end_ms: float | None = None
+    kept: bool = False  #: in force into the liveness phase
 
 
 _PHYSICS = ("latency_ms", "jitter_ms", "loss", "duplicate", "bandwidth", "distribution",
@@ -73,6 +84,20 @@ class FaultPlane:
         self._base: dict[Pair, dict[str, object]] = {}
         self._degrades: dict[Pair, list[tuple[int, LinkModel]]] = {}
         self._disk_faults: set[str] = set()
+        #: uids of the occurrences that stay in force into the liveness phase, and the
+        #: nodes they hold crashed or frozen (heal_all leaves those alone)
+        self._kept: set[int] = set()
+        self._keep = False  # the fault being scheduled or run is kept
+        self._held: dict[str, str] = {}  # node -> "crash" | "freeze" | "disk"
+        #: nodes crashed by a kept fault that never ends: dead for good
+        self.gone: list[str] = []
+        #: nodes revoked by a ``revoke`` fault (from when the edge signed the list)
+        self.revoked: list[str] = []
+        #: kept faults are scheduled up to here (the liveness phase's deadline)
+        self.until_ms = sc.duration_s * 1000 + sc.converge_timeout_s * 1000
+        #: when the last kept occurrence ends (or starts, if it has no end): the
+        #: liveness phase judges convergence only from here
+        self.kept_until_ms = 0.0
         self.intervals: list[Interval] = []
         self.crashes = 0
         self.restarts = 0
@@ -95,9 +120,16 @@ class FaultPlane:
         return out
 
     def _at(self, t_ms: float, fn: Callable[[], None]) -> None:
+        keep = self._keep
+
         def guarded() -> None:
-            if not self.closed:
+            if self.closed and not keep:
+                return
+            outer, self._keep = self._keep, keep
+            try:
                 fn()
+            finally:
+                self._keep = outer
         self.world.at(t_ms, guarded)
 
     def cut(self, pair: Pair, uid: int) -> None:
@@ -139,16 +171,31 @@ class FaultPlane:
 
     def schedule(self, faults: tuple[FaultSpec, ...]) -> None:
         end_ms = self.sc.duration_s * 1000
-        for uid, f in enumerate(faults, start=1):
-            at = f.at_s * 1000
-            if at >= end_ms:
-                continue  # after the run: the heal happens at the end anyway
-            self._schedule_one(uid, f, at, None if f.end_s is None else f.end_s * 1000)
+        uid = 0
+        for f in faults:
+            # After the safety phase only a kept fault happens (the heal ends the rest).
+            until = self.until_ms if f.liveness else end_ms
+            starts = f.occurrences(until / 1000)
+            self._keep = f.liveness
+            for at_s in starts:
+                uid += 1
+                at = at_s * 1000
+                if f.liveness:
+                    self._kept.add(uid)
+                    self.kept_until_ms = max(self.kept_until_ms,
+                                             at + (f.duration_s or 0.0) * 1000)
+                self._schedule_one(uid, f, at, None if f.duration_s is None
+                                   else at + f.duration_s * 1000)
+            self._keep = False
+            if f.liveness and f.kind == "crash" and f.duration_s is None and starts:
+                for n in resolve(f.nodes, self.sc.nodes):
+                    if n not in self.gone:
+                        self.gone.append(n)
 
     def _schedule_one(self, uid: int, f: FaultSpec, at: float, end: float | None) -> None:
         nodes = self.sc.nodes
         sel = resolve(f.nodes, nodes) if f.nodes else []
-        interval = Interval(f.kind, f.label or f.kind, at, end)
+        interval = Interval(f.kind, f.label or f.kind, at, end, f.liveness)
         if f.kind in CUTTING or f.kind == "crash":
             self._at(at, lambda: self.intervals.append(interval))
         if f.kind == "partition":
@@ -186,6 +233,11 @@ class FaultPlane:
             self._degrade(uid, f, sel, at, end)
         elif f.kind == "heal":
             self._at(at, self._heal_cuts)
+        elif f.kind == "enrol":
+            for n in sel:
+                self._at(at, partial(self._enrol, n))
+        elif f.kind == "revoke":
+            self._at(at, partial(self._revoke, sel))
         elif f.kind in ("retry_crash", "disk_slow", "disk_full", "disk_error", "freeze"):
             for n in sel:
                 self._driver_fault(f, n, at, end, interval)
@@ -258,6 +310,26 @@ class FaultPlane:
         if end is not None:
             self._at(end, lambda: self._restart(node, interval.label, interval))
 
+    def _enrol(self, node: str) -> None:
+        """A join mid-run; while the edge is down the till waits and tries again."""
+        if not self.world.enrol(node):
+            self._at(self.world.now + ENROL_RETRY_MS, partial(self._enrol, node))
+
+    def _revoke(self, nodes: list[str]) -> None:
+        """A revocation mid-run, done on the edge (again later while it is down)."""
+        if not self.world.revoke(nodes):
+            self._at(self.world.now + ENROL_RETRY_MS, partial(self._revoke, nodes))
+            return
+        for n in nodes:
+            if n not in self.revoked:
+                self.revoked.append(n)
+
+    def excluded(self) -> list[str]:
+        """Nodes the end checks leave out: gone for good, revoked, never enrolled."""
+        out = [*self.gone, *self.revoked]
+        out += [n for n, node in self.world.nodes.items() if not node.enrolled]
+        return list(dict.fromkeys(out))
+
     def _jump(self, node: str, skew_ms: float) -> None:
         """The node's wall clock steps (NTP correction, a dead RTC battery)."""
         self.world.nodes[node].skew_ms = skew_ms
@@ -267,10 +339,15 @@ class FaultPlane:
         if n.alive:
             self.crashes += 1
             n.crash()
+            if self._keep:
+                self._held[node] = "crash"
 
     def _restart(self, node: str, label: str, interval: Interval | None = None) -> None:
         n = self.world.nodes[node]
-        if not n.alive:
+        if self._held.get(node) == "crash" and not self._keep:
+            return  # a kept fault holds it down; only its own end restarts it
+        if not n.alive and n.enrolled:
+            self._held.pop(node, None)
             self.restarts += 1
             n.restart()
             if interval is not None:
@@ -292,7 +369,10 @@ class FaultPlane:
                 link = self.world.links[k]
                 if k not in self._base:
                     self._base[k] = {a: getattr(link, a) for a in _PHYSICS}
-                self._degrades.setdefault(k, []).append((uid, link_model(spec, link.kind)))
+                # from the fault's nodes: outbound; only to them: inbound
+                inbound = bool(sel) and k[0] not in sel
+                self._degrades.setdefault(k, []).append(
+                    (uid, link_model(spec, link.kind, inbound)))
                 self._physics(k)
 
         def stop() -> None:
@@ -330,13 +410,23 @@ class FaultPlane:
                 self._at(end, lambda: self._restart(node, interval.label, interval))
             return
         if f.kind == "freeze":
-            self._at(at, n.freeze)
+            def freeze() -> None:
+                n.freeze()
+                if self._keep:
+                    self._held[node] = "freeze"
+
+            def thaw() -> None:
+                self._held.pop(node, None)
+                n.resume()
+            self._at(at, freeze)
             if end is not None:
-                self._at(end, n.resume)
+                self._at(end, thaw)
             return
 
         def start() -> None:
             self._disk_faults.add(node)
+            if self._keep:
+                self._held.setdefault(node, "disk")
             if f.kind == "disk_slow":
                 disk.faults.slow_ms, disk.faults.spike_ms = f.slow_ms, f.spike_ms
                 disk.faults.spike_every = f.spike_every
@@ -346,6 +436,8 @@ class FaultPlane:
                 disk.faults.io_error += f.count
 
         def stop() -> None:
+            if self._keep and self._held.get(node) == "disk":
+                del self._held[node]
             if f.kind == "disk_slow":
                 disk.faults.slow_ms = disk.faults.spike_ms = 0.0
                 disk.faults.spike_every = 0
@@ -389,22 +481,43 @@ class FaultPlane:
             self.on_heal("heal")
 
     def heal_all(self) -> bool:
-        """End every fault now (the start of the liveness phase); True if any was active."""
+        """End every fault now (the start of the liveness phase) but those kept into
+        it (invariant 6); True if any was active."""
         nodes = self.world.nodes.values()
         active = self.partitioned() or bool(self._base) or bool(self._disk_faults) or any(
             not n.alive or n.frozen for n in nodes)
-        self._heal_cuts(notify=active)
+        if not self._kept:
+            self._heal_cuts(notify=active)
+        else:
+            self._heal_unkept(active)
         for k in list(self._degrades):
-            self._degrades[k] = []
+            self._degrades[k] = [(u, m) for u, m in self._degrades[k] if u in self._kept]
             self._physics(k)
         for n in nodes:
+            if n.node_id in self._held:
+                continue
             n.disk.faults = DiskFaults()
             n.resume()
-        self._disk_faults.clear()
+            self._disk_faults.discard(n.node_id)
         for node in self.world.nodes:
             self._restart(node, "restart at heal")
         for iv in self.intervals:
-            if iv.end_ms is None:
+            if iv.end_ms is None and not iv.kept:
                 iv.end_ms = self.world.now
         self.closed = True
         return active
+
+    def _heal_unkept(self, notify: bool) -> None:
+        for pair in list(self._cuts):
+            self._cuts[pair] = [u for u in self._cuts[pair] if u in self._kept]
+            if not self._cuts[pair]:
+                del self._cuts[pair]
+                self.world.set_link(pair[0], pair[1], True)
+        for a, b in list(self._holes):
+            self._holes[(a, b)] = [u for u in self._holes[(a, b)] if u in self._kept]
+            self.world.links[(a, b)].blackhole = bool(self._holes[(a, b)])
+            if not self._holes[(a, b)]:
+                del self._holes[(a, b)]
+        if notify:
+            self.last_heal_ms = self.world.now
+            self.on_heal("heal")

@@ -331,6 +331,13 @@ class SimDisk:
         for env in self.rows:
             self.by_origin.setdefault(env.origin, []).append(env.raw)
 
+    def hash_at(self, origin: str, seq: int) -> bytes | None:
+        """The hash of ``origin``'s envelope ``seq`` among the durable rows."""
+        for env in self.rows[: self.durable]:
+            if env.origin == origin and env.seq == seq:
+                return env.hash
+        return None
+
     def durable_seqs(self) -> dict[str, int]:
         """Per origin, the highest seq on disk (rows of one origin are contiguous)."""
         return {origin: len(raws) for origin, raws in self.by_origin.items()}

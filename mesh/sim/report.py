@@ -53,12 +53,18 @@ def _safety(r: dict[str, Any]) -> Table:
          f"{r['invalid_accepted']} of {sum(r['forged_injected'].values())} injected",
          r["invalid_accepted"] == 0),
         ("phantom envelopes", str(r["phantom_envelopes"]), r["phantom_envelopes"] == 0),
+        ("revoked origins accepted", str(r.get("revoked_accepted", 0)),
+         r.get("revoked_accepted", 0) == 0),
         ("equivocation alerts", str(r["equivocations"]), r["equivocations"] == 0),
         ("exception lists identical", "yes" if r["exceptions_identical"] else "no",
          r["exceptions_identical"]),
     ]
     for name, value, good in rows:
         t.add_row(name, value, _ok(good))
+    left_out = [*r.get("gone_nodes", []), *r.get("revoked_nodes", [])]
+    if left_out:
+        t.caption = (f"left out of the end checks: {', '.join(left_out)} (gone or revoked); "
+                     f"{r.get('stranded_ops', 0)} acknowledged ops only on their disks")
     return t
 
 

@@ -4,9 +4,11 @@ A run has two phases, as TigerBeetle's VOPR does:
 
 1. **Safety** (``0 .. duration``): workload, faults and forgeries run; the checker
    watches every apply and samples every replica (``mesh.sim.checker``).
-2. **Liveness** (from ``duration``): the workload stops, every fault heals, crashed
-   nodes restart; the run continues until every replica's ``state_digest()`` is equal
-   (converged) or ``converge_timeout_s`` passes. Then the end checks run.
+2. **Liveness** (from ``duration``): the workload stops, every fault heals (but those
+   a scenario keeps into this phase: ``liveness = true``), crashed nodes restart; once
+   the last kept fault has ended, the run continues until every replica's
+   ``state_digest()`` is equal (converged; a node a kept fault crashed for good is left
+   out) or ``converge_timeout_s`` passes. Then the end checks run.
 
 Every node is a real ``Replica`` + ``SyncCore`` (``mesh.sim.world``); nothing here
 replicates anything. One seed drives the run: the world's generator, and from it (in a
@@ -90,8 +92,10 @@ def build_world(sc: Scenario, seed: int) -> World:
     """The store: nodes, LAN links between the store's nodes, WAN links to the cloud."""
     w = World(seed, store_id=f"sim-{sc.name}"[:64], discovery_ms=sc.discovery_ms,
               discovery_jitter_ms=sc.discovery_jitter_ms)
+    late = sc.late_nodes()
     for n in sc.nodes:
-        w.add_node(n.id, n.role, skew_ms=n.skew_ms, fsync_ms=n.fsync_ms)
+        w.add_node(n.id, n.role, skew_ms=n.skew_ms, fsync_ms=n.fsync_ms,
+                   enrolled=n.id not in late)
     return w
 
 
@@ -104,7 +108,10 @@ def _connect(w: World, sc: Scenario) -> None:
                 w.connect(a.id, b.id, link_model(sc.lan, "lan"), link_model(sc.lan, "lan"))
             elif (a.id in wan_peers and a.site == "store") or (
                     b.id in wan_peers and b.site == "store"):
-                w.connect(a.id, b.id, link_model(sc.wan, "wan"), link_model(sc.wan, "wan"))
+                # per direction: ``up`` is store -> cloud, ``down`` cloud -> store
+                down = a.site != "store"
+                w.connect(a.id, b.id, link_model(sc.wan, "wan", down),
+                          link_model(sc.wan, "wan", not down))
 
 
 def _tracked(sc: Scenario, skus: list[str]) -> list[str]:
@@ -170,12 +177,15 @@ def run_scenario(sc: Scenario, seed: int | None = None, *, randomise: bool = Fal
     workload.stop()
     injector.stop()
     faults.heal_all()
+    checker.gone = faults.excluded()
     checker.sample(False)
     quiesce = w.now
-    deadline = quiesce + sc.converge_timeout_s * 1000
+    # Faults kept into the liveness phase end first (invariant 6 of mesh.sim.faults).
+    judge_from = max(quiesce, faults.kept_until_ms)
+    deadline = judge_from + sc.converge_timeout_s * 1000
     converged_at: float | None = None
     while True:
-        if _converged(w):
+        if w.now >= judge_from and _converged(w, faults.excluded()):
             converged_at = w.now
             break
         if w.now >= deadline:
@@ -191,9 +201,12 @@ def run_scenario(sc: Scenario, seed: int | None = None, *, randomise: bool = Fal
     return result
 
 
-def _converged(w: World) -> bool:
-    nodes = list(w.nodes.values())
-    if not all(n.alive for n in nodes):
+def _converged(w: World, gone: list[str]) -> bool:
+    """Every node up and holding the same state; a node a kept fault crashed for good,
+    a revoked one and one never enrolled (``gone``) are left out, as the store would
+    carry on without them."""
+    nodes = [n for n in w.nodes.values() if n.node_id not in gone]
+    if not nodes or not all(n.alive for n in nodes):
         return False
     first = nodes[0].replica.vv
     if any(n.replica.vv != first or n.replica.pending_count() for n in nodes):
@@ -213,6 +226,14 @@ def _state_equal(w: World) -> bool:
     return all(v == views[0] for v in views[1:])
 
 
+def _session_refused(w: World) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in w.nodes.values():
+        for reason, k in n.session_refused.items():
+            out[reason] = out.get(reason, 0) + k
+    return dict(sorted(out.items()))
+
+
 def _traffic(w: World) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for key in ("messages", "bytes", "wire_bytes", "summary_bytes", "lost", "duplicated"):
@@ -227,14 +248,17 @@ def _traffic(w: World) -> dict[str, dict[str, int]]:
 def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Workload,
             checker: Checker, faults: FaultPlane, injector: Injector, quiesce: float,
             converged_at: float | None) -> RunResult:
-    acked, lost = checker.lost_ops()
+    acked, lost, stranded = checker.lost_ops()
     forged_left = checker.forged_in_state()
-    live = [n for n in w.nodes.values() if n.alive]
+    excluded = faults.excluded()
+    live = [n for n in w.nodes.values() if n.alive and n.node_id not in excluded]
     lists = [[e.to_dict() for e in n.replica.exceptions()] for n in live]
     identical = all(x == lists[0] for x in lists[1:]) if lists else True
     exceptions = lists[0] if lists else []
     oversold = [n.replica.oversold_units() for n in live]
-    equivocations = sum(len(n.alerts) for n in w.nodes.values())
+    # (a revoked node's alerts are about the honest nodes refusing it: not counted)
+    equivocations = sum(len(n.alerts) for n in w.nodes.values()
+                        if n.node_id not in faults.revoked)
     pending = sum(n.replica.pending_count() for n in live)
     stats = checker.stats()
     rejected = {k: v for k, v in stats.items() if k not in NOT_REJECTIONS}
@@ -250,6 +274,8 @@ def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Worklo
               ("out_of_order_applies", checker.out_of_order_applies,
                "envelopes applied out of order"),
               ("invalid_accepted", invalid, "forged or invalid envelopes accepted"),
+              ("revoked_accepted", checker.revoked_accepted,
+               "envelopes of a revoked origin accepted after the revocation"),
               ("phantom_envelopes", checker.phantom_envelopes,
                "envelopes held beyond what their origin made durable"),
               ("equivocations", equivocations, "equivocation alerts between honest nodes"),
@@ -282,12 +308,18 @@ def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Worklo
         "heal_catch_up": catchups,
         "acked_ops": acked,
         "lost_ops": lost,
+        "stranded_ops": stranded,
+        "gone_nodes": list(faults.gone),
+        "revoked_nodes": list(faults.revoked),
+        "revoked_accepted": checker.revoked_accepted,
+        "enrolled_mid_run": [n for n in sc.late_nodes() if w.nodes[n].enrolled],
         "duplicate_applies": checker.duplicate_applies,
         "out_of_order_applies": checker.out_of_order_applies,
         "invalid_accepted": invalid,
         "forged_injected": dict(sorted(injector.injected.items())),
         "rejected": rejected,
         "duplicates_ignored": stats.get("duplicate", 0),
+        "session_refused": _session_refused(w),
         "phantom_envelopes": checker.phantom_envelopes,
         "equivocations": equivocations,
         "pending_at_end": pending,

@@ -57,6 +57,8 @@ FAULT_KINDS: Final = (
     "clock_jump", "degrade", "heal",
     # driver-level faults (docs/simulation.md)
     "retry_crash", "disk_slow", "disk_full", "disk_error", "freeze",
+    # trust changes mid-run: a till joins, a node is revoked
+    "enrol", "revoke",
 )
 FORGERY_KINDS: Final = (
     "bad_signature", "tampered", "unenrolled", "wrong_store", "forbidden", "garbage",
@@ -76,7 +78,11 @@ class ScenarioError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class LinkSpec:
-    """Network model of one link class (each direction drawn independently)."""
+    """Network model of one link class (each direction drawn independently). ``out``
+    and ``back`` override it for one direction (link physics per direction): on the
+    WAN ``out`` is store -> cloud (``up``), ``back`` cloud -> store (``down``); in a
+    ``degrade`` fault ``out`` is from the fault's nodes (``outbound``), ``back`` to
+    them (``inbound``)."""
 
     latency_ms: float = 0.3
     jitter_ms: float = 0.2
@@ -87,6 +93,13 @@ class LinkSpec:
     reorder_ms: float = 0.0
     fifo: bool = False
     bandwidth_mbps: float | None = None
+    out: LinkSpec | None = None
+    back: LinkSpec | None = None
+
+    def direction(self, back: bool) -> LinkSpec:
+        """The physics of one direction: ``back`` or ``out`` if given, else these."""
+        one = self.back if back else self.out
+        return self if one is None else one
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +169,31 @@ class FaultSpec:
     spike_ms: float = 0.0
     #: disk_error: how many commits fail
     count: int = 1
+    #: Repeatable faults: the fault happens again every ``every_s`` seconds after
+    #: ``at_s``, ``repeat`` times in all (None: until the end of the phases it runs in).
+    every_s: float | None = None
+    repeat: int | None = None
+    #: The heal at the start of the liveness phase leaves this fault alone: it keeps
+    #: its own windows (and repeats) there; without ``duration_s`` it never ends (a
+    #: dead node that never returns).
+    liveness: bool = False
 
     @property
     def end_s(self) -> float | None:
         return None if self.duration_s is None else self.at_s + self.duration_s
+
+    def occurrences(self, until_s: float) -> list[float]:
+        """The start times (s) of this fault before ``until_s``, in order."""
+        if self.every_s is None:
+            return [self.at_s] if self.at_s < until_s else []
+        out: list[float] = []
+        t = self.at_s
+        while t < until_s and (self.repeat is None or len(out) < self.repeat):
+            out.append(t)
+            if len(out) >= MAX_FAULTS:
+                break
+            t = self.at_s + len(out) * self.every_s
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +249,10 @@ class Scenario:
     def node_ids(self) -> list[str]:
         return [n.id for n in self.nodes]
 
+    def late_nodes(self) -> list[str]:
+        """Nodes an ``enrol`` fault lets join mid-run (they start unenrolled)."""
+        return [n for f in self.faults if f.kind == "enrol" for n in resolve(f.nodes, self.nodes)]
+
     def scaled(self, factor: float) -> Scenario:
         """Every scheduled time (duration, fault and race times, stream windows)
         multiplied by ``factor``; rates, link physics and flap periods stay."""
@@ -230,7 +268,8 @@ class Scenario:
             streams=tuple(replace(s, start_s=t(s.start_s), end_s=t(s.end_s))
                           for s in self.streams),
             races=tuple(replace(r, at_s=r.at_s * factor) for r in self.races),
-            faults=tuple(replace(f, at_s=f.at_s * factor, duration_s=t(f.duration_s))
+            faults=tuple(replace(f, at_s=f.at_s * factor, duration_s=t(f.duration_s),
+                                 every_s=t(f.every_s))
                          for f in self.faults),
             byzantine=replace(self.byzantine, start_s=t(self.byzantine.start_s),
                               end_s=t(self.byzantine.end_s)),
@@ -383,9 +422,13 @@ class _Table:
             raise ScenarioError(f"{self.where}: unknown key(s) {unknown}; see docs/simulation.md")
 
 
-def _link(t: _Table | None, default: LinkSpec) -> LinkSpec:
+def _link(t: _Table | None, default: LinkSpec,
+          directions: tuple[str, str] | None = None) -> LinkSpec:
+    """A link table; ``directions`` names its per-direction sub-tables (out, back),
+    each any key of the table, defaulting to the table's own values."""
     if t is None:
         return default
+    subs = (t.sub(directions[0]), t.sub(directions[1])) if directions else (None, None)
     spec = LinkSpec(
         latency_ms=t.num("latency_ms", default.latency_ms, hi=600_000),
         jitter_ms=t.num("jitter_ms", default.jitter_ms, hi=600_000),
@@ -401,6 +444,9 @@ def _link(t: _Table | None, default: LinkSpec) -> LinkSpec:
     t.done()
     if spec.fifo and spec.reorder:
         raise ScenarioError(f"{t.where}: a fifo link cannot reorder; drop one of the two")
+    if subs[0] is not None or subs[1] is not None:
+        spec = replace(spec, out=None if subs[0] is None else _link(subs[0], spec),
+                       back=None if subs[1] is None else _link(subs[1], spec))
     return spec
 
 
@@ -501,7 +547,8 @@ def _fault(t: _Table, nodes: tuple[NodeSpec, ...]) -> FaultSpec:
         up_s=up,
         skew_ms=t.num("skew_ms", 0.0, lo=-MAX_DURATION_S * 1000),
         mid_sale=t.bool_("mid_sale", False),
-        link=_link(link_t, LinkSpec()) if link_t is not None else None,
+        link=_link(link_t, LinkSpec(), ("outbound", "inbound")) if link_t is not None
+        else None,
         link_class=t.str_("link_class", "any", ("lan", "wan", "any")) if t.has("link_class")
         else None,
         label=t.str_("label", kind),
@@ -509,11 +556,14 @@ def _fault(t: _Table, nodes: tuple[NodeSpec, ...]) -> FaultSpec:
         spike_every=t.int_("spike_every", 0, hi=1_000_000),
         spike_ms=t.num("spike_ms", 0.0, hi=3_600_000),
         count=t.int_("count", 1, lo=1, hi=1_000_000),
+        every_s=t.opt_num("every_s", lo=0.001, hi=MAX_DURATION_S),
+        repeat=t.int_("repeat", 1, lo=1, hi=MAX_FAULTS) if t.has("repeat") else None,
+        liveness=t.bool_("liveness", False),
     )
     t.done()
     need_nodes = kind in ("isolate", "asymmetric", "crash", "restart", "clock_jump", "flap",
                           "link_down", "retry_crash", "disk_slow", "disk_full", "disk_error",
-                          "freeze")
+                          "freeze", "enrol", "revoke")
     if need_nodes:
         _check_selectors(spec.nodes, nodes, f"{where}.nodes")
     elif spec.nodes:
@@ -524,8 +574,32 @@ def _fault(t: _Table, nodes: tuple[NodeSpec, ...]) -> FaultSpec:
         raise ScenarioError(f"{where}: a partition needs groups = [[...], ...]")
     if kind == "degrade" and spec.link is None:
         raise ScenarioError(f"{where}: degrade needs a [faults.link] table")
+    if (spec.link is not None and not spec.nodes
+            and (spec.link.out is not None or spec.link.back is not None)):
+        raise ScenarioError(f"{where}: [faults.link.outbound] / [faults.link.inbound] "
+                            "need nodes (the direction is from / to them)")
     if kind in ("flap", "freeze", "disk_slow", "disk_full") and spec.duration_s is None:
         raise ScenarioError(f"{where}: {kind} needs duration_s")
+    if spec.repeat is not None and spec.every_s is None:
+        raise ScenarioError(f"{where}: repeat needs every_s (the period)")
+    if spec.every_s is not None:
+        if kind == "heal":
+            raise ScenarioError(f"{where}: a heal cannot repeat")
+        if spec.duration_s is not None and spec.duration_s >= spec.every_s:
+            raise ScenarioError(f"{where}: every_s must be longer than duration_s "
+                                "(one window ends before the next starts)")
+    if kind in ("enrol", "revoke"):
+        if spec.every_s is not None:
+            raise ScenarioError(f"{where}: {kind} cannot repeat")
+        issuer = next((n.id for n in nodes if n.role == "edge"), None)
+        if issuer is None:
+            raise ScenarioError(f"{where}: {kind} needs an edge node (it holds the store key)")
+        if issuer in resolve(spec.nodes, nodes):
+            raise ScenarioError(f"{where}: the edge {issuer!r} holds the store key: it "
+                                f"cannot be {'enrolled' if kind == 'enrol' else 'revoked'}")
+    if spec.liveness and kind in CUTTING and spec.duration_s is None:
+        raise ScenarioError(f"{where}: a {kind} kept into the liveness phase needs "
+                            "duration_s (a cut that never heals cannot converge)")
     return spec
 
 
@@ -540,7 +614,7 @@ def parse_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario
 
     net = root.sub("network") or _Table({}, "network")
     lan = _link(net.sub("lan"), _LAN_DEFAULT)
-    wan = _link(net.sub("wan"), _WAN_DEFAULT)
+    wan = _link(net.sub("wan"), _WAN_DEFAULT, ("up", "down"))
     discovery_ms = net.num("discovery_ms", 150.0, hi=600_000)
     discovery_jitter = net.num("discovery_jitter_ms", 100.0, hi=600_000)
     edges = [n.id for n in nodes if n.role == "edge"]
@@ -596,6 +670,11 @@ def parse_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario
     faults = tuple(_fault(t, nodes) for t in root.subs("faults"))
     if len(faults) > MAX_FAULTS:
         raise ScenarioError(f"at most {MAX_FAULTS} faults")
+    late = [n for f in faults if f.kind == "enrol" for n in resolve(f.nodes, nodes)]
+    if len(late) != len(set(late)):
+        raise ScenarioError("faults: a node can be enrolled once")
+    if stock_at in late:
+        raise ScenarioError(f"stock.at names a node enrolled later: {stock_at!r}")
 
     byz_t = root.sub("byzantine")
     byz = ByzantineSpec()
@@ -614,7 +693,7 @@ def parse_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario
         fr = sw_t.range_("faults", (1, 4), integer=True)
         kinds = sw_t.strs("kinds", swarm.kinds)
         for k in kinds:
-            if k not in FAULT_KINDS or k in ("heal", "restart"):
+            if k not in FAULT_KINDS or k in ("heal", "restart", "enrol", "revoke"):
                 raise ScenarioError(f"swarm.kinds: {k!r} cannot be drawn at random")
         swarm = SwarmSpec((int(fr[0]), int(fr[1])), kinds,
                           sw_t.num("max_fault_s", 60.0, lo=0.001, hi=MAX_DURATION_S),

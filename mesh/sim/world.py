@@ -17,10 +17,27 @@ Invariants:
     over a new ``DurableReplica`` over the same disk (rebuild from snapshot + rows).
  4. Messages on a link that is down are dropped; a link going down ends the sessions
     across it (``session_down`` on both ends) and coming back up re-opens them after the
-    discovery delay. Messages queued on a link die with its session.
+    discovery delay. Messages queued on a link die with its session. One end of each
+    pair dials (``dialer``: the smaller id on the LAN, as discovery does; the store end
+    of a WAN link, as ``--cloud``), and only while it holds no session with the other.
+ 8. A crash is noticed by a peer holding a session with the node only at the
+    transport's heartbeat (``stale_ms`` later): until then the peer's session is stale
+    and what it sends is lost. A frozen node answers no heartbeat either: its peers
+    drop their sessions with it ``stale_ms`` after the freeze, if it is still frozen.
+    A restarted node that dials such a peer races that stale session;
+    ``Driver.admit_session`` decides, as in the real node (driver invariant 9).
  6. Per directed link, messages queue while the link is busy (bandwidth) or a LOW one
     waits; HIGH leaves before LOW; more than ``SESSION_MAX_QUEUE`` queued drops the
-    session (a slow peer), as the real ``Session`` does.
+    session (a slow peer), as the real ``Session`` does; queued envelope batches are
+    merged (``wancodec.coalesce``) as its writer does.
+ 7. A WAN link is the real cloud link's byte path (``mesh.wancodec``): a write waits
+    ``WAN_LINGER_S`` to gather a batch, goes through the sender's ``WanCodec``, takes
+    the link's bandwidth for its *wire* bytes, and is decoded by the receiver's codec
+    on arrival, in stream order (a message that overtook an earlier one waits for it:
+    a TCP stream), with the receiver's enrolment check (``wancodec.enrolled``: refused
+    frames are counted in ``SimNode.session_refused``); after a ``C`` the receiver's
+    driver applies it before the next message is decoded. Loss and duplication on a
+    WAN link act on decoded messages (harsher than TCP, on purpose).
  5. Fault hooks (``LinkModel.blackhole``, ``SimNode.send_filter``, ``SimDisk.faults``,
     ``SimDisk.lie_about_fsync``, ``SimNode.freeze``) only change what the simulated
     ports do; the replica, the sync core and the driver are never touched (tests break
@@ -49,11 +66,11 @@ from mesh import config
 from mesh.driver import Driver
 from mesh.durable import DurableReplica
 from mesh.envelope import Envelope, decode
-from mesh.identity import NodeKey, TrustStore, Verifier, issue_certificate
+from mesh.identity import NodeKey, TrustStore, Verifier, issue_certificate, issue_revocations
 from mesh.replica import CommandResult, Replica
 from mesh.sim.ports import SimClock, SimDisk, SimIdentity, SimTransport, SimWorker
 from mesh.sync import HIGH, Alert, Effect, SyncCore
-from mesh.wancodec import WanCodec
+from mesh.wancodec import WanCodec, coalesce, enrolled
 
 __all__ = ["DISTRIBUTIONS", "LinkModel", "SimDisk", "SimNode", "World"]
 
@@ -65,7 +82,9 @@ DISTRIBUTIONS = ("uniform", "normal", "exponential", "lognormal", "pareto")
 _MAX_JITTER_FACTOR = 50.0
 
 
-_Queued = tuple[bytes, int]  # (data, session number)
+#: A WAN message on its way: (wire bytes, copies to deliver (0: lost), session).
+_InFlight = tuple[bytes, int, int]
+_Bytes = bytes  # (``LinkModel.bytes`` is a field name)
 
 
 @dataclass(slots=True)
@@ -99,10 +118,17 @@ class LinkModel:
     #: The sending end's WanCodec of the current session ("wan" links); the receiving
     #: end's is on the link of the other direction.
     codec: WanCodec | None = None
-    #: Messages waiting for the link (busy, or behind a LOW one): (data, session).
-    high: deque[_Queued] = field(default_factory=deque)
-    low: deque[_Queued] = field(default_factory=deque)
+    #: Messages waiting for the link (busy, behind a LOW one, or lingering on the WAN),
+    #: all of session ``queue_session``.
+    high: deque[_Bytes] = field(default_factory=deque)
+    low: deque[_Bytes] = field(default_factory=deque)
+    queue_session: int = 0
     pumping: bool = False
+    #: WAN stream order (invariant 7): the next sequence number sent, the next one the
+    #: receiver decodes, and those arrived ahead of it.
+    tx_seq: int = 0
+    rx_next: int = 0
+    rx_wait: dict[int, _InFlight] = field(default_factory=dict)
 
 
 #: A scheduled event: (virtual time, scheduling order, action). A plain tuple: the heap
@@ -145,6 +171,13 @@ class World:
         self.observers: list[Callable[[str, dict[str, Any]], None]] = []
         #: sessions dropped by a transport, per reason (slow_peer, bad_wan_message)
         self.dropped_sessions: dict[str, int] = {}
+        #: How long a peer's session with a crashed node lives on (invariant 8): the
+        #: WebSocket heartbeat's worst case (a ping after HEARTBEAT_S of silence, and
+        #: HEARTBEAT_S / 2 for its pong).
+        self.stale_ms = config.HEARTBEAT_S * 1000 * 1.5
+        #: sessions a peer held stale when the crashed node's new one came up, by what
+        #: the driver did: "replaced" (the new one runs) or "refused" (until heartbeat)
+        self.stale_races: dict[str, int] = {}
 
     # --- scheduling ---------------------------------------------------------------------
 
@@ -203,7 +236,9 @@ class World:
     # --- topology -------------------------------------------------------------------------
 
     def add_node(self, node_id: str, role: str = "register", *, skew_ms: float = 0.0,
-                 fsync_ms: float = 0.5) -> SimNode:
+                 fsync_ms: float = 0.5, enrolled: bool = True) -> SimNode:
+        """A node; ``enrolled=False``: one that joins later (``enrol``): until then it
+        has its key but no certificate anyone knows of, and it does not run."""
         key = NodeKey.from_bytes(self.rng.randbytes(32))
         cert = issue_certificate(self.store_key, node_id=node_id, store_id=self.store_id,
                                  role=role, public_key=key.public_key,
@@ -213,12 +248,61 @@ class World:
             self.issuer = node_id
         node = SimNode(self, node_id, role, key, skew_ms=skew_ms, fsync_ms=fsync_ms)
         self.nodes[node_id] = node
+        if not enrolled:
+            node.unenrolled()
+            return node
         for other in self.nodes.values():
+            if not other.enrolled:
+                continue
             other.trust.add_certificate(cert)
             if other is not node:
                 node.trust.add_certificate(other.certificate)
             other.identity.save()  # enrolment writes node.json
         return node
+
+    def enrol(self, node_id: str) -> bool:
+        """A node joins mid-run with a join token (``mesh.enrol``): the issuer (the
+        edge holding the store key) signs its certificate, keeps it and saves its trust
+        store, as ``redeem`` does; the node gets that trust store (the join answer),
+        saves it and starts; the certificate reaches everyone else by gossip. False
+        (nothing done) while the issuer is not running: the join needs it."""
+        node = self.nodes[node_id]
+        issuer = self.nodes[self.issuer] if self.issuer is not None else None
+        if node.enrolled:
+            return True
+        if issuer is None or not issuer.alive or issuer.frozen:
+            return False
+        now = self.wall_ms(issuer.skew_ms)
+        cert = issue_certificate(self.store_key, node_id=node_id, store_id=self.store_id,
+                                 role=node.role, public_key=node.key.public_key,
+                                 not_after=now + self.cert_validity_ms)
+        issuer.trust.add_certificate(cert)
+        issuer.driver.trust_changed()
+        trust = TrustStore.from_dict(issuer.trust.to_dict())
+        trust.verifier = self.verifier
+        node.identity.trust = trust
+        node.identity.certificate = node.certificate = cert
+        node.identity.save()  # the joining node writes node.json
+        node.enrolled = True
+        node.restart()
+        self.emit("enrolled", node=node_id)
+        return True
+
+    def revoke(self, node_ids: list[str]) -> bool:
+        """The store owner revokes nodes on the issuer (``storemesh nodes revoke``): it
+        signs the next revocation list and hands it to its running node, which adopts
+        it and passes it on (``SyncCore.learn_revocations``, as ``POST
+        /v1/revocations``). False (nothing done) while the issuer is not running."""
+        issuer = self.nodes[self.issuer] if self.issuer is not None else None
+        if issuer is None or not issuer.alive or issuer.frozen:
+            return False
+        trust = issuer.trust
+        crl = issue_revocations(self.store_key, store_id=self.store_id,
+                                version=trust.crl_version + 1,
+                                revoked=set(trust.revoked) | set(node_ids))
+        issuer.driver.carry_out(issuer.core.learn_revocations(crl, self.wall_ms(issuer.skew_ms)))
+        self.emit("revoked", nodes=tuple(node_ids))
+        return True
 
     def connect(self, a: str, b: str, model: LinkModel | None = None,
                 back: LinkModel | None = None) -> None:
@@ -227,18 +311,42 @@ class World:
         self.links[(b, a)] = back or LinkModel(**_copyable(self.links[(a, b)]))
         self._session_up(a, b)
 
+    def dialer(self, a: str, b: str) -> str:
+        """Which end of the pair dials (invariant 4)."""
+        if self.links[(a, b)].kind == "wan":
+            ra, rb = self.nodes[a].role, self.nodes[b].role
+            if (ra == "cloud") != (rb == "cloud"):
+                return b if ra == "cloud" else a
+        return min(a, b)
+
     def _session_up(self, a: str, b: str) -> None:
+        a, b = (a, b) if self.dialer(a, b) == a else (b, a)  # a dials
         na, nb = self.nodes[a], self.nodes[b]
         ab, ba = self.links[(a, b)], self.links[(b, a)]
         if na.alive and nb.alive and ab.up and ba.up:
+            for x, y in ((na, b), (nb, a)):
+                if x.core.is_up(y):  # a stale session (invariant 8): the driver decides
+                    kept = x.driver.admit_session(
+                        y, outbound=x is na, old_outbound=x.dialed.get(y) == x.node_id)
+                    key = "replaced" if kept else "refused"
+                    self.stale_races[key] = self.stale_races.get(key, 0) + 1
+                    if not kept:  # closed at once; the dialer tries again
+                        self.after(self.discovery_delay(), partial(self._reconnect, a, b))
+                        return
+            na.dialed[b] = nb.dialed[a] = a
             # A new session: what the old one still has in flight is never delivered
             # into it (a TCP connection's bytes die with it).
             pair = (a, b) if a < b else (b, a)
             self._sessions[pair] = self._sessions.get(pair, 0) + 1
             wan = ab.kind == "wan"
             if wan:
-                # A new session, a new codec at each end (as the transport).
-                ab.codec, ba.codec = WanCodec(), WanCodec()
+                # A new session, a new codec at each end (as the transport), each with
+                # its end's enrolment check (invariant 7).
+                ab.codec = WanCodec(enrolled(lambda: na.trust), na.refuse)
+                ba.codec = WanCodec(enrolled(lambda: nb.trust), nb.refuse)
+                for link in (ab, ba):
+                    link.tx_seq = link.rx_next = 0
+                    link.rx_wait.clear()
             na.driver.session_up(b, wan=wan)
             nb.driver.session_up(a, wan=wan)
 
@@ -277,41 +385,73 @@ class World:
             self.after(self.discovery_delay(), lambda: self._reconnect(a, b))
 
     def _reconnect(self, a: str, b: str) -> None:
+        a, b = (a, b) if self.dialer(a, b) == a else (b, a)  # a dials (invariant 4)
         na, nb = self.nodes[a], self.nodes[b]
         if not (na.alive and nb.alive) or na.frozen or nb.frozen or na.core.is_up(b):
-            return
+            return  # (a dialer that holds a session, even a stale one, does not dial)
         self._session_up(a, b)
+
+    def stale_session(self, holder: str, silent: str, *, frozen: bool = False) -> None:
+        """``holder`` keeps its session with ``silent`` (crashed, or ``frozen``: a
+        stopped process answers no ping either) until the heartbeat notices (invariant
+        8); then it ends at both ends (a frozen one learns when it runs again), and the
+        dialer of the pair dials again."""
+        session = self._session_of(holder, silent)
+
+        def notice() -> None:
+            node = self.nodes[holder]
+            if (not node.alive or not node.core.is_up(silent)
+                    or self._session_of(holder, silent) != session
+                    or (frozen and not self.nodes[silent].frozen)):
+                return  # replaced, cut, crashed or resumed meanwhile
+            if node.frozen:
+                node.defer(notice)
+                return
+            self.dropped_sessions["heartbeat"] = self.dropped_sessions.get("heartbeat", 0) + 1
+            self._session_down(holder, silent)
+            self.after(self.discovery_delay(), partial(self._reconnect, holder, silent))
+        self.after(self.stale_ms, notice)
 
     def send(self, src: str, dst: str, data: bytes, priority: int = HIGH) -> None:
         """``src`` sends ``data`` on its session with ``dst`` (invariant 6: queued while
-        the link is busy or a LOW message waits, HIGH first)."""
+        the link is busy or a LOW message waits, HIGH first; invariant 7 on the WAN)."""
         link = self.links.get((src, dst))
         if link is None or not link.up:
             return
         session = self._session_of(src, dst)
-        if (priority == HIGH and not link.high and not link.low
+        if link.queue_session != session:  # what an earlier session queued died with it
+            link.high.clear()
+            link.low.clear()
+            link.queue_session = session
+        wan = link.codec is not None
+        if (not wan and priority == HIGH and not link.high and not link.low
                 and (not link.bandwidth or link.busy_until <= self.now)):
             self._transmit(link, src, dst, data, session)
             return
         if len(link.high) + len(link.low) >= config.SESSION_MAX_QUEUE:
             self.drop_session(src, dst, "slow_peer")
             return
-        (link.high if priority == HIGH else link.low).append((data, session))
+        (link.high if priority == HIGH else link.low).append(data)
         if not link.pumping:
             link.pumping = True
-            self.at(max(self.now, link.busy_until), partial(self._pump, src, dst))
+            linger = config.WAN_LINGER_S * 1000 if wan else 0.0
+            self.at(max(self.now + linger, link.busy_until), partial(self._pump, src, dst))
 
     def _pump(self, src: str, dst: str) -> None:
         link = self.links[(src, dst)]
         link.pumping = False
+        session = self._session_of(src, dst)
+        if not link.up or link.queue_session != session:
+            link.high.clear()
+            link.low.clear()
+            return
         while link.high or link.low:
             if link.bandwidth and link.busy_until > self.now:
                 link.pumping = True
                 self.at(link.busy_until, partial(self._pump, src, dst))
                 return
-            data, session = (link.high or link.low).popleft()
-            if link.up and session == self._session_of(src, dst):
-                self._transmit(link, src, dst, data, session)
+            data = coalesce(link.high or link.low)
+            self._transmit(link, src, dst, data, session)
 
     def _transmit(self, link: LinkModel, src: str, dst: str, data: bytes,
                   session: int) -> None:
@@ -319,44 +459,86 @@ class World:
         link.bytes += len(data)
         if data[:1] == b"V":
             link.summary_bytes += len(data)
+        size = len(data)
+        wire = b""
         if link.codec is not None:
             # What the real WAN transport puts on the wire (prev elided, raw signatures,
-            # one zlib stream per direction), decoded by the receiving end's codec in
-            # stream order, as TCP delivers it.
+            # one zlib stream per direction): its size is what the link carries.
             wire = link.codec.encode(data)
-            link.wire_bytes += len(wire)
+            size = len(wire)
+        link.wire_bytes += size
+        rng = self.rng
+        lost = link.blackhole or rng.random() < link.loss
+        if lost:
+            link.lost += 1
+            if link.codec is not None:  # the receiver's stream still holds it
+                self._in_flight(link, src, dst, wire, 0, session, link.latency_ms)
+            return
+        copies = 2 if rng.random() < link.duplicate else 1
+        if copies == 2:
+            link.duplicated += 1
+        for i in range(copies):
+            delay = link.latency_ms + self._jitter(link)
+            if link.reorder and rng.random() < link.reorder:
+                delay += rng.random() * link.reorder_ms
+            if link.bandwidth:
+                start = max(self.now, link.busy_until)
+                link.busy_until = start + size / link.bandwidth
+                delay += link.busy_until - self.now
+            if link.fifo:
+                arrival = max(self.now + delay, link.last_arrival)
+                link.last_arrival = arrival
+                delay = arrival - self.now
+            if link.codec is not None:
+                if i == 0:  # one decode; the network's duplicate is a second delivery
+                    self._in_flight(link, src, dst, wire, copies, session, delay)
+            else:
+                self.after(delay, partial(self._deliver, src, dst, data, session))
+
+    def _in_flight(self, link: LinkModel, src: str, dst: str, wire: bytes, copies: int,
+                   session: int, delay: float) -> None:
+        seq = link.tx_seq
+        link.tx_seq += 1
+        self.after(delay, partial(self._arrive, src, dst, seq, (wire, copies, session)))
+
+    def _arrive(self, src: str, dst: str, seq: int, msg: _InFlight) -> None:
+        """A WAN message reached ``dst``; decode what is now in stream order."""
+        link = self.links[(src, dst)]
+        if msg[2] != self._session_of(src, dst):
+            return  # sent in an earlier session of this pair
+        link.rx_wait[seq] = msg
+        if seq == link.rx_next:
+            self._read_stream(src, dst, msg[2])
+
+    def _read_stream(self, src: str, dst: str, session: int) -> None:
+        """The receiver's reader: decode (its own codec, its enrolment check) and hand
+        over every message that is next in the stream (invariant 7)."""
+        link = self.links[(src, dst)]
+        node = self.nodes[dst]
+        while link.rx_next in link.rx_wait:
+            if session != self._session_of(src, dst) or not node.alive or not link.up:
+                link.rx_wait.clear()
+                return
+            if node.frozen:  # the process reads nothing until it runs again
+                node.defer(partial(self._read_stream, src, dst, session))
+                return
+            wire, copies, _ = link.rx_wait.pop(link.rx_next)
+            link.rx_next += 1
             back = self.links[(dst, src)].codec
             try:
                 assert back is not None
                 data = back.decode(wire)
             except (ValueError, zlib.error, AssertionError):
                 self.drop_session(src, dst, "bad_wan_message")
+                node.refuse("bad_wan_message")
                 return
-        else:
-            link.wire_bytes += len(data)
-        if link.blackhole:
-            link.lost += 1
-            return
-        rng = self.rng
-        if rng.random() < link.loss:
-            link.lost += 1
-            return
-        copies = 2 if rng.random() < link.duplicate else 1
-        if copies == 2:
-            link.duplicated += 1
-        for _ in range(copies):
-            delay = link.latency_ms + self._jitter(link)
-            if link.reorder and rng.random() < link.reorder:
-                delay += rng.random() * link.reorder_ms
-            if link.bandwidth:
-                start = max(self.now, link.busy_until)
-                link.busy_until = start + len(data) / link.bandwidth
-                delay += link.busy_until - self.now
-            if link.fifo:
-                arrival = max(self.now + delay, link.last_arrival)
-                link.last_arrival = arrival
-                delay = arrival - self.now
-            self.after(delay, partial(self._deliver, src, dst, data, session))
+            for _ in range(copies):
+                self._deliver(src, dst, data, session)
+            if copies and data[:1] == b"C" and link.rx_next in link.rx_wait:
+                # As the real reader: the driver's drain of the C (queued just now)
+                # runs before the next message is decoded.
+                self.soon(partial(self._read_stream, src, dst, session))
+                return
 
     def _session_of(self, a: str, b: str) -> int:
         return self._sessions.get((a, b) if a < b else (b, a), 0)
@@ -430,11 +612,17 @@ class SimNode:
         self.transport = SimTransport(world, self)
         self.worker = SimWorker(self.sim_clock)
         self.alive = True
+        #: False until an ``enrol`` fault lets it join (``World.enrol``)
+        self.enrolled = True
         #: SIGSTOP-like: nothing of this process runs; what it would run waits here
         self.frozen = False
         self._deferred: list[Callable[[], None]] = []
         self.alerts: list[Alert] = []
         self.acked: list[CommandResult] = []
+        #: frames its sessions refused, by reason (the real node's ``session_<reason>``)
+        self.session_refused: dict[str, int] = {}
+        #: per peer, which end dialled the session held with it (world invariant 4)
+        self.dialed: dict[str, str] = {}
         #: Fault hook: sees every message this node sends (peer, bytes) and returns the
         #: bytes to send (maybe altered) or None to drop them. Tests use it to build
         #: deliberately broken nodes; the sync core never knows.
@@ -471,6 +659,10 @@ class SimNode:
 
     def clock(self) -> int:
         return self.world.wall_ms(self.skew_ms)
+
+    def refuse(self, reason: str) -> None:
+        """A session of this node refused a frame (``Session.refuse``)."""
+        self.session_refused[reason] = self.session_refused.get(reason, 0) + 1
 
     def _signed(self, env: Envelope) -> None:
         self.world.emit("created", node=self.node_id, envelope=env)
@@ -533,9 +725,13 @@ class SimNode:
             self.driver.session_down(peer)
 
     def freeze(self) -> None:
-        """SIGSTOP: timers, message deliveries and completions wait until ``resume``."""
-        if self.alive:
+        """SIGSTOP: timers, message deliveries and completions wait until ``resume``;
+        peers drop their sessions with it at the heartbeat (world invariant 8)."""
+        if self.alive and not self.frozen:
             self.frozen = True
+            for other in self.world.nodes.values():
+                if other is not self and other.alive and other.core.is_up(self.node_id):
+                    self.world.stale_session(other.node_id, self.node_id, frozen=True)
 
     def resume(self) -> None:
         """SIGCONT: everything that waited runs now, in order; dropped sessions re-open."""
@@ -545,6 +741,12 @@ class SimNode:
         todo, self._deferred = self._deferred, []
         for fn in todo:
             self.world.at(self.world.now, fn)
+        # after what waited (it may learn of sessions dropped meanwhile): re-open those
+        self.world.at(self.world.now, self._reconnect_all)
+
+    def _reconnect_all(self) -> None:
+        if not self.alive or self.frozen:
+            return
         for (a, b) in list(self.world.links):
             if a == self.node_id and not self.core.is_up(b):
                 self.world.after(self.world.discovery_delay(),
@@ -562,16 +764,22 @@ class SimNode:
         self.disk.crash()
         for other in self.world.nodes.values():
             if other is not self and other.alive and other.core.is_up(self.node_id):
-                other.driver.session_down(self.node_id)
+                self.world.stale_session(other.node_id, self.node_id)
         for (a, b), link in self.world.links.items():
             if self.node_id in (a, b):
                 link.high.clear()
                 link.low.clear()
         self.world.emit("crash", node=self.node_id)
 
+    def unenrolled(self) -> None:
+        """Not joined yet: the process is not running (its first start is the join)."""
+        self.enrolled = False
+        self.alive = False
+        self.driver.close()
+
     def restart(self) -> None:
         """Boot: a new driver over the same disk, then reconnect after discovery."""
-        if self.alive:
+        if self.alive or not self.enrolled:
             return
         self.identity.reload()
         self._boot()

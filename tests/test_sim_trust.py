@@ -1,0 +1,95 @@
+"""Trust changes mid-run as simulated faults (issue 9 deliverable 4): a till enrolled
+during a partition, a node revoked mid-run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mesh.sim.runner import RunContext, run_scenario
+from mesh.sim.scenario import ScenarioError, parse_scenario
+
+
+def _doc(*faults: dict[str, Any]) -> dict[str, Any]:
+    return {"name": "trust", "duration_s": 300, "seed": 4,
+            "nodes": [{"id": "edge", "role": "edge"}, {"prefix": "r", "count": 5},
+                      {"id": "cloud", "role": "cloud"}],
+            "network": {"lan": {"loss": 0.01}},
+            "stock": {"items": {"A": 400}, "generate": {"count": 20, "qty": [20, 50]}},
+            "workload": {"streams": [{"kind": "sale", "nodes": ["role:register"],
+                                      "rate_per_min": 20},
+                                     {"kind": "receipt", "nodes": ["edge"],
+                                      "rate_per_min": 2}]},
+            "faults": list(faults)}
+
+
+def test_a_till_enrolled_during_a_partition_joins_everyone() -> None:
+    sc = parse_scenario(_doc(
+        {"kind": "partition", "at_s": 60, "duration_s": 120,
+         "groups": [["r3", "r4"]], "label": "back room cut off"},
+        {"kind": "enrol", "at_s": 90, "nodes": ["r5"]}))
+    seen: dict[str, Any] = {}
+
+    def setup(ctx: RunContext) -> None:
+        w = ctx.world
+        seen["alive_at_0"] = w.nodes["r5"].alive
+
+        def look() -> None:  # 60 s after the join, still partitioned
+            seen["r5_made"] = w.nodes["r5"].replica.vv.get("r5")
+            seen["r1_has"] = w.nodes["r1"].replica.vv.get("r5")
+            seen["r3_has"] = w.nodes["r3"].replica.vv.get("r5")
+            seen["r3_knows"] = w.nodes["r3"].trust.certificate("r5") is not None
+        w.at(150_000, look)
+    result = run_scenario(sc, setup=setup)
+    assert result.ok, result.failures
+    rep = result.report
+    assert seen["alive_at_0"] is False
+    assert rep["enrolled_mid_run"] == ["r5"]
+    assert seen["r5_made"] > 5 and seen["r1_has"] > 0  # its sales reach its side
+    assert seen["r3_has"] == 0 and not seen["r3_knows"]  # not across the cut
+    # ... and everyone after the heal: lost_ops counts r5's acknowledged sales too
+    assert rep["converged"] and rep["lost_ops"] == 0
+    assert rep["commands"]["sale"]["offline"] > 0  # r5's till before it joined
+
+
+def test_a_node_revoked_mid_run_is_refused_everywhere() -> None:
+    sc = parse_scenario(_doc({"kind": "revoke", "at_s": 150, "nodes": ["r4"]}))
+    seen: dict[str, int] = {}
+    worlds: list[Any] = []
+
+    def setup(ctx: RunContext) -> None:
+        w = ctx.world
+        worlds.append(w)
+
+        def on(kind: str, data: dict[str, Any]) -> None:
+            if kind == "revoked":
+                seen["made_at_revoke"] = w.nodes["r4"].replica.vv.get("r4")
+        w.observers.append(on)
+    result = run_scenario(sc, setup=setup)
+    assert result.ok, result.failures
+    rep = result.report
+    assert rep["revoked_nodes"] == ["r4"] and rep["revoked_accepted"] == 0
+    assert rep["converged"]  # the honest nodes converge without it
+    assert rep["rejected"].get("revoked_session", 0) > 0  # its sessions were ended
+    # r4 kept selling; no honest replica took what it signed after the list
+    w = worlds[0]
+    held = {n: w.nodes[n].replica.vv.get("r4") for n in w.nodes if n != "r4"}
+    assert seen["made_at_revoke"] > 5 and len(set(held.values())) == 1
+    assert next(iter(held.values())) <= seen["made_at_revoke"]
+    assert w.nodes["r4"].replica.vv.get("r4") > seen["made_at_revoke"] + 20
+    assert rep["stranded_ops"] > 20  # its later sales: on its own disk, nowhere else
+
+
+def test_trust_faults_are_checked() -> None:
+    for faults, msg in (
+        ([{"kind": "enrol", "at_s": 1, "nodes": ["edge"]}], "holds the store key"),
+        ([{"kind": "revoke", "at_s": 1, "nodes": ["edge"]}], "holds the store key"),
+        ([{"kind": "enrol", "at_s": 1, "nodes": ["r5"]},
+          {"kind": "enrol", "at_s": 2, "nodes": ["r5"]}], "enrolled once"),
+        ([{"kind": "enrol", "at_s": 1, "nodes": ["r5"], "every_s": 10}], "cannot repeat"),
+    ):
+        try:
+            parse_scenario(_doc(*faults))
+        except ScenarioError as exc:
+            assert msg in str(exc), exc
+        else:
+            raise AssertionError(f"accepted {faults}")
