@@ -63,6 +63,18 @@ LEDGER_MAX_QUEUE: Final = 16_384
 #: Take a snapshot after this many envelopes since the last one, so a restart replays
 #: a bounded tail.
 SNAPSHOT_EVERY: Final = 50_000
+#: How long a node remembers the txn id (idempotency key) of its own commands: a
+#: replay inside the window answers ``duplicate`` with the original result; past it the
+#: key is retired (memory is bounded by the store's recent window, not its history) and
+#: the same txn id is a new command. Longer than the frontier horizon plus a margin: a
+#: till retries its queued commands when it is back, and any outage the horizon allows
+#: (FRONTIER_HORIZON_MS) must still find its keys remembered.
+IDEMPOTENCY_WINDOW_MS: Final = 14 * 86_400_000
+#: A node not heard from for this long (no summary from it, directly or relayed) stops
+#: holding the store's stable frontier back (docs/architecture.md, "Bounded history").
+#: A week: a till unplugged over a long weekend still holds it; a till in a drawer does
+#: not hold every other node's memory for ever.
+FRONTIER_HORIZON_MS: Final = 7 * 86_400_000
 #: Envelopes read per page when streaming the ledger (rebuild, verify, catch-up).
 LEDGER_PAGE: Final = 2_000
 

@@ -29,7 +29,11 @@ Invariants:
     and the same content (the same kind and meta fields, ``_fingerprint``; for a
     reservation also its record's channel, order and expiry) returns the original
     result (seq, reservation id) and changes nothing; the same txn id with other
-    content is refused (``TxnReused``). docs/api.md lists the fields per kind.
+    content is refused (``TxnReused``). docs/api.md lists the fields per kind. A txn
+    id is remembered for ``config.IDEMPOTENCY_WINDOW_MS`` after its envelope's HLC
+    time, judged against the command's ``now_ms`` (never the wall clock); then it is
+    retired and the same id is a new command (a reservation whose record is still
+    held keeps refusing its txn id: the id names the reservation).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import hashlib
 import sys
 from array import array
 from bisect import bisect_left, bisect_right, insort
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -271,6 +276,10 @@ class Replica:
         self._pending_total = 0
         self._events: dict[str, _SkuEvents] = {}
         self._txns: dict[str, tuple[int, str]] = {}  # local txn -> (seq, fingerprint)
+        #: (ms, txn) of ``_txns`` in seq order: keys retire from the left once older
+        #: than ``config.IDEMPOTENCY_WINDOW_MS`` (invariant 7)
+        self._txn_age: deque[tuple[int, str]] = deque()
+        self.txns_retired = 0
         self.reviews = ReviewSet()  # review items (``rv`` ops): mesh.reviews
 
     # --- queries ------------------------------------------------------------------
@@ -486,7 +495,21 @@ class Replica:
         if env.origin == self.node_id:
             txn = env.meta["txn"]
             self._txns[txn] = (env.seq, _fingerprint(env.meta))
+            self._txn_age.append((env.hlc >> 16, txn))
+            self.retire_txns(env.hlc >> 16)
         return env
+
+    def retire_txns(self, now_ms: int) -> int:
+        """Forget the txn ids of own commands older than the idempotency window
+        (invariant 7); returns how many were retired."""
+        horizon = now_ms - config.IDEMPOTENCY_WINDOW_MS
+        age, n = self._txn_age, 0
+        while age and age[0][0] < horizon:
+            _, txn = age.popleft()
+            self._txns.pop(txn, None)
+            n += 1
+        self.txns_retired += n
+        return n
 
     def _plan(self, env: Envelope) -> list[tuple[str, Any]]:
         plan: list[tuple[str, Any]] = []
@@ -614,7 +637,7 @@ class Replica:
         return env
 
     def _seen_txn(self, meta: dict[str, Any], *, rid: str | None = None,
-                  same: bool = True) -> CommandResult | None:
+                  same: bool = True, now_ms: int | None = None) -> CommandResult | None:
         """The original result if ``meta``'s txn id was used before (invariant 7), None
         for a new one. A replay has the same meta fields (``_fingerprint``) and ``same``
         true: the caller's verdict on content outside the meta (a reservation's
@@ -628,6 +651,8 @@ class Replica:
         note = meta.get("note")
         if note is not None and (not isinstance(note, str) or len(note) > config.MAX_TEXT_LEN):
             raise CommandError(f"note must be at most {config.MAX_TEXT_LEN} characters", "note")
+        if now_ms is not None:
+            self.retire_txns(now_ms)
         seen = self._txns.get(txn)
         if seen is None:
             return None
@@ -647,7 +672,7 @@ class Replica:
         _check_id(sku, "sku")
         meta = {"kind": kind, "txn": txn, "staff": staff, "reason": reason, "note": note,
                 "sku": sku, "qty": delta}
-        seen = self._seen_txn(meta)
+        seen = self._seen_txn(meta, now_ms=now_ms)
         if seen is not None:
             return seen
         if not new_sku_ok and not self.knows_sku(sku):
@@ -676,7 +701,7 @@ class Replica:
         qty = _check_qty(qty)
         if strict and self.available(sku) < qty:
             seen = self._seen_txn({"kind": "sale", "txn": txn, "staff": staff, "note": note,
-                                   "sku": sku, "qty": -qty})
+                                   "sku": sku, "qty": -qty}, now_ms=now_ms)
             if seen is not None:
                 return seen
             raise CommandError(f"only {self.available(sku)} of {sku!r} available", "qty")
@@ -720,9 +745,12 @@ class Replica:
         rec = self.records.get(rid)
         seen = self._seen_txn(meta, rid=rid, same=rec is None or (
             rec.sku, rec.qty, rec.channel, rec.order, rec.expires) == (
-            sku, qty, channel, order, expires))
+            sku, qty, channel, order, expires), now_ms=now_ms)
         if seen is not None:
             return seen
+        if rec is not None:  # its txn id retired, the reservation it names is still held
+            raise TxnReused(f"txn_id {txn!r} names reservation {rid!r}; use a new txn_id",
+                            "txn_id")
         if len(rid) > config.MAX_ID_LEN:  # envelope validation would refuse it (mesh.ops)
             raise CommandError(
                 f"txn_id is too long for a reservation: the reservation id "
@@ -753,7 +781,7 @@ class Replica:
         """Cancel a reservation: the units become available again."""
         meta = {"kind": "release", "txn": txn, "staff": staff, "reason": reason,
                 "note": reservation_id}
-        seen = self._seen_txn(meta, rid=reservation_id)
+        seen = self._seen_txn(meta, rid=reservation_id, now_ms=now_ms)
         if seen is not None:
             return seen
         self._reservation(reservation_id)
@@ -770,7 +798,7 @@ class Replica:
         known = self.records.get(reservation_id) if isinstance(reservation_id, str) else None
         if known is not None:  # the envelope's meta names what it took off stock
             meta.update(sku=known.sku, qty=-known.qty)
-        seen = self._seen_txn(meta, rid=reservation_id)
+        seen = self._seen_txn(meta, rid=reservation_id, now_ms=now_ms)
         if seen is not None:
             return seen
         rec = self._reservation(reservation_id)
@@ -796,7 +824,7 @@ class Replica:
         if not due:
             return None
         meta = {"kind": "expire", "txn": txn}
-        seen = self._seen_txn(meta)
+        seen = self._seen_txn(meta, now_ms=now_ms)
         if seen is not None:
             return seen
         ops = [_remove_op(self.reservations, rid) for rid in due[: config.MAX_OPS_PER_ENVELOPE]]
@@ -812,7 +840,7 @@ class Replica:
         if self.role not in ("edge", "cloud"):
             raise CommandError(f"a {self.role} node may not write the catalog", "role")
         meta = {"kind": "catalog", "txn": txn, "staff": staff, "sku": sku, "note": note}
-        seen = self._seen_txn(meta)
+        seen = self._seen_txn(meta, now_ms=now_ms)
         if seen is not None:
             return seen
         op = {"t": "cat", "u": base64.b64encode(update).decode()}
@@ -837,6 +865,7 @@ class Replica:
             "events": {s: e.to_dict() for s, e in self._events.items()},
             "last_change": self.last_change,
             "txns": self._txns,
+            "txn_age": list(self._txn_age),
             "dot_rid": [[list(d), rid] for d, rid in self._dot_rid.items()],
             "removals": [[h, o, q, k, [list(d) for d in dots]]
                          for h, o, q, k, dots in self._removals],
@@ -861,6 +890,9 @@ class Replica:
         self._events = {sku: _SkuEvents.from_dict(e) for sku, e in s["events"].items()}
         self.last_change = dict(s["last_change"])
         self._txns = {t: (v[0], v[1]) for t, v in s["txns"].items()}
+        self._txn_age = deque((a[0], a[1]) for a in s.get("txn_age", ()))
+        if "txn_age" not in s:  # older snapshot: the keys' ages are unknown, keep them
+            self._txn_age = deque((self.hlc.last >> 16, t) for t in self._txns)
         self.catalog.apply_update(base64.b64decode(s["catalog"]))
         self._reserved = {}
         self._dot_rid = {(d[0], d[1]): rid for d, rid in s["dot_rid"]}
