@@ -173,13 +173,13 @@ def child_main(data_dir: Path, with_commands: bool) -> None:
             for kind, sku, at in meta.get("cmds", ()):
                 till.run(kind, sku, at)
         applied += len(raws)
+        dr.ledger.flush()  # own envelopes durable before they are read back and sent
         back: list[bytes] = []
         if with_commands:
             me = dr.identity.node_id
             head = dr.replica.vv.get(me)
             if head > own_before:
                 back = dr.ledger.read_origin(me, own_before + 1, head, limit=head - own_before)
-        dr.ledger.flush()
         dr.maybe_snapshot()
         report: dict[str, Any] = {"vv": dr.replica.vv.total()}
         if meta.get("report"):
