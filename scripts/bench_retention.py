@@ -322,7 +322,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             g = gens[who - 1]
             out = g.step(kind, sku, at)
             count = sent + len(raws) + len(cmds)
-            if g is away and away_from <= count < away_to:
+            if g is away and (away_from <= count < away_to or held):
                 held.extend(out)
             else:
                 raws.extend(out)
