@@ -41,7 +41,7 @@ from mesh import config
 from mesh.envelope import Envelope, decode, verify
 from mesh.errors import Equivocation
 from mesh.ports import Identity, Storage
-from mesh.replica import CommandResult, Replica
+from mesh.replica import SNAPSHOT_MAGIC, CommandResult, Replica
 
 if TYPE_CHECKING:
     from mesh.ledger import Ledger
@@ -74,10 +74,11 @@ def rebuild(replica: Replica, ledger: Storage,
     stats = RebuildStats()
     snap = ledger.latest_snapshot()
     after = 0
-    if snap is not None:
+    if snap is not None and snap[1].startswith(SNAPSHOT_MAGIC):
         after, blob = snap
         replica.restore(blob)
         stats.snapshot_upto = after
+    # else: a snapshot of an older format (JSON, before issue 12): replay the ledger
     for _, raw in ledger.scan(after):
         replica.apply(decode(raw), None, check_skew=False)
         stats.replayed += 1
