@@ -30,7 +30,7 @@ Invariants:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
@@ -93,8 +93,10 @@ class DurableReplica(Generic[S]):
 
     def __init__(self, identity: Identity, ledger: S,
                  snapshot_every: int = config.SNAPSHOT_EVERY,
-                 perf_counter: Callable[[], float] | None = None) -> None:
+                 perf_counter: Callable[[], float] | None = None, *,
+                 checkpointer: str | None = None) -> None:
         self.identity = identity
+        self.checkpointer = checkpointer
         self.ledger = ledger
         self.snapshot_every = snapshot_every
         self._perf = perf_counter
@@ -111,7 +113,8 @@ class DurableReplica(Generic[S]):
 
     @staticmethod
     def open(data_dir: Path, snapshot_every: int = config.SNAPSHOT_EVERY,
-             max_bytes: int | None = None) -> DurableReplica[Ledger]:
+             max_bytes: int | None = None, *,
+             checkpointer: str | None = None) -> DurableReplica[Ledger]:
         """Load the node in ``data_dir`` and rebuild its state from the SQLite ledger."""
         # The real storage is imported by the real path only: the simulator imports
         # this module and must not pull in sqlite3 (tests/test_purity.py).
@@ -122,11 +125,34 @@ class DurableReplica(Generic[S]):
 
         identity = load_identity(data_dir)
         return DurableReplica(identity, Ledger(identity.ledger_path, max_bytes=max_bytes),
-                              snapshot_every, time.perf_counter)
+                              snapshot_every, time.perf_counter, checkpointer=checkpointer)
 
     def _fresh_replica(self) -> Replica:
         i = self.identity
-        return Replica(i.store_id, i.node_id, i.role, i.key)
+        r = Replica(i.store_id, i.node_id, i.role, i.key, checkpointer=self.checkpointer)
+        r.archive_hash = self._archive_hash  # hashes below a checkpoint: from the ledger
+        return r
+
+    def _archive_hash(self, origin: str, seq: int) -> bytes | None:
+        raws = self.ledger.read_origin(origin, seq, seq)
+        return decode(raws[0]).hash if raws else None
+
+    def maybe_checkpoint(self, now_ms: int, enrolled: Iterable[str]
+                         ) -> tuple[CommandResult, Future[int]] | None:
+        """As the store's checkpointer: propose a checkpoint at the stable frontier of
+        ``enrolled`` (``mesh.checkpoint``) if it moved; the envelope is durable (and
+        may be pushed) once the future resolves. None if not the checkpointer or
+        nothing moved."""
+        r = self.replica
+        if self.checkpointer != self.identity.node_id or r.checkpointer != r.node_id:
+            return None
+        r.frontier.observe(r.node_id, r.vv, now_ms)
+        vv, members = r.frontier.stable(enrolled, now_ms)
+        res = r.propose_checkpoint(vv, members, txn=f"ck-{now_ms}-{r.vv.get(r.node_id)}",
+                                   now_ms=now_ms)
+        if res is None:
+            return None
+        return self.execute(lambda _: res)
 
     # --- local commands ---------------------------------------------------------------
 

@@ -53,6 +53,7 @@ import orjson
 import pycrdt
 
 from mesh import config
+from mesh.checkpoint import Frontier
 from mesh.crdt import HLC, ORSet, PNCounter, VersionVector
 from mesh.envelope import Envelope, decode, seal
 from mesh.errors import (
@@ -334,6 +335,12 @@ class Replica:
         #: (0 or 1) are folded
         self._cks: list[Checkpoint] = []
         self._folded = 0
+        #: False keeps every event (a reference for tests: folding must not change
+        #: any answer, invariant 9)
+        self.fold_enabled = True
+        #: what every node is known to hold, fed from peers' summaries (mesh.sync);
+        #: only the checkpointer uses it (``propose_checkpoint``)
+        self.frontier = Frontier()
         self.folds = 0
         #: rid -> (hlc, origin, seq) of the envelope that added the reservation
         self._adds: dict[str, tuple[int, str, int]] = {}
@@ -766,7 +773,7 @@ class Replica:
         self._releases = None
 
     def _maybe_fold(self) -> None:
-        while self._folded < len(self._cks):
+        while self.fold_enabled and self._folded < len(self._cks):
             ck = self._cks[self._folded]
             if any(self.vv.get(o) < q for o, q in ck.frontier.items()):
                 return
