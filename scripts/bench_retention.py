@@ -154,9 +154,9 @@ class LocalTill:
             self.refused += 1
 
 
-def child_main(data_dir: Path, with_commands: bool) -> None:
+def child_main(data_dir: Path, with_commands: bool, checkpointer: str | None) -> None:
     inp, out = sys.stdin.buffer, sys.stdout.buffer
-    dr = DurableReplica.open(data_dir)
+    dr = DurableReplica.open(data_dir, checkpointer=checkpointer)
     till = LocalTill(dr) if with_commands else None
     applied = 0
     while True:
@@ -173,18 +173,23 @@ def child_main(data_dir: Path, with_commands: bool) -> None:
             for kind, sku, at in meta.get("cmds", ()):
                 till.run(kind, sku, at)
         applied += len(raws)
+        for node, vv in meta.get("observe", {}).items():  # the peers' summaries
+            dr.replica.frontier.observe(node, vv, meta["now"])
+        if meta.get("checkpoint"):
+            dr.maybe_checkpoint(meta["now"], meta["enrolled"])
         dr.ledger.flush()  # own envelopes durable before they are read back and sent
         back: list[bytes] = []
-        if with_commands:
-            me = dr.identity.node_id
-            head = dr.replica.vv.get(me)
-            if head > own_before:
-                back = dr.ledger.read_origin(me, own_before + 1, head, limit=head - own_before)
+        # own envelopes (r00's commands, the edge's checkpoints) go back
+        me = dr.identity.node_id
+        head = dr.replica.vv.get(me)
+        if head > own_before:
+            back = dr.ledger.read_origin(me, own_before + 1, head, limit=head - own_before)
         dr.maybe_snapshot()
-        report: dict[str, Any] = {"vv": dr.replica.vv.total()}
+        report: dict[str, Any] = {"vv": dr.replica.vv.to_dict()}
         if meta.get("report"):
             report.update(rss=rss_mb(), disk=dr.ledger.size_bytes(),
-                          rows=dr.ledger.last_id,
+                          rows=dr.ledger.last_id, held=dr.replica.held_history(),
+                          folds=dr.replica.folds,
                           exceptions=len(dr.replica.exceptions()))
             if till is not None:
                 report.update(dups=till.dups, refused=till.refused)
@@ -192,9 +197,9 @@ def child_main(data_dir: Path, with_commands: bool) -> None:
     dr.close()
 
 
-def restart_main(data_dir: Path) -> None:
+def restart_main(data_dir: Path, checkpointer: str | None) -> None:
     t0 = time.perf_counter()
-    dr = DurableReplica.open(data_dir)
+    dr = DurableReplica.open(data_dir, checkpointer=checkpointer)
     r = dr.replica
     sku = next(iter(r.skus()))
     _, fut = dr.execute(lambda rp: rp.receive(sku, 1, txn="restart-probe", now_ms=T0 + 10**12))
@@ -298,8 +303,13 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     away = gens[-1]  # away for a tenth of the run, in the middle
     away_from, away_to = args.envelopes * 45 // 100, args.envelopes * 55 // 100
     held: list[bytes] = []
-    reg = spawn("--child", str(reg_dir), "--commands")
-    edge = spawn("--child", str(edge_dir))
+    ck = ["--checkpointer", "edge"] if args.checkpoint_every else []
+    reg = spawn("--child", str(reg_dir), "--commands", *ck)
+    edge = spawn("--child", str(edge_dir), *ck)
+    enrolled = ["edge", "r00", *sorted(keys)]
+    edge_vv: dict[str, int] = {}
+    edge_own: list[bytes] = []
+    frames = 0
     checkpoints = sorted({c for c in args.checkpoints if c <= args.envelopes}
                          | {args.envelopes})
     rows: list[dict[str, Any]] = []
@@ -331,17 +341,31 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             raws.extend(held)  # the till is back: a week of envelopes, late
             held = []
         report = nxt < len(checkpoints) and count >= checkpoints[nxt]
-        write_frame(reg.stdin, {"now": at, "cmds": cmds, "report": report}, raws)
+        write_frame(reg.stdin, {"now": at, "cmds": cmds, "report": report}, raws + edge_own)
         reg_meta, own = read_frame(reg.stdout)
-        write_frame(edge.stdin, {"now": at, "report": report}, raws + own)
-        edge_meta, _ = read_frame(edge.stdout)
-        sent += len(raws) + len(own)
+        # Summaries: r00 reports what it holds; the generator registers (not real
+        # peers here) are taken to hold what the edge held a frame ago, as LAN peers
+        # in sync would; the away till is not heard while it is away.
+        observe = {"r00": reg_meta["vv"]}
+        for nid in keys:
+            if not (held and nid == away.r.node_id):
+                observe[nid] = edge_vv
+        frames += 1
+        checkpoint = bool(args.checkpoint_every) and frames % args.checkpoint_every == 0
+        write_frame(edge.stdin, {"now": at, "report": report, "observe": observe,
+                                 "checkpoint": checkpoint, "enrolled": enrolled},
+                    raws + own)
+        edge_meta, edge_own = read_frame(edge.stdout)
+        edge_vv = edge_meta["vv"]
+        sent += len(raws) + len(own) + len(edge_own)
         if report:
             row = {"envelopes": sent, "seconds": time.perf_counter() - t_start,
                    "reg_rss": reg_meta["rss"], "reg_disk": reg_meta["disk"],
                    "edge_rss": edge_meta["rss"], "edge_disk": edge_meta["disk"],
                    "exceptions": reg_meta["exceptions"],
-                   "edge_exceptions": edge_meta["exceptions"], "dups": reg_meta["dups"]}
+                   "edge_exceptions": edge_meta["exceptions"], "dups": reg_meta["dups"],
+                   "reg_held": reg_meta["held"], "edge_held": edge_meta["held"],
+                   "reg_folds": reg_meta["folds"], "edge_folds": edge_meta["folds"]}
             rows.append(row)
             console.print(f"  {sent:>10,} envelopes  register {row['reg_rss']:.0f} MB "
                           f"({row['reg_disk'] / 1e6:.0f} MB disk)  edge {row['edge_rss']:.0f}"
@@ -354,7 +378,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         p.wait(timeout=600)
     restarts = {}
     for name, d in (("register", reg_dir), ("edge", edge_dir)):
-        res = subprocess.run([sys.executable, str(HERE), "--restart", str(d)],
+        res = subprocess.run([sys.executable, str(HERE), "--restart", str(d), *ck],
                              capture_output=True, check=True, env=spawn_env(), timeout=600)
         restarts[name] = orjson.loads(res.stdout.splitlines()[-1])
     result = {"started": started, "envelopes": sent, "target": args.envelopes,
@@ -378,12 +402,13 @@ def print_table(console: Console, res: dict[str, Any]) -> None:
     t = Table(title=f"Retention: {res['envelopes']:,} envelopes"
               + ("" if res["complete"] else " (stopped by --seconds)"))
     for col in ("envelopes", "register RSS MB", "register ledger MB", "edge RSS MB",
-                "edge ledger MB", "exceptions (reg/edge)", "elapsed s"):
+                "edge ledger MB", "exceptions (reg/edge)", "held (reg/edge)", "elapsed s"):
         t.add_column(col, justify="right")
     for r in res["rows"]:
         t.add_row(f"{r['envelopes']:,}", f"{r['reg_rss']:.0f}", f"{r['reg_disk'] / 1e6:.0f}",
                   f"{r['edge_rss']:.0f}", f"{r['edge_disk'] / 1e6:.0f}",
-                  f"{r['exceptions']}/{r['edge_exceptions']}", f"{r['seconds']:.0f}")
+                  f"{r['exceptions']}/{r['edge_exceptions']}",
+                  f"{r.get('reg_held', '-')}/{r.get('edge_held', '-')}", f"{r['seconds']:.0f}")
     console.print(t)
     t2 = Table(title="Restart to serving (rebuild + first durable command)")
     for col in ("node", "seconds", "snapshot upto", "replayed", "RSS MB"):
@@ -403,16 +428,20 @@ def main() -> None:
                     default=None, help="envelope counts to report at (comma-separated)")
     ap.add_argument("--seconds", type=float, default=1800.0, help="stop generating after")
     ap.add_argument("--seed", type=int, default=12)
+    ap.add_argument("--checkpoint-every", type=int, default=20, metavar="FRAMES",
+                    help=f"the edge proposes a checkpoint every FRAMES frames of {BATCH} "
+                         "envelopes (0: no checkpoints, as before issue 12)")
+    ap.add_argument("--checkpointer", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--commands", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--restart", type=Path, help=argparse.SUPPRESS)
     common_args(ap, "100k envelopes", "keep the data directories")
     args = ap.parse_args()
     if args.child is not None:
-        child_main(args.child, args.commands)
+        child_main(args.child, args.commands, args.checkpointer)
         return
     if args.restart is not None:
-        restart_main(args.restart)
+        restart_main(args.restart, args.checkpointer)
         return
     if args.quick:
         args.envelopes = min(args.envelopes, 100_000)
