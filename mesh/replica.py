@@ -34,6 +34,19 @@ Invariants:
     time, judged against the command's ``now_ms`` (never the wall clock); then it is
     retired and the same id is a new command (a reservation whose record is still
     held keeps refusing its txn id: the id names the reservation).
+ 8. A remote HLC is adopted only within ``config.MAX_HLC_ADOPT_AHEAD_MS`` of ``now``
+    (of the clock rebuilt so far, on replay); acceptance never depends on the wall
+    clock (``_apply_next``).
+ 9. Checkpoints (docs/architecture.md, "Bounded history"): only ``ck`` ops of the
+    store's ``checkpointer`` count; their cut and frontier grow strictly. An envelope
+    outside a checkpoint's frontier with an HLC within its cut is *late*: its order key
+    is just after the cut (``_key``). Once this replica holds a checkpoint's frontier,
+    every event with a key up to twice the cut is folded into per-SKU totals and final
+    exceptions; reservations released there, and hashes below the frontier, leave
+    memory. Folding changes no answer: exceptions, availability and ``state_digest``
+    are those of a replica that keeps everything.
+ 10. ``snapshot`` is binary, holds no base64, and ``restore`` of it gives the same
+    state (``state_digest``) and the same future behaviour.
 """
 
 from __future__ import annotations
