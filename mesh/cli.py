@@ -1246,6 +1246,83 @@ def ledger_show(data_dir: Path, limit: int, sku: str | None, origin: str | None,
         console.print(f"(looked at the newest {scanned} envelopes only)")
 
 
+def explain_sku(ledger_path: Path, store_id: str, node_id: str, role: str,
+                sku: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Why ``sku``'s stock is what it is: replay the ledger (the archive, on an edge or
+    the cloud) and list every envelope that changed its on-hand or reserved units,
+    with who, which device, when and why, the change and the result; checkpoints are
+    listed where they fall. Returns the rows and the final figures."""
+    from mesh.replica import Replica
+
+    r = Replica(store_id, node_id, role)
+    rows: list[dict[str, Any]] = []
+    with Ledger(ledger_path) as led:
+        for _, raw in led.scan(0):
+            env = decode(raw)
+            before = (r.on_hand(sku), r.reserved(sku))
+            r.apply(env, None, check_skew=False)
+            after = (r.on_hand(sku), r.reserved(sku))
+            ck = next((op for op in env.ops if op["t"] == "ck"), None)
+            if after == before and ck is None and sku not in r.touched_skus(env):
+                continue
+            entry = _entry(env)
+            entry.update(on_hand_change=after[0] - before[0],
+                         reserved_change=after[1] - before[1], on_hand=after[0],
+                         reserved=after[1], available=after[0] - after[1])
+            if ck is not None:
+                entry.update(kind="checkpoint", reason=f"frontier of {len(ck['f'])} nodes")
+            rows.append(entry)
+    exceptions = r.exceptions(sku)
+    for e in exceptions:  # mark the oversell losers
+        for row in rows:
+            if (row["origin"], row["seq"]) == (e.origin, e.seq):
+                row["oversold"] = e.short
+    return rows, {"on_hand": r.on_hand(sku), "reserved": r.reserved(sku),
+                  "available": r.available(sku), "oversold": sum(e.short for e in exceptions)}
+
+
+@ledger.command("explain")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("sku")
+@click.option("--limit", default=50, show_default=True, help="Show the newest N changes.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per change.")
+def ledger_explain(data_dir: Path, sku: str, limit: int, as_json: bool) -> None:
+    """Why SKU's stock is what it is: every change behind it, with who, which device,
+    when and why, from this node's ledger (the full archive on an edge)."""
+    import orjson
+
+    try:
+        ident = load_identity(data_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    rows, final = explain_sku(ident.ledger_path, ident.store_id, ident.node_id, ident.role,
+                              sku)
+    if not any(r["kind"] != "checkpoint" for r in rows):
+        raise UserError(f"no change of SKU {sku!r} in this ledger")
+    shown = rows[-limit:]
+    if as_json:
+        for entry in shown:
+            click.echo(orjson.dumps(entry).decode())
+        click.echo(orjson.dumps({"sku": sku, **final}).decode())
+        return
+    table = Table(title=f"{sku}: {len(rows)} changes"
+                  + (f" (newest {len(shown)})" if len(shown) < len(rows) else ""))
+    for col in ("time (UTC)", "origin", "seq", "kind", "on hand", "reserved", "after",
+                "txn", "device", "staff", "reason"):
+        table.add_column(col)
+    for e in shown:
+        after = f"{e['on_hand']} on hand, {e['available']} available"
+        if e.get("oversold"):
+            after += f" (oversold {e['oversold']})"
+        table.add_row(e["time"], e["origin"], str(e["seq"]), str(e["kind"]),
+                      f"{e['on_hand_change']:+d}", f"{e['reserved_change']:+d}", after,
+                      str(e["txn"]), str(e["device"] or ""), str(e["staff"] or ""),
+                      str(e["reason"] or ""))
+    console.print(table)
+    console.print(f"{sku}: {final['on_hand']} on hand, {final['reserved']} reserved, "
+                  f"{final['available']} available, {final['oversold']} oversold")
+
+
 def _utc(ms: int, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
     return time.strftime(fmt, time.gmtime(ms / 1000))
 

@@ -63,6 +63,18 @@ LEDGER_MAX_QUEUE: Final = 16_384
 #: Take a snapshot after this many envelopes since the last one, so a restart replays
 #: a bounded tail.
 SNAPSHOT_EVERY: Final = 50_000
+#: How long a node remembers the txn id (idempotency key) of its own commands: a
+#: replay inside the window answers ``duplicate`` with the original result; past it the
+#: key is retired (memory is bounded by the store's recent window, not its history) and
+#: the same txn id is a new command. Longer than the frontier horizon plus a margin: a
+#: till retries its queued commands when it is back, and any outage the horizon allows
+#: (FRONTIER_HORIZON_MS) must still find its keys remembered.
+IDEMPOTENCY_WINDOW_MS: Final = 14 * 86_400_000
+#: A node not heard from for this long (no summary from it, directly or relayed) stops
+#: holding the store's stable frontier back (docs/architecture.md, "Bounded history").
+#: A week: a till unplugged over a long weekend still holds it; a till in a drawer does
+#: not hold every other node's memory for ever.
+FRONTIER_HORIZON_MS: Final = 7 * 86_400_000
 #: Envelopes read per page when streaming the ledger (rebuild, verify, catch-up).
 LEDGER_PAGE: Final = 2_000
 
@@ -157,6 +169,9 @@ HTTP_FAULT_LOG_INTERVAL_S: Final = 60.0
 SUBSCRIBER_QUEUE: Final = 1_000
 #: How often the node checks whether a snapshot is due.
 SNAPSHOT_CHECK_S: Final = 5.0
+#: After a failed write, a rebuild that fails too (storage unreachable: a database
+#: restarting) is tried again this often; local commands are refused meanwhile.
+RECOVER_RETRY_MS: Final = 1000
 #: How often a node sweeps for expired reservations, and how long past its expiry an
 #: edge/cloud node waits before releasing another node's reservation (its creator
 #: normally does it, and may just be offline for a moment).

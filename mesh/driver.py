@@ -148,6 +148,8 @@ class Driver:
         self._timer_deadline = 0  # the wall-clock time the armed timer serves
         self._snapshot_timer: Cancel | None = None
         self._renew_timer: Cancel | None = None
+        self._recover_timer: Cancel | None = None
+        self._recovering = False  # a rebuild failed: retried on _recover_timer
 
     @property
     def storage(self) -> Storage:
@@ -168,10 +170,10 @@ class Driver:
         """Stop reacting: later callbacks (durable writes, reads, timers) are ignored."""
         self.closed = True
         self._inbox = []
-        for t in (self._timer, self._snapshot_timer, self._renew_timer):
+        for t in (self._timer, self._snapshot_timer, self._renew_timer, self._recover_timer):
             if t is not None:
                 t.cancel()
-        self._timer = self._snapshot_timer = self._renew_timer = None
+        self._timer = self._snapshot_timer = self._renew_timer = self._recover_timer = None
 
     def _when(self, fut: Future[Any], fn: Callable[[Future[Any]], None]) -> None:
         """Call ``fn(fut)`` on the driver's thread once ``fut`` is done (storage futures
@@ -198,8 +200,11 @@ class Driver:
         """Run a local command now; ``done`` once it is durable (invariant 1). Raises
         ``CommandError`` for a refused command, ``NodeCertificateExpired`` once our own
         certificate has expired (nothing is written then)."""
-        if self.storage.failed is not None:
+        if self.storage.failed is not None or self._recovering:
             self.recover()
+        if self._recovering:
+            raise LedgerError("this node cannot read its storage (being recovered): "
+                              "nothing was recorded; retry with the same txn_id")
         own = self.identity.trust.certificate(self.identity.node_id)
         if own is not None and self.clock.realtime_ms() > own.not_after:
             raise NodeCertificateExpired(
@@ -237,14 +242,34 @@ class Driver:
         done(result, None)
 
     def recover(self) -> None:
-        """After a failed write: rebuild the replica from storage (invariant 4)."""
-        if self.storage.failed is None or self.faults.no_recover:
+        """After a failed write: rebuild the replica from storage (invariant 4). If the
+        storage cannot be read either (a database restarting), the replica is left as
+        it was, local commands are refused (``LedgerError``), and recovery is tried
+        again every ``config.RECOVER_RETRY_MS``."""
+        if self.faults.no_recover or (self.storage.failed is None
+                                      and self._recover_timer is None
+                                      and not self._recovering):
             return  # already recovered (several failed futures report one failure)
-        self.durable.recover()
+        try:
+            self.durable.recover()
+        except LedgerError as exc:
+            self._recovering = True
+            log.warning("storage still failing (%s): the replica is rebuilt once it "
+                        "answers; local commands are refused meanwhile", exc)
+            if self._recover_timer is None:
+                self._recover_timer = self.clock.call_at(
+                    self.clock.monotonic_ms() + config.RECOVER_RETRY_MS, self._recover_tick)
+            return
+        self._recovering = False
         self.core.replica = self.durable.replica
         self.core.stored = self.durable.replica.vv.copy()
         for listener in self.recovered_listeners:
             listener()
+
+    def _recover_tick(self) -> None:
+        self._recover_timer = None
+        if not self.closed and self._recovering:
+            self.recover()
 
     # --- sessions and messages --------------------------------------------------------------
 

@@ -30,7 +30,7 @@ Invariants:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from mesh import config
 from mesh.envelope import Envelope, decode
 from mesh.ports import Identity, Storage
-from mesh.replica import CommandResult, Replica
+from mesh.replica import SNAPSHOT_MAGIC, CommandResult, Replica
 
 if TYPE_CHECKING:
     from mesh.datadir import NodeIdentity
@@ -73,10 +73,11 @@ def rebuild(replica: Replica, ledger: Storage,
     stats = RebuildStats()
     snap = ledger.latest_snapshot()
     after = 0
-    if snap is not None:
+    if snap is not None and snap[1].startswith(SNAPSHOT_MAGIC):
         after, blob = snap
         replica.restore(blob)
         stats.snapshot_upto = after
+    # else: a snapshot of an older format (JSON, before issue 12): replay the ledger
     for _, raw in ledger.scan(after):
         replica.apply(decode(raw), None, check_skew=False)
         stats.replayed += 1
@@ -91,8 +92,10 @@ class DurableReplica(Generic[S]):
 
     def __init__(self, identity: Identity, ledger: S,
                  snapshot_every: int = config.SNAPSHOT_EVERY,
-                 perf_counter: Callable[[], float] | None = None) -> None:
+                 perf_counter: Callable[[], float] | None = None, *,
+                 checkpointer: str | None = None) -> None:
         self.identity = identity
+        self.checkpointer = checkpointer
         self.ledger = ledger
         self.snapshot_every = snapshot_every
         self._perf = perf_counter
@@ -110,10 +113,11 @@ class DurableReplica(Generic[S]):
     @staticmethod
     def open(data_dir: Path, snapshot_every: int = config.SNAPSHOT_EVERY,
              max_bytes: int | None = None,
-             storage: Callable[[NodeIdentity], Ledger] | None = None,
-             ) -> DurableReplica[Ledger]:
+             storage: Callable[[NodeIdentity], Ledger] | None = None, *,
+             checkpointer: str | None = None) -> DurableReplica[Ledger]:
         """Load the node in ``data_dir`` and rebuild its state from the SQLite ledger
-        (or from ``storage(identity)``: the cloud's PostgreSQL ledger, ``mesh.pgstore``)."""
+        (or from ``storage(identity)``: the cloud's PostgreSQL ledger, ``mesh.pgstore``).
+        ``checkpointer``: the node that proposes the store's checkpoints (issue 12)."""
         # The real storage is imported by the real path only: the simulator imports
         # this module and must not pull in sqlite3 (tests/test_purity.py).
         import time
@@ -124,11 +128,35 @@ class DurableReplica(Generic[S]):
         identity = load_identity(data_dir)
         ledger = Ledger(identity.ledger_path, max_bytes=max_bytes) if storage is None \
             else storage(identity)
-        return DurableReplica(identity, ledger, snapshot_every, time.perf_counter)
+        return DurableReplica(identity, ledger, snapshot_every, time.perf_counter,
+                              checkpointer=checkpointer)
 
     def _fresh_replica(self) -> Replica:
         i = self.identity
-        return Replica(i.store_id, i.node_id, i.role, i.key)
+        r = Replica(i.store_id, i.node_id, i.role, i.key, checkpointer=self.checkpointer)
+        r.archive_hash = self._archive_hash  # hashes below a checkpoint: from the ledger
+        return r
+
+    def _archive_hash(self, origin: str, seq: int) -> bytes | None:
+        raws = self.ledger.read_origin(origin, seq, seq)
+        return decode(raws[0]).hash if raws else None
+
+    def maybe_checkpoint(self, now_ms: int, enrolled: Iterable[str]
+                         ) -> tuple[CommandResult, Future[int]] | None:
+        """As the store's checkpointer: propose a checkpoint at the stable frontier of
+        ``enrolled`` (``mesh.checkpoint``) if it moved; the envelope is durable (and
+        may be pushed) once the future resolves. None if not the checkpointer or
+        nothing moved."""
+        r = self.replica
+        if self.checkpointer != self.identity.node_id or r.checkpointer != r.node_id:
+            return None
+        r.frontier.observe(r.node_id, r.vv, now_ms)
+        vv, members = r.frontier.stable(enrolled, now_ms)
+        res = r.propose_checkpoint(vv, members, txn=f"ck-{now_ms}-{r.vv.get(r.node_id)}",
+                                   now_ms=now_ms)
+        if res is None:
+            return None
+        return self.execute(lambda _: res)
 
     # --- local commands ---------------------------------------------------------------
 
@@ -213,10 +241,14 @@ class DurableReplica(Generic[S]):
         """After a failed write: drop memory state and rebuild from what is on disk."""
         self.ledger.reset_failure()
         self._trust_saved = -1  # the failure may have been node.json's: write it again
+        fresh = self._fresh_replica()
+        # may raise (a database still away): then nothing here has changed but the
+        # storage's failure flag, and the caller tries again (``Driver.recover``)
+        stats = rebuild(fresh, self.ledger, self._perf)
         self._pending_local.clear()  # their commands are not on disk: a replay is new
-        self.replica = self._fresh_replica()
-        self.rebuild_stats = rebuild(self.replica, self.ledger, self._perf)
-        self._since_snapshot = self.rebuild_stats.replayed
+        self.replica = fresh
+        self.rebuild_stats = stats
+        self._since_snapshot = stats.replayed
 
     def close(self) -> None:
         self.ledger.close()

@@ -46,7 +46,7 @@ ROLES: Final = frozenset({"register", "edge", "cloud"})
 CATALOG_ROLES: Final = frozenset({"edge", "cloud"})
 EVENT_KINDS: Final = frozenset(
     {"receipt", "sale", "return", "adjust", "reserve", "release", "fulfil", "expire", "catalog",
-     "review", "telemetry"}
+     "review", "telemetry", "checkpoint"}
 )
 _META_FIELDS: Final = frozenset({"kind", "txn", "staff", "reason", "note", "sku", "qty",
                                  "evidence"})
@@ -141,9 +141,25 @@ def _validate_cat(op: dict[str, Any]) -> None:
         raise Malformed(f"cat op: update is not valid base64: {exc}") from None
 
 
+def _validate_ck(op: dict[str, Any]) -> None:
+    """A checkpoint (``mesh.checkpoint``): its cut (an HLC) and frontier (a version
+    vector)."""
+    if set(op) != {"t", "cut", "f"}:
+        raise Malformed("ck op needs t, cut and f")
+    if type(op["cut"]) is not int or not 0 < op["cut"] < 1 << 63:
+        raise Malformed("ck cut must be a positive HLC")
+    f = op["f"]
+    if not isinstance(f, dict) or len(f) > config.MAX_ORIGINS:
+        raise Malformed("ck f must be a version vector")
+    for origin, seq in f.items():
+        _ident(origin, "ck origin")
+        _count(seq, "ck seq")
+
+
 # --- sensors (issue 14): review items and telemetry summaries, in their own modules ---
 _VALIDATORS: Final = {"pn": _validate_pn, "rs": _validate_rs, "cat": _validate_cat,
-                      "rv": reviews.validate_rv, "tm": telemetry.validate_tm}
+                      "rv": reviews.validate_rv, "tm": telemetry.validate_tm,
+                      "ck": _validate_ck}
 
 
 def validate_ops(ops: object) -> list[dict[str, Any]]:
@@ -215,6 +231,9 @@ def check_rights(ops: list[dict[str, Any]], origin: str, role: str) -> None:
             why = reviews.check_rv_rights(op, origin)
             if why is not None:
                 raise Forbidden(why)
+        elif t == "ck":
+            if role not in CATALOG_ROLES:
+                raise Forbidden(f"a {role} node may not propose checkpoints")
         elif t == "tm":
             if role not in CATALOG_ROLES:
                 raise Forbidden(f"a {role} node may not send telemetry summaries")

@@ -825,6 +825,7 @@ class SyncCore:
             theirs = VersionVector.from_dict(msg["vv"])
         except ValueError as exc:
             raise Malformed(f"bad version vector: {exc}") from None
+        self.replica.frontier.observe(peer.id, theirs, now)  # the stable frontier (issue 12)
         links = msg.get("links", [])
         if not isinstance(links, list) or len(links) > config.MAX_PEERS or not all(
             map(isinstance, links, repeat(str))

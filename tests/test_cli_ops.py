@@ -242,3 +242,23 @@ def test_a_forged_revocations_file_is_refused_at_load(two_registers: NodeIdentit
         orjson.dumps({"crl": forged.to_dict(), "records": {}}))
     with pytest.raises(ValueError, match="not signed by the store key"):
         load_identity(two_registers.data_dir)
+
+
+# --- ledger explain (issue 12) --------------------------------------------------------------
+
+
+def test_ledger_explain_lists_the_changes_behind_a_sku(two_registers: NodeIdentity) -> None:
+    res = CliRunner().invoke(cli, ["ledger", "explain", str(two_registers.data_dir), "A",
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    lines = [orjson.loads(line) for line in res.output.splitlines()]
+    changes, final = lines[:-1], lines[-1]
+    assert [(c["kind"], c["on_hand_change"], c["on_hand"]) for c in changes] == [
+        ("receipt", 10, 10), ("sale", -1, 9), ("sale", -1, 8)]
+    assert [c["origin"] for c in changes] == ["edge", LONG + "1", LONG + "1"]
+    assert all(c["time"] and c["txn"] for c in changes)
+    assert final == {"sku": "A", "on_hand": 8, "reserved": 0, "available": 8, "oversold": 0}
+    table = CliRunner().invoke(cli, ["ledger", "explain", str(two_registers.data_dir), "A"])
+    assert table.exit_code == 0 and "8 on hand" in table.output, table.output
+    missing = CliRunner().invoke(cli, ["ledger", "explain", str(two_registers.data_dir), "Z"])
+    assert missing.exit_code != 0 and "no change" in missing.output

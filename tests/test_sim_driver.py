@@ -186,6 +186,39 @@ def test_sim_catches_a_driver_that_does_not_recover() -> None:
     assert not broken.ok
 
 
+def test_a_rebuild_that_cannot_read_its_storage_is_retried_and_refuses_writes_meanwhile(
+        ) -> None:
+    """A write fails, and so do the reads of the rebuild after it (a database that is
+    restarting): the driver leaves the replica as it was, refuses local commands with a
+    LedgerError (nothing acknowledged), retries every RECOVER_RETRY_MS, and once the
+    storage answers holds exactly what is on disk and takes commands again."""
+    from mesh import config
+    from mesh.errors import LedgerError
+
+    w = World(31)
+    n = w.add_node("a", "edge")
+    _stock(n)
+    w.run_until(w.now + 50)
+    acked: list[object] = []
+    n.disk.faults.io_error = 1
+    n.disk.faults.read_error = 3  # the rebuild after it, and two retries, fail
+    n.driver.execute(lambda r: r.sell("A", 1, txn="lost", now_ms=n.clock()),
+                     lambda res, exc: acked.append(exc))
+    w.run_until(w.now + 20)
+    assert acked and isinstance(acked[0], LedgerError)  # the failed write is not acked
+    with pytest.raises(LedgerError):
+        n.driver.execute(lambda r: r.sell("A", 1, txn="during", now_ms=n.clock()),
+                         lambda res, exc: None)
+    w.run_until(w.now + 4 * config.RECOVER_RETRY_MS)
+    assert n.disk.faults.read_error == 0 and not n.driver._recovering
+    assert n.replica.on_hand("A") == 1000  # what is on disk: the failed sale is not there
+    done: list[object] = []
+    n.driver.execute(lambda r: r.sell("A", 1, txn="after", now_ms=n.clock()),
+                     lambda res, exc: done.append(exc))
+    w.run_until(w.now + 20)
+    assert done == [None] and n.replica.on_hand("A") == 999
+
+
 # --- snapshots --------------------------------------------------------------------------------
 
 

@@ -171,6 +171,7 @@ class DiskFaults:
     spike_ms: float = 0.0
     full: bool = False  #: every commit fails with StorageFull
     io_error: int = 0  #: the next n commits fail with an I/O error
+    read_error: int = 0  #: the next n rebuild reads fail (storage away, e.g. a database)
 
 
 class SimDisk:
@@ -239,11 +240,18 @@ class SimDisk:
         rows = self.by_origin.get(origin, [])
         return rows[first - 1 : min(last, first - 1 + limit)]
 
+    def _read(self) -> None:
+        if self.faults.read_error > 0:
+            self.faults.read_error -= 1
+            raise LedgerError("simulated read error: the storage does not answer")
+
     def scan(self, after: int = 0) -> Iterator[tuple[int, bytes]]:
+        self._read()
         for i in range(after, self.durable):
             yield i + 1, self.rows[i].raw
 
     def latest_snapshot(self) -> tuple[int, bytes] | None:
+        self._read()
         return self.snapshots[-1] if self.snapshots else None
 
     def save_snapshot(self, upto: int, state: bytes) -> None:
