@@ -110,7 +110,7 @@ SYNC_TIMER_SLACK_MS: Final = 100
 SYNC_LINKS_MS: Final = 250
 #: A node whose sessions (other than a new one's) have not changed for this long is
 #: settled: when a session comes up with a peer that holds fewer sessions (the one
-#: rejoining), it leaves the announcement to that peer (mesh.sync invariant 8). A
+#: rejoining), it leaves the announcement to that peer (mesh.core.sync invariant 8). A
 #: rejoining till's sessions come back within a discovery delay of each other.
 SYNC_LINKS_SETTLED_MS: Final = 4 * SYNC_LINKS_MS
 #: Up to this many peers every peer gets the full summary rate; beyond it, peers that
@@ -162,7 +162,7 @@ DIAL_BACKOFF_MAX_S: Final = 10.0
 #: Largest HTTP request body the API accepts.
 MAX_HTTP_BODY: Final = 64 * 1024
 #: Seconds between two log lines about HTTP requests that failed by the client's doing
-#: (malformed, abandoned mid-body; ``mesh.httpfaults``): anyone who can reach the port
+#: (malformed, abandoned mid-body; ``mesh.http.httpfaults``): anyone who can reach the port
 #: can cause them, so each is counted but at most one line a minute reaches the log.
 HTTP_FAULT_LOG_INTERVAL_S: Final = 60.0
 #: Stock-change events buffered per live-stream subscriber before it is dropped.
@@ -192,7 +192,7 @@ MAX_WAN_ORIGINS: Final = MAX_ORIGINS
 #: certificate arrives; a handful covers the registers that join at one time.
 MAX_WAN_STRAY_ORIGINS: Final = 64
 
-# --- API credentials and staff (mesh.auth) ------------------------------------------
+# --- API credentials and staff (mesh.core.auth) ------------------------------------------
 #: Longest a device credential may be issued for: a year, like a node certificate; a
 #: stolen register's credential is cut off by revocation, not by waiting.
 MAX_DEVICE_TTL_MS: Final = 366 * 24 * 3600 * 1000
@@ -232,7 +232,7 @@ PIN_SCRYPT_N: Final = 1 << 14
 PIN_MAX_FAILURES: Final = 10
 #: The same bound for the whole store: failures are counted on each node (a till checks
 #: PINs with every link down), so a node allows PIN_STORE_MAX_FAILURES // nodes of them,
-#: at most PIN_MAX_FAILURES and at least PIN_FREE_FAILURES (``mesh.auth.pin_limit``): a
+#: at most PIN_MAX_FAILURES and at least PIN_FREE_FAILURES (``mesh.core.auth.pin_limit``): a
 #: guesser walking from till to till gets at most 100 tries in a store of up to 33 nodes.
 PIN_STORE_MAX_FAILURES: Final = 100
 #: Free wrong PINs before delays start, then the delay doubles from PIN_DELAY_MS up to
@@ -253,7 +253,7 @@ AUTH_REFILL_PER_S: Final = 5.0
 #: a LAN has a few hundred hosts; 4096 entries cost ~400 KB.
 AUTH_SOURCES_MAX: Final = 4096
 
-# --- HQ login at the cloud (mesh.hq) ----------------------------------------------------
+# --- HQ login at the cloud (mesh.cloud.hq) ----------------------------------------------------
 #: Shortest HQ password: HQ accounts see every store, and unlike a PIN a password can be
 #: guessed offline from a stolen hq_users.json (scrypt slows that, length stops it).
 HQ_PASSWORD_MIN: Final = 12
@@ -273,8 +273,8 @@ HQ_SESSION_RECHECK_S: Final = 1.0
 #: not one per dashboard poll); the idle timeout is kept to within it.
 HQ_SESSION_TOUCH_S: Final = 60.0
 
-# --- sensors, reconciliation, telemetry (issue 14: mesh.sensors, mesh.reconcile,
-# mesh.reviews, mesh.telemetry, mesh.sensor_routes) ------------------------------------
+# --- sensors, reconciliation, telemetry (issue 14: mesh.core.sensors, mesh.core.reconcile,
+# mesh.core.reviews, mesh.core.telemetry, mesh.http.sensor_routes) ---------------------------------
 #: Most readings in one POST /v1/sensors/readings. A store's scales and readers report
 #: every few seconds; a gateway batching a second of 200 sensors stays under it, and
 #: 256 readings of ~150 B fit the API's 64 KiB body bound.
@@ -300,7 +300,7 @@ SENSOR_MAX_VALUE: Final = 1_000_000.0
 #: Reading ids (evidence) recorded in one adjustment or review item.
 REVIEW_MAX_EVIDENCE: Final = 32
 #: How long a resolved review item is kept (ms, after its first resolution) before every
-#: replica retires it (mesh.reviews invariant 6). A month covers the audit questions
+#: replica retires it (mesh.core.reviews invariant 6). A month covers the audit questions
 #: staff ask of the review screen; the ledger keeps the envelopes for longer questions.
 REVIEW_RETAIN_MS: Final = 30 * 86_400_000
 #: Seconds between two reconciliation runs at an edge (also POST /v1/sensors/reconcile).

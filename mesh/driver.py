@@ -1,6 +1,6 @@
 """The one effect interpreter around the sync core, written against the ports only.
 
-The real node (``mesh.node``, over asyncio/aiohttp/SQLite) and the simulator
+The real node (``mesh.node.node``, over asyncio/aiohttp/SQLite) and the simulator
 (``mesh.sim``, over simulated ports) both run this class: every behaviour that decides
 what a node does with the core's effects lives here, once (aioquic's
 ``asyncio/protocol.py`` pattern: carry out the effects, then re-arm one timer).
@@ -32,7 +32,7 @@ Invariants:
  7. ``applied`` listeners see a local change once it is durable here (when acknowledged),
     a peer's change once it is applied here (durable at its origin already).
  8. Certificates are renewed by the store key's holder (``Identity.issuer``: the edge)
-    before they expire (``mesh.identity.renewal_due``): its own, and every peer's with a
+    before they expire (``mesh.core.identity.renewal_due``): its own, and every peer's with a
     live session, at every new session and every ``renew_interval_ms``. A renewed
     certificate goes to its node at once with its TLS certificate (``SyncCore.renewed``)
     and to every other peer before our next envelopes; the node saves the TLS
@@ -59,13 +59,10 @@ from functools import partial
 from typing import Any
 
 from mesh import config
-from mesh.durable import DurableReplica
-from mesh.envelope import Envelope
-from mesh.errors import LedgerError, NodeCertificateExpired
-from mesh.identity import renewal_due
-from mesh.ports import Cancel, Clock, Identity, Storage, Transport, Worker
-from mesh.replica import CommandResult, Replica
-from mesh.sync import (
+from mesh.core.envelope import Envelope
+from mesh.core.identity import renewal_due
+from mesh.core.replica import CommandResult, Replica
+from mesh.core.sync import (
     Alert,
     Effect,
     EndSession,
@@ -76,6 +73,9 @@ from mesh.sync import (
     SyncCore,
     TrustChanged,
 )
+from mesh.durable import DurableReplica
+from mesh.errors import LedgerError, NodeCertificateExpired
+from mesh.ports import Cancel, Clock, Identity, Storage, Transport, Worker
 
 __all__ = ["Done", "Driver", "Faults", "keep_new_session"]
 

@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from mesh import config
-from mesh.envelope import Envelope, decode
+from mesh.core.envelope import Envelope, decode
+from mesh.core.replica import SNAPSHOT_MAGIC, CommandResult, Replica
 from mesh.ports import Identity, Storage
-from mesh.replica import SNAPSHOT_MAGIC, CommandResult, Replica
 
 if TYPE_CHECKING:
-    from mesh.datadir import NodeIdentity
-    from mesh.ledger import Ledger
+    from mesh.store.datadir import NodeIdentity
+    from mesh.store.ledger import Ledger
 
 S = TypeVar("S", bound=Storage)
 
@@ -116,14 +116,14 @@ class DurableReplica(Generic[S]):
              storage: Callable[[NodeIdentity], Ledger] | None = None, *,
              checkpointer: str | None = None) -> DurableReplica[Ledger]:
         """Load the node in ``data_dir`` and rebuild its state from the SQLite ledger
-        (or from ``storage(identity)``: the cloud's PostgreSQL ledger, ``mesh.pgstore``).
+        (or from ``storage(identity)``: the cloud's PostgreSQL ledger, ``mesh.store.pgstore``).
         ``checkpointer``: the node that proposes the store's checkpoints (issue 12)."""
         # The real storage is imported by the real path only: the simulator imports
-        # this module and must not pull in sqlite3 (tests/test_purity.py).
+        # this module and must not pull in sqlite3 (tests/unit/test_purity.py).
         import time
 
-        from mesh.datadir import load_identity
-        from mesh.ledger import Ledger
+        from mesh.store.datadir import load_identity
+        from mesh.store.ledger import Ledger
 
         identity = load_identity(data_dir)
         ledger = Ledger(identity.ledger_path, max_bytes=max_bytes) if storage is None \
@@ -144,7 +144,7 @@ class DurableReplica(Generic[S]):
     def maybe_checkpoint(self, now_ms: int, enrolled: Iterable[str]
                          ) -> tuple[CommandResult, Future[int]] | None:
         """As the store's checkpointer: propose a checkpoint at the stable frontier of
-        ``enrolled`` (``mesh.checkpoint``) if it moved; the envelope is durable (and
+        ``enrolled`` (``mesh.core.checkpoint``) if it moved; the envelope is durable (and
         may be pushed) once the future resolves. None if not the checkpointer or
         nothing moved."""
         r = self.replica

@@ -146,7 +146,7 @@ class CommandError(Exception):
 
 class NodeCertificateExpired(CommandError):
     """This node's own certificate has expired: no peer would accept what it signs
-    (``mesh.envelope`` invariant 7), so a local command is refused before anything is
+    (``mesh.core.envelope`` invariant 7), so a local command is refused before anything is
     written (the POS API answers 503). Renewal by the edge prevents it; past it, join
     again."""
 

@@ -2,7 +2,7 @@
 
 ``mesh.driver.Driver`` (the one effect interpreter) is written against these and
 nothing else; the real node plugs in asyncio/aiohttp/SQLite implementations
-(``mesh.node``), the simulator plugs in simulated ones (``mesh.sim.ports``). Both
+(``mesh.node.node``), the simulator plugs in simulated ones (``mesh.sim.ports``). Both
 implementations of a port pass the same contract suite (``mesh.testing.contracts``).
 
 The driver's upcalls (what a port tells the driver) are plain methods of the driver:
@@ -35,8 +35,8 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
-    from mesh.envelope import Envelope
-    from mesh.identity import Certificate, NodeKey, TrustStore
+    from mesh.core.envelope import Envelope
+    from mesh.core.identity import Certificate, NodeKey, TrustStore
 
 __all__ = ["Cancel", "Clock", "Discovery", "Identity", "Issuer", "Storage", "Transport",
            "Worker"]
@@ -70,7 +70,7 @@ class Transport(Protocol):
 
 
 class Storage(Protocol):
-    """The ledger as the durability layer and the driver need it (``mesh.ledger.Ledger``
+    """The ledger as the durability layer and the driver need it (``mesh.store.ledger.Ledger``
     for real, ``mesh.sim.ports.SimDisk`` in the simulator)."""
 
     @property
@@ -141,7 +141,7 @@ class Identity(Protocol):
 
 
 class Issuer(Protocol):
-    """Certificate renewal by the store key's holder (``mesh.identity.renewal_due``)."""
+    """Certificate renewal by the store key's holder (``mesh.core.identity.renewal_due``)."""
 
     @property
     def validity_ms(self) -> int:

@@ -1,5 +1,5 @@
 """What authentication adds to a sale: the device-credential and staff-session check
-(mesh.gate) against the same node with the check taken out, in one run.
+(mesh.http.gate) against the same node with the check taken out, in one run.
 
 Three modes, each a real ``storemesh`` node process on 127.0.0.1 (plain HTTP, so the
 figure is the check's alone; TLS's own cost is ``scripts/bench_tls.py``'s):
@@ -47,15 +47,16 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchkit import common_args, print_summary, run_dir
 
-from mesh import authdir, config
-from mesh.auth import (
+from mesh import config
+from mesh.core.auth import (
     DeviceVerifier,
     SessionKeys,
     make_pin_verifier,
     pin_matches,
     revoked_name,
 )
-from mesh.datadir import init_store, load_identity
+from mesh.store import authdir
+from mesh.store.datadir import init_store, load_identity
 
 console = Console()
 REPO = Path(__file__).resolve().parent.parent
@@ -104,10 +105,10 @@ def serve(mode: str, data_dir: Path, port: int, token: str) -> None:
     """``--serve``: run the node; ``baseline`` takes the gate's check out (this process)."""
     from aiohttp import web
 
-    import mesh.api
-    from mesh import gate
-    from mesh.auth import parse_device
-    from mesh.node import Node
+    import mesh.http.api
+    from mesh.core.auth import parse_device
+    from mesh.http import gate
+    from mesh.node.node import Node
 
     if mode == "baseline":
         real_setup = gate.setup_gate
@@ -125,7 +126,7 @@ def serve(mode: str, data_dir: Path, port: int, token: str) -> None:
                 return await handler(request)  # type: ignore[no-any-return]
             app.middlewares.append(trusted)
             return g
-        mesh.api.setup_gate = setup_without_check  # type: ignore[attr-defined]
+        mesh.http.api.setup_gate = setup_without_check  # type: ignore[attr-defined]
 
     async def run() -> None:
         node = Node(data_dir, http_host="127.0.0.1", http_port=port, discovery=False,
@@ -275,8 +276,8 @@ async def gate_check(data_dir: Path, svc: str, till: str) -> dict[str, float]:
     the end-to-end figures cannot resolve from their noise."""
     from aiohttp.test_utils import make_mocked_request
 
-    from mesh.gate import GATE
-    from mesh.node import Node
+    from mesh.http.gate import GATE
+    from mesh.node.node import Node
 
     shutil.copytree(data_dir.parent / "edge", data_dir, ignore=shutil.ignore_patterns("*.lock"))
     node = Node(data_dir, http_host="127.0.0.1", discovery=False, insecure_plaintext=True)

@@ -56,18 +56,18 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh import config
-from mesh.datadir import NodeIdentity, init_store
-from mesh.durable import DurableReplica
-from mesh.envelope import DOMAIN, Envelope, body_bytes, decode, verify, verify_chain
-from mesh.identity import (
+from mesh.core.envelope import DOMAIN, Envelope, body_bytes, decode, verify, verify_chain
+from mesh.core.identity import (
     NodeKey,
     TrustStore,
     Verifier,
     issue_certificate,
     verify_signature,
 )
-from mesh.ledger import Ledger
-from mesh.replica import CommandResult, Replica
+from mesh.core.replica import CommandResult, Replica
+from mesh.durable import DurableReplica
+from mesh.store.datadir import NodeIdentity, init_store
+from mesh.store.ledger import Ledger
 
 STORE = "bench"
 #: Synthetic epoch (ms) for pre-generated envelopes; certificates never expire in the bench.

@@ -52,7 +52,7 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from mesh.hqtls import ensure_hq_tls, hq_hosts
+from mesh.net.hqtls import ensure_hq_tls, hq_hosts
 from mesh.testing.fleet import Fleet, provision
 from tests.pgkit import PgCluster
 

@@ -43,12 +43,12 @@ from benchkit import common_args, run_dir  # scripts/ is on sys.path when run as
 from rich.console import Console
 from rich.table import Table
 
-from mesh.datadir import enrol_node, init_store, load_identity
+from mesh.core.envelope import decode
+from mesh.core.identity import NodeKey, issue_certificate
+from mesh.core.replica import CommandResult, Replica
 from mesh.durable import DurableReplica
-from mesh.envelope import decode
 from mesh.errors import CommandError
-from mesh.identity import NodeKey, issue_certificate
-from mesh.replica import CommandResult, Replica
+from mesh.store.datadir import enrol_node, init_store, load_identity
 
 STORE = "bench-retention"
 T0 = 1_700_000_000_000

@@ -6,7 +6,7 @@ sync-queue depth), one cooler failing mid-run. Two ways to ship it to the cloud:
 
 * raw: every reading, batched once a second into one signed envelope (what a naive
   edge would forward), and
-* filtered: ``mesh.telemetry`` windows and alerts, flushed every
+* filtered: ``mesh.core.telemetry`` windows and alerts, flushed every
   ``TELEMETRY_FLUSH_S`` into signed ``telemetry`` envelopes (what the edge sends).
 
 Bytes are the envelopes' wire form, and the same after zlib (the WAN session deflates
@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import orjson
 
 from mesh import config
-from mesh.envelope import seal
-from mesh.identity import NodeKey
-from mesh.telemetry import Telemetry, ops_for
+from mesh.core.envelope import seal
+from mesh.core.identity import NodeKey
+from mesh.core.telemetry import Telemetry, ops_for
 
 DAY_S = 86_400
 T0 = 1_790_000_000_000

@@ -65,9 +65,9 @@ from benchkit import common_args, print_summary, run_dir  # scripts/ is on sys.p
 from rich.console import Console
 from rich.table import Table
 
-from mesh import authdir
-from mesh.datadir import enrol_node, init_store
-from mesh.tls import api_client_context
+from mesh.net.tls import api_client_context
+from mesh.store import authdir
+from mesh.store.datadir import enrol_node, init_store
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")

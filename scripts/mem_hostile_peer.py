@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mesh.sync import encode_batch
-from mesh.transport import WanCodec
+from mesh.core.sync import encode_batch
+from mesh.net.transport import WanCodec
 from tests.conftest import NOW, StoreKit
-from tests.test_hostile_peer import _edge, _frame, _heavy_chain
+from tests.process.test_hostile_peer import _edge, _frame, _heavy_chain
 
 
 def traced(fn: Callable[[], None]) -> int:

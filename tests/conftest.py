@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from mesh.envelope import Envelope, verify
-from mesh.identity import NodeKey, TrustStore, issue_certificate
-from mesh.replica import Replica
+from mesh.core.envelope import Envelope, verify
+from mesh.core.identity import NodeKey, TrustStore, issue_certificate
+from mesh.core.replica import Replica
 
 if TYPE_CHECKING:
     from mesh.durable import DurableReplica

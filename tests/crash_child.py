@@ -1,4 +1,4 @@
-"""Child process of the crash test (tests/test_crash.py): sells as fast as it can.
+"""Child process of the crash test (tests/process/test_crash.py): sells as fast as it can.
 
 Usage::
 

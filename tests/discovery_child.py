@@ -1,4 +1,4 @@
-"""Child process of the cross-process discovery test (tests/test_discovery.py).
+"""Child process of the cross-process discovery test (tests/node/test_discovery.py).
 
 Usage::
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from mesh.discovery import Discovery, PeerInfo
+from mesh.net.discovery import Discovery, PeerInfo
 
 
 def emit(*words: object) -> None:

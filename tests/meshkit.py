@@ -1,4 +1,4 @@
-"""Helpers for tests that run store nodes as real processes (tests/test_mesh_processes.py).
+"""Helpers for tests that run store nodes as real processes (tests/process/test_mesh_processes.py).
 
 * ``Cluster``: the project's one process harness (``mesh.testing.cluster``, which the
   demo and the benchmarks use too) plus ``launch``, the ``storemesh node`` command line:
@@ -11,7 +11,7 @@
   goes to ``<tmp_path>/<name>.log``.
 * Stores on disk: ``new_store`` (store key + edge node), ``enrol_direct`` (the local
   path: a certificate from the store key), ``join_token`` (a one-time token).
-* TLS: nodes run real TLS (``mesh.tls``), as in production. ``new_store`` adds the
+* TLS: nodes run real TLS (``mesh.net.tls``), as in production. ``new_store`` adds the
   store's CA to ``TEST_SSL``, the context every ``client()`` uses, so tests pin the
   CAs of the stores they made and nothing else. ``launch(plaintext=True)`` starts a
   node with ``--insecure-plaintext`` (loopback development mode).
@@ -49,14 +49,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
-from mesh import authdir
-from mesh.authdir import issue_device_credential
-from mesh.datadir import NodeIdentity, enrol_node, init_store
-from mesh.enrol import create_token
-from mesh.identity import TrustStore
+from mesh.core.identity import TrustStore
+from mesh.net.enrol import create_token
+from mesh.net.tls import api_client_context
+from mesh.store import authdir
+from mesh.store.authdir import issue_device_credential
+from mesh.store.datadir import NodeIdentity, enrol_node, init_store
 from mesh.testing.cluster import Cluster as ProcessCluster
 from mesh.testing.cluster import NodeProcess
-from mesh.tls import api_client_context
 
 LOOPBACK = "127.0.0.1"
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10)
@@ -120,7 +120,7 @@ def new_store(base: Path, store_id: str, edge_id: str) -> NodeIdentity:
     return edge
 
 
-# --- API credentials (mesh.auth) ---------------------------------------------------------
+# --- API credentials (mesh.core.auth) ---------------------------------------------------------
 
 #: The credential ``client()`` sessions send when a request names none, unless the
 #: request goes to a node of a store in ``_STORE_TOKENS`` (set by ``new_store``; reset
@@ -169,7 +169,7 @@ def _edge_dir(edge: NodeIdentity | Path) -> Path:
 def issue_token(edge: NodeIdentity | Path, device_id: str = "test-svc", role: str = "service",
                 **kwargs: Any) -> str:
     """A device credential issued by the store's edge in ``edge`` as ``storemesh device
-    issue`` does it (``mesh.authdir``: recorded in auth.json, revocable)."""
+    issue`` does it (``mesh.store.authdir``: recorded in auth.json, revocable)."""
     return issue_device_credential(_edge_dir(edge), device_id=device_id, role=role,
                                    now_ms=now_ms(), ttl_ms=24 * 3600_000, **kwargs)
 
@@ -229,7 +229,7 @@ HQ_PASSWORD = "correct horse battery"
 def add_hq_user(cloud_root: Path, name: str = HQ_USER, password: str = HQ_PASSWORD,
                 role: str = "viewer") -> None:
     """An HQ account on the cloud in ``cloud_root``, as ``storemesh hq add`` makes it."""
-    from mesh.hq import add_user
+    from mesh.cloud.hq import add_user
 
     add_user(cloud_root, name, password, role=role, cost=PIN_COST)
 
@@ -262,7 +262,7 @@ async def running_node(data_dir: Path, *, plaintext: bool = True) -> AsyncIterat
     port, no discovery; closed when the block ends. ``plaintext`` (the default): plain
     HTTP, the loopback development mode, for tests of the API itself; ``False``: TLS as
     in production (pin with ``client()``)."""
-    from mesh.node import Node
+    from mesh.node.node import Node
 
     n = Node(data_dir, http_host="127.0.0.1", http_port=0, discovery=False,
              insecure_plaintext=plaintext)

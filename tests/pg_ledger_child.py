@@ -11,8 +11,8 @@ from pathlib import Path
 
 import orjson
 
-from mesh.envelope import decode
-from mesh.pgstore import PgLedger
+from mesh.core.envelope import decode
+from mesh.store.pgstore import PgLedger
 
 
 def main(argv: list[str]) -> None:

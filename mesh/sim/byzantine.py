@@ -25,12 +25,12 @@ import random
 
 import orjson
 
-from mesh.envelope import Envelope, decode, seal
-from mesh.identity import NodeKey, issue_certificate
+from mesh.core.envelope import Envelope, decode, seal
+from mesh.core.identity import NodeKey, issue_certificate
+from mesh.core.sync import encode_batch
 from mesh.sim.checker import Checker
 from mesh.sim.scenario import ByzantineSpec
 from mesh.sim.world import SimNode, World
-from mesh.sync import encode_batch
 
 __all__ = ["MALLORY", "Injector"]
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.envelope import Envelope
-from mesh.replica import CommandResult
+from mesh.core.envelope import Envelope
+from mesh.core.replica import CommandResult
 from mesh.sim.world import World
 
 __all__ = ["Checker", "Sample", "percentiles"]

@@ -1,6 +1,6 @@
 """``storemesh sim``: run partition scenarios on the real replica and sync core.
 
-Wired into the main command with ``main.add_command(sim)`` (``mesh.cli``).
+Wired into the main command with ``main.add_command(sim)`` (``mesh.app.cli``).
 Exit status: 0 when every safety check passed, 1 when one failed (with "reproduce
 with --seed N"), 2 for a scenario or argument the user can fix.
 """

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 
 from mesh import config
-from mesh.envelope import Envelope
+from mesh.core.envelope import Envelope
+from mesh.core.identity import Certificate, NodeKey, TrustStore, renew_certificate
 from mesh.errors import LedgerError, StorageFull
-from mesh.identity import Certificate, NodeKey, TrustStore, renew_certificate
 
 if TYPE_CHECKING:
     from mesh.sim.world import SimNode, World

@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import orjson
 
-from mesh.reconcile import Rules
+from mesh.core.reconcile import Rules
 from mesh.sim.sensorwork import SensorSpec
 from mesh.sim.world import DISTRIBUTIONS
 

@@ -1,6 +1,6 @@
 """Sensor streams as a workload: try reconciliation rules before rollout.
 
-A seeded, deterministic harness over the *pure* reconciliation (``mesh.reconcile``): it
+A seeded, deterministic harness over the *pure* reconciliation (``mesh.core.reconcile``): it
 does not run replicas or the network (``mesh.sim.world`` does that for replication);
 the ledger's expectation per SKU is an integer that sales, receipts and accepted
 adjustments move, and the simulated ground truth is another that shrink moves too.
@@ -17,7 +17,7 @@ adjustment to a value that was not the truth) per 1,000 automatic adjustments an
 
 Invariants:
  1. Same seed and rules, same report (one ``random.Random``; no clock).
- 2. The harness calls ``reconcile_sku`` exactly as the edge does (``mesh.sensor_routes``):
+ 2. The harness calls ``reconcile_sku`` exactly as the edge does (``mesh.http.sensor_routes``):
     the newest readings per sensor, a bounded history, ``now``.
 """
 
@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from mesh import config
-from mesh.reconcile import DEFAULT_RULES, Rules, reconcile_sku
-from mesh.sensors import Reading, SensorInfo
+from mesh.core.reconcile import DEFAULT_RULES, Rules, reconcile_sku
+from mesh.core.sensors import Reading, SensorInfo
 
 __all__ = ["Scenario", "run"]
 
@@ -178,7 +178,7 @@ def run(sc: Scenario) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="sensor-stream workload over mesh.reconcile")
+    ap = argparse.ArgumentParser(description="sensor-stream workload over mesh.core.reconcile")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--skus", type=int, default=200)
     ap.add_argument("--hours", type=float, default=24.0)

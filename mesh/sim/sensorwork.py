@@ -1,12 +1,12 @@
 """Sensor streams as a workload of the simulated world: try reconciliation rules on a
 whole store (registers selling, the LAN and WAN, faults) before rollout.
 
-Where ``mesh.sim.sensors`` drives the pure ``mesh.reconcile`` alone, this runs on
+Where ``mesh.sim.sensors`` drives the pure ``mesh.core.reconcile`` alone, this runs on
 ``mesh.sim.world``: the sensor registry is written at the edge as real signed catalog
 envelopes, reconciliation reads the edge replica's ``on_hand`` (which lags registers'
 sales as sync does), and every outcome is a real command on the edge's driver
 (``reviews.auto_adjust``, ``open_item``, ``resolve``) that replicates like any other.
-The decisions are the ones ``mesh.sensor_routes.SensorService`` takes: the same
+The decisions are the ones ``mesh.http.sensor_routes.SensorService`` takes: the same
 ``reconcile_sku``, the same stable txn ids, one open item per (SKU, why), a drift item
 per sensor per day, a count that agrees settling the SKU's count requests.
 
@@ -44,12 +44,13 @@ from typing import Any
 
 import orjson
 
-from mesh import config, reviews
-from mesh.envelope import Envelope
+from mesh import config
+from mesh.core import reviews
+from mesh.core.envelope import Envelope
+from mesh.core.reconcile import DEFAULT_RULES, Outcome, Rules, reconcile_sku
+from mesh.core.replica import CommandResult, Replica
+from mesh.core.sensors import Reading, SensorInfo, make_sensor_update, registry
 from mesh.errors import CommandError
-from mesh.reconcile import DEFAULT_RULES, Outcome, Rules, reconcile_sku
-from mesh.replica import CommandResult, Replica
-from mesh.sensors import Reading, SensorInfo, make_sensor_update, registry
 from mesh.sim.world import SimNode, World
 
 __all__ = ["SensorSpec", "SensorWorkload"]
@@ -396,7 +397,7 @@ class SensorWorkload:
 
 def _register_sensor(sid: str, entry: dict[str, Any], node: SimNode, r: Replica
                      ) -> CommandResult:
-    from mesh.crdt import HLC
+    from mesh.core.crdt import HLC
 
     now = node.clock()
     update = make_sensor_update(r.catalog, sid, entry, rev=HLC(r.hlc.last).now(now),

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+from mesh.core.replica import CommandResult, Replica
 from mesh.errors import CommandError
-from mesh.replica import CommandResult, Replica
 from mesh.sim.scenario import RaceSpec, Scenario, StreamSpec, resolve
 from mesh.sim.world import SimNode, World
 

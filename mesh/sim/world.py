@@ -30,7 +30,7 @@ Invariants:
     waits; HIGH leaves before LOW; more than ``SESSION_MAX_QUEUE`` queued drops the
     session (a slow peer), as the real ``Session`` does; queued envelope batches are
     merged (``wancodec.coalesce``) as its writer does.
- 7. A WAN link is the real cloud link's byte path (``mesh.wancodec``): a write waits
+ 7. A WAN link is the real cloud link's byte path (``mesh.core.wancodec``): a write waits
     ``WAN_LINGER_S`` to gather a batch, goes through the sender's ``WanCodec``, takes
     the link's bandwidth for its *wire* bytes, and is decoded by the receiver's codec
     on arrival, in stream order (a message that overtook an earlier one waits for it:
@@ -63,14 +63,14 @@ from functools import partial
 from typing import Any
 
 from mesh import config
+from mesh.core.envelope import Envelope, decode
+from mesh.core.identity import NodeKey, TrustStore, Verifier, issue_certificate, issue_revocations
+from mesh.core.replica import CommandResult, Replica
+from mesh.core.sync import HIGH, Alert, Effect, SyncCore
+from mesh.core.wancodec import WanCodec, coalesce, enrolled
 from mesh.driver import Driver
 from mesh.durable import DurableReplica
-from mesh.envelope import Envelope, decode
-from mesh.identity import NodeKey, TrustStore, Verifier, issue_certificate, issue_revocations
-from mesh.replica import CommandResult, Replica
 from mesh.sim.ports import SimClock, SimDisk, SimIdentity, SimTransport, SimWorker
-from mesh.sync import HIGH, Alert, Effect, SyncCore
-from mesh.wancodec import WanCodec, coalesce, enrolled
 
 __all__ = ["DISTRIBUTIONS", "LinkModel", "SimDisk", "SimNode", "World"]
 
@@ -261,7 +261,7 @@ class World:
         return node
 
     def enrol(self, node_id: str) -> bool:
-        """A node joins mid-run with a join token (``mesh.enrol``): the issuer (the
+        """A node joins mid-run with a join token (``mesh.net.enrol``): the issuer (the
         edge holding the store key) signs its certificate, keeps it and saves its trust
         store, as ``redeem`` does; the node gets that trust store (the join answer),
         saves it and starts; the certificate reaches everyone else by gossip. False

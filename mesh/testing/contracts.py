@@ -26,11 +26,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Protocol
 
+from mesh.core.envelope import Envelope, decode
+from mesh.core.replica import Replica
 from mesh.durable import DurableReplica
-from mesh.envelope import Envelope, decode
 from mesh.errors import LedgerError
 from mesh.ports import Identity, Storage
-from mesh.replica import Replica
 
 __all__ = ["StorageRig", "TransportRig", "check_storage", "check_transport", "sales"]
 

@@ -8,7 +8,7 @@ simulated: ``Fleet.sell`` runs the sale command on the edge and counts it as ack
 once its envelope is durable there (``Node.execute``).
 
 ``provision`` enrols the stores and the cloud locally (store key in hand:
-``mesh.datadir.enrol_node``), the way ``tests.meshkit`` and the benchmarks do.
+``mesh.store.datadir.enrol_node``), the way ``tests.meshkit`` and the benchmarks do.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from mesh.datadir import enrol_node, init_store
+from mesh.core.replica import CommandResult, Replica
 from mesh.errors import CommandError, LedgerError
-from mesh.node import Node
-from mesh.replica import CommandResult, Replica
+from mesh.node.node import Node
+from mesh.store.datadir import enrol_node, init_store
 
 __all__ = ["SKU", "Fleet", "provision"]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import orjson
 
-from mesh.envelope import decode
-from mesh.ledger import Ledger
+from mesh.core.envelope import decode
+from mesh.store.ledger import Ledger
 
 
 def main(argv: list[str]) -> None:

@@ -32,10 +32,10 @@ from bench.harness import (
     sku_name,
     stock_receipts,
 )
-from mesh.datadir import enrol_node, load_identity
+from mesh.core.envelope import decode
+from mesh.core.replica import Replica
 from mesh.durable import DurableReplica
-from mesh.envelope import decode
-from mesh.replica import Replica
+from mesh.store.datadir import enrol_node, load_identity
 
 
 def _gen_chain(data_dir: str, node_id: str, skus: int, n_sales: int, seed: int,

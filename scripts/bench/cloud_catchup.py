@@ -55,10 +55,10 @@ from bench.cloud_harness import (
     watch_inflight,
 )
 from mesh import config
+from mesh.core.envelope import Envelope
+from mesh.core.replica import Replica
 from mesh.durable import DurableReplica
-from mesh.envelope import Envelope
-from mesh.node import Node
-from mesh.replica import Replica
+from mesh.node.node import Node
 
 
 def generate_backlog(dirs: StoreDirs, n: int, seed: int, keep_bodies: int) -> dict[str, Any]:

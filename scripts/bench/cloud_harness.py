@@ -27,13 +27,14 @@ import orjson
 from aiohttp import web
 from rich.console import Console
 
-from mesh import config, transport
-from mesh.datadir import NodeIdentity, enrol_node, init_store
-from mesh.hqtls import CA_FILE as HQ_CA_FILE
-from mesh.node import Node
-from mesh.replica import CommandResult, Replica
-from mesh.tls import api_client_context
-from mesh.transport import tcp_bytes
+from mesh import config
+from mesh.core.replica import CommandResult, Replica
+from mesh.net import transport
+from mesh.net.hqtls import CA_FILE as HQ_CA_FILE
+from mesh.net.tls import api_client_context
+from mesh.net.transport import tcp_bytes
+from mesh.node.node import Node
+from mesh.store.datadir import NodeIdentity, enrol_node, init_store
 
 #: Bearer key of the naive cloud API: 40 characters, like any real API key.
 

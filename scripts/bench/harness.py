@@ -29,8 +29,8 @@ from rich.console import Console
 from rich.table import Table
 from yarl import URL
 
-from mesh import authdir
-from mesh.datadir import enrol_node, init_store
+from mesh.store import authdir
+from mesh.store.datadir import enrol_node, init_store
 from mesh.testing.cluster import NodeProcess, proc_cpu
 
 STORE = "bench-mesh"

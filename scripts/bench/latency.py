@@ -35,7 +35,7 @@ from bench.harness import (
     visibility_run,
     visibility_table,
 )
-from mesh.datadir import enrol_node
+from mesh.store.datadir import enrol_node
 
 
 async def section_latency(root: Path, sz: Sizes, prof: Profiler,

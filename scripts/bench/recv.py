@@ -32,9 +32,9 @@ from bench.harness import (
     pct,
     rate,
 )
-from mesh import transport
-from mesh.datadir import NodeIdentity, enrol_node, init_store, load_identity
-from mesh.sync import encode_batch
+from mesh.core.sync import encode_batch
+from mesh.net import transport
+from mesh.store.datadir import NodeIdentity, enrol_node, init_store, load_identity
 
 RECV_REGIMES = ((1, 400), (3, 1_200), (3, 6_000))
 

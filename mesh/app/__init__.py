@@ -1,0 +1,1 @@
+"""Entry points: the storemesh command line and the demo."""

@@ -1,0 +1,1 @@
+"""Sans-I/O core: CRDTs, operations, envelopes, identity, replica, sync state machine."""

@@ -1,0 +1,78 @@
+"""The store's stable frontier: what every live enrolled node is known to hold.
+
+The checkpointer (one node per store, ``Replica.checkpointer``) keeps a ``Frontier``
+fed with the version vectors peers send in their summaries (a summary proves its
+sender held that vector when it sent it; vectors only grow, so the newest is kept by
+pointwise max). ``stable`` is the pointwise minimum over the *members*: the enrolled,
+not revoked nodes heard from within the horizon. ``Replica.propose_checkpoint`` turns
+it into a ``ck`` envelope (docs/architecture.md, "Bounded history").
+
+Invariants:
+ 1. Pure: time comes in as ``now_ms``; no I/O.
+ 2. A member's entry never decreases; ``stable`` never exceeds what a member reported.
+ 3. A node not heard from for ``horizon_ms`` (counted from when it was first listed as
+    enrolled, if it was never heard) is not a member; a retired (revoked) node is not a
+    member from the moment it is retired, and stays out.
+ 4. Bounded: at most ``config.MAX_ORIGINS`` nodes are tracked; reports from nodes that
+    are not enrolled are ignored by ``stable`` (the caller passes the enrolled set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from mesh import config
+from mesh.core.crdt import VersionVector
+
+__all__ = ["Frontier"]
+
+
+class Frontier:
+    """Per node, the newest version vector it is known to hold, and when it was heard."""
+
+    def __init__(self, horizon_ms: int = config.FRONTIER_HORIZON_MS) -> None:
+        self.horizon_ms = horizon_ms
+        self._held: dict[str, VersionVector] = {}
+        self._heard: dict[str, int] = {}
+        self._listed: dict[str, int] = {}  # enrolled node -> when first listed
+        self._retired: set[str] = set()
+
+    def observe(self, node: str, vv: VersionVector | Mapping[str, int], now_ms: int) -> None:
+        """``node`` held ``vv`` at ``now_ms`` (its summary, or our own vector)."""
+        if node in self._retired:
+            return
+        held = self._held.get(node)
+        if held is None:
+            if len(self._held) >= config.MAX_ORIGINS:
+                return
+            held = self._held[node] = VersionVector()
+        held.merge(vv if isinstance(vv, VersionVector) else VersionVector(vv))
+        self._heard[node] = max(self._heard.get(node, now_ms), now_ms)
+
+    def retire(self, node: str) -> None:
+        """``node`` was revoked or retired: it stops holding the frontier back now."""
+        self._retired.add(node)
+        self._held.pop(node, None)
+        self._heard.pop(node, None)
+
+    def members(self, enrolled: Iterable[str], now_ms: int) -> list[str]:
+        """The enrolled nodes that hold the frontier back: not retired, and heard from
+        (or, never heard, listed) within the horizon."""
+        out = []
+        for node in enrolled:
+            if node in self._retired:
+                continue
+            first = self._listed.setdefault(node, now_ms)
+            if now_ms - self._heard.get(node, first) <= self.horizon_ms:
+                out.append(node)
+        return sorted(out)
+
+    def stable(self, enrolled: Iterable[str], now_ms: int) -> tuple[VersionVector, list[str]]:
+        """The pointwise minimum of the members' vectors, and the members. A member
+        never heard from holds nothing: the frontier is empty until it reports."""
+        members = self.members(enrolled, now_ms)
+        held = [self._held.get(m, VersionVector()) for m in members]
+        if not held:
+            return VersionVector(), members
+        origins = set().union(*(h.to_dict() for h in held))
+        return VersionVector({o: min(h.get(o) for h in held) for o in origins}), members

@@ -1,0 +1,206 @@
+"""The WAN session codec: pure bytes in, bytes out (no I/O), used by the real transport
+(``mesh.net.transport.Session``) and by the simulator's WAN links, both ways; with it the
+rest of what a session does to bytes, shared by both the same way: the merge of queued
+envelope batches (``coalesce``), the enrolment check of the receiving table
+(``enrolled``) and the linger before a WAN write (``config.WAN_LINGER_S``).
+
+Invariants:
+ 1. ``decode(encode(m)) == m`` for every message, in stream order, per direction.
+ 2. Anything a peer sends that cannot be decoded raises ``ValueError`` (or
+    ``zlib.error``); the caller closes the session, since the stream state is unknown.
+ 3. A decoded message never exceeds ``MAX_MESSAGE_BYTES`` (no inflation bomb).
+ 4. Per-origin tables hold at most ``MAX_WAN_ORIGINS`` origins each, and the receiving
+    table only origins ``known`` accepts (transport invariant 6); the last hash of at
+    most ``MAX_WAN_STRAY_ORIGINS`` origins it did not accept is kept aside, so their
+    next frame can be restored once their certificate has come.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from mesh import config
+
+if TYPE_CHECKING:
+    from mesh.core.identity import TrustStore
+
+__all__ = ["WanCodec", "coalesce", "enrolled", "frames"]
+
+_PREV = b'"prev":"'
+_ELIDED = b'"prev":"="'
+_SIG_TAIL = 130  # 128 hex chars + '"}' at the end of every raw envelope
+_F_PREV, _F_SIG = 1, 2
+
+
+class WanCodec:
+    """Per-session WAN encoding (both directions of one session).
+
+    ``E`` batches become ``P`` batches: a frame's ``prev`` hash is dropped when it is
+    the hash of the previous envelope of the same origin carried on this session
+    (the receiver recomputes it), and the signature travels as 64 raw bytes instead of
+    128 hex characters. Then every message is compressed with zlib level 9 in one
+    stream per direction (like permessage-deflate with context takeover, but at the
+    best level). Both need the ordered, reliable WebSocket stream; after any decode
+    error the session must be closed, since the stream state is then unknown.
+    """
+
+    def __init__(self, known: Callable[[str], bool] | None = None,
+                 on_refuse: Callable[[str], None] | None = None) -> None:
+        self._tx = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+        self._rx = zlib.decompressobj(-15)
+        self._tx_last: dict[bytes, bytes] = {}
+        self._rx_last: dict[bytes, bytes] = {}
+        #: The last hash of origins we did not keep (no certificate yet), a few of the
+        #: latest only: the sender keeps eliding their ``prev``, so once the
+        #: certificate arrives (the ``C`` just ahead, or a moment later) their next
+        #: frame can still be restored instead of closing the session.
+        self._rx_stray: OrderedDict[bytes, bytes] = OrderedDict()
+        #: Whether an origin holds a certificate here; only those enter ``_rx_last``
+        #: (invariant 6). None: any origin (tests of the codec alone).
+        self._known = known
+        self._on_refuse = on_refuse
+
+    def _refuse(self, reason: str) -> None:
+        if self._on_refuse is not None:
+            self._on_refuse(reason)
+
+    def _keeps(self, origin: bytes) -> bool:
+        """Whether a received frame's origin may enter (or stay in) ``_rx_last``."""
+        if origin in self._rx_last:
+            return True
+        if self._known is not None and not self._known(origin.decode("utf-8", "replace")):
+            self._refuse("wan_unenrolled_origin")
+            return False
+        if len(self._rx_last) >= config.MAX_WAN_ORIGINS:
+            self._refuse("wan_origin_table_full")
+            return False
+        return True
+
+    def encode(self, msg: bytes) -> bytes:
+        if msg[:1] == b"E":
+            msg = self._pack(msg)
+        return b"Z" + self._tx.compress(msg) + self._tx.flush(zlib.Z_SYNC_FLUSH)
+
+    def decode(self, data: bytes) -> bytes:
+        if data[:1] != b"Z":
+            raise ValueError("expected a compressed WAN message")
+        msg = self._rx.decompress(data[1:], config.MAX_MESSAGE_BYTES + 1)
+        if self._rx.unconsumed_tail or len(msg) > config.MAX_MESSAGE_BYTES:
+            raise ValueError("WAN message inflates beyond the message bound")
+        return self._unpack(msg) if msg[:1] == b"P" else msg
+
+    def _pack(self, data: bytes) -> bytes:
+        out = [b"P"]
+        pos, end = 1, len(data)
+        while pos + 4 <= end:
+            n = int.from_bytes(data[pos : pos + 4], "big")
+            raw = data[pos + 4 : pos + 4 + n]
+            pos += 4 + n
+            origin = _origin_of(raw)
+            flags, packed = 0, raw
+            at = packed.find(_PREV)
+            last = self._tx_last.get(origin)
+            if at >= 0 and last is not None and packed[at + 8 : at + 72] == last.hex().encode():
+                packed = packed[:at] + _ELIDED + packed[at + 73:]
+                flags |= _F_PREV
+            sighex = packed[-_SIG_TAIL:-2]
+            if packed.endswith(b'"}') and _is_lower_hex(sighex):
+                packed = packed[:-_SIG_TAIL] + bytes.fromhex(sighex.decode())
+                flags |= _F_SIG
+            if origin in self._tx_last or len(self._tx_last) < config.MAX_WAN_ORIGINS:
+                self._tx_last[origin] = hashlib.sha256(raw).digest()
+            out.append((len(packed) + 1).to_bytes(4, "big"))
+            out.append(bytes((flags,)))
+            out.append(packed)
+        return b"".join(out)
+
+    def _unpack(self, data: bytes) -> bytes:
+        out = [b"E"]
+        pos, end = 1, len(data)
+        while pos < end:
+            if pos + 5 > end:
+                raise ValueError("truncated frame header")
+            n = int.from_bytes(data[pos : pos + 4], "big")
+            if n > config.MAX_ENVELOPE_BYTES or pos + 4 + n > end or n < 1:
+                raise ValueError("bad frame length")
+            flags = data[pos + 4]
+            raw = data[pos + 5 : pos + 4 + n]
+            pos += 4 + n
+            if flags & _F_SIG:
+                if len(raw) < 64:
+                    raise ValueError("frame too short for its signature")
+                raw = raw[:-64] + raw[-64:].hex().encode() + b'"}'
+            origin = _origin_of(raw)
+            keep = self._keeps(origin)
+            if flags & _F_PREV:
+                last = self._rx_last.get(origin) or self._rx_stray.get(origin)
+                at = raw.find(_ELIDED)
+                if last is None or at < 0:
+                    if not keep:
+                        continue  # an origin we did not keep: its prev cannot be restored
+                    raise ValueError("elided prev with nothing to restore it from")
+                raw = raw[:at] + _PREV + last.hex().encode() + b'"' + raw[at + len(_ELIDED):]
+            digest = hashlib.sha256(raw).digest()
+            if keep:
+                self._rx_last[origin] = digest
+                self._rx_stray.pop(origin, None)
+            else:
+                stray = self._rx_stray
+                stray[origin] = digest
+                stray.move_to_end(origin)
+                if len(stray) > config.MAX_WAN_STRAY_ORIGINS:
+                    stray.popitem(last=False)
+            out.append(len(raw).to_bytes(4, "big"))
+            out.append(raw)
+        return b"".join(out)
+
+
+def _is_lower_hex(b: bytes) -> bool:
+    return len(b) == 128 and all(c in b"0123456789abcdef" for c in b)
+
+
+def _origin_of(raw: bytes) -> bytes:
+    at = raw.find(b'"origin":"')
+    return raw[at + 10 : raw.find(b'"', at + 10)] if at >= 0 else b""
+
+
+def enrolled(trust: Callable[[], TrustStore]) -> Callable[[str], bool]:
+    """Whether a node id holds a certificate of this store in the trust store
+    ``trust()`` returns (the WAN codec keeps per-origin state only for those)."""
+
+    def known(origin: str) -> bool:
+        return trust().certificate(origin) is not None
+
+    return known
+
+
+def frames(data: bytes) -> int:
+    """Number of envelopes in an ``E`` message (walks the length prefixes)."""
+    n, pos, end = 0, 1, len(data)
+    while pos + 4 <= end:
+        pos += 4 + int.from_bytes(data[pos : pos + 4], "big")
+        n += 1
+    return n
+
+
+def coalesce(queue: deque[bytes]) -> bytes:
+    """Pop the next message; merge the ``E`` messages right behind it into it (bounded
+    by ``MAX_BATCH_BYTES`` and ``MAX_BATCH_ENVELOPES``)."""
+    data = queue.popleft()
+    if data[:1] != b"E" or not queue or queue[0][:1] != b"E":
+        return data
+    parts, size, count = [data], len(data), frames(data)
+    while queue and queue[0][:1] == b"E":
+        nxt = queue[0]
+        n = frames(nxt)
+        if (size + len(nxt) > config.MAX_BATCH_BYTES
+                or count + n > config.MAX_BATCH_ENVELOPES):
+            break
+        parts.append(queue.popleft())
+        size += len(nxt) - 1
+        count += n
+    return b"E" + b"".join(p[1:] for p in parts)

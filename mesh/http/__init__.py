@@ -1,0 +1,1 @@
+"""HTTP: the POS API, its door (credentials, roles), catalog/sensor routes, metrics."""

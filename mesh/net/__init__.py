@@ -1,0 +1,1 @@
+"""Real network ports: WebSocket transport, zeroconf discovery, TLS, enrolment."""

@@ -1,0 +1,1 @@
+"""A node: the one driver assembled over the real ports under asyncio."""

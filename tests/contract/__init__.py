@@ -1,0 +1,1 @@
+"""Port contract suites, run against the real and the simulated implementation."""

@@ -1,0 +1,1 @@
+"""The simulator: scenarios, faults, checker, swarms."""
