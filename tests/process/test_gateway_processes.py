@@ -40,12 +40,9 @@ def _port() -> int:
 
 def _start_gateway(cluster: mk.Cluster, root: Path, dsn: str, gid: str, port: int,
                    ) -> mk.NodeProc:
-    node = mk.NodeProc(gid, root, ["cloud", "run", "--data", str(root), "--http-host",
-                                   "127.0.0.1", "--http-port", str(port), "--database", dsn,
-                                   "--gateway-id", gid, "--lease-ttl", str(TTL_S)],
-                       cluster.base / f"{gid}.log")
-    cluster.nodes[gid] = node
-    cluster._spawn(node)
+    node = cluster.spawn(gid, ["cloud", "run", "--data", str(root), "--http-host",
+                               "127.0.0.1", "--http-port", str(port), "--database", dsn,
+                               "--gateway-id", gid, "--lease-ttl", str(TTL_S)], data_dir=root)
     node.url = f"https://127.0.0.1:{port}"
     return node
 
