@@ -90,7 +90,9 @@ def test_summary_from_a_previous_session_does_not_mute_the_new_one() -> None:
     _stock(edge, qty=10**6)
     for i in range(1200):
         _sell(edge, f"s{i}")
-    w.run_until(w.now + 150)  # the batch has landed; the cloud's ack V (rx=1201) is in flight
+    # the batch has landed (~155 ms: 100 ms of latency after the WAN linger); the cloud's
+    # ack V (rx=1201) is in flight (it reaches the edge at ~305 ms)
+    w.run_until(w.now + 200)
     assert cloud.core.peers["edge"].rx == 1201
     w.set_link("edge", "cloud", False)  # a blip: the WAN session ends...
     w.set_link("edge", "cloud", True)   # ...and re-opens 50 ms later, before that V lands
