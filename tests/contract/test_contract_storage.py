@@ -3,12 +3,8 @@ ledger and the simulator's SimDisk: the same checks, two implementations."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import orjson
 import pytest
 
 from mesh.core.envelope import Envelope
@@ -18,6 +14,7 @@ from mesh.sim.ports import SimDisk, SimIdentity
 from mesh.sim.world import World
 from mesh.store.ledger import Ledger
 from mesh.testing.contracts import check_storage
+from mesh.testing.ledger_child import crash_after_acks
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,26 +42,8 @@ class RealRig:
         storage.append([]).exception()  # everything queued before has completed
 
     def crash_while_appending(self, batches: list[list[Envelope]]) -> int:
-        file = self.path.with_suffix(".batches")
-        file.write_bytes(orjson.dumps([[e.raw.decode() for e in b] for b in batches]))
-        child = subprocess.Popen(
-            [sys.executable, "-m", "mesh.testing.ledger_child", str(self.path), str(file)],
-            stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        assert child.stdout is not None
-        acks = 0
-        deadline = time.monotonic() + 60
-        for line in child.stdout:
-            if line.startswith("ACK"):
-                acks += 1
-                if acks >= 10:
-                    child.kill()
-                    break
-            assert time.monotonic() < deadline
-        child.wait(10)
-        rest = child.stdout.read()  # what it printed before the kill landed
-        child.stdout.close()
-        acks += sum(1 for ln in rest.splitlines() if ln.startswith("ACK"))
-        return acks
+        return crash_after_acks(["sqlite", str(self.path)], self.path.with_suffix(".batches"),
+                                batches, cwd=ROOT)
 
     def fail_commits(self, storage: Storage) -> None:
         assert isinstance(storage, Ledger)

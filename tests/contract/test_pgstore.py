@@ -6,12 +6,8 @@ gateway without the lease cannot write."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import orjson
 import pytest
 
 pytest.importorskip("psycopg")
@@ -23,6 +19,7 @@ from mesh.errors import LedgerError, StorageFull
 from mesh.ports import Storage
 from mesh.store.pgstore import FencedOut, PgLedger
 from mesh.testing.contracts import check_storage, sales
+from mesh.testing.ledger_child import crash_after_acks
 from tests.contract.test_contract_storage import _identity
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,25 +40,8 @@ class PgRig:
         storage.append([]).exception()
 
     def crash_while_appending(self, batches: list[list[Envelope]]) -> int:
-        file = self.tmp / f"{self.store}.batches"
-        file.write_bytes(orjson.dumps([[e.raw.decode() for e in b] for b in batches]))
-        child = subprocess.Popen(
-            [sys.executable, "-m", "tests.pg_ledger_child", self.dsn, self.store, str(file)],
-            stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        assert child.stdout is not None
-        acks = 0
-        deadline = time.monotonic() + 60
-        for line in child.stdout:
-            if line.startswith("ACK"):
-                acks += 1
-                if acks >= 10:
-                    child.kill()
-                    break
-            assert time.monotonic() < deadline
-        child.wait(10)
-        rest = child.stdout.read()
-        child.stdout.close()
-        acks += sum(1 for ln in rest.splitlines() if ln.startswith("ACK"))
+        acks = crash_after_acks(["pg", self.dsn, self.store],
+                                self.tmp / f"{self.store}.batches", batches, cwd=ROOT)
         # The server crashes too: what it committed must come back from its WAL.
         self.cluster._run("pg_ctl", "-D", str(self.cluster.data), "-m", "immediate", "stop")
         res = self.cluster._run("pg_ctl", "-D", str(self.cluster.data), "-l",
