@@ -11,28 +11,10 @@ import orjson
 
 from mesh.core.identity import issue_revocations
 from mesh.core.sync import InstallTls, Send, TrustChanged
-from mesh.sim import LinkModel, World
-from tests.unit.test_sync_review import _sell, _stock
+from tests.unit.test_sync_review import _sell
+from tests.unit.test_sync_trust import _store_with_cloud
 
 HOUR = 3600_000
-
-
-def _store(seed: int, validity_ms: int) -> World:
-    """cloud (WAN to the edge), edge (holds the store key), r1, r2 in a LAN mesh; every
-    certificate valid ``validity_ms`` from the start."""
-    w = World(seed)
-    w.cert_validity_ms = validity_ms
-    w.add_node("cloud", "cloud")
-    w.add_node("edge", "edge")
-    for r in ("r1", "r2"):
-        w.add_node(r)
-    for a, b in (("edge", "r1"), ("edge", "r2"), ("r1", "r2")):
-        w.connect(a, b)
-    w.connect("cloud", "edge", LinkModel(latency_ms=20, jitter_ms=0, kind="wan"))
-    w.run_until(20_000)
-    _stock(w.nodes["edge"])
-    w.run_until(w.now + 100)
-    return w
 
 
 def test_the_edge_renews_every_certificate_before_it_expires_and_the_store_sells_on() -> None:
@@ -40,7 +22,7 @@ def test_the_edge_renews_every_certificate_before_it_expires_and_the_store_sells
     WAN included) holds renewed certificates of everyone, its own among them, and not
     one sale is refused as expired. Without renewal every sale after the first hour is
     refused by every other node."""
-    w = _store(1, HOUR)
+    w = _store_with_cloud(1, HOUR)
     start = w.start_ms
     sales = 360
     for i in range(sales):
@@ -59,7 +41,7 @@ def test_the_edge_renews_every_certificate_before_it_expires_and_the_store_sells
 
 
 def test_a_revoked_node_is_not_renewed_and_expires() -> None:
-    w = _store(2, HOUR)
+    w = _store_with_cloud(2, HOUR)
     edge, r2 = w.nodes["edge"], w.nodes["r2"]
     original = edge.trust.certificate("r2")
     assert original is not None
@@ -77,7 +59,7 @@ def test_a_node_whose_certificate_expired_refuses_sales_instead_of_acknowledging
     """r2 cut off from the edge for longer than its certificate lives: it cannot be
     renewed, so once it expires its sales are refused at the till (a clear error),
     not acknowledged and then refused by every peer."""
-    w = _store(3, HOUR)
+    w = _store_with_cloud(3, HOUR)
     r2 = w.nodes["r2"]
     for other in ("edge", "r1"):
         w.set_link(other, "r2", False)
@@ -92,7 +74,7 @@ def test_a_node_whose_certificate_expired_refuses_sales_instead_of_acknowledging
 
 
 def test_a_certificate_message_carries_a_tls_certificate_only_as_bounded_text() -> None:
-    w = _store(4, HOUR)
+    w = _store_with_cloud(4, HOUR)
     r1 = w.nodes["r1"]
     core = r1.core
     cert = w.nodes["edge"].trust.certificate("r1")

@@ -18,9 +18,12 @@ from mesh.sim.world import SimNode
 from tests.unit.test_sync_review import _add_late, _digests, _sell, _stock, _until
 
 
-def _store_with_cloud(seed: int) -> World:
-    """edge, r1, r2 in one LAN mesh; the cloud over a FIFO WAN link to the edge only."""
+def _store_with_cloud(seed: int, validity_ms: int | None = None) -> World:
+    """edge, r1, r2 in one LAN mesh; the cloud over a FIFO WAN link to the edge only;
+    every certificate valid ``validity_ms`` from the start (the world's default if None)."""
     w = World(seed)
+    if validity_ms is not None:
+        w.cert_validity_ms = validity_ms
     w.add_node("cloud", "cloud")
     w.add_node("edge", "edge")
     for r in ("r1", "r2"):
