@@ -37,34 +37,41 @@ def _layer(path: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
-def _mesh_imports(path: Path) -> set[str]:
-    """The layers a file imports at module level (``mesh.X…`` -> X)."""
-    tree = ast.parse(path.read_text())
-    found: set[str] = set()
-
-    def add(dotted: str) -> None:
-        parts = dotted.split(".")
-        if parts[0] == "mesh":
-            found.add(parts[1] if len(parts) > 1 else "mesh")
+def top_level_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """What a file imports at module level, outside functions and ``TYPE_CHECKING``
+    blocks: ``(module, [names])`` per import (``import a.b`` -> ``("a.b", [])``,
+    ``from a import x, y`` -> ``("a", ["x", "y"])``); relative imports left out."""
+    out: list[tuple[str, list[str]]] = []
 
     def visit(body: list[ast.stmt]) -> None:
         for node in body:
             if isinstance(node, ast.Import):
-                for alias in node.names:
-                    add(alias.name)
+                out.extend((alias.name, []) for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                if node.module == "mesh":
-                    for alias in node.names:  # from mesh import config / from mesh import x
-                        found.add(alias.name if (MESH / alias.name).is_dir()
-                                  or (MESH / f"{alias.name}.py").exists() else "mesh")
-                else:
-                    add(node.module)
+                out.append((node.module, [alias.name for alias in node.names]))
             elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
                 visit(node.body)
                 visit(node.orelse)
             elif isinstance(node, ast.Try):
                 visit(node.body)
-    visit(tree.body)
+    visit(ast.parse(path.read_text()).body)
+    return out
+
+
+def _mesh_imports(path: Path) -> set[str]:
+    """The layers a file imports at module level (``mesh.X…`` -> X)."""
+    found: set[str] = set()
+    for module, names in top_level_imports(path):
+        parts = module.split(".")
+        if parts[0] != "mesh":
+            continue
+        if len(parts) > 1:
+            found.add(parts[1])
+        elif not names:
+            found.add("mesh")
+        else:  # from mesh import config / from mesh import x
+            found.update(name if (MESH / name).is_dir() or (MESH / f"{name}.py").exists()
+                         else "mesh" for name in names)
     return found
 
 

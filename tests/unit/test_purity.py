@@ -5,11 +5,12 @@ signature-check memory is an object (``TrustStore.verifier``), not process state
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.unit.test_layers import top_level_imports
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,22 +49,7 @@ def _loaded() -> list[str]:
 
 def _top_imports(path: Path) -> set[str]:
     """Top-level modules a file imports outside functions and TYPE_CHECKING blocks."""
-    tree = ast.parse(path.read_text())
-    names: set[str] = set()
-
-    def visit(body: list[ast.stmt]) -> None:
-        for node in body:
-            if isinstance(node, ast.Import):
-                names.update(a.name.split(".")[0] for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                names.add(node.module.split(".")[0])
-            elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
-                visit(node.body)
-                visit(node.orelse)
-            elif isinstance(node, ast.Try):
-                visit(node.body)
-    visit(tree.body)
-    return names
+    return {module.split(".")[0] for module, _ in top_level_imports(path)}
 
 
 def test_pure_modules_load_no_io_runtime() -> None:
