@@ -29,9 +29,7 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -57,6 +55,7 @@ from mesh.core.auth import (
 )
 from mesh.store import authdir
 from mesh.store.datadir import init_store, load_identity
+from mesh.testing.cluster import Cluster, NodeProcess
 
 console = Console()
 REPO = Path(__file__).resolve().parent.parent
@@ -78,19 +77,6 @@ class Sizes:
 
 FULL = Sizes(rounds=6, sequential=1500, concurrent=3000, concurrency=16, refusals=3000)
 QUICK = Sizes(rounds=1, sequential=300, concurrent=600, concurrency=16, refusals=600)
-
-
-def proc_cpu(pid: int) -> float:
-    """utime + stime of a process (all threads), in seconds."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rpartition(b")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -132,7 +118,7 @@ def serve(mode: str, data_dir: Path, port: int, token: str) -> None:
         node = Node(data_dir, http_host="127.0.0.1", http_port=port, discovery=False,
                     insecure_plaintext=True)
         await node.start()
-        print("ready", flush=True)
+        print(f"bench_auth {mode} node listening on {node.url}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -140,34 +126,6 @@ def serve(mode: str, data_dir: Path, port: int, token: str) -> None:
         await node.close()
 
     asyncio.run(run())
-
-
-class NodeProc:
-    def __init__(self, mode: str, data_dir: Path, token: str, log: Path) -> None:
-        self.mode, self.port = mode, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", mode, str(data_dir), str(self.port), token],
-            stdout=subprocess.PIPE, stderr=log.open("a"), stdin=subprocess.DEVNULL, cwd=REPO,
-            text=True)
-
-    def wait_ready(self) -> None:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if line.strip() != "ready":
-            raise RuntimeError(f"the {self.mode} node did not start (see the logs)")
-
-    def cpu(self) -> float:
-        return proc_cpu(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
 
 
 # --- the load --------------------------------------------------------------------------------
@@ -183,7 +141,7 @@ def sale() -> dict[str, Any]:
     return {"sku": "BENCH-A", "qty": 1, "txn_id": uuid.uuid4().hex}
 
 
-async def one_mode(node: NodeProc, headers: dict[str, str], sz: Sizes) -> dict[str, float]:
+async def one_mode(node: NodeProcess, headers: dict[str, str], sz: Sizes) -> dict[str, float]:
     url = node.url + "/v1/sales"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=sz.concurrency)
                                      ) as http:
@@ -210,7 +168,7 @@ async def one_mode(node: NodeProc, headers: dict[str, str], sz: Sizes) -> dict[s
             "cpu_us_per_sale": cpu / n * 1e6}
 
 
-async def refusal_cost(node: NodeProc, sz: Sizes, path: str = "/v1/sales",
+async def refusal_cost(node: NodeProcess, sz: Sizes, path: str = "/v1/sales",
                        want: int = 401) -> float:
     """Node CPU per request (µs): by default a sale refused for want of a credential;
     ``path="/v1/health"``, ``want=200``: the cheapest request the node answers (the floor
@@ -319,6 +277,15 @@ async def run(root: Path, sz: Sizes) -> dict[str, Any]:
     authdir.add_staff(edge, staff_id="ann", name="Ann", role="cashier", pin=PIN, now_ms=now)
     logs = root / "logs"
     logs.mkdir()
+    cluster = Cluster(logs)
+    try:
+        return await _rounds(root, edge, cluster, svc, till, sz)
+    finally:
+        cluster.close()
+
+
+async def _rounds(root: Path, edge: Path, cluster: Cluster, svc: str, till: str,
+                  sz: Sizes) -> dict[str, Any]:
     results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     refused: list[float] = []
     floor: list[float] = []
@@ -327,9 +294,10 @@ async def run(root: Path, sz: Sizes) -> dict[str, Any]:
             # each mode its own copy of the store: same size of ledger at every start
             data = root / f"r{rnd}-{mode.replace('+', '-')}"
             shutil.copytree(edge, data, ignore=shutil.ignore_patterns("*.lock"))
-            node = NodeProc(mode, data, svc, logs / f"{data.name}.log")
+            node = cluster.spawn(data.name, ["--serve", mode, str(data), "0", svc],
+                                 program=(__file__,), cwd=REPO)
             try:
-                await asyncio.to_thread(node.wait_ready)
+                await cluster.wait_ready(node, within=START_TIMEOUT_S)
                 async with aiohttp.ClientSession() as http:
                     status, body = await _post(http, node.url + "/v1/receipts", {
                         "sku": "BENCH-A", "qty": 1_000_000, "txn_id": "grn"},
@@ -358,7 +326,7 @@ async def run(root: Path, sz: Sizes) -> dict[str, Any]:
                     refused.append(await refusal_cost(node, sz))
                     floor.append(await refusal_cost(node, sz, "/v1/health", 200))
             finally:
-                node.stop()
+                cluster.stop(node)
             results[mode].append(r)
     med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
            for m, rs in results.items()}

@@ -48,10 +48,7 @@ import math
 import os
 import re
 import shutil
-import signal
-import socket
 import ssl
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -68,6 +65,7 @@ from rich.table import Table
 from mesh.net.tls import api_client_context
 from mesh.store import authdir
 from mesh.store.datadir import enrol_node, init_store
+from mesh.testing.cluster import Cluster, NodeProcess, wait_mesh
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -117,63 +115,7 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def proc_cpu(pid: int) -> float:
-    """utime + stime of a process (all threads), in seconds."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 # --- one store as processes -------------------------------------------------------------
-
-
-class NodeProc:
-    """One ``python -m mesh node`` that this script started (stopped by its pid)."""
-
-    def __init__(self, name: str, data_dir: Path, log: Path, tls: bool) -> None:
-        self.name, self.data_dir, self.log, self.tls = name, data_dir, log, tls
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
-
-    def spawn(self, peers: Sequence[str]) -> None:
-        args = [sys.executable, "-m", "mesh", "node", "--data", str(self.data_dir),
-                "--http-host", "127.0.0.1", "--http-port", str(self.port), "--no-discovery",
-                "--log-level", "WARNING"]
-        if not self.tls:
-            args.append("--insecure-plaintext")
-        for url in peers:
-            args += ["--peer", url]
-        with self.log.open("a") as log:
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log,
-                                         stdin=subprocess.DEVNULL, cwd=REPO)
-
-    def cpu(self) -> float:
-        assert self.proc is not None
-        return proc_cpu(self.proc.pid)
-
-    def stop(self) -> None:
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(STOP_TIMEOUT_S)
 
 
 @dataclass
@@ -182,7 +124,9 @@ class Store:
 
     mode: str  # "plain" | "tls"
     root: Path
-    nodes: list[NodeProc] = field(default_factory=list)
+    cluster: Cluster
+    names: tuple[str, ...] = ()
+    nodes: list[NodeProcess] = field(default_factory=list)
     ssl: ssl.SSLContext | bool = True
     idle_cpu_per_s: float = 0.0
     auth: dict[str, str] = field(default_factory=dict)
@@ -199,24 +143,22 @@ class Store:
             enrol_node(base / rid, edge.store_key, sid, "register", now_ms=now_ms(),
                        node_id=rid)
         tls = mode == "tls"
-        store = cls(mode, base)
+        store = cls(mode, base, Cluster(base / "logs"), ("edge", "reg-01", "reg-02"))
         # every write and the live stream send a back-office integration's credential
         token = authdir.issue_device_credential(base / "edge", device_id="bench",
                                                 role="service", now_ms=now_ms(),
                                                 ttl_ms=86_400_000)
         store.auth = {"Authorization": f"Bearer {token}"}
-        store.nodes = [NodeProc(n, base / n, base / "logs" / f"{n}.log", tls)
-                       for n in ("edge", "reg-01", "reg-02")]
         if tls:
             store.ssl = api_client_context((base / "edge" / "tls-ca.pem").read_bytes())
         return store
 
     @property
-    def edge(self) -> NodeProc:
+    def edge(self) -> NodeProcess:
         return self.nodes[0]
 
     @property
-    def till(self) -> NodeProc:
+    def till(self) -> NodeProcess:
         return self.nodes[1]
 
     def cpu(self) -> float:
@@ -226,33 +168,27 @@ class Store:
         return aiohttp.TCPConnector(ssl=self.ssl, limit=limit, force_close=fresh)
 
     async def start(self) -> None:
-        for k, n in enumerate(self.nodes):
-            n.spawn([m.url for m in self.nodes[:k]])
+        """Each node joins the ones started before it (their URLs: port 0, then read)."""
+        for name in self.names:
+            argv = ["node", "--data", str(self.root / name), "--http-host", "127.0.0.1",
+                    "--http-port", "0", "--no-discovery", "--log-level", "WARNING"]
+            if self.mode == "plain":
+                argv.append("--insecure-plaintext")
+            for n in self.nodes:
+                argv += ["--peer", n.url]
+            node = self.cluster.spawn(name, argv, data_dir=self.root / name, cwd=REPO)
+            await self.cluster.wait_ready(node, within=START_TIMEOUT_S)
+            self.nodes.append(node)
         async with aiohttp.ClientSession(connector=self.connector(limit=4),
                                          headers=self.auth) as http:
-            deadline = time.monotonic() + START_TIMEOUT_S + MESH_TIMEOUT_S
-            while True:
-                try:
-                    ups = [sum(p["up"] for p in (await _get(http, n.url, "/v1/peers"))["peers"])
-                           for n in self.nodes]
-                    if all(u == len(self.nodes) - 1 for u in ups):
-                        break
-                except (aiohttp.ClientError, OSError):
-                    pass
-                for n in self.nodes:
-                    if n.proc is not None and n.proc.poll() is not None:
-                        tail = n.log.read_text()[-2000:]
-                        raise RuntimeError(f"{self.mode} {n.name} exited: {tail}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the {self.mode} mesh did not form")
-                await asyncio.sleep(0.2)
+            await wait_mesh(lambda url: _get(http, url, ""), [n.url for n in self.nodes],
+                            within=MESH_TIMEOUT_S)
             for sku in SKUS:
                 await _post(http, self.edge.url, "/v1/receipts",
                             {"sku": sku, "qty": STOCK, "txn_id": f"grn-{sku}"})
 
     def stop(self) -> None:
-        for n in self.nodes:
-            n.stop()
+        self.cluster.close()
 
     def txn(self) -> str:
         self.next_txn += 1

@@ -61,7 +61,9 @@ class NodeProcess:
 
     ``cwd``/``env``/``preexec_fn`` are passed to ``Popen`` (a benchmark imports another
     copy of the code through ``PYTHONPATH``, or lowers its nodes' priority); ``netns``
-    runs it inside a network namespace (``ip netns exec`` execs, so the pid is its own)."""
+    runs it inside a network namespace (``ip netns exec`` execs, so the pid is its own);
+    ``program`` replaces ``-m mesh`` (a benchmark's own ``--serve`` entry point, which
+    prints the same "listening on URL" line)."""
 
     name: str
     argv: list[str]
@@ -71,6 +73,7 @@ class NodeProcess:
     cwd: Path | None = None
     env: Mapping[str, str] | None = None
     preexec_fn: Callable[[], None] | None = None
+    program: tuple[str, ...] = ("-m", "mesh")
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""  # from its "listening on" line (a caller may set it beforehand)
     listening: bool = False  # this start of it printed its "listening on" line
@@ -109,7 +112,7 @@ class NodeProcess:
     def spawn(self) -> subprocess.Popen[bytes]:
         """Start (again) with the current ``argv``."""
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} is running"
-        cmd = [sys.executable, "-m", "mesh", *self.argv]
+        cmd = [sys.executable, *self.program, *self.argv]
         if self.netns is not None:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         self.starts += 1
@@ -225,7 +228,7 @@ class Cluster:
               log_path: Path | None = None, **popen: Any) -> NodeProcess:
         """Start ``python -m mesh ARGV`` as ``name`` (its log: ``BASE/NAME.log``);
         ``wait_ready`` returns once it listens. ``popen``: ``netns``, ``cwd``, ``env``,
-        ``preexec_fn`` of ``NodeProcess``."""
+        ``preexec_fn``, ``program`` of ``NodeProcess``."""
         if name in self.nodes:
             raise ValueError(f"a process named {name!r} is already in this cluster")
         node = NodeProcess(name, list(argv), log_path or self.base / f"{name}.log",
