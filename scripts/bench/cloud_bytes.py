@@ -92,15 +92,17 @@ def section_bytes(root: Path, sz: Sizes) -> dict[str, Any]:
     lan_root.mkdir(parents=True)
     stores = {v: make_store(root / "stores", lan_root if v == "lan-path" else cloud_root,
                             f"store-0042-{i}") for i, v in enumerate(sz.variants)}
-    clouds: dict[str, CloudProcess] = {}
+    clouds = {"wan": CloudProcess(cloud_root, root / "cloud-1.log")}
+    if "lan-path" in stores:
+        clouds["lan-path"] = CloudProcess(stores["lan-path"].cloud, root / "cloud-lan.log",
+                                          plain=True)
+
+    async def run() -> dict[str, Any]:
+        for c in clouds.values():
+            await c.start()
+        return await _section_bytes(clouds, stores, sz)
     try:
-        clouds["wan"] = CloudProcess(cloud_root, root / "cloud-1.log")
-        clouds["wan"].start()
-        if "lan-path" in stores:
-            clouds["lan-path"] = CloudProcess(stores["lan-path"].cloud, root / "cloud-lan.log",
-                                              plain=True)
-            clouds["lan-path"].start()
-        return asyncio.run(_section_bytes(clouds, stores, sz))
+        return asyncio.run(run())
     finally:
         for c in clouds.values():
             c.stop()

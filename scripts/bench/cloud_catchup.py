@@ -227,7 +227,7 @@ async def _catchup_variant(variant: str, template: StoreDirs, work: Path, n: int
     await asyncio.to_thread(os.sync)
     cloud = CloudProcess(cloud_root / template.store_id if plain else cloud_root,
                          work / f"cloud-{variant}.log", plain=plain)
-    cloud.start()
+    await cloud.start()
     api = CloudApi(cloud.store_url(template.store_id))
     out: dict[str, Any] = {"variant": variant}
     edge: Node | None = None
@@ -341,7 +341,7 @@ async def _catchup_variant(variant: str, template: StoreDirs, work: Path, n: int
         edge = None
         if restart:  # the cloud again, from its disk only: durable, and its state's RSS
             cloud.stop()
-            cloud.start()
+            await cloud.start()
             api.url = cloud.store_url(template.store_id)
             got2, stock2, waited = await _wait_cloud(api.http, api.url, edge_count)
             await asyncio.sleep(0.5)

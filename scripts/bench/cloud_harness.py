@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import random
 import secrets
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -35,6 +32,7 @@ from mesh.net.tls import api_client_context
 from mesh.net.transport import tcp_bytes
 from mesh.node.node import Node
 from mesh.store.datadir import NodeIdentity, enrol_node, init_store
+from mesh.testing.cluster import ClusterError, NodeProcess
 
 #: Bearer key of the naive cloud API: 40 characters, like any real API key.
 
@@ -52,7 +50,6 @@ HDR_PER_SEGMENT = 52
 #: Longest wait for any one condition: a hang is a failure, not a stall.
 WAIT_S = 60.0
 CHILD_START_S = 60.0
-CHILD_STOP_S = 15.0
 SAMPLE_S = 0.05
 LIVE_SALE_EVERY_S = 0.1
 #: A store uplink for the derived (not measured) catch-up estimate over a real WAN.
@@ -276,75 +273,47 @@ def make_store(root: Path, cloud_root: Path, store_id: str) -> StoreDirs:
 
 
 class CloudProcess:
-    """``python -m mesh cloud run`` on 127.0.0.1 (ephemeral port); stopped by its pid.
-    ``plain``: instead ``python -m mesh node`` on one store's cloud data dir (``root``):
-    the same identity and data, but an ordinary (LAN) node, for the LAN-path ablation."""
+    """``python -m mesh cloud run`` on 127.0.0.1 (ephemeral port): a
+    ``mesh.testing.cluster.NodeProcess``, stopped by its pid. ``plain``: instead
+    ``python -m mesh node`` on one store's cloud data dir (``root``): the same identity
+    and data, but an ordinary (LAN) node, for the LAN-path ablation."""
 
     def __init__(self, root: Path, log_path: Path, *, plain: bool = False) -> None:
         self.root = root
-        self.log_path = log_path
         self.plain = plain
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
+        where = ["--data", str(root), "--http-host", "127.0.0.1", "--http-port", "0",
+                 "--log-level", "WARNING"]
+        argv = ["node", *where, "--no-discovery"] if plain else ["cloud", "run", *where]
+        self.process = NodeProcess("cloud", argv, log_path, root)
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def store_url(self, store_id: str) -> str:
         """Base URL of one store's node (sync and API) in this process."""
         return self.url if self.plain else f"{self.url}/stores/{store_id}"
 
-    def start(self) -> None:
-        if self.plain:
-            cmd = [sys.executable, "-m", "mesh", "node", "--data", str(self.root),
-                   "--http-host", "127.0.0.1", "--http-port", "0", "--no-discovery",
-                   "--log-level", "WARNING"]
-        else:
-            cmd = [sys.executable, "-m", "mesh", "cloud", "run", "--data", str(self.root),
-                   "--http-host", "127.0.0.1", "--http-port", "0", "--log-level", "WARNING"]
-        log = open(self.log_path, "ab")
+    async def start(self) -> None:
+        """Start it (again) and wait for its URL line."""
+        self.process.spawn()
         try:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
-                                         stdin=subprocess.DEVNULL)
-        finally:
-            log.close()
-        lines: queue.Queue[bytes] = queue.Queue()
-        stdout = self.proc.stdout
-        assert stdout is not None
-
-        def pump() -> None:
-            for line in stdout:
-                lines.put(line)
-
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + CHILD_START_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                line = lines.get(timeout=0.2).decode(errors="replace")
-            except queue.Empty:
-                continue
-            if "listening on " in line:
-                self.url = line.rsplit("listening on ", 1)[1].strip()
-                if not self.plain:  # its API answers with the HQ certificate
-                    TRUST.load_verify_locations(cafile=self.root / HQ_CA_FILE)
-                return
-        tail = self.log_path.read_text(errors="replace")[-3000:]
-        self.stop()
-        raise RuntimeError(f"cloud peer did not start within {CHILD_START_S:.0f} s:\n{tail}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+            await self.process.wait_ready(CHILD_START_S)
+        except ClusterError:
+            self.stop()
+            raise
+        if not self.plain:  # its API answers with the HQ certificate
+            TRUST.load_verify_locations(cafile=self.root / HQ_CA_FILE)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(CHILD_STOP_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(CHILD_STOP_S)
+        if self.process.alive():
+            self.process.stop()
+        elif self.process.proc is not None:
+            self.process.reap()
 
 
 class RssSampler(threading.Thread):
