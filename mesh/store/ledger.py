@@ -29,16 +29,16 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
 from mesh import config
 from mesh.core.envelope import Envelope
 from mesh.errors import LedgerError, StorageFull
+from mesh.store.writer import GroupCommitWriter
 
 __all__ = ["Ledger"]
 
@@ -66,11 +66,6 @@ CREATE TABLE IF NOT EXISTS evidence (
 );
 """
 
-_STOP = object()
-_RESET = object()
-_CALL = object()
-
-
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
@@ -86,7 +81,7 @@ def _is_full(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
 
 
-class Ledger:
+class Ledger(GroupCommitWriter):
     """Append-only envelope log with group commit on a writer thread."""
 
     def __init__(self, path: Path | str, *, max_bytes: int | None = None) -> None:
@@ -105,74 +100,10 @@ class Ledger:
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
         self._rlock = threading.Lock()
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=config.LEDGER_MAX_QUEUE)
-        self._failed: BaseException | None = None
-        #: The error of the newest write if it failed, until a write succeeds: unlike
-        #: ``failed`` it survives ``reset_failure`` (health reports a disk still full).
-        self.last_error: LedgerError | None = None
-        self._closed = False
         self.last_id = self._scalar("SELECT COALESCE(MAX(id), 0) FROM envelopes")
-        self.batches = 0  # group commits done (for benchmarks and metrics)
-        self._writer = threading.Thread(target=self._run, name=f"ledger:{self.path.name}",
-                                        daemon=True)
-        self._writer.start()
+        self._start_writer(f"ledger:{self.path.name}")
 
     # --- writing -----------------------------------------------------------------------
-
-    def append(self, envs: Sequence[Envelope], *, sync: bool = True) -> Future[int]:
-        """Queue envelopes for the next group commit; the future gives the last row id
-        once they are committed (or raises ``StorageFull`` / ``LedgerError``): fsynced
-        when ``sync``, otherwise possibly not (invariant 2: peers' envelopes)."""
-        fut: Future[int] = Future()
-        if self._closed:
-            fut.set_exception(LedgerError("ledger is closed"))
-            return fut
-        if self._failed is not None:
-            fut.set_exception(self._failed)
-            return fut
-        self._queue.put((list(envs), fut, sync))  # blocks when full: back-pressure
-        return fut
-
-    def append_sync(self, envs: Sequence[Envelope]) -> int:
-        return self.append(envs).result()
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            batch: list[tuple[list[Envelope], Future[int], bool]] = []
-            stop = False
-            rows = 0
-            while True:
-                if item[0] is _RESET:  # type: ignore[index]
-                    self._commit(batch)  # fails: queued behind the failure
-                    batch, rows = [], 0
-                    self._failed = None
-                    item[1].set_result(0)  # type: ignore[index]
-                elif item[0] is _CALL:  # type: ignore[index]
-                    self._commit(batch)
-                    batch, rows = [], 0
-                    self._run_call(*item[1:])  # type: ignore[index]
-                elif callable(item[0]):  # type: ignore[index]
-                    self._commit(batch)
-                    batch, rows = [], 0
-                    self._run_job(*item)  # type: ignore[misc]
-                else:
-                    batch.append(item)  # type: ignore[arg-type]
-                    rows += len(item[0])  # type: ignore[index]
-                if rows >= config.LEDGER_MAX_BATCH:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stop = True
-                    break
-            self._commit(batch)
-            if stop:
-                return
 
     def _set_sync(self, full: bool) -> None:
         if full != self._sync_full:
@@ -192,92 +123,28 @@ class Ledger:
             return
         fut.set_result(0)
 
-    def _run_call(self, fn: Callable[[], None], fut: Future[int]) -> None:
-        if self._failed is not None:
-            fut.set_exception(self._failed)
-            return
+    def _write(self, envs: list[Envelope], sync: bool) -> int:
+        rows = [(e.origin, e.seq, e.hlc, e.hash, e.raw) for e in envs]
         try:
-            fn()
-        except OSError as exc:  # what it had to write first is not on disk: nor is
-            err = LedgerError(f"write before the ledger failed: {exc}")  # what follows
-            self._failed = self.last_error = err
-            fut.set_exception(err)
-            return
-        fut.set_result(self.last_id)
-
-    def _commit(self, batch: list[tuple[list[Envelope], Future[int], bool]]) -> None:
-        if not batch:
-            return
-        if self._failed is not None:
-            for _, fut, _ in batch:
-                fut.set_exception(self._failed)
-            return
-        rows = [(e.origin, e.seq, e.hlc, e.hash, e.raw) for envs, _, _ in batch for e in envs]
-        if not rows:
-            for _, fut, _ in batch:
-                fut.set_result(self.last_id)
-            return
-        try:
-            self._set_sync(any(sync for _, _, sync in batch))
+            self._set_sync(sync)
             self._wconn.execute("BEGIN IMMEDIATE")
             cur = self._wconn.executemany(
                 "INSERT INTO envelopes (origin, seq, hlc, hash, raw) "
                 "VALUES (?, ?, ?, ?, ?)", rows)
             del cur
             self._wconn.execute("COMMIT")
-            last = self._wconn.execute("SELECT COALESCE(MAX(id), 0) FROM envelopes").fetchone()[0]
+            return int(self._wconn.execute(
+                "SELECT COALESCE(MAX(id), 0) FROM envelopes").fetchone()[0])
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 self._wconn.execute("ROLLBACK")
-            err: LedgerError = (
-                StorageFull(f"disk full: {len(rows)} envelopes not written ({exc})")
-                if _is_full(exc) else LedgerError(f"ledger write failed: {exc}")
-            )
-            self._failed = self.last_error = err
-            for _, fut, _ in batch:
-                fut.set_exception(err)
-            return
-        self.last_id = last
-        self.batches += 1
-        self.last_error = None
-        for _, fut, _ in batch:
-            fut.set_result(last)
-
-    def call(self, fn: Callable[[], None]) -> Future[int]:
-        """Run ``fn`` on the writer thread after every append queued so far and before
-        any queued later (invariant 6): a file that rows appended later depend on (the
-        trust store) is on disk first. If ``fn`` raises ``OSError``, the ledger fails
-        as on a failed write: the appends queued behind it fail too."""
-        fut: Future[int] = Future()
-        if self._closed:
-            fut.set_exception(LedgerError("ledger is closed"))
-            return fut
-        self._queue.put((_CALL, fn, fut))
-        return fut
-
-    def reset_failure(self) -> None:
-        """Accept writes again after a failure. Every append queued before this call
-        still fails (it belongs to the state that could not be written); the caller
-        then rebuilds its replica from disk."""
-        fut: Future[int] = Future()
-        self._queue.put((_RESET, fut))
-        fut.result()
-
-    @property
-    def failed(self) -> BaseException | None:
-        return self._failed
-
-    def flush(self) -> None:
-        """Wait until everything queued so far is committed (fsynced if it was
-        appended with ``sync``; see invariant 2)."""
-        self.append([]).result()
+            raise (StorageFull(f"disk full: {len(rows)} envelopes not written ({exc})")
+                   if _is_full(exc) else LedgerError(f"ledger write failed: {exc}")) from exc
 
     def _job(self, fn: Callable[[sqlite3.Connection], None], what: str) -> None:
         """Run ``fn`` in one transaction on the writer thread, after everything queued."""
-        fut: Future[int] = Future()
-        self._queue.put((fn, fut))
         try:
-            fut.result()
+            self._queue_job(fn).result()
         except sqlite3.Error as exc:
             raise (StorageFull if _is_full(exc) else LedgerError)(f"{what}: {exc}") from exc
 
@@ -377,13 +244,7 @@ class Ledger:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Finish queued writes, stop the writer, close both connections."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(_STOP)
-        self._writer.join()
+    def _close_connections(self) -> None:
         with self._rlock:  # never under a reader on another thread (SQLite would crash)
             self._rconn.close()
         self._wconn.close()

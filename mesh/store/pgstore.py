@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -46,6 +45,7 @@ import psycopg
 from mesh import config
 from mesh.core.envelope import Envelope
 from mesh.errors import LedgerError, StorageFull
+from mesh.store.writer import GroupCommitWriter
 
 __all__ = ["PARTITIONS", "FencedOut", "PgLedger", "connect", "ensure_schema", "is_pg_dsn"]
 
@@ -173,14 +173,7 @@ def _error(exc: BaseException, what: str) -> LedgerError:
     return LedgerError(f"{what}: {exc}")
 
 
-_STOP: Final = object()
-_RESET: Final = object()
-_CALL: Final = object()
-_JOB: Final = object()
-_Append = tuple[list[Envelope], "Future[int]", bool]
-
-
-class PgLedger:
+class PgLedger(GroupCommitWriter):
     """One store's ledger in the shared PostgreSQL database (group commit on a thread)."""
 
     def __init__(self, dsn: str, store_id: str, *, gateway: str | None = None,
@@ -194,94 +187,14 @@ class PgLedger:
         self._wconn = connect(dsn)
         self._rconn = connect(dsn, autocommit=True)
         self._rlock = threading.Lock()
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=config.LEDGER_MAX_QUEUE)
-        self._failed: BaseException | None = None
-        self.last_error: LedgerError | None = None
-        self._closed = False
         self.last_id = self._scalar(
             "SELECT COALESCE(MAX(id), 0) FROM envelopes WHERE store_id = %s", (store_id,))
-        self.batches = 0
-        self._writer = threading.Thread(target=self._run, name=f"pgledger:{store_id}",
-                                        daemon=True)
-        self._writer.start()
+        self._start_writer(f"pgledger:{store_id}")
 
     # --- writing -----------------------------------------------------------------------
 
-    def append(self, envs: Sequence[Envelope], *, sync: bool = True) -> Future[int]:
-        fut: Future[int] = Future()
-        if self._closed:
-            fut.set_exception(LedgerError("ledger is closed"))
-        elif self._failed is not None:
-            fut.set_exception(self._failed)
-        else:
-            self._queue.put((list(envs), fut, sync))  # blocks when full: back-pressure
-        return fut
-
-    def append_sync(self, envs: Sequence[Envelope]) -> int:
-        return self.append(envs).result()
-
     async def append_async(self, envs: Sequence[Envelope]) -> int:
         return await asyncio.wrap_future(self.append(envs))
-
-    def call(self, fn: Callable[[], None]) -> Future[int]:
-        """``fn`` on the writer thread, after every append queued so far (as
-        ``Ledger.call``: the trust store file is on disk before later rows)."""
-        fut: Future[int] = Future()
-        if self._closed:
-            fut.set_exception(LedgerError("ledger is closed"))
-            return fut
-        self._queue.put((_CALL, fn, fut))
-        return fut
-
-    def reset_failure(self) -> None:
-        fut: Future[int] = Future()
-        self._queue.put((_RESET, fut))
-        fut.result()
-
-    @property
-    def failed(self) -> BaseException | None:
-        return self._failed
-
-    def flush(self) -> None:
-        self.append([]).result()
-
-    def _run(self) -> None:
-        while True:
-            item: Any = self._queue.get()
-            if item is _STOP:
-                return
-            batch: list[_Append] = []
-            rows = 0
-            stop = False
-            while True:
-                if item[0] is _RESET:
-                    self._commit(batch)
-                    batch, rows = [], 0
-                    self._failed = None
-                    item[1].set_result(0)
-                elif item[0] is _CALL:
-                    self._commit(batch)
-                    batch, rows = [], 0
-                    self._run_call(item[1], item[2])
-                elif item[0] is _JOB:
-                    self._commit(batch)
-                    batch, rows = [], 0
-                    self._run_job(item[1], item[2])
-                else:
-                    batch.append(item)
-                    rows += len(item[0])
-                if rows >= config.LEDGER_MAX_BATCH:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stop = True
-                    break
-            self._commit(batch)
-            if stop:
-                return
 
     def _fence(self, cur: psycopg.Cursor[Any]) -> None:
         if self.gateway is None:
@@ -292,19 +205,6 @@ class PgLedger:
         if row is None or row[0] != self.gateway or not row[1]:
             raise FencedOut(f"gateway {self.gateway} does not hold the lease of store "
                             f"{self.store_id} (holder: {row[0] if row else None})")
-
-    def _run_call(self, fn: Callable[[], None], fut: Future[int]) -> None:
-        if self._failed is not None:
-            fut.set_exception(self._failed)
-            return
-        try:
-            fn()
-        except OSError as exc:
-            err = LedgerError(f"write before the ledger failed: {exc}")
-            self._failed = self.last_error = err
-            fut.set_exception(err)
-            return
-        fut.set_result(self.last_id)
 
     def _run_job(self, fn: Callable[[psycopg.Cursor[Any]], None], fut: Future[int]) -> None:
         try:
@@ -328,18 +228,8 @@ class PgLedger:
             except LedgerError as exc:
                 log.warning("reconnect to PostgreSQL failed: %s", exc)
 
-    def _commit(self, batch: list[_Append]) -> None:
-        if not batch:
-            return
-        if self._failed is not None:
-            for _, fut, _ in batch:
-                fut.set_exception(self._failed)
-            return
-        envs = [e for part, _, _ in batch for e in part]
-        if not envs:
-            for _, fut, _ in batch:
-                fut.set_result(self.last_id)
-            return
+    def _write(self, envs: list[Envelope], sync: bool) -> int:
+        # every commit is durable here: PostgreSQL's synchronous_commit (invariant 2)
         first = self.last_id + 1
         rows = []
         rollup: dict[tuple[str, int, str], list[int]] = {}
@@ -368,25 +258,19 @@ class PgLedger:
                         [(self.store_id, sku, hour, kind, n, q)
                          for (sku, hour, kind), (n, q) in sorted(rollup.items())])
             self._wconn.commit()  # invariant 2: acknowledged only after this returns
-        except (psycopg.Error, LedgerError) as exc:
+        except LedgerError:  # fenced out
             self._rollback()
-            err = _error(exc, f"ledger write failed ({len(rows)} envelopes not written)")
-            self._failed = self.last_error = err
-            for _, fut, _ in batch:
-                fut.set_exception(err)
-            return
-        self.last_id = first + len(rows) - 1
-        self.batches += 1
-        self.last_error = None
-        for _, fut, _ in batch:
-            fut.set_result(self.last_id)
+            raise
+        except psycopg.Error as exc:
+            self._rollback()
+            raise _error(exc, f"ledger write failed ({len(rows)} envelopes not written)"
+                         ) from exc
+        return first + len(rows) - 1
 
     def _job(self, fn: Callable[[psycopg.Cursor[Any]], None], what: str) -> None:
-        fut: Future[int] = Future()
-        self._queue.put((_JOB, fn, fut))
         try:
-            fut.result()
-        except (psycopg.Error, LedgerError) as exc:
+            self._queue_job(fn).result()
+        except psycopg.Error as exc:
             raise _error(exc, what) from exc
 
     def save_snapshot(self, upto: int, state: bytes) -> None:
@@ -487,12 +371,7 @@ class PgLedger:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(_STOP)
-        self._writer.join()
+    def _close_connections(self) -> None:
         with self._rlock:
             self._rconn.close()
         self._wconn.close()
