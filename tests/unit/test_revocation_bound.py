@@ -115,7 +115,33 @@ def test_every_order_of_a_revocation_and_the_revoked_nodes_envelopes_ends_alike(
     assert _digest(edge) == _digest(r1) == _digest(edge_ref)
     assert r1.replica.vv.get("r1") == r1_ref.replica.vv.get("r1")  # its own sales kept
     assert r1.core.lag("edge") == 0 and edge.core.lag("r1") == 0
+    for n in (edge, r1):  # each envelope written once (the ledger's UNIQUE (origin, seq))
+        rows = [(e.origin, e.seq) for e in n.disk.rows]
+        assert len(rows) == len(set(rows)), (name, n.node_id)
     assert w.nodes["r3"].node_id == "r3"
+
+
+def test_a_list_that_comes_while_the_envelopes_are_written_leaves_them_out_at_once() -> None:
+    """r1 applied r3's 1..6 and queued them for its disk; the list comes before the
+    write lands: the rebuild takes what is on disk plus what is queued (1..3 of it),
+    not only what is on disk, so nothing r1 applied below the bound goes missing."""
+    w, _, r1, raws = _world()
+    r1.driver.message("edge", encode_batch(raws))
+    _until(w, lambda: r1.replica.vv.get("r3") == N, 10, step=0.01)
+    assert r1.replica.vv.get("r3") == N and r1.disk.durable < len(r1.disk.rows)
+    r1.handle(r1.core.learn_revocations(_crl(w), r1.clock()))
+    assert r1.replica.vv.get("r3") == BOUND
+    assert r1.replica.vv.get("r1") == 1 and r1.replica.vv.get("edge") == 1
+
+
+def test_buffered_envelopes_above_the_bound_are_not_applied_when_the_gap_fills() -> None:
+    """r3's 5 and 6 wait in r1's out-of-order buffer (already verified) when the list
+    (bound 5) comes; once 1..4 fill the gap, 5 is applied and 6 is not."""
+    _, _, ref = _run(["L", (1, N)], bound=5)
+    _, edge, r1 = _run([(5, N), "L", (1, 4)], bound=5)
+    assert ref.replica.vv.get("r3") == 5
+    assert r1.replica.vv.get("r3") == 5 and edge.replica.vv.get("r3") == 5
+    assert _digest(r1) == _digest(ref)
 
 
 def test_a_replica_that_applied_envelopes_above_the_bound_drops_them_and_keeps_the_archive(
