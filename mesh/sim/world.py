@@ -297,7 +297,8 @@ class World:
 
     def revoke(self, node_ids: list[str]) -> bool:
         """The store owner revokes nodes on the issuer (``storemesh nodes revoke``): it
-        signs the next revocation list and hands it to its running node, which adopts
+        signs the next revocation list (each newly revoked node bounded by the issuer's
+        replica's head for it) and hands it to its running node, which adopts
         it and passes it on (``SyncCore.learn_revocations``, as ``POST
         /v1/revocations``). False (nothing done) while the issuer is not running."""
         issuer = self.nodes[self.issuer] if self.issuer is not None else None
