@@ -35,6 +35,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
@@ -46,6 +47,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from mesh import config
 from mesh.core.envelope import Envelope, decode
 from mesh.core.replica import SNAPSHOT_MAGIC, CommandResult, Replica
+from mesh.errors import EnvelopeError
 from mesh.ports import Identity, Storage
 
 if TYPE_CHECKING:
@@ -55,6 +57,8 @@ if TYPE_CHECKING:
 S = TypeVar("S", bound=Storage)
 
 __all__ = ["DurableReplica", "RebuildStats", "rebuild"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -181,7 +185,11 @@ class DurableReplica(Generic[S]):
                     stats.excluded += 1
                     continue
                 # (a copy the scan already replayed is a duplicate: it changes nothing)
-                fresh.apply(env, None, check_skew=False)
+                try:
+                    fresh.apply(env, None, check_skew=False)
+                except EnvelopeError as exc:  # not foreseen; anti-entropy brings it back
+                    log.warning("%s seq %d not applied again after the rebuild: %s",
+                                env.origin, env.seq, exc)
         self.replica = fresh
         self.rebuild_stats = stats
         self._since_snapshot = max(self._since_snapshot, self.snapshot_every)

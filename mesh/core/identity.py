@@ -403,9 +403,6 @@ def renew_certificate(store_key: NodeKey, cert: Certificate, *, now_ms: int,
 # --- revocations --------------------------------------------------------------------
 
 _CRL_KEYS: Final = frozenset({"store_id", "version", "revoked", "signature"})
-#: Optional key of a revocation list: lists signed before bounds existed lack it, and
-#: their signed bytes (``body_bytes``) are unchanged when it is empty.
-_CRL_OPTIONAL: Final = frozenset({"upto"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,6 +442,8 @@ class RevocationList:
 
     @classmethod
     def from_dict(cls, d: object) -> RevocationList:
+        # ``upto`` is optional: lists signed before bounds existed lack it, and their
+        # signed bytes (``body_bytes``) are unchanged when it is empty
         upto_doc: object = {}
         if isinstance(d, dict) and "upto" in d:
             upto_doc = d["upto"]
