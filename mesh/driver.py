@@ -46,6 +46,11 @@ Invariants:
     session we dialled), the session dialled by the smaller node id is kept, which both
     ends decide alike, so they never both drop theirs. A stale session kept that way
     ends at the transport's heartbeat, and the next dial succeeds.
+ 10. A ``Rebuild`` (a revocation leaves out envelopes the replica applied) is carried
+    out after the ``Persist`` of the same batch is queued: the replica is rebuilt from
+    storage plus what is queued for it, without the left-out envelopes
+    (``DurableReplica.exclude_revoked``), and the core takes it. If storage cannot be
+    read, it is tried again every ``config.RECOVER_RETRY_MS``.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ from mesh.core.sync import (
     Fetch,
     InstallTls,
     Persist,
+    Rebuild,
     Send,
     SyncCore,
     TrustChanged,
@@ -150,6 +156,7 @@ class Driver:
         self._renew_timer: Cancel | None = None
         self._recover_timer: Cancel | None = None
         self._recovering = False  # a rebuild failed: retried on _recover_timer
+        self._exclude_timer: Cancel | None = None  # a Rebuild that failed (invariant 10)
 
     @property
     def storage(self) -> Storage:
@@ -170,9 +177,11 @@ class Driver:
         """Stop reacting: later callbacks (durable writes, reads, timers) are ignored."""
         self.closed = True
         self._inbox = []
-        for t in (self._timer, self._snapshot_timer, self._renew_timer, self._recover_timer):
+        for t in (self._timer, self._snapshot_timer, self._renew_timer, self._recover_timer,
+                  self._exclude_timer):
             if t is not None:
                 t.cancel()
+        self._exclude_timer = None
         self._timer = self._snapshot_timer = self._renew_timer = self._recover_timer = None
 
     def _when(self, fut: Future[Any], fn: Callable[[Future[Any]], None]) -> None:
@@ -325,6 +334,7 @@ class Driver:
 
     def carry_out(self, effects: list[Effect]) -> None:
         persist: list[Envelope] = []
+        rebuild = False
         for eff in effects:
             if isinstance(eff, Send):
                 prio = 0 if self.faults.flat_priority else eff.priority
@@ -342,12 +352,34 @@ class Driver:
                 self.transport.close(eff.peer, eff.reason)
             elif isinstance(eff, InstallTls):
                 self.worker.run(partial(self.identity.write_tls, eff.pem), self._tls_written)
+            elif isinstance(eff, Rebuild):
+                rebuild = True
         if persist:
             fut = self.durable.persist(persist)
             self._when(fut, partial(self._persisted, persist))
             for listener in self.applied_listeners:
                 listener(persist, False)
+        if rebuild:  # after the persist above is queued (invariant 10)
+            self.exclude_revoked()
         self._rearm()
+
+    def exclude_revoked(self) -> None:
+        """Rebuild the replica without the envelopes a revocation leaves out (inv. 10)."""
+        self._exclude_timer = None
+        if self.closed:
+            return
+        try:
+            stats = self.durable.exclude_revoked()
+        except LedgerError as exc:
+            log.warning("storage unreadable (%s): the revoked envelopes are left out "
+                        "once it answers", exc)
+            if self._exclude_timer is None:
+                self._exclude_timer = self.clock.call_at(
+                    self.clock.monotonic_ms() + config.RECOVER_RETRY_MS, self.exclude_revoked)
+            return
+        self.core.replica_rebuilt(self.durable.replica)
+        log.warning("revocation: replica rebuilt without %d envelope(s) of revoked nodes "
+                    "above their bounds (kept in the ledger as an archive)", stats.excluded)
 
     def _persisted(self, envs: list[Envelope], fut: Future[int]) -> None:
         if self.closed:

@@ -25,12 +25,19 @@ Invariants:
     join) is written to node.json on the ledger's writer thread ahead of every append
     queued after it (``save_trust``, ledger invariant 6). Otherwise a crash, or a clean
     stop, leaves envelopes whose origin this node can no longer verify.
+ 7. The replica never holds a revoked node's envelopes above the bound its revocation
+    names (``mesh.core.identity`` invariant 7): every rebuild (start, ``recover``,
+    ``exclude_revoked``) leaves those ledger rows out (they stay on disk, an archive),
+    and ignores a snapshot that holds any of them. ``exclude_revoked`` rebuilds while
+    appends may be in flight: the rows not yet written are applied again from memory,
+    after what is on disk, in the order they were queued.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
@@ -40,6 +47,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from mesh import config
 from mesh.core.envelope import Envelope, decode
 from mesh.core.replica import SNAPSHOT_MAGIC, CommandResult, Replica
+from mesh.errors import EnvelopeError
 from mesh.ports import Identity, Storage
 
 if TYPE_CHECKING:
@@ -50,12 +58,20 @@ S = TypeVar("S", bound=Storage)
 
 __all__ = ["DurableReplica", "RebuildStats", "rebuild"]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(slots=True)
 class RebuildStats:
     snapshot_upto: int = 0
     replayed: int = 0
     seconds: float = 0.0
+    #: rows left out: a revoked node's envelopes above its bound (invariant 7)
+    excluded: int = 0
+
+
+class _SnapshotHoldsExcluded(Exception):
+    """The snapshot holds envelopes a revocation leaves out: replay without it."""
 
 
 @dataclass(slots=True)
@@ -65,21 +81,31 @@ class _Counters:
 
 
 def rebuild(replica: Replica, ledger: Storage,
-            perf_counter: Callable[[], float] | None = None) -> RebuildStats:
+            perf_counter: Callable[[], float] | None = None, *,
+            bounds: Mapping[str, int] | None = None, snapshot: bool = True) -> RebuildStats:
     """Load the newest snapshot, then replay the ledger rows after it (trusted: every
     row was verified when it was first accepted; ``storemesh ledger verify`` re-checks).
-    ``perf_counter`` times it (the real node passes ``time.perf_counter``)."""
+    ``perf_counter`` times it (the real node passes ``time.perf_counter``). ``bounds``:
+    revoked origins and the highest seq of each to replay (invariant 7); a snapshot
+    holding more of one raises ``_SnapshotHoldsExcluded`` (rebuild then with
+    ``snapshot=False`` on a fresh replica)."""
     t0 = perf_counter() if perf_counter is not None else 0.0
     stats = RebuildStats()
-    snap = ledger.latest_snapshot()
+    snap = ledger.latest_snapshot() if snapshot else None
     after = 0
     if snap is not None and snap[1].startswith(SNAPSHOT_MAGIC):
         after, blob = snap
         replica.restore(blob)
         stats.snapshot_upto = after
+        if bounds and any(replica.vv.get(o) > b for o, b in bounds.items()):
+            raise _SnapshotHoldsExcluded
     # else: a snapshot of an older format (JSON, before issue 12): replay the ledger
     for _, raw in ledger.scan(after):
-        replica.apply(decode(raw), None, check_skew=False)
+        env = decode(raw)
+        if bounds and env.seq > bounds.get(env.origin, env.seq):
+            stats.excluded += 1
+            continue
+        replica.apply(env, None, check_skew=False)
         stats.replayed += 1
     if perf_counter is not None:
         stats.seconds = perf_counter() - t0
@@ -99,9 +125,11 @@ class DurableReplica(Generic[S]):
         self.ledger = ledger
         self.snapshot_every = snapshot_every
         self._perf = perf_counter
-        self.replica = self._fresh_replica()
+        #: appends not yet landed, by a number of their own, in queue order (invariant 7)
+        self._unlanded: dict[int, list[Envelope]] = {}
+        self._appends = 0
+        self.replica, self.rebuild_stats = self._rebuilt()
         self.counters = _Counters()
-        self.rebuild_stats = rebuild(self.replica, ledger, perf_counter)
         self._in_flight = 0
         #: seq -> the durability future of our own envelopes not yet on disk: a replay
         #: of their command is answered with the original's future (invariant 5).
@@ -130,6 +158,42 @@ class DurableReplica(Generic[S]):
             else storage(identity)
         return DurableReplica(identity, ledger, snapshot_every, time.perf_counter,
                               checkpointer=checkpointer)
+
+    def _rebuilt(self) -> tuple[Replica, RebuildStats]:
+        """A replica rebuilt from storage, without what revocations leave out (inv. 7)."""
+        bounds = self.identity.trust.revocation_bounds
+        fresh = self._fresh_replica()
+        try:
+            stats = rebuild(fresh, self.ledger, self._perf, bounds=bounds)
+        except _SnapshotHoldsExcluded:
+            fresh = self._fresh_replica()
+            stats = rebuild(fresh, self.ledger, self._perf, bounds=bounds, snapshot=False)
+        return fresh, stats
+
+    def exclude_revoked(self) -> RebuildStats:
+        """A revocation leaves out envelopes the replica applied (``mesh.core.sync``
+        ``Rebuild``): rebuild it from storage without them, then apply again what is
+        queued for storage and not yet on it (invariant 7). The next snapshot is due at
+        once (the older ones hold the left-out envelopes)."""
+        bounds = self.identity.trust.revocation_bounds
+        with self._lock:  # taken before the scan: a batch landing meanwhile is in both
+            queued = [envs for _, envs in sorted(self._unlanded.items())]
+        fresh, stats = self._rebuilt()
+        for envs in queued:
+            for env in envs:
+                if env.seq > bounds.get(env.origin, env.seq):
+                    stats.excluded += 1
+                    continue
+                # (a copy the scan already replayed is a duplicate: it changes nothing)
+                try:
+                    fresh.apply(env, None, check_skew=False)
+                except EnvelopeError as exc:  # not foreseen; anti-entropy brings it back
+                    log.warning("%s seq %d not applied again after the rebuild: %s",
+                                env.origin, env.seq, exc)
+        self.replica = fresh
+        self.rebuild_stats = stats
+        self._since_snapshot = max(self._since_snapshot, self.snapshot_every)
+        return stats
 
     def _fresh_replica(self) -> Replica:
         i = self.identity
@@ -204,17 +268,21 @@ class DurableReplica(Generic[S]):
         self.save_trust()  # before the rows that may need it (invariant 6)
         with self._lock:
             self._in_flight += 1
+            self._appends += 1
+            n = self._appends
+            self._unlanded[n] = envs
         fut = self.ledger.append(envs, sync=sync)
-        fut.add_done_callback(self._landed)
+        fut.add_done_callback(partial(self._landed, n))
         self._since_snapshot += len(envs)
         return fut
 
     def _written(self, seq: int, _: Future[int]) -> None:
         self._pending_local.pop(seq, None)  # on the writer thread; dict ops are atomic
 
-    def _landed(self, _: Future[int]) -> None:
+    def _landed(self, n: int, _: Future[int]) -> None:
         with self._lock:  # runs on the ledger's writer thread
             self._in_flight -= 1
+            self._unlanded.pop(n, None)
 
     def snapshot_due(self) -> bool:
         """Enough envelopes since the last snapshot, none in flight, and no failed write
@@ -241,10 +309,9 @@ class DurableReplica(Generic[S]):
         """After a failed write: drop memory state and rebuild from what is on disk."""
         self.ledger.reset_failure()
         self._trust_saved = -1  # the failure may have been node.json's: write it again
-        fresh = self._fresh_replica()
         # may raise (a database still away): then nothing here has changed but the
         # storage's failure flag, and the caller tries again (``Driver.recover``)
-        stats = rebuild(fresh, self.ledger, self._perf)
+        fresh, stats = self._rebuilt()
         self._pending_local.clear()  # their commands are not on disk: a replay is new
         self.replica = fresh
         self.rebuild_stats = stats

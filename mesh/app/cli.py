@@ -877,6 +877,8 @@ def nodes_revoke(data_dir: Path, node_id: str, reason: str, url: str, force: boo
     except (CommandError, FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
     what = "revoked" if new else "was already revoked"
+    if node_id in crl.upto:  # docs/protocol.md, "Revocation bounds"
+        what += f"; the store keeps its envelopes up to seq {crl.upto[node_id]}"
     try:
         held = asyncio.run(deliver(url, crl, ssl_context=_own_ca_ssl(ident, url)))
     except (ConnectionError, ValueError) as exc:

@@ -36,7 +36,9 @@ Invariants:
    certificate was valid stays valid for every replica, at any later time (a till's
    offline sales that reach the store after its certificate expired, a new till
    catching up on a retired one's history). One signed after expiry is refused
-   (``ExpiredCertificate``). A revoked origin is refused whatever the stamp.
+   (``ExpiredCertificate``). A revoked origin is refused whatever the stamp, except
+   its seqs up to the bound its revocation names (``mesh.core.identity``, invariant 7):
+   judged by seq, the same at every replica, whenever the envelope arrives.
 """
 
 from __future__ import annotations
@@ -252,7 +254,7 @@ def verify(raw: bytes | Envelope, trust: TrustStore, now_ms: int) -> Envelope:
     env = raw if isinstance(raw, Envelope) else decode(raw)
     if env.store != trust.store_id:
         raise WrongStore(f"envelope of {env.origin!r} is for store {env.store!r}")
-    cert = trust.check(env.origin, env.hlc >> COUNTER_BITS)  # invariant 7
+    cert = trust.check(env.origin, env.hlc >> COUNTER_BITS, env.seq)  # invariant 7
     check_rights(env.ops, env.origin, cert.role)
     _check_signature(env, cert.public_key, trust)
     return env
@@ -305,7 +307,9 @@ def verify_chain(
     if store != trust.store_id:
         raise WrongStore(f"envelope of {origin!r} is for store {store!r}")
     # invariant 7: the newest stamp of the page (an origin's stamps only grow)
-    cert = trust.check(origin, max(e.hlc for e in envs) >> COUNTER_BITS)
+    # (and the highest seq: a revoked origin's bound, mesh.core.identity invariant 7)
+    cert = trust.check(origin, max(e.hlc for e in envs) >> COUNTER_BITS,
+                       max(e.seq for e in envs))
     role = cert.role
     seq = first.seq
     link = prev

@@ -24,6 +24,12 @@ Invariants:
 5. Revocation list versions only move forward; a list whose version is not newer than
    the one held is ignored. A list is cumulative: version N names every revoked node.
 6. ``TrustStore.check`` never reads a clock: time comes in as ``now_ms``.
+7. A revoked node with a bound (``RevocationList.upto``) is refused above its bound
+   only: ``check(node, now_ms, seq)`` admits its seqs up to the bound, so every replica
+   holding the list keeps exactly the same prefix of its chain, whatever it received
+   before the list. Without a bound (an old list, a node revoked here only, or a check
+   that names no seq, such as a session's) a revoked node is refused outright. A bound,
+   once signed, is carried into every later version unchanged (``mesh.store.revoke``).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -72,6 +79,7 @@ __all__ = [
     "issue_revocations",
     "renew_certificate",
     "renewal_due",
+    "revocation_bounds",
     "verify_signature",
 ]
 
@@ -399,36 +407,64 @@ _CRL_KEYS: Final = frozenset({"store_id", "version", "revoked", "signature"})
 
 @dataclass(frozen=True, slots=True)
 class RevocationList:
-    """The store key's list of every revoked node id, as of ``version``."""
+    """The store key's list of every revoked node id, as of ``version``.
+
+    ``upto`` bounds what the store keeps of a revoked node (invariant 7): its envelopes
+    with seq up to ``upto[node]`` are accepted by every replica, whenever and from
+    whomever they arrive (still signature- and chain-verified); those above are refused
+    everywhere, and a replica that applied some before it held the list drops them. A
+    revoked node id without a bound (a list signed before bounds, or ``device:<id>``,
+    which signs no envelopes) is refused from when each replica learns of it."""
 
     store_id: str
     version: int
     revoked: frozenset[str]
     signature: bytes
+    upto: dict[str, int] = field(default_factory=dict)
 
     def body_bytes(self) -> bytes:
-        body = {"store_id": self.store_id, "version": self.version, "revoked": sorted(self.revoked)}
+        body: dict[str, Any] = {"store_id": self.store_id, "version": self.version,
+                                "revoked": sorted(self.revoked)}
+        if self.upto:
+            body["upto"] = self.upto
         return CRL_DOMAIN + orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "store_id": self.store_id,
             "version": self.version,
             "revoked": sorted(self.revoked),
             "signature": self.signature.hex(),
         }
+        if self.upto:
+            d["upto"] = dict(sorted(self.upto.items()))
+        return d
 
     @classmethod
     def from_dict(cls, d: object) -> RevocationList:
+        # ``upto`` is optional: lists signed before bounds existed lack it, and their
+        # signed bytes (``body_bytes``) are unchanged when it is empty
+        upto_doc: object = {}
+        if isinstance(d, dict) and "upto" in d:
+            upto_doc = d["upto"]
+            d = {k: v for k, v in d.items() if k != "upto"}
         f = _fields(d, _CRL_KEYS, "revocation list")
         revoked = f["revoked"]
         if not isinstance(revoked, list) or len(revoked) > MAX_REVOKED:
             raise Malformed(f"revocation list revoked must be a list of at most {MAX_REVOKED}")
+        ids = frozenset(_ident(n, "revoked node id") for n in revoked)
+        if not isinstance(upto_doc, dict) or len(upto_doc) > MAX_REVOKED:
+            raise Malformed("revocation list upto must be an object {node id: seq}")
+        upto = {_ident(n, "revoked node id"): _uint(s, "revocation list upto seq")
+                for n, s in upto_doc.items()}
+        if not upto.keys() <= ids:
+            raise Malformed("revocation list upto names a node that is not revoked")
         return cls(
             store_id=_ident(f["store_id"], "revocation list store_id"),
             version=_uint(f["version"], "revocation list version"),
-            revoked=frozenset(_ident(n, "revoked node id") for n in revoked),
+            revoked=ids,
             signature=_hex(f["signature"], _SIG_LEN, "revocation list signature"),
+            upto=upto,
         )
 
     def verify(self, store_public_key: bytes, verifier: Verifier | None = None) -> None:
@@ -437,9 +473,11 @@ class RevocationList:
 
 
 def issue_revocations(
-    store_key: NodeKey, *, store_id: str, version: int, revoked: frozenset[str] | set[str]
+    store_key: NodeKey, *, store_id: str, version: int, revoked: frozenset[str] | set[str],
+    upto: dict[str, int] | None = None,
 ) -> RevocationList:
-    """Sign a revocation list with the store key. Bad arguments raise ``ValueError``."""
+    """Sign a revocation list with the store key; ``upto``: the highest seq of each
+    revoked node the store keeps (``RevocationList``). Bad arguments raise ``ValueError``."""
     _local_ident(store_id, "store_id")
     if type(version) is not int or not 0 <= version <= _MAX_INT:
         raise ValueError("version must be an integer in 0..2**63-1")
@@ -448,8 +486,29 @@ def issue_revocations(
         raise ValueError(f"at most {MAX_REVOKED} revoked node ids")
     for node_id in ids:
         _local_ident(node_id, "revoked node id")
-    unsigned = RevocationList(store_id, version, ids, b"")
-    return RevocationList(store_id, version, ids, store_key.sign(unsigned.body_bytes()))
+    bounds = dict(sorted((upto or {}).items()))
+    for node_id, seq in bounds.items():
+        if node_id not in ids:
+            raise ValueError(f"upto names {node_id!r}, which is not revoked")
+        if type(seq) is not int or not 0 <= seq <= _MAX_INT:
+            raise ValueError(f"upto of {node_id!r} must be an integer in 0..2**63-1")
+    unsigned = RevocationList(store_id, version, ids, b"", bounds)
+    return RevocationList(store_id, version, ids, store_key.sign(unsigned.body_bytes()), bounds)
+
+
+def revocation_bounds(trust: TrustStore, revoked: set[str] | frozenset[str],
+                      head: Callable[[str], int]) -> dict[str, int]:
+    """The ``upto`` of the next revocation list naming ``revoked``, as its signer (the
+    store key's holder) computes it: every bound of the list ``trust`` holds, unchanged
+    (invariant 7), and for each revoked node without one, ``head(node)``: the highest
+    seq of its chain the signer holds. API devices (``device:<id>``) sign no envelopes
+    and get none."""
+    held = trust.crl.upto if trust.crl is not None else {}
+    out = {n: b for n, b in held.items() if n in revoked}
+    for name in revoked:
+        if name not in out and not name.startswith("device:"):
+            out[name] = head(name)
+    return out
 
 
 # --- trust store --------------------------------------------------------------------
@@ -566,15 +625,33 @@ class TrustStore:
         self._revoked = self._revoked | {node_id}
         self.version += 1
 
+    def revocation_bound(self, node_id: str) -> int | None:
+        """The highest seq of revoked ``node_id`` the store keeps (invariant 7); None if
+        it is not revoked, or revoked without a bound (refused outright)."""
+        if node_id not in self._revoked or node_id in self._local_revoked or self._crl is None:
+            return None
+        return self._crl.upto.get(node_id)
+
+    @property
+    def revocation_bounds(self) -> dict[str, int]:
+        """Every revoked node with a bound, and its bound (invariant 7)."""
+        if self._crl is None or not self._crl.upto:
+            return {}
+        return {n: b for n, b in self._crl.upto.items() if n not in self._local_revoked}
+
     @property
     def revoked(self) -> frozenset[str]:
         """Every node id refused as revoked: the list's and the local ones."""
         return self._revoked
 
-    def check(self, node_id: str, now_ms: int) -> Certificate:
-        """The certificate under which ``node_id`` may write at ``now_ms``, or raise."""
+    def check(self, node_id: str, now_ms: int, seq: int | None = None) -> Certificate:
+        """The certificate under which ``node_id`` may write at ``now_ms`` (its envelope
+        ``seq``, if one is judged: invariant 7), or raise."""
         if node_id in self._revoked:
-            raise RevokedCertificate(f"node {node_id!r} is revoked")
+            bound = self.revocation_bound(node_id)
+            if seq is None or bound is None or seq > bound:
+                kept = "" if bound is None else f" (the store keeps its seqs up to {bound})"
+                raise RevokedCertificate(f"node {node_id!r} is revoked{kept}")
         cert = self._certs.get(node_id)
         if cert is None:
             raise NotEnrolled(f"node {node_id!r} holds no certificate for store {self.store_id!r}")

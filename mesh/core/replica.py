@@ -542,6 +542,21 @@ class Replica:
         self._pending_bytes[origin] = self._pending_bytes.get(origin, 0) - size
         self._pending_total -= size
 
+    def drop_pending(self, origin: str, above: int) -> int:
+        """Forget ``origin``'s buffered envelopes with a seq above ``above`` (its
+        revocation's bound: they would be applied, unverified again, once the gap
+        fills). Returns how many were dropped."""
+        pending = self._pending.get(origin)
+        if not pending:
+            return 0
+        gone = [s for s in pending if s > above]
+        for s in gone:
+            self._unbuffered(origin, len(pending.pop(s)))
+        if not pending:
+            del self._pending[origin]
+            self._pending_bytes.pop(origin, None)
+        return len(gone)
+
     def classify(self, env: Envelope) -> ApplyResult | None:
         """Duplicate / pending / None (= applicable now). Raises on equivocation or gaps."""
         head = self.vv.get(env.origin)

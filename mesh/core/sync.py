@@ -56,10 +56,16 @@ Invariants:
     register that has just joined is not refused as unknown downstream; if it still is
     (a lost ``C``), the receiver asks for those envelopes again (``rs``) once the
     certificate comes.
- 9. A revoked node has no session with us and none of its envelopes leaves us: on
-    learning a revocation we end its session (``EndSession``), refuse it in
-    ``peer_up``, and never push, relay or serve its envelopes (those applied before
-    the list arrived stay in the ledger; every receiver refuses later ones).
+ 9. A revoked node has no session with us, and of its envelopes we accept, hold,
+    push, relay and serve exactly those up to the bound its revocation names
+    (``mesh.core.identity`` invariant 7), so every replica converges on the same prefix
+    of its chain whichever it heard first, the list or the envelopes: on learning a
+    revocation we end its session (``EndSession``) and refuse it in ``peer_up``; we
+    drop what we buffered of it above the bound, and if we applied some of that, we
+    ask the driver to rebuild the replica from storage without it (``Rebuild``; the
+    rows stay in the ledger as an archive, left out of every replay). A revoked node
+    without a bound (an older list) is refused from when we learn of it, and what we
+    held of it stays (the old behaviour: replicas may differ on its last envelopes).
  10. Retransmission is per batch sent (``_Peer.out``) on a monotonic clock derived from
     ``now`` (``_mono``: a wall clock set back counts as no time). A batch is sent again
     only when a summary shows it lost (older than the peer's RFC 6298 timeout) or
@@ -102,6 +108,7 @@ __all__ = [
     "Fetch",
     "InstallTls",
     "Persist",
+    "Rebuild",
     "Send",
     "SyncCore",
     "TrustChanged",
@@ -172,7 +179,16 @@ class EndSession:
     reason: str
 
 
-Effect = Send | Persist | Fetch | Alert | TrustChanged | InstallTls | EndSession
+@dataclass(frozen=True, slots=True)
+class Rebuild:
+    """A revocation bounds what the store keeps of ``origins`` below what the replica
+    applied (invariant 9): rebuild it from storage leaving out their envelopes above
+    their bounds (``TrustStore.revocation_bounds``), then call ``replica_rebuilt``."""
+
+    origins: tuple[str, ...]
+
+
+Effect = Send | Persist | Fetch | Alert | TrustChanged | InstallTls | EndSession | Rebuild
 
 
 def encode_batch(raws: Iterable[bytes]) -> bytes:
@@ -510,9 +526,14 @@ class SyncCore:
         peer = self.peers.get(peer_id)
         if peer is None:
             return 0
-        revoked = self.trust.revoked  # never sent (invariant 9): not lag
-        return sum(max(0, s - peer.acked.get(o)) for o, s in self.replica.vv.items()
-                   if o != peer_id and o not in revoked)
+        revoked = self.trust.revoked  # never sent above the bound (invariant 9): not lag
+        return sum(max(0, (s if o not in revoked else min(s, self._upto(o)))
+                       - peer.acked.get(o))
+                   for o, s in self.replica.vv.items() if o != peer_id)
+
+    def _upto(self, origin: str) -> int:
+        """The highest seq of revoked ``origin`` we may hold and send (invariant 9)."""
+        return self.trust.revocation_bound(origin) or 0
 
     # --- local and durable envelopes ---------------------------------------------------------
 
@@ -521,7 +542,10 @@ class SyncCore:
         (never before: invariant 2 of mesh.durable); all advance ``stored``."""
         out: list[Effect] = []
         local = []
+        revoked = self.trust.revoked
         for env in envs:
+            if env.origin in revoked and env.seq > self._upto(env.origin):
+                continue  # left out of the replica, kept on disk only (invariant 9)
             if env.seq == self.stored.get(env.origin) + 1:
                 self.stored.advance(env.origin, env.seq)
             elif env.seq > self.stored.get(env.origin):
@@ -568,7 +592,7 @@ class SyncCore:
         ranges: dict[str, list[int]] = {}  # origin -> [first, last] sent now
         for env in envs:
             if (env.seq != peer.sent.get(env.origin) + 1 or env.origin == peer.id
-                    or env.origin in revoked):
+                    or (env.origin in revoked and env.seq > self._upto(env.origin))):
                 continue
             if inflight < 0:
                 inflight = peer.inflight()
@@ -658,9 +682,10 @@ class SyncCore:
             origins = cand
         for origin in sorted(origins):
             have = self.stored.get(origin)
+            if self.trust.is_revoked(origin):  # up to its bound only (invariant 9)
+                have = min(have, self._upto(origin))
             sent = peer.sent.get(origin)
             if (have <= sent or origin in peer.fetching or origin == peer.id
-                    or self.trust.is_revoked(origin)
                     or not self._eligible(peer, origin, now)):
                 continue
             if room < 0:
@@ -696,17 +721,19 @@ class SyncCore:
         peer = self.peers.get(peer_id)
         if peer is None:
             return out
+        if self.trust.is_revoked(origin):  # up to its bound only (invariant 9)
+            raws = raws[:max(0, self._upto(origin) - first + 1)]
         if peer.refetching.get(origin) == first:
             # A retransmission (lost or refused envelopes below ``sent``): it leaves
             # ``sent`` as it is, and yields no round-trip sample when acknowledged.
             del peer.refetching[origin]
-            if raws and not self.trust.is_revoked(origin):
+            if raws:
                 self._certs_first(out, peer)
                 self._send_batch(out, peer, origin, first, list(raws), now, retx=True)
             self._pump(out, peer, now)
             return out
         peer.fetching.pop(origin, None)
-        if first != peer.sent.get(origin) + 1 or not raws or self.trust.is_revoked(origin):
+        if first != peer.sent.get(origin) + 1 or not raws:
             self._pump(out, peer, now)
             return out
         raws = list(raws)
@@ -1120,6 +1147,16 @@ class SyncCore:
             self.peer_down(pid, now)
         for origin in [o for o in self._awaited if o in revoked]:
             del self._awaited[origin]
+        rebuild = []
+        for origin in sorted(revoked):
+            bound = self.trust.revocation_bound(origin)
+            dropped = self.replica.drop_pending(origin, 0 if bound is None else bound)
+            if dropped:  # (not a refusal of this message's sender: no ``_count``)
+                self.stats["revoked_dropped"] = self.stats.get("revoked_dropped", 0) + dropped
+            if bound is not None and self.replica.vv.get(origin) > bound:
+                rebuild.append(origin)
+        if rebuild:
+            out.append(Rebuild(tuple(rebuild)))
         version = self.trust.crl_version
         data = b""
         for peer in self.peers.values():
@@ -1150,6 +1187,16 @@ class SyncCore:
             self._roster_changed(out)
             out.append(TrustChanged())
         return out
+
+    def replica_rebuilt(self, replica: Replica) -> None:
+        """The driver carried out a ``Rebuild``: take the rebuilt replica. Storage still
+        holds the left-out rows (an archive): we serve only up to the bounds (inv. 4, 9)."""
+        self.replica = replica
+        stored = self.stored
+        for origin, bound in self.trust.revocation_bounds.items():
+            if stored.get(origin) > bound:
+                stored = _lowered(stored, origin, bound)
+        self.stored = stored
 
     def learn_revocations(self, crl: RevocationList, now: int) -> list[Effect]:
         """A revocation list from a local source (``POST /v1/revocations``): adopt it if

@@ -16,8 +16,9 @@ Invariants checked on every step (the safety phase, as in TigerBeetle's VOPR):
     envelope against its origin's chain; every replica's hold of an origin when that
     origin crashes or recovers) instead of scanning every replica at every sample.
  6. No replica applies an envelope of an origin its trust store holds as revoked
-    (*revoked_accepted*): after a node is revoked, every replica that has the list
-    refuses its envelopes.
+    (*revoked_accepted*), above the bound its revocation names: after a node is
+    revoked, every replica that has the list refuses its envelopes past the bound
+    (those up to it are kept everywhere: ``mesh.core.identity`` invariant 7).
 Checked at the end (the liveness phase, after the heal):
  4. Every acknowledged operation is present, byte for byte (its envelope hash), at
     every live replica: otherwise it is *lost*. One acknowledged by a node that is
@@ -107,7 +108,8 @@ class Checker:
             envs = data["envelopes"]
             for env in envs:
                 self._mark(node, env)
-                if trust.is_revoked(env.origin):
+                if (trust.is_revoked(env.origin)
+                        and env.seq > (trust.revocation_bound(env.origin) or 0)):
                     self.revoked_accepted += 1
                     self._fail(f"{node} applied {env.origin} seq {env.seq}, revoked")
                 t = self._ack_at.get((env.origin, env.seq))

@@ -275,7 +275,7 @@ def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Worklo
                "envelopes applied out of order"),
               ("invalid_accepted", invalid, "forged or invalid envelopes accepted"),
               ("revoked_accepted", checker.revoked_accepted,
-               "envelopes of a revoked origin accepted after the revocation"),
+               "envelopes of a revoked origin above its bound accepted after the revocation"),
               ("phantom_envelopes", checker.phantom_envelopes,
                "envelopes held beyond what their origin made durable"),
               ("equivocations", equivocations, "equivocation alerts between honest nodes"),

@@ -64,7 +64,14 @@ from typing import Any
 
 from mesh import config
 from mesh.core.envelope import Envelope, decode
-from mesh.core.identity import NodeKey, TrustStore, Verifier, issue_certificate, issue_revocations
+from mesh.core.identity import (
+    NodeKey,
+    TrustStore,
+    Verifier,
+    issue_certificate,
+    issue_revocations,
+    revocation_bounds,
+)
 from mesh.core.replica import CommandResult, Replica
 from mesh.core.sync import HIGH, Alert, Effect, SyncCore
 from mesh.core.wancodec import WanCodec, coalesce, enrolled
@@ -290,16 +297,18 @@ class World:
 
     def revoke(self, node_ids: list[str]) -> bool:
         """The store owner revokes nodes on the issuer (``storemesh nodes revoke``): it
-        signs the next revocation list and hands it to its running node, which adopts
+        signs the next revocation list (each newly revoked node bounded by the issuer's
+        replica's head for it) and hands it to its running node, which adopts
         it and passes it on (``SyncCore.learn_revocations``, as ``POST
         /v1/revocations``). False (nothing done) while the issuer is not running."""
         issuer = self.nodes[self.issuer] if self.issuer is not None else None
         if issuer is None or not issuer.alive or issuer.frozen:
             return False
         trust = issuer.trust
+        revoked = set(trust.revoked) | set(node_ids)
         crl = issue_revocations(self.store_key, store_id=self.store_id,
-                                version=trust.crl_version + 1,
-                                revoked=set(trust.revoked) | set(node_ids))
+                                version=trust.crl_version + 1, revoked=revoked,
+                                upto=revocation_bounds(trust, revoked, issuer.replica.vv.get))
         issuer.driver.carry_out(issuer.core.learn_revocations(crl, self.wall_ms(issuer.skew_ms)))
         self.emit("revoked", nodes=tuple(node_ids))
         return True

@@ -25,6 +25,12 @@ Invariants:
    started after a revoke adopts it even if the running node overwrote ``node.json``
    before it heard of the list. The reason given is kept there, on the edge, only; the
    signed list holds node ids alone (its format is shared with every replica).
+4. Each revoked node gets a bound in the list (``upto``, ``mesh.core.identity``
+   invariant 7): the highest seq of its chain in this edge's ledger when it is first
+   revoked. Every replica keeps its envelopes up to it and leaves out those above, so
+   all converge whichever came first, the list or the envelopes. A bound is carried
+   unchanged into every later version; a node revoked by a list older than bounds gets
+   one from the next list signed here.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +47,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from mesh.core.identity import RevocationList, TrustStore, issue_revocations
+from mesh.core.identity import (
+    RevocationList,
+    TrustStore,
+    issue_revocations,
+    revocation_bounds,
+)
 from mesh.errors import CommandError, EnvelopeError, Malformed
 
 if TYPE_CHECKING:  # aiohttp is imported where used: load_identity (every start) needs none
@@ -179,17 +191,53 @@ def add_revocation(identity: NodeIdentity, name: str, *, reason: str, now_ms: in
         if check is not None:
             check()
         revoked = set(trust.crl.revoked) if trust.crl is not None else set()
+        revoked.add(name)
+        with contextlib.closing(_LedgerHeads(identity.ledger_path)) as heads:
+            upto = revocation_bounds(trust, revoked, heads.get)
         crl = issue_revocations(store_key, store_id=identity.store_id,
                                 version=max(1, trust.crl_version + 1),
-                                revoked=revoked | {name})
+                                revoked=revoked, upto=upto)
         records: dict[str, Any] = doc["records"]
         records[name] = {"reason": reason, "revoked_ms": now_ms, "version": crl.version}
+        if name in upto:
+            records[name]["upto"] = upto[name]
         while len(records) > MAX_RECORDS:
             del records[next(iter(records))]
         _write(identity.data_dir, {"crl": crl.to_dict(), "records": records})
         trust.apply_revocations(crl)
         identity.save()
     return crl, True
+
+
+class _LedgerHeads:
+    """The highest seq per origin in a node's ledger, read-only (the node may be
+    running: SQLite WAL lets us read beside its writer). 0 for an origin it lacks, or
+    when there is no ledger yet."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn: sqlite3.Connection | None = None
+        if path.exists():
+            try:
+                self._conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+                self._conn.execute("PRAGMA busy_timeout=5000")
+            except sqlite3.Error as exc:
+                raise CommandError(f"cannot read the ledger {path}: {exc}") from None
+
+    def get(self, origin: str) -> int:
+        if self._conn is None:
+            return 0
+        try:
+            row = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM envelopes "
+                                     "WHERE origin = ?", (origin,)).fetchone()
+        except sqlite3.Error as exc:
+            if "no such table" in str(exc):
+                return 0
+            raise CommandError(f"cannot read the ledger: {exc}") from None
+        return int(row[0])
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
 
 
 # --- nodes list --------------------------------------------------------------------------

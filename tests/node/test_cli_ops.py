@@ -221,6 +221,24 @@ def test_nodes_revoke_on_a_stopped_edge_takes_effect_at_its_next_start(
     assert load_identity(two_registers.data_dir).trust.crl_version == 2
 
 
+def test_nodes_revoke_bounds_each_node_by_the_edges_ledger_and_keeps_the_bound(
+        two_registers: NodeIdentity) -> None:
+    """The list names, per revoked node, the last seq the store keeps: the highest in
+    the edge's ledger when it is revoked (r1 sold twice, r2 once), carried unchanged
+    into every later version (mesh.store.revoke invariant 4)."""
+    from mesh.store.revoke import revoke_node
+
+    ident = load_identity(two_registers.data_dir)
+    crl, _ = revoke_node(ident, LONG + "2", reason="lost", now_ms=NOW)
+    assert crl.upto == {LONG + "2": 1}
+    crl, _ = revoke_node(ident, LONG + "1", reason="stolen", now_ms=NOW)
+    assert crl.version == 2 and crl.upto == {LONG + "1": 2, LONG + "2": 1}
+    held = load_identity(two_registers.data_dir).trust
+    assert held.revocation_bounds == {LONG + "1": 2, LONG + "2": 1}
+    records = orjson.loads((two_registers.data_dir / "revocations.json").read_bytes())
+    assert records["records"][LONG + "1"]["upto"] == 2
+
+
 def test_nodes_revoke_refuses_what_it_cannot_do(two_registers: NodeIdentity,
                                                 tmp_path: Path) -> None:
     d = str(two_registers.data_dir)

@@ -79,6 +79,40 @@ def test_a_node_revoked_mid_run_is_refused_everywhere() -> None:
     assert rep["stranded_ops"] > 20  # its later sales: on its own disk, nowhere else
 
 
+def test_a_node_revoked_while_cut_off_with_a_peer_is_dropped_there_to_the_bound() -> None:
+    """r4 is revoked while it and r3 are cut off from the edge: r3 keeps taking r4's
+    sales the edge never saw. The list (bound: the edge's head for r4) reaches r3 at the
+    heal; r3 rebuilds without what lies above the bound, and every replica ends with
+    exactly r4's chain up to it (docs/protocol.md, "Revocation bounds")."""
+    sc = parse_scenario(_doc(
+        {"kind": "partition", "at_s": 60, "duration_s": 140, "groups": [["r3", "r4"]]},
+        {"kind": "revoke", "at_s": 120, "nodes": ["r4"]}))
+    seen: dict[str, int] = {}
+    worlds: list[Any] = []
+
+    def setup(ctx: RunContext) -> None:
+        w = ctx.world
+        worlds.append(w)
+
+        def on(kind: str, data: dict[str, Any]) -> None:
+            if kind == "revoked":
+                seen["bound"] = w.nodes["edge"].replica.vv.get("r4")
+        w.observers.append(on)
+        w.at(199_000, lambda: seen.setdefault(
+            "r3_before_heal", w.nodes["r3"].replica.vv.get("r4")))
+    result = run_scenario(sc, setup=setup)
+    assert result.ok, (result.failures, result.report["examples"][:3])
+    w = worlds[0]
+    bound = seen["bound"]
+    crl = w.nodes["edge"].trust.crl
+    assert crl is not None and crl.upto == {"r4": bound}
+    assert seen["r3_before_heal"] > bound + 5  # r3 took r4's sales past the edge's head
+    held = {n: w.nodes[n].replica.vv.get("r4") for n in w.nodes if n != "r4"}
+    assert set(held.values()) == {bound}, held
+    assert w.nodes["r3"].durable.rebuild_stats.excluded >= seen["r3_before_heal"] - bound
+    assert result.report["converged"] and result.report["lost_ops"] == 0
+
+
 def test_trust_faults_are_checked() -> None:
     for faults, msg in (
         ([{"kind": "enrol", "at_s": 1, "nodes": ["edge"]}], "holds the store key"),

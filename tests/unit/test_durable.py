@@ -439,3 +439,47 @@ def test_replay_of_a_failed_write_fails_too(tmp_path: Path) -> None:
         fut2.result(5)
     assert failed is not None
     dr.close()
+
+
+def test_a_revocation_bound_is_left_out_of_every_rebuild_of_the_sqlite_ledger(
+    store: tuple[NodeIdentity, dict[str, Replica], StoreKit],
+) -> None:
+    """The real ledger (SQLite, UNIQUE (origin, seq)): r1's 1..6 applied, 5 and 6 still
+    queued when the list (bound 5) is adopted. ``exclude_revoked`` rebuilds from what is
+    on disk plus what is queued (5 from the queue), without 6; the rows all land (an
+    archive, each once); a reopen leaves 6 out again; r2's envelopes stay."""
+    edge_ident, regs, kit = store
+    r1, r2 = regs["r1"], regs["r2"]
+    envs = [r1.receive("SKU-1", 10, txn="rcv", now_ms=NOW).envelope]
+    envs += [r1.sell("SKU-1", 1, txn=f"s{i}", now_ms=NOW).envelope for i in range(5)]
+    other = r2.receive("SKU-2", 5, txn="rcv2", now_ms=NOW).envelope
+    assert other is not None and all(e is not None for e in envs)
+    dr = DurableReplica.open(edge_ident.data_dir)
+    for env in [*envs[:4], other]:
+        assert env is not None
+        fut = ingest(dr, env.raw, NOW)[1]
+        assert fut is not None
+        fut.result()
+    dr.ledger.save_snapshot(*dr.take_snapshot())  # holds r1's 1..4
+    gate = threading.Event()
+    dr.ledger.call(lambda: gate.wait(5))  # hold the writer: 5 and 6 stay queued
+    futs = [ingest(dr, env.raw, NOW)[1] for env in envs[4:] if env is not None]
+    assert dr.replica.vv.get("r1") == 6
+    dr.identity.trust.apply_revocations(issue_revocations(
+        kit.store_key, store_id="store-1", version=1, revoked={"r1"}, upto={"r1": 5}))
+    stats = dr.exclude_revoked()
+    gate.set()
+    for fut in futs:
+        assert fut is not None
+        fut.result()
+    assert dr.replica.vv.get("r1") == 5 and dr.replica.vv.get("r2") == 1
+    assert stats.excluded == 1
+    assert [seq for (seq,) in sqlite3.connect(edge_ident.ledger_path).execute(
+        "SELECT seq FROM envelopes WHERE origin = 'r1' ORDER BY seq")] == [1, 2, 3, 4, 5, 6]
+    digest = dr.replica.state_digest()
+    dr.identity.save()
+    dr.close()
+    again = DurableReplica.open(edge_ident.data_dir)
+    assert again.replica.state_digest() == digest
+    assert again.rebuild_stats.excluded == 1 and again.rebuild_stats.snapshot_upto > 0
+    again.close()
