@@ -165,7 +165,7 @@ class PgAnalytics:
         gw = self.cloud.gateway
         return json_response({"exceptions": found[:limit], "truncated": len(found) > limit,
                       "stores": sorted(self.cloud.nodes),
-                      "partial": gw is not None and len(self.cloud.nodes) < len(gw.dirs)})
+                      "partial": gw is not None and len(self.cloud.nodes) < len(gw.registry)})
 
 
 def setup_pg_analytics(cloud: CloudNode) -> None:
