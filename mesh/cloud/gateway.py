@@ -42,6 +42,13 @@ Invariants:
     sharing one ROOT) are registered at start if the database does not have them yet,
     and ROOT's HQ accounts are imported if the database has none; from then on the
     database is the control plane (``storemesh hq ... --database``).
+ 8. Oversell exceptions fleet-wide in SQL: the holder writes the list its replica of a
+    store derives (the one rule every replica computes, ``mesh.core.replica``; not a
+    second implementation in SQL) into ``oversell_exceptions`` whenever the store's
+    ledger moved and the list changed, at most ``MAX_EXCEPTIONS_PER_STORE`` (the newest),
+    replacing the store's rows in one transaction fenced on the lease, and stamps
+    ``exceptions_seen``; any gateway answers ``/v1/fleet/exceptions`` from the view
+    ``fleet_exceptions``.
 """
 
 from __future__ import annotations
@@ -96,6 +103,9 @@ DEFAULT_TTL_S: Final = 6.0
 #: Most stores a gateway takes or hands over per tick: a takeover of hundreds of stores
 #: is spread over a few ticks instead of a burst of rebuilds.
 MAX_MOVES_PER_TICK: Final = 16
+#: Most oversell exceptions of one store kept in SQL (the newest by HLC): a store's list
+#: is a few a day in practice; a runaway one must not fill the table.
+MAX_EXCEPTIONS_PER_STORE: Final = 1000
 
 
 
@@ -184,6 +194,8 @@ class Gateway:
         self.work = cloud.root / ".gateways" / self.id
         self.control: PgControl | None = None
         self._pushed: dict[str, dict[str, bytes]] = {}  # store -> control files saved
+        #: store -> (ledger row, exceptions) as last written to SQL (invariant 8)
+        self._exc_saved: dict[str, tuple[int, list[tuple[Any, ...]]]] = {}
         self._work_lock: int | None = None
         self.holders: dict[str, Holder] = {}
         self.runners: dict[str, web.AppRunner] = {}
@@ -318,6 +330,7 @@ class Gateway:
             await self._save_egress(list(self.cloud.nodes))
             for store_id in list(self.cloud.nodes):
                 await self._write_back(store_id)
+                await self._save_exceptions(store_id)
             target = math.ceil(len(self.registry) / self.live_gateways)
             held = sorted(self.cloud.nodes, key=self._rank)
             if len(held) > target:
@@ -400,6 +413,37 @@ class Gateway:
                                                   for n, d in sorted(changed.items())])
         pushed.update(changed)
 
+    async def _save_exceptions(self, store_id: str) -> None:
+        """The replica's oversell exceptions into SQL if they changed (invariant 8)."""
+        node = self.cloud.nodes.get(store_id)
+        if node is None or self._conn is None:
+            return
+        at = cast("PgLedger", node.durable.ledger).last_id
+        saved = self._exc_saved.get(store_id)
+        if saved is not None and saved[0] == at:
+            return
+        found = sorted(node.replica.exceptions(), key=lambda e: e.hlc)
+        rows = [(store_id, e.sku, e.origin, e.seq, e.hlc, e.kind, e.short)
+                for e in found[-MAX_EXCEPTIONS_PER_STORE:]]
+        if saved is not None and saved[1] == rows:
+            self._exc_saved[store_id] = (at, rows)
+            return
+        async with self._conn.transaction():
+            if not await self._sql("SELECT 1 FROM leases WHERE store_id = %s AND gateway = "
+                                   "%s AND expires_at > now() FOR SHARE", (store_id, self.id)):
+                return
+            await self._sql("DELETE FROM oversell_exceptions WHERE store_id = %s", (store_id,))
+            async with self._conn.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO oversell_exceptions (store_id, sku, origin, seq, hlc, kind, "
+                    "short) VALUES (%s, %s, %s, %s, %s, %s, %s)", rows)
+            await self._sql(
+                "INSERT INTO exceptions_seen (store_id, gateway, exceptions, updated_at) "
+                "VALUES (%s, %s, %s, now()) ON CONFLICT (store_id) DO UPDATE SET "
+                "gateway = excluded.gateway, exceptions = excluded.exceptions, "
+                "updated_at = now()", (store_id, self.id, len(found)))
+        self._exc_saved[store_id] = (at, rows)
+
     async def _materialize(self, store_id: str) -> Path:
         """The store's control files, from the database, in our working directory."""
         assert self.control is not None
@@ -441,6 +485,8 @@ class Gateway:
         self.opened_at[store_id] = datetime.now(UTC)
         self.cloud.serve_store(node)
         self.moves.append((asyncio.get_running_loop().time(), store_id, "took"))
+        with contextlib.suppress(psycopg.Error):  # (else: at the next tick)
+            await self._save_exceptions(store_id)
         log.info("gateway %s serves store %s (rebuilt %d rows)", self.id, store_id,
                  node.durable.rebuild_stats.replayed)
 
@@ -484,6 +530,7 @@ class Gateway:
     async def _forget(self, store_id: str) -> None:
         """The store's files leave our working directory (the database keeps them)."""
         self._pushed.pop(store_id, None)
+        self._exc_saved.pop(store_id, None)
         await asyncio.to_thread(shutil.rmtree, self.work / store_id, True)
 
     # --- HTTP ---------------------------------------------------------------------------

@@ -13,8 +13,11 @@ the fleet views from the one database, whichever stores it holds itself:
 * ``GET /v1/fleet/health`` per store: envelopes, newest HLC and lag, the lease holder,
   WAN bytes (``egress``: saved by the holding gateway every tick and at hand-over)
 * ``GET /v1/fleet/gateways`` this gateway, the live ones, and who holds which lease
-* ``GET /v1/fleet/exceptions`` oversell exceptions from the replicas this gateway serves
-  (the rule lives in the replica: ``mesh.cloud.analytics`` invariant 5), with ``partial``.
+* ``GET /v1/fleet/exceptions`` oversell exceptions of the whole fleet, in SQL over the
+  view ``fleet_exceptions``: each store's list as the replica holding it derived it
+  (the rule lives in the replica: ``mesh.cloud.analytics`` invariant 5), written by its
+  lease holder (``mesh.cloud.gateway`` invariant 8); ``partial`` while a registered
+  store has none written yet.
 
 Every query runs in a worker thread on a connection of its own per request (bounded by
 ``MAX_LIMIT`` rows), never on the loop.
@@ -155,17 +158,33 @@ class PgAnalytics:
                       "analytics": {"source": "postgresql", "exact": True}})
 
     async def exceptions(self, request: web.Request) -> web.Response:
+        """Fleet-wide, from SQL: the view ``fleet_exceptions`` (each store's list as its
+        lease holder's replica derived it: ``mesh.cloud.gateway`` invariant 8), newest
+        first; ``partial`` if a registered store has no list in the database yet."""
         sku = query_ident(request, "sku")
         limit = query_int(request, "limit", 1, MAX_LIMIT, 100)
-        found: list[dict[str, Any]] = []
-        for store_id, node in sorted(self.cloud.nodes.items()):
-            found.extend({"store": store_id, **e.to_dict(), "at_ms": e.hlc >> 16}
-                         for e in node.replica.exceptions(sku))
-        found.sort(key=lambda e: (e["hlc"], e["store"], e["origin"], e["seq"]), reverse=True)
-        gw = self.cloud.gateway
+        rows, seen, missing = await asyncio.to_thread(self._exceptions, sku, limit)
+        found = [{"store": s, "sku": k, "origin": o, "seq": int(q), "hlc": int(h),
+                  "kind": kind, "short": int(short), "at_ms": int(at)}
+                 for s, k, o, q, h, kind, short, at in rows]
         return json_response({"exceptions": found[:limit], "truncated": len(found) > limit,
-                      "stores": sorted(self.cloud.nodes),
-                      "partial": gw is not None and len(self.cloud.nodes) < len(gw.registry)})
+                              "stores": seen, "partial": missing > 0,
+                              "source": "postgresql"})
+
+    def _exceptions(self, sku: str | None, limit: int
+                    ) -> tuple[list[tuple[Any, ...]], list[str], int]:
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+            rows = conn.execute(
+                "SELECT store_id, sku, origin, seq, hlc, kind, short, at_ms FROM "
+                "fleet_exceptions WHERE (%s::text IS NULL OR sku = %s) ORDER BY hlc DESC, "
+                "store_id DESC, origin DESC, seq DESC LIMIT %s",
+                (sku, sku, limit + 1)).fetchall()
+            seen = [str(r[0]) for r in conn.execute(
+                "SELECT store_id FROM exceptions_seen ORDER BY store_id").fetchall()]
+            (missing,) = conn.execute(
+                "SELECT count(*) FROM cloud_stores c WHERE NOT EXISTS (SELECT 1 FROM "
+                "exceptions_seen s WHERE s.store_id = c.store_id)").fetchone() or (0,)
+        return rows, seen, int(missing)
 
 
 def setup_pg_analytics(cloud: CloudNode) -> None:

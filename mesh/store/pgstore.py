@@ -126,6 +126,27 @@ CREATE TABLE IF NOT EXISTS egress (
     updated_at timestamptz NOT NULL,
     PRIMARY KEY (store_id, gateway, opened_at)
 );
+CREATE TABLE IF NOT EXISTS oversell_exceptions (
+    store_id text    NOT NULL,      -- as the store's replica derives them (mesh.core.replica),
+    sku      text    NOT NULL,      -- written by the lease holder when they change
+    origin   text    NOT NULL,      -- (mesh.cloud.gateway invariant 8)
+    seq      bigint  NOT NULL,
+    hlc      bigint  NOT NULL,
+    kind     text    NOT NULL,
+    short    integer NOT NULL,      -- units of the event that were not there
+    PRIMARY KEY (store_id, sku, origin, seq)
+);
+CREATE INDEX IF NOT EXISTS oversell_exceptions_by_hlc ON oversell_exceptions (hlc);
+CREATE TABLE IF NOT EXISTS exceptions_seen (
+    store_id   text        PRIMARY KEY,  -- a store's list above is as of this
+    gateway    text        NOT NULL,
+    exceptions integer     NOT NULL,
+    updated_at timestamptz NOT NULL
+);
+CREATE OR REPLACE VIEW fleet_exceptions AS
+    SELECT e.store_id, e.sku, e.origin, e.seq, e.hlc, e.kind, e.short,
+           e.hlc >> 16 AS at_ms, s.gateway, s.updated_at
+    FROM oversell_exceptions e JOIN exceptions_seen s USING (store_id);
 CREATE OR REPLACE VIEW sales_hourly AS
     SELECT store_id, sku, hour_ms, events AS sales, -qty AS units
     FROM movements_hourly WHERE kind = 'sale';

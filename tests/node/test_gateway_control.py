@@ -15,10 +15,13 @@ import pytest
 
 pytest.importorskip("psycopg")
 
+import psycopg
+
 from mesh import config
 from mesh.cloud import hq
 from mesh.cloud.control import read_store_files
 from mesh.cloud.pgcontrol import PgControl
+from mesh.store.datadir import load_identity
 from mesh.store.revoke import revoke_node
 from mesh.testing.fleet import Fleet, provision
 from tests import meshkit as mk
@@ -87,9 +90,9 @@ async def test_gateways_without_a_shared_root_serve_what_the_database_holds(
         # holds it, so the gateway that takes the store next starts with it.
         store = first[0]
         edge = fleet.nodes[store]
-        crl, _ = revoke_node(edge.identity, "reg-lost", reason="stolen", now_ms=mk.now_ms(),
-                             force=True)
-        edge.handle_effects(edge.core.learn_revocations(crl, mk.now_ms()))
+        crl, _ = revoke_node(load_identity(edge.data_dir), "reg-lost", reason="stolen",
+                             now_ms=mk.now_ms(), force=True)  # as the CLI does, beside it
+        edge.handle_effects(edge.core.learn_revocations(crl, mk.now_ms()))  # as its gate
         await mk.wait_until(lambda: b'"reg-lost"' in control.store_files(store)["node.json"],
                             15, "the revocation list written back to the database")
         holder, other = (g1, g2) if store in g1.nodes else (g2, g1)
@@ -132,4 +135,69 @@ async def test_a_gateway_imports_its_roots_stores_and_accounts_once(tmp_path: Pa
         assert list(control.users()) == [mk.HQ_USER]
         assert control.users()[mk.HQ_USER]["disabled"] is True
     finally:
+        control.close()
+
+
+@pytest.mark.asyncio
+async def test_oversell_exceptions_fleet_wide_in_sql(tmp_path: Path, pg_dsn: str) -> None:
+    """A register sells more than the store holds (offline-first): the store's replica at
+    the cloud flags the sale, its holder writes the list to SQL, and every gateway, also
+    one that holds none of the store's data, answers it for the whole fleet."""
+    from functools import partial
+
+    from mesh.core.replica import Replica
+
+    control = PgControl(pg_dsn)
+    stores = provision(tmp_path / "edges", tmp_path / "staging", 2)
+    for s in stores:
+        control.register_store(s, read_store_files(tmp_path / "staging" / s))
+    hq.add_user(control, mk.HQ_USER, mk.HQ_PASSWORD, cost=mk.PIN_COST)
+    p1, p2 = _port(), _port()
+    g1 = _gateway(tmp_path / "gw1", pg_dsn, "g1", p1)
+    await g1.start()  # alone: holds both stores
+    g2 = _gateway(tmp_path / "gw2", pg_dsn, "g2", p2)
+    fleet = Fleet(tmp_path / "edges", stores, [f"http://127.0.0.1:{p1}",
+                                               f"http://127.0.0.1:{p2}"])
+    try:
+        await fleet.start()
+        edge = fleet.nodes[stores[1]]
+
+        def receive(r: Replica, *, now_ms: int) -> object:
+            return r.receive("SKU-LAST", 1, txn="po-last", now_ms=now_ms)
+
+        def sell(r: Replica, *, txn: str, now_ms: int) -> object:
+            return r.sell("SKU-LAST", 2, txn=txn, now_ms=now_ms)
+        await edge.execute(partial(receive, now_ms=mk.now_ms()))  # type: ignore[arg-type]
+        await edge.execute(partial(sell, txn="sale-1", now_ms=mk.now_ms()))  # type: ignore[arg-type]
+        assert [e.short for e in edge.replica.exceptions("SKU-LAST")] == [1]
+
+        async with mk.hq_session(g1.url) as http:
+            async def listed(url: str) -> dict[str, object]:
+                body = await mk.get_json(http, url, "/v1/fleet/exceptions")
+                return body  # type: ignore[no-any-return]
+            deadline = time.monotonic() + 20
+            while (body := await listed(g1.url))["exceptions"] == []:
+                assert time.monotonic() < deadline, body
+                await asyncio.sleep(0.2)
+            (exc,) = body["exceptions"]  # type: ignore[misc]
+            assert (exc["store"], exc["sku"], exc["short"], exc["kind"]) == \
+                (stores[1], "SKU-LAST", 1, "sale")
+            assert body["partial"] is False and body["stores"] == stores
+
+            await g2.start()  # a gateway that holds nothing of it yet answers the same
+            other = await listed(g2.url)
+            assert other["exceptions"] == body["exceptions"]
+            none = await mk.get_json(http, g2.url, "/v1/fleet/exceptions?sku=SKU-FLEET")
+            assert none["exceptions"] == []
+            await g1.close()  # g2 takes both stores over and writes the same list
+            await _serving(g2, 2, 15)
+            await asyncio.sleep(0.5)
+            with psycopg.connect(pg_dsn) as conn:
+                assert conn.execute("SELECT gateway FROM exceptions_seen WHERE store_id "
+                                    "= %s", (stores[1],)).fetchone() == ("g2",)
+            assert (await listed(g2.url))["exceptions"] == body["exceptions"]
+    finally:
+        await fleet.close()
+        await g2.close()
+        await g1.close()
         control.close()
