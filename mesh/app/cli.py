@@ -415,8 +415,9 @@ def _check_database(database: str | None) -> None:
               default=None, help="The key of --tls-cert (PEM).")
 @click.option("--database", default=None, metavar="URL",
               help="postgresql://... (or postgresql:///DB?host=/socket/dir): every store's "
-                   "ledger and the fleet analytics in PostgreSQL, and this process one of "
-                   "many gateways sharing --data and the database [default: SQLite in "
+                   "ledger, the fleet analytics and the control plane (stores, their "
+                   "trust stores, HQ accounts) in PostgreSQL, and this process one of "
+                   "many gateways sharing the database [default: SQLite and files in "
                    "--data, one process].")
 @click.option("--gateway-id", default=None,
               help="This gateway's name in the lease table [default: gw-HOST-PID].")

@@ -7,7 +7,10 @@
 inbound access to store LANs is needed), and its full node API (reservations for
 buy-online-pick-up-in-store, catalog, stock) is under ``/stores/s/v1/...``, behind that
 store's device credentials (``mesh.http.gate``). Fleet-wide views (analytics, dashboard,
-``/v1/stores``) are served at the root, behind the HQ login (``mesh.cloud.hq``).
+``/v1/stores``) are served at the root, behind the HQ login (``mesh.cloud.hq``). The
+store registry, the stores' trust material and HQ's accounts and sessions are the
+control plane (``mesh.cloud.control``): files on ROOT here, PostgreSQL tables with
+``--database`` (``mesh.cloud.gateway``, which then serves ``/stores/{store}/`` itself).
 
 Invariants:
  1. Every store's replica is independent: its own key, certificate, trust store,
