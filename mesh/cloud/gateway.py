@@ -190,6 +190,7 @@ class Gateway:
         self.ttl_s = ttl_s
         #: The store registry as of the last tick (invariant 6).
         self.registry: list[str] = []
+        self._registry_version: object = None
         #: This gateway's working directory: the store nodes it serves (invariant 6).
         self.work = cloud.root / ".gateways" / self.id
         self.control: PgControl | None = None
@@ -346,7 +347,13 @@ class Gateway:
             await self._refresh_holders()
 
     async def _refresh_registry(self) -> None:
+        """Re-read the registry if its version moved (one row a tick otherwise)."""
+        (version,) = (await self._sql("SELECT version FROM control_versions WHERE name = "
+                                      "'stores'"))[0]
+        if version == self._registry_version:
+            return
         rows = await self._sql("SELECT store_id FROM cloud_stores ORDER BY store_id")
+        self._registry_version = version
         registry = [str(r[0]) for r in rows]
         for store_id in set(registry) - set(self.registry):
             log.info("gateway %s: store %s is registered", self.id, store_id)
