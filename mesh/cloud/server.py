@@ -245,8 +245,20 @@ class CloudNode:
             await self._runner.cleanup()
 
     async def _stores(self, request: web.Request) -> web.Response:
+        """Every store of the cloud: the ones served here with their peers; on a gateway
+        also the registered ones another gateway holds (its URL), or none yet."""
         out: list[dict[str, Any]] = []
-        for store_id, node in sorted(self.nodes.items()):
-            out.append({"store_id": store_id, "node_id": node.identity.node_id,
-                        "url": node.url, "peers": node.peer_status()})
+        gw = self.gateway
+        for store_id in sorted(set(self.nodes) | set(gw.registry if gw else ())):
+            node = self.nodes.get(store_id)
+            if node is not None:
+                out.append({"store_id": store_id, "node_id": node.identity.node_id,
+                            "url": node.url, "peers": node.peer_status(),
+                            "gateway": gw.id if gw else None})
+                continue
+            holder = gw.holders.get(store_id) if gw else None
+            live = holder is not None and holder.live
+            out.append({"store_id": store_id, "node_id": None, "peers": None,
+                        "url": f"{holder.url}/stores/{store_id}" if live and holder else None,
+                        "gateway": holder.gateway if live and holder else None})
         return web.json_response({"stores": out})

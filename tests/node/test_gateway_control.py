@@ -73,6 +73,9 @@ async def test_gateways_without_a_shared_root_serve_what_the_database_holds(
         async with mk.hq_session(g1.url) as http:
             body = await mk.get_json(http, g2.url, "/v1/fleet/sales?hours=24")
             assert body["totals"]["sales"] == 5 * 2 + 7
+            listed = await mk.get_json(http, g2.url, "/v1/stores")  # every registered one
+            assert {s["store_id"]: s["gateway"] for s in listed["stores"]} == \
+                _served(g1, g2)
             hq.update_user(control, mk.HQ_USER, disabled=True)  # ends it at every gateway
             await mk.wait_until(lambda: g2.app[hq.HQ_KEY].store.count() == 0, 10,
                                 "the disabled account's sessions ended")
