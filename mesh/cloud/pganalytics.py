@@ -160,31 +160,44 @@ class PgAnalytics:
     async def exceptions(self, request: web.Request) -> web.Response:
         """Fleet-wide, from SQL: the view ``fleet_exceptions`` (each store's list as its
         lease holder's replica derived it: ``mesh.cloud.gateway`` invariant 8), newest
-        first; ``partial`` if a registered store has no list in the database yet."""
+        first, with the SQLite cloud's ``totals``; ``partial`` if a registered store has
+        no list in the database yet."""
         sku = query_ident(request, "sku")
+        store = query_ident(request, "store")
         limit = query_int(request, "limit", 1, MAX_LIMIT, 100)
-        rows, seen, missing = await asyncio.to_thread(self._exceptions, sku, limit)
+        rows, by_store, missing = await asyncio.to_thread(self._exceptions, store, sku,
+                                                          limit)
         found = [{"store": s, "sku": k, "origin": o, "seq": int(q), "hlc": int(h),
                   "kind": kind, "short": int(short), "at_ms": int(at)}
                  for s, k, o, q, h, kind, short, at in rows]
+        totals = {"count": sum(t["count"] for t in by_store.values()),
+                  "short_units": sum(t["short_units"] for t in by_store.values()),
+                  "by_store": by_store}
         return json_response({"exceptions": found[:limit], "truncated": len(found) > limit,
-                              "stores": seen, "partial": missing > 0,
-                              "source": "postgresql"})
+                              "totals": totals, "stores": sorted(by_store),
+                              "partial": missing > 0, "source": "postgresql"})
 
-    def _exceptions(self, sku: str | None, limit: int
-                    ) -> tuple[list[tuple[Any, ...]], list[str], int]:
+    def _exceptions(self, store: str | None, sku: str | None, limit: int
+                    ) -> tuple[list[tuple[Any, ...]], dict[str, dict[str, int]], int]:
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
             rows = conn.execute(
                 "SELECT store_id, sku, origin, seq, hlc, kind, short, at_ms FROM "
-                "fleet_exceptions WHERE (%s::text IS NULL OR sku = %s) ORDER BY hlc DESC, "
-                "store_id DESC, origin DESC, seq DESC LIMIT %s",
-                (sku, sku, limit + 1)).fetchall()
-            seen = [str(r[0]) for r in conn.execute(
-                "SELECT store_id FROM exceptions_seen ORDER BY store_id").fetchall()]
+                "fleet_exceptions WHERE (%s::text IS NULL OR store_id = %s) AND "
+                "(%s::text IS NULL OR sku = %s) ORDER BY hlc DESC, store_id DESC, "
+                "origin DESC, seq DESC LIMIT %s",
+                (store, store, sku, sku, limit + 1)).fetchall()
+            by_store = {str(s): {"count": int(n), "short_units": int(u)}
+                        for s, n, u in conn.execute(
+                "SELECT s.store_id, count(e.seq), COALESCE(sum(e.short), 0) FROM "
+                "exceptions_seen s LEFT JOIN oversell_exceptions e ON e.store_id = "
+                "s.store_id AND (%s::text IS NULL OR e.sku = %s) WHERE (%s::text IS NULL "
+                "OR s.store_id = %s) GROUP BY s.store_id ORDER BY s.store_id",
+                (sku, sku, store, store)).fetchall()}
             (missing,) = conn.execute(
-                "SELECT count(*) FROM cloud_stores c WHERE NOT EXISTS (SELECT 1 FROM "
-                "exceptions_seen s WHERE s.store_id = c.store_id)").fetchone() or (0,)
-        return rows, seen, int(missing)
+                "SELECT count(*) FROM cloud_stores c WHERE (%s::text IS NULL OR "
+                "c.store_id = %s) AND NOT EXISTS (SELECT 1 FROM exceptions_seen s WHERE "
+                "s.store_id = c.store_id)", (store, store)).fetchone() or (0,)
+        return rows, by_store, int(missing)
 
 
 def setup_pg_analytics(cloud: CloudNode) -> None:

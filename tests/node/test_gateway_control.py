@@ -186,6 +186,11 @@ async def test_oversell_exceptions_fleet_wide_in_sql(tmp_path: Path, pg_dsn: str
             assert (exc["store"], exc["sku"], exc["short"], exc["kind"]) == \
                 (stores[1], "SKU-LAST", 1, "sale")
             assert body["partial"] is False and body["stores"] == stores
+            assert body["totals"] == {"count": 1, "short_units": 1, "by_store": {
+                stores[0]: {"count": 0, "short_units": 0},
+                stores[1]: {"count": 1, "short_units": 1}}}
+            one = await mk.get_json(http, g1.url, f"/v1/fleet/exceptions?store={stores[0]}")
+            assert one["exceptions"] == [] and one["stores"] == [stores[0]]
 
             await g2.start()  # a gateway that holds nothing of it yet answers the same
             other = await listed(g2.url)
