@@ -36,8 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-__all__ = ["STORE_FILES", "ControlPlane", "ControlUnavailable", "FileControl", "HqSession",
-           "Sessions", "open_control", "read_store_files", "write_store_files"]
+__all__ = ["CHANGING_FILES", "STORE_FILES", "ControlPlane", "ControlUnavailable",
+           "FileControl", "HqSession", "Sessions", "private_dir",
+           "read_store_files", "write_store_files"]
 
 #: A store's cloud node, as files (``mesh.store.datadir``, ``mesh.net.tls``) and modes.
 STORE_FILES: Final[Mapping[str, int]] = {
@@ -210,15 +211,6 @@ class FileControl:
 
     def close(self) -> None:
         pass
-
-
-def open_control(root: Path, database: str | None = None) -> ControlPlane:
-    """The control plane of the cloud on ``root`` (files) or on ``database``."""
-    if database is None:
-        return FileControl(root)
-    from mesh.cloud.pgcontrol import PgControl
-
-    return PgControl(database)
 
 
 def private_dir(path: Path) -> None:

@@ -275,8 +275,6 @@ class Gateway:
                     await self._conn.execute("DELETE FROM gateways WHERE gateway = %s",
                                              (self.id,))
                 await self._conn.close()
-            if self.control is not None:
-                await asyncio.to_thread(self.control.close)
             if self._work_lock is not None:
                 await asyncio.to_thread(shutil.rmtree, self.work, True)
                 os.close(self._work_lock)

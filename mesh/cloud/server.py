@@ -242,7 +242,8 @@ class CloudNode:
         for node in self._opened:
             await node.close()
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # (the HQ door reads the control plane until here)
+        await asyncio.to_thread(self.control.close)
 
     async def _stores(self, request: web.Request) -> web.Response:
         """Every store of the cloud: the ones served here with their peers; on a gateway
