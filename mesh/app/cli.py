@@ -358,7 +358,11 @@ def cloud() -> None:
 @click.option("--url", default=None, help="Edge URL to redeem the token at (else the token's).")
 @click.option("--insecure-plaintext", is_flag=True, default=False,
               help="Development only: join an http:// edge on 127.0.0.1.")
-def cloud_join_cmd(root: Path, token: str, url: str | None, insecure_plaintext: bool) -> None:
+@click.option("--database", default=None, metavar="URL",
+              help="postgresql://...: register the store in the database's control plane "
+                   "(running gateways serve it within seconds) instead of ROOT/STORE.")
+def cloud_join_cmd(root: Path, token: str, url: str | None, insecure_plaintext: bool,
+                   database: str | None) -> None:
     """Enrol the cloud in a store with a join token made with '--role cloud'."""
     import asyncio
 
@@ -366,13 +370,33 @@ def cloud_join_cmd(root: Path, token: str, url: str | None, insecure_plaintext: 
     from mesh.errors import Malformed
     from mesh.net.enrol import JoinRefused, UntrustedEdge
 
+    _check_database(database)
     try:
         data_dir = asyncio.run(cloud_join(root, token, url=url,
-                                          insecure_plaintext=insecure_plaintext))
+                                          insecure_plaintext=insecure_plaintext,
+                                          database=database))
     except (JoinRefused, UntrustedEdge, Malformed, FileExistsError, ConnectionError,
-            TimeoutError, ValueError) as exc:
+            TimeoutError, ValueError, OSError) as exc:
         raise UserError(f"join failed: {exc}") from None
-    console.print(f"cloud enrolled; store data in {data_dir}")
+    if database is None:
+        console.print(f"cloud enrolled; store data in {data_dir}")
+    else:
+        console.print(f"cloud enrolled; store [bold]{data_dir.name}[/] registered in the "
+                      "database (the gateways serve it within a lease tick)")
+
+
+def _check_database(database: str | None) -> None:
+    if database is None:
+        return
+    from mesh.store.pgstore import is_pg_dsn
+
+    if not is_pg_dsn(database):
+        raise UserError(f"--database takes a postgresql:// URL, not {database!r}")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise UserError("--database needs the PostgreSQL driver: pip install "
+                        "'storemesh[postgres]'") from None
 
 
 @cloud.command("run")
@@ -391,8 +415,9 @@ def cloud_join_cmd(root: Path, token: str, url: str | None, insecure_plaintext: 
               default=None, help="The key of --tls-cert (PEM).")
 @click.option("--database", default=None, metavar="URL",
               help="postgresql://... (or postgresql:///DB?host=/socket/dir): every store's "
-                   "ledger and the fleet analytics in PostgreSQL, and this process one of "
-                   "many gateways sharing --data and the database [default: SQLite in "
+                   "ledger, the fleet analytics and the control plane (stores, their "
+                   "trust stores, HQ accounts) in PostgreSQL, and this process one of "
+                   "many gateways sharing the database [default: SQLite and files in "
                    "--data, one process].")
 @click.option("--gateway-id", default=None,
               help="This gateway's name in the lease table [default: gw-HOST-PID].")
@@ -446,15 +471,7 @@ def cloud_run(root: Path, http_host: str, http_port: int, insecure_plaintext: bo
         raise UserError("give --tls-cert and --tls-key together (or neither: the cloud "
                         "makes a certificate from its HQ CA)")
     if database is not None:
-        from mesh.store.pgstore import is_pg_dsn
-
-        if not is_pg_dsn(database):
-            raise UserError(f"--database takes a postgresql:// URL, not {database!r}")
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            raise UserError("--database needs the PostgreSQL driver: pip install "
-                            "'storemesh[postgres]'") from None
+        _check_database(database)
     elif gateway_id is not None or lease_ttl is not None:
         raise UserError("--gateway-id and --lease-ttl are for a cloud on --database")
     node = CloudNode(root, http_host=http_host, http_port=http_port,
@@ -475,6 +492,20 @@ def hq() -> None:
 
 
 _HQ_ROOT = click.Path(file_okay=False, path_type=Path)
+_HQ_DATABASE = click.option(
+    "--database", default=None, metavar="URL",
+    help="postgresql://...: the accounts of the cloud on this database (its gateways) "
+         "instead of ROOT's.")
+
+
+def _hq_where(root: Path, database: str | None) -> Any:
+    """ROOT, or the database's control plane (``mesh.cloud.control``)."""
+    if database is None:
+        return root
+    _check_database(database)
+    from mesh.cloud.pgcontrol import PgControl
+
+    return _auth_call(lambda: PgControl(database))
 
 
 def _read_password(password_file: Path | None, prompt: str = "password") -> str:
@@ -491,23 +522,28 @@ def _read_password(password_file: Path | None, prompt: str = "password") -> str:
                                       "admin: the same (room for HQ writes to come).")
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Read the password from this file (else a hidden prompt).")
-def hq_add(root: Path, name: str, role: str, password_file: Path | None) -> None:
+@_HQ_DATABASE
+def hq_add(root: Path, name: str, role: str, password_file: Path | None,
+           database: str | None) -> None:
     """Create HQ account NAME on the cloud whose data root is ROOT."""
     from mesh.cloud.hq import add_user
 
     password = _read_password(password_file)
-    _auth_call(lambda: add_user(root, name, password, role=role))
+    where = _hq_where(root, database)
+    _auth_call(lambda: add_user(where, name, password, role=role))
     console.print(f"HQ account [bold]{name}[/] ({role}) added; a running cloud lets it log "
                   "in within a second")
 
 
 @hq.command("list")
 @click.argument("root", type=_HQ_ROOT)
-def hq_list(root: Path) -> None:
+@_HQ_DATABASE
+def hq_list(root: Path, database: str | None) -> None:
     """List the HQ accounts (never their passwords or verifiers)."""
     from mesh.cloud.hq import list_users
 
-    rows = _auth_call(lambda: list_users(root))
+    where = _hq_where(root, database)
+    rows = _auth_call(lambda: list_users(where))
     t = Table(title=f"HQ accounts of {root}")
     for col in ("account", "role", "state"):
         t.add_column(col)
@@ -519,22 +555,26 @@ def hq_list(root: Path) -> None:
 @hq.command("disable")
 @click.argument("root", type=_HQ_ROOT)
 @click.argument("name")
-def hq_disable(root: Path, name: str) -> None:
+@_HQ_DATABASE
+def hq_disable(root: Path, name: str, database: str | None) -> None:
     """Disable NAME: its sessions end and it cannot log in (``enable`` undoes it)."""
     from mesh.cloud.hq import update_user
 
-    _auth_call(lambda: update_user(root, name, disabled=True))
+    where = _hq_where(root, database)
+    _auth_call(lambda: update_user(where, name, disabled=True))
     console.print(f"HQ account {name} disabled; its sessions end within a second")
 
 
 @hq.command("enable")
 @click.argument("root", type=_HQ_ROOT)
 @click.argument("name")
-def hq_enable(root: Path, name: str) -> None:
+@_HQ_DATABASE
+def hq_enable(root: Path, name: str, database: str | None) -> None:
     """Enable NAME again."""
     from mesh.cloud.hq import update_user
 
-    _auth_call(lambda: update_user(root, name, disabled=False))
+    where = _hq_where(root, database)
+    _auth_call(lambda: update_user(where, name, disabled=False))
     console.print(f"HQ account {name} enabled")
 
 
@@ -543,12 +583,15 @@ def hq_enable(root: Path, name: str) -> None:
 @click.argument("name")
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Read the password from this file (else a hidden prompt).")
-def hq_set_password(root: Path, name: str, password_file: Path | None) -> None:
+@_HQ_DATABASE
+def hq_set_password(root: Path, name: str, password_file: Path | None,
+                    database: str | None) -> None:
     """Give NAME a new password (ends its sessions and any lockout)."""
     from mesh.cloud.hq import update_user
 
     password = _read_password(password_file, "new password")
-    _auth_call(lambda: update_user(root, name, password=password))
+    where = _hq_where(root, database)
+    _auth_call(lambda: update_user(where, name, password=password))
     console.print(f"HQ account {name} has a new password; its old sessions end")
 
 

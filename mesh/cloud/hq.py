@@ -1,24 +1,29 @@
 """HQ login for the cloud: accounts, password checks, session cookies, the door.
 
 The cloud's fleet views (``/``, ``/v1/fleet/...``, ``/v1/stores``) are for head office
-only. HQ accounts live in ``ROOT/hq_users.json`` on the cloud (``storemesh hq add ROOT
-NAME``); a browser (or a script) logs in with ``POST /v1/hq/login`` and carries a
-session cookie from then on. Store nodes under ``/stores/S/`` are not behind this door:
+only. HQ accounts live in the cloud's control plane (``mesh.cloud.control``):
+``ROOT/hq_users.json`` on the embedded cloud (``storemesh hq add ROOT NAME``), table
+``hq_users`` on a cloud on PostgreSQL (``storemesh hq add ROOT NAME --database URL``),
+sessions likewise in ``ROOT/hq_sessions.sqlite`` or table ``hq_sessions``; a browser
+(or a script) logs in with ``POST /v1/hq/login`` and carries a session cookie from then
+on. Store nodes under ``/stores/S/`` are not behind this door:
 they have their own (device credentials of that store, ``mesh.http.gate``; node sessions for
 sync). docs/security.md, "HQ login", is the reference.
 
 Invariants:
  1. Passwords are kept only as scrypt verifiers (``mesh.core.auth.make_pin_verifier``, 12 or
-    more characters) in a file of mode 0600 replaced atomically under ``hq.lock``; a
+    more characters) in a file of mode 0600 replaced atomically under ``hq.lock`` (or
+    in table ``hq_users``, edited in one transaction: ``mesh.cloud.pgcontrol``); a
     check runs in a worker thread, never on the event loop, and compares with
     ``hmac.compare_digest``.
  2. A session is 32 random bytes in a cookie that scripts cannot read (``HttpOnly``),
     that no other site's request carries (``SameSite=Strict``), and that only TLS
     carries when the cloud serves TLS (``Secure`` and the ``__Host-`` prefix). The
-    cloud keeps only its SHA-256, in ``ROOT/hq_sessions.sqlite`` (mode 0600; shared by
-    every cloud process on that root, kept over a restart), with an idle timeout and
-    an absolute lifetime on the wall clock; a logout, a disabled account or a new
-    password ends it, at every process within ``HQ_SESSION_RECHECK_S``.
+    cloud keeps only its SHA-256, in ``ROOT/hq_sessions.sqlite`` (mode 0600) or the
+    database (shared by every cloud process on that control plane, kept over a
+    restart), with an idle timeout and an absolute lifetime on the wall clock; a
+    logout, a disabled account or a new password ends it, at every process within
+    ``HQ_SESSION_RECHECK_S``.
  3. CSRF: every state-changing request that a cookie authenticates (logout, and any
     later POST) needs ``X-CSRF-Token`` equal to the session's token (which only a
     same-origin script can learn, from ``GET /v1/hq/session``); login itself refuses a
@@ -48,7 +53,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final
@@ -60,11 +64,12 @@ from aiohttp.typedefs import Handler
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from mesh import config
+from mesh.cloud.control import ControlPlane, FileControl, HqSession
 from mesh.core.auth import AuthError, PinGuard, SourceThrottle, make_pin_verifier, pin_matches
 from mesh.errors import CommandError
 
-__all__ = ["HQ_FILE", "SESSIONS_FILE", "HqDoor", "SessionStore", "add_user", "list_users",
-           "setup_hq", "update_user"]
+__all__ = ["HQ_FILE", "SESSIONS_FILE", "HqDoor", "SessionStore", "add_user",
+           "edit_users_file", "list_users", "setup_hq", "update_user"]
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +125,9 @@ def load_users(root: Path) -> dict[str, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _edit(root: Path) -> Iterator[dict[str, dict[str, Any]]]:
+def edit_users_file(root: Path) -> Iterator[dict[str, dict[str, Any]]]:
+    """``hq_users.json``'s accounts to change in place, under ``hq.lock``, replaced
+    atomically when the block ends (``FileControl.edit_users``)."""
     from mesh.store.datadir import write_atomic
 
     root = Path(root)
@@ -136,14 +143,18 @@ def _edit(root: Path) -> Iterator[dict[str, dict[str, Any]]]:
         os.close(fd)
 
 
-def add_user(root: Path, name: str, password: str, *, role: str = "viewer",
+def _control(where: Path | ControlPlane) -> ControlPlane:
+    return FileControl(where) if isinstance(where, (str, Path)) else where
+
+
+def add_user(where: Path | ControlPlane, name: str, password: str, *, role: str = "viewer",
              cost: int = config.PIN_SCRYPT_N) -> None:
-    """Create HQ account ``name`` on the cloud in ``root``."""
+    """Create HQ account ``name`` on the cloud whose root (or control plane) is ``where``."""
     _check_name(name)
     if role not in HQ_ROLES:
         raise CommandError(f"role must be one of {sorted(HQ_ROLES)}", "role")
     verifier = _verifier(password, cost)
-    with _edit(root) as users:
+    with _control(where).edit_users() as users:
         if name in users:
             raise CommandError(f"HQ account {name!r} exists already; 'storemesh hq "
                                "set-password' gives it a new password", "name")
@@ -153,7 +164,7 @@ def add_user(root: Path, name: str, password: str, *, role: str = "viewer",
                        "changed_ms": time.time_ns() // 1_000_000}
 
 
-def update_user(root: Path, name: str, *, password: str | None = None,
+def update_user(where: Path | ControlPlane, name: str, *, password: str | None = None,
                 disabled: bool | None = None, role: str | None = None,
                 cost: int = config.PIN_SCRYPT_N) -> None:
     """Change an account: a new password, disabled or enabled, another role. A running
@@ -161,7 +172,7 @@ def update_user(root: Path, name: str, *, password: str | None = None,
     verifier = None if password is None else _verifier(password, cost)
     if role is not None and role not in HQ_ROLES:
         raise CommandError(f"role must be one of {sorted(HQ_ROLES)}", "role")
-    with _edit(root) as users:
+    with _control(where).edit_users() as users:
         user = users.get(name)
         if user is None:
             raise CommandError(f"no HQ account {name!r}; see 'storemesh hq list'", "name")
@@ -174,25 +185,16 @@ def update_user(root: Path, name: str, *, password: str | None = None,
         user["changed_ms"] = time.time_ns() // 1_000_000
 
 
-def list_users(root: Path) -> list[dict[str, Any]]:
+def list_users(where: Path | ControlPlane) -> list[dict[str, Any]]:
     """Accounts without their verifiers."""
     return [{"name": k, "role": v["role"], "disabled": v["disabled"]}
-            for k, v in sorted(load_users(root).items())]
+            for k, v in sorted(_control(where).users().items())]
 
 
 # --- sessions -------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Session:
-    user: str
-    role: str
-    csrf: str
-    verifier: str  # a digest of the password's verifier it was opened with (a new one ends it)
-    created: float  # wall-clock seconds
-    seen: float  # wall-clock seconds of the last request (on disk: within TOUCH_S)
-    stored_seen: float = 0.0  # what the file holds
-    checked: float = 0.0  # monotonic seconds when this process last read it from the file
+_Session = HqSession
 
 
 def _digest(token: str) -> bytes:
@@ -288,16 +290,17 @@ class SessionStore:
 
 
 class HqDoor:
-    """The HQ login of one cloud: accounts (re-read when the file changes), sessions,
+    """The HQ login of one cloud: accounts (re-read when they change), sessions,
     throttles, the middleware and the login endpoints."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, control: ControlPlane | None = None) -> None:
         self.root = Path(root)
+        self.control = control if control is not None else FileControl(self.root)
         self.users: dict[str, dict[str, Any]] = {}
-        self._mtime: int | None = None
+        self._stamp: object = None
         #: Sessions this process has read lately (a cache of ``store``, bounded).
         self.sessions: OrderedDict[bytes, _Session] = OrderedDict()
-        self.store = SessionStore(self.root / SESSIONS_FILE)
+        self.store = self.control.sessions()
         self.guard = PinGuard("HQ account")
         self.throttle = SourceThrottle()
         self.refusals: dict[str, int] = {}
@@ -306,21 +309,18 @@ class HqDoor:
     # --- accounts ---------------------------------------------------------------------
 
     def reload(self) -> None:
-        """Re-read ``hq_users.json`` if it changed; end sessions it no longer allows."""
-        try:
-            mtime: int | None = (self.root / HQ_FILE).stat().st_mtime_ns
-        except FileNotFoundError:
-            mtime = None
-        if mtime == self._mtime:
+        """Re-read the accounts if they changed; end sessions they no longer allow."""
+        stamp = self.control.users_stamp()
+        if stamp == self._stamp:
             return
-        self.users = load_users(self.root) if mtime is not None else {}
-        self._mtime = mtime
+        self.users = self.control.users() if stamp is not None else {}
+        self._stamp = stamp
         self.end_sessions()
         self.guard.forget_except(self.users.keys())
         if not self.users:
             log.warning("no HQ account in %s: the dashboard and fleet API refuse everyone "
-                        "until one is added ('storemesh hq add %s NAME')", self.root,
-                        self.root)
+                        "until one is added ('storemesh hq add %s NAME')",
+                        type(self.control).__name__, self.root)
 
     def end_sessions(self) -> None:
         """End the sessions the accounts no longer allow (disabled, new password, gone)
@@ -341,7 +341,7 @@ class HqDoor:
                     last_purge = time.monotonic()
                     await asyncio.to_thread(self.end_sessions)  # the expired ones
             except (OSError, ValueError) as exc:
-                log.error("cannot read %s: %s (keeping the accounts held)", HQ_FILE, exc)
+                log.error("cannot read the HQ accounts: %s (keeping the accounts held)", exc)
             await asyncio.sleep(config.AUTH_RELOAD_S)
 
     async def run(self, app: web.Application) -> Any:
@@ -362,7 +362,7 @@ class HqDoor:
     def protected(path: str) -> bool:
         return path in _PROTECTED_EXACT or path.startswith(_PROTECTED_PREFIX)
 
-    def session_of(self, request: web.Request) -> _Session | None:
+    async def session_of(self, request: web.Request) -> _Session | None:
         token = request.cookies.get(COOKIE_TLS) or request.cookies.get(COOKIE)
         if not token or len(token) > 64:
             return None
@@ -370,8 +370,8 @@ class HqDoor:
         mono = time.monotonic()
         s = self.sessions.get(key)
         if s is None or mono - s.checked > config.HQ_SESSION_RECHECK_S:
-            # not read lately: the file says (a logout or a login at another process)
-            fresh = self.store.get(key)
+            # not read lately: the store says (a logout or a login at another process)
+            fresh = await asyncio.to_thread(self.store.get, key)
             if fresh is None:
                 self.sessions.pop(key, None)
                 return None
@@ -385,13 +385,13 @@ class HqDoor:
                 self.sessions.popitem(last=False)
         now = time.time()
         if now - s.seen > config.HQ_IDLE_S or now - s.created > config.HQ_SESSION_S:
-            del self.sessions[key]
-            self.store.delete(key)
+            self.sessions.pop(key, None)
+            await asyncio.to_thread(self.store.delete, key)
             return None
         s.seen = now
         if now - s.stored_seen > config.HQ_SESSION_TOUCH_S:
-            self.store.touch(key, now)
-            s.stored_seen = now
+            s.stored_seen = now  # (before the await: one touch per interval)
+            await asyncio.to_thread(self.store.touch, key, now)
         return s
 
     def _refuse(self, request: web.Request, status: int, reason: str, message: str,
@@ -415,7 +415,7 @@ class HqDoor:
         if self.throttle.blocked(request.remote or "?", _ms()):
             return self._refuse(request, 429, "throttled", "too many refused requests from "
                                 "this address; wait a few seconds", None, 1)
-        s = self.session_of(request)
+        s = await self.session_of(request)
         if s is None:
             if request.path == "/" and request.method == "GET":
                 self.refusals["login_required"] = self.refusals.get("login_required", 0) + 1
@@ -485,7 +485,8 @@ class HqDoor:
         s = _Session(user, entry["role"], secrets.token_urlsafe(24),
                      _verifier_tag(entry["verifier"]), now_s, now_s, stored_seen=now_s,
                      checked=time.monotonic())
-        self.store.put(_digest(token), s)  # on disk before the cookie is handed out
+        # stored before the cookie is handed out
+        await asyncio.to_thread(self.store.put, _digest(token), s)
         self.sessions[_digest(token)] = s
         while len(self.sessions) > config.HQ_SESSIONS_MAX:
             self.sessions.popitem(last=False)
@@ -509,14 +510,14 @@ class HqDoor:
         return _see_other(f"/login?error={reason}")
 
     async def whoami(self, request: web.Request) -> web.Response:
-        s = self.session_of(request)
+        s = await self.session_of(request)
         if s is None:
             return self._refuse(request, 401, "login_required", "not logged in", "Cookie")
         return web.json_response({"user": s.user, "role": s.role, "csrf": s.csrf},
                                  headers={"Cache-Control": "no-store"})
 
     async def logout(self, request: web.Request) -> web.Response:
-        s = self.session_of(request)
+        s = await self.session_of(request)
         if s is None:
             return self._refuse(request, 401, "login_required", "not logged in", "Cookie")
         if not _csrf_ok(request, s):
@@ -525,7 +526,7 @@ class HqDoor:
         for key, held in list(self.sessions.items()):
             if held is s:
                 del self.sessions[key]
-                self.store.delete(key)
+                await asyncio.to_thread(self.store.delete, key)
         resp = web.json_response({"logged_out": s.user})
         resp.del_cookie(COOKIE_TLS if request.secure else COOKIE, path="/")
         return resp
@@ -611,9 +612,10 @@ def _csrf_ok(request: web.Request, s: _Session) -> bool:
 HQ_KEY: Final = web.AppKey("storemesh_hq", HqDoor)
 
 
-def setup_hq(app: web.Application, root: Path) -> HqDoor:
+def setup_hq(app: web.Application, root: Path, control: ControlPlane | None = None
+             ) -> HqDoor:
     """Put the HQ door in front of ``app``'s fleet views (the cloud's root app)."""
-    door = HqDoor(root)
+    door = HqDoor(root, control)
     app[HQ_KEY] = door
     app.middlewares.append(door.middleware)
     app.cleanup_ctx.append(door.run)

@@ -13,8 +13,11 @@ the fleet views from the one database, whichever stores it holds itself:
 * ``GET /v1/fleet/health`` per store: envelopes, newest HLC and lag, the lease holder,
   WAN bytes (``egress``: saved by the holding gateway every tick and at hand-over)
 * ``GET /v1/fleet/gateways`` this gateway, the live ones, and who holds which lease
-* ``GET /v1/fleet/exceptions`` oversell exceptions from the replicas this gateway serves
-  (the rule lives in the replica: ``mesh.cloud.analytics`` invariant 5), with ``partial``.
+* ``GET /v1/fleet/exceptions`` oversell exceptions of the whole fleet, in SQL over the
+  view ``fleet_exceptions``: each store's list as the replica holding it derived it
+  (the rule lives in the replica: ``mesh.cloud.analytics`` invariant 5), written by its
+  lease holder (``mesh.cloud.gateway`` invariant 8); ``partial`` while a registered
+  store has none written yet.
 
 Every query runs in a worker thread on a connection of its own per request (bounded by
 ``MAX_LIMIT`` rows), never on the loop.
@@ -155,17 +158,46 @@ class PgAnalytics:
                       "analytics": {"source": "postgresql", "exact": True}})
 
     async def exceptions(self, request: web.Request) -> web.Response:
+        """Fleet-wide, from SQL: the view ``fleet_exceptions`` (each store's list as its
+        lease holder's replica derived it: ``mesh.cloud.gateway`` invariant 8), newest
+        first, with the SQLite cloud's ``totals``; ``partial`` if a registered store has
+        no list in the database yet."""
         sku = query_ident(request, "sku")
+        store = query_ident(request, "store")
         limit = query_int(request, "limit", 1, MAX_LIMIT, 100)
-        found: list[dict[str, Any]] = []
-        for store_id, node in sorted(self.cloud.nodes.items()):
-            found.extend({"store": store_id, **e.to_dict(), "at_ms": e.hlc >> 16}
-                         for e in node.replica.exceptions(sku))
-        found.sort(key=lambda e: (e["hlc"], e["store"], e["origin"], e["seq"]), reverse=True)
-        gw = self.cloud.gateway
+        rows, by_store, missing = await asyncio.to_thread(self._exceptions, store, sku,
+                                                          limit)
+        found = [{"store": s, "sku": k, "origin": o, "seq": int(q), "hlc": int(h),
+                  "kind": kind, "short": int(short), "at_ms": int(at)}
+                 for s, k, o, q, h, kind, short, at in rows]
+        totals = {"count": sum(t["count"] for t in by_store.values()),
+                  "short_units": sum(t["short_units"] for t in by_store.values()),
+                  "by_store": by_store}
         return json_response({"exceptions": found[:limit], "truncated": len(found) > limit,
-                      "stores": sorted(self.cloud.nodes),
-                      "partial": gw is not None and len(self.cloud.nodes) < len(gw.dirs)})
+                              "totals": totals, "stores": sorted(by_store),
+                              "partial": missing > 0, "source": "postgresql"})
+
+    def _exceptions(self, store: str | None, sku: str | None, limit: int
+                    ) -> tuple[list[tuple[Any, ...]], dict[str, dict[str, int]], int]:
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+            rows = conn.execute(
+                "SELECT store_id, sku, origin, seq, hlc, kind, short, at_ms FROM "
+                "fleet_exceptions WHERE (%s::text IS NULL OR store_id = %s) AND "
+                "(%s::text IS NULL OR sku = %s) ORDER BY hlc DESC, store_id DESC, "
+                "origin DESC, seq DESC LIMIT %s",
+                (store, store, sku, sku, limit + 1)).fetchall()
+            by_store = {str(s): {"count": int(n), "short_units": int(u)}
+                        for s, n, u in conn.execute(
+                "SELECT s.store_id, count(e.seq), COALESCE(sum(e.short), 0) FROM "
+                "exceptions_seen s LEFT JOIN oversell_exceptions e ON e.store_id = "
+                "s.store_id AND (%s::text IS NULL OR e.sku = %s) WHERE (%s::text IS NULL "
+                "OR s.store_id = %s) GROUP BY s.store_id ORDER BY s.store_id",
+                (sku, sku, store, store)).fetchall()}
+            (missing,) = conn.execute(
+                "SELECT count(*) FROM cloud_stores c WHERE (%s::text IS NULL OR "
+                "c.store_id = %s) AND NOT EXISTS (SELECT 1 FROM exceptions_seen s WHERE "
+                "s.store_id = c.store_id)", (store, store)).fetchone() or (0,)
+        return rows, by_store, int(missing)
 
 
 def setup_pg_analytics(cloud: CloudNode) -> None:

@@ -7,7 +7,10 @@
 inbound access to store LANs is needed), and its full node API (reservations for
 buy-online-pick-up-in-store, catalog, stock) is under ``/stores/s/v1/...``, behind that
 store's device credentials (``mesh.http.gate``). Fleet-wide views (analytics, dashboard,
-``/v1/stores``) are served at the root, behind the HQ login (``mesh.cloud.hq``).
+``/v1/stores``) are served at the root, behind the HQ login (``mesh.cloud.hq``). The
+store registry, the stores' trust material and HQ's accounts and sessions are the
+control plane (``mesh.cloud.control``): files on ROOT here, PostgreSQL tables with
+``--database`` (``mesh.cloud.gateway``, which then serves ``/stores/{store}/`` itself).
 
 Invariants:
  1. Every store's replica is independent: its own key, certificate, trust store,
@@ -38,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from mesh.cloud.control import ControlPlane, FileControl, read_store_files
 from mesh.cloud.hq import setup_hq
 from mesh.http.httpfaults import CLIENT_FAULTS, ClientFaults, ServerLog
 from mesh.net.enrol import join, parse_token
@@ -54,16 +58,43 @@ log = logging.getLogger(__name__)
 
 
 async def cloud_join(root: Path, token: str, *, url: str | None,
-                     node_id: str | None = None, insecure_plaintext: bool = False) -> Path:
+                     node_id: str | None = None, insecure_plaintext: bool = False,
+                     database: str | None = None) -> Path:
     """Enrol the cloud in one more store with a join token (role ``cloud``): creates
-    ``ROOT/<store id>/``. Returns that directory."""
+    ``ROOT/<store id>/`` and returns it. With ``database``, the node is made in a
+    scratch directory under ROOT, registered in the database's control plane (running
+    gateways pick it up within a tick: ``mesh.cloud.gateway`` invariant 6), and the
+    scratch directory removed: the returned path no longer exists."""
+    import shutil
+
     parsed = parse_token(token)
     if parsed.role != "cloud":
         raise ValueError(f"this token enrols a {parsed.role}; ask for one with --role cloud")
-    data_dir = root / parsed.store_id
-    await join(data_dir, token, url=url, node_id=node_id or f"cloud-{parsed.store_id}",
-               insecure_plaintext=insecure_plaintext)
-    return data_dir
+    if database is None:
+        data_dir = root / parsed.store_id
+        await join(data_dir, token, url=url, node_id=node_id or f"cloud-{parsed.store_id}",
+                   insecure_plaintext=insecure_plaintext)
+        return data_dir
+    from mesh.cloud.pgcontrol import PgControl
+
+    control = await asyncio.to_thread(PgControl, database)
+    try:
+        if parsed.store_id in await asyncio.to_thread(control.stores):
+            raise FileExistsError(f"store {parsed.store_id} is registered already")
+        scratch = root / ".joining" / parsed.store_id
+        await asyncio.to_thread(shutil.rmtree, scratch, True)
+        try:
+            await join(scratch, token, url=url,
+                       node_id=node_id or f"cloud-{parsed.store_id}",
+                       insecure_plaintext=insecure_plaintext)
+            files = await asyncio.to_thread(read_store_files, scratch)
+            if not await asyncio.to_thread(control.register_store, parsed.store_id, files):
+                raise FileExistsError(f"store {parsed.store_id} is registered already")
+        finally:
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
+    finally:
+        await asyncio.to_thread(control.close)
+    return scratch
 
 
 class CloudNode:
@@ -109,19 +140,20 @@ class CloudNode:
             self.gateway = Gateway(self, database, gateway_id, lease_ttl_s or DEFAULT_TTL_S)
         self._sni: dict[str, ssl.SSLContext] = {}
         self._hq_ctx: ssl.SSLContext | None = None
+        #: Store registry, trust material, HQ accounts and sessions (``mesh.cloud.control``):
+        #: files on ROOT, or the database's (set by ``start``) on a gateway.
+        self.control: ControlPlane = FileControl(self.root)
 
     def store_dirs(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.iterdir() if (p / "node.json").exists())
+        return [self.root / s for s in FileControl(self.root).stores()]
 
     async def start(self) -> None:
         dirs = await asyncio.to_thread(self.store_dirs)
-        if not dirs:
+        if not dirs and self.gateway is None:  # (a gateway may wait for its first store)
             raise FileNotFoundError(
                 f"{self.root} holds no store: enrol the cloud with 'storemesh cloud join'")
         if self.gateway is not None:  # stores are opened as their leases are won
-            await self.gateway.prepare(dirs)
+            self.control = await self.gateway.prepare(dirs)
         for data_dir in dirs if self.gateway is None else []:
             node = Node(data_dir, serve=False, discovery=False, wan=True,
                         insecure_plaintext=self.insecure_plaintext)
@@ -132,7 +164,8 @@ class CloudNode:
             self.nodes[node.identity.store_id] = node
             self.app.add_subapp(f"/stores/{node.identity.store_id}/", node.app)
         self.app.router.add_get("/v1/stores", self._stores)
-        setup_hq(self.app, self.root)  # HQ login in front of the fleet views (mesh.cloud.hq)
+        # HQ login in front of the fleet views (mesh.cloud.hq)
+        setup_hq(self.app, self.root, self.control)
         for hook in self.setup_hooks:
             hook(self)
         faults = self.app[CLIENT_FAULTS] = ClientFaults()  # for requests outside a store
@@ -209,11 +242,24 @@ class CloudNode:
         for node in self._opened:
             await node.close()
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # (the HQ door reads the control plane until here)
+        await asyncio.to_thread(self.control.close)
 
     async def _stores(self, request: web.Request) -> web.Response:
+        """Every store of the cloud: the ones served here with their peers; on a gateway
+        also the registered ones another gateway holds (its URL), or none yet."""
         out: list[dict[str, Any]] = []
-        for store_id, node in sorted(self.nodes.items()):
-            out.append({"store_id": store_id, "node_id": node.identity.node_id,
-                        "url": node.url, "peers": node.peer_status()})
+        gw = self.gateway
+        for store_id in sorted(set(self.nodes) | set(gw.registry if gw else ())):
+            node = self.nodes.get(store_id)
+            if node is not None:
+                out.append({"store_id": store_id, "node_id": node.identity.node_id,
+                            "url": node.url, "peers": node.peer_status(),
+                            "gateway": gw.id if gw else None})
+                continue
+            holder = gw.holders.get(store_id) if gw else None
+            live = holder is not None and holder.live
+            out.append({"store_id": store_id, "node_id": None, "peers": None,
+                        "url": f"{holder.url}/stores/{store_id}" if live and holder else None,
+                        "gateway": holder.gateway if live and holder else None})
         return web.json_response({"stores": out})

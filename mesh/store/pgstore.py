@@ -28,6 +28,10 @@ Invariants:
     longer write, even if it does not know yet; a takeover (``UPDATE`` of the row)
     waits for a write in flight to finish, and then rebuilds from what it committed.
  6. ``scan`` and ``read_origin`` read committed rows only, on their own connection.
+ 7. ``after_call`` (a gateway's write-back of the node's changed control files,
+    ``mesh.cloud.gateway`` invariant 6) runs in a fenced transaction of its own right
+    after each ``call``, before any later append: the trust store is in PostgreSQL
+    before the rows that may need it, as ``Ledger.call`` has it on disk.
 """
 
 from __future__ import annotations
@@ -122,6 +126,27 @@ CREATE TABLE IF NOT EXISTS egress (
     updated_at timestamptz NOT NULL,
     PRIMARY KEY (store_id, gateway, opened_at)
 );
+CREATE TABLE IF NOT EXISTS oversell_exceptions (
+    store_id text    NOT NULL,      -- as the store's replica derives them (mesh.core.replica),
+    sku      text    NOT NULL,      -- written by the lease holder when they change
+    origin   text    NOT NULL,      -- (mesh.cloud.gateway invariant 8)
+    seq      bigint  NOT NULL,
+    hlc      bigint  NOT NULL,
+    kind     text    NOT NULL,
+    short    integer NOT NULL,      -- units of the event that were not there
+    PRIMARY KEY (store_id, sku, origin, seq)
+);
+CREATE INDEX IF NOT EXISTS oversell_exceptions_by_hlc ON oversell_exceptions (hlc);
+CREATE TABLE IF NOT EXISTS exceptions_seen (
+    store_id   text        PRIMARY KEY,  -- a store's list above is as of this
+    gateway    text        NOT NULL,
+    exceptions integer     NOT NULL,
+    updated_at timestamptz NOT NULL
+);
+CREATE OR REPLACE VIEW fleet_exceptions AS
+    SELECT e.store_id, e.sku, e.origin, e.seq, e.hlc, e.kind, e.short,
+           e.hlc >> 16 AS at_ms, s.gateway, s.updated_at
+    FROM oversell_exceptions e JOIN exceptions_seen s USING (store_id);
 CREATE OR REPLACE VIEW sales_hourly AS
     SELECT store_id, sku, hour_ms, events AS sales, -qty AS units
     FROM movements_hourly WHERE kind = 'sale';
@@ -177,11 +202,14 @@ class PgLedger(GroupCommitWriter):
     """One store's ledger in the shared PostgreSQL database (group commit on a thread)."""
 
     def __init__(self, dsn: str, store_id: str, *, gateway: str | None = None,
-                 schema: bool = True) -> None:
-        """``gateway``: fence every write on this gateway's lease (invariant 5)."""
+                 schema: bool = True,
+                 after_call: Callable[[psycopg.Cursor[Any]], None] | None = None) -> None:
+        """``gateway``: fence every write on this gateway's lease (invariant 5).
+        ``after_call``: written after each ``call`` (invariant 7)."""
         self.dsn = dsn
         self.store_id = store_id
         self.gateway = gateway
+        self.after_call = after_call
         if schema:
             ensure_schema(dsn)
         self._wconn = connect(dsn)
@@ -205,6 +233,29 @@ class PgLedger(GroupCommitWriter):
         if row is None or row[0] != self.gateway or not row[1]:
             raise FencedOut(f"gateway {self.gateway} does not hold the lease of store "
                             f"{self.store_id} (holder: {row[0] if row else None})")
+
+    def _run_call(self, fn: Callable[[], None], fut: Future[int]) -> None:
+        """As ``GroupCommitWriter._run_call``, then ``after_call`` (invariant 7)."""
+        if self.after_call is None:
+            super()._run_call(fn, fut)
+            return
+        if self._failed is not None:
+            fut.set_exception(self._failed)
+            return
+        try:
+            fn()
+            with self._wconn.cursor() as cur:
+                self._fence(cur)
+                self.after_call(cur)
+            self._wconn.commit()
+        except (OSError, psycopg.Error, LedgerError) as exc:
+            if not isinstance(exc, OSError):
+                self._rollback()
+            err = LedgerError(f"write before the ledger failed: {exc}")
+            self._failed = self.last_error = err
+            fut.set_exception(err)
+            return
+        fut.set_result(self.last_id)
 
     def _run_job(self, fn: Callable[[psycopg.Cursor[Any]], None], fut: Future[int]) -> None:
         try:

@@ -18,6 +18,7 @@ import psycopg
 
 from mesh.cloud.pganalytics import setup_pg_dashboard
 from mesh.cloud.server import CloudNode
+from mesh.errors import LedgerError
 from mesh.store.ledger import Ledger
 from mesh.store.pgstore import PgLedger
 from mesh.testing.fleet import SKU, Fleet, provision
@@ -184,6 +185,10 @@ async def test_a_gateway_that_stops_renewing_loses_its_stores(tmp_path: Path,
 
         with pytest.raises(FencedOut, match="does not hold the lease"):
             await node.durable.ledger.append_async(sales(_identity(7), 1))
+        # nor write its control files (trust store) back: the write-back is fenced too
+        node.durable.ledger.reset_failure()
+        with pytest.raises(LedgerError, match="does not hold the lease"):
+            node.durable.ledger.call(lambda: None).result(10)
     finally:
         await g2.close()
         await g1.close()
