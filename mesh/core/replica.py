@@ -273,6 +273,10 @@ class _SkuEvents:
         return j
 
 
+#: Checkpoint hashes a replica keeps (``Replica.checkpoint_hashes``): for comparing
+#: replicas (the simulator's checker), not needed to serve.
+_CK_HASHES_KEPT: Final = 16
+
 #: A release in the replay: (key, origin, seq, kind, units, hlc) of the envelope.
 _Release = tuple[int, str, int, int, int, int]
 
@@ -349,6 +353,9 @@ class Replica:
         #: (0 or 1) are folded
         self._cks: list[Checkpoint] = []
         self._folded = 0
+        #: ck seq -> hash of what folding it left (``checkpoint_hash``), for the newest
+        #: ``_CK_HASHES_KEPT`` folds here: every replica must find the same
+        self.checkpoint_hashes: dict[int, bytes] = {}
         #: False keeps every event (a reference for tests: folding must not change
         #: any answer, invariant 9)
         self.fold_enabled = True
@@ -840,6 +847,19 @@ class Replica:
                 del self._hlcs[origin][:drop]
                 self._base[origin] = base + drop
         self.folds += 1
+        self.checkpoint_hashes[ck.seq] = self.checkpoint_hash(ck)
+        while len(self.checkpoint_hashes) > _CK_HASHES_KEPT:
+            del self.checkpoint_hashes[min(self.checkpoint_hashes)]
+
+    def checkpoint_hash(self, ck: Checkpoint) -> bytes:
+        """SHA-256 of the checkpoint and of the folded state it leaves: per SKU, on hand
+        and reserved at the cut and the final exceptions (SKUs with none of these left
+        out). A function of the envelopes within the frontier only (invariant 9), so
+        every replica that folds ``ck`` computes the same hash, whenever it folds."""
+        skus = {sku: [ev.base_oh, ev.base_res, [e.to_dict() for e in ev.final]]
+                for sku, ev in self._events.items() if ev.base_oh or ev.base_res or ev.final}
+        doc = {"ck": [ck.origin, ck.seq, ck.cut, ck.frontier], "skus": skus}
+        return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).digest()
 
     def propose_checkpoint(self, frontier: VersionVector, members: Iterable[str], *,
                            txn: str, now_ms: int) -> CommandResult | None:

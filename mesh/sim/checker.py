@@ -25,6 +25,10 @@ Checked at the end (the liveness phase, after the heal):
     at no live replica and on the gone node's disk: *stranded* (unavailable, not lost);
     at some live replicas but not all, it is lost.
  5. Every replica derives the same oversell exception list.
+ 7. Every replica that folds a checkpoint computes the same checkpoint hash
+    (``Replica.checkpoint_hash``): compared at every sample and at the end, over what
+    each replica holds (its newest folds), against the first hash seen for that
+    checkpoint (*checkpoint_mismatches*).
 """
 
 from __future__ import annotations
@@ -88,6 +92,14 @@ class Checker:
     _ack_at: dict[tuple[str, int], float] = field(default_factory=dict)
     _acked_high: dict[str, int] = field(default_factory=dict)
     _accepted_forged: list[bytes] = field(default_factory=list)
+    #: invariant 7: ck seq -> (first node seen folding it, its hash)
+    checkpoint_hashes: dict[int, tuple[str, bytes]] = field(default_factory=dict)
+    checkpoint_mismatches: int = 0
+    _mismatched: set[tuple[str, int]] = field(default_factory=set)
+    #: node -> checkpoints it was seen to have folded (distinct ck seqs)
+    checkpoint_folds: dict[str, set[int]] = field(default_factory=dict)
+    #: (virtual ms, cut, frontier) of every checkpoint proposed, in order
+    checkpoints_created: list[tuple[float, int, dict[str, int]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._marks = {n: {} for n in self.world.nodes}
@@ -115,7 +127,11 @@ class Checker:
                     self.lags.append(now - t)
             self._check_applied(node, envs)
         elif kind == "created":
-            self._mark(data["node"], data["envelope"])
+            env = data["envelope"]
+            self._mark(data["node"], env)
+            for op in env.ops:
+                if op["t"] == "ck":
+                    self.checkpoints_created.append((self.world.now, op["cut"], op["f"]))
         elif kind == "acked":
             res: CommandResult = data["result"]
             self._ack_at[(res.origin, res.seq)] = self.world.now
@@ -150,7 +166,23 @@ class Checker:
 
     # --- samples ----------------------------------------------------------------------------
 
+    def check_checkpoints(self) -> None:
+        """Invariant 7 over what every live replica holds now."""
+        for n in self.world.nodes.values():
+            if not n.alive:
+                continue
+            folds = self.checkpoint_folds.setdefault(n.node_id, set())
+            for seq, h in n.replica.checkpoint_hashes.items():
+                folds.add(seq)
+                first = self.checkpoint_hashes.setdefault(seq, (n.node_id, h))
+                if first[1] != h and (n.node_id, seq) not in self._mismatched:
+                    self._mismatched.add((n.node_id, seq))
+                    self.checkpoint_mismatches += 1
+                    self._fail(f"{n.node_id} folded checkpoint seq {seq} to {h.hex()[:12]}, "
+                               f"{first[0]} to {first[1].hex()[:12]}")
+
     def sample(self, partitioned: bool) -> None:
+        self.check_checkpoints()
         nodes = list(self.world.nodes.values())
         avail: dict[str, list[int | None]] = {}
         now = self.world.now
