@@ -295,6 +295,13 @@ class Checkpoint:
     def holds(self, origin: str, seq: int) -> bool:
         return seq <= self.frontier.get(origin, 0)
 
+    def key(self) -> bytes:
+        """SHA-256 of what names this checkpoint: its envelope's origin and seq, cut and
+        frontier (a ``ck`` lost in a crash before it was durable and the one proposed
+        at the same seq after the restart are told apart, unless they are alike)."""
+        doc = [self.origin, self.seq, self.cut, dict(sorted(self.frontier.items()))]
+        return hashlib.sha256(orjson.dumps(doc)).digest()
+
 
 def _check_qty(qty: object, field: str = "qty") -> int:
     if type(qty) is not int or not 0 < qty <= config.MAX_QTY:
@@ -353,9 +360,10 @@ class Replica:
         #: (0 or 1) are folded
         self._cks: list[Checkpoint] = []
         self._folded = 0
-        #: ck seq -> hash of what folding it left (``checkpoint_hash``), for the newest
-        #: ``_CK_HASHES_KEPT`` folds here: every replica must find the same
-        self.checkpoint_hashes: dict[int, bytes] = {}
+        #: ``Checkpoint.key`` -> hash of what folding it left
+        #: (``checkpoint_hash``), for the newest ``_CK_HASHES_KEPT`` folds here, oldest
+        #: first: every replica must find the same
+        self.checkpoint_hashes: dict[bytes, bytes] = {}
         #: False keeps every event (a reference for tests: folding must not change
         #: any answer, invariant 9)
         self.fold_enabled = True
@@ -847,9 +855,9 @@ class Replica:
                 del self._hlcs[origin][:drop]
                 self._base[origin] = base + drop
         self.folds += 1
-        self.checkpoint_hashes[ck.seq] = self.checkpoint_hash(ck)
+        self.checkpoint_hashes[ck.key()] = self.checkpoint_hash(ck)
         while len(self.checkpoint_hashes) > _CK_HASHES_KEPT:
-            del self.checkpoint_hashes[min(self.checkpoint_hashes)]
+            del self.checkpoint_hashes[next(iter(self.checkpoint_hashes))]
 
     def checkpoint_hash(self, ck: Checkpoint) -> bytes:
         """SHA-256 of the checkpoint and of the folded state it leaves: per SKU, on hand
@@ -858,7 +866,7 @@ class Replica:
         every replica that folds ``ck`` computes the same hash, whenever it folds."""
         skus = {sku: [ev.base_oh, ev.base_res, [e.to_dict() for e in ev.final]]
                 for sku, ev in self._events.items() if ev.base_oh or ev.base_res or ev.final}
-        doc = {"ck": [ck.origin, ck.seq, ck.cut, ck.frontier], "skus": skus}
+        doc = {"ck": ck.key().hex(), "skus": skus}
         return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).digest()
 
     def propose_checkpoint(self, frontier: VersionVector, members: Iterable[str], *,

@@ -92,12 +92,12 @@ class Checker:
     _ack_at: dict[tuple[str, int], float] = field(default_factory=dict)
     _acked_high: dict[str, int] = field(default_factory=dict)
     _accepted_forged: list[bytes] = field(default_factory=list)
-    #: invariant 7: ck seq -> (first node seen folding it, its hash)
-    checkpoint_hashes: dict[int, tuple[str, bytes]] = field(default_factory=dict)
+    #: invariant 7: ``Checkpoint.key`` -> (first node seen folding it, its fold's hash)
+    checkpoint_hashes: dict[bytes, tuple[str, bytes]] = field(default_factory=dict)
     checkpoint_mismatches: int = 0
-    _mismatched: set[tuple[str, int]] = field(default_factory=set)
-    #: node -> checkpoints it was seen to have folded (distinct ck seqs)
-    checkpoint_folds: dict[str, set[int]] = field(default_factory=dict)
+    _mismatched: set[tuple[str, bytes]] = field(default_factory=set)
+    #: node -> checkpoints it was seen to have folded (their keys)
+    checkpoint_folds: dict[str, set[bytes]] = field(default_factory=dict)
     #: (virtual ms, cut, frontier) of every checkpoint proposed, in order
     checkpoints_created: list[tuple[float, int, dict[str, int]]] = field(default_factory=list)
 
@@ -172,14 +172,14 @@ class Checker:
             if not n.alive:
                 continue
             folds = self.checkpoint_folds.setdefault(n.node_id, set())
-            for seq, h in n.replica.checkpoint_hashes.items():
-                folds.add(seq)
-                first = self.checkpoint_hashes.setdefault(seq, (n.node_id, h))
-                if first[1] != h and (n.node_id, seq) not in self._mismatched:
-                    self._mismatched.add((n.node_id, seq))
+            for ck, h in n.replica.checkpoint_hashes.items():
+                folds.add(ck)
+                first = self.checkpoint_hashes.setdefault(ck, (n.node_id, h))
+                if first[1] != h and (n.node_id, ck) not in self._mismatched:
+                    self._mismatched.add((n.node_id, ck))
                     self.checkpoint_mismatches += 1
-                    self._fail(f"{n.node_id} folded checkpoint seq {seq} to {h.hex()[:12]}, "
-                               f"{first[0]} to {first[1].hex()[:12]}")
+                    self._fail(f"{n.node_id} folded checkpoint {ck.hex()[:12]} to "
+                               f"{h.hex()[:12]}, {first[0]} to {first[1].hex()[:12]}")
 
     def sample(self, partitioned: bool) -> None:
         self.check_checkpoints()
