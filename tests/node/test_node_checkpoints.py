@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mesh import config
+from mesh.app.cli import verify_ledger
 from mesh.core.envelope import decode
 from mesh.node.node import Node
 from mesh.store.datadir import init_store, load_identity
@@ -66,6 +67,9 @@ async def test_the_edge_proposes_checkpoints_and_a_register_folds_them(
     # durable like any local op: in the edge's ledger, relayed into the register's
     cks = _checkpoints_in(edge_id.ledger_path)
     assert cks and set(cks) <= set(_checkpoints_in(reg_id.ledger_path)) | {max(cks)}
+    for d in (edge_id.data_dir, reg_id.data_dir):  # and `storemesh ledger verify` holds
+        report = verify_ledger(d)
+        assert report.ok, report.problems
     # a restart replays to the same folds (no snapshot was due: the whole ledger)
     again = _node(tmp_path / "reg-1")
     await again.start()
