@@ -20,7 +20,8 @@ Invariants checked on every step (the safety phase, as in TigerBeetle's VOPR):
     refuses its envelopes.
 Checked at the end (the liveness phase, after the heal):
  4. Every acknowledged operation is present, byte for byte (its envelope hash), at
-    every live replica: otherwise it is *lost*. One acknowledged by a node that is
+    every live replica (in memory, or, below a checkpoint fold, on its disk or handed
+    to it and not yet fsynced): otherwise it is *lost*. One acknowledged by a node that is
     ``gone`` (crashed for good by a fault kept into the liveness phase) may instead be
     at no live replica and on the gone node's disk: *stranded* (unavailable, not lost);
     at some live replicas but not all, it is lost.
@@ -38,7 +39,7 @@ from typing import Any
 
 from mesh.core.envelope import Envelope
 from mesh.core.replica import CommandResult
-from mesh.sim.world import World
+from mesh.sim.world import SimNode, World
 
 __all__ = ["Checker", "Sample", "percentiles"]
 
@@ -276,7 +277,7 @@ class Checker:
                     continue
                 acked += 1
                 h = res.envelope.hash
-                missing = [m.node_id for m in live if m.replica.hash_at(res.origin, res.seq) != h]
+                missing = [m.node_id for m in live if _held(m, res.origin, res.seq) != h]
                 if (missing and node.node_id in self.gone and len(missing) == len(live)
                         and node.disk.hash_at(res.origin, res.seq) == h):
                     stranded += 1
@@ -306,6 +307,20 @@ class Checker:
             for reason, k in n.core.stats.items():
                 out[reason] = out.get(reason, 0) + k
         return dict(sorted(out.items()))
+
+
+def _held(node: SimNode, origin: str, seq: int) -> bytes | None:
+    """The hash of the envelope ``node`` holds at (origin, seq): from memory, or, below
+    a checkpoint fold (memory keeps no hash there), from its disk, where it may still be
+    on its way (applied, handed to the disk, not yet fsynced: a crash now would have
+    its peers send it again)."""
+    h = node.replica.hash_at(origin, seq)
+    if h is not None or node.replica.vv.get(origin) < seq:
+        return h
+    for env in reversed(node.disk.rows[node.disk.durable:]):
+        if env.origin == origin and env.seq == seq:
+            return env.hash
+    return None
 
 
 def percentiles(values: list[float], ps: tuple[float, ...] = (50, 90, 99)) -> dict[str, Any]:
