@@ -75,6 +75,12 @@ IDEMPOTENCY_WINDOW_MS: Final = 14 * 86_400_000
 #: A week: a till unplugged over a long weekend still holds it; a till in a drawer does
 #: not hold every other node's memory for ever.
 FRONTIER_HORIZON_MS: Final = 7 * 86_400_000
+#: How often the store's checkpointer (``TrustStore.checkpointer``, the first edge)
+#: proposes a checkpoint at the stable frontier (``mesh.driver`` invariant 10), if the
+#: frontier moved. A minute: memory above the frontier is a minute of sales plus the
+#: time the slowest live node takes to report; one ``ck`` envelope a minute is ~0.5 M
+#: a year, against the store's millions of sales.
+CHECKPOINT_EVERY_MS: Final = 60_000
 #: Envelopes read per page when streaming the ledger (rebuild, verify, catch-up).
 LEDGER_PAGE: Final = 2_000
 

@@ -51,6 +51,13 @@ Invariants:
     storage plus what is queued for it, without the left-out envelopes
     (``DurableReplica.exclude_revoked``), and the core takes it. If storage cannot be
     read, it is tried again every ``config.RECOVER_RETRY_MS``.
+ 11. On the store's checkpointer (``DurableReplica.checkpointer``, named by the trust
+    store) a checkpoint is proposed every ``checkpoint_every_ms`` (the clock port's
+    timer, so the node and the simulator run it alike) at the stable frontier of the
+    enrolled, unrevoked nodes (``DurableReplica.maybe_checkpoint``), if it moved. Its
+    ``ck`` envelope goes the way of a local command's: durable first, then pushed
+    (invariant 1). Nothing is proposed while storage is failing or our certificate
+    has expired.
 """
 
 from __future__ import annotations
@@ -80,7 +87,7 @@ from mesh.core.sync import (
     TrustChanged,
 )
 from mesh.durable import DurableReplica
-from mesh.errors import LedgerError, NodeCertificateExpired
+from mesh.errors import CommandError, LedgerError, NodeCertificateExpired
 from mesh.ports import Cancel, Clock, Identity, Storage, Transport, Worker
 
 __all__ = ["Done", "Driver", "Faults", "keep_new_session"]
@@ -154,6 +161,11 @@ class Driver:
         self._timer_deadline = 0  # the wall-clock time the armed timer serves
         self._snapshot_timer: Cancel | None = None
         self._renew_timer: Cancel | None = None
+        self._checkpoint_timer: Cancel | None = None
+        #: How often the checkpointer proposes a checkpoint (invariant 11).
+        self.checkpoint_every_ms = config.CHECKPOINT_EVERY_MS
+        #: Checkpoints this node proposed (made durable or in flight).
+        self.checkpoints_proposed = 0
         self._recover_timer: Cancel | None = None
         self._recovering = False  # a rebuild failed: retried on _recover_timer
         self._exclude_timer: Cancel | None = None  # a Rebuild that failed (invariant 10)
@@ -167,8 +179,10 @@ class Driver:
         return self.durable.replica
 
     def start(self) -> None:
-        """Arm the periodic snapshot and certificate-renewal checks."""
+        """Arm the periodic snapshot, checkpoint and certificate-renewal checks."""
         self._arm_snapshot()
+        if self.is_checkpointer:
+            self._arm_checkpoint()
         if self.identity.issuer is not None:
             self.renew_certificates()
             self._arm_renewal()
@@ -178,11 +192,12 @@ class Driver:
         self.closed = True
         self._inbox = []
         for t in (self._timer, self._snapshot_timer, self._renew_timer, self._recover_timer,
-                  self._exclude_timer):
+                  self._exclude_timer, self._checkpoint_timer):
             if t is not None:
                 t.cancel()
         self._exclude_timer = None
         self._timer = self._snapshot_timer = self._renew_timer = self._recover_timer = None
+        self._checkpoint_timer = None
 
     def _when(self, fut: Future[Any], fn: Callable[[Future[Any]], None]) -> None:
         """Call ``fn(fut)`` on the driver's thread once ``fut`` is done (storage futures
@@ -221,6 +236,14 @@ class Driver:
                 "accept what it records: nothing was recorded. Join the store again with a "
                 "new token (storemesh token create on the edge, then storemesh node --join)")
         result, fut = self.durable.execute(fn)
+        return self._track(result, fut, done)
+
+    def _own_certificate_expired(self) -> bool:
+        own = self.identity.trust.certificate(self.identity.node_id)
+        return own is not None and self.clock.realtime_ms() > own.not_after
+
+    def _track(self, result: CommandResult, fut: Future[int], done: Done) -> CommandResult:
+        """Acknowledge a local command's result once durable, then push (invariant 1)."""
         env = result.envelope
         if env is None:
             self._when(fut, lambda f: done(result, f.exception()))
@@ -505,6 +528,41 @@ class Driver:
         if not self.closed:
             self.carry_out(self.core.on_timer(self.clock.realtime_ms()))
 
+    # --- checkpoints (invariant 11) -----------------------------------------------------------
+
+    @property
+    def is_checkpointer(self) -> bool:
+        return self.durable.checkpointer == self.identity.node_id
+
+    def _arm_checkpoint(self) -> None:
+        at = self.clock.monotonic_ms() + self.checkpoint_every_ms
+        self._checkpoint_timer = self.clock.call_at(at, self._checkpoint_tick)
+
+    def _checkpoint_tick(self) -> None:
+        self._checkpoint_timer = None
+        if self.closed:
+            return
+        self.propose_checkpoint()
+        self._arm_checkpoint()
+
+    def propose_checkpoint(self) -> CommandResult | None:
+        """As the store's checkpointer: propose a checkpoint at the stable frontier of
+        the enrolled, unrevoked nodes if it moved (invariant 11); None if not."""
+        if (not self.is_checkpointer or self.closed or self._recovering
+                or self.storage.failed is not None or self._own_certificate_expired()):
+            return None
+        trust = self.identity.trust
+        enrolled = [c.node_id for c in trust.certificates() if not trust.is_revoked(c.node_id)]
+        try:
+            got = self.durable.maybe_checkpoint(self.clock.realtime_ms(), enrolled)
+        except CommandError as exc:  # not a role that checkpoints: a configuration error
+            log.warning("checkpoint not proposed: %s", exc)
+            return None
+        if got is None:
+            return None
+        self.checkpoints_proposed += 1
+        return self._track(*got, _checkpoint_written)
+
     # --- snapshots ----------------------------------------------------------------------------
 
     def _arm_snapshot(self) -> None:
@@ -532,6 +590,11 @@ class Driver:
 
 def _ignore(result: CommandResult, exc: BaseException | None) -> None:
     pass
+
+
+def _checkpoint_written(result: CommandResult, exc: BaseException | None) -> None:
+    if exc is not None:  # memory was rebuilt from disk (invariant 4); the next tick retries
+        log.info("checkpoint seq %s not written: %s", result.seq, exc)
 
 
 def _log_failure(what: str) -> Callable[[Future[Any]], None]:

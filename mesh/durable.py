@@ -119,9 +119,15 @@ class DurableReplica(Generic[S]):
     def __init__(self, identity: Identity, ledger: S,
                  snapshot_every: int = config.SNAPSHOT_EVERY,
                  perf_counter: Callable[[], float] | None = None, *,
-                 checkpointer: str | None = None) -> None:
+                 checkpointer: str | None = None,
+                 horizon_ms: int = config.FRONTIER_HORIZON_MS) -> None:
         self.identity = identity
-        self.checkpointer = checkpointer
+        #: how long an absent node holds the stable frontier back (``Frontier``)
+        self.horizon_ms = horizon_ms
+        #: the node that proposes the store's checkpoints: the trust store's (fixed at
+        #: store creation, the same at every node) unless given
+        self.checkpointer = checkpointer if checkpointer is not None \
+            else identity.trust.checkpointer
         self.ledger = ledger
         self.snapshot_every = snapshot_every
         self._perf = perf_counter
@@ -145,7 +151,8 @@ class DurableReplica(Generic[S]):
              checkpointer: str | None = None) -> DurableReplica[Ledger]:
         """Load the node in ``data_dir`` and rebuild its state from the SQLite ledger
         (or from ``storage(identity)``: the cloud's PostgreSQL ledger, ``mesh.store.pgstore``).
-        ``checkpointer``: the node that proposes the store's checkpoints (issue 12)."""
+        ``checkpointer``: the node that proposes the store's checkpoints (default: the
+        one the trust store names, ``TrustStore.checkpointer``)."""
         # The real storage is imported by the real path only: the simulator imports
         # this module and must not pull in sqlite3 (tests/unit/test_purity.py).
         import time
@@ -198,6 +205,7 @@ class DurableReplica(Generic[S]):
     def _fresh_replica(self) -> Replica:
         i = self.identity
         r = Replica(i.store_id, i.node_id, i.role, i.key, checkpointer=self.checkpointer)
+        r.frontier.horizon_ms = self.horizon_ms
         r.archive_hash = self._archive_hash  # hashes below a checkpoint: from the ledger
         return r
 

@@ -517,21 +517,30 @@ _TRUST_KEYS: Final = frozenset(
     {"store_id", "store_public_key", "certificates", "crl", "revoked_local"}
 )
 #: Optional keys of a saved trust store (files written before they existed lack them).
-_TRUST_OPTIONAL: Final = frozenset({"roster"})
+_TRUST_OPTIONAL: Final = frozenset({"roster", "checkpointer"})
 
 
 class TrustStore:
     """Who may write to this store: the store key, certificates and revocations seen."""
 
     __slots__ = ("_cert_at", "_certs", "_crl", "_local_revoked", "_revoked", "_roster",
-                 "store_id", "store_public_key", "verifier", "version")
+                 "checkpointer", "store_id", "store_public_key", "verifier", "version")
 
-    def __init__(self, store_id: str, store_public_key: bytes) -> None:
+    def __init__(self, store_id: str, store_public_key: bytes, *,
+                 checkpointer: str | None = None) -> None:
         _local_ident(store_id, "store_id")
         if not isinstance(store_public_key, bytes) or len(store_public_key) != _KEY_LEN:
             raise ValueError(f"store_public_key must be {_KEY_LEN} raw bytes")
+        if checkpointer is not None:
+            _local_ident(checkpointer, "checkpointer")
         self.store_id = store_id
         self.store_public_key = store_public_key
+        #: The node whose checkpoints the store counts (docs/architecture.md, "Bounded
+        #: history"): the edge made by ``store init`` (the store key's first holder),
+        #: fixed at store creation and copied into every node's trust store at enrolment
+        #: (the join answer carries it), so every node of a store names the same one.
+        #: None: checkpoints are neither proposed nor counted here.
+        self.checkpointer = checkpointer
         self._certs: dict[str, Certificate] = {}
         self._cert_at: dict[str, int] = {}  # node id -> ``version`` its certificate came at
         self._crl: RevocationList | None = None
@@ -681,14 +690,19 @@ class TrustStore:
             "crl": None if self._crl is None else self._crl.to_dict(),
             "revoked_local": sorted(self._local_revoked),
             "roster": None if self._roster is None else self._roster.to_dict(),
+            # only when set: a trust store without one reads as before (older files)
+            **({} if self.checkpointer is None else {"checkpointer": self.checkpointer}),
         }
 
     @classmethod
     def from_dict(cls, d: object) -> TrustStore:
         """Rebuild from ``to_dict`` output, re-verifying every signature (the file may have
         been tampered with). Raises ``Malformed``, ``BadSignature`` or ``WrongStore``."""
+        checkpointer: str | None = None
         if isinstance(d, dict) and d.keys() - _TRUST_KEYS <= _TRUST_OPTIONAL:
             roster_doc = d.get("roster")
+            if d.get("checkpointer") is not None:
+                checkpointer = _ident(d["checkpointer"], "trust store checkpointer")
             d = {k: v for k, v in d.items() if k in _TRUST_KEYS}
         else:
             roster_doc = None
@@ -696,6 +710,7 @@ class TrustStore:
         trust = cls(
             _ident(f["store_id"], "trust store store_id"),
             _hex(f["store_public_key"], _KEY_LEN, "trust store store_public_key"),
+            checkpointer=checkpointer,
         )
         certs, local = f["certificates"], f["revoked_local"]
         if not isinstance(certs, list) or not isinstance(local, list):

@@ -160,8 +160,8 @@ class _SkuEvents:
     A million events cost ~35 MB here against ~170 MB as tuples.
     """
 
-    __slots__ = ("base_oh", "base_res", "cache", "d_oh", "d_res", "final", "hlc", "key",
-                 "kind", "origin", "seq")
+    __slots__ = ("_final_fed", "_final_sha", "base_oh", "base_res", "cache", "d_oh", "d_res",
+                 "final", "hlc", "key", "kind", "origin", "seq")
 
     def __init__(self) -> None:
         self.key = array("q")
@@ -175,6 +175,10 @@ class _SkuEvents:
         self.base_oh = 0  # on hand after the folded prefix
         self.base_res = 0  # reserved (as the replay counts it) after the folded prefix
         self.final: list[OversellException] = []  # the folded prefix's exceptions
+        # a running SHA-256 of ``final`` (``final_digest``): fed lazily, so a checkpoint
+        # hash costs the exceptions it added, not the store's whole history
+        self._final_sha = hashlib.sha256()
+        self._final_fed = 0
 
     def __len__(self) -> int:
         return len(self.key)
@@ -255,6 +259,13 @@ class _SkuEvents:
                                              min(lowered, -available)))
         return out, on_hand, reserved, i, j
 
+    def final_digest(self) -> bytes:
+        """SHA-256 over the folded prefix's exceptions, in order (``final`` only grows)."""
+        for e in self.final[self._final_fed:]:
+            self._final_sha.update(orjson.dumps(e.to_dict(), option=orjson.OPT_SORT_KEYS))
+        self._final_fed = len(self.final)
+        return self._final_sha.copy().digest()
+
     def exceptions(self, sku: str, releases: list[_Release]) -> list[OversellException]:
         if self.cache is None:
             self.cache = self.final + self._replay(sku, releases, None)[0]
@@ -273,6 +284,10 @@ class _SkuEvents:
         return j
 
 
+#: Checkpoint hashes a replica keeps (``Replica.checkpoint_hashes``): for comparing
+#: replicas (the simulator's checker), not needed to serve.
+_CK_HASHES_KEPT: Final = 16
+
 #: A release in the replay: (key, origin, seq, kind, units, hlc) of the envelope.
 _Release = tuple[int, str, int, int, int, int]
 
@@ -290,6 +305,13 @@ class Checkpoint:
 
     def holds(self, origin: str, seq: int) -> bool:
         return seq <= self.frontier.get(origin, 0)
+
+    def key(self) -> bytes:
+        """SHA-256 of what names this checkpoint: its envelope's origin and seq, cut and
+        frontier (a ``ck`` lost in a crash before it was durable and the one proposed
+        at the same seq after the restart are told apart, unless they are alike)."""
+        doc = [self.origin, self.seq, self.cut, dict(sorted(self.frontier.items()))]
+        return hashlib.sha256(orjson.dumps(doc)).digest()
 
 
 def _check_qty(qty: object, field: str = "qty") -> int:
@@ -349,6 +371,10 @@ class Replica:
         #: (0 or 1) are folded
         self._cks: list[Checkpoint] = []
         self._folded = 0
+        #: ``Checkpoint.key`` -> hash of what folding it left
+        #: (``checkpoint_hash``), for the newest ``_CK_HASHES_KEPT`` folds here, oldest
+        #: first: every replica must find the same
+        self.checkpoint_hashes: dict[bytes, bytes] = {}
         #: False keeps every event (a reference for tests: folding must not change
         #: any answer, invariant 9)
         self.fold_enabled = True
@@ -855,6 +881,19 @@ class Replica:
                 del self._hlcs[origin][:drop]
                 self._base[origin] = base + drop
         self.folds += 1
+        self.checkpoint_hashes[ck.key()] = self.checkpoint_hash(ck)
+        while len(self.checkpoint_hashes) > _CK_HASHES_KEPT:
+            del self.checkpoint_hashes[next(iter(self.checkpoint_hashes))]
+
+    def checkpoint_hash(self, ck: Checkpoint) -> bytes:
+        """SHA-256 of the checkpoint and of the folded state it leaves: per SKU, on hand
+        and reserved at the cut and the final exceptions (SKUs with none of these left
+        out). A function of the envelopes within the frontier only (invariant 9), so
+        every replica that folds ``ck`` computes the same hash, whenever it folds."""
+        skus = {sku: [ev.base_oh, ev.base_res, len(ev.final), ev.final_digest().hex()]
+                for sku, ev in self._events.items() if ev.base_oh or ev.base_res or ev.final}
+        doc = {"ck": ck.key().hex(), "skus": skus}
+        return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).digest()
 
     def propose_checkpoint(self, frontier: VersionVector, members: Iterable[str], *,
                            txn: str, now_ms: int) -> CommandResult | None:

@@ -21,11 +21,16 @@ Invariants checked on every step (the safety phase, as in TigerBeetle's VOPR):
     (those up to it are kept everywhere: ``mesh.core.identity`` invariant 7).
 Checked at the end (the liveness phase, after the heal):
  4. Every acknowledged operation is present, byte for byte (its envelope hash), at
-    every live replica: otherwise it is *lost*. One acknowledged by a node that is
+    every live replica (in memory, or, below a checkpoint fold, on its disk or handed
+    to it and not yet fsynced): otherwise it is *lost*. One acknowledged by a node that is
     ``gone`` (crashed for good by a fault kept into the liveness phase) may instead be
     at no live replica and on the gone node's disk: *stranded* (unavailable, not lost);
     at some live replicas but not all, it is lost.
  5. Every replica derives the same oversell exception list.
+ 7. Every replica that folds a checkpoint computes the same checkpoint hash
+    (``Replica.checkpoint_hash``): compared at every sample and at the end, over what
+    each replica holds (its newest folds), against the first hash seen for that
+    checkpoint (*checkpoint_mismatches*).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from typing import Any
 
 from mesh.core.envelope import Envelope
 from mesh.core.replica import CommandResult
-from mesh.sim.world import World
+from mesh.sim.world import SimNode, World
 
 __all__ = ["Checker", "Sample", "percentiles"]
 
@@ -89,6 +94,14 @@ class Checker:
     _ack_at: dict[tuple[str, int], float] = field(default_factory=dict)
     _acked_high: dict[str, int] = field(default_factory=dict)
     _accepted_forged: list[bytes] = field(default_factory=list)
+    #: invariant 7: ``Checkpoint.key`` -> (first node seen folding it, its fold's hash)
+    checkpoint_hashes: dict[bytes, tuple[str, bytes]] = field(default_factory=dict)
+    checkpoint_mismatches: int = 0
+    _mismatched: set[tuple[str, bytes]] = field(default_factory=set)
+    #: node -> checkpoints it was seen to have folded (their keys)
+    checkpoint_folds: dict[str, set[bytes]] = field(default_factory=dict)
+    #: (virtual ms, cut, frontier) of every checkpoint proposed, in order
+    checkpoints_created: list[tuple[float, int, dict[str, int]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._marks = {n: {} for n in self.world.nodes}
@@ -117,7 +130,11 @@ class Checker:
                     self.lags.append(now - t)
             self._check_applied(node, envs)
         elif kind == "created":
-            self._mark(data["node"], data["envelope"])
+            env = data["envelope"]
+            self._mark(data["node"], env)
+            for op in env.ops:
+                if op["t"] == "ck":
+                    self.checkpoints_created.append((self.world.now, op["cut"], op["f"]))
         elif kind == "acked":
             res: CommandResult = data["result"]
             self._ack_at[(res.origin, res.seq)] = self.world.now
@@ -152,7 +169,23 @@ class Checker:
 
     # --- samples ----------------------------------------------------------------------------
 
+    def check_checkpoints(self) -> None:
+        """Invariant 7 over what every live replica holds now."""
+        for n in self.world.nodes.values():
+            if not n.alive:
+                continue
+            folds = self.checkpoint_folds.setdefault(n.node_id, set())
+            for ck, h in n.replica.checkpoint_hashes.items():
+                folds.add(ck)
+                first = self.checkpoint_hashes.setdefault(ck, (n.node_id, h))
+                if first[1] != h and (n.node_id, ck) not in self._mismatched:
+                    self._mismatched.add((n.node_id, ck))
+                    self.checkpoint_mismatches += 1
+                    self._fail(f"{n.node_id} folded checkpoint {ck.hex()[:12]} to "
+                               f"{h.hex()[:12]}, {first[0]} to {first[1].hex()[:12]}")
+
     def sample(self, partitioned: bool) -> None:
+        self.check_checkpoints()
         nodes = list(self.world.nodes.values())
         avail: dict[str, list[int | None]] = {}
         now = self.world.now
@@ -246,7 +279,7 @@ class Checker:
                     continue
                 acked += 1
                 h = res.envelope.hash
-                missing = [m.node_id for m in live if m.replica.hash_at(res.origin, res.seq) != h]
+                missing = [m.node_id for m in live if _held(m, res.origin, res.seq) != h]
                 if (missing and node.node_id in self.gone and len(missing) == len(live)
                         and node.disk.hash_at(res.origin, res.seq) == h):
                     stranded += 1
@@ -276,6 +309,20 @@ class Checker:
             for reason, k in n.core.stats.items():
                 out[reason] = out.get(reason, 0) + k
         return dict(sorted(out.items()))
+
+
+def _held(node: SimNode, origin: str, seq: int) -> bytes | None:
+    """The hash of the envelope ``node`` holds at (origin, seq): from memory, or, below
+    a checkpoint fold (memory keeps no hash there), from its disk, where it may still be
+    on its way (applied, handed to the disk, not yet fsynced: a crash now would have
+    its peers send it again)."""
+    h = node.replica.hash_at(origin, seq)
+    if h is not None or node.replica.vv.get(origin) < seq:
+        return h
+    for env in reversed(node.disk.rows[node.disk.durable:]):
+        if env.origin == origin and env.seq == seq:
+            return env.hash
+    return None
 
 
 def percentiles(values: list[float], ps: tuple[float, ...] = (50, 90, 99)) -> dict[str, Any]:

@@ -59,6 +59,12 @@ def _safety(r: dict[str, Any]) -> Table:
         ("exception lists identical", "yes" if r["exceptions_identical"] else "no",
          r["exceptions_identical"]),
     ]
+    ck = r.get("checkpoints")
+    if ck and ck["proposed"]:
+        rows.append(("checkpoint hashes identical",
+                     f"{ck['hashed']} checkpoints, {ck['proposed']} proposed"
+                     if ck["hashes_identical"] else f"no: {ck['mismatches']} differ",
+                     ck["hashes_identical"]))
     for name, value, good in rows:
         t.add_row(name, value, _ok(good))
     left_out = [*r.get("gone_nodes", []), *r.get("revoked_nodes", [])]

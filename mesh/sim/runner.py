@@ -93,6 +93,12 @@ def build_world(sc: Scenario, seed: int) -> World:
     w = World(seed, store_id=f"sim-{sc.name}"[:64], discovery_ms=sc.discovery_ms,
               discovery_jitter_ms=sc.discovery_jitter_ms)
     late = sc.late_nodes()
+    # the checkpointer is the store's first edge, at every node (TrustStore.checkpointer)
+    w.checkpointer = next((n.id for n in sc.nodes if n.role == "edge"), None)
+    if sc.checkpoint_every_s is not None:
+        w.checkpoint_every_ms = round(sc.checkpoint_every_s * 1000)
+    if sc.horizon_s is not None:
+        w.horizon_ms = round(sc.horizon_s * 1000)
     for n in sc.nodes:
         w.add_node(n.id, n.role, skew_ms=n.skew_ms, fsync_ms=n.fsync_ms,
                    enrolled=n.id not in late)
@@ -234,6 +240,22 @@ def _session_refused(w: World) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def _checkpoints(w: World, checker: Checker) -> dict[str, Any]:
+    """Live checkpoints (checker invariant 7): proposed, folded where, hashes equal."""
+    created = checker.checkpoints_created
+    return {
+        "checkpointer": w.checkpointer,
+        "every_ms": w.checkpoint_every_ms,
+        "horizon_ms": w.horizon_ms,
+        "proposed": len(created),
+        "proposed_at_ms": [round(t, 3) for t, _, _ in created[:MAX_LISTED_EXCEPTIONS]],
+        "hashed": len(checker.checkpoint_hashes),
+        "folded_by_node": {n: len(s) for n, s in sorted(checker.checkpoint_folds.items())},
+        "hashes_identical": checker.checkpoint_mismatches == 0,
+        "mismatches": checker.checkpoint_mismatches,
+    }
+
+
 def _traffic(w: World) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for key in ("messages", "bytes", "wire_bytes", "summary_bytes", "lost", "duplicated"):
@@ -250,6 +272,7 @@ def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Worklo
             converged_at: float | None) -> RunResult:
     acked, lost, stranded = checker.lost_ops()
     forged_left = checker.forged_in_state()
+    checker.check_checkpoints()
     excluded = faults.excluded()
     live = [n for n in w.nodes.values() if n.alive and n.node_id not in excluded]
     lists = [[e.to_dict() for e in n.replica.exceptions()] for n in live]
@@ -279,6 +302,8 @@ def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Worklo
               ("phantom_envelopes", checker.phantom_envelopes,
                "envelopes held beyond what their origin made durable"),
               ("equivocations", equivocations, "equivocation alerts between honest nodes"),
+              ("checkpoint_mismatches", checker.checkpoint_mismatches,
+               "checkpoints folded to different hashes"),
               ("pending_at_end", pending if converged else 0, "envelopes stuck pending"))
     for _, n, text in checks:
         if n:
@@ -329,6 +354,7 @@ def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Worklo
         "exception_count": len(exceptions),
         "exceptions": exceptions[:MAX_LISTED_EXCEPTIONS],
         "exceptions_sha256": hashlib.sha256(orjson.dumps(exceptions)).hexdigest(),
+        "checkpoints": _checkpoints(w, checker),
         "messages": traffic["messages"],
         "bytes": traffic["bytes"],
         "wire_bytes": traffic["wire_bytes"],

@@ -245,6 +245,11 @@ class Scenario:
     source: str = ""
     #: sensor streams at an edge (``mesh.sim.sensorwork``); None: no sensors
     sensors: SensorSpec | None = None
+    #: ``[checkpoints]``: how often the store's checkpointer (the first edge) proposes
+    #: one and the frontier horizon, in s (None: ``config.CHECKPOINT_EVERY_MS``,
+    #: ``config.FRONTIER_HORIZON_MS``)
+    checkpoint_every_s: float | None = None
+    horizon_s: float | None = None
 
     def node_ids(self) -> list[str]:
         return [n.id for n in self.nodes]
@@ -276,6 +281,8 @@ class Scenario:
             warmup_s=min(self.warmup_s, self.duration_s * factor / 4),
             sensors=None if self.sensors is None else replace(
                 self.sensors, failing_from_s=self.sensors.failing_from_s * factor),
+            checkpoint_every_s=t(self.checkpoint_every_s),
+            horizon_s=t(self.horizon_s),
         )
 
     def with_faults(self, faults: tuple[FaultSpec, ...]) -> Scenario:
@@ -702,6 +709,11 @@ def parse_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario
 
     sensors = _sensors(root.sub("sensors"), nodes, known)
 
+    ck_t = root.sub("checkpoints") or _Table({}, "checkpoints")
+    ck_every = ck_t.opt_num("every_s", lo=0.01)
+    horizon = ck_t.opt_num("horizon_s", lo=0.01)
+    ck_t.done()
+
     sim = root.sub("sim") or _Table({}, "sim")
     warmup = sim.num("warmup_s", 2.0, hi=MAX_DURATION_S)
     sample_ms = sim.opt_num("sample_ms", lo=1.0)
@@ -716,6 +728,7 @@ def parse_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario
         stock_at=stock_at, hot=hot, streams=streams, races=tuple(races), faults=faults,
         byzantine=byz, swarm=swarm, warmup_s=warmup, sample_ms=sample_ms,
         converge_timeout_s=converge, retry_unacked=retry, source=source, sensors=sensors,
+        checkpoint_every_s=ck_every, horizon_s=horizon,
     )
 
 

@@ -175,6 +175,14 @@ class World:
         self.cert_validity_ms = 10 * 365 * 24 * 3600 * 1000
         #: The node holding the store key: the first edge added.
         self.issuer: str | None = None
+        #: The store's checkpointer, named in every node's trust store as ``store init``
+        #: and the join answer do (``TrustStore.checkpointer``); None: the issuer as it
+        #: stands when each node is added (the runner names the scenario's first edge).
+        self.checkpointer: str | None = None
+        #: How often the checkpointer proposes and how long an absent node holds the
+        #: frontier back (``config.CHECKPOINT_EVERY_MS``, ``FRONTIER_HORIZON_MS``).
+        self.checkpoint_every_ms = config.CHECKPOINT_EVERY_MS
+        self.horizon_ms = config.FRONTIER_HORIZON_MS
         self.observers: list[Callable[[str, dict[str, Any]], None]] = []
         #: sessions dropped by a transport, per reason (slow_peer, bad_wan_message)
         self.dropped_sessions: dict[str, int] = {}
@@ -608,7 +616,8 @@ class SimNode:
         self.skew_ms = skew_ms
         self.snapshot_every = snapshot_every
         self.certificate = world.certs[-1]
-        trust = TrustStore(world.store_id, world.store_key.public_key)
+        trust = TrustStore(world.store_id, world.store_key.public_key,
+                           checkpointer=world.checkpointer or world.issuer)
         trust.verifier = world.verifier
         trust.add_certificate(self.certificate)
         self.identity = SimIdentity(node_id, world.store_id, role, key, trust,
@@ -645,11 +654,13 @@ class SimNode:
 
     def _boot(self) -> None:
         """A process start: rebuild from the disk, a new core and driver."""
-        self.durable = DurableReplica(self.identity, self.disk, self.snapshot_every)
+        self.durable = DurableReplica(self.identity, self.disk, self.snapshot_every,
+                                      horizon_ms=self.world.horizon_ms)
         self.core = SyncCore(self.durable.replica, self.identity.trust,
                              random.Random(self.world.rng.random()))
         self.driver = Driver(self.durable, self.core, self.transport, self.sim_clock,
                              self.worker, self.identity)
+        self.driver.checkpoint_every_ms = self.world.checkpoint_every_ms
         self.driver.alerts = self.alerts
         self.driver.signed_listeners.append(self._signed)
         self.driver.applied_listeners.append(self._applied)

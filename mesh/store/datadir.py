@@ -272,9 +272,14 @@ def init_store(
     if (data_dir / "node.json").exists():
         raise FileExistsError(f"{data_dir} already holds a node; use another directory")
     store_key = NodeKey.load_or_create(data_dir / "store.key")
+    key = NodeKey.load_or_create(data_dir / "node.key")
+    node_id = node_id or f"edge-{key.fingerprint[:8]}"
+    # The store's first edge proposes its checkpoints, for the store's whole life
+    # (``TrustStore.checkpointer``): every node enrolled later copies its trust store.
+    trust = TrustStore(store_id, store_key.public_key, checkpointer=node_id)
     return enrol_node(
         data_dir, store_key, store_id, "edge", now_ms=now_ms, node_id=node_id,
-        validity_ms=validity_ms, keep_store_key=True,
+        validity_ms=validity_ms, keep_store_key=True, trust=trust,
     )
 
 
@@ -282,11 +287,16 @@ def enrol_node(
     data_dir: Path, store_key: NodeKey, store_id: str, role: str, *, now_ms: int,
     node_id: str | None = None, validity_ms: int = DEFAULT_VALIDITY_MS,
     keep_store_key: bool = False, trust: TrustStore | None = None,
+    checkpointer: str | None = None,
 ) -> NodeIdentity:
     """Create (or reuse) the node key in ``data_dir`` and enrol it with ``store_key``.
 
     This is the local path (the store owner's machine, tests). Over the network, a
-    register joins with a one-time token instead and receives the same certificate.
+    register joins with a one-time token instead and receives the same certificate
+    and the edge's trust store, which names the store's checkpointer. Here, a new
+    trust store names ``checkpointer`` (the store's first edge: ``init_store``'s node
+    id); pass ``trust`` (the edge's) or ``checkpointer`` so the node counts the
+    store's checkpoints.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     key = NodeKey.load_or_create(data_dir / "node.key")
@@ -295,7 +305,7 @@ def enrol_node(
         store_key, node_id=node_id, store_id=store_id, role=role,
         public_key=key.public_key, not_after=now_ms + validity_ms,
     )
-    trust = trust or TrustStore(store_id, store_key.public_key)
+    trust = trust or TrustStore(store_id, store_key.public_key, checkpointer=checkpointer)
     trust.add_certificate(cert)
     ident = NodeIdentity(data_dir, node_id, store_id, role, key, cert, trust,
                          store_key if keep_store_key else None)

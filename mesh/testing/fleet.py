@@ -45,7 +45,7 @@ def provision(base: Path, cloud_root: Path, n: int, *, prefix: str = "st") -> li
         edge = init_store(base / store_id / "edge", store_id, now_ms=now, node_id="edge")
         assert edge.store_key is not None
         enrol_node(cloud_root / store_id, edge.store_key, store_id, "cloud", now_ms=now,
-                   node_id=f"cloud-{store_id}")
+                   node_id=f"cloud-{store_id}", checkpointer=edge.node_id)
         stores.append(store_id)
     return stores
 

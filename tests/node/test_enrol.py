@@ -354,6 +354,8 @@ async def test_join_end_to_end(tmp_path: Path, node: Node) -> None:
     assert loaded.certificate == ident.certificate and loaded.store_key is None
     ident.certificate.verify(node.identity.trust.store_public_key)
     assert ident.trust.store_public_key == node.identity.trust.store_public_key
+    # the store's checkpointer (its first edge) travels with the trust store
+    assert loaded.trust.checkpointer == node.identity.node_id
     assert node.identity.trust.certificate(ident.node_id) == ident.certificate
     assert load_identity(node.data_dir).trust.certificate(ident.node_id) == ident.certificate
     assert node.rejected_sessions == {}

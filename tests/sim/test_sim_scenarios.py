@@ -34,6 +34,7 @@ SHIPPED = {
     "flapping_till_100": 0.05,
     "sensor_shelves": 0.1,
     "store_life": 0.5,
+    "live_checkpoints": 1.0,
 }
 
 REQUIRED_KEYS = ("converged", "convergence_ms", "lost_ops", "duplicate_applies",

@@ -307,3 +307,43 @@ def test_durable_restart_from_a_binary_snapshot(tmp_path: object) -> None:
     again = DurableReplica.open(d)
     assert again.rebuild_stats.snapshot_upto > 0 and again.replica.state_digest() == want
     again.close()
+
+
+# --- checkpoint hashes (mesh.sim.checker invariant 7) and the store's checkpointer -------
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), order=st.integers(1, 10**6))
+def test_every_replica_folds_each_checkpoint_to_the_same_hash(seed: int, order: int) -> None:
+    raws = _history(seed, 160).envelopes()
+    a, b = _replay(raws, 0, fold=True), _replay(raws, order, fold=True)
+    assert a.folds == b.folds
+    assert a.checkpoint_hashes == b.checkpoint_hashes
+    if a.folds:
+        assert a.checkpoint_hashes
+
+
+def test_checkpoint_hash_covers_the_folded_state() -> None:
+    for seed in range(40):
+        store = _history(seed, 160)
+        edge = store.nodes[EDGE]
+        if edge.folds and edge.checkpoints():
+            break
+    else:
+        pytest.fail("no history folded a checkpoint")
+    ck = edge.checkpoints()[0]
+    before = edge.checkpoint_hash(ck)
+    ev = next(e for e in edge._events.values() if e.base_oh)
+    ev.base_oh += 1  # another folded total: another hash
+    assert edge.checkpoint_hash(ck) != before
+
+
+def test_the_trust_store_names_the_checkpointer_and_keeps_it() -> None:
+    from mesh.core.identity import TrustStore
+
+    t = TrustStore("s1", KEYS[EDGE].public_key, checkpointer=EDGE)
+    again = TrustStore.from_dict(t.to_dict())
+    assert again.checkpointer == EDGE
+    plain = TrustStore("s1", KEYS[EDGE].public_key).to_dict()
+    assert "checkpointer" not in plain  # files without one read as before
+    assert TrustStore.from_dict(plain).checkpointer is None

@@ -1,0 +1,79 @@
+"""The real node proposes live checkpoints through the one driver (driver invariant 11),
+as the simulator does: the store's first edge (named by every node's trust store)
+proposes on the clock port's timer, the ``ck`` envelope is durable in its ledger, a
+register folds it to the same hash, and a restarted register rebuilds to it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mesh import config
+from mesh.app.cli import verify_ledger
+from mesh.core.envelope import decode
+from mesh.node.node import Node
+from mesh.store.datadir import init_store, load_identity
+from mesh.store.ledger import Ledger
+from tests.meshkit import enrol_direct, now_ms, wait_until
+
+
+def _node(data_dir: Path, peers: list[str] | None = None) -> Node:
+    return Node(data_dir, insecure_plaintext=True, http_host="127.0.0.1", http_port=0,
+                discovery=False, peers=peers or [])
+
+
+def _checkpoints_in(path: Path) -> list[int]:
+    led = Ledger(path)
+    try:
+        return [e.seq for e in (decode(raw) for _, raw in led.scan(0))
+                if e.meta.get("kind") == "checkpoint"]
+    finally:
+        led.close()
+
+
+@pytest.mark.asyncio
+async def test_the_edge_proposes_checkpoints_and_a_register_folds_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "CHECKPOINT_EVERY_MS", 150)
+    edge_id = init_store(tmp_path / "edge", "store-1", now_ms=now_ms(), node_id="edge")
+    reg_id = enrol_direct(tmp_path, edge_id, "reg-1")
+    # the checkpointer is fixed at store creation and copied at enrolment
+    assert edge_id.trust.checkpointer == "edge"
+    assert load_identity(reg_id.data_dir).trust.checkpointer == "edge"
+    edge = _node(tmp_path / "edge")
+    await edge.start()
+    reg = _node(tmp_path / "reg-1", [edge.url])
+    await reg.start()
+    try:
+        assert edge.driver.is_checkpointer and not reg.driver.is_checkpointer
+        await reg.execute(lambda r: r.receive("SKU-1", 10, txn="rx-1", now_ms=now_ms()))
+        for i in range(3):
+            await reg.execute(lambda r, i=i: r.sell("SKU-1", 1, txn=f"s-{i}", now_ms=now_ms()))
+        await wait_until(lambda: reg.replica.folds >= 1 and edge.replica.folds >= 1, 10,
+                         "a checkpoint folded at both nodes")
+        await wait_until(lambda: reg.replica.vv.get("edge") == edge.replica.vv.get("edge"),
+                         10, "the register holds the edge's envelopes")
+        common = set(edge.replica.checkpoint_hashes) & set(reg.replica.checkpoint_hashes)
+        assert common
+        for seq in common:
+            assert edge.replica.checkpoint_hashes[seq] == reg.replica.checkpoint_hashes[seq]
+        assert reg.driver.checkpoints_proposed == 0 and edge.driver.checkpoints_proposed >= 1
+        assert reg.replica.on_hand("SKU-1") == 7
+        folded = reg.replica.folds
+    finally:
+        await reg.close()
+        await edge.close()
+    # durable like any local op: in the edge's ledger, relayed into the register's
+    cks = _checkpoints_in(edge_id.ledger_path)
+    assert cks and set(cks) <= set(_checkpoints_in(reg_id.ledger_path)) | {max(cks)}
+    for d in (edge_id.data_dir, reg_id.data_dir):  # and `storemesh ledger verify` holds
+        report = verify_ledger(d)
+        assert report.ok, report.problems
+    # a restart replays to the same folds (no snapshot was due: the whole ledger)
+    again = _node(tmp_path / "reg-1")
+    await again.start()
+    try:
+        assert again.replica.folds >= folded and again.replica.on_hand("SKU-1") == 7
+    finally:
+        await again.close()
