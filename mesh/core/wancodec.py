@@ -16,6 +16,9 @@ Invariants:
     table only origins ``known`` accepts (transport invariant 6); the last hash of at
     most ``MAX_WAN_STRAY_ORIGINS`` origins it did not accept is kept aside, so their
     next frame can be restored once their certificate has come.
+ 5. A message is decoded whole or not at all: ``decode`` returns every frame of it or
+    raises (a message cut short, or holding a frame cut short, is refused), so no part
+    of a batch reaches the sync core on its own.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ _PREV = b'"prev":"'
 _ELIDED = b'"prev":"="'
 _SIG_TAIL = 130  # 128 hex chars + '"}' at the end of every raw envelope
 _F_PREV, _F_SIG = 1, 2
+#: How every message's deflate data ends: the empty stored block of Z_SYNC_FLUSH.
+_FLUSH = b"\x00\x00\xff\xff"
 
 
 class WanCodec:
@@ -97,9 +102,15 @@ class WanCodec:
     def decode(self, data: bytes) -> bytes:
         if data[:1] != b"Z":
             raise ValueError("expected a compressed session message")
+        if not data.endswith(_FLUSH):
+            # Every message ends with its sync flush (``encode``), and only there: one
+            # cut short would inflate to a prefix of its frames (invariant 5).
+            raise ValueError("session message does not end with its flush")
         msg = self._rx.decompress(data[1:], config.MAX_MESSAGE_BYTES + 1)
         if self._rx.unconsumed_tail or len(msg) > config.MAX_MESSAGE_BYTES:
             raise ValueError("session message inflates beyond the message bound")
+        if not msg:
+            raise ValueError("empty session message")
         return self._unpack(msg) if msg[:1] == b"P" else msg
 
     def _pack(self, data: bytes) -> bytes:
