@@ -168,7 +168,8 @@ class WanCodec:
             digest = hashlib.sha256(raw).digest()
             if keep:
                 self._rx_last[origin] = digest
-                self._rx_stray.pop(origin, None)
+                if self._rx_stray:
+                    self._rx_stray.pop(origin, None)
             else:
                 stray = self._rx_stray
                 stray[origin] = digest
