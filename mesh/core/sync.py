@@ -302,8 +302,10 @@ class SyncCore:
         #: (peer, origin) -> whether another of the peer's peers has a session with
         #: origin (see _eligible); cleared whenever sessions or links change.
         self._covered: dict[tuple[str, str], bool] = {}
-        #: (source, origin) -> peers to relay that origin's envelopes to (see _relay)
-        self._relay_targets: dict[tuple[str, str], tuple[str, ...]] = {}
+        #: (source, origin) -> peers to relay that origin's envelopes to (see _relay),
+        #: and the preferred bridges that decided it (see _links_changed)
+        self._relay_targets: dict[tuple[str, str],
+                                  tuple[tuple[str, ...], frozenset[str]]] = {}
         #: origin -> peers without a session with it (see durable)
         self._unreached: dict[str, tuple[str, ...]] = {}
         self._stuck_peers: set[str] = set()  # peers whose ``stuck`` is not empty
@@ -458,6 +460,49 @@ class SyncCore:
         self._relay_targets.clear()
         self._unreached.clear()
 
+    def _links_changed(self, x: _Peer, old_links: frozenset[str]) -> None:
+        """Peer ``x``'s summary lists other sessions than before (``old_links``), and
+        nothing else changed: forget only the memo entries that this can change (the
+        rest stay what ``_topology_changed`` and a recomputation would give). In a big
+        store, the links of one rejoining node reach every node in n summaries spread
+        over a summary period; clearing every memo at each of them cost O(n²) per
+        summary, O(n⁴) in all (tests/unit/test_sync_memo.py checks this against the
+        full clear)."""
+        xid = x.id
+        diff = old_links ^ x.links
+        # _unreached[o]: the peers whose reach lacks o; only x's reach changed.
+        for origin in diff:
+            self._unreached.pop(origin, None)
+        # _covered[(p, o)] reads p's links, o's links and, for q among p's links,
+        # whether q reports o: x's change matters only if p or o is x, or o in diff.
+        covered = self._covered
+        for key in [k for k in covered if k[0] == xid or k[1] == xid or k[1] in diff]:
+            del covered[key]
+        # _relay_targets[(s, o)]: where x is neither the source nor the origin and o
+        # is not in diff, only whether x itself is a target can change (the bridges
+        # and every other peer's test read nothing of x's links): keep the entry when
+        # that stays the same.
+        peers = self.peers
+        links, reach = x.links, x.reach
+        stale = []
+        for key, (targets, bridges) in self._relay_targets.items():
+            sid, origin = key
+            if sid == xid or origin == xid or origin in diff:
+                stale.append(key)
+                continue
+            source = peers.get(sid)
+            o = peers.get(origin)
+            if source is None:  # (not reached: a peer that left clears every memo)
+                stale.append(key)
+                continue
+            target = not (origin in reach or (o is not None and xid in o.links)
+                          or sid in links or xid in source.links
+                          or (bridges and not links.isdisjoint(bridges)))
+            if target != (xid in targets):
+                stale.append(key)
+        for key in stale:
+            del self._relay_targets[key]
+
     def _links_due(self, now: int, peers: Iterable[_Peer]) -> None:
         """Send these peers our summary (which lists our sessions) within
         SYNC_LINKS_MS: debounced, so a burst of session changes costs one each."""
@@ -610,7 +655,7 @@ class SyncCore:
             return False
         key = (peer.id, origin)
         covered = self._covered.get(key)
-        if covered is None:  # memoised until any session or any peer's links change
+        if covered is None:  # memoised until sessions or links change (_links_changed)
             me = self.replica.node_id
             peers = self.peers
             if origin in peers:  # we are a bridge: defer only to a preferred one
@@ -857,9 +902,10 @@ class SyncCore:
         peer.ready = True
         new_links = frozenset(links)
         if new_links != peer.links:
+            old_links = peer.links
             peer.links = new_links
             peer.reach = new_links | {peer.id}
-            self._topology_changed()
+            self._links_changed(peer, old_links)
         if first:
             self._announce_links(now, peer)
         peer.acked = theirs
@@ -1339,8 +1385,9 @@ class SyncCore:
                 key = (source.id, env.origin)
                 t = self._relay_targets.get(key)
                 if t is None:
-                    t = self._relay_targets[key] = self._relay_targets_for(source, env.origin)
-                targets[env.origin] = t
+                    t = self._relay_targets[key] = self._relay_targets_with_bridges(
+                        source, env.origin)
+                targets[env.origin] = t[0]
         if len(targets) == 1:  # the common case: one origin, push the batch as it is
             by_peer = dict.fromkeys(next(iter(targets.values())), applied)
         else:
@@ -1354,21 +1401,41 @@ class SyncCore:
                 self._push(out, peer, envs, now)
 
     def _relay_targets_for(self, source: _Peer, origin: str) -> tuple[str, ...]:
+        return self._relay_targets_with_bridges(source, origin)[0]
+
+    def _relay_targets_with_bridges(self, source: _Peer, origin: str,
+                                    ) -> tuple[tuple[str, ...], frozenset[str]]:
         """Peers we relay ``origin``'s envelopes to when they came from ``source``: those
         with no session with the origin or the source. When we had them from the origin
         itself, and another peer of the target is a preferred bridge to the origin
         (``_preferred_bridge``), that one relays instead: two edge nodes holding the
         cloud's WAN link do not both send each cloud envelope to every register."""
-        bridges = [q for q in self.peers if self._preferred_bridge(q, origin)]
+        # (Runs for every (source, origin) after each change of topology: O(peers),
+        # with ``_preferred_bridge`` and ``_reaches`` inlined: a 100-node store spent
+        # a fifth of its time here.)
+        peers = self.peers
+        o = peers.get(origin)
+        o_links = o.links if o is not None else frozenset()
+        bridges: set[str] = set()  # (empty unless we had them from the origin)
+        if source.id == origin and o is not None:
+            # = {q in peers if _preferred_bridge(q, origin)}: q and the origin both
+            # report their session (so q is among o's links), q a LAN node with the
+            # smaller id, or any such q when all our sessions are WAN.
+            wan_only = self._wan_only()
+            me = self.replica.node_id
+            for q in o_links:
+                p = peers.get(q)
+                if (p is not None and origin in p.links
+                        and (wan_only or (not p.wan and q < me))):
+                    bridges.add(q)
+        sid, s_links = source.id, source.links
         out = []
-        for p in self.peers.values():
-            if (p is source or self._reaches(p, origin) or source.id in p.links
-                    or p.id in source.links):
-                continue
-            if source.id == origin and any(q in p.links for q in bridges):
+        for p in peers.values():
+            if (p is source or origin in p.reach or p.id in o_links or sid in p.links
+                    or p.id in s_links or (bridges and not p.links.isdisjoint(bridges))):
                 continue
             out.append(p.id)
-        return tuple(out)
+        return tuple(out), frozenset(bridges)
 
     # --- timers -------------------------------------------------------------------------------
 
