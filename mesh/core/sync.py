@@ -426,6 +426,8 @@ class SyncCore:
         if peer_id not in self.peers and len(self.peers) >= config.MAX_PEERS:
             self._count("peer_table_full")
             return out
+        known = peer_id in self.peers
+        wan_only = self._wan_only()
         peer = self.peers[peer_id] = _Peer(peer_id, reach=frozenset((peer_id,)))
         if wan:
             peer.wan = True
@@ -435,14 +437,22 @@ class SyncCore:
         self._send_vv(out, peer, now)
         # Our other peers hear of this session once its first summary shows whether
         # it is the one (re)joining (see _on_vv and _announce_links).
-        self._topology_changed()
+        if known or wan_only != self._wan_only():
+            self._topology_changed()
+        else:
+            self._peer_added(peer)
         self._session_changed(now, peer_id)
         return out
 
     def peer_down(self, peer_id: str, now: int) -> list[Effect]:
         self._stuck_peers.discard(peer_id)
-        if self.peers.pop(peer_id, None) is not None:
-            self._topology_changed()
+        wan_only = self._wan_only()
+        gone = self.peers.pop(peer_id, None)
+        if gone is not None:
+            if wan_only != self._wan_only():
+                self._topology_changed()
+            else:
+                self._peer_removed(gone)
             self._session_changed(now, peer_id)
             # Only the peer that should now relay the lost one's envelopes to us needs
             # to know at once: the one with the smallest id that has a session with it
@@ -459,6 +469,62 @@ class SyncCore:
         self._covered.clear()
         self._relay_targets.clear()
         self._unreached.clear()
+
+    def _peer_added(self, x: _Peer) -> None:
+        """A new peer ``x`` (last in ``peers``, no links known yet), and whether all our
+        sessions are WAN did not change: update the memos as a full clear and
+        recomputation would give them (tests/unit/test_sync_memo.py). At start-up
+        every node adds n peers; a full clear each time cost O(n²) per peer."""
+        xid = x.id
+        # _unreached[o]: x's reach is {x}: it lacks every other origin
+        unreached = self._unreached
+        for origin in list(unreached):
+            if origin != xid:
+                unreached[origin] = (*unreached[origin], xid)
+        # _covered[(p, o)]: x reports no session, so it covers nothing as a q; entries
+        # about x itself, or whose origin just became a peer, go
+        covered = self._covered
+        for key in [k for k in covered if k[0] == xid or k[1] == xid]:
+            del covered[key]
+        # _relay_targets[(s, o)]: x bridges nothing (no links); it is a target unless
+        # the origin or the source reports a session with it
+        peers = self.peers
+        targets_of = self._relay_targets
+        for key in list(targets_of):
+            sid, origin = key
+            if sid == xid or origin == xid:
+                del targets_of[key]
+                continue
+            o = peers.get(origin)
+            if (o is not None and xid in o.links) or xid in peers[sid].links:
+                continue
+            targets, bridges = targets_of[key]
+            targets_of[key] = ((*targets, xid), bridges)
+
+    def _peer_removed(self, x: _Peer) -> None:
+        """Peer ``x`` left ``peers`` (and whether all our sessions are WAN did not
+        change): update the memos as a full clear and recomputation would."""
+        xid = x.id
+        unreached = self._unreached
+        for origin, pids in list(unreached.items()):
+            if xid in pids:
+                unreached[origin] = tuple(p for p in pids if p != xid)
+        # _covered[(p, o)]: x counted as a q for p when p reported a session with it
+        peers = self.peers
+        covered = self._covered
+        for key in [k for k in covered if k[0] == xid or k[1] == xid
+                    or k[0] not in peers or xid in peers[k[0]].links]:
+            del covered[key]
+        # _relay_targets[(s, o)]: x drops out of the targets; where it was a bridge,
+        # the others' tests change: those entries go
+        targets_of = self._relay_targets
+        for key in list(targets_of):
+            sid, origin = key
+            targets, bridges = targets_of[key]
+            if sid == xid or origin == xid or xid in bridges:
+                del targets_of[key]
+            elif xid in targets:
+                targets_of[key] = (tuple(p for p in targets if p != xid), bridges)
 
     def _links_changed(self, x: _Peer, old_links: frozenset[str]) -> None:
         """Peer ``x``'s summary lists other sessions than before (``old_links``), and

@@ -107,3 +107,40 @@ def test_links_changed_keeps_only_memo_entries_a_full_clear_would_rebuild_alike(
             assert cov == _covered(core, pid, origin), (pid, origin)
         for origin, pids in core._unreached.items():
             assert pids == tuple(p.id for p in core.peers.values() if origin not in p.reach)
+
+
+def _check_memos(core: SyncCore) -> None:
+    for (sid, origin), kept in core._relay_targets.items():
+        assert kept == core._relay_targets_with_bridges(core.peers[sid], origin), (sid, origin)
+    for (pid, origin), cov in core._covered.items():
+        assert cov == _covered(core, pid, origin), (pid, origin)
+    for origin, pids in core._unreached.items():
+        assert pids == tuple(p.id for p in core.peers.values() if origin not in p.reach)
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_sessions_coming_and_going_keep_the_memos_true(seed: int) -> None:
+    """peer_up, peer_down and summaries with other links, in random order: every memo
+    entry left equals what the plain definitions give now."""
+    rng = random.Random(seed)
+    me = rng.choice(["a0", "n05", "zz"])
+    core = _random_core(rng, me)
+    now = 1_790_000_000_000
+    pool = [f"n{i:02d}" for i in range(16)]
+    everyone = [*pool, me, "ghost"]
+    for _ in range(25):
+        if core.peers:
+            _fill_memos(core, rng, now)
+        op = rng.random()
+        if op < 0.35 or not core.peers:
+            core.peer_up(rng.choice(pool), now, wan=rng.random() < 0.2)  # new or again
+        elif op < 0.55:
+            core.peer_down(rng.choice(list(core.peers)), now)
+        else:
+            x = core.peers[rng.choice(list(core.peers))]
+            old = x.links
+            flip = {q for q in rng.sample(everyone, rng.randint(1, 3)) if q != x.id}
+            x.links = frozenset(set(old) ^ flip)
+            x.reach = x.links | {x.id}
+            core._links_changed(x, old)
+        _check_memos(core)
