@@ -305,7 +305,7 @@ class SyncCore:
         #: (source, origin) -> peers to relay that origin's envelopes to (see _relay),
         #: and the preferred bridges that decided it (see _links_changed)
         self._relay_targets: dict[tuple[str, str],
-                                  tuple[tuple[str, ...], frozenset[str]]] = {}
+                                  tuple[tuple[str, ...], frozenset[str] | None]] = {}
         #: origin -> peers without a session with it (see durable)
         self._unreached: dict[str, tuple[str, ...]] = {}
         self._stuck_peers: set[str] = set()  # peers whose ``stuck`` is not empty
@@ -499,7 +499,10 @@ class SyncCore:
             if (o is not None and xid in o.links) or xid in peers[sid].links:
                 continue
             targets, bridges = targets_of[key]
-            targets_of[key] = ((*targets, xid), bridges)
+            if bridges is None:  # x is its first candidate: computed afresh when needed
+                del targets_of[key]
+            else:
+                targets_of[key] = ((*targets, xid), bridges)
 
     def _peer_removed(self, x: _Peer) -> None:
         """Peer ``x`` left ``peers`` (and whether all our sessions are WAN did not
@@ -521,7 +524,7 @@ class SyncCore:
         for key in list(targets_of):
             sid, origin = key
             targets, bridges = targets_of[key]
-            if sid == xid or origin == xid or xid in bridges:
+            if sid == xid or origin == xid or (bridges is not None and xid in bridges):
                 del targets_of[key]
             elif xid in targets:
                 targets_of[key] = (tuple(p for p in targets if p != xid), bridges)
@@ -544,22 +547,30 @@ class SyncCore:
         covered = self._covered
         for key in [k for k in covered if k[0] == xid or k[1] == xid or k[1] in diff]:
             del covered[key]
-        # _relay_targets[(s, o)]: where x is neither the source nor the origin and o
-        # is not in diff, only whether x itself is a target can change (the bridges
-        # and every other peer's test read nothing of x's links): keep the entry when
-        # that stays the same.
+        # _relay_targets[(s, o)]: where x is neither the source nor the origin, x's
+        # links decide only whether x itself is a bridge (then the others' tests
+        # change) and whether x is a target: keep the entry when neither changes.
         peers = self.peers
         links, reach = x.links, x.reach
+        wan_only = self._wan_only()
+        me = self.replica.node_id
         stale = []
         for key, (targets, bridges) in self._relay_targets.items():
             sid, origin = key
-            if sid == xid or origin == xid or origin in diff:
+            if sid == xid or origin == xid:
                 stale.append(key)
+                continue
+            if bridges is None:  # no candidates, and x's links cannot add one
                 continue
             source = peers.get(sid)
             o = peers.get(origin)
-            if source is None:  # (not reached: a peer that left clears every memo)
+            if source is None:  # (not reached: a peer that left updates every memo)
                 stale.append(key)
+                continue
+            if sid == origin and o is not None and (
+                    (xid in o.links and origin in links
+                     and (wan_only or (not x.wan and xid < me))) != (xid in bridges)):
+                stale.append(key)  # x became, or stopped being, a preferred bridge
                 continue
             target = not (origin in reach or (o is not None and xid in o.links)
                           or sid in links or xid in source.links
@@ -1470,38 +1481,55 @@ class SyncCore:
         return self._relay_targets_with_bridges(source, origin)[0]
 
     def _relay_targets_with_bridges(self, source: _Peer, origin: str,
-                                    ) -> tuple[tuple[str, ...], frozenset[str]]:
+                                    ) -> tuple[tuple[str, ...], frozenset[str] | None]:
         """Peers we relay ``origin``'s envelopes to when they came from ``source``: those
         with no session with the origin or the source. When we had them from the origin
         itself, and another peer of the target is a preferred bridge to the origin
         (``_preferred_bridge``), that one relays instead: two edge nodes holding the
-        cloud's WAN link do not both send each cloud envelope to every register."""
-        # (Runs for every (source, origin) after each change of topology: O(peers),
-        # with ``_preferred_bridge`` and ``_reaches`` inlined: a 100-node store spent
-        # a fifth of its time here.)
+        cloud's WAN link do not both send each cloud envelope to every register.
+
+        Also returns the preferred bridges that decided it, or None when no peer was
+        left to decide for (every peer but the source is among the origin's or the
+        source's links: the usual case in a full LAN mesh). The memo updates
+        (``_links_changed``, ``_peer_added``, ``_peer_removed``) rely on that: a None
+        entry's candidates stay empty until a peer is added."""
+        # (Runs for every (source, origin) after each change of topology: O(peers)
+        # set look-ups, with ``_preferred_bridge`` and ``_reaches`` inlined: a 100-node
+        # store spent a fifth of its time here.)
         peers = self.peers
         o = peers.get(origin)
         o_links = o.links if o is not None else frozenset()
-        bridges: set[str] = set()  # (empty unless we had them from the origin)
-        if source.id == origin and o is not None:
-            # = {q in peers if _preferred_bridge(q, origin)}: q and the origin both
-            # report their session (so q is among o's links), q a LAN node with the
-            # smaller id, or any such q when all our sessions are WAN.
-            wan_only = self._wan_only()
-            me = self.replica.node_id
-            for q in o_links:
-                p = peers.get(q)
-                if (p is not None and origin in p.links
-                        and (wan_only or (not p.wan and q < me))):
-                    bridges.add(q)
         sid, s_links = source.id, source.links
+        cand = [pid for pid in peers if pid not in o_links and pid not in s_links and pid != sid]
+        if not cand:
+            return (), None
+        bridges = self._bridges(source, origin)
         out = []
-        for p in peers.values():
-            if (p is source or origin in p.reach or p.id in o_links or sid in p.links
-                    or p.id in s_links or (bridges and not p.links.isdisjoint(bridges))):
+        for pid in cand:
+            p = peers[pid]
+            if (origin in p.reach or sid in p.links
+                    or (bridges and not p.links.isdisjoint(bridges))):
                 continue
-            out.append(p.id)
-        return tuple(out), frozenset(bridges)
+            out.append(pid)
+        return tuple(out), bridges
+
+    def _bridges(self, source: _Peer, origin: str) -> frozenset[str]:
+        """= {q in peers if _preferred_bridge(q, origin)} when we had ``origin``'s
+        envelopes from the origin itself, else empty: q and the origin both report
+        their session (so q is among the origin's links), q a LAN node with the smaller
+        id, or any such q when all our sessions are WAN."""
+        peers = self.peers
+        o = peers.get(origin)
+        if source.id != origin or o is None:
+            return frozenset()
+        wan_only = self._wan_only()
+        me = self.replica.node_id
+        bridges = set()
+        for q in o.links:
+            p = peers.get(q)
+            if p is not None and origin in p.links and (wan_only or (not p.wan and q < me)):
+                bridges.add(q)
+        return frozenset(bridges)
 
     # --- timers -------------------------------------------------------------------------------
 

@@ -59,6 +59,19 @@ def test_relay_targets_match_the_plain_definition(seed: int) -> None:
                     == _reference_relay_targets(core, source, origin)), (source.id, origin)
 
 
+def _check_relay_memo(core: SyncCore) -> None:
+    """Every memoised relay target list is what a fresh computation gives; its bridges
+    too, and None (not computed) only where no peer is left to decide for."""
+    for (sid, origin), (targets, bridges) in core._relay_targets.items():
+        source = core.peers[sid]
+        fresh, fresh_bridges = core._relay_targets_with_bridges(source, origin)
+        assert targets == fresh, (sid, origin)
+        if bridges is None:
+            assert fresh_bridges is None, (sid, origin)
+        else:
+            assert bridges == core._bridges(source, origin), (sid, origin)
+
+
 def _covered(core: SyncCore, peer_id: str, origin: str) -> bool:
     """The covered check of ``_eligible``, unmemoised."""
     me, peers = core.replica.node_id, core.peers
@@ -100,9 +113,7 @@ def test_links_changed_keeps_only_memo_entries_a_full_clear_would_rebuild_alike(
         x.links = frozenset(set(old) ^ {q for q in flip if q != x.id})
         x.reach = x.links | {x.id}
         core._links_changed(x, old)
-        for (sid, origin), kept in core._relay_targets.items():
-            assert kept == core._relay_targets_with_bridges(core.peers[sid], origin), (
-                sid, origin)
+        _check_relay_memo(core)
         for (pid, origin), cov in core._covered.items():
             assert cov == _covered(core, pid, origin), (pid, origin)
         for origin, pids in core._unreached.items():
@@ -110,8 +121,7 @@ def test_links_changed_keeps_only_memo_entries_a_full_clear_would_rebuild_alike(
 
 
 def _check_memos(core: SyncCore) -> None:
-    for (sid, origin), kept in core._relay_targets.items():
-        assert kept == core._relay_targets_with_bridges(core.peers[sid], origin), (sid, origin)
+    _check_relay_memo(core)
     for (pid, origin), cov in core._covered.items():
         assert cov == _covered(core, pid, origin), (pid, origin)
     for origin, pids in core._unreached.items():
