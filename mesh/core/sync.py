@@ -300,7 +300,8 @@ class SyncCore:
         #: earlier ``now`` means the wall clock went back (see on_timer)
         self._timer_now = 0
         #: (peer, origin) -> whether another of the peer's peers has a session with
-        #: origin (see _eligible); cleared whenever sessions or links change.
+        #: origin (see _eligible). These three memos are kept true as sessions and
+        #: links change (_peer_added, _peer_removed, _links_changed; else cleared).
         self._covered: dict[tuple[str, str], bool] = {}
         #: (source, origin) -> peers to relay that origin's envelopes to (see _relay),
         #: and the preferred bridges that decided it (see _links_changed)
