@@ -25,6 +25,7 @@ import pytest
 import pytest_asyncio
 
 from mesh.cloud.analytics import AnalyticsStore, fact_of
+from mesh.cloud.server import CloudNode
 from mesh.core.envelope import Envelope
 from mesh.core.identity import RevocationList, issue_revocations
 from mesh.node.node import Node
@@ -187,3 +188,134 @@ async def test_embedded_cloud_uncounts_sales_above_a_bound_learned_later(
         assert {"totals": body["totals"], "by_store": body["by_store"]} == want
         assert _db_stock(db, "s1", "sku-a") == (94, 3)
         assert fleet.analytics.store.excluded == 0
+
+
+# --- PostgreSQL cloud -----------------------------------------------------------------------
+
+
+def _pg_figures(dsn: str, store: str, sku: str) -> tuple[int, int, dict[str, int]]:
+    """(units moved in total, sales) of ``sku`` at ``store`` in the rollup, and the
+    recorded bounds."""
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT COALESCE(SUM(qty), 0), COALESCE(SUM(CASE kind WHEN "
+                           "'sale' THEN events END), 0) FROM movements_hourly WHERE "
+                           "store_id = %s AND sku = %s", (store, sku)).fetchone()
+        bounds = dict(conn.execute("SELECT origin, upto FROM rollup_bounds WHERE "
+                                   "store_id = %s", (store,)).fetchall())
+    assert row is not None
+    return int(row[0]), int(row[1]), {str(k): int(v) for k, v in bounds.items()}
+
+
+def test_pg_ledger_rollup_honours_bounds_before_and_after_the_rows(pg_dsn: str) -> None:
+    """``PgLedger.apply_bounds``: rows counted before the bound are taken out, rows
+    written after it are never counted, a reopened ledger does nothing twice, and a
+    bound moved up counts the rows back in (the rollup is a function of the rows and
+    the bound)."""
+    from mesh.store.pgstore import PgLedger
+    from mesh.testing.contracts import sales
+    from tests.contract.test_contract_storage import _identity
+
+    envs = sales(_identity(7), 6)  # a receipt (seq 1), then 5 sales of A, 1 unit each
+    after = PgLedger(pg_dsn, "late")  # the bound arrives after the rows
+    before = PgLedger(pg_dsn, "early")  # ... before them
+    try:
+        after.append_sync(envs)
+        assert _pg_figures(pg_dsn, "late", "A")[:2] == (1_000_000 - 5, 5)
+        before.apply_bounds({"reg-1": 3})  # queued ahead of the append below
+        before.append_sync(envs)
+        fut = after.apply_bounds({"reg-1": 3})
+        assert fut is not None
+        fut.result(10)
+        for store in ("late", "early"):  # the receipt and 2 sales kept
+            assert _pg_figures(pg_dsn, store, "A") == (1_000_000 - 2, 2, {"reg-1": 3})
+        assert after.apply_bounds({"reg-1": 3}) is None
+    finally:
+        after.close()
+        before.close()
+    again = PgLedger(pg_dsn, "late")
+    try:
+        assert again.apply_bounds({"reg-1": 3}) is None  # recorded with the correction
+        assert _pg_figures(pg_dsn, "late", "A") == (1_000_000 - 2, 2, {"reg-1": 3})
+        fut = again.apply_bounds({"reg-1": 5})
+        assert fut is not None
+        fut.result(10)
+        assert _pg_figures(pg_dsn, "late", "A") == (1_000_000 - 4, 4, {"reg-1": 5})
+    finally:
+        again.close()
+
+
+@pytest.mark.asyncio
+async def test_pg_cloud_uncounts_sales_above_a_bound_learned_later(tmp_path: Path,
+                                                                   pg_dsn: str) -> None:
+    from mesh.cloud.pganalytics import setup_pg_dashboard
+    from tests import meshkit as mk
+
+    f = Fleet(tmp_path, ["s1"])  # its directories: edge, register, the cloud's node
+    root = f.cloud_root
+
+    def gateway() -> CloudNode:
+        cloud = CloudNode(root, http_host="127.0.0.1", insecure_plaintext=True,
+                          database=pg_dsn, gateway_id="g1", lease_ttl_s=1.5)
+        cloud.setup_hooks.append(setup_pg_dashboard)
+        return cloud
+
+    g1 = gateway()
+    await g1.start()
+    edge = reg = None
+    try:
+        await mk.wait_until(lambda: "s1" in g1.nodes, 15, "the gateway serves s1")
+        edge = Node(tmp_path / "s1" / "edge", insecure_plaintext=True, http_host="127.0.0.1",
+                    discovery=False, wan_peers=[f"{g1.url}/stores/s1#cloud-s1"])
+        await edge.start()
+        reg = Node(tmp_path / "s1" / "reg", insecure_plaintext=True, http_host="127.0.0.1",
+                   discovery=False, peers=[edge.url])
+        await reg.start()
+        await edge.execute(lambda r: r.receive("sku-a", 100, txn="rcv", now_ms=now_ms()))
+        await mk.wait_until(lambda: reg is not None and reg.replica.knows_sku("sku-a"), 10,
+                            "the register learns sku-a")
+        bound = 0
+        for i in range(7):
+            if i == 3:
+                bound = reg.replica.vv.get("reg-s1")
+            await reg.execute(lambda r, i=i: r.sell("sku-a", 2 if i < 3 else 1,
+                                                    txn=f"sale-{i}", now_ms=now_ms()))
+
+        async def figures(want: tuple[int, int]) -> bool:
+            got = await asyncio.to_thread(_pg_figures, pg_dsn, "s1", "sku-a")
+            return got[:2] == want
+        await until(lambda: figures((100 - 6 - 4, 7)), within=20,
+                    what="every sale in the PostgreSQL rollup")
+
+        edge.handle_effects(edge.core.learn_revocations(_crl(edge, "reg-s1", bound),
+                                                        now_ms()))
+        node = g1.nodes["s1"]
+
+        async def left_out() -> bool:
+            return node.replica.vv.get("reg-s1") == bound and \
+                await figures((node.replica.on_hand("sku-a"), 3))
+        await until(left_out, within=20, what="the sales above the bound leave the rollup")
+        assert node.replica.on_hand("sku-a") == edge.replica.on_hand("sku-a") == 94
+        assert (await asyncio.to_thread(_pg_figures, pg_dsn, "s1", "sku-a"))[2] == \
+            {"reg-s1": bound}
+        async with mk.hq_session(g1.url) as http:
+            body = await mk.get_json(http, g1.url, "/v1/fleet/sales?hours=24")
+            assert body["totals"] == {"sales": 3, "units": 6}
+            stock = await mk.get_json(http, g1.url, "/v1/fleet/stock")
+            assert [(s["sku"], s["on_hand"]) for s in stock["stock"]] == [("sku-a", 94)]
+
+        # A restart of the gateway: the bound is recorded, nothing is taken out twice.
+        await g1.close()
+        g1 = gateway()
+        await g1.start()
+        await mk.wait_until(lambda: "s1" in g1.nodes, 15, "the gateway serves s1 again")
+        await asyncio.sleep(1.0)  # a tick or two
+        assert await asyncio.to_thread(_pg_figures, pg_dsn, "s1", "sku-a") == \
+            (94, 3, {"reg-s1": bound})
+        assert g1.nodes["s1"].replica.on_hand("sku-a") == 94
+    finally:
+        for n in (reg, edge):
+            if n is not None:
+                await n.close()
+        await g1.close()
