@@ -21,7 +21,8 @@ Invariants:
     every later one until ``reset_failure``: no hole behind a failed write.
  4. The analytics rollup (``movements_hourly``) is updated in the SAME transaction as
     the envelopes it counts: committed together or not at all, and since an envelope
-    is inserted at most once (1), it is counted exactly once, by construction.
+    is inserted at most once (1), it is counted exactly once, by construction (unless
+    a revocation bound leaves it out: 8).
  5. Fencing: with ``gateway`` set, every write transaction first locks this store's
     lease row (``FOR SHARE``) and commits only while ``gateway`` holds an unexpired
     lease. A gateway that lost its lease (paused, partitioned, presumed dead) can no
