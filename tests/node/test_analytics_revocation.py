@@ -189,6 +189,35 @@ async def test_embedded_cloud_uncounts_sales_above_a_bound_learned_later(
         assert _db_stock(db, "s1", "sku-a") == (94, 3)
         assert fleet.analytics.store.excluded == 0
 
+        # The analytics database lost (deleted, cloud stopped): rebuilt from the ledger,
+        # whose archive still holds the 4 sales above the bound, with the bound known
+        # first, so they are never counted.
+        await fleet.stop_cloud()
+        assert len(cloud_ledger_rows(fleet.cloud_root / "s1", "reg-s1")) == bound + 4
+        remove_db(db)
+        await fleet.start_cloud()
+        await hq_login(http, fleet.url)
+        await fleet.analytics.flush()
+        body = await get_ok(http, f"{fleet.url}/v1/fleet/sales?hours=24")
+        assert {"totals": body["totals"], "by_store": body["by_store"]} == want
+        assert _db_stock(db, "s1", "sku-a") == (94, 3)
+        assert fleet.analytics.store.excluded == 0  # (catch-up stops at the bound)
+        health = await get_ok(http, f"{fleet.url}/v1/fleet/health")
+        (s1,) = health["stores"]
+        assert s1["analytics_behind"] == 0
+        assert {n["node_id"]: n["aggregated_seq"] for n in s1["nodes"]}["reg-s1"] == bound
+
+
+def remove_db(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
+def cloud_ledger_rows(data_dir: Path, origin: str) -> list[bytes]:
+    """``origin``'s rows in the ledger of the cloud's node in ``data_dir`` (node stopped)."""
+    with Ledger(load_identity(data_dir).ledger_path) as ledger:
+        return ledger.read_origin(origin, 1, 10_000)
+
 
 # --- PostgreSQL cloud -----------------------------------------------------------------------
 
