@@ -501,11 +501,10 @@ class AnalyticsStore:
         conn.executemany(
             "DELETE FROM movements_hourly WHERE store = ? AND sku = ? AND hour_ms = ? "
             "AND kind = ? AND events = 0", sorted(moves))
-        if not facts:
-            pass  # nothing counted above the bound: only record it
-        elif bound == 0:
+        # (nothing counted above the bound: the bound is only recorded)
+        if facts and bound == 0:
             conn.execute("DELETE FROM watermarks WHERE store = ? AND origin = ?", key)
-        else:
+        elif facts:
             conn.execute("UPDATE watermarks SET seq = ?, newest_hlc = ? WHERE store = ? "
                          "AND origin = ?", (bound, newest, *key))
         conn.execute("INSERT INTO revocation_bounds (store, origin, upto) VALUES (?, ?, ?) "
