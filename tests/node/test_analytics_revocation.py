@@ -107,6 +107,29 @@ def test_a_bound_learned_after_the_rows_takes_them_out_once(tmp_path: Path) -> N
             store.close()
 
 
+def test_a_bound_of_zero_and_a_bound_moved_up(tmp_path: Path) -> None:
+    """A node whose every envelope is left out (bound 0: its watermark goes), and a
+    bound a later list raises (the rows between come back through catch-up)."""
+    envs = make_envelopes("s1", 30, seed=4)
+    write_ledger(tmp_path / "ledger.sqlite", envs)
+    db = tmp_path / "analytics.sqlite"
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        store = AnalyticsStore(db)
+        try:
+            store.add_source("s1", ledger)
+            store.flush(10)
+            for bounds in ({"r1": 0, "r2": 5}, {"r1": 0, "r2": 12}):
+                store.set_bounds("s1", bounds)
+                store.flush(10)
+                kept = _kept(envs, bounds)
+                assert dict(db_totals(db)[0]) == dict(expected("s1", kept))
+                assert assert_consistent(db, "s1", envs) == len(kept)
+                assert ("s1", "r1") not in db_watermarks(db)
+            assert store.excluded == 30 + 25
+        finally:
+            store.close()
+
+
 # --- embedded cloud -------------------------------------------------------------------------
 
 
