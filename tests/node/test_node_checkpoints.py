@@ -60,6 +60,10 @@ async def test_the_edge_proposes_checkpoints_and_a_register_folds_them(
             assert edge.replica.checkpoint_hashes[seq] == reg.replica.checkpoint_hashes[seq]
         assert reg.driver.checkpoints_proposed == 0 and edge.driver.checkpoints_proposed >= 1
         assert reg.replica.on_hand("SKU-1") == 7
+        # equal replicas: every fold matched the ck op's fold hash and chain heads
+        for n in (edge, reg):
+            assert n.replica.ck_mismatches == 0
+            assert not [a for a in n.driver.alerts if a.kind == "checkpoint_mismatch"]
         folded = reg.replica.folds
     finally:
         await reg.close()
@@ -75,5 +79,6 @@ async def test_the_edge_proposes_checkpoints_and_a_register_folds_them(
     await again.start()
     try:
         assert again.replica.folds >= folded and again.replica.on_hand("SKU-1") == 7
+        assert again.replica.ck_mismatches == 0
     finally:
         await again.close()
