@@ -583,7 +583,8 @@ class Driver:
         upto, state = self.durable.take_snapshot()
         if self.faults.empty_snapshot:
             state = self.durable._fresh_replica().snapshot()
-        self.worker.run(partial(self.storage.save_snapshot, upto, state),
+        plan = self.durable.prune_plan()  # a register's ledger, once the snapshot is saved
+        self.worker.run(partial(self.durable.save_snapshot_and_prune, upto, state, plan),
                         _log_failure("snapshot skipped, retried later"))
         return True
 

@@ -516,6 +516,11 @@ class Replica:
             return None
         return hlcs[i]
 
+    @property
+    def last_folded(self) -> Checkpoint | None:
+        """The newest checkpoint folded here, if any."""
+        return self._cks[0] if self._folded else None
+
     def checkpoints(self) -> list[Checkpoint]:
         """The checkpoints held from the last folded one on (oldest first)."""
         return list(self._cks)

@@ -255,6 +255,9 @@ class _Peer:
     #: origin -> [first, last] to send again (lost or refused), served before new ones
     resend: dict[str, list[int]] = field(default_factory=dict)
     refetching: dict[str, int] = field(default_factory=dict)  # origin -> first seq asked
+    #: origins whose storage read for it came back empty (a pruned ledger prefix, or a
+    #: failed read): not fetched again until its next summary; others serve them
+    unservable: set[str] = field(default_factory=set)
     srtt: float = -1.0  # smoothed round trip (ms, RFC 6298); -1: no sample yet
     rttvar: float = 0.0
     rto: int = config.SYNC_RTO_INITIAL_MS
@@ -690,7 +693,7 @@ class SyncCore:
                 have = min(have, self._upto(origin))
             sent = peer.sent.get(origin)
             if (have <= sent or origin in peer.fetching or origin == peer.id
-                    or not self._eligible(peer, origin, now)):
+                    or origin in peer.unservable or not self._eligible(peer, origin, now)):
                 continue
             if room < 0:
                 room = config.MAX_INFLIGHT_PER_PEER - peer.inflight()
@@ -737,6 +740,10 @@ class SyncCore:
             self._pump(out, peer, now)
             return out
         peer.fetching.pop(origin, None)
+        if not raws and first == peer.sent.get(origin) + 1:
+            # storage no longer holds them (a register's pruned ledger, or it did not
+            # answer): asking again at once would spin; the peer's next summary retries
+            peer.unservable.add(origin)
         if first != peer.sent.get(origin) + 1 or not raws:
             self._pump(out, peer, now)
             return out
@@ -894,6 +901,7 @@ class SyncCore:
         if first:
             self._announce_links(now, peer)
         peer.acked = theirs
+        peer.unservable.clear()
         tget = theirs.view().get
         if first:
             peer.sent = theirs.copy()
