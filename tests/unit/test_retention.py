@@ -456,3 +456,43 @@ def test_a_ck_op_without_heads_or_fold_hash_is_malformed() -> None:
                 {**good, "h": {}}, {**good, "h": {"r1": "AB" * 32}}, {**good, "fh": "x"}):
         with pytest.raises(Malformed):
             validate_ops([bad])
+
+
+# --- ledger verify over the checkpoint chain -----------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from mesh.app.cli import verify_ledger  # noqa: E402
+from mesh.durable import DurableReplica  # noqa: E402
+from mesh.store.datadir import init_store  # noqa: E402
+
+
+def _edge_with_checkpoints(tmp_path: Path, wrong_head: bool) -> Path:
+    d = tmp_path / "edge"
+    init_store(d, "store-1", now_ms=NOW, node_id="edge")
+    dr = DurableReplica.open(d)
+    assert dr.checkpointer == "edge"
+    real = Replica.hash_at
+    for k in range(3):
+        for i in range(4):
+            dr.execute(lambda r, t=f"t{k}-{i}", a=NOW + 10 * k + i: r.receive(
+                "A", 1, txn=t, now_ms=a))[1].result()
+        if wrong_head and k == 1:  # a checkpointer that names another chain head
+            Replica.hash_at = lambda self, o, q: bytes(32)  # type: ignore[method-assign]
+        try:
+            got = dr.maybe_checkpoint(NOW + 10 * k + 5, ["edge"])
+        finally:
+            Replica.hash_at = real  # type: ignore[method-assign]
+        assert got is not None
+        got[1].result()
+    assert dr.replica.folds == 3
+    dr.close()
+    return d
+
+
+def test_ledger_verify_checks_the_chain_heads_checkpoints_name(tmp_path: Path) -> None:
+    good = verify_ledger(_edge_with_checkpoints(tmp_path / "a", False))
+    assert good.ok and good.checkpoints == 3, good.problems
+    bad = verify_ledger(_edge_with_checkpoints(tmp_path / "b", True))
+    assert not bad.ok
+    assert any("checkpoint edge seq" in p and "names another hash" in p for p in bad.problems)
