@@ -1235,8 +1235,8 @@ def ledger_verify(data_dir: Path) -> None:
         console.print(f"[red]problem[/] {text}")
     took = time.perf_counter() - t0
     if report.ok:
-        console.print(f"[green]OK[/] {report.rows} envelopes and the chain heads of "
-                      f"{report.checkpoints} checkpoints verified in {took:.1f} s")
+        console.print(f"[green]OK[/] {report.rows} envelopes verified, and the chain heads "
+                      f"of {report.checkpoints} checkpoints, in {took:.1f} s")
     else:
         console.print(f"[red]FAILED[/] {len(report.problems)} problem(s) in {report.rows} "
                       f"envelopes")
