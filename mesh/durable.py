@@ -190,7 +190,22 @@ class DurableReplica(Generic[S]):
             stats = rebuild(fresh, self.ledger, self._perf, bounds=bounds)
         except _SnapshotHoldsExcluded:
             fresh = self._fresh_replica()
-            stats = rebuild(fresh, self.ledger, self._perf, bounds=bounds, snapshot=False)
+            try:
+                stats = rebuild(fresh, self.ledger, self._perf, bounds=bounds, snapshot=False)
+                whole = fresh.pending_count() == 0
+            except EnvelopeError:
+                if not self.prune_ledger:
+                    raise
+                whole = False
+            if not whole and self.prune_ledger:
+                # A pruned ledger (invariant 8) cannot replay from seq 1: keep the
+                # snapshot's state rather than a replica missing the pruned prefix. Its
+                # envelopes of the revoked node above the bound stay in memory (the
+                # edge, with the archive, leaves them out); said loudly.
+                log.error("ledger pruned: cannot rebuild without the envelopes a revocation "
+                          "leaves out; rebuilt from the snapshot, which holds some of them")
+                fresh = self._fresh_replica()
+                stats = rebuild(fresh, self.ledger, self._perf)
         return fresh, stats
 
     def exclude_revoked(self) -> RebuildStats:
