@@ -138,3 +138,26 @@ def test_an_op_on_its_way_to_disk_below_a_fold_is_not_lost() -> None:
     assert r.report["checkpoints"]["proposed"] > 0 and cloud.replica.folds > 0
     assert any(cloud.replica.hash_at(e.origin, e.seq) is None for e in pending)
     assert_safe(r)
+
+
+def test_registers_prune_their_ledgers_in_the_simulator() -> None:
+    """The same driver prunes a register's SimDisk behind checkpoints (``mesh.durable``
+    invariant 8) when snapshots are frequent: through the partition, the crashes and
+    the till back after the horizon, nothing acknowledged is lost (the edge and the
+    cloud keep the archive and serve what registers pruned) and every fold matches its
+    ck op."""
+    for seed in (None, 1, 2):
+        got: list[RunContext] = []
+
+        def setup(ctx: RunContext) -> None:
+            got.append(ctx)
+            for n in ctx.world.nodes.values():
+                n.snapshot_every = n.durable.snapshot_every = 20
+
+        r = run_scenario(load_scenario(SCENARIO), seed, setup=setup)
+        assert_safe(r)
+        assert r.report["checkpoints"]["fold_checks_failed"] == 0, seed
+        nodes = got[0].world.nodes.values()
+        pruned = {n.node_id: sum(n.disk.pruned.values()) for n in nodes}
+        assert all(pruned[n.node_id] > 0 for n in nodes if n.role == "register"), pruned
+        assert all(pruned[n.node_id] == 0 for n in nodes if n.role != "register"), pruned
