@@ -205,6 +205,14 @@ MAX_WAN_ORIGINS: Final = MAX_ORIGINS
 #: latest first, so their next frame's elided ``prev`` can be restored once the
 #: certificate arrives; a handful covers the registers that join at one time.
 MAX_WAN_STRAY_ORIGINS: Final = 64
+#: A LAN session that negotiated the session codec (``z1``, mesh.net.transport) runs it
+#: at deflate level 1 with a 4 KiB window and memLevel 5: a sale's envelope then
+#: crosses in ~108 B instead of ~450 (level 9 and a 32 KiB window save only ~8 B more
+#: per envelope, at more CPU), and the compressor holds ~32 KiB per session instead of
+#: ~384 KiB, so MAX_PEERS sessions stay within ~16 MiB.
+LAN_ZLIB_LEVEL: Final = 1
+LAN_ZLIB_WBITS: Final = 12
+LAN_ZLIB_MEM_LEVEL: Final = 5
 
 # --- API credentials and staff (mesh.core.auth) ------------------------------------------
 #: Longest a device credential may be issued for: a year, like a node certificate; a

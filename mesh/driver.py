@@ -145,6 +145,9 @@ class Driver:
         #: Called (driver thread) once a renewed TLS certificate of ours is saved: the
         #: node reloads its TLS contexts (invariant 8).
         self.tls_listeners: list[Callable[[], None]] = []
+        #: Called (driver thread) after a change of the trust store was queued for
+        #: storage: the cloud's analytics learn revocation bounds (``mesh.cloud.analytics``).
+        self.trust_listeners: list[Callable[[], None]] = []
         #: Certificates this node renewed as the store key's holder (invariant 8).
         self.renewed = 0
         self.alerts: list[Alert] = []
@@ -433,6 +436,11 @@ class Driver:
         through storage, ahead of every append queued after (``mesh.durable``
         invariant 6)."""
         self.durable.save_trust()
+        for listener in self.trust_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("trust listener failed")
 
     def _became_durable(self, envs: list[Envelope]) -> None:
         self._durable_batch.extend(envs)  # flushed at the end of this _run_done

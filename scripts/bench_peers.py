@@ -38,6 +38,11 @@ Usage::
     .venv/bin/python scripts/bench_peers.py --quick            # < 2 min
     .venv/bin/python scripts/bench_peers.py                    # 10 s per rate
     .venv/bin/python scripts/bench_peers.py --only storemesh --rates 1200 --seconds 5
+
+Before/after in one run: ``--baseline DIR`` (a directory holding another ``mesh/``, e.g.
+``git archive main mesh | tar -x -C DIR``) adds ``storemesh@base``, the same mesh whose
+nodes import that copy, run just before ``storemesh``, and a table of the working tree's
+figures as ratios to it (LAN bytes, CPU, visibility p99) per rate.
 """
 
 from __future__ import annotations
@@ -468,9 +473,14 @@ class MeshSystem(System):
     durable = "yes: fsync on the till's node"
     topology = "1 edge + 3 register nodes, full mesh"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, code: Path | None = None) -> None:
+        if code is not None:
+            self.name = "storemesh@base"
+            self.topology += f" (nodes import {code}/mesh)"
         super().__init__(root)
         self.cl = bm.Cluster(self.root, "mesh", TILLS)
+        for node in self.cl.nodes:
+            node.code = code  # None: the copy of the working tree (bm.CODE_DIR)
         self.obs: bm.Observer | None = None
 
     def pids(self) -> list[int]:
@@ -600,10 +610,13 @@ async def measure(sys_: System, http: aiohttp.ClientSession, rate: int, seconds:
 # --- the run -------------------------------------------------------------------------------
 
 
-def build(name: str, root: Path, cache: Path) -> System | str:
+def build(name: str, root: Path, cache: Path, baseline: Path | None = None) -> System | str:
     """The system, or the reason it is skipped."""
     if name == "storemesh":
         return MeshSystem(root)
+    if name == "storemesh@base":
+        assert baseline is not None
+        return MeshSystem(root, baseline)
     if name == "central":
         return CentralSystem(root)
     if name == "pycrdt":
@@ -685,11 +698,37 @@ def table(results: dict[str, Any], rates: Sequence[int]) -> None:
                   "system and this one (a shared machine's noise).")
 
 
+def before_after(results: dict[str, Any]) -> None:
+    """The working tree's storemesh against ``storemesh@base`` of the same run."""
+    base = {r["rate"]: r for r in results.get("storemesh@base", {}).get("runs", [])}
+    mine = results.get("storemesh", {}).get("runs", [])
+    if not base or not mine:
+        return
+    t = Table(title="storemesh (working tree) / storemesh@base, same run")
+    for col in ("rate/s", "LAN B/sale", "base", "ratio", "CPU ms/sale", "base", "ratio",
+                "vis p99 ms", "base", "ratio"):
+        t.add_column(col, justify="right")
+    for r in mine:
+        b = base.get(r["rate"])
+        if b is None:
+            continue
+        row = [f"{r['rate']:,}"]
+        for key, digits in (("lan_bytes_per_sale", 0), ("cpu_ms_per_sale", 2),
+                            ("vis_p99_ms", 1)):
+            x = r[key] / b[key] if b[key] else float("nan")
+            row += [fnum(r[key], digits), fnum(b[key], digits), f"{fnum(x, 2)}×"]
+        t.add_row(*row)
+    console.print(t)
+
+
 async def run_all(args: argparse.Namespace, root: Path, prof: bm.Profiler) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for name in args.only or ["central", "storemesh", "pycrdt", "pouchdb"]:
+    names = list(args.only or ["central", "storemesh", "pycrdt", "pouchdb"])
+    if args.baseline is not None and "storemesh" in names:
+        names.insert(names.index("storemesh"), "storemesh@base")
+    for name in names:
         console.rule(f"[bold]{name}")
-        s = build(name, root, args.cache)
+        s = build(name, root, args.cache, args.baseline)
         if isinstance(s, str):
             console.print(f"  skipped: {s}")
             results[name] = {"skipped": s}
@@ -712,6 +751,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm", type=float, default=None, help="warm-up at 100/s (default 2 s)")
     ap.add_argument("--only", action="append",
                     choices=("central", "storemesh", "pycrdt", "pouchdb"))
+    ap.add_argument("--baseline", metavar="DIR", type=Path, default=None,
+                    help="also run storemesh with its nodes importing DIR/mesh (before/after "
+                         "in one run)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                     help="where the peers are installed (default .bench-peers/)")
     ap.add_argument("--profile", metavar="DIR", type=Path, default=None,
@@ -721,6 +763,8 @@ def main(argv: list[str] | None = None) -> int:
                     or (str(DEFAULT_CACHE / "py" / "bin" / "py-spy")
                         if (DEFAULT_CACHE / "py" / "bin" / "py-spy").exists() else None))
     args = ap.parse_args(argv)
+    if args.baseline is not None and not (args.baseline / "mesh" / "__init__.py").is_file():
+        ap.error(f"--baseline: {args.baseline}/mesh/__init__.py not found")
     if args.profile is not None and not args.py_spy:
         ap.error("--profile needs py-spy (pip install py-spy, or --py-spy PATH)")
     prof = bm.Profiler(args.py_spy if args.profile else None, args.profile)
@@ -745,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     table(results, args.rates)
+    before_after(results)
     if prof.on:
         bm.print_profiles(prof)
     console.print(f"total {time.perf_counter() - t0:.0f} s; load average now "

@@ -26,6 +26,15 @@ Invariants:
     replicas.
  5. Stock and oversell exceptions come from the store replicas, never recomputed here:
     the replica is the converged CRDT state, and a second implementation could drift.
+ 6. Revocation bounds (``mesh.core.identity`` invariant 7): the aggregates count none of
+    a revoked node's envelopes above the bound its store's list names, as no replica
+    holds them. A bound the cloud learns (its trust store, ``set_bounds``) is applied
+    on the writer thread before any catch-up: if the watermark is above it, the
+    contributions of the rows above it (read back from the ledger, which keeps them as
+    an archive) are subtracted, the watermark is lowered to the bound and the bound is
+    recorded in ``revocation_bounds``, all in ONE transaction; from then on the feed
+    and catch-up skip those seqs. So the correction is done once (a restart finds the
+    bound recorded), and the result equals never having counted them.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
@@ -108,6 +117,12 @@ CREATE TABLE IF NOT EXISTS movements_hourly (
     PRIMARY KEY (store, sku, hour_ms, kind)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS movements_by_hour ON movements_hourly (kind, hour_ms);
+CREATE TABLE IF NOT EXISTS revocation_bounds (
+    store   TEXT    NOT NULL,      -- invariant 6: the aggregates hold none of origin's
+    origin  TEXT    NOT NULL,      -- seqs above upto (applied in the transaction that
+    upto    INTEGER NOT NULL,      -- took out what was counted of them)
+    PRIMARY KEY (store, origin)
+) WITHOUT ROWID;
 CREATE VIEW IF NOT EXISTS sales_hourly AS
     SELECT store, sku, hour_ms, events AS sales, -qty AS units
     FROM movements_hourly WHERE kind = 'sale';
@@ -171,6 +186,10 @@ class AnalyticsStore:
         self._dirty: set[str] = set()
         self._lock = threading.Lock()  # guards _sources and _dirty
         self._wm: dict[tuple[str, str], int] = {}  # committed watermarks (writer thread)
+        #: committed revocation bounds (writer thread), and the newest ones the stores'
+        #: trust stores name (guarded by _lock): invariant 6
+        self._bounds: dict[tuple[str, str], int] = {}
+        self._wanted: dict[str, dict[str, int]] = {}
         self._rconn: sqlite3.Connection | None = None
         self._rlock = threading.Lock()
         self._ready = threading.Event()
@@ -180,6 +199,8 @@ class AnalyticsStore:
         self.aggregated = 0  # envelopes aggregated
         self.skipped = 0  # envelopes at or below their watermark (duplicates)
         self.catch_ups = 0  # catch-up runs
+        self.excluded = 0  # counted envelopes above a revocation bound taken out again
+        self.revoked_skipped = 0  # envelopes above a revocation bound not counted
         self.last_error: str | None = None
         #: Envelopes read from a ledger per catch-up transaction.
         self.catch_up_page = config.LEDGER_PAGE
@@ -189,10 +210,23 @@ class AnalyticsStore:
 
     # --- feeding (any thread; never blocks) -------------------------------------------------
 
-    def add_source(self, store: str, ledger: LedgerSource) -> None:
-        """Catch-up reads ``store``'s envelopes from ``ledger``; one runs now."""
+    def add_source(self, store: str, ledger: LedgerSource,
+                   bounds: Mapping[str, int] | None = None) -> None:
+        """Catch-up reads ``store``'s envelopes from ``ledger``; one runs now, after the
+        revocation ``bounds`` known so far are applied (invariant 6)."""
         with self._lock:
             self._sources[store] = ledger
+            if bounds:
+                self._wanted[store] = dict(bounds)
+        self.catch_up(store)
+
+    def set_bounds(self, store: str, bounds: Mapping[str, int]) -> None:
+        """``store``'s trust store names these revocation bounds (all of them): soon
+        applied on the writer thread (invariant 6). Never blocks."""
+        with self._lock:
+            if self._wanted.get(store, {}) == dict(bounds):
+                return
+            self._wanted[store] = dict(bounds)
         self.catch_up(store)
 
     def remove_source(self, store: str) -> None:
@@ -257,6 +291,8 @@ class AnalyticsStore:
         """The committed watermarks (at start, and after a failure left memory unsure)."""
         self._wm = {(store, origin): seq for store, origin, seq in conn.execute(
             "SELECT store, origin, seq FROM watermarks")}
+        self._bounds = {(store, origin): upto for store, origin, upto in conn.execute(
+            "SELECT store, origin, upto FROM revocation_bounds")}
 
     def _run(self) -> None:
         try:
@@ -311,6 +347,7 @@ class AnalyticsStore:
                 with self._lock:
                     dirty, self._dirty = self._dirty, set()
                 for store in sorted(dirty):
+                    self._exclude(conn, store)  # first: catch-up must not pass a bound
                     self._catch_up(conn, store)
             except Exception:  # a bug must not stop the writer: the ledger can redo it
                 log.exception("analytics writer failed; the stores will be caught up")
@@ -330,10 +367,13 @@ class AnalyticsStore:
         pending: dict[tuple[str, str], list[Any]] = {}  # -> [seq, newest_hlc, received]
         moves: dict[tuple[str, str, int, str], list[int]] = {}
         gaps: set[str] = set()
-        skipped = done = 0
+        skipped = done = excluded = 0
         for store, facts, received in batch:
             for f in facts:
                 key = (store, f.origin)
+                if f.seq > self._bounds.get(key, f.seq):  # invariant 6
+                    excluded += 1
+                    continue
                 row = pending.get(key)
                 wm = row[0] if row is not None else self._wm.get(key, 0)
                 if f.seq <= wm:
@@ -378,6 +418,7 @@ class AnalyticsStore:
             self.aggregated += done
             self.last_error = None
         self.skipped += skipped
+        self.revoked_skipped += excluded
         if gaps:
             with self._lock:
                 self._dirty |= gaps
@@ -391,6 +432,7 @@ class AnalyticsStore:
         self.catch_ups += 1
         try:
             for origin, head in sorted(ledger.heads().items()):
+                head = min(head, self._bounds.get((store, origin), head))  # invariant 6
                 wm = self._wm.get((store, origin), 0)
                 while wm < head:
                     raws = ledger.read_origin(origin, wm + 1, head, self.catch_up_page)
@@ -405,6 +447,79 @@ class AnalyticsStore:
             log.debug("ledger of %s is closed; catch-up stopped", store)  # shutting down
         except (sqlite3.Error, OSError, ValueError, KeyError) as exc:
             self._failed(f"catch-up of {store} failed: {exc}", {store})
+
+    def _exclude(self, conn: sqlite3.Connection, store: str) -> None:
+        """Apply the revocation bounds ``store``'s trust store names and the database
+        does not hold yet: take out what was counted above each, lower the watermark to
+        it, record it, in one transaction (invariant 6)."""
+        with self._lock:
+            ledger = self._sources.get(store)
+            wanted = dict(self._wanted.get(store, {}))
+        todo = {o: b for o, b in wanted.items() if self._bounds.get((store, o)) != b}
+        if not todo or ledger is None:
+            return
+        try:
+            for origin, bound in sorted(todo.items()):
+                self._exclude_origin(conn, ledger, store, origin, bound)
+        except sqlite3.ProgrammingError:
+            log.debug("ledger of %s is closed; exclusion stopped", store)  # shutting down
+        except (sqlite3.Error, OSError, ValueError, KeyError) as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._failed(f"revocation bounds of {store} not applied: {exc}", {store})
+
+    def _exclude_origin(self, conn: sqlite3.Connection, ledger: LedgerSource, store: str,
+                        origin: str, bound: int) -> None:
+        key = (store, origin)
+        wm = self._wm.get(key, 0)
+        facts: list[Fact] = []
+        while wm > bound + len(facts):  # counted above the bound: read them back
+            first = bound + len(facts) + 1
+            page = [fact_of_raw(r) for r in ledger.read_origin(origin, first, wm,
+                                                              self.catch_up_page)]
+            if not page or page[0].seq != first:
+                raise ValueError(f"ledger lacks {origin} seq {first} (counted up to {wm})")
+            facts.extend(page)
+        newest = None
+        if facts and bound > 0:
+            raws = ledger.read_origin(origin, bound, bound)
+            if not raws:
+                raise ValueError(f"ledger lacks {origin} seq {bound}")
+            newest = fact_of_raw(raws[0]).hlc  # an origin's HLC grows with its seq
+        moves: dict[tuple[str, str, int, str], list[int]] = {}
+        for f in facts:
+            if f.kind in _MOVEMENTS and f.sku is not None and f.qty is not None:
+                m = moves.setdefault((store, f.sku, (f.hlc >> 16) // HOUR_MS * HOUR_MS,
+                                      f.kind), [0, 0])
+                m[0] += 1
+                m[1] += f.qty
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "UPDATE movements_hourly SET events = events - ?, qty = qty - ? "
+            "WHERE store = ? AND sku = ? AND hour_ms = ? AND kind = ?",
+            [(n, q, *k) for k, (n, q) in sorted(moves.items())])
+        conn.executemany(
+            "DELETE FROM movements_hourly WHERE store = ? AND sku = ? AND hour_ms = ? "
+            "AND kind = ? AND events = 0", sorted(moves))
+        # (nothing counted above the bound: the bound is only recorded)
+        if facts and bound == 0:
+            conn.execute("DELETE FROM watermarks WHERE store = ? AND origin = ?", key)
+        elif facts:
+            conn.execute("UPDATE watermarks SET seq = ?, newest_hlc = ? WHERE store = ? "
+                         "AND origin = ?", (bound, newest, *key))
+        conn.execute("INSERT INTO revocation_bounds (store, origin, upto) VALUES (?, ?, ?) "
+                     "ON CONFLICT DO UPDATE SET upto = excluded.upto", (*key, bound))
+        conn.execute("COMMIT")
+        if facts:
+            if bound == 0:
+                self._wm.pop(key, None)
+            else:
+                self._wm[key] = bound
+        self._bounds[key] = bound
+        self.excluded += len(facts)
+        if facts:
+            log.warning("analytics of %s: %d envelope(s) of revoked %s above its bound %d "
+                        "taken out", store, len(facts), origin, bound)
 
     def _failed(self, message: str, stores: set[str]) -> None:
         if message != self.last_error:
@@ -499,6 +614,7 @@ class Analytics:
         self.cloud = cloud
         self.store = store
         self._listeners: dict[str, Callable[[list[Envelope]], None]] = {}
+        self._trust_listeners: dict[str, Callable[[], None]] = {}
 
     @classmethod
     def attach(cls, cloud: CloudNode) -> Analytics:
@@ -509,10 +625,14 @@ class Analytics:
             return existing
         self = cls(cloud, AnalyticsStore(cloud.root / DB_NAME))
         for store_id, node in cloud.nodes.items():
-            self.store.add_source(store_id, node.durable.ledger)
+            self.store.add_source(store_id, node.durable.ledger,
+                                  node.identity.trust.revocation_bounds)
             listener = partial(self._on_durable, store_id)
             self._listeners[store_id] = listener
             node.listeners.append(listener)
+            on_trust = partial(self._on_trust, store_id)
+            self._trust_listeners[store_id] = on_trust
+            node.driver.trust_listeners.append(on_trust)
         fleet = web.Application(middlewares=[json_errors])  # mesh.http.api's
         fleet.router.add_get("/stock", self.stock)
         fleet.router.add_get("/sales", self.sales)
@@ -533,6 +653,13 @@ class Analytics:
         """A node listener: on the loop thread, so only enqueue (invariant 3)."""
         self.store.submit(store_id, [fact_of(e) for e in envs], self._now())
 
+    def _on_trust(self, store_id: str) -> None:
+        """A driver's trust listener (on the loop): pass on the revocation bounds
+        (invariant 6; ``set_bounds`` ignores the ones it has)."""
+        node = self.cloud.nodes.get(store_id)
+        if node is not None:
+            self.store.set_bounds(store_id, node.identity.trust.revocation_bounds)
+
     @staticmethod
     def _now() -> int:
         return time.time_ns() // 1_000_000
@@ -547,6 +674,11 @@ class Analytics:
             if node is not None and listener in node.listeners:
                 node.listeners.remove(listener)
         self._listeners.clear()
+        for store_id, on_trust in self._trust_listeners.items():
+            node = self.cloud.nodes.get(store_id)
+            if node is not None and on_trust in node.driver.trust_listeners:
+                node.driver.trust_listeners.remove(on_trust)
+        self._trust_listeners.clear()
         await asyncio.to_thread(self.store.close)
 
     async def _on_cleanup(self, app: web.Application) -> None:
@@ -637,6 +769,8 @@ class Analytics:
                       "analytics": {"aggregated": self.store.aggregated,
                                     "duplicates_skipped": self.store.skipped,
                                     "catch_ups": self.store.catch_ups,
+                                    "revoked_taken_out": self.store.excluded,
+                                    "revoked_skipped": self.store.revoked_skipped,
                                     "error": self.store.last_error}})
 
     def _store_health(self, store_id: str, node: Node, marks: dict[str, dict[str, Any]],

@@ -64,6 +64,7 @@ import shutil
 import socket
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -330,6 +331,7 @@ class Gateway:
             for store_id in list(self.cloud.nodes):
                 await self._write_back(store_id)
                 await self._save_exceptions(store_id)
+                self._apply_bounds(store_id)  # (a retry, if one failed)
             target = math.ceil(len(self.registry) / self.live_gateways)
             held = sorted(self.cloud.nodes, key=self._rank)
             if len(held) > target:
@@ -449,6 +451,23 @@ class Gateway:
                 "updated_at = now()", (store_id, self.id, len(found)))
         self._exc_saved[store_id] = (at, rows)
 
+    def _apply_bounds(self, store_id: str) -> None:
+        """The rollup honours the revocation bounds the store's trust store names
+        (``PgLedger.apply_bounds``; a driver trust listener, on the loop)."""
+        node = self.cloud.nodes.get(store_id)
+        if node is None:
+            return
+        ledger = cast("PgLedger", node.durable.ledger)
+        fut = ledger.apply_bounds(node.identity.trust.revocation_bounds)
+        if fut is not None:
+            fut.add_done_callback(partial(self._bounds_applied, store_id))
+
+    @staticmethod
+    def _bounds_applied(store_id: str, fut: Future[int]) -> None:
+        if fut.exception() is not None:
+            log.warning("rollup of store %s does not honour its revocation bounds yet "
+                        "(retried at the next tick): %s", store_id, fut.exception())
+
     async def _materialize(self, store_id: str) -> Path:
         """The store's control files, from the database, in our working directory."""
         assert self.control is not None
@@ -489,6 +508,8 @@ class Gateway:
         self.runners[store_id] = runner
         self.opened_at[store_id] = datetime.now(UTC)
         self.cloud.serve_store(node)
+        node.driver.trust_listeners.append(partial(self._apply_bounds, store_id))
+        self._apply_bounds(store_id)  # a list learned before a crash, or by an older cloud
         self.moves.append((asyncio.get_running_loop().time(), store_id, "took"))
         with contextlib.suppress(psycopg.Error):  # (else: at the next tick)
             await self._save_exceptions(store_id)

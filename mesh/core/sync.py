@@ -323,10 +323,13 @@ class SyncCore:
         #: earlier ``now`` means the wall clock went back (see on_timer)
         self._timer_now = 0
         #: (peer, origin) -> whether another of the peer's peers has a session with
-        #: origin (see _eligible); cleared whenever sessions or links change.
+        #: origin (see _eligible). These three memos are kept true as sessions and
+        #: links change (_peer_added, _peer_removed, _links_changed; else cleared).
         self._covered: dict[tuple[str, str], bool] = {}
-        #: (source, origin) -> peers to relay that origin's envelopes to (see _relay)
-        self._relay_targets: dict[tuple[str, str], tuple[str, ...]] = {}
+        #: (source, origin) -> peers to relay that origin's envelopes to (see _relay),
+        #: and the preferred bridges that decided it (see _links_changed)
+        self._relay_targets: dict[tuple[str, str],
+                                  tuple[tuple[str, ...], frozenset[str] | None]] = {}
         #: origin -> peers without a session with it (see durable)
         self._unreached: dict[str, tuple[str, ...]] = {}
         self._stuck_peers: set[str] = set()  # peers whose ``stuck`` is not empty
@@ -447,6 +450,8 @@ class SyncCore:
         if peer_id not in self.peers and len(self.peers) >= config.MAX_PEERS:
             self._count("peer_table_full")
             return out
+        known = peer_id in self.peers
+        wan_only = self._wan_only()
         peer = self.peers[peer_id] = _Peer(peer_id, reach=frozenset((peer_id,)))
         if wan:
             peer.wan = True
@@ -456,14 +461,22 @@ class SyncCore:
         self._send_vv(out, peer, now)
         # Our other peers hear of this session once its first summary shows whether
         # it is the one (re)joining (see _on_vv and _announce_links).
-        self._topology_changed()
+        if known or wan_only != self._wan_only():
+            self._topology_changed()
+        else:
+            self._peer_added(peer)
         self._session_changed(now, peer_id)
         return out
 
     def peer_down(self, peer_id: str, now: int) -> list[Effect]:
         self._stuck_peers.discard(peer_id)
-        if self.peers.pop(peer_id, None) is not None:
-            self._topology_changed()
+        wan_only = self._wan_only()
+        gone = self.peers.pop(peer_id, None)
+        if gone is not None:
+            if wan_only != self._wan_only():
+                self._topology_changed()
+            else:
+                self._peer_removed(gone)
             self._session_changed(now, peer_id)
             # Only the peer that should now relay the lost one's envelopes to us needs
             # to know at once: the one with the smallest id that has a session with it
@@ -480,6 +493,116 @@ class SyncCore:
         self._covered.clear()
         self._relay_targets.clear()
         self._unreached.clear()
+
+    def _peer_added(self, x: _Peer) -> None:
+        """A new peer ``x`` (last in ``peers``, no links known yet), and whether all our
+        sessions are WAN did not change: update the memos as a full clear and
+        recomputation would give them (tests/unit/test_sync_memo.py). At start-up
+        every node adds n peers; a full clear each time cost O(n²) per peer."""
+        xid = x.id
+        # _unreached[o]: x's reach is {x}: it lacks every other origin
+        unreached = self._unreached
+        for origin in list(unreached):
+            if origin != xid:
+                unreached[origin] = (*unreached[origin], xid)
+        # _covered[(p, o)]: x reports no session, so it covers nothing as a q; entries
+        # about x itself, or whose origin just became a peer, go
+        covered = self._covered
+        for key in [k for k in covered if k[0] == xid or k[1] == xid]:
+            del covered[key]
+        # _relay_targets[(s, o)]: x bridges nothing (no links); it is a target unless
+        # the origin or the source reports a session with it
+        peers = self.peers
+        targets_of = self._relay_targets
+        for key in list(targets_of):
+            sid, origin = key
+            if sid == xid or origin == xid:
+                del targets_of[key]
+                continue
+            o = peers.get(origin)
+            if (o is not None and xid in o.links) or xid in peers[sid].links:
+                continue
+            targets, bridges = targets_of[key]
+            if bridges is None:  # x is its first candidate: computed afresh when needed
+                del targets_of[key]
+            else:
+                targets_of[key] = ((*targets, xid), bridges)
+
+    def _peer_removed(self, x: _Peer) -> None:
+        """Peer ``x`` left ``peers`` (and whether all our sessions are WAN did not
+        change): update the memos as a full clear and recomputation would."""
+        xid = x.id
+        unreached = self._unreached
+        for origin, pids in list(unreached.items()):
+            if xid in pids:
+                unreached[origin] = tuple(p for p in pids if p != xid)
+        # _covered[(p, o)]: x counted as a q for p when p reported a session with it
+        peers = self.peers
+        covered = self._covered
+        for key in [k for k in covered if k[0] == xid or k[1] == xid
+                    or k[0] not in peers or xid in peers[k[0]].links]:
+            del covered[key]
+        # _relay_targets[(s, o)]: x drops out of the targets; where it was a bridge,
+        # the others' tests change: those entries go
+        targets_of = self._relay_targets
+        for key in list(targets_of):
+            sid, origin = key
+            targets, bridges = targets_of[key]
+            if sid == xid or origin == xid or (bridges is not None and xid in bridges):
+                del targets_of[key]
+            elif xid in targets:
+                targets_of[key] = (tuple(p for p in targets if p != xid), bridges)
+
+    def _links_changed(self, x: _Peer, old_links: frozenset[str]) -> None:
+        """Peer ``x``'s summary lists other sessions than before (``old_links``), and
+        nothing else changed: forget only the memo entries that this can change (the
+        rest stay what ``_topology_changed`` and a recomputation would give). In a big
+        store, the links of one rejoining node reach every node in n summaries spread
+        over a summary period; clearing every memo at each of them cost O(n²) per
+        summary, O(n⁴) in all (tests/unit/test_sync_memo.py checks this against the
+        full clear)."""
+        xid = x.id
+        diff = old_links ^ x.links
+        # _unreached[o]: the peers whose reach lacks o; only x's reach changed.
+        for origin in diff:
+            self._unreached.pop(origin, None)
+        # _covered[(p, o)] reads p's links, o's links and, for q among p's links,
+        # whether q reports o: x's change matters only if p or o is x, or o in diff.
+        covered = self._covered
+        for key in [k for k in covered if k[0] == xid or k[1] == xid or k[1] in diff]:
+            del covered[key]
+        # _relay_targets[(s, o)]: where x is neither the source nor the origin, x's
+        # links decide only whether x itself is a bridge (then the others' tests
+        # change) and whether x is a target: keep the entry when neither changes.
+        peers = self.peers
+        links, reach = x.links, x.reach
+        wan_only = self._wan_only()
+        me = self.replica.node_id
+        stale = []
+        for key, (targets, bridges) in self._relay_targets.items():
+            sid, origin = key
+            if sid == xid or origin == xid:
+                stale.append(key)
+                continue
+            if bridges is None:  # no candidates, and x's links cannot add one
+                continue
+            source = peers.get(sid)
+            o = peers.get(origin)
+            if source is None:  # (not reached: a peer that left updates every memo)
+                stale.append(key)
+                continue
+            if sid == origin and o is not None and (
+                    (xid in o.links and origin in links
+                     and (wan_only or (not x.wan and xid < me))) != (xid in bridges)):
+                stale.append(key)  # x became, or stopped being, a preferred bridge
+                continue
+            target = not (origin in reach or (o is not None and xid in o.links)
+                          or sid in links or xid in source.links
+                          or (bridges and not links.isdisjoint(bridges)))
+            if target != (xid in targets):
+                stale.append(key)
+        for key in stale:
+            del self._relay_targets[key]
 
     def _links_due(self, now: int, peers: Iterable[_Peer]) -> None:
         """Send these peers our summary (which lists our sessions) within
@@ -641,7 +764,7 @@ class SyncCore:
             return False
         key = (peer.id, origin)
         covered = self._covered.get(key)
-        if covered is None:  # memoised until any session or any peer's links change
+        if covered is None:  # memoised until sessions or links change (_links_changed)
             me = self.replica.node_id
             peers = self.peers
             if origin in peers:  # we are a bridge: defer only to a preferred one
@@ -895,9 +1018,10 @@ class SyncCore:
         peer.ready = True
         new_links = frozenset(links)
         if new_links != peer.links:
+            old_links = peer.links
             peer.links = new_links
             peer.reach = new_links | {peer.id}
-            self._topology_changed()
+            self._links_changed(peer, old_links)
         if first:
             self._announce_links(now, peer)
         peer.acked = theirs
@@ -1411,8 +1535,9 @@ class SyncCore:
                 key = (source.id, env.origin)
                 t = self._relay_targets.get(key)
                 if t is None:
-                    t = self._relay_targets[key] = self._relay_targets_for(source, env.origin)
-                targets[env.origin] = t
+                    t = self._relay_targets[key] = self._relay_targets_with_bridges(
+                        source, env.origin)
+                targets[env.origin] = t[0]
         if len(targets) == 1:  # the common case: one origin, push the batch as it is
             by_peer = dict.fromkeys(next(iter(targets.values())), applied)
         else:
@@ -1426,21 +1551,58 @@ class SyncCore:
                 self._push(out, peer, envs, now)
 
     def _relay_targets_for(self, source: _Peer, origin: str) -> tuple[str, ...]:
+        return self._relay_targets_with_bridges(source, origin)[0]
+
+    def _relay_targets_with_bridges(self, source: _Peer, origin: str,
+                                    ) -> tuple[tuple[str, ...], frozenset[str] | None]:
         """Peers we relay ``origin``'s envelopes to when they came from ``source``: those
         with no session with the origin or the source. When we had them from the origin
         itself, and another peer of the target is a preferred bridge to the origin
         (``_preferred_bridge``), that one relays instead: two edge nodes holding the
-        cloud's WAN link do not both send each cloud envelope to every register."""
-        bridges = [q for q in self.peers if self._preferred_bridge(q, origin)]
+        cloud's WAN link do not both send each cloud envelope to every register.
+
+        Also returns the preferred bridges that decided it, or None when no peer was
+        left to decide for (every peer but the source is among the origin's or the
+        source's links: the usual case in a full LAN mesh). The memo updates
+        (``_links_changed``, ``_peer_added``, ``_peer_removed``) rely on that: a None
+        entry's candidates stay empty until a peer is added."""
+        # (Runs for every (source, origin) after each change of topology: O(peers)
+        # set look-ups, with ``_preferred_bridge`` and ``_reaches`` inlined: a 100-node
+        # store spent a fifth of its time here.)
+        peers = self.peers
+        o = peers.get(origin)
+        o_links = o.links if o is not None else frozenset()
+        sid, s_links = source.id, source.links
+        cand = [pid for pid in peers if pid not in o_links and pid not in s_links and pid != sid]
+        if not cand:
+            return (), None
+        bridges = self._bridges(source, origin)
         out = []
-        for p in self.peers.values():
-            if (p is source or self._reaches(p, origin) or source.id in p.links
-                    or p.id in source.links):
+        for pid in cand:
+            p = peers[pid]
+            if (origin in p.reach or sid in p.links
+                    or (bridges and not p.links.isdisjoint(bridges))):
                 continue
-            if source.id == origin and any(q in p.links for q in bridges):
-                continue
-            out.append(p.id)
-        return tuple(out)
+            out.append(pid)
+        return tuple(out), bridges
+
+    def _bridges(self, source: _Peer, origin: str) -> frozenset[str]:
+        """= {q in peers if _preferred_bridge(q, origin)} when we had ``origin``'s
+        envelopes from the origin itself, else empty: q and the origin both report
+        their session (so q is among the origin's links), q a LAN node with the smaller
+        id, or any such q when all our sessions are WAN."""
+        peers = self.peers
+        o = peers.get(origin)
+        if source.id != origin or o is None:
+            return frozenset()
+        wan_only = self._wan_only()
+        me = self.replica.node_id
+        bridges = set()
+        for q in o.links:
+            p = peers.get(q)
+            if p is not None and origin in p.links and (wan_only or (not p.wan and q < me)):
+                bridges.add(q)
+        return frozenset(bridges)
 
     # --- timers -------------------------------------------------------------------------------
 

@@ -1,5 +1,8 @@
-"""The WAN session codec: pure bytes in, bytes out (no I/O), used by the real transport
-(``mesh.net.transport.Session``) and by the simulator's WAN links, both ways; with it the
+"""The session codec: pure bytes in, bytes out (no I/O), used by the real transport
+(``mesh.net.transport.Session``) on every WAN session and on every LAN session that
+negotiated it (``"codecs": ["z1"]`` in the hello, docs/protocol.md), and by the
+simulator's WAN links, both ways. A LAN session runs it at a cheaper deflate level and
+a smaller window (``config.LAN_ZLIB_*``); the wire format is the same. With it the
 rest of what a session does to bytes, shared by both the same way: the merge of queued
 envelope batches (``coalesce``), the enrolment check of the receiving table
 (``enrolled``) and the linger before a WAN write (``config.WAN_LINGER_S``).
@@ -13,10 +16,14 @@ Invariants:
     table only origins ``known`` accepts (transport invariant 6); the last hash of at
     most ``MAX_WAN_STRAY_ORIGINS`` origins it did not accept is kept aside, so their
     next frame can be restored once their certificate has come.
+ 5. A message is decoded whole or not at all: ``decode`` returns every frame of it or
+    raises (a message cut short, or holding a frame cut short, is refused), so no part
+    of a batch reaches the sync core on its own.
 """
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import zlib
 from collections import OrderedDict, deque
@@ -34,6 +41,8 @@ _PREV = b'"prev":"'
 _ELIDED = b'"prev":"="'
 _SIG_TAIL = 130  # 128 hex chars + '"}' at the end of every raw envelope
 _F_PREV, _F_SIG = 1, 2
+#: How every message's deflate data ends: the empty stored block of Z_SYNC_FLUSH.
+_FLUSH = b"\x00\x00\xff\xff"
 
 
 class WanCodec:
@@ -49,8 +58,13 @@ class WanCodec:
     """
 
     def __init__(self, known: Callable[[str], bool] | None = None,
-                 on_refuse: Callable[[str], None] | None = None) -> None:
-        self._tx = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+                 on_refuse: Callable[[str], None] | None = None, *, level: int = 9,
+                 wbits: int = 15, mem_level: int = 9, name: str = "wan") -> None:
+        # The receiver inflates with the largest window (-15), so a sender may pick any
+        # level and window: the format does not depend on them.
+        self._tx = zlib.compressobj(level, zlib.DEFLATED, -wbits, mem_level)
+        #: Prefix of the refusal reasons (``wan_unenrolled_origin``, ``lan_...``).
+        self.name = name
         self._rx = zlib.decompressobj(-15)
         self._tx_last: dict[bytes, bytes] = {}
         self._rx_last: dict[bytes, bytes] = {}
@@ -73,10 +87,10 @@ class WanCodec:
         if origin in self._rx_last:
             return True
         if self._known is not None and not self._known(origin.decode("utf-8", "replace")):
-            self._refuse("wan_unenrolled_origin")
+            self._refuse(f"{self.name}_unenrolled_origin")
             return False
         if len(self._rx_last) >= config.MAX_WAN_ORIGINS:
-            self._refuse("wan_origin_table_full")
+            self._refuse(f"{self.name}_origin_table_full")
             return False
         return True
 
@@ -87,10 +101,16 @@ class WanCodec:
 
     def decode(self, data: bytes) -> bytes:
         if data[:1] != b"Z":
-            raise ValueError("expected a compressed WAN message")
+            raise ValueError("expected a compressed session message")
+        if not data.endswith(_FLUSH):
+            # Every message ends with its sync flush (``encode``), and only there: one
+            # cut short would inflate to a prefix of its frames (invariant 5).
+            raise ValueError("session message does not end with its flush")
         msg = self._rx.decompress(data[1:], config.MAX_MESSAGE_BYTES + 1)
         if self._rx.unconsumed_tail or len(msg) > config.MAX_MESSAGE_BYTES:
-            raise ValueError("WAN message inflates beyond the message bound")
+            raise ValueError("session message inflates beyond the message bound")
+        if not msg:
+            raise ValueError("empty session message")
         return self._unpack(msg) if msg[:1] == b"P" else msg
 
     def _pack(self, data: bytes) -> bytes:
@@ -104,15 +124,16 @@ class WanCodec:
             flags, packed = 0, raw
             at = packed.find(_PREV)
             last = self._tx_last.get(origin)
-            if at >= 0 and last is not None and packed[at + 8 : at + 72] == last.hex().encode():
+            if at >= 0 and last is not None and packed[at + 8 : at + 72] == last:
                 packed = packed[:at] + _ELIDED + packed[at + 73:]
                 flags |= _F_PREV
-            sighex = packed[-_SIG_TAIL:-2]
-            if packed.endswith(b'"}') and _is_lower_hex(sighex):
-                packed = packed[:-_SIG_TAIL] + bytes.fromhex(sighex.decode())
+            sig = _raw_sig(packed)
+            if sig is not None:
+                packed = packed[:-_SIG_TAIL] + sig
                 flags |= _F_SIG
             if origin in self._tx_last or len(self._tx_last) < config.MAX_WAN_ORIGINS:
-                self._tx_last[origin] = hashlib.sha256(raw).digest()
+                # kept as hex: what the next frame's ``prev`` is compared with
+                self._tx_last[origin] = hashlib.sha256(raw).hexdigest().encode()
             out.append((len(packed) + 1).to_bytes(4, "big"))
             out.append(bytes((flags,)))
             out.append(packed)
@@ -147,7 +168,8 @@ class WanCodec:
             digest = hashlib.sha256(raw).digest()
             if keep:
                 self._rx_last[origin] = digest
-                self._rx_stray.pop(origin, None)
+                if self._rx_stray:
+                    self._rx_stray.pop(origin, None)
             else:
                 stray = self._rx_stray
                 stray[origin] = digest
@@ -159,8 +181,17 @@ class WanCodec:
         return b"".join(out)
 
 
-def _is_lower_hex(b: bytes) -> bool:
-    return len(b) == 128 and all(c in b"0123456789abcdef" for c in b)
+def _raw_sig(packed: bytes) -> bytes | None:
+    """The 64 signature bytes if ``packed`` ends in 128 lowercase hex chars + ``"}``
+    (what the receiver restores exactly), else None (the frame goes as it is)."""
+    if not packed.endswith(b'"}') or len(packed) < _SIG_TAIL:
+        return None
+    sighex = packed[-_SIG_TAIL:-2]
+    try:
+        sig = binascii.a2b_hex(sighex)
+    except (binascii.Error, ValueError):
+        return None
+    return sig if binascii.b2a_hex(sig) == sighex else None
 
 
 def _origin_of(raw: bytes) -> bytes:

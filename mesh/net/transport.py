@@ -3,7 +3,9 @@
 Handshake (JSON text frames, then binary sync messages):
 
 1. dialer -> listener ``{"t": "hello", "proto", "store", "node", "cert", "nonce"}``
-2. listener -> dialer  the same, plus ``sig`` = listener's node key over
+   (a LAN dialer adds ``"codecs": ["z1"]``: the session encodings it can speak)
+2. listener -> dialer  the same, plus ``"codec": "z1"`` if it picked one of those,
+   plus ``sig`` = listener's node key over
    ``HS_DOMAIN + b"listener" + dialer_nonce + listener_nonce + dialer_id + listener_id``
 3. dialer -> listener ``{"t": "auth", "sig"}`` over the same with ``b"dialer"`` and the
    nonces swapped
@@ -46,6 +48,13 @@ Invariants:
     without a certificate (``no_client_cert``), a dialer a peer that is not the node it
     meant (``wrong_peer``). On a plain-text link (loopback development only) none of
     this applies.
+ 8. A LAN session's encoding is negotiated in the hello (``LAN_CODECS``): the dialer
+    offers, the listener picks one it speaks or none, and both then encode every
+    message after the handshake that way (``WanCodec`` at ``config.LAN_ZLIB_*``), or
+    neither does. A peer that predates it offers or picks none: plain messages, as
+    before. A listener's pick the dialer did not offer is a ``bad_handshake``; on a
+    coded session a message that does not decode closes it (``bad_lan_message``), as
+    on WAN sessions (``bad_wan_message``), before any of it reaches the node.
 """
 
 from __future__ import annotations
@@ -73,12 +82,17 @@ from mesh.errors import EnvelopeError
 from mesh.net.tls import PeerIdentity, client_context, load_tls_files, peer_identity
 from mesh.store.datadir import NodeIdentity
 
-__all__ = ["HS_DOMAIN", "PROTO", "HandshakeError", "Session", "WanCodec", "accept", "dial"]
+__all__ = ["HS_DOMAIN", "LAN_CODECS", "PROTO", "HandshakeError", "Session", "WanCodec", "accept",
+           "dial"]
 
 log = logging.getLogger(__name__)
 
 PROTO: Final = 1
 HS_DOMAIN: Final = b"storemesh/handshake/v1\n"
+#: Session encodings a LAN session may negotiate, preferred first (invariant 8).
+#: ``z1``: the WAN codec's format (``mesh.core.wancodec``: elided ``prev``, 64-byte
+#: signatures, one deflate stream per direction), at the LAN's level and window.
+LAN_CODECS: Final = ("z1",)
 
 
 class HandshakeError(Exception):
@@ -95,6 +109,14 @@ def _transcript(role: bytes, nonce_a: bytes, nonce_b: bytes, a: str, b: str) -> 
 def _hello(identity: NodeIdentity, nonce: bytes, wan: bool = False) -> dict[str, Any]:
     return {"t": "hello", "proto": PROTO, "store": identity.store_id, "node": identity.node_id,
             "cert": identity.certificate.to_dict(), "nonce": nonce.hex(), "wan": wan}
+
+
+def _pick_codec(hello: object, ours: tuple[str, ...]) -> str | None:
+    """The listener's pick among the encodings a dialer's hello offers (invariant 8)."""
+    offered = hello.get("codecs") if isinstance(hello, dict) else None
+    if not isinstance(offered, list):
+        return None
+    return next((c for c in ours if c in offered[:16]), None)
 
 
 def _check_hello(identity: NodeIdentity, msg: object, now_ms: int) -> tuple[Certificate, bytes]:
@@ -157,14 +179,23 @@ class Session:
 
     def __init__(self, peer_id: str, role: str, ws: web.WebSocketResponse
                  | aiohttp.ClientWebSocketResponse, *, url: str | None, outbound: bool,
-                 linger_s: float = 0.0, known: Callable[[str], bool] | None = None) -> None:
+                 linger_s: float = 0.0, known: Callable[[str], bool] | None = None,
+                 codec: str | None = None) -> None:
         self.linger_s = linger_s
         self.wan = linger_s > 0
+        #: The encoding negotiated for a LAN session (invariant 8); None: plain.
+        self.lan_codec = None if self.wan else codec
         #: Called with a reason for every frame refused after the handshake (invariant
         #: 4); the node counts them. ``refused`` keeps this session's own counts.
         self.on_refuse: Callable[[str], None] | None = None
         self.refused: dict[str, int] = {}
-        self.codec = WanCodec(known, self.refuse) if self.wan else None
+        self.codec: WanCodec | None = None
+        if self.wan:
+            self.codec = WanCodec(known, self.refuse)
+        elif self.lan_codec is not None:
+            self.codec = WanCodec(known, self.refuse, level=config.LAN_ZLIB_LEVEL,
+                                  wbits=config.LAN_ZLIB_WBITS,
+                                  mem_level=config.LAN_ZLIB_MEM_LEVEL, name="lan")
         self.sock: socket.socket | None = None
         self.last_wire = (0, 0)
         self.peer_id = peer_id
@@ -242,7 +273,7 @@ class Session:
                     try:
                         data = self.codec.decode(data)
                     except (ValueError, zlib.error):
-                        self.close_reason = "bad_wan_message"
+                        self.close_reason = "bad_wan_message" if self.wan else "bad_lan_message"
                         self.refuse(self.close_reason)
                         break  # the compressed stream is unusable now
                 on_message(self.peer_id, data)
@@ -306,9 +337,11 @@ def _enrolled(identity: NodeIdentity) -> Callable[[str], bool]:
 
 async def accept(request: web.Request, identity: NodeIdentity, now_ms: Callable[[], int],
                  on_session: Callable[[Session], Awaitable[None]],
-                 on_reject: Callable[[str], None], *, wan: bool = False) -> web.StreamResponse:
+                 on_reject: Callable[[str], None], *, wan: bool = False,
+                 codecs: tuple[str, ...] = LAN_CODECS) -> web.StreamResponse:
     """Server side of ``GET /v1/sync``: handshake, then hand the session over. Offers
-    per-message deflate to clients that ask for it (WAN peers do)."""
+    per-message deflate to clients that ask for it (WAN peers do). ``codecs``: the LAN
+    session encodings we accept, preferred first (``()``: plain only, as before them)."""
     tls_peer: PeerIdentity | None = None
     sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
     if sslobj is not None:  # a TLS listener: a node must present its certificate
@@ -329,8 +362,11 @@ async def accept(request: web.Request, identity: NodeIdentity, now_ms: Callable[
         cert, their_nonce = _check_hello(identity, hello_msg, now_ms())
         _check_binding(tls_peer, cert, identity.store_id)
         wan = wan or (isinstance(hello_msg, dict) and hello_msg.get("wan") is True)
+        codec = None if wan else _pick_codec(hello_msg, codecs)
         nonce = os.urandom(32)
         hello = _hello(identity, nonce, wan)
+        if codec is not None:
+            hello["codec"] = codec
         hello["sig"] = identity.key.sign(
             _transcript(b"listener", their_nonce, nonce, cert.node_id, identity.node_id)).hex()
         await ws.send_str(orjson.dumps(hello).decode())
@@ -357,7 +393,7 @@ async def accept(request: web.Request, identity: NodeIdentity, now_ms: Callable[
         return ws
     session = Session(cert.node_id, cert.role, ws, url=None, outbound=False,
                       linger_s=config.WAN_LINGER_S if wan else 0.0,
-                      known=_enrolled(identity))
+                      known=_enrolled(identity), codec=codec)
     transport_ = request.transport
     session.sock = transport_.get_extra_info("socket") if transport_ is not None else None
     await on_session(session)
@@ -378,8 +414,8 @@ def _check_binding(tls_peer: PeerIdentity | None, cert: Certificate, store_id: s
 async def dial(http: aiohttp.ClientSession, url: str, identity: NodeIdentity,
                now_ms: Callable[[], int], *, wan: bool = False,
                ssl_context: ssl.SSLContext | None = None, expect: str | None = None,
-               expect_role: str | None = None, server_hostname: str | None = None
-               ) -> Session:
+               expect_role: str | None = None, server_hostname: str | None = None,
+               codecs: tuple[str, ...] = LAN_CODECS) -> Session:
     """Client side: connect to ``url`` (``https://host:port``; ``http://`` only for
     loopback development) and authenticate both ways. ``ssl_context``: mutual TLS
     pinned to the store CA (``mesh.net.tls.client_context``); ``expect``: the node id we
@@ -391,6 +427,8 @@ async def dial(http: aiohttp.ClientSession, url: str, identity: NodeIdentity,
     Without ``ssl_context`` an https:// dial reads the identity's TLS files (blocking:
     for tools and tests).
     ``wan``: a metered link (to the cloud): WanCodec compression and linger batching.
+    ``codecs``: the LAN session encodings we offer, preferred first (``()``: plain
+    messages only, as a node that predates them; invariant 8).
     Raises ``HandshakeError`` (refused or forged) or aiohttp/OS errors (unreachable)."""
     tls = url.startswith("https://")
     if tls and ssl_context is None:  # tools and tests; a Node passes its own context
@@ -416,9 +454,17 @@ async def dial(http: aiohttp.ClientSession, url: str, identity: NodeIdentity,
                 raise HandshakeError("wrong_peer", f"{url} is node {tls_peer.node_id!r}, "
                                      f"not {expect!r}")
         nonce = os.urandom(32)
-        await ws.send_str(orjson.dumps(_hello(identity, nonce, wan)).decode())
+        hello = _hello(identity, nonce, wan)
+        if codecs and not wan:
+            hello["codecs"] = list(codecs)
+        await ws.send_str(orjson.dumps(hello).decode())
         reply = await _recv_json(ws)
         cert, their_nonce = _check_hello(identity, reply, now_ms())
+        assert isinstance(reply, dict)
+        codec = reply.get("codec")
+        if codec is not None and (wan or codec not in codecs):
+            raise HandshakeError("bad_handshake", f"peer picked encoding {codec!r}, "
+                                 f"we offered {list(codecs) if not wan else []}")
         _check_binding(tls_peer, cert, identity.store_id)
         if expect is not None and cert.node_id != expect:
             raise HandshakeError("wrong_peer", f"{url} is node {cert.node_id!r}, not "
@@ -426,7 +472,6 @@ async def dial(http: aiohttp.ClientSession, url: str, identity: NodeIdentity,
         if expect_role is not None and cert.role != expect_role:
             raise HandshakeError("wrong_peer", f"{url} is node {cert.node_id!r} enrolled "
                                  f"as {cert.role!r}, not {expect_role!r}")
-        assert isinstance(reply, dict)
         try:
             sig = bytes.fromhex(str(reply.get("sig", "")))
         except ValueError:
@@ -445,6 +490,6 @@ async def dial(http: aiohttp.ClientSession, url: str, identity: NodeIdentity,
         raise
     session = Session(cert.node_id, cert.role, ws, url=url, outbound=True,
                       linger_s=config.WAN_LINGER_S if wan else 0.0,
-                      known=_enrolled(identity))
+                      known=_enrolled(identity), codec=codec)
     session.sock = ws.get_extra_info("socket")
     return session

@@ -188,11 +188,12 @@ class Checker:
 
     def sample(self, partitioned: bool) -> None:
         self.check_checkpoints()
-        nodes = list(self.world.nodes.values())
+        # (the replicas looked up once per sample, not once per SKU and node)
+        replicas = [n.replica if n.alive else None for n in self.world.nodes.values()]
         avail: dict[str, list[int | None]] = {}
         now = self.world.now
         for sku in self.tracked:
-            row = [n.replica.available(sku) if n.alive else None for n in nodes]
+            row = [r.available(sku) if r is not None else None for r in replicas]
             avail[sku] = row
             live = [x for x in row if x is not None]
             if len(live) > 1 and now >= self.watch_from_ms:

@@ -95,6 +95,7 @@ def build_world(sc: Scenario, seed: int) -> World:
     late = sc.late_nodes()
     # the checkpointer is the store's first edge, at every node (TrustStore.checkpointer)
     w.checkpointer = next((n.id for n in sc.nodes if n.role == "edge"), None)
+    w.lan_codec = sc.lan_codec
     if sc.checkpoint_every_s is not None:
         w.checkpoint_every_ms = round(sc.checkpoint_every_s * 1000)
     if sc.horizon_s is not None:

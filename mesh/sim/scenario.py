@@ -250,6 +250,9 @@ class Scenario:
     #: ``config.FRONTIER_HORIZON_MS``)
     checkpoint_every_s: float | None = None
     horizon_s: float | None = None
+    #: ``[sim] lan_codec``: LAN sessions run the real transport's ``z1`` codec
+    #: (``World.lan_codec``)
+    lan_codec: bool = False
 
     def node_ids(self) -> list[str]:
         return [n.id for n in self.nodes]
@@ -719,6 +722,7 @@ def parse_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario
     sample_ms = sim.opt_num("sample_ms", lo=1.0)
     converge = sim.num("converge_timeout_s", 120.0, lo=1.0, hi=MAX_DURATION_S)
     retry = sim.bool_("retry_unacked", True)
+    lan_codec = sim.bool_("lan_codec", False)
     sim.done()
     root.done()
     return Scenario(
@@ -728,7 +732,7 @@ def parse_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario
         stock_at=stock_at, hot=hot, streams=streams, races=tuple(races), faults=faults,
         byzantine=byz, swarm=swarm, warmup_s=warmup, sample_ms=sample_ms,
         converge_timeout_s=converge, retry_unacked=retry, source=source, sensors=sensors,
-        checkpoint_every_s=ck_every, horizon_s=horizon,
+        checkpoint_every_s=ck_every, horizon_s=horizon, lan_codec=lan_codec,
     )
 
 

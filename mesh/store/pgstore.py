@@ -21,7 +21,8 @@ Invariants:
     every later one until ``reset_failure``: no hole behind a failed write.
  4. The analytics rollup (``movements_hourly``) is updated in the SAME transaction as
     the envelopes it counts: committed together or not at all, and since an envelope
-    is inserted at most once (1), it is counted exactly once, by construction.
+    is inserted at most once (1), it is counted exactly once, by construction (unless
+    a revocation bound leaves it out: 8).
  5. Fencing: with ``gateway`` set, every write transaction first locks this store's
     lease row (``FOR SHARE``) and commits only while ``gateway`` holds an unexpired
     lease. A gateway that lost its lease (paused, partitioned, presumed dead) can no
@@ -32,6 +33,15 @@ Invariants:
     ``mesh.cloud.gateway`` invariant 6) runs in a fenced transaction of its own right
     after each ``call``, before any later append: the trust store is in PostgreSQL
     before the rows that may need it, as ``Ledger.call`` has it on disk.
+ 8. Revocation bounds (``mesh.core.identity`` invariant 7): the rollup counts none of a
+    revoked node's envelopes above the bound its store's list names, as no replica
+    holds them (the rows stay in ``envelopes``, an archive). ``apply_bounds`` runs, on the
+    writer thread in a fenced transaction queued behind every append before it, the
+    difference between the bound applied so far (none: every row) and the new one,
+    computed in SQL from the rows themselves, and records the bound in
+    ``rollup_bounds`` in the same transaction; appends after it leave those seqs out of
+    the rollup. So the correction is done once (a restart reads the recorded bounds),
+    and the rollup equals one that never counted them.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Final
 
@@ -63,6 +73,8 @@ HOUR_MS: Final = 3_600_000
 #: Envelope kinds that move stock of one SKU with a signed ``meta.qty``
 #: (as ``mesh.cloud.analytics``).
 _MOVEMENTS: Final = frozenset({"receipt", "sale", "return", "adjust", "fulfil"})
+#: "no bound": above any seq (bigint)
+_NO_BOUND: Final = 2**62
 _SCHEMA_LOCK: Final = 0x5704E5  # advisory lock: gateways starting together create once
 
 _SCHEMA: Final = """
@@ -105,6 +117,12 @@ CREATE TABLE IF NOT EXISTS movements_hourly (
     PRIMARY KEY (store_id, sku, hour_ms, kind)
 );
 CREATE INDEX IF NOT EXISTS movements_by_hour ON movements_hourly (kind, hour_ms);
+CREATE TABLE IF NOT EXISTS rollup_bounds (
+    store_id text   NOT NULL,       -- invariant 8: movements_hourly counts none of
+    origin   text   NOT NULL,       -- origin's seqs above upto
+    upto     bigint NOT NULL,
+    PRIMARY KEY (store_id, origin)
+);
 CREATE TABLE IF NOT EXISTS leases (
     store_id   text        PRIMARY KEY,
     gateway    text        NOT NULL,
@@ -217,6 +235,9 @@ class PgLedger(GroupCommitWriter):
         self._rlock = threading.Lock()
         self.last_id = self._scalar(
             "SELECT COALESCE(MAX(id), 0) FROM envelopes WHERE store_id = %s", (store_id,))
+        #: the revocation bounds the rollup honours (invariant 8; writer thread)
+        self.rollup_bounds: dict[str, int] = {str(o): int(u) for o, u in self._rows(
+            "SELECT origin, upto FROM rollup_bounds WHERE store_id = %s", (store_id,))}
         self._start_writer(f"pgledger:{store_id}")
 
     # --- writing -----------------------------------------------------------------------
@@ -284,10 +305,13 @@ class PgLedger(GroupCommitWriter):
         first = self.last_id + 1
         rows = []
         rollup: dict[tuple[str, int, str], list[int]] = {}
+        bounds = self.rollup_bounds
         for i, e in enumerate(envs):
             kind, sku, qty = _meta(e.raw)
             rows.append((self.store_id, first + i, e.origin, e.seq, e.hlc, e.hash, e.raw,
                          kind, sku, qty))
+            if e.seq > bounds.get(e.origin, e.seq):
+                continue  # invariant 8: kept as an archive, not counted
             if kind in _MOVEMENTS and sku is not None and qty is not None:
                 agg = rollup.setdefault((sku, (e.hlc >> 16) // HOUR_MS * HOUR_MS, kind), [0, 0])
                 agg[0] += 1
@@ -323,6 +347,47 @@ class PgLedger(GroupCommitWriter):
             self._queue_job(fn).result()
         except psycopg.Error as exc:
             raise _error(exc, what) from exc
+
+    def apply_bounds(self, bounds: Mapping[str, int]) -> Future[int] | None:
+        """Make the rollup honour these revocation bounds (invariant 8): None if it does
+        already, else the future of the correction (queued behind every append before
+        it). A bound no longer named is kept (a list drops no revoked node)."""
+        todo = {o: b for o, b in bounds.items() if self.rollup_bounds.get(o) != b}
+        if not todo:
+            return None
+
+        def correct(cur: psycopg.Cursor[Any]) -> None:
+            for origin, bound in sorted(todo.items()):
+                applied = self.rollup_bounds.get(origin)
+                if applied == bound:
+                    continue
+                # rows counted now and not then (-1), or not now and then (+1)
+                lo, hi, sign = (bound, _NO_BOUND if applied is None else applied, -1) \
+                    if applied is None or bound < applied else (applied, bound, 1)
+                cur.execute(
+                    "INSERT INTO movements_hourly AS m (store_id, sku, hour_ms, kind, events, "
+                    "qty) SELECT store_id, sku, (hlc >> 16) / %s * %s, kind, %s * count(*), "
+                    "%s * sum(qty) FROM envelopes WHERE store_id = %s AND origin = %s AND "
+                    "seq > %s AND seq <= %s AND kind = ANY(%s) AND sku IS NOT NULL AND qty "
+                    "IS NOT NULL GROUP BY 1, 2, 3, 4 ON CONFLICT (store_id, sku, hour_ms, "
+                    "kind) DO UPDATE SET events = m.events + excluded.events, "
+                    "qty = m.qty + excluded.qty",
+                    (HOUR_MS, HOUR_MS, sign, sign, self.store_id, origin, lo, hi,
+                     sorted(_MOVEMENTS)))
+                cur.execute(
+                    "INSERT INTO rollup_bounds (store_id, origin, upto) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (store_id, origin) DO UPDATE SET upto = excluded.upto",
+                    (self.store_id, origin, bound))
+            cur.execute("DELETE FROM movements_hourly WHERE store_id = %s AND events = 0",
+                        (self.store_id,))
+
+        def done(fut: Future[int]) -> None:  # (on the writer thread, after the commit)
+            if fut.exception() is None:
+                self.rollup_bounds = {**self.rollup_bounds, **todo}
+                log.warning("rollup of %s honours revocation bounds %s", self.store_id, todo)
+        fut = self._queue_job(correct)
+        fut.add_done_callback(done)
+        return fut
 
     def save_snapshot(self, upto: int, state: bytes) -> None:
         """The state after row ``upto`` (which must be the last row written); keeps the

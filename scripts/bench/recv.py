@@ -66,7 +66,9 @@ class Feeder:
                 k = i % senders
                 raw = self.chains[k][self.pos[k]]
                 self.pos[k] += 1
-                await self.sessions[k].ws.send_bytes(encode_batch([raw]))
+                s = self.sessions[k]
+                data = encode_batch([raw])  # coded if the node negotiated z1, as a peer's
+                await s.ws.send_bytes(s.codec.encode(data) if s.codec is not None else data)
                 delay = t0 + (i + 1) * interval - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)

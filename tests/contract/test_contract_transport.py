@@ -67,9 +67,11 @@ def test_sim_transport_passes_the_transport_contract() -> None:
 
 
 class RealRig:
-    """Sessions a -> b over aiohttp on 127.0.0.1, driven from a loop on a thread."""
+    """Sessions a -> b over aiohttp on 127.0.0.1, driven from a loop on a thread;
+    ``codecs``: the LAN encodings the dialer offers (``()``: plain, as an older node)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, codecs: tuple[str, ...] = transport.LAN_CODECS) -> None:
+        self.codecs = codecs
         self.a = init_store(root / "a", "contract-store", now_ms=_now(), node_id="a")
         assert self.a.store_key is not None
         self.b = enrol_node(root / "b", self.a.store_key, "contract-store", "register",
@@ -105,7 +107,9 @@ class RealRig:
         await session.run(lambda peer, data: self.got.append(data))
 
     async def _dial(self) -> None:
-        self.session = await transport.dial(self.http, self.url, self.a, _now)
+        self.session = await transport.dial(self.http, self.url, self.a, _now,
+                                            codecs=self.codecs)
+        assert (self.session.codec is None) == (not self.codecs)
         self.tasks.append(asyncio.create_task(self.session.run(lambda p, d: None)))
 
     def send(self, src: str, data: bytes, priority: int) -> None:
@@ -158,11 +162,13 @@ class RealRig:
         self.loop.close()
 
 
-def test_real_transport_passes_the_transport_contract(tmp_path: Path) -> None:
+@pytest.mark.parametrize("codecs", [transport.LAN_CODECS, ()], ids=["z1", "plain"])
+def test_real_transport_passes_the_transport_contract(tmp_path: Path,
+                                                      codecs: tuple[str, ...]) -> None:
     rigs: list[RealRig] = []
 
     def make() -> RealRig:
-        rigs.append(RealRig(tmp_path / str(len(rigs))))
+        rigs.append(RealRig(tmp_path / str(len(rigs)), codecs))
         return rigs[-1]
     try:
         check_transport(make)

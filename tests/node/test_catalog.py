@@ -475,7 +475,8 @@ async def test_a_catalog_envelope_signed_by_a_register_is_refused(store: Store) 
         session = await transport.dial(http, edge.url, ident, now_ms)
         try:
             await wait_until(lambda: "r1" in edge.sessions, "the session at the edge")
-            await session.ws.send_bytes(encode_batch([env.raw]))
+            data = encode_batch([env.raw])  # as the negotiated LAN codec carries it
+            await session.ws.send_bytes(session.codec.encode(data) if session.codec else data)
             await wait_until(lambda: edge.core.stats.get("forbidden", 0) >= 1,
                              "the edge to refuse the envelope")
         finally:

@@ -321,6 +321,16 @@ def _client_ws_frame(payload: bytes) -> bytes:
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+def _z1_message(payload: bytes) -> bytes:
+    """``payload`` as one message of the LAN session encoding ``z1`` (which the two nodes
+    negotiate): a deflate *stored* block needs none of the stream's history, so anyone
+    on a plain-text path can forge one; then the empty stored block every message ends
+    with. The encoding is compression, not integrity: only TLS keeps this out."""
+    n = len(payload)
+    return (b"Z\x00" + n.to_bytes(2, "little") + (n ^ 0xFFFF).to_bytes(2, "little") + payload
+            + b"\x00\x00\x00\xff\xff")
+
+
 def _forged_summary(origins: list[str]) -> bytes:
     """A sync summary (``V``, mesh.core.sync) claiming the register holds a million envelopes
     of every origin, with an ``rx`` no genuine summary will reach: a receiver that
@@ -363,7 +373,7 @@ async def test_a_forged_summary_injected_on_a_live_session(
         base = await rejections(http, edge.url)
         # r1 sends a summary every second or so: the frame goes in just before it
         proxy.tamper(up=True, inject=_client_ws_frame(
-            _forged_summary([edge.node_id, r1.node_id])))
+            _z1_message(_forged_summary([edge.node_id, r1.node_id]))))
         await until(lambda: _true(bool(proxy.tampered)), within=10,
                     what="the proxy injected the frame")
         await post_ok(http, edge.url, "/v1/sales",

@@ -496,6 +496,11 @@ async def _drain(session: Session) -> None:
             pass
 
 
+def _wire(session: Session, data: bytes) -> bytes:
+    """``data`` as the session's negotiated encoding carries it (the LAN codec)."""
+    return session.codec.encode(data) if session.codec is not None else data
+
+
 def _flip_signature(raw: bytes) -> bytes:
     """Change the last hex digit of the signature: still well formed, no longer valid."""
     assert raw.endswith(b'"}') and raw[-131:-130] == b'"', raw[-140:]
@@ -550,19 +555,20 @@ async def test_refusals_counted_in_metrics(cluster: Cluster, tmp_path: Path) -> 
             mine = Replica(store, ra.node_id, ra.role, ra.key)
             genuine = mine.receive("FORGED", 7, txn="ra-grn-1", now_ms=now_ms()).envelope
             assert genuine is not None
-            await session.ws.send_bytes(encode_batch([_flip_signature(genuine.raw)]))
+            forged = encode_batch([_flip_signature(genuine.raw)])
+            await session.ws.send_bytes(_wire(session, forged))
             assert await counted("bad_signature") == 1
             # An envelope signed by a node of another store, relayed by ra.
             theirs = Replica(other.store_id, other.node_id, other.role, other.key)
             foreign = theirs.receive("FORGED", 5, txn="x-grn-1", now_ms=now_ms()).envelope
             assert foreign is not None
-            await session.ws.send_bytes(encode_batch([foreign.raw]))
+            await session.ws.send_bytes(_wire(session, encode_batch([foreign.raw])))
             assert await counted("wrong_store") == 1
             # An envelope of our store id by a node nobody enrolled here, relayed by ra.
             stranger = Replica(store, rogue.node_id, rogue.role, rogue.key)
             unknown = stranger.receive("FORGED", 3, txn="r-grn-1", now_ms=now_ms()).envelope
             assert unknown is not None
-            await session.ws.send_bytes(encode_batch([unknown.raw]))
+            await session.ws.send_bytes(_wire(session, encode_batch([unknown.raw])))
             assert await counted("not_enrolled") == 1
             await asyncio.sleep(0.3)  # anything wrongly applied would show by now
             for n in honest:
@@ -572,7 +578,7 @@ async def test_refusals_counted_in_metrics(cluster: Cluster, tmp_path: Path) -> 
             assert health["envelopes"] == ledger_before, health
             # Control: the untampered envelope over the same session is applied (and
             # relayed to r1), so the refusals above were for the reasons counted.
-            await session.ws.send_bytes(encode_batch([genuine.raw]))
+            await session.ws.send_bytes(_wire(session, encode_batch([genuine.raw])))
             await wait_converged(http, honest, within=10, expect={"FORGED": 7, "BASE": 10})
         finally:
             await session.ws.close()

@@ -3,10 +3,12 @@ during a partition, a node revoked mid-run."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from mesh.sim.runner import RunContext, run_scenario
-from mesh.sim.scenario import ScenarioError, parse_scenario
+from mesh.sim.runner import RunContext, RunResult, run_scenario
+from mesh.sim.scenario import Scenario, ScenarioError, parse_scenario
+from mesh.sim.world import World
 
 
 def _doc(*faults: dict[str, Any]) -> dict[str, Any]:
@@ -51,10 +53,12 @@ def test_a_till_enrolled_during_a_partition_joins_everyone() -> None:
     assert rep["commands"]["sale"]["offline"] > 0  # r5's till before it joined
 
 
-def test_a_node_revoked_mid_run_is_refused_everywhere() -> None:
-    sc = parse_scenario(_doc({"kind": "revoke", "at_s": 150, "nodes": ["r4"]}))
-    seen: dict[str, int] = {}
-    worlds: list[Any] = []
+def _run_noting_r4_at_revocation(sc: Scenario, at: str, seen: dict[str, int], key: str,
+                                 also: Callable[[World], None] | None = None
+                                 ) -> tuple[RunResult, World]:
+    """Run ``sc``, noting in ``seen[key]`` how much of r4's chain ``at`` holds when the
+    revocation is issued; ``also(world)`` may schedule more before the run."""
+    worlds: list[World] = []
 
     def setup(ctx: RunContext) -> None:
         w = ctx.world
@@ -62,16 +66,24 @@ def test_a_node_revoked_mid_run_is_refused_everywhere() -> None:
 
         def on(kind: str, data: dict[str, Any]) -> None:
             if kind == "revoked":
-                seen["made_at_revoke"] = w.nodes["r4"].replica.vv.get("r4")
+                seen[key] = w.nodes[at].replica.vv.get("r4")
         w.observers.append(on)
+        if also is not None:
+            also(w)
     result = run_scenario(sc, setup=setup)
+    return result, worlds[0]
+
+
+def test_a_node_revoked_mid_run_is_refused_everywhere() -> None:
+    sc = parse_scenario(_doc({"kind": "revoke", "at_s": 150, "nodes": ["r4"]}))
+    seen: dict[str, int] = {}
+    result, w = _run_noting_r4_at_revocation(sc, "r4", seen, "made_at_revoke")
     assert result.ok, result.failures
     rep = result.report
     assert rep["revoked_nodes"] == ["r4"] and rep["revoked_accepted"] == 0
     assert rep["converged"]  # the honest nodes converge without it
     assert rep["rejected"].get("revoked_session", 0) > 0  # its sessions were ended
     # r4 kept selling; no honest replica took what it signed after the list
-    w = worlds[0]
     held = {n: w.nodes[n].replica.vv.get("r4") for n in w.nodes if n != "r4"}
     assert seen["made_at_revoke"] > 5 and len(set(held.values())) == 1
     assert next(iter(held.values())) <= seen["made_at_revoke"]
@@ -88,21 +100,12 @@ def test_a_node_revoked_while_cut_off_with_a_peer_is_dropped_there_to_the_bound(
         {"kind": "partition", "at_s": 60, "duration_s": 140, "groups": [["r3", "r4"]]},
         {"kind": "revoke", "at_s": 120, "nodes": ["r4"]}))
     seen: dict[str, int] = {}
-    worlds: list[Any] = []
 
-    def setup(ctx: RunContext) -> None:
-        w = ctx.world
-        worlds.append(w)
-
-        def on(kind: str, data: dict[str, Any]) -> None:
-            if kind == "revoked":
-                seen["bound"] = w.nodes["edge"].replica.vv.get("r4")
-        w.observers.append(on)
+    def before_heal(w: World) -> None:
         w.at(199_000, lambda: seen.setdefault(
             "r3_before_heal", w.nodes["r3"].replica.vv.get("r4")))
-    result = run_scenario(sc, setup=setup)
+    result, w = _run_noting_r4_at_revocation(sc, "edge", seen, "bound", before_heal)
     assert result.ok, (result.failures, result.report["examples"][:3])
-    w = worlds[0]
     bound = seen["bound"]
     crl = w.nodes["edge"].trust.crl
     assert crl is not None and crl.upto == {"r4": bound}

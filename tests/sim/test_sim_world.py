@@ -25,9 +25,11 @@ from mesh.sim.world import DISTRIBUTIONS, LinkModel, World
 SIMS = Path(__file__).resolve().parents[2] / "simulations"
 
 
-def _pair(model: LinkModel) -> tuple[World, list[tuple[float, bytes]]]:
+def _pair(model: LinkModel, *, lan_codec: bool = False
+          ) -> tuple[World, list[tuple[float, bytes]]]:
     """Two nodes a->b; what b's core receives is recorded (time, data)."""
     w = World(1)
+    w.lan_codec = lan_codec
     w.add_node("a", "edge")
     w.add_node("b")
     w.connect("a", "b", model, LinkModel(**{k: getattr(model, k) for k in (
@@ -74,6 +76,56 @@ def test_fifo_link_keeps_order_and_jittery_link_reorders() -> None:
     _send_numbered(w, 200)
     w.run_until(w.now + 1000)
     assert sorted(_order(got)) == list(range(200)) and _order(got) != list(range(200))
+
+
+def test_a_lan_link_with_the_z1_codec_is_a_stream_of_fewer_wire_bytes() -> None:
+    """``lan_codec``: what the real transport negotiates on the LAN. A reordering link
+    still delivers in stream order (head-of-line delay), every message exactly as sent,
+    and its wire bytes are the codec's."""
+    w, got = _pair(LinkModel(latency_ms=1, jitter_ms=20, reorder=0.3, reorder_ms=50),
+                   lan_codec=True)
+    link = w.links[("a", "b")]
+    assert link.codec is not None and link.codec.name == "lan"
+    _send_numbered(w, 200)
+    w.run_until(w.now + 1000)
+    assert _order(got) == list(range(200))
+    sent = b"V" + b"0123456789" * 30
+    before = (link.bytes, link.wire_bytes)
+    for _ in range(20):
+        w.send("a", "b", sent)
+    w.run_until(w.now + 1000)
+    assert sum(1 for _, d in got if d == sent) == 20
+    assert link.wire_bytes - before[1] < (link.bytes - before[0]) / 4
+
+
+def test_a_bad_lan_message_ends_the_session_as_the_transport_does() -> None:
+    w, got = _pair(LinkModel(latency_ms=1, jitter_ms=0), lan_codec=True)
+    link = w.links[("a", "b")]
+    real = link.codec
+    assert real is not None
+
+    class Garbling:  # the sender's end emits a frame that is not its codec's
+        name = "lan"
+
+        def encode(self, data: bytes) -> bytes:
+            return b"Z" + data
+    link.codec = Garbling()  # type: ignore[assignment]
+    w.send("a", "b", b"V1")
+    w.run_until(w.now + 100)
+    assert _order(got) == [] and w.dropped_sessions.get("bad_lan_message") == 1
+    w.run_until(w.now + 5_000)  # it re-opens, plain codecs anew, and carries again
+    assert w.nodes["a"].core.is_up("b")
+    w.send("a", "b", b"V2")
+    w.run_until(w.now + 100)
+    assert _order(got) == [2]
+
+
+def test_store_life_runs_its_lan_with_the_z1_codec() -> None:
+    sc = load_scenario(SIMS / "store_life.toml").scaled(0.2)
+    assert sc.lan_codec
+    r = run_scenario(sc, 3)
+    assert r.ok, r.failures
+    assert r.report["wire_bytes"]["lan"] < r.report["bytes"]["lan"] / 2
 
 
 def test_bandwidth_queues_messages() -> None:

@@ -488,7 +488,7 @@ def _memo_round(seed: int) -> None:
                         core._eligible(p, o, now)
                 src = rng.choice(list(core.peers.values()))
                 key = (src.id, p.id)
-                core._relay_targets.setdefault(key, core._relay_targets_for(src, p.id))
+                core._relay_targets.setdefault(key, core._relay_targets_with_bridges(src, p.id))
                 core._unreached.setdefault(p.id, tuple(
                     q.id for q in core.peers.values() if p.id not in q.reach))
         for p in list(core.peers.values()):
@@ -496,8 +496,8 @@ def _memo_round(seed: int) -> None:
                 if o != p.id and (p.id, o) in core._covered:
                     assert core._eligible(p, o, now) == _fresh(
                         core, partial(core._eligible, p, o, now)), (seed, p.id, o)
-        for (s, o), targets in core._relay_targets.items():
-            assert targets == core._relay_targets_for(core.peers[s], o), (seed, s, o)
+        for (s, o), memo in core._relay_targets.items():
+            assert memo[0] == core._relay_targets_for(core.peers[s], o), (seed, s, o)
         for o, pids in core._unreached.items():
             assert pids == tuple(q.id for q in core.peers.values()
                                  if o not in q.reach), (seed, o)
