@@ -316,9 +316,10 @@ class Checkpoint:
         return seq <= self.frontier.get(origin, 0)
 
     def key(self) -> bytes:
-        """SHA-256 of what names this checkpoint: its envelope's origin and seq, cut and
-        frontier (a ``ck`` lost in a crash before it was durable and the one proposed
-        at the same seq after the restart are told apart, unless they are alike)."""
+        """SHA-256 of what names this checkpoint: its envelope's origin and seq, cut,
+        frontier and the chain heads it names (a ``ck`` lost in a crash before it was
+        durable and the one proposed at the same seq after the restart are told apart,
+        unless they are alike)."""
         doc = [self.origin, self.seq, self.cut, dict(sorted(self.frontier.items())),
                dict(sorted(self.heads.items()))]
         return hashlib.sha256(orjson.dumps(doc)).digest()
