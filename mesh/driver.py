@@ -428,6 +428,8 @@ class Driver:
     def _alert(self, eff: Alert) -> None:
         log.warning("ALERT %s: %s seq %s", eff.kind, eff.origin, eff.seq)
         self.alerts.append(eff)
+        if eff.kind != "equivocation":  # (a checkpoint mismatch: two hashes, no evidence)
+            return
         self.worker.run(partial(self.storage.add_evidence, eff.origin, eff.seq, eff.first,
                                 eff.second), _log_failure("evidence not saved"))
 

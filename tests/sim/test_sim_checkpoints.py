@@ -84,6 +84,7 @@ def test_checker_catches_a_replica_that_folds_to_another_hash(
     alerts = [a for a in r5.alerts if a.kind == "checkpoint_mismatch"]
     assert alerts and all(a.origin == "edge" and a.first != a.second for a in alerts)
     assert r5.core.stats["checkpoint_mismatch"] >= len(alerts)
+    assert not r5.disk.evidence  # two hashes are no signed evidence: not in the ledger's
     assert r5.replica.ck_mismatches == r.report["checkpoints"]["fold_checks_failed"] > 0
     assert not any(a.kind == "checkpoint_mismatch" for n, node in ctx.world.nodes.items()
                    if n != "r5" for a in node.alerts)
