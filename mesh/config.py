@@ -81,6 +81,14 @@ FRONTIER_HORIZON_MS: Final = 7 * 86_400_000
 #: time the slowest live node takes to report; one ``ck`` envelope a minute is ~0.5 M
 #: a year, against the store's millions of sales.
 CHECKPOINT_EVERY_MS: Final = 60_000
+#: Roles whose ledger keeps only a bounded tail beyond the checkpoints (docs/architecture.md,
+#: "Bounded history"): registers, on 2-4 GB hardware. Edges and the cloud keep the whole
+#: archive: the audit trail stays complete there, and they serve what a register pruned.
+LEDGER_PRUNE_ROLES: Final = frozenset({"register"})
+#: Folded checkpoints of tail a pruning ledger keeps: at a snapshot, the rows within the
+#: frontier of the checkpoint this many folds (seen at snapshots) before the newest are
+#: deleted. Two: at least two checkpoint periods of history stay for peers to fetch.
+LEDGER_TAIL_CHECKPOINTS: Final = 2
 #: Envelopes read per page when streaming the ledger (rebuild, verify, catch-up).
 LEDGER_PAGE: Final = 2_000
 

@@ -428,6 +428,8 @@ class Driver:
     def _alert(self, eff: Alert) -> None:
         log.warning("ALERT %s: %s seq %s", eff.kind, eff.origin, eff.seq)
         self.alerts.append(eff)
+        if eff.kind != "equivocation":  # (a checkpoint mismatch: two hashes, no evidence)
+            return
         self.worker.run(partial(self.storage.add_evidence, eff.origin, eff.seq, eff.first,
                                 eff.second), _log_failure("evidence not saved"))
 
@@ -591,7 +593,8 @@ class Driver:
         upto, state = self.durable.take_snapshot()
         if self.faults.empty_snapshot:
             state = self.durable._fresh_replica().snapshot()
-        self.worker.run(partial(self.storage.save_snapshot, upto, state),
+        plan = self.durable.prune_plan()  # a register's ledger, once the snapshot is saved
+        self.worker.run(partial(self.durable.save_snapshot_and_prune, upto, state, plan),
                         _log_failure("snapshot skipped, retried later"))
         return True
 

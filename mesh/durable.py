@@ -31,12 +31,20 @@ Invariants:
     and ignores a snapshot that holds any of them. ``exclude_revoked`` rebuilds while
     appends may be in flight: the rows not yet written are applied again from memory,
     after what is on disk, in the order they were queued.
+ 8. A ledger is pruned only on a role in ``config.LEDGER_PRUNE_ROLES`` whose storage is
+    ``Prunable``, only right after a snapshot was saved, and only to the frontier of a
+    checkpoint folded ``config.LEDGER_TAIL_CHECKPOINTS`` folds before the newest one
+    (``prune_plan``): the snapshot holds everything pruned (its vector is past that
+    frontier), so a restart rebuilds from it and the tail. The rows of the newest
+    checkpoints stay, so ``storemesh ledger verify`` checks the tail from the chain heads
+    that checkpoint names.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -46,9 +54,9 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from mesh import config
 from mesh.core.envelope import Envelope, decode
-from mesh.core.replica import SNAPSHOT_MAGIC, CommandResult, Replica
+from mesh.core.replica import SNAPSHOT_MAGIC, Checkpoint, CommandResult, Replica
 from mesh.errors import EnvelopeError
-from mesh.ports import Identity, Storage
+from mesh.ports import Identity, Prunable, Storage
 
 if TYPE_CHECKING:
     from mesh.store.datadir import NodeIdentity
@@ -143,6 +151,14 @@ class DurableReplica(Generic[S]):
         self._lock = threading.Lock()
         self._since_snapshot = self.rebuild_stats.replayed
         self._trust_saved = identity.trust.version  # trust store version on disk
+        #: prune the ledger behind checkpoints (invariant 8): registers; edges and the
+        #: cloud keep the archive
+        self.prune_ledger = (identity.role in config.LEDGER_PRUNE_ROLES
+                             and isinstance(ledger, Prunable))
+        #: checkpoints seen folded at snapshots, newest last (invariant 8)
+        self._folds_seen: deque[Checkpoint] = deque(maxlen=config.LEDGER_TAIL_CHECKPOINTS + 1)
+        self._pruned_to: bytes | None = None  # key of the checkpoint last pruned to
+        self.pruned_rows = 0
 
     @staticmethod
     def open(data_dir: Path, snapshot_every: int = config.SNAPSHOT_EVERY,
@@ -174,7 +190,22 @@ class DurableReplica(Generic[S]):
             stats = rebuild(fresh, self.ledger, self._perf, bounds=bounds)
         except _SnapshotHoldsExcluded:
             fresh = self._fresh_replica()
-            stats = rebuild(fresh, self.ledger, self._perf, bounds=bounds, snapshot=False)
+            try:
+                stats = rebuild(fresh, self.ledger, self._perf, bounds=bounds, snapshot=False)
+                whole = fresh.pending_count() == 0
+            except EnvelopeError:
+                if not self.prune_ledger:
+                    raise
+                whole = False
+            if not whole and self.prune_ledger:
+                # A pruned ledger (invariant 8) cannot replay from seq 1: keep the
+                # snapshot's state rather than a replica missing the pruned prefix. Its
+                # envelopes of the revoked node above the bound stay in memory (the
+                # edge, with the archive, leaves them out); said loudly.
+                log.error("ledger pruned: cannot rebuild without the envelopes a revocation "
+                          "leaves out; rebuilt from the snapshot, which holds some of them")
+                fresh = self._fresh_replica()
+                stats = rebuild(fresh, self.ledger, self._perf)
         return fresh, stats
 
     def exclude_revoked(self) -> RebuildStats:
@@ -307,11 +338,42 @@ class DurableReplica(Generic[S]):
         return self.ledger.last_id, self.replica.snapshot()
 
     def maybe_snapshot(self) -> bool:
-        """Take and store a snapshot if one is due. Call from the replica's own thread."""
+        """Take and store a snapshot if one is due, then prune the ledger if a plan says
+        so (invariant 8). Call from the replica's own thread."""
         if not self.snapshot_due():
             return False
-        self.ledger.save_snapshot(*self.take_snapshot())
+        upto, state = self.take_snapshot()
+        self.save_snapshot_and_prune(upto, state, self.prune_plan())
         return True
+
+    def prune_plan(self) -> dict[str, int] | None:
+        """At a snapshot, on the replica's own thread: the frontier to prune the ledger
+        to (invariant 8), or None. The snapshot taken with it holds everything below."""
+        if not self.prune_ledger:
+            return None
+        ck = self.replica.last_folded
+        if ck is not None and (not self._folds_seen or self._folds_seen[-1].key() != ck.key()):
+            self._folds_seen.append(ck)
+        if len(self._folds_seen) <= config.LEDGER_TAIL_CHECKPOINTS:
+            return None
+        target = self._folds_seen[0]
+        if target.key() == self._pruned_to:
+            return None
+        self._pruned_to = target.key()
+        return dict(target.frontier)
+
+    def save_snapshot_and_prune(self, upto: int, state: bytes,
+                                plan: Mapping[str, int] | None) -> int:
+        """Store the snapshot, then (only if that worked) prune to ``plan``; any thread
+        (the driver's worker). Returns the rows pruned."""
+        self.ledger.save_snapshot(upto, state)
+        if not plan or not isinstance(self.ledger, Prunable):
+            return 0
+        n = self.ledger.prune(plan)
+        self.pruned_rows += n
+        if n:
+            log.info("ledger pruned: %d rows within checkpoint frontier %s", n, dict(plan))
+        return n
 
     def recover(self) -> None:
         """After a failed write: drop memory state and rebuild from what is on disk."""

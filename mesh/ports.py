@@ -30,16 +30,16 @@ Contracts (checked by ``mesh.testing.contracts``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:
     from mesh.core.envelope import Envelope
     from mesh.core.identity import Certificate, NodeKey, TrustStore
 
-__all__ = ["Cancel", "Clock", "Discovery", "Identity", "Issuer", "Storage", "Transport",
-           "Worker"]
+__all__ = ["Cancel", "Clock", "Discovery", "Identity", "Issuer", "Prunable", "Storage",
+           "Transport", "Worker"]
 
 T = TypeVar("T")
 
@@ -96,6 +96,16 @@ class Storage(Protocol):
     def add_evidence(self, origin: str, seq: int, first: bytes, second: bytes) -> None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Prunable(Protocol):
+    """A ``Storage`` that can delete the prefix of each origin's chain a checkpoint
+    covers (a register's ledger, ``mesh.durable`` invariant 8); edges and the cloud keep
+    the archive. After ``prune``, ``read_origin`` of a pruned seq returns nothing (never
+    a later run) and ``scan`` skips the pruned rows."""
+
+    def prune(self, upto: Mapping[str, int]) -> int: ...
 
 
 class Worker(Protocol):

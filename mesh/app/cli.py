@@ -1090,6 +1090,8 @@ class _OriginReport:
     bad_signatures: int = 0
     broken_links: int = 0
     malformed: int = 0
+    #: seqs 1..pruned are not in this ledger: a checkpoint names the head they end in
+    pruned: int = 0
 
 
 @dataclass
@@ -1098,14 +1100,51 @@ class VerifyReport:
     unknown_origins: set[str] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
     rows: int = 0
+    #: checkpoints (``ck`` ops of the store's checkpointer) whose chain heads were checked
+    checkpoints: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
+#: Checkpoints whose chain heads ``verify_ledger`` checks against the rows (the newest):
+#: ~100 B each per origin in memory; a year of one-a-minute checkpoints is ~0.5 M.
+VERIFY_MAX_CHECKPOINTS = 20_000
+
+
+def _checkpoint_heads(led: Ledger, checkpointer: str | None
+                      ) -> tuple[list[tuple[int, dict[str, int], dict[str, str]]],
+                                 dict[str, dict[int, list[tuple[int, str]]]]]:
+    """The newest ``ck`` ops of the checkpointer in the ledger, as (seq, frontier,
+    heads), and per origin, per frontier seq, the (checkpoint seq, head) they name."""
+    cks: list[tuple[int, dict[str, int], dict[str, str]]] = []
+    if checkpointer is None:
+        return cks, {}
+    for _, raw in led.scan_origin(checkpointer):
+        try:
+            env = decode(raw)
+        except EnvelopeError:
+            continue  # the main pass reports it
+        for op in env.ops:
+            if op["t"] == "ck":
+                # (a ck of a development build before chain heads names none)
+                cks.append((env.seq, dict(op["f"]), dict(op.get("h", {}))))
+    cks = cks[-VERIFY_MAX_CHECKPOINTS:]
+    need: dict[str, dict[int, list[tuple[int, str]]]] = {}
+    for ck_seq, f, heads in cks:
+        for o, q in f.items():
+            if q and o in heads:
+                need.setdefault(o, {}).setdefault(q, []).append((ck_seq, heads[o]))
+    return cks, need
+
+
 def verify_ledger(data_dir: Path, max_problems: int = 1000) -> VerifyReport:
-    """Check every signature, every seq gap and every hash link of a node's ledger."""
+    """Check every signature, every seq gap and every hash link of a node's ledger, and
+    the checkpoint chain: every chain head a checkpoint names (``ck`` op ``h``) that the
+    ledger holds is that row's hash, and a pruned ledger (a register's, whose chains
+    start past seq 1) is whole only if its tail of each chain links to the head a
+    checkpoint names at the seq just before (docs/architecture.md, "Bounded history")."""
     ident = load_identity(data_dir)
     report = VerifyReport()
 
@@ -1114,10 +1153,16 @@ def verify_ledger(data_dir: Path, max_problems: int = 1000) -> VerifyReport:
             report.problems.append(text)
 
     with Ledger(ident.ledger_path) as led:
+        cks, need = _checkpoint_heads(led, ident.trust.checkpointer)
+        report.checkpoints = len(cks)
         prev_hash: bytes | None = None  # hash of the row before, same origin, no gap
         for origin, seq, raw in led.scan_by_origin():
             report.rows += 1
+            fresh = origin not in report.origins
             rep = report.origins.setdefault(origin, _OriginReport())
+            if fresh and seq > 1 and _pruned_prefix(origin, seq, raw, cks):
+                rep.pruned = rep.last_seq = seq - 1  # proven by a checkpoint's head
+                prev_hash = None  # (its link to that head was just checked)
             if seq != rep.last_seq + 1:
                 rep.gaps.append((rep.last_seq + 1, seq - 1))
                 problem(f"{origin}: seq {rep.last_seq + 1}..{seq - 1} missing")
@@ -1137,6 +1182,10 @@ def verify_ledger(data_dir: Path, max_problems: int = 1000) -> VerifyReport:
                 rep.broken_links += 1
                 problem(f"{origin} seq {seq}: prev does not match the hash of seq {seq - 1}")
             prev_hash = env.hash
+            for ck_seq, head in need.get(origin, {}).get(seq, ()):
+                if head != env.hash.hex():
+                    problem(f"{origin} seq {seq}: checkpoint {ident.trust.checkpointer} seq "
+                            f"{ck_seq} names another hash for it")
             cert = ident.trust.certificate(origin)
             if cert is None:
                 report.unknown_origins.add(origin)
@@ -1150,6 +1199,19 @@ def verify_ledger(data_dir: Path, max_problems: int = 1000) -> VerifyReport:
     return report
 
 
+def _pruned_prefix(origin: str, first: int, raw: bytes,
+                   cks: list[tuple[int, dict[str, int], dict[str, str]]]) -> bool:
+    """``origin``'s chain starts at ``first`` here: True if a checkpoint names, at seq
+    ``first - 1``, the hash this row links to (its ``prev``): the prefix was pruned
+    behind that checkpoint, not lost."""
+    try:
+        prev = decode(raw).prev
+    except EnvelopeError:
+        return False
+    return prev is not None and any(
+        f.get(origin) == first - 1 and heads.get(origin) == prev.hex() for _, f, heads in cks)
+
+
 @ledger.command("verify")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def ledger_verify(data_dir: Path) -> None:
@@ -1160,19 +1222,21 @@ def ledger_verify(data_dir: Path) -> None:
     except (FileNotFoundError, KeyPermissionError, LedgerError, Malformed, ValueError) as exc:
         raise UserError(str(exc)) from None
     table = Table(title=f"ledger {data_dir}")
-    for col in ("origin", "envelopes", "last seq", "gaps", "bad sigs", "broken links",
-                "malformed"):
+    for col in ("origin", "envelopes", "last seq", "pruned", "gaps", "bad sigs",
+                "broken links", "malformed"):
         table.add_column(col, justify="left" if col == "origin" else "right")
     for origin in sorted(report.origins):
         r = report.origins[origin]
-        table.add_row(origin, str(r.envelopes), str(r.last_seq), str(len(r.gaps)),
+        table.add_row(origin, str(r.envelopes), str(r.last_seq),
+                      f"1..{r.pruned}" if r.pruned else "-", str(len(r.gaps)),
                       str(r.bad_signatures), str(r.broken_links), str(r.malformed))
     console.print(table)
     for text in report.problems:
         console.print(f"[red]problem[/] {text}")
     took = time.perf_counter() - t0
     if report.ok:
-        console.print(f"[green]OK[/] {report.rows} envelopes verified in {took:.1f} s")
+        console.print(f"[green]OK[/] {report.rows} envelopes verified, and the chain heads "
+                      f"of {report.checkpoints} checkpoints, in {took:.1f} s")
     else:
         console.print(f"[red]FAILED[/] {len(report.problems)} problem(s) in {report.rows} "
                       f"envelopes")

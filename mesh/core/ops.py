@@ -143,10 +143,11 @@ def _validate_cat(op: dict[str, Any]) -> None:
 
 
 def _validate_ck(op: dict[str, Any]) -> None:
-    """A checkpoint (``mesh.core.checkpoint``): its cut (an HLC) and frontier (a version
-    vector)."""
-    if set(op) != {"t", "cut", "f"}:
-        raise Malformed("ck op needs t, cut and f")
+    """A checkpoint (``mesh.core.checkpoint``): its cut (an HLC), frontier (a version
+    vector), per origin of the frontier the hash of the envelope at its seq (``h``, the
+    chain head it covers) and the proposer's hash of its fold (``fh``)."""
+    if set(op) != {"t", "cut", "f", "h", "fh"}:
+        raise Malformed("ck op needs t, cut, f, h and fh")
     if type(op["cut"]) is not int or not 0 < op["cut"] < 1 << 63:
         raise Malformed("ck cut must be a positive HLC")
     f = op["f"]
@@ -155,6 +156,17 @@ def _validate_ck(op: dict[str, Any]) -> None:
     for origin, seq in f.items():
         _ident(origin, "ck origin")
         _count(seq, "ck seq")
+    heads = op["h"]
+    if not isinstance(heads, dict) or set(heads) != set(f):
+        raise Malformed("ck h must name a hash for every origin of f")
+    for value in (*heads.values(), op["fh"]):
+        if not _is_sha256_hex(value):
+            raise Malformed("ck h and fh hold SHA-256 hashes as 64 lowercase hex digits")
+
+
+def _is_sha256_hex(value: object) -> bool:
+    return (isinstance(value, str) and len(value) == 64
+            and all(c in "0123456789abcdef" for c in value))
 
 
 # --- sensors (issue 14): review items and telemetry summaries, in their own modules ---

@@ -44,7 +44,9 @@ Invariants:
     every event with a key up to twice the cut is folded into per-SKU totals and final
     exceptions; reservations released there, and hashes below the frontier, leave
     memory. Folding changes no answer: exceptions, availability and ``state_digest``
-    are those of a replica that keeps everything.
+    are those of a replica that keeps everything. A fold that differs from what its
+    ``ck`` op names (the proposer's fold hash, the chain head at each frontier seq) is
+    recorded (``CheckpointMismatch``) and the fold stands.
  10. ``snapshot`` is binary, holds no base64, and ``restore`` of it gives the same
     state (``state_digest``) and the same future behaviour.
 """
@@ -59,7 +61,7 @@ from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -89,6 +91,7 @@ __all__ = [
     "SNAPSHOT_MAGIC",
     "ApplyResult",
     "Checkpoint",
+    "CheckpointMismatch",
     "CommandResult",
     "OversellException",
     "Replica",
@@ -302,16 +305,38 @@ class Checkpoint:
     frontier: dict[str, int]
     origin: str
     seq: int
+    #: per origin of ``frontier``, the hash (hex) of its envelope at the frontier seq:
+    #: the chain head the checkpoint covers, so it proves the prefix of every chain
+    heads: dict[str, str] = field(default_factory=dict)
+    #: the proposer's ``Replica.checkpoint_hash`` of this checkpoint's fold (hex):
+    #: every replica compares its own when it folds (``CheckpointMismatch``)
+    fold_hash: str = ""
 
     def holds(self, origin: str, seq: int) -> bool:
         return seq <= self.frontier.get(origin, 0)
 
     def key(self) -> bytes:
-        """SHA-256 of what names this checkpoint: its envelope's origin and seq, cut and
-        frontier (a ``ck`` lost in a crash before it was durable and the one proposed
-        at the same seq after the restart are told apart, unless they are alike)."""
-        doc = [self.origin, self.seq, self.cut, dict(sorted(self.frontier.items()))]
+        """SHA-256 of what names this checkpoint: its envelope's origin and seq, cut,
+        frontier and the chain heads it names (a ``ck`` lost in a crash before it was
+        durable and the one proposed at the same seq after the restart are told apart,
+        unless they are alike)."""
+        doc = [self.origin, self.seq, self.cut, dict(sorted(self.frontier.items())),
+               dict(sorted(self.heads.items()))]
         return hashlib.sha256(orjson.dumps(doc)).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointMismatch:
+    """A fold that does not match what its ``ck`` op names (invariant 9): this replica's
+    fold hash differs from the proposer's (``what`` = "fold"), or the hash it holds at
+    an origin's frontier seq differs from the head the op names (``what`` = "head").
+    A check: the fold is done all the same, from this replica's own envelopes."""
+
+    origin: str  # the checkpoint's envelope
+    seq: int
+    what: str
+    expected: bytes
+    found: bytes
 
 
 def _check_qty(qty: object, field: str = "qty") -> int:
@@ -375,6 +400,11 @@ class Replica:
         #: (``checkpoint_hash``), for the newest ``_CK_HASHES_KEPT`` folds here, oldest
         #: first: every replica must find the same
         self.checkpoint_hashes: dict[bytes, bytes] = {}
+        #: folds that did not match their ``ck`` op, oldest first, at most
+        #: ``config.MAX_EVIDENCE`` (the sync core takes them as alerts,
+        #: ``take_checkpoint_mismatches``); all of them counted in ``ck_mismatches``
+        self.checkpoint_mismatches: list[CheckpointMismatch] = []
+        self.ck_mismatches = 0
         #: False keeps every event (a reference for tests: folding must not change
         #: any answer, invariant 9)
         self.fold_enabled = True
@@ -486,6 +516,11 @@ class Replica:
         if hlcs is None or not 0 <= i < len(hlcs):
             return None
         return hlcs[i]
+
+    @property
+    def last_folded(self) -> Checkpoint | None:
+        """The newest checkpoint folded here, if any."""
+        return self._cks[0] if self._folded else None
 
     def checkpoints(self) -> list[Checkpoint]:
         """The checkpoints held from the last folded one on (oldest first)."""
@@ -657,13 +692,13 @@ class Replica:
         self._mutate(env, plan)
         self.hlc = clock
         self.vv.advance(env.origin, env.seq)
-        if self._folded < len(self._cks):
-            self._maybe_fold()
         self._hashes.setdefault(env.origin, bytearray()).extend(env.hash)
         hlcs = self._hlcs.get(env.origin)
         if hlcs is None:
             hlcs = self._hlcs[env.origin] = array("q")
         hlcs.append(env.hlc)
+        if self._folded < len(self._cks):  # after the hash: a fold checks the heads
+            self._maybe_fold()
         if env.origin == self.node_id:
             txn = env.meta["txn"]
             self._txns[txn] = (env.seq, _fingerprint(env.meta))
@@ -708,7 +743,7 @@ class Replica:
         return plan
 
     def _plan_checkpoint(self, env: Envelope, op: dict[str, Any]) -> Checkpoint:
-        ck = Checkpoint(op["cut"], dict(op["f"]), env.origin, env.seq)
+        ck = Checkpoint(op["cut"], dict(op["f"]), env.origin, env.seq, dict(op["h"]), op["fh"])
         last = self._cks[-1] if self._cks else None
         if last is not None and (ck.cut <= last.cut or any(
                 ck.frontier.get(o, 0) < q for o, q in last.frontier.items())):
@@ -841,6 +876,12 @@ class Replica:
         held here): per-SKU totals and final exceptions; the reservations released
         in it are forgotten, and the hashes below the frontier (the ledger keeps them)."""
         cut = 2 * ck.cut
+        for origin, seq in sorted(ck.frontier.items()):  # before the hashes leave memory
+            held = self.hash_at(origin, seq)
+            named = ck.heads.get(origin, "")
+            if held is not None and held.hex() != named:
+                self._ck_mismatch(CheckpointMismatch(ck.origin, ck.seq, "head:" + origin,
+                                                     bytes.fromhex(named), held))
         releases = self._release_effects()
         for sku, ev in self._events.items():
             ev.fold(sku, releases.get(sku, []), cut)
@@ -881,9 +922,23 @@ class Replica:
                 del self._hlcs[origin][:drop]
                 self._base[origin] = base + drop
         self.folds += 1
-        self.checkpoint_hashes[ck.key()] = self.checkpoint_hash(ck)
+        own = self.checkpoint_hash(ck)
+        self.checkpoint_hashes[ck.key()] = own
+        if ck.fold_hash and own.hex() != ck.fold_hash:
+            self._ck_mismatch(CheckpointMismatch(ck.origin, ck.seq, "fold",
+                                                 bytes.fromhex(ck.fold_hash), own))
         while len(self.checkpoint_hashes) > _CK_HASHES_KEPT:
             del self.checkpoint_hashes[next(iter(self.checkpoint_hashes))]
+
+    def _ck_mismatch(self, m: CheckpointMismatch) -> None:
+        self.ck_mismatches += 1
+        if len(self.checkpoint_mismatches) < config.MAX_EVIDENCE:
+            self.checkpoint_mismatches.append(m)
+
+    def take_checkpoint_mismatches(self) -> list[CheckpointMismatch]:
+        """The mismatches found since the last call (for alerts), oldest first."""
+        out, self.checkpoint_mismatches = self.checkpoint_mismatches, []
+        return out
 
     def checkpoint_hash(self, ck: Checkpoint) -> bytes:
         """SHA-256 of the checkpoint and of the folded state it leaves: per SKU, on hand
@@ -916,10 +971,32 @@ class Replica:
         cut = min(c for c in cuts if c is not None)
         if last is not None and cut <= last.cut:
             return None
+        f = dict(sorted(f.items()))
+        heads: dict[str, str] = {}
+        for o, q in f.items():
+            h = self.hash_at(o, q)
+            if h is None:  # below the fold with no archive: cannot name the head
+                return None
+            heads[o] = h.hex()
+        ck = Checkpoint(cut, f, self.node_id, self.vv.get(self.node_id) + 1, heads)
+        fold_hash = self._dry_fold(ck)
+        if fold_hash is None:
+            return None
         meta = {"kind": "checkpoint", "txn": txn}
-        op = {"t": "ck", "cut": cut, "f": dict(sorted(f.items()))}
+        op = {"t": "ck", "cut": cut, "f": f, "h": heads, "fh": fold_hash.hex()}
         env = self._local([op], meta, now_ms)
         return CommandResult(env, self.node_id, env.seq)
+
+    def _dry_fold(self, ck: Checkpoint) -> bytes | None:
+        """The hash folding ``ck`` will leave here, computed on a scratch copy (from a
+        snapshot: bounded by the store, invariant 10) so this replica is untouched; None
+        if this replica would not fold it at once (it does not hold the frontier of
+        every checkpoint up to it)."""
+        scratch = Replica(self.store_id, self.node_id, self.role, checkpointer=self.checkpointer)
+        scratch.restore(self.snapshot())
+        scratch._add_checkpoint(ck)
+        scratch._maybe_fold()
+        return scratch.checkpoint_hashes.get(ck.key())
 
     def touched_skus(self, env: Envelope) -> set[str]:
         """The SKUs an applied envelope changed (stock, or reservations it added or
@@ -1216,7 +1293,8 @@ class Replica:
             "orphans": [[oi(d[0]), d[1], h, oi(o), q] for d, (h, o, q) in self._orphans.items()],
             "removals": [[k, oi(o), q, kind, [[oi(r), c] for r, c in dots], h]
                          for k, o, q, kind, dots, h in self._removals],
-            "cks": [[c.cut, c.frontier, c.origin, c.seq] for c in self._cks],
+            "cks": [[c.cut, c.frontier, c.origin, c.seq, c.heads, c.fold_hash]
+                    for c in self._cks],
             "folded": self._folded,
             "catalog": sec(self.catalog.get_update()),
             "reviews": self.reviews.to_dict(),
@@ -1278,7 +1356,7 @@ class Replica:
         self._orphans = {(names[d], c): (h, names[o], q) for d, c, h, o, q in s["orphans"]}
         self._removals = [(k, names[o], q, kind, tuple((names[r], c) for r, c in dots), h)
                           for k, o, q, kind, dots, h in s["removals"]]
-        self._cks = [Checkpoint(cut, dict(f), o, q) for cut, f, o, q in s["cks"]]
+        self._cks = [Checkpoint(c[0], dict(c[1]), c[2], c[3], *c[4:]) for c in s["cks"]]
         self._folded = s["folded"]
         self._releases = None
         self.reviews = ReviewSet.from_dict(s.get("reviews"))

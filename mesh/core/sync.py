@@ -48,7 +48,9 @@ Invariants:
     is the one we hold. Otherwise it is verified: a failing copy is refused under its
     reason (``bad_signature``, ...), a valid one is equivocation: counted, kept as
     evidence by the replica and raised as an ``Alert`` (at most
-    ``MAX_ALERTS_PER_ORIGIN`` per origin; later ones are counted only).
+    ``MAX_ALERTS_PER_ORIGIN`` per origin; later ones are counted only). A checkpoint
+    fold that does not match its ``ck`` op is raised the same way
+    (``checkpoint_mismatch``), and the fold stands.
  8. Certificates before envelopes: we send a peer envelopes only after every
     certificate we hold has been offered to it: at its summary (all of ours, if its
     digest differs) or, for those we learned since, in a ``C`` just before the
@@ -119,7 +121,7 @@ __all__ = [
 _LEN = struct.Struct(">I")
 #: ``stats`` keys that count expected traffic, not a peer's fault: the same envelope
 #: relayed by two peers; a summary overtaken by a newer one on a reordering link.
-NOT_REFUSALS = frozenset({"duplicate", "stale_summary"})
+NOT_REFUSALS = frozenset({"duplicate", "stale_summary", "checkpoint_mismatch"})  # a check
 HIGH, LOW = 0, 1  # send priorities: stock-moving events first, catalog after
 
 
@@ -149,7 +151,9 @@ class Fetch:
 
 @dataclass(frozen=True, slots=True)
 class Alert:
-    """Something staff must see: equivocation evidence (kept by the driver)."""
+    """Something staff must see: equivocation evidence, or a checkpoint fold that does
+    not match its ``ck`` op (``first``: the hash it names, ``second``: ours); kept by the
+    driver."""
 
     kind: str
     origin: str
@@ -251,6 +255,9 @@ class _Peer:
     #: origin -> [first, last] to send again (lost or refused), served before new ones
     resend: dict[str, list[int]] = field(default_factory=dict)
     refetching: dict[str, int] = field(default_factory=dict)  # origin -> first seq asked
+    #: origins whose storage read for it came back empty (a pruned ledger prefix, or a
+    #: failed read): not fetched again until its next summary; others serve them
+    unservable: set[str] = field(default_factory=set)
     srtt: float = -1.0  # smoothed round trip (ms, RFC 6298); -1: no sample yet
     rttvar: float = 0.0
     rto: int = config.SYNC_RTO_INITIAL_MS
@@ -809,7 +816,7 @@ class SyncCore:
                 have = min(have, self._upto(origin))
             sent = peer.sent.get(origin)
             if (have <= sent or origin in peer.fetching or origin == peer.id
-                    or not self._eligible(peer, origin, now)):
+                    or origin in peer.unservable or not self._eligible(peer, origin, now)):
                 continue
             if room < 0:
                 room = config.MAX_INFLIGHT_PER_PEER - peer.inflight()
@@ -856,6 +863,10 @@ class SyncCore:
             self._pump(out, peer, now)
             return out
         peer.fetching.pop(origin, None)
+        if not raws and first == peer.sent.get(origin) + 1:
+            # storage no longer holds them (a register's pruned ledger, or it did not
+            # answer): asking again at once would spin; the peer's next summary retries
+            peer.unservable.add(origin)
         if first != peer.sent.get(origin) + 1 or not raws:
             self._pump(out, peer, now)
             return out
@@ -1014,6 +1025,7 @@ class SyncCore:
         if first:
             self._announce_links(now, peer)
         peer.acked = theirs
+        peer.unservable.clear()
         tget = theirs.view().get
         if first:
             peer.sent = theirs.copy()
@@ -1494,7 +1506,20 @@ class SyncCore:
             self._count(exc.reason)
         except Exception:  # a bug of ours a peer's input found (inv. 5)
             self._count("internal_error")
+        if self.replica.checkpoint_mismatches:
+            self._checkpoint_alerts(out)
         return applied
+
+    def _checkpoint_alerts(self, out: list[Effect]) -> None:
+        """A fold here did not match its ``ck`` op (the proposer's fold hash or a chain
+        head it names): counted and raised as an alert, never a refusal; the fold stands
+        on this replica's own envelopes (``mesh.core.replica.CheckpointMismatch``)."""
+        for m in self.replica.take_checkpoint_mismatches():
+            self._count("checkpoint_mismatch")
+            n = self._alerted.get(m.origin, 0)
+            if n < config.MAX_ALERTS_PER_ORIGIN:
+                self._alerted[m.origin] = n + 1
+                out.append(Alert("checkpoint_mismatch", m.origin, m.seq, m.expected, m.found))
 
     def _relay(self, out: list[Effect], source: _Peer, applied: list[Envelope],
                now: int) -> None:

@@ -162,6 +162,12 @@ class NodeCollector:
             "Units sold or reserved that were not there (sum of oversell exceptions).",
             value=node.replica.oversold_units(),
         )
+        yield CounterMetricFamily(
+            "storemesh_checkpoint_mismatches",
+            "Checkpoint folds here that differed from their ck op (the proposer's fold "
+            "hash, or a chain head it names): each one also raised as an alert.",
+            value=node.replica.ck_mismatches,
+        )
         sync_bytes = CounterMetricFamily(
             "storemesh_sync_bytes", "Sync message bytes exchanged with peers.",
             labels=["direction"],

@@ -22,7 +22,9 @@ Invariants checked on every step (the safety phase, as in TigerBeetle's VOPR):
 Checked at the end (the liveness phase, after the heal):
  4. Every acknowledged operation is present, byte for byte (its envelope hash), at
     every live replica (in memory, or, below a checkpoint fold, on its disk or handed
-    to it and not yet fsynced): otherwise it is *lost*. One acknowledged by a node that is
+    to it and not yet fsynced; a register that pruned it from its disk behind a
+    checkpoint holds it if a live node keeping the archive does): otherwise it is
+    *lost*. One acknowledged by a node that is
     ``gone`` (crashed for good by a fault kept into the liveness phase) may instead be
     at no live replica and on the gone node's disk: *stranded* (unavailable, not lost);
     at some live replicas but not all, it is lost.
@@ -280,7 +282,7 @@ class Checker:
                     continue
                 acked += 1
                 h = res.envelope.hash
-                missing = [m.node_id for m in live if _held(m, res.origin, res.seq) != h]
+                missing = _missing_at(live, res.origin, res.seq, h)
                 if (missing and node.node_id in self.gone and len(missing) == len(live)
                         and node.disk.hash_at(res.origin, res.seq) == h):
                     stranded += 1
@@ -310,6 +312,25 @@ class Checker:
             for reason, k in n.core.stats.items():
                 out[reason] = out.get(reason, 0) + k
         return dict(sorted(out.items()))
+
+
+def _missing_at(live: list[SimNode], origin: str, seq: int, h: bytes) -> list[str]:
+    """The live replicas that do not hold the envelope ``h`` at (origin, seq). A register
+    that pruned it from its ledger behind a checkpoint it folded (``SimDisk.pruned``,
+    ``mesh.durable`` invariant 8) holds it if a live node keeping the archive does."""
+    missing: list[str] = []
+    archived: bool | None = None
+    for m in live:
+        if _held(m, origin, seq) == h:
+            continue
+        if seq <= m.disk.pruned.get(origin, 0):
+            if archived is None:
+                archived = any(_held(a, origin, seq) == h for a in live
+                               if not a.durable.prune_ledger)
+            if archived:
+                continue
+        missing.append(m.node_id)
+    return missing
 
 
 def _held(node: SimNode, origin: str, seq: int) -> bytes | None:

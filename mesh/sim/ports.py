@@ -21,7 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -192,6 +192,8 @@ class SimDisk:
         self.durable = 0
         self.fsync_ms = fsync_ms
         self.by_origin: dict[str, list[bytes]] = {}
+        #: origin -> highest seq pruned (``prune``): a deletion, it survives a crash
+        self.pruned: dict[str, int] = {}
         self.syncing = False
         self.lie_about_fsync = False
         self.faults = DiskFaults()
@@ -237,8 +239,23 @@ class SimDisk:
 
     def read_origin(self, origin: str, first: int, last: int,
                     limit: int = config.LEDGER_PAGE) -> list[bytes]:
+        if first <= self.pruned.get(origin, 0):
+            return []  # the run from ``first`` only: nothing past a pruned prefix
         rows = self.by_origin.get(origin, [])
         return rows[first - 1 : min(last, first - 1 + limit)]
+
+    def prune(self, upto: Mapping[str, int]) -> int:
+        """``Prunable``: each origin's durable rows with seq <= ``upto[origin]`` are gone
+        for every reader (``read_origin``, ``scan``, ``hash_at``); ``rows`` keeps them as
+        the platter's history for the checker, which knows the floors (``pruned``)."""
+        gone = 0
+        for origin, seq in upto.items():
+            have = len(self.by_origin.get(origin, []))
+            floor = min(seq, have)
+            if floor > self.pruned.get(origin, 0):
+                gone += floor - self.pruned.get(origin, 0)
+                self.pruned[origin] = floor
+        return gone
 
     def _read(self) -> None:
         if self.faults.read_error > 0:
@@ -248,7 +265,9 @@ class SimDisk:
     def scan(self, after: int = 0) -> Iterator[tuple[int, bytes]]:
         self._read()
         for i in range(after, self.durable):
-            yield i + 1, self.rows[i].raw
+            env = self.rows[i]
+            if env.seq > self.pruned.get(env.origin, 0):
+                yield i + 1, env.raw
 
     def latest_snapshot(self) -> tuple[int, bytes] | None:
         self._read()
@@ -341,6 +360,8 @@ class SimDisk:
 
     def hash_at(self, origin: str, seq: int) -> bytes | None:
         """The hash of ``origin``'s envelope ``seq`` among the durable rows."""
+        if seq <= self.pruned.get(origin, 0):
+            return None
         for env in self.rows[: self.durable]:
             if env.origin == origin and env.seq == seq:
                 return env.hash

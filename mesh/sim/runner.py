@@ -254,6 +254,8 @@ def _checkpoints(w: World, checker: Checker) -> dict[str, Any]:
         "folded_by_node": {n: len(s) for n, s in sorted(checker.checkpoint_folds.items())},
         "hashes_identical": checker.checkpoint_mismatches == 0,
         "mismatches": checker.checkpoint_mismatches,
+        # folds that differed from their ck op's fold hash or chain heads, at any node
+        "fold_checks_failed": sum(n.replica.ck_mismatches for n in w.nodes.values()),
     }
 
 
@@ -281,8 +283,9 @@ def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Worklo
     exceptions = lists[0] if lists else []
     oversold = [n.replica.oversold_units() for n in live]
     # (a revoked node's alerts are about the honest nodes refusing it: not counted)
-    equivocations = sum(len(n.alerts) for n in w.nodes.values()
-                        if n.node_id not in faults.revoked)
+    equivocations = sum(a.kind != "checkpoint_mismatch" for n in w.nodes.values()
+                        if n.node_id not in faults.revoked for a in n.alerts)
+    ck_alerts = sum(a.kind == "checkpoint_mismatch" for n in w.nodes.values() for a in n.alerts)
     pending = sum(n.replica.pending_count() for n in live)
     stats = checker.stats()
     rejected = {k: v for k, v in stats.items() if k not in NOT_REJECTIONS}
@@ -305,6 +308,8 @@ def _report(sc: Scenario, seed: int, randomise: bool, w: World, workload: Worklo
               ("equivocations", equivocations, "equivocation alerts between honest nodes"),
               ("checkpoint_mismatches", checker.checkpoint_mismatches,
                "checkpoints folded to different hashes"),
+              ("checkpoint_alerts", ck_alerts,
+               "checkpoint folds that did not match their ck op (alerts)"),
               ("pending_at_end", pending if converged else 0, "envelopes stuck pending"))
     for _, n, text in checks:
         if n:

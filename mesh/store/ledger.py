@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -195,9 +195,30 @@ class Ledger(GroupCommitWriter):
                     limit: int = config.LEDGER_PAGE) -> list[bytes]:
         """Raw envelopes of ``origin`` with first <= seq <= last, ascending, at most ``limit``."""
         with self._rlock:
-            return [r[0] for r in self._rconn.execute(
-                "SELECT raw FROM envelopes WHERE origin = ? AND seq BETWEEN ? AND ? "
-                "ORDER BY seq LIMIT ?", (origin, first, last, limit))]
+            rows = self._rconn.execute(
+                "SELECT seq, raw FROM envelopes WHERE origin = ? AND seq BETWEEN ? AND ? "
+                "ORDER BY seq LIMIT ?", (origin, first, last, limit)).fetchall()
+        out: list[bytes] = []
+        for seq, raw in rows:  # the run from ``first`` only: nothing past a pruned prefix
+            if seq != first + len(out):
+                break
+            out.append(raw)
+        return out
+
+    def prune(self, upto: Mapping[str, int]) -> int:
+        """Delete each origin's rows with seq <= ``upto[origin]`` (a prefix a checkpoint
+        and a snapshot cover, ``mesh.durable`` invariant 8), after every queued write;
+        returns how many rows went. The space is reused by later rows (no VACUUM)."""
+        gone = [0]
+
+        def delete(conn: sqlite3.Connection) -> None:
+            for origin, seq in sorted(upto.items()):
+                # never the newest row: row ids (snapshots name them) must not restart
+                gone[0] += conn.execute(
+                    "DELETE FROM envelopes WHERE origin = ? AND seq <= ? AND id < "
+                    "(SELECT MAX(id) FROM envelopes)", (origin, seq)).rowcount
+        self._job(delete, "ledger not pruned")
+        return gone[0]
 
     def hash_at(self, origin: str, seq: int) -> bytes | None:
         with self._rlock:
@@ -230,6 +251,21 @@ class Ledger(GroupCommitWriter):
                 return
             yield from rows
             origin, seq = rows[-1][0], rows[-1][1]
+
+    def scan_origin(self, origin: str, page: int = config.LEDGER_PAGE
+                    ) -> Iterator[tuple[int, bytes]]:
+        """(seq, raw) of one origin's rows, ascending (from its first row: a pruned
+        ledger's chain starts past seq 1)."""
+        seq = 0
+        while True:
+            with self._rlock:
+                rows = self._rconn.execute(
+                    "SELECT seq, raw FROM envelopes WHERE origin = ? AND seq > ? "
+                    "ORDER BY seq LIMIT ?", (origin, seq, page)).fetchall()
+            if not rows:
+                return
+            yield from rows
+            seq = rows[-1][0]
 
     def latest_snapshot(self) -> tuple[int, bytes] | None:
         with self._rlock:

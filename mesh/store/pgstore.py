@@ -442,10 +442,43 @@ class PgLedger(GroupCommitWriter):
 
     def read_origin(self, origin: str, first: int, last: int,
                     limit: int = config.LEDGER_PAGE) -> list[bytes]:
-        return [bytes(r[0]) for r in self._rows(
-            "SELECT raw FROM envelopes WHERE store_id = %s AND origin = %s "
-            "AND seq BETWEEN %s AND %s ORDER BY seq LIMIT %s",
-            (self.store_id, origin, first, last, limit))]
+        out: list[bytes] = []
+        for seq, raw in self._rows(
+                "SELECT seq, raw FROM envelopes WHERE store_id = %s AND origin = %s "
+                "AND seq BETWEEN %s AND %s ORDER BY seq LIMIT %s",
+                (self.store_id, origin, first, last, limit)):
+            if int(seq) != first + len(out):  # the run from ``first`` only (as Ledger's)
+                break
+            out.append(bytes(raw))
+        return out
+
+    def scan_origin(self, origin: str, page: int = config.LEDGER_PAGE
+                    ) -> Iterator[tuple[int, bytes]]:
+        """(seq, raw) of one origin's rows, ascending (``Ledger.scan_origin``)."""
+        seq = 0
+        while True:
+            rows = self._rows("SELECT seq, raw FROM envelopes WHERE store_id = %s AND "
+                              "origin = %s AND seq > %s ORDER BY seq LIMIT %s",
+                              (self.store_id, origin, seq, page))
+            if not rows:
+                return
+            for s, raw in rows:
+                yield int(s), bytes(raw)
+            seq = int(rows[-1][0])
+
+    def prune(self, upto: Mapping[str, int]) -> int:
+        """``Ledger.prune``, for the same surface: the cloud keeps the archive
+        (``config.LEDGER_PRUNE_ROLES``), so nothing calls it there today."""
+        gone = [0]
+
+        def delete(cur: psycopg.Cursor[Any]) -> None:
+            for origin, seq in sorted(upto.items()):
+                cur.execute("DELETE FROM envelopes WHERE store_id = %s AND origin = %s AND "
+                            "seq <= %s AND id < (SELECT max(id) FROM envelopes WHERE "
+                            "store_id = %s)", (self.store_id, origin, seq, self.store_id))
+                gone[0] += cur.rowcount
+        self._job(delete, "ledger not pruned")
+        return gone[0]
 
     def hash_at(self, origin: str, seq: int) -> bytes | None:
         rows = self._rows("SELECT hash FROM envelopes WHERE store_id = %s AND origin = %s "

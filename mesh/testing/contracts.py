@@ -30,9 +30,10 @@ from mesh.core.envelope import Envelope, decode
 from mesh.core.replica import Replica
 from mesh.durable import DurableReplica
 from mesh.errors import LedgerError
-from mesh.ports import Identity, Storage
+from mesh.ports import Identity, Prunable, Storage
 
-__all__ = ["StorageRig", "TransportRig", "check_storage", "check_transport", "sales"]
+__all__ = ["StorageRig", "TransportRig", "check_pruning", "check_storage", "check_transport",
+           "sales"]
 
 NOW = 1_790_000_000_000
 
@@ -86,6 +87,40 @@ def check_storage(make: Callable[[], StorageRig]) -> None:
     _durable_ack_survives_crash(make())
     _restart_rebuilds_same_state(make())
     _failed_batch_fails_what_is_queued_behind(make())
+
+
+def check_pruning(make: Callable[[], StorageRig]) -> None:
+    """The ``Prunable`` contract (a register's ledger): a pruned prefix is gone for every
+    reader, nothing else is, row ids go on, and it stays pruned across a restart."""
+    rig = make()
+    st = rig.open()
+    assert isinstance(st, Prunable), "storage cannot prune"
+    other = Replica(rig.identity.store_id, "reg-2", "register", rig.identity.key)
+    envs = sales(rig.identity, 30)
+    theirs = [other.receive("B", 1, txn=f"o{i}", now_ms=1_700_000_000_000 + i).envelope
+              for i in range(5)]
+    st.append(envs[:20] + [e for e in theirs if e is not None] + envs[20:], sync=True)
+    rig.settle(st)
+    origin, last = rig.identity.node_id, st.last_id
+    assert st.prune({origin: 12, "reg-2": 2, "nobody": 4}) == 14
+    assert st.prune({origin: 12}) == 0, "pruning twice deleted more"
+    assert st.read_origin(origin, 1, 30) == [], "a read from a pruned seq returned a later run"
+    assert st.read_origin(origin, 12, 14) == []
+    assert st.read_origin(origin, 13, 15) == [e.raw for e in envs[12:15]]
+    assert st.read_origin("reg-2", 3, 9) == [e.raw for e in theirs[2:] if e is not None]
+    kept = [e.raw for e in envs[12:20]] + [e.raw for e in theirs[2:] if e is not None] + [
+        e.raw for e in envs[20:]]
+    assert _rows(st) == kept, "scan still returns pruned rows (or lost others)"
+    assert st.last_id == last, "pruning moved the row ids"
+    more = [e for e in (other.receive("B", 1, txn=f"p{i}", now_ms=1_700_000_000_100 + i).envelope
+                        for i in range(2)) if e is not None]
+    st.append(more, sync=True)
+    rig.settle(st)
+    assert len(more) == 2 and st.last_id > last and _rows(st)[-2:] == [e.raw for e in more]
+    st.close()
+    st = rig.open()  # a restart: still pruned
+    assert st.read_origin(origin, 1, 5) == [] and _rows(st) == kept + [e.raw for e in more]
+    st.close()
 
 
 def _order_and_ranges(rig: StorageRig) -> None:

@@ -13,7 +13,7 @@ from mesh.ports import Storage
 from mesh.sim.ports import SimDisk, SimIdentity
 from mesh.sim.world import World
 from mesh.store.ledger import Ledger
-from mesh.testing.contracts import check_storage
+from mesh.testing.contracts import check_pruning, check_storage
 from mesh.testing.ledger_child import crash_after_acks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,6 +102,26 @@ def test_real_ledger_passes_the_storage_contract(tmp_path: Path) -> None:
 
 def test_simdisk_passes_the_storage_contract() -> None:
     check_storage(SimRig)
+
+
+def test_real_ledger_and_simdisk_pass_the_pruning_contract(tmp_path: Path) -> None:
+    check_pruning(lambda: RealRig(tmp_path / "prune"))
+    check_pruning(SimRig)
+
+
+def test_the_pruning_contract_catches_a_read_past_a_pruned_prefix() -> None:
+    class Sloppy(SimRig):
+        def __init__(self) -> None:
+            super().__init__()
+            disk = self.disk
+
+            def read_origin(origin: str, first: int, last: int, limit: int = 512) -> list[bytes]:
+                rows = disk.by_origin.get(origin, [])  # ignores the floor
+                return rows[max(first, disk.pruned.get(origin, 0) + 1) - 1 : last]
+            disk.read_origin = read_origin  # type: ignore[method-assign]
+
+    with pytest.raises(AssertionError, match="later run"):
+        check_pruning(Sloppy)
 
 
 def test_the_contract_catches_a_disk_that_acknowledges_before_fsync() -> None:

@@ -18,7 +18,7 @@ from mesh.core.envelope import Envelope
 from mesh.errors import LedgerError, StorageFull
 from mesh.ports import Storage
 from mesh.store.pgstore import FencedOut, PgLedger
-from mesh.testing.contracts import check_storage, sales
+from mesh.testing.contracts import check_pruning, check_storage, sales
 from mesh.testing.ledger_child import crash_after_acks
 from tests.contract.test_contract_storage import _identity
 
@@ -70,6 +70,11 @@ def test_pg_ledger_passes_the_storage_contract(pg_cluster, pg_dsn: str, tmp_path
         n[0] += 1
         return PgRig(pg_cluster, pg_dsn, f"contract-{n[0]}", tmp_path)
     check_storage(make)
+
+
+def test_pg_ledger_passes_the_pruning_contract(pg_cluster, pg_dsn: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # the cloud keeps the archive (config.LEDGER_PRUNE_ROLES); the same surface as Ledger's
+    check_pruning(lambda: PgRig(pg_cluster, pg_dsn, "contract-prune", tmp_path))
 
 
 def test_stores_share_the_table_but_not_their_rows(pg_dsn: str) -> None:

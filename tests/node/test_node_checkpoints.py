@@ -5,6 +5,7 @@ register folds it to the same hash, and a restarted register rebuilds to it."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,10 @@ async def test_the_edge_proposes_checkpoints_and_a_register_folds_them(
             assert edge.replica.checkpoint_hashes[seq] == reg.replica.checkpoint_hashes[seq]
         assert reg.driver.checkpoints_proposed == 0 and edge.driver.checkpoints_proposed >= 1
         assert reg.replica.on_hand("SKU-1") == 7
+        # equal replicas: every fold matched the ck op's fold hash and chain heads
+        for n in (edge, reg):
+            assert n.replica.ck_mismatches == 0
+            assert not [a for a in n.driver.alerts if a.kind == "checkpoint_mismatch"]
         folded = reg.replica.folds
     finally:
         await reg.close()
@@ -75,5 +80,70 @@ async def test_the_edge_proposes_checkpoints_and_a_register_folds_them(
     await again.start()
     try:
         assert again.replica.folds >= folded and again.replica.on_hand("SKU-1") == 7
+        assert again.replica.ck_mismatches == 0
     finally:
         await again.close()
+
+
+@pytest.mark.asyncio
+async def test_a_register_prunes_its_ledger_behind_checkpoints_and_the_edge_keeps_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registers keep a bounded tail (``mesh.durable`` invariant 8): rows within the
+    frontier of a checkpoint two folds back are deleted after a snapshot; `ledger
+    verify` proves the tail from the chain heads that checkpoint names; a restart
+    rebuilds from the snapshot; the edge keeps the archive."""
+    monkeypatch.setattr(config, "CHECKPOINT_EVERY_MS", 100)
+    monkeypatch.setattr(config, "SNAPSHOT_CHECK_S", 0.1)
+    edge_id = init_store(tmp_path / "edge", "store-1", now_ms=now_ms(), node_id="edge")
+    reg_id = enrol_direct(tmp_path, edge_id, "reg-1")
+    edge = _node(tmp_path / "edge")
+    await edge.start()
+    reg = _node(tmp_path / "reg-1", [edge.url])
+    await reg.start()
+    reg.durable.snapshot_every = edge.durable.snapshot_every = 1
+    assert reg.durable.prune_ledger and not edge.durable.prune_ledger
+    try:
+        await reg.execute(lambda r: r.receive("SKU-1", 100, txn="rx-1", now_ms=now_ms()))
+        i = 0
+
+        async def sell_until_pruned() -> bool:
+            nonlocal i
+            i += 1
+            await reg.execute(lambda r: r.sell("SKU-1", 1, txn=f"s-{i}", now_ms=now_ms()))
+            return reg.durable.pruned_rows > 0 and i > 5
+
+        for _ in range(200):
+            if await sell_until_pruned():
+                break
+            await asyncio.sleep(0.05)
+        assert reg.durable.pruned_rows > 0, "the register never pruned"
+        sold = i
+        await wait_until(lambda: edge.replica.on_hand("SKU-1") == 100 - sold, 10,
+                         "the edge holds every sale")
+        want = reg.replica.state_digest()
+    finally:
+        await reg.close()
+        await edge.close()
+    with Ledger(reg_id.ledger_path) as led:
+        first = next(iter(led.scan_origin("reg-1")))[0]
+    assert first > 1  # the register's own chain starts past seq 1 now
+    with Ledger(edge_id.ledger_path) as led:
+        assert next(iter(led.scan_origin("reg-1")))[0] == 1  # the edge: the archive
+    for d in (edge_id.data_dir, reg_id.data_dir):
+        report = verify_ledger(d)
+        assert report.ok, report.problems
+    pruned = verify_ledger(reg_id.data_dir)
+    assert pruned.origins["reg-1"].pruned == first - 1 and pruned.checkpoints >= 1
+    # a restart of the pruned register: from its snapshot and the tail, the same state
+    again = _node(tmp_path / "reg-1")
+    await again.start()
+    try:
+        assert again.replica.on_hand("SKU-1") == 100 - sold
+        assert again.replica.state_digest() == want
+    finally:
+        await again.close()
+    # one more row gone below the tail: no checkpoint names that head, verify fails
+    with Ledger(reg_id.ledger_path) as led:
+        led.prune({"reg-1": first})
+    broken = verify_ledger(reg_id.data_dir)
+    assert not broken.ok and any(f"reg-1: seq 1..{first}" in p for p in broken.problems)

@@ -483,3 +483,34 @@ def test_a_revocation_bound_is_left_out_of_every_rebuild_of_the_sqlite_ledger(
     assert again.replica.state_digest() == digest
     assert again.rebuild_stats.excluded == 1 and again.rebuild_stats.snapshot_upto > 0
     again.close()
+
+
+def test_a_revocation_on_a_pruned_ledger_falls_back_to_the_snapshot(
+    store: tuple[NodeIdentity, dict[str, Replica], StoreKit],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A pruned ledger (``mesh.durable`` invariant 8) cannot replay from seq 1: a
+    revocation that leaves out envelopes the snapshot holds rebuilds from the snapshot
+    (said loudly), never a replica missing the pruned prefix, never a crash."""
+    edge_ident, regs, kit = store
+    r1, r2 = regs["r1"], regs["r2"]
+    envs = [r1.receive("SKU-1", 10, txn="rcv", now_ms=NOW).envelope]
+    envs += [r1.sell("SKU-1", 1, txn=f"s{i}", now_ms=NOW).envelope for i in range(5)]
+    envs.append(r2.receive("SKU-2", 5, txn="rcv2", now_ms=NOW).envelope)
+    dr = DurableReplica.open(edge_ident.data_dir)
+    dr.prune_ledger = True  # as a register's
+    for env in envs:
+        assert env is not None
+        fut = ingest(dr, env.raw, NOW)[1]
+        assert fut is not None
+        fut.result()
+    want = dr.replica.state_digest()
+    dr.save_snapshot_and_prune(*dr.take_snapshot(), {"r1": 2})
+    assert dr.pruned_rows == 2
+    dr.identity.trust.apply_revocations(issue_revocations(
+        kit.store_key, store_id="store-1", version=1, revoked={"r1"}, upto={"r1": 4}))
+    with caplog.at_level("ERROR"):
+        dr.exclude_revoked()
+    assert "ledger pruned" in caplog.text
+    assert dr.replica.pending_count() == 0 and dr.replica.state_digest() == want
+    dr.close()

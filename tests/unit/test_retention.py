@@ -347,3 +347,152 @@ def test_the_trust_store_names_the_checkpointer_and_keeps_it() -> None:
     plain = TrustStore("s1", KEYS[EDGE].public_key).to_dict()
     assert "checkpointer" not in plain  # files without one read as before
     assert TrustStore.from_dict(plain).checkpointer is None
+
+
+# --- the ck op carries the proposer's fold hash and the chain heads it covers -----------
+
+
+def _folded_history() -> _Store:
+    for seed in range(40):
+        store = _history(seed, 160)
+        if store.nodes[EDGE].folds >= 2:
+            return store
+    pytest.fail("no history folded two checkpoints")
+
+
+def _ck_ops(store: _Store) -> list[dict[str, object]]:
+    return [op for raw in store.log[EDGE] for op in decode(raw).ops if op["t"] == "ck"]
+
+
+def test_ck_op_names_its_fold_hash_and_the_head_of_every_chain() -> None:
+    store = _folded_history()
+    edge = store.nodes[EDGE]
+    ref = _replay(store.envelopes(), 0, fold=False)  # keeps every hash
+    for op in _ck_ops(store):
+        f, heads = op["f"], op["h"]
+        assert isinstance(f, dict) and isinstance(heads, dict) and set(heads) == set(f)
+        for origin, seq in f.items():
+            held = ref.hash_at(origin, seq)
+            assert held is not None and heads[origin] == held.hex()
+    # the proposer's dry fold is the fold it then did itself
+    assert edge.ck_mismatches == 0
+    assert {h.hex() for h in edge.checkpoint_hashes.values()} <= {
+        op["fh"] for op in _ck_ops(store)}
+
+
+def test_equal_replicas_never_report_a_checkpoint_mismatch() -> None:
+    for seed in range(6):
+        store = _history(seed, 160)
+        raws = store.envelopes()
+        for order in (0, seed + 1):
+            r = _replay(raws, order, fold=True)
+            assert r.ck_mismatches == 0 and r.take_checkpoint_mismatches() == []
+        assert all(n.ck_mismatches == 0 for n in store.nodes.values())
+
+
+def test_a_replica_with_another_state_reports_the_mismatch_and_still_folds() -> None:
+    store = _folded_history()
+    raws = store.envelopes()
+    honest = _replay(raws, 0, fold=True)
+    odd = _node("obs")
+    # a deliberately different state (inside this test only): one SKU's stock events
+    # shifted before any checkpoint arrives, as a replica with a bug would hold them
+    ck_raws = {raw for raw in store.log[EDGE] if any(op["t"] == "ck" for op in decode(raw).ops)}
+    for raw in [x for x in raws if x not in ck_raws]:
+        try:
+            odd.apply(decode(raw), NOW)
+        except Exception:
+            pass
+    ev = next(e for e in odd._events.values() if len(e))
+    ev.d_oh[0] += 7
+    for raw in store.log[EDGE]:
+        if raw in ck_raws:
+            odd.apply(decode(raw), NOW)
+    got = odd.take_checkpoint_mismatches()
+    assert odd.ck_mismatches == len(got) > 0
+    assert {m.what for m in got} == {"fold"}
+    assert all(m.origin == EDGE and m.expected != m.found for m in got)
+    assert odd.folds == honest.folds  # a check, never a refusal: the fold stands
+    assert odd.vv == honest.vv
+    assert honest.ck_mismatches == 0
+
+
+def test_a_chain_head_that_differs_from_the_ck_op_is_reported() -> None:
+    edge, r1, obs = _node(EDGE), _node("r1"), _node("obs")
+    out: dict[str, list[bytes]] = {EDGE: [], "r1": []}
+    for i, (node, r) in enumerate([(EDGE, edge), ("r1", r1), (EDGE, edge), ("r1", r1)]):
+        out[node].append(r.receive("A", 2, txn=f"t{i}", now_ms=NOW + i).envelope.raw)
+    for raw in out["r1"]:
+        edge.apply(decode(raw), NOW + 10)
+    for raw in out[EDGE]:
+        r1.apply(decode(raw), NOW + 10)
+    f = Frontier()
+    for n, r in ((EDGE, edge), ("r1", r1)):
+        f.observe(n, r.vv, NOW + 20)
+    frontier, live = f.stable([EDGE, "r1"], NOW + 20)
+    res = edge.propose_checkpoint(frontier, live, txn="ck-1", now_ms=NOW + 30)
+    assert res is not None and edge.folds == 1 and edge.ck_mismatches == 0
+    out[EDGE].append(res.envelope.raw)
+    for raw in out["r1"]:
+        obs.apply(decode(raw), NOW + 40)
+    # this replica holds another hash at r1's frontier seq than the one the op names
+    seq = frontier.get("r1")
+    obs._hashes["r1"][(seq - 1) * 32] ^= 0xFF
+    for raw in out[EDGE]:
+        obs.apply(decode(raw), NOW + 40)
+    got = obs.take_checkpoint_mismatches()
+    assert obs.folds == 1 and [m.what for m in got] == ["head:r1"]
+    op = next(o for o in decode(out[EDGE][-1]).ops if o["t"] == "ck")
+    assert got[0].expected.hex() == op["h"]["r1"] != got[0].found.hex()
+
+
+def test_a_ck_op_without_heads_or_fold_hash_is_malformed() -> None:
+    from mesh.core.ops import validate_ops
+    from mesh.errors import Malformed
+
+    good = {"t": "ck", "cut": 5, "f": {"r1": 2}, "h": {"r1": "ab" * 32}, "fh": "cd" * 32}
+    validate_ops([good])
+    for bad in ({k: v for k, v in good.items() if k != "fh"},
+                {**good, "h": {}}, {**good, "h": {"r1": "AB" * 32}}, {**good, "fh": "x"}):
+        with pytest.raises(Malformed):
+            validate_ops([bad])
+
+
+# --- ledger verify over the checkpoint chain -----------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from mesh.app.cli import verify_ledger  # noqa: E402
+from mesh.durable import DurableReplica  # noqa: E402
+from mesh.store.datadir import init_store  # noqa: E402
+
+
+def _edge_with_checkpoints(tmp_path: Path, wrong_head: bool) -> Path:
+    d = tmp_path / "edge"
+    init_store(d, "store-1", now_ms=NOW, node_id="edge")
+    dr = DurableReplica.open(d)
+    assert dr.checkpointer == "edge"
+    real = Replica.hash_at
+    for k in range(3):
+        for i in range(4):
+            dr.execute(lambda r, t=f"t{k}-{i}", a=NOW + 10 * k + i: r.receive(
+                "A", 1, txn=t, now_ms=a))[1].result()
+        if wrong_head and k == 1:  # a checkpointer that names another chain head
+            Replica.hash_at = lambda self, o, q: bytes(32)  # type: ignore[method-assign]
+        try:
+            got = dr.maybe_checkpoint(NOW + 10 * k + 5, ["edge"])
+        finally:
+            Replica.hash_at = real  # type: ignore[method-assign]
+        assert got is not None
+        got[1].result()
+    assert dr.replica.folds == 3
+    dr.close()
+    return d
+
+
+def test_ledger_verify_checks_the_chain_heads_checkpoints_name(tmp_path: Path) -> None:
+    good = verify_ledger(_edge_with_checkpoints(tmp_path / "a", False))
+    assert good.ok and good.checkpoints == 3, good.problems
+    bad = verify_ledger(_edge_with_checkpoints(tmp_path / "b", True))
+    assert not bad.ok
+    assert any("checkpoint edge seq" in p and "names another hash" in p for p in bad.problems)

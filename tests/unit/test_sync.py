@@ -295,3 +295,39 @@ def test_an_equivocating_register_is_caught_on_the_live_path() -> None:
         ("equivocation", "r1", 1, second.raw)]
     assert edge.core.stats["equivocation"] == 1 and edge.core.stats["bad_signature"] == 1
     assert edge.replica.on_hand("A") == 5 and len(_digests(w)) == 1
+
+
+def test_a_peer_asking_for_pruned_envelopes_is_served_by_others() -> None:
+    """A register's ledger no longer holds a prefix (pruned behind a checkpoint,
+    ``mesh.durable`` invariant 8): a new node linked only to it gets nothing of that
+    prefix from it, and the register does not spin re-reading storage; once linked to
+    the edge (the archive) it catches up in full."""
+    w = _store(53, registers=1)
+    _receive(w)
+    w.run_until(w.now + 20)
+    for i in range(30):
+        _sell(w, "r1", i)
+        w.run_until(w.now + 2)
+    w.run_until(w.now + 50)
+    r1 = w.nodes["r1"]
+    assert r1.replica.vv.get("r1") == 30 and w.nodes["edge"].replica.vv.get("r1") == 30
+    assert r1.disk.prune({"r1": 20, "edge": 1}) == 21
+    w.add_node("r9")
+    w.connect("r9", "r1")
+    reads = [0]
+    real_read = r1.disk.read_origin
+
+    def counted(origin: str, first: int, last: int, limit: int = config.LEDGER_PAGE
+                ) -> list[bytes]:
+        reads[0] += 1
+        return real_read(origin, first, last, limit)
+    r1.disk.read_origin = counted  # type: ignore[method-assign]
+    w.run_until(w.now + 3 * config.SYNC_INTERVAL_MS)
+    r9 = w.nodes["r9"]
+    assert r9.replica.vv.get("r1") == 0  # nothing of the pruned prefix from r1
+    assert not r1.core.stats.get("internal_error")
+    assert 0 < reads[0] < 20  # about one read per summary, not a spin
+    w.connect("r9", "edge")
+    w.run_until(w.now + 3 * config.SYNC_INTERVAL_MS)
+    assert r9.replica.vv.get("r1") == 30 and r9.replica.on_hand("A") == 70
+    assert len(_digests(w)) == 1
