@@ -11,8 +11,12 @@ not apply to them).
 
 Invariants:
  1. Bounded as the memory it mirrors: at most ``SENSOR_READINGS_KEPT`` readings per
-    sensor (the newest written), ``SENSOR_MAX_SENSORS`` sensors, ``RECENT_KEPT`` rows per
-    recent kind; readings older than ``SENSOR_MAX_AGE_MS`` are dropped on load.
+    sensor (the newest written), ``SENSOR_MAX_SENSORS`` sensors; per recent kind at most
+    ``RECENT_KEPT + RECENT_SLACK`` rows on disk (a kind is cut back to its newest
+    ``RECENT_KEPT`` once ``RECENT_SLACK`` rows were added to it since its last cut, so
+    the cut, a sort of the kind's rows, runs once per ``RECENT_SLACK`` events instead
+    of once per envelope batch) and exactly the newest ``RECENT_KEPT`` in what ``load``
+    returns; readings older than ``SENSOR_MAX_AGE_MS`` are dropped on load.
  2. All SQLite work runs on the store's one writer thread, in submission order; the
     event loop only submits (``submit``) and awaits futures.
  3. A failed write is logged and counted (``errors``), never raised into a request:
@@ -31,13 +35,17 @@ from typing import Final
 from mesh import config
 from mesh.core.sensors import Reading
 
-__all__ = ["RECENT_KEPT", "SENSOR_DB", "Recent", "SensorStore"]
+__all__ = ["RECENT_KEPT", "RECENT_SLACK", "SENSOR_DB", "Recent", "SensorStore"]
 
 log = logging.getLogger(__name__)
 
 SENSOR_DB: Final = "sensors.sqlite"
 #: Recent events kept per kind (as ``SensorService``'s in-memory deques).
 RECENT_KEPT: Final = 10_000
+#: Rows a recent kind may gain past ``RECENT_KEPT`` before it is cut back (invariant 1).
+#: Cutting on every batch cost the edge ~40-50 % of its CPU under sale load
+#: (docs/benchmarks.md, "The edge's recent-event store").
+RECENT_SLACK: Final = 1_000
 #: (kind, key, sku or zone, at_ms, qty): kind ``reserve`` (key = reservation id),
 #: ``sale`` (key = origin:seq), ``shrink`` (key = origin:seq, sku = the zone),
 #: ``moved`` (key = sku: when the ledger last moved its stock).
@@ -52,6 +60,7 @@ CREATE INDEX IF NOT EXISTS readings_sensor ON readings (sensor);
 CREATE TABLE IF NOT EXISTS recent (
     kind TEXT NOT NULL, key TEXT NOT NULL, sku TEXT NOT NULL, at_ms INTEGER NOT NULL,
     qty INTEGER NOT NULL, PRIMARY KEY (kind, key));
+CREATE INDEX IF NOT EXISTS recent_kind_at ON recent (kind, at_ms);
 """
 
 
@@ -64,6 +73,8 @@ class SensorStore:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensorstore")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        #: rows added per recent kind since its last cut (the writer thread's own)
+        self._added: dict[str, int] = {}
 
     # --- the writer thread ---------------------------------------------------------------
 
@@ -110,18 +121,33 @@ class SensorStore:
         return self.submit(write)
 
     def add_recent(self, rows: list[Recent]) -> Future[object]:
-        kinds = sorted({r[0] for r in rows})
+        added: dict[str, int] = {}
+        for r in rows:
+            added[r[0]] = added.get(r[0], 0) + 1
 
         def write(conn: sqlite3.Connection) -> None:
+            counts = self._added
+            due = []
+            for kind, n in added.items():
+                counts[kind] = counts.get(kind, 0) + n
+                if counts[kind] >= RECENT_SLACK:
+                    due.append(kind)
             with conn:
                 conn.execute("BEGIN")
                 conn.executemany("INSERT OR REPLACE INTO recent VALUES (?,?,?,?,?)", rows)
-                conn.executemany(
-                    "DELETE FROM recent WHERE kind = ?1 AND rowid NOT IN (SELECT rowid "
-                    "FROM recent WHERE kind = ?1 ORDER BY at_ms DESC, rowid DESC LIMIT ?2)",
-                    [(k, RECENT_KEPT) for k in kinds])
+                self._cut(conn, sorted(due))
+            for kind in due:  # only once the cut is committed
+                counts[kind] = 0
 
         return self.submit(write)
+
+    @staticmethod
+    def _cut(conn: sqlite3.Connection, kinds: Iterable[str]) -> None:
+        """Keep the newest ``RECENT_KEPT`` rows of each of ``kinds`` (invariant 1)."""
+        conn.executemany(
+            "DELETE FROM recent WHERE kind = ?1 AND rowid NOT IN (SELECT rowid "
+            "FROM recent WHERE kind = ?1 ORDER BY at_ms DESC, rowid DESC LIMIT ?2)",
+            [(k, RECENT_KEPT) for k in kinds])
 
     def forget_recent(self, kind: str, keys: Iterable[str]) -> Future[object]:
         rows = [(kind, k) for k in keys]
@@ -144,6 +170,9 @@ class SensorStore:
                 conn.execute("BEGIN")
                 conn.execute("DELETE FROM readings WHERE at_ms < ?",
                              (now_ms - config.SENSOR_MAX_AGE_MS,))
+                self._cut(conn, [k for (k,) in conn.execute(
+                    "SELECT DISTINCT kind FROM recent")])
+                self._added.clear()
             readings = [Reading(*row) for row in conn.execute(
                 "SELECT id, sensor, kind, sku, value, at_ms, confidence, calibration, staff "
                 "FROM readings ORDER BY rowid")]
