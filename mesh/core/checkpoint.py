@@ -15,6 +15,10 @@ Invariants:
     member from the moment it is retired, and stays out.
  4. Bounded: at most ``config.MAX_ORIGINS`` nodes are tracked; reports from nodes that
     are not enrolled are ignored by ``stable`` (the caller passes the enrolled set).
+ 5. A summary may carry the sender's clock floor ``c`` (``Replica.clock_floor``): a
+    promise that every envelope it signs after that summary has an HLC above ``c``.
+    Per node the promise of its newest summary is kept as (its own seq then, ``c``),
+    the greatest pair (``floors``); summaries without one (older peers) change nothing.
 """
 
 from __future__ import annotations
@@ -36,9 +40,13 @@ class Frontier:
         self._heard: dict[str, int] = {}
         self._listed: dict[str, int] = {}  # enrolled node -> when first listed
         self._retired: set[str] = set()
+        #: node -> (its own seq, clock floor) of its newest summary with a floor (inv. 5)
+        self._floor: dict[str, tuple[int, int]] = {}
 
-    def observe(self, node: str, vv: VersionVector | Mapping[str, int], now_ms: int) -> None:
-        """``node`` held ``vv`` at ``now_ms`` (its summary, or our own vector)."""
+    def observe(self, node: str, vv: VersionVector | Mapping[str, int], now_ms: int,
+                floor: int | None = None) -> None:
+        """``node`` held ``vv`` at ``now_ms`` (its summary, or our own vector), and, if
+        ``floor`` is given, promised that it signs nothing more with an HLC up to it."""
         if node in self._retired:
             return
         held = self._held.get(node)
@@ -46,14 +54,23 @@ class Frontier:
             if len(self._held) >= config.MAX_ORIGINS:
                 return
             held = self._held[node] = VersionVector()
-        held.merge(vv if isinstance(vv, VersionVector) else VersionVector(vv))
+        vector = vv if isinstance(vv, VersionVector) else VersionVector(vv)
+        held.merge(vector)
         self._heard[node] = max(self._heard.get(node, now_ms), now_ms)
+        if floor is not None:
+            # Own seq s, floor c: the envelopes it signs after this summary are its seqs
+            # above s (or re-signed ones after a crash lost them), all stamped above c.
+            # For one s the greater floor is the later promise; a greater s supersedes.
+            mine = (vector.get(node), floor)
+            if mine > self._floor.get(node, (-1, -1)):
+                self._floor[node] = mine
 
     def retire(self, node: str) -> None:
         """``node`` was revoked or retired: it stops holding the frontier back now."""
         self._retired.add(node)
         self._held.pop(node, None)
         self._heard.pop(node, None)
+        self._floor.pop(node, None)
 
     def members(self, enrolled: Iterable[str], now_ms: int) -> list[str]:
         """The enrolled nodes that hold the frontier back: not retired, and heard from
@@ -76,3 +93,8 @@ class Frontier:
             return VersionVector(), members
         origins = set().union(*(h.to_dict() for h in held))
         return VersionVector({o: min(h.get(o) for h in held) for o in origins}), members
+
+    def floors(self, nodes: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """Per node of ``nodes`` that sent one, (its own seq, clock floor) of its newest
+        summary with a floor (invariant 5), for ``Replica.propose_checkpoint``."""
+        return {n: self._floor[n] for n in nodes if n in self._floor}

@@ -60,7 +60,7 @@ import sys
 from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -70,6 +70,7 @@ import pycrdt
 from mesh import config
 from mesh.core.checkpoint import Frontier
 from mesh.core.crdt import HLC, ORSet, PNCounter, VersionVector
+from mesh.core.crdt.hlc import COUNTER_BITS, MAX_TS
 from mesh.core.envelope import Envelope, decode, seal
 from mesh.core.identity import NodeKey
 from mesh.core.reviews import ReviewSet
@@ -950,14 +951,35 @@ class Replica:
         doc = {"ck": ck.key().hex(), "skus": skus}
         return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).digest()
 
+    def clock_floor(self, now_ms: int) -> int:
+        """The clock floor our summaries carry (``mesh.core.checkpoint`` invariant 5): a
+        promise that every envelope we sign from now on has an HLC above it. The HLC is
+        first raised to the wall clock (it never decreases, so without a restart every
+        later stamp is above it whatever the wall clock does); the floor is
+        ``config.CLOCK_FLOOR_MARGIN_MS`` behind, so a restart, whose HLC is rebuilt
+        from the ledger, keeps the promise unless the wall clock was set back by more.
+        A broken promise only makes our next envelopes late: judged the same at every
+        replica (docs/architecture.md, "Bounded history")."""
+        wall = min(max(now_ms, 0), MAX_TS >> COUNTER_BITS)
+        if wall << COUNTER_BITS > self.hlc.last:
+            self.hlc = HLC(wall << COUNTER_BITS)
+        return min(self.hlc.last, max(wall - config.CLOCK_FLOOR_MARGIN_MS, 0) << COUNTER_BITS)
+
     def propose_checkpoint(self, frontier: VersionVector, members: Iterable[str], *,
-                           txn: str, now_ms: int) -> CommandResult | None:
+                           txn: str, now_ms: int,
+                           floors: Mapping[str, tuple[int, int]] | None = None,
+                           ) -> CommandResult | None:
         """As the store's checkpointer: a ``ck`` envelope for ``frontier`` (what every
         live enrolled node in ``members`` is known to hold, ``mesh.core.checkpoint``), or
-        None when it would not move past the last checkpoint. The cut is the oldest
-        HLC among the members' newest envelopes within the frontier: every envelope
-        outside the frontier from a member is newer, so nothing can be judged late
-        except from nodes no longer counted (past the horizon, revoked)."""
+        None when it would not move past the last checkpoint. The cut is the oldest of
+        the members' bounds, where a member's bound is an HLC that every envelope of it
+        outside the frontier is above: the HLC of its newest envelope within the
+        frontier (its HLC grows along its chain), or, if ``floors`` (``Frontier.floors``)
+        holds its promise (own seq s, clock floor c) and the frontier holds its seq s,
+        the greater of that and c (everything it signs after s is above c). So nothing
+        from a member is judged late, except by a member that broke its own promise, and
+        an idle member's cut follows its clock, not its last sale. A member with no
+        envelope within the frontier and no floor does not bound the cut (as before)."""
         if self.checkpointer != self.node_id or self.role not in ("edge", "cloud"):
             raise CommandError("only the store's checkpointer proposes checkpoints", "role")
         f = {o: min(q, self.vv.get(o)) for o, q in frontier.items() if q}
@@ -965,10 +987,19 @@ class Replica:
         if last is not None:
             for o, q in last.frontier.items():
                 f[o] = max(f.get(o, 0), q)
-        cuts = [self.hlc_at(o, f[o]) for o in members if f.get(o, 0) >= 1]
-        if not cuts or any(c is None for c in cuts):
+        cuts: list[int] = []
+        for o in members:
+            q, promise = f.get(o, 0), (floors or {}).get(o)
+            floor = promise[1] if promise is not None and q >= promise[0] else None
+            newest = self.hlc_at(o, q) if q >= 1 else None
+            if newest is None and floor is None:
+                if q >= 1:  # below the fold: its newest stamp is not held here
+                    return None
+                continue
+            cuts.append(max(x for x in (newest, floor) if x is not None))
+        if not cuts:
             return None
-        cut = min(c for c in cuts if c is not None)
+        cut = min(cuts)
         if last is not None and cut <= last.cut:
             return None
         f = dict(sorted(f.items()))
