@@ -16,9 +16,10 @@ Invariants:
  4. Bounded: at most ``config.MAX_ORIGINS`` nodes are tracked; reports from nodes that
     are not enrolled are ignored by ``stable`` (the caller passes the enrolled set).
  5. A summary may carry the sender's clock floor ``c`` (``Replica.clock_floor``): a
-    promise that every envelope it signs after that summary has an HLC above ``c``.
-    Per node the promise of its newest summary is kept as (its own seq then, ``c``),
-    the greatest pair (``floors``); summaries without one (older peers) change nothing.
+    promise that every envelope it signs after that summary has an HLC above ``c``,
+    so every envelope of it above its own seq ``s`` of then. Per node the promises
+    are kept as (s, c) pairs, ascending in both, the greatest ``c`` per ``s``, at most
+    ``FLOORS_KEPT`` (the oldest go first); summaries without one (older peers) add none.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ from collections.abc import Iterable, Mapping
 from mesh import config
 from mesh.core.crdt import VersionVector
 
-__all__ = ["Frontier"]
+__all__ = ["FLOORS_KEPT", "Frontier"]
+
+#: Clock promises kept per node (invariant 5): the checkpointer uses the newest one
+#: whose seq the frontier holds, which is one of the last few while the node writes.
+FLOORS_KEPT = 8
 
 
 class Frontier:
@@ -40,8 +45,8 @@ class Frontier:
         self._heard: dict[str, int] = {}
         self._listed: dict[str, int] = {}  # enrolled node -> when first listed
         self._retired: set[str] = set()
-        #: node -> (its own seq, clock floor) of its newest summary with a floor (inv. 5)
-        self._floor: dict[str, tuple[int, int]] = {}
+        #: node -> its (own seq, clock floor) promises, ascending (invariant 5)
+        self._floor: dict[str, list[tuple[int, int]]] = {}
 
     def observe(self, node: str, vv: VersionVector | Mapping[str, int], now_ms: int,
                 floor: int | None = None) -> None:
@@ -60,10 +65,14 @@ class Frontier:
         if floor is not None:
             # Own seq s, floor c: the envelopes it signs after this summary are its seqs
             # above s (or re-signed ones after a crash lost them), all stamped above c.
-            # For one s the greater floor is the later promise; a greater s supersedes.
-            mine = (vector.get(node), floor)
-            if mine > self._floor.get(node, (-1, -1)):
-                self._floor[node] = mine
+            # A pair not above the newest in both is an older summary, reordered: a
+            # promise already covered.
+            seq, kept = vector.get(node), self._floor.setdefault(node, [])
+            if kept and seq == kept[-1][0] and floor > kept[-1][1]:
+                kept[-1] = (seq, floor)
+            elif not kept or (seq > kept[-1][0] and floor > kept[-1][1]):
+                kept.append((seq, floor))
+                del kept[:-FLOORS_KEPT]
 
     def retire(self, node: str) -> None:
         """``node`` was revoked or retired: it stops holding the frontier back now."""
@@ -94,7 +103,7 @@ class Frontier:
         origins = set().union(*(h.to_dict() for h in held))
         return VersionVector({o: min(h.get(o) for h in held) for o in origins}), members
 
-    def floors(self, nodes: Iterable[str]) -> dict[str, tuple[int, int]]:
-        """Per node of ``nodes`` that sent one, (its own seq, clock floor) of its newest
-        summary with a floor (invariant 5), for ``Replica.propose_checkpoint``."""
-        return {n: self._floor[n] for n in nodes if n in self._floor}
+    def floors(self, nodes: Iterable[str]) -> dict[str, tuple[tuple[int, int], ...]]:
+        """Per node of ``nodes`` that sent any, its (own seq, clock floor) promises,
+        ascending (invariant 5), for ``Replica.propose_checkpoint``."""
+        return {n: tuple(self._floor[n]) for n in nodes if self._floor.get(n)}

@@ -60,7 +60,7 @@ import sys
 from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -967,7 +967,7 @@ class Replica:
 
     def propose_checkpoint(self, frontier: VersionVector, members: Iterable[str], *,
                            txn: str, now_ms: int,
-                           floors: Mapping[str, tuple[int, int]] | None = None,
+                           floors: Mapping[str, Sequence[tuple[int, int]]] | None = None,
                            ) -> CommandResult | None:
         """As the store's checkpointer: a ``ck`` envelope for ``frontier`` (what every
         live enrolled node in ``members`` is known to hold, ``mesh.core.checkpoint``), or
@@ -975,11 +975,15 @@ class Replica:
         the members' bounds, where a member's bound is an HLC that every envelope of it
         outside the frontier is above: the HLC of its newest envelope within the
         frontier (its HLC grows along its chain), or, if ``floors`` (``Frontier.floors``)
-        holds its promise (own seq s, clock floor c) and the frontier holds its seq s,
-        the greater of that and c (everything it signs after s is above c). So nothing
-        from a member is judged late, except by a member that broke its own promise, and
-        an idle member's cut follows its clock, not its last sale. A member with no
-        envelope within the frontier and no floor does not bound the cut (as before)."""
+        holds a promise (own seq s, clock floor c) of it with s within the frontier, the
+        greater of that and c for the newest such promise (everything it signs after s
+        is above c). So nothing from a member is judged late, except from a member that
+        broke its own promise, and an idle member's cut follows its clock, not its last
+        sale. A member that sent promises but has neither an envelope within the
+        frontier nor a promise that applies (it wrote before its first summary came)
+        blocks the checkpoint until the frontier holds its first envelope; one that sent
+        none (a peer from before the floor) and has nothing within the frontier does not
+        bound the cut, as before."""
         if self.checkpointer != self.node_id or self.role not in ("edge", "cloud"):
             raise CommandError("only the store's checkpointer proposes checkpoints", "role")
         f = {o: min(q, self.vv.get(o)) for o, q in frontier.items() if q}
@@ -989,13 +993,13 @@ class Replica:
                 f[o] = max(f.get(o, 0), q)
         cuts: list[int] = []
         for o in members:
-            q, promise = f.get(o, 0), (floors or {}).get(o)
-            floor = promise[1] if promise is not None and q >= promise[0] else None
+            q, promises = f.get(o, 0), (floors or {}).get(o, ())
+            floor = max((c for s, c in promises if s <= q), default=None)
             newest = self.hlc_at(o, q) if q >= 1 else None
             if newest is None and floor is None:
-                if q >= 1:  # below the fold: its newest stamp is not held here
+                if q >= 1 or promises:  # a stamp not held here, or unknown: no bound
                     return None
-                continue
+                continue  # a peer from before the floor that wrote nothing within f
             cuts.append(max(x for x in (newest, floor) if x is not None))
         if not cuts:
             return None
