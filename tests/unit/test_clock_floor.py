@@ -291,3 +291,22 @@ def test_with_floors_replicas_agree_and_only_the_away_node_is_late(seed: int, or
             env = decode(raw)
             for cut, f in cks:
                 assert env.seq <= f.get(origin, 0) or env.hlc > cut, (origin, env.seq)
+
+
+def test_a_bad_floor_is_malformed_and_a_summary_without_one_is_accepted() -> None:
+    import orjson
+
+    w = World(4)
+    w.add_node("edge", "edge")
+    w.add_node("r1")
+    w.connect("edge", "r1")
+    w.run_until(2_000)
+    edge = w.nodes["edge"]
+    core, f = edge.core, edge.replica.frontier
+    kept = f.floors(["r1"])
+    base = {"vv": {}, "links": ["edge"], "nc": "", "crl": -1, "rx": 10**6, "ad": 0}
+    for bad in ("x", -1, 1 << 63, 1.5, True):
+        core.receive(b"V" + orjson.dumps({**base, "cf": bad}), "r1", edge.clock())
+    assert core.stats.get("malformed", 0) == 5 and f.floors(["r1"]) == kept
+    core.receive(b"V" + orjson.dumps(base), "r1", edge.clock())  # an older peer's
+    assert core.stats.get("malformed", 0) == 5 and f.floors(["r1"]) == kept
