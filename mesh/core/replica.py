@@ -38,7 +38,9 @@ Invariants:
     (of the clock rebuilt so far, on replay); acceptance never depends on the wall
     clock (``_apply_next``).
  9. Checkpoints (docs/architecture.md, "Bounded history"): only ``ck`` ops of the
-    store's ``checkpointer`` count; their cut and frontier grow strictly. An envelope
+    store's ``checkpointer`` count; their cut and frontier grow strictly (the cut is
+    the oldest member bound: newest stamp within the frontier, or a clock floor the
+    member promised, ``propose_checkpoint``; receivers take it from the op). An envelope
     outside a checkpoint's frontier with an HLC within its cut is *late*: its order key
     is just after the cut (``_key``). Once this replica holds a checkpoint's frontier,
     every event with a key up to twice the cut is folded into per-SKU totals and final
