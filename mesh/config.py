@@ -81,6 +81,14 @@ FRONTIER_HORIZON_MS: Final = 7 * 86_400_000
 #: time the slowest live node takes to report; one ``ck`` envelope a minute is ~0.5 M
 #: a year, against the store's millions of sales.
 CHECKPOINT_EVERY_MS: Final = 60_000
+#: How far behind its wall clock a node sets the clock floor its summaries carry
+#: (``Replica.clock_floor``, docs/architecture.md "Bounded history"): the floor promises
+#: every envelope it signs later has an HLC above it. Without a restart its HLC keeps
+#: the promise whatever the wall clock does; across a restart (the HLC rebuilt from the
+#: ledger may be lower) it holds as long as the wall clock was not set back by more than
+#: this. Five seconds: NTP slews far less; the price is only that the cut trails an idle
+#: node's clock by this much.
+CLOCK_FLOOR_MARGIN_MS: Final = 5_000
 #: Roles whose ledger keeps only a bounded tail beyond the checkpoints (docs/architecture.md,
 #: "Bounded history"): registers, on 2-4 GB hardware. Edges and the cloud keep the whole
 #: archive: the audit trail stays complete there, and they serve what a register pruned.

@@ -253,10 +253,10 @@ class DurableReplica(Generic[S]):
         r = self.replica
         if self.checkpointer != self.identity.node_id or r.checkpointer != r.node_id:
             return None
-        r.frontier.observe(r.node_id, r.vv, now_ms)
+        r.frontier.observe(r.node_id, r.vv, now_ms, r.clock_floor(now_ms))
         vv, members = r.frontier.stable(enrolled, now_ms)
         res = r.propose_checkpoint(vv, members, txn=f"ck-{now_ms}-{r.vv.get(r.node_id)}",
-                                   now_ms=now_ms)
+                                   now_ms=now_ms, floors=r.frontier.floors(members))
         if res is None:
             return None
         return self.execute(lambda _: res)

@@ -15,6 +15,11 @@ Invariants:
     member from the moment it is retired, and stays out.
  4. Bounded: at most ``config.MAX_ORIGINS`` nodes are tracked; reports from nodes that
     are not enrolled are ignored by ``stable`` (the caller passes the enrolled set).
+ 5. A summary may carry the sender's clock floor ``c`` (``Replica.clock_floor``): a
+    promise that every envelope it signs after that summary has an HLC above ``c``,
+    so every envelope of it above its own seq ``s`` of then. Per node the promises
+    are kept as (s, c) pairs, ascending in both, the greatest ``c`` per ``s``, at most
+    ``FLOORS_KEPT`` (the oldest go first); summaries without one (older peers) add none.
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ from collections.abc import Iterable, Mapping
 from mesh import config
 from mesh.core.crdt import VersionVector
 
-__all__ = ["Frontier"]
+__all__ = ["FLOORS_KEPT", "Frontier"]
+
+#: Clock promises kept per node (invariant 5): the checkpointer uses the newest one
+#: whose seq the frontier holds, which is one of the last few while the node writes.
+FLOORS_KEPT = 8
 
 
 class Frontier:
@@ -36,9 +45,13 @@ class Frontier:
         self._heard: dict[str, int] = {}
         self._listed: dict[str, int] = {}  # enrolled node -> when first listed
         self._retired: set[str] = set()
+        #: node -> its (own seq, clock floor) promises, ascending (invariant 5)
+        self._floor: dict[str, list[tuple[int, int]]] = {}
 
-    def observe(self, node: str, vv: VersionVector | Mapping[str, int], now_ms: int) -> None:
-        """``node`` held ``vv`` at ``now_ms`` (its summary, or our own vector)."""
+    def observe(self, node: str, vv: VersionVector | Mapping[str, int], now_ms: int,
+                floor: int | None = None) -> None:
+        """``node`` held ``vv`` at ``now_ms`` (its summary, or our own vector), and, if
+        ``floor`` is given, promised that it signs nothing more with an HLC up to it."""
         if node in self._retired:
             return
         held = self._held.get(node)
@@ -46,14 +59,27 @@ class Frontier:
             if len(self._held) >= config.MAX_ORIGINS:
                 return
             held = self._held[node] = VersionVector()
-        held.merge(vv if isinstance(vv, VersionVector) else VersionVector(vv))
+        vector = vv if isinstance(vv, VersionVector) else VersionVector(vv)
+        held.merge(vector)
         self._heard[node] = max(self._heard.get(node, now_ms), now_ms)
+        if floor is not None:
+            # Own seq s, floor c: the envelopes it signs after this summary are its seqs
+            # above s (or re-signed ones after a crash lost them), all stamped above c.
+            # A pair not above the newest in both is an older summary, reordered: a
+            # promise already covered.
+            seq, kept = vector.get(node), self._floor.setdefault(node, [])
+            if kept and seq == kept[-1][0] and floor > kept[-1][1]:
+                kept[-1] = (seq, floor)
+            elif not kept or (seq > kept[-1][0] and floor > kept[-1][1]):
+                kept.append((seq, floor))
+                del kept[:-FLOORS_KEPT]
 
     def retire(self, node: str) -> None:
         """``node`` was revoked or retired: it stops holding the frontier back now."""
         self._retired.add(node)
         self._held.pop(node, None)
         self._heard.pop(node, None)
+        self._floor.pop(node, None)
 
     def members(self, enrolled: Iterable[str], now_ms: int) -> list[str]:
         """The enrolled nodes that hold the frontier back: not retired, and heard from
@@ -76,3 +102,8 @@ class Frontier:
             return VersionVector(), members
         origins = set().union(*(h.to_dict() for h in held))
         return VersionVector({o: min(h.get(o) for h in held) for o in origins}), members
+
+    def floors(self, nodes: Iterable[str]) -> dict[str, tuple[tuple[int, int], ...]]:
+        """Per node of ``nodes`` that sent any, its (own seq, clock floor) promises,
+        ascending (invariant 5), for ``Replica.propose_checkpoint``."""
+        return {n: tuple(self._floor[n]) for n in nodes if self._floor.get(n)}

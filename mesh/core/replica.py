@@ -38,7 +38,9 @@ Invariants:
     (of the clock rebuilt so far, on replay); acceptance never depends on the wall
     clock (``_apply_next``).
  9. Checkpoints (docs/architecture.md, "Bounded history"): only ``ck`` ops of the
-    store's ``checkpointer`` count; their cut and frontier grow strictly. An envelope
+    store's ``checkpointer`` count; their cut and frontier grow strictly (the cut is
+    the oldest member bound: newest stamp within the frontier, or a clock floor the
+    member promised, ``propose_checkpoint``; receivers take it from the op). An envelope
     outside a checkpoint's frontier with an HLC within its cut is *late*: its order key
     is just after the cut (``_key``). Once this replica holds a checkpoint's frontier,
     every event with a key up to twice the cut is folded into per-SKU totals and final
@@ -60,7 +62,7 @@ import sys
 from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -70,6 +72,7 @@ import pycrdt
 from mesh import config
 from mesh.core.checkpoint import Frontier
 from mesh.core.crdt import HLC, ORSet, PNCounter, VersionVector
+from mesh.core.crdt.hlc import COUNTER_BITS, MAX_TS
 from mesh.core.envelope import Envelope, decode, seal
 from mesh.core.identity import NodeKey
 from mesh.core.reviews import ReviewSet
@@ -950,14 +953,39 @@ class Replica:
         doc = {"ck": ck.key().hex(), "skus": skus}
         return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).digest()
 
+    def clock_floor(self, now_ms: int) -> int:
+        """The clock floor our summaries carry (``mesh.core.checkpoint`` invariant 5): a
+        promise that every envelope we sign from now on has an HLC above it. The HLC is
+        first raised to the wall clock (it never decreases, so without a restart every
+        later stamp is above it whatever the wall clock does); the floor is
+        ``config.CLOCK_FLOOR_MARGIN_MS`` behind, so a restart, whose HLC is rebuilt
+        from the ledger, keeps the promise unless the wall clock was set back by more.
+        A broken promise only makes our next envelopes late: judged the same at every
+        replica (docs/architecture.md, "Bounded history")."""
+        wall = min(max(now_ms, 0), MAX_TS >> COUNTER_BITS)
+        if wall << COUNTER_BITS > self.hlc.last:
+            self.hlc = HLC(wall << COUNTER_BITS)
+        return min(self.hlc.last, max(wall - config.CLOCK_FLOOR_MARGIN_MS, 0) << COUNTER_BITS)
+
     def propose_checkpoint(self, frontier: VersionVector, members: Iterable[str], *,
-                           txn: str, now_ms: int) -> CommandResult | None:
+                           txn: str, now_ms: int,
+                           floors: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+                           ) -> CommandResult | None:
         """As the store's checkpointer: a ``ck`` envelope for ``frontier`` (what every
         live enrolled node in ``members`` is known to hold, ``mesh.core.checkpoint``), or
-        None when it would not move past the last checkpoint. The cut is the oldest
-        HLC among the members' newest envelopes within the frontier: every envelope
-        outside the frontier from a member is newer, so nothing can be judged late
-        except from nodes no longer counted (past the horizon, revoked)."""
+        None when it would not move past the last checkpoint. The cut is the oldest of
+        the members' bounds, where a member's bound is an HLC that every envelope of it
+        outside the frontier is above: the HLC of its newest envelope within the
+        frontier (its HLC grows along its chain), or, if ``floors`` (``Frontier.floors``)
+        holds a promise (own seq s, clock floor c) of it with s within the frontier, the
+        greater of that and c for the newest such promise (everything it signs after s
+        is above c). So nothing from a member is judged late, except from a member that
+        broke its own promise, and an idle member's cut follows its clock, not its last
+        sale. A member that sent promises but has neither an envelope within the
+        frontier nor a promise that applies (it wrote before its first summary came)
+        blocks the checkpoint until the frontier holds its first envelope; one that sent
+        none (a peer from before the floor) and has nothing within the frontier does not
+        bound the cut, as before."""
         if self.checkpointer != self.node_id or self.role not in ("edge", "cloud"):
             raise CommandError("only the store's checkpointer proposes checkpoints", "role")
         f = {o: min(q, self.vv.get(o)) for o, q in frontier.items() if q}
@@ -965,10 +993,19 @@ class Replica:
         if last is not None:
             for o, q in last.frontier.items():
                 f[o] = max(f.get(o, 0), q)
-        cuts = [self.hlc_at(o, f[o]) for o in members if f.get(o, 0) >= 1]
-        if not cuts or any(c is None for c in cuts):
+        cuts: list[int] = []
+        for o in members:
+            q, promises = f.get(o, 0), (floors or {}).get(o, ())
+            floor = max((c for s, c in promises if s <= q), default=None)
+            newest = self.hlc_at(o, q) if q >= 1 else None
+            if newest is None and floor is None:
+                if q >= 1 or promises:  # a stamp not held here, or unknown: no bound
+                    return None
+                continue  # a peer from before the floor that wrote nothing within f
+            cuts.append(max(x for x in (newest, floor) if x is not None))
+        if not cuts:
             return None
-        cut = min(c for c in cuts if c is not None)
+        cut = min(cuts)
         if last is not None and cut <= last.cut:
             return None
         f = dict(sorted(f.items()))

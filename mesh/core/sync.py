@@ -97,6 +97,7 @@ import orjson
 from mesh import config
 from mesh.core.auth import Roster
 from mesh.core.crdt import VersionVector
+from mesh.core.crdt.hlc import MAX_TS
 from mesh.core.envelope import Envelope, decode, verify, verify_chain
 from mesh.core.identity import Certificate, RevocationList, TrustStore
 from mesh.core.replica import Replica
@@ -369,12 +370,12 @@ class SyncCore:
         self.bytes_out += len(data)
         out.append(Send(peer, data, priority))
 
-    def _vv_message(self, rx: int, ad: int, resend: Sequence[str] = ()) -> bytes:
+    def _vv_message(self, rx: int, ad: int, now: int, resend: Sequence[str] = ()) -> bytes:
         links = sorted(self.peers)
         crl = self.trust.crl_version
         msg = {"vv": self.replica.vv.to_dict(), "links": links,
                "nc": self._cert_digest(), "crl": crl, "rx": rx, "ad": ad,
-               "ro": self.trust.roster_version}
+               "ro": self.trust.roster_version, "cf": self.replica.clock_floor(now)}
         if resend:
             msg["rs"] = sorted(resend)
         return b"V" + orjson.dumps(msg)
@@ -393,7 +394,7 @@ class SyncCore:
         # "ad": how long ago the last envelope counted in rx arrived (QUIC's ack delay),
         # so the sender measures the link, not how long we waited to summarise.
         ad = min(self._mono(now) - peer.rx_at, config.SYNC_RTO_MAX_MS) if peer.rx else 0
-        self._send(out, peer.id, self._vv_message(peer.rx, ad, resend))
+        self._send(out, peer.id, self._vv_message(peer.rx, ad, now, resend))
         peer.unacked_in = 0
         peer.vv_at = now
         jitter = self.rng.uniform(0.75, 1.25)
@@ -986,7 +987,11 @@ class SyncCore:
             theirs = VersionVector.from_dict(msg["vv"])
         except ValueError as exc:
             raise Malformed(f"bad version vector: {exc}") from None
-        self.replica.frontier.observe(peer.id, theirs, now)  # the stable frontier (issue 12)
+        floor = msg.get("cf")  # optional: peers before the clock floor send none
+        if floor is not None and (type(floor) is not int or not 0 <= floor <= MAX_TS):
+            raise Malformed("cf must be an HLC timestamp")
+        # The stable frontier and the member's clock promise (issue 12).
+        self.replica.frontier.observe(peer.id, theirs, now, floor)
         links = msg.get("links", [])
         if not isinstance(links, list) or len(links) > config.MAX_PEERS or not all(
             map(isinstance, links, repeat(str))
