@@ -60,15 +60,19 @@ def advance_state(state: Replica, ck: Checkpoint,
     """Bring ``state`` (a checkpoint state of the checkpoint before ``ck``, or an
     empty one) to the state of ``ck``: apply the rows within its frontier it lacks,
     origin by origin (``read(origin, first, last)``: the ledger's), then take ``ck``
-    and fold it. False if the ledger lacks a row (then ``state`` is unusable)."""
+    and fold it. False if the ledger lacks a row or one does not apply (then ``state``
+    is unusable)."""
     for origin, top in sorted(ck.frontier.items()):
         while state.vv.get(origin) < top:
             first = state.vv.get(origin) + 1
             raws = read(origin, first, min(top, first + config.LEDGER_PAGE - 1))
             if not raws:
                 return False
-            for raw in raws:
-                state.apply(decode(raw), None, check_skew=False)
+            try:
+                for raw in raws:
+                    state.apply(decode(raw), None, check_skew=False)
+            except EnvelopeError:  # a ledger row that does not apply: no state
+                return False
             if state.vv.get(origin) < first:
                 return False
     if any(state.vv.get(o) != q for o, q in ck.frontier.items()) or state.pending_count():

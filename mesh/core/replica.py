@@ -46,7 +46,10 @@ Invariants:
     memory. Folding changes no answer: exceptions, availability and ``state_digest``
     are those of a replica that keeps everything. A fold that differs from what its
     ``ck`` op names (the proposer's fold hash, the chain head at each frontier seq) is
-    recorded (``CheckpointMismatch``) and the fold stands.
+    recorded (``CheckpointMismatch``) and the fold stands. A replica installed from a
+    checkpoint state (``mesh.core.catchup``) holds its checkpoint without the ck
+    envelope: a ck of the checkpointer at or below the seq of the newest held one is
+    then one it holds already, and changes nothing (``_plan_checkpoint``).
  10. ``snapshot`` is binary, holds no base64, and ``restore`` of it gives the same
     state (``state_digest``) and the same future behaviour.
 """

@@ -123,7 +123,10 @@ __all__ = [
 _LEN = struct.Struct(">I")
 #: ``stats`` keys that count expected traffic, not a peer's fault: the same envelope
 #: relayed by two peers; a summary overtaken by a newer one on a reordering link.
-NOT_REFUSALS = frozenset({"duplicate", "stale_summary", "checkpoint_mismatch"})  # a check
+NOT_REFUSALS = frozenset({"duplicate", "stale_summary", "checkpoint_mismatch",  # a check
+                          # catch-up from a checkpoint: bookkeeping
+                          "state_served", "state_not_served", "state_installed",
+                          "state_not_installed", "duplicate_state"})
 HIGH, LOW = 0, 1  # send priorities: stock-moving events first, catalog after
 
 
@@ -400,6 +403,10 @@ class SyncCore:
         self.stats[key] = self.stats.get(key, 0) + n
         self._reasons.add(key)
 
+    def _note(self, key: str) -> None:
+        """Count bookkeeping that is no refusal (catch-up from a checkpoint)."""
+        self.stats[key] = self.stats.get(key, 0) + 1
+
     def _send(self, out: list[Effect], peer: str, data: bytes, priority: int = HIGH) -> None:
         self.bytes_out += len(data)
         out.append(Send(peer, data, priority))
@@ -493,8 +500,12 @@ class SyncCore:
         known = peer_id in self.peers
         wan_only = self._wan_only()
         if (not self._awaited_once and self.catchup_min_behind < config.MAX_COUNT
+                and peer_id == self.replica.checkpointer != self.replica.node_id
                 and self.replica.vv.total() == 0):
-            self._awaited_once = True  # an empty replica: wait briefly for a state
+            # an empty replica, and a session with the one node that may offer a
+            # checkpoint state: our summaries ask everyone to wait (``cq``) until its
+            # first summary says whether it has one, for CATCHUP_WAIT_MS at most
+            self._awaited_once = True
             self._await_until = self._mono(now) + config.CATCHUP_WAIT_MS
         peer = self.peers[peer_id] = _Peer(peer_id, reach=frozenset((peer_id,)))
         if wan:
@@ -1115,8 +1126,10 @@ class SyncCore:
         if type(offer) is int and self._wants_state(peer, offer, now):
             self._state_asked = self._mono(now)
             self._send(out, peer.id, b"B", HIGH)
-        elif type(offer) is int and not self.installing:
-            self._stop_awaiting(out, now)  # offered, but not worth it: fetch instead
+        elif not self.installing and (type(offer) is int
+                                      or peer.id == self.replica.checkpointer):
+            # offered, but not worth it; or the checkpointer has none: fetch instead
+            self._stop_awaiting(out, now)
         self._pump(out, peer, now)
 
     def _settle(self, peer: _Peer, tget: Callable[[str, int], int], their_rx: int,
@@ -1310,10 +1323,10 @@ class SyncCore:
         offer = self.state_offer
         if (offer is None or self.stored.get(self.replica.node_id) < offer[0]
                 or peer.states_served >= config.CATCHUP_STATES_PER_SESSION):
-            self._count("state_not_served")
+            self._note("state_not_served")  # (not the peer's fault: no refusal)
             return
         peer.states_served += 1
-        self.stats["state_served"] = self.stats.get("state_served", 0) + 1
+        self._note("state_served")
         self._certs_first(out, peer)
         self._send(out, peer.id, offer[2], HIGH)
 
@@ -1322,7 +1335,7 @@ class SyncCore:
         refused whole (``bad_checkpoint_state``), and then we go on with the full
         fetch, as we do meanwhile."""
         if self.installing:
-            self._count("duplicate_state")
+            self._note("duplicate_state")
             return
         try:
             ck_raw, blob = decode_state(data)
@@ -1344,11 +1357,11 @@ class SyncCore:
         out: list[Effect] = []
         self.installing = False
         if replica is None:
-            self._count("state_not_installed")
+            self._note("state_not_installed")
             self._stop_awaiting(out, now)
             return out
         self._await_until = None
-        self.stats["state_installed"] = self.stats.get("state_installed", 0) + 1
+        self._note("state_installed")
         self.replica = replica
         self.stored = replica.vv.copy()
         for peer in self.peers.values():
