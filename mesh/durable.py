@@ -366,6 +366,7 @@ class DurableReplica(Generic[S]):
             log.warning("checkpoint state does not fit what this node holds: %s", exc)
             return "stale"
         state.hlc = HLC(max(state.hlc.last, r.hlc.last))
+        state.take_txns(r)  # our own txn ids, also those of our envelopes within F
         self.ledger.save_snapshot(self.ledger.last_id, state.snapshot())  # may raise
         self.replica = state
         self._since_snapshot = 0

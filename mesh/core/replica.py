@@ -728,6 +728,14 @@ class Replica:
         self.txns_retired += n
         return n
 
+    def take_txns(self, other: Replica) -> None:
+        """Take the idempotency window of ``other``, an older replica of this same node
+        (invariant 7): a checkpoint state it replaces (``mesh.core.catchup``) holds
+        nobody's txn ids, while this node's own envelopes within its frontier had them."""
+        self._txns = dict(other._txns)
+        self._txn_age = deque(other._txn_age)
+        self.txns_retired = other.txns_retired
+
     def _plan(self, env: Envelope) -> list[tuple[str, Any]]:
         plan: list[tuple[str, Any]] = []
         for op in env.ops:

@@ -196,3 +196,17 @@ def test_the_checkpointer_rebuilds_the_same_state_after_a_restart(store: _Store)
     assert edge.state_offer is None
     assert edge.restore_offer() and edge.state_offer == offer
     store.edge = edge
+
+
+def test_a_till_that_installs_a_state_keeps_its_idempotency_window(store: _Store) -> None:
+    """r1 itself (its own envelopes within the frontier) installs the edge's state: a
+    retried sale it made before is still a duplicate with the original result."""
+    r1 = store.r1
+    seq = r1.replica.vv.get("r1")
+    sold = [t for t in r1.replica._txns if t.startswith("s")][-1]
+    original = r1.replica._txns[sold][0]
+    assert _install(r1, store.offers[-1][2], store.t) == "ok"
+    assert r1.replica.vv.get("r1") == seq  # its own tail applied again from its ledger
+    env = decode(r1.ledger.read_origin("r1", original, original)[0])
+    res = r1.replica.sell(env.meta["sku"], 1, txn=sold, now_ms=store.t)
+    assert res.duplicate and res.seq == original and res.envelope is None
