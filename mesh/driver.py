@@ -418,6 +418,9 @@ class Driver:
         except (LedgerError, EnvelopeError) as exc:
             log.warning("checkpoint state not installed: %s", exc)
             got = "stale"
+        except Exception:  # not foreseen: the node goes on with the full fetch
+            log.exception("checkpoint state not installed")
+            got = "stale"
         if got == "busy":
             self._state_tries += 1
             if self._state_tries < config.CATCHUP_INSTALL_TRIES:
