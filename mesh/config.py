@@ -104,6 +104,21 @@ LEDGER_PAGE: Final = 2_000
 #: Largest sync message accepted from a peer. A page of 2,000 sale envelopes is ~0.8 MB;
 #: catalog envelopes can reach MAX_ENVELOPE_BYTES each, so batches are cut by bytes too.
 MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+#: Catch-up from a checkpoint (mesh.core.catchup): a node asks a peer offering a
+#: checkpoint state for it when it holds this many envelopes fewer than its frontier
+#: (below that, fetching the envelopes costs about as much as the state);
+CATCHUP_MIN_BEHIND: Final = 2 * LEDGER_PAGE
+#: after asking, it waits this long before asking again (the state, or the request, may
+#: be lost on the way);
+CATCHUP_RETRY_MS: Final = 1_000
+#: and a peer serves one session at most this many (each is up to a message).
+CATCHUP_STATES_PER_SESSION: Final = 3
+#: A node that holds nothing yet waits this long from its first session for a peer to
+#: offer a checkpoint state before it asks for everything from seq 1.
+CATCHUP_WAIT_MS: Final = 5_000
+#: A verified state waits for storage to be idle (no append in flight) this many
+#: batches at most, then it is dropped (the full fetch goes on).
+CATCHUP_INSTALL_TRIES: Final = 1_000
 #: Bytes of envelopes the sender puts in one batch message before starting another.
 MAX_BATCH_BYTES: Final = 1024 * 1024
 #: Most envelopes in one batch message.

@@ -58,6 +58,12 @@ Invariants:
     ``ck`` envelope goes the way of a local command's: durable first, then pushed
     (invariant 1). Nothing is proposed while storage is failing or our certificate
     has expired.
+ 12. Catch-up from a checkpoint (``mesh.core.catchup``): the checkpointer offers the
+    checkpoint state of its newest ck (``SyncCore.state_offer``); a verified state a
+    peer sent (``InstallState``) is installed only when storage is idle, durably
+    (``DurableReplica.install_state``), and the core then takes the installed replica;
+    after ``CATCHUP_INSTALL_TRIES`` busy tries, or when it no longer fits, it is
+    dropped and the full fetch goes on.
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ from mesh.core.sync import (
     Effect,
     EndSession,
     Fetch,
+    InstallState,
     InstallTls,
     Persist,
     Rebuild,
@@ -87,7 +94,7 @@ from mesh.core.sync import (
     TrustChanged,
 )
 from mesh.durable import DurableReplica
-from mesh.errors import CommandError, LedgerError, NodeCertificateExpired
+from mesh.errors import CommandError, EnvelopeError, LedgerError, NodeCertificateExpired
 from mesh.ports import Cancel, Clock, Identity, Storage, Transport, Worker
 
 __all__ = ["Done", "Driver", "Faults", "keep_new_session"]
@@ -142,6 +149,8 @@ class Driver:
         self.signed_listeners: list[Callable[[Envelope], None]] = []
         #: Called after ``recover`` rebuilt the replica from storage.
         self.recovered_listeners: list[Callable[[], None]] = []
+        #: Called with the checkpoint state's frontier once one is installed (inv. 12).
+        self.state_listeners: list[Callable[[dict[str, int]], None]] = []
         #: Called (driver thread) once a renewed TLS certificate of ours is saved: the
         #: node reloads its TLS contexts (invariant 8).
         self.tls_listeners: list[Callable[[], None]] = []
@@ -172,6 +181,10 @@ class Driver:
         self._recover_timer: Cancel | None = None
         self._recovering = False  # a rebuild failed: retried on _recover_timer
         self._exclude_timer: Cancel | None = None  # a Rebuild that failed (invariant 10)
+        #: a verified checkpoint state waiting for storage to be idle (invariant 12),
+        #: and how many times it found storage busy
+        self._state: InstallState | None = None
+        self._state_tries = 0
 
     @property
     def storage(self) -> Storage:
@@ -298,6 +311,7 @@ class Driver:
         self._recovering = False
         self.core.replica = self.durable.replica
         self.core.stored = self.durable.replica.vv.copy()
+        self.core.state_offer = self.durable.state_offer  # (dropped: built afresh later)
         for listener in self.recovered_listeners:
             listener()
 
@@ -380,6 +394,8 @@ class Driver:
                 self.worker.run(partial(self.identity.write_tls, eff.pem), self._tls_written)
             elif isinstance(eff, Rebuild):
                 rebuild = True
+            elif isinstance(eff, InstallState):
+                self._state, self._state_tries = eff, 0
         if persist:
             fut = self.durable.persist(persist)
             self._when(fut, partial(self._persisted, persist))
@@ -387,7 +403,34 @@ class Driver:
                 listener(persist, False)
         if rebuild:  # after the persist above is queued (invariant 10)
             self.exclude_revoked()
+        if self._state is not None and not persist:
+            self.install_state()
         self._rearm()
+
+    def install_state(self) -> None:
+        """Install the verified checkpoint state waiting (invariant 12) if storage is
+        idle; else it waits for the next batch made durable (bounded tries)."""
+        eff = self._state
+        if eff is None or self.closed:
+            return
+        try:
+            got = self.durable.install_state(eff.envelope, eff.checkpoint, eff.state)
+        except (LedgerError, EnvelopeError) as exc:
+            log.warning("checkpoint state not installed: %s", exc)
+            got = "stale"
+        except Exception:  # not foreseen: the node goes on with the full fetch
+            log.exception("checkpoint state not installed")
+            got = "stale"
+        if got == "busy":
+            self._state_tries += 1
+            if self._state_tries < config.CATCHUP_INSTALL_TRIES:
+                return
+        self._state = None
+        installed = self.durable.replica if got == "ok" else None
+        self.carry_out(self.core.state_installed(installed, self.clock.realtime_ms()))
+        if installed is not None:
+            for listener in self.state_listeners:
+                listener(dict(eff.checkpoint.frontier))
 
     def exclude_revoked(self) -> None:
         """Rebuild the replica without the envelopes a revocation leaves out (inv. 10)."""
@@ -457,6 +500,8 @@ class Driver:
                 listener(batch)
             except Exception:
                 log.exception("durable-envelope listener failed")
+        if self._state is not None:
+            self.install_state()
 
     def _tls_written(self, fut: Future[bool]) -> None:
         exc = fut.exception()
@@ -552,6 +597,9 @@ class Driver:
         self._checkpoint_timer = None
         if self.closed:
             return
+        if self.core.state_offer is None and not self._recovering \
+                and self.storage.failed is None and self.durable.restore_offer():
+            self.core.state_offer = self.durable.state_offer  # (after a restart, inv. 12)
         self.propose_checkpoint()
         self._arm_checkpoint()
 
@@ -570,6 +618,7 @@ class Driver:
             return None
         if got is None:
             return None
+        self.core.state_offer = self.durable.state_offer  # served once durable (inv. 12)
         self.checkpoints_proposed += 1
         return self._track(*got, _checkpoint_written)
 

@@ -38,6 +38,14 @@ Invariants:
     frontier), so a restart rebuilds from it and the tail. The rows of the newest
     checkpoints stay, so ``storemesh ledger verify`` checks the tail from the chain heads
     that checkpoint names.
+ 9. Checkpoint states (``mesh.core.catchup``): the checkpointer keeps the state of
+    exactly the envelopes within its newest checkpoint's frontier (``ck_state``),
+    advanced with the ledger rows between two frontiers before it signs the next ck
+    (whose ``sh`` names the hash of its snapshot), and serves it once that ck is
+    durable. A node installs a verified one only when no append is in flight, none of
+    another origin's envelopes it holds lies beyond the frontier, and after the
+    snapshot of the installed state is saved: a crash before leaves the old state, a
+    crash after restarts from the installed one and fetches the tail again.
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from mesh import config
+from mesh.core.catchup import BASE_NODE, advance_state, checkpoint_of, encode_state
+from mesh.core.crdt import HLC
 from mesh.core.envelope import Envelope, decode
 from mesh.core.replica import SNAPSHOT_MAGIC, Checkpoint, CommandResult, Replica
 from mesh.errors import EnvelopeError
@@ -159,6 +169,13 @@ class DurableReplica(Generic[S]):
         self._folds_seen: deque[Checkpoint] = deque(maxlen=config.LEDGER_TAIL_CHECKPOINTS + 1)
         self._pruned_to: bytes | None = None  # key of the checkpoint last pruned to
         self.pruned_rows = 0
+        #: On the checkpointer: the checkpoint state of its newest checkpoint
+        #: (invariant 9, ``mesh.core.catchup``) and what it serves of it: (seq of the
+        #: ck envelope, the frontier's total, the ``K`` message); None until built
+        self.ck_state: Replica | None = None
+        self._ck_state_blob: bytes | None = None
+        self.state_offer: tuple[int, int, bytes] | None = None
+        self._offer_tried: bytes | None = None
 
     @staticmethod
     def open(data_dir: Path, snapshot_every: int = config.SNAPSHOT_EVERY,
@@ -238,7 +255,124 @@ class DurableReplica(Generic[S]):
         r = Replica(i.store_id, i.node_id, i.role, i.key, checkpointer=self.checkpointer)
         r.frontier.horizon_ms = self.horizon_ms
         r.archive_hash = self._archive_hash  # hashes below a checkpoint: from the ledger
+        if self.checkpointer == i.node_id:
+            r.state_hash = self._state_hash  # the checkpoint state it serves (invariant 9)
         return r
+
+    # --- checkpoint states (invariant 9) ------------------------------------------------
+
+    def _state_hash(self, ck: Checkpoint) -> bytes | None:
+        """Called by ``propose_checkpoint`` before it signs ``ck``: advance the
+        checkpoint state to ``ck`` (from the previous checkpoint's, or built from the
+        ledger after a restart) and return the SHA-256 of its snapshot, or None (no
+        state for this checkpoint: it is then proposed without ``sh``)."""
+        import hashlib
+
+        held = self.replica.checkpoints()
+        prev = held[-1] if held else None
+        state = self.ck_state
+        self.ck_state = self._ck_state_blob = None
+        if state is None or (prev is None) != (state.last_folded is None) or (
+                prev is not None and state.last_folded is not None
+                and state.last_folded.key() != prev.key()):
+            state = self._state_from_scratch()
+        if state is None or not advance_state(state, ck, self.ledger.read_origin) \
+                or state.ck_mismatches:
+            return None
+        blob = state.snapshot()
+        self.ck_state = state
+        if len(blob) + config.MAX_ENVELOPE_BYTES > config.MAX_MESSAGE_BYTES:
+            log.warning("checkpoint state of %d bytes does not fit a message: not served",
+                        len(blob))
+            return None
+        self._ck_state_blob = blob
+        return hashlib.sha256(blob).digest()
+
+    def _state_from_scratch(self) -> Replica | None:
+        """The checkpoint state of the newest checkpoint this node proposed, rebuilt
+        from its ledger (the archive): every ck of its own chain in turn. O(the
+        archive): once after a restart, at the first checkpoint proposed."""
+        i = self.identity
+        state = Replica(i.store_id, BASE_NODE, i.role, checkpointer=self.checkpointer)
+        top = self.replica.vv.get(i.node_id)
+        seq = 1
+        while seq <= top:
+            raws = self.ledger.read_origin(i.node_id, seq, min(top, seq + config.LEDGER_PAGE - 1))
+            if not raws:
+                return None
+            for raw in raws:
+                ck = checkpoint_of(decode(raw), self.checkpointer)
+                if ck is not None and not advance_state(state, ck, self.ledger.read_origin):
+                    return None
+            seq += len(raws)
+        return state
+
+    def restore_offer(self) -> bool:
+        """After a restart of the checkpointer: build the checkpoint state of its newest
+        checkpoint again from the ledger and offer it if it still hashes to the ``sh``
+        that ck signs (the build is deterministic: the same steps in the same order).
+        O(the archive), once; the driver calls it at its first checkpoint tick."""
+        import hashlib
+
+        held = self.replica.checkpoints()
+        ck = held[-1] if held else None
+        if (self.state_offer is not None or ck is None or not ck.state_hash
+                or ck.origin != self.identity.node_id or ck.key() == self._offer_tried):
+            return False
+        self._offer_tried = ck.key()  # once per checkpoint
+        state = self._state_from_scratch()
+        raws = self.ledger.read_origin(ck.origin, ck.seq, ck.seq)
+        if state is None or not raws or state.last_folded is None \
+                or state.last_folded.key() != ck.key():
+            return False
+        blob = state.snapshot()
+        if hashlib.sha256(blob).hexdigest() != ck.state_hash:
+            log.warning("checkpoint state rebuilt to another hash: not served")
+            return False
+        self.ck_state, self._ck_state_blob = state, blob
+        self.state_offer = (ck.seq, sum(ck.frontier.values()), encode_state(raws[0], blob))
+        return True
+
+    def install_state(self, env: Envelope, ck: Checkpoint, state: Replica) -> str:
+        """Install a verified checkpoint state (``mesh.core.catchup.verify_state``) as
+        this replica's base (invariant 9): "ok", "busy" (an append is in flight: the
+        snapshot must cover exactly the rows on disk; try again) or "stale" (what this
+        replica holds beyond its frontier does not apply on it: not for us).
+        Durable before it is taken: the snapshot is saved first, so a crash loses
+        nothing and the restart rebuilds from it and the tail."""
+        i, r = self.identity, self.replica
+        with self._lock:
+            busy = self._in_flight > 0
+        if busy or self.ledger.failed is not None or self._pending_local:
+            return "busy"
+        state.node_id, state.key, state.role = i.node_id, i.key, i.role
+        state.frontier.horizon_ms = self.horizon_ms
+        state.archive_hash = self._archive_hash
+        if self.checkpointer == i.node_id:
+            state.state_hash = self._state_hash
+        # What we hold beyond its frontier (our own envelopes, and what the full fetch
+        # brought meanwhile): applied again from our ledger, chained to its heads.
+        try:
+            for origin, top in sorted(r.vv.items()):
+                while state.vv.get(origin) < top:
+                    first = state.vv.get(origin) + 1
+                    raws = self.ledger.read_origin(origin, first,
+                                                   min(top, first + config.LEDGER_PAGE - 1))
+                    if not raws:
+                        return "stale"
+                    for raw in raws:
+                        state.apply(decode(raw), None, check_skew=False)
+        except EnvelopeError as exc:  # our chain does not link to its heads
+            log.warning("checkpoint state does not fit what this node holds: %s", exc)
+            return "stale"
+        state.hlc = HLC(max(state.hlc.last, r.hlc.last))
+        state.take_txns(r)  # our own txn ids, also those of our envelopes within F
+        self.ledger.save_snapshot(self.ledger.last_id, state.snapshot())  # may raise
+        self.replica = state
+        self._since_snapshot = 0
+        log.info("installed the checkpoint state of %s seq %d (frontier of %d envelopes)",
+                 env.origin, env.seq, sum(ck.frontier.values()))
+        return "ok"
 
     def _archive_hash(self, origin: str, seq: int) -> bytes | None:
         raws = self.ledger.read_origin(origin, seq, seq)
@@ -259,6 +393,12 @@ class DurableReplica(Generic[S]):
                                    now_ms=now_ms, floors=r.frontier.floors(members))
         if res is None:
             return None
+        env = res.envelope
+        ck = checkpoint_of(env, self.checkpointer) if env is not None else None
+        if env is not None and ck is not None and ck.state_hash \
+                and self._ck_state_blob is not None:
+            self.state_offer = (ck.seq, sum(ck.frontier.values()),
+                                encode_state(env.raw, self._ck_state_blob))
         return self.execute(lambda _: res)
 
     # --- local commands ---------------------------------------------------------------
@@ -383,6 +523,8 @@ class DurableReplica(Generic[S]):
         # storage's failure flag, and the caller tries again (``Driver.recover``)
         fresh, stats = self._rebuilt()
         self._pending_local.clear()  # their commands are not on disk: a replay is new
+        # the checkpoint state may be past a ck the failure lost: built afresh later
+        self.ck_state = self._ck_state_blob = self.state_offer = None
         self.replica = fresh
         self.rebuild_stats = stats
         self._since_snapshot = stats.replayed

@@ -146,8 +146,8 @@ def _validate_ck(op: dict[str, Any]) -> None:
     """A checkpoint (``mesh.core.checkpoint``): its cut (an HLC), frontier (a version
     vector), per origin of the frontier the hash of the envelope at its seq (``h``, the
     chain head it covers) and the proposer's hash of its fold (``fh``)."""
-    if set(op) != {"t", "cut", "f", "h", "fh"}:
-        raise Malformed("ck op needs t, cut, f, h and fh")
+    if set(op) - {"sh"} != {"t", "cut", "f", "h", "fh"}:
+        raise Malformed("ck op needs t, cut, f, h and fh (and may carry sh)")
     if type(op["cut"]) is not int or not 0 < op["cut"] < 1 << 63:
         raise Malformed("ck cut must be a positive HLC")
     f = op["f"]
@@ -159,7 +159,7 @@ def _validate_ck(op: dict[str, Any]) -> None:
     heads = op["h"]
     if not isinstance(heads, dict) or set(heads) != set(f):
         raise Malformed("ck h must name a hash for every origin of f")
-    for value in (*heads.values(), op["fh"]):
+    for value in (*heads.values(), op["fh"], *([op["sh"]] if "sh" in op else [])):
         if not _is_sha256_hex(value):
             raise Malformed("ck h and fh hold SHA-256 hashes as 64 lowercase hex digits")
 

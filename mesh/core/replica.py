@@ -48,7 +48,10 @@ Invariants:
     memory. Folding changes no answer: exceptions, availability and ``state_digest``
     are those of a replica that keeps everything. A fold that differs from what its
     ``ck`` op names (the proposer's fold hash, the chain head at each frontier seq) is
-    recorded (``CheckpointMismatch``) and the fold stands.
+    recorded (``CheckpointMismatch``) and the fold stands. A replica installed from a
+    checkpoint state (``mesh.core.catchup``) holds its checkpoint without the ck
+    envelope: a ck of the checkpointer at or below the seq of the newest held one is
+    then one it holds already, and changes nothing (``_plan_checkpoint``).
  10. ``snapshot`` is binary, holds no base64, and ``restore`` of it gives the same
     state (``state_digest``) and the same future behaviour.
 """
@@ -63,7 +66,7 @@ from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import orjson
@@ -314,6 +317,10 @@ class Checkpoint:
     #: the proposer's ``Replica.checkpoint_hash`` of this checkpoint's fold (hex):
     #: every replica compares its own when it folds (``CheckpointMismatch``)
     fold_hash: str = ""
+    #: SHA-256 (hex) of the checkpoint state the proposer serves for it (``sh``,
+    #: ``mesh.core.catchup``): the snapshot of exactly the envelopes within the
+    #: frontier, folded; "" if it serves none
+    state_hash: str = ""
 
     def holds(self, origin: str, seq: int) -> bool:
         return seq <= self.frontier.get(origin, 0)
@@ -392,6 +399,9 @@ class Replica:
         self._base: dict[str, int] = {}  # origin -> seq of the first hash held (1 if absent)
         #: Reads a hash below the base from the ledger (set by ``DurableReplica``).
         self.archive_hash: Callable[[str, int], bytes | None] | None = None
+        #: On the checkpointer: the hash of the checkpoint state it will serve for a
+        #: checkpoint it proposes (``sh``; set by ``DurableReplica``), or None
+        self.state_hash: Callable[[Checkpoint], bytes | None] | None = None
         #: The node whose ``ck`` ops are the store's checkpoints (invariant 9): one per
         #: store, the same at every node (store config); None: no checkpoints.
         self.checkpointer = checkpointer
@@ -721,6 +731,14 @@ class Replica:
         self.txns_retired += n
         return n
 
+    def take_txns(self, other: Replica) -> None:
+        """Take the idempotency window of ``other``, an older replica of this same node
+        (invariant 7): a checkpoint state it replaces (``mesh.core.catchup``) holds
+        nobody's txn ids, while this node's own envelopes within its frontier had them."""
+        self._txns = dict(other._txns)
+        self._txn_age = deque(other._txn_age)
+        self.txns_retired = other.txns_retired
+
     def _plan(self, env: Envelope) -> list[tuple[str, Any]]:
         plan: list[tuple[str, Any]] = []
         for op in env.ops:
@@ -742,12 +760,21 @@ class Replica:
             elif t == "rv":
                 plan.append(("rv", (op, self.reviews.plan(op))))
             elif t == "ck" and env.origin == self.checkpointer:
-                plan.append(("ck", self._plan_checkpoint(env, op)))
+                ck = self._plan_checkpoint(env, op)
+                if ck is not None:
+                    plan.append(("ck", ck))
         return plan
 
-    def _plan_checkpoint(self, env: Envelope, op: dict[str, Any]) -> Checkpoint:
-        ck = Checkpoint(op["cut"], dict(op["f"]), env.origin, env.seq, dict(op["h"]), op["fh"])
+    def _plan_checkpoint(self, env: Envelope, op: dict[str, Any]) -> Checkpoint | None:
+        ck = Checkpoint(op["cut"], dict(op["f"]), env.origin, env.seq, dict(op["h"]), op["fh"],
+                        op.get("sh", ""))
         last = self._cks[-1] if self._cks else None
+        if last is not None and last.origin == env.origin and env.seq <= last.seq:
+            # A replica installed from a checkpoint state (``mesh.core.catchup``) holds
+            # the checkpoint already, and the ones before it: the ck envelopes of the
+            # tail up to it change nothing (in a chain applied from seq 1 the
+            # checkpointer's cks come in seq order: never here).
+            return None
         if last is not None and (ck.cut <= last.cut or any(
                 ck.frontier.get(o, 0) < q for o, q in last.frontier.items())):
             raise Malformed(f"{env.origin} seq {env.seq}: checkpoint does not follow "
@@ -864,6 +891,13 @@ class Replica:
         self._removals = sorted((self._key(h, o, q), o, q, k, d, h)
                                 for _, o, q, k, d, h in self._removals)
         self._releases = None
+
+    def add_checkpoint(self, ck: Checkpoint) -> None:
+        """Take ``ck`` without its envelope and fold it if its frontier is held: how
+        the checkpoint state is built, of exactly the envelopes within the frontier
+        (``mesh.core.catchup``; its ck envelope lies outside that frontier)."""
+        self._add_checkpoint(ck)
+        self._maybe_fold()
 
     def _maybe_fold(self) -> None:
         while self.fold_enabled and self._folded < len(self._cks):
@@ -1021,6 +1055,10 @@ class Replica:
             return None
         meta = {"kind": "checkpoint", "txn": txn}
         op = {"t": "ck", "cut": cut, "f": f, "h": heads, "fh": fold_hash.hex()}
+        if self.state_hash is not None:  # the checkpoint state it serves (catch-up)
+            sh = self.state_hash(replace(ck, fold_hash=fold_hash.hex()))
+            if sh is not None:
+                op["sh"] = sh.hex()
         env = self._local([op], meta, now_ms)
         return CommandResult(env, self.node_id, env.seq)
 
@@ -1330,7 +1368,7 @@ class Replica:
             "orphans": [[oi(d[0]), d[1], h, oi(o), q] for d, (h, o, q) in self._orphans.items()],
             "removals": [[k, oi(o), q, kind, [[oi(r), c] for r, c in dots], h]
                          for k, o, q, kind, dots, h in self._removals],
-            "cks": [[c.cut, c.frontier, c.origin, c.seq, c.heads, c.fold_hash]
+            "cks": [[c.cut, c.frontier, c.origin, c.seq, c.heads, c.fold_hash, c.state_hash]
                     for c in self._cks],
             "folded": self._folded,
             "catalog": sec(self.catalog.get_update()),

@@ -96,11 +96,12 @@ import orjson
 
 from mesh import config
 from mesh.core.auth import Roster
+from mesh.core.catchup import decode_state, verify_state
 from mesh.core.crdt import VersionVector
 from mesh.core.crdt.hlc import MAX_TS
 from mesh.core.envelope import Envelope, decode, verify, verify_chain
 from mesh.core.identity import Certificate, RevocationList, TrustStore
-from mesh.core.replica import Replica
+from mesh.core.replica import Checkpoint, Replica
 from mesh.errors import EnvelopeError, Equivocation, Malformed, Oversized
 
 __all__ = [
@@ -109,6 +110,7 @@ __all__ = [
     "Effect",
     "EndSession",
     "Fetch",
+    "InstallState",
     "InstallTls",
     "Persist",
     "Rebuild",
@@ -122,7 +124,10 @@ __all__ = [
 _LEN = struct.Struct(">I")
 #: ``stats`` keys that count expected traffic, not a peer's fault: the same envelope
 #: relayed by two peers; a summary overtaken by a newer one on a reordering link.
-NOT_REFUSALS = frozenset({"duplicate", "stale_summary", "checkpoint_mismatch"})  # a check
+NOT_REFUSALS = frozenset({"duplicate", "stale_summary", "checkpoint_mismatch",  # a check
+                          # catch-up from a checkpoint: bookkeeping
+                          "state_served", "state_not_served", "state_installed",
+                          "state_not_installed", "duplicate_state"})
 HIGH, LOW = 0, 1  # send priorities: stock-moving events first, catalog after
 
 
@@ -193,7 +198,20 @@ class Rebuild:
     origins: tuple[str, ...]
 
 
-Effect = Send | Persist | Fetch | Alert | TrustChanged | InstallTls | EndSession | Rebuild
+@dataclass(frozen=True, slots=True)
+class InstallState:
+    """A checkpoint state from ``peer`` verified (``mesh.core.catchup`` invariant 1):
+    the driver installs it as the replica's base once storage is idle
+    (``DurableReplica.install_state``), then calls ``state_installed``."""
+
+    peer: str
+    envelope: Envelope
+    checkpoint: Checkpoint
+    state: Replica
+
+
+Effect = (Send | Persist | Fetch | Alert | TrustChanged | InstallTls | EndSession | Rebuild
+          | InstallState)
 
 
 def encode_batch(raws: Iterable[bytes]) -> bytes:
@@ -283,6 +301,13 @@ class _Peer:
     #: hold: set at each of its summaries, since we answer one whose digest differs
     #: with all of ours (invariant 8)
     certs_at: int = -1
+    #: checkpoint states served to it in this session (bounded), and whether one it
+    #: sent us was refused (then we do not ask it again in this session)
+    states_served: int = 0
+    state_refused: bool = False
+    #: its summary says it waits for a checkpoint state (``cq``): do not fetch it
+    #: envelopes from seq 1 meanwhile (it asks for them when it stops waiting)
+    awaits_state: bool = False
 
     def inflight(self) -> int:
         """Envelopes sent or being read for this peer and not yet acknowledged."""
@@ -347,6 +372,19 @@ class SyncCore:
         self._reasons: set[str] = set()  # stats keys counted since last cleared
         #: (monotonic ms, peer) of recent session changes (see _announce_links)
         self._session_changes: deque[tuple[int, str]] = deque()
+        #: Catch-up from a checkpoint (``mesh.core.catchup``). What we serve: (seq of
+        #: the ck envelope, its frontier's total, the ``K`` message), set by the driver
+        #: on the checkpointer; offered once that ck is durable here.
+        self.state_offer: tuple[int, int, bytes] | None = None
+        #: ask a peer offering a checkpoint state for it when we hold at least this
+        #: many envelopes fewer than its frontier
+        self.catchup_min_behind = config.CATCHUP_MIN_BEHIND
+        self._state_asked = -config.CATCHUP_RETRY_MS  # monotonic ms of our last ask
+        self.installing = False  # a verified state waits for the driver
+        #: we hold nothing yet and wait, at most CATCHUP_WAIT_MS from our first session,
+        #: for a checkpoint state (our summaries say ``cq``); None: not (or no longer)
+        self._await_until: int | None = None
+        self._awaited_once = False
 
     def _mono(self, now: int) -> int:
         """Monotonic ms for retransmission timers: a clock set back by D must not stall
@@ -366,6 +404,10 @@ class SyncCore:
         self.stats[key] = self.stats.get(key, 0) + n
         self._reasons.add(key)
 
+    def _note(self, key: str) -> None:
+        """Count bookkeeping that is no refusal (catch-up from a checkpoint)."""
+        self.stats[key] = self.stats.get(key, 0) + 1
+
     def _send(self, out: list[Effect], peer: str, data: bytes, priority: int = HIGH) -> None:
         self.bytes_out += len(data)
         out.append(Send(peer, data, priority))
@@ -376,8 +418,13 @@ class SyncCore:
         msg = {"vv": self.replica.vv.to_dict(), "links": links,
                "nc": self._cert_digest(), "crl": crl, "rx": rx, "ad": ad,
                "ro": self.trust.roster_version, "cf": self.replica.clock_floor(now)}
+        offer = self.state_offer
+        if offer is not None and self.stored.get(self.replica.node_id) >= offer[0]:
+            msg["cb"] = offer[1]  # a checkpoint state of this many envelopes, on request
         if resend:
             msg["rs"] = sorted(resend)
+        if self._await_until is not None:
+            msg["cq"] = 1
         return b"V" + orjson.dumps(msg)
 
     def _cert_digest(self) -> str:
@@ -453,6 +500,14 @@ class SyncCore:
             return out
         known = peer_id in self.peers
         wan_only = self._wan_only()
+        if (not self._awaited_once and self.catchup_min_behind < config.MAX_COUNT
+                and peer_id == self.replica.checkpointer != self.replica.node_id
+                and self.replica.vv.total() == 0):
+            # an empty replica, and a session with the one node that may offer a
+            # checkpoint state: our summaries ask everyone to wait (``cq``) until its
+            # first summary says whether it has one, for CATCHUP_WAIT_MS at most
+            self._awaited_once = True
+            self._await_until = self._mono(now) + config.CATCHUP_WAIT_MS
         peer = self.peers[peer_id] = _Peer(peer_id, reach=frozenset((peer_id,)))
         if wan:
             peer.wan = True
@@ -801,6 +856,8 @@ class SyncCore:
               origins: set[str] | None = None) -> None:
         """Fetch what the peer lacks from storage, within its window (invariant 3);
         only for ``origins`` if given (those whose stored head just advanced)."""
+        if peer.awaits_state:
+            return  # it waits for a checkpoint state (``cq``), and then says so
         if peer.resend:
             self._serve_resends(out, peer)
         room = -1  # the window is computed (O(origins)) only once something qualifies
@@ -911,6 +968,10 @@ class SyncCore:
                 self._on_vv(out, peer, data, now)
             elif kind == b"C":
                 self._on_certs(out, peer, data, now)
+            elif kind == b"B":
+                self._on_state_request(out, peer)
+            elif kind == b"K":
+                self._on_state(out, peer, data, now)
             else:
                 raise Malformed(f"unknown message type {kind!r}")
         except EnvelopeError as exc:
@@ -1065,6 +1126,15 @@ class SyncCore:
             peer.crl = self.trust.crl_version
             peer.roster = self.trust.roster_version
         peer.certs_at = self.trust.version  # it holds ours, or has just been sent them
+        peer.awaits_state = msg.get("cq") == 1
+        offer = msg.get("cb")
+        if type(offer) is int and self._wants_state(peer, offer, now):
+            self._state_asked = self._mono(now)
+            self._send(out, peer.id, b"B", HIGH)
+        elif not self.installing and (type(offer) is int
+                                      or peer.id == self.replica.checkpointer):
+            # offered, but not worth it; or the checkpointer has none: fetch instead
+            self._stop_awaiting(out, now)
         self._pump(out, peer, now)
 
     def _settle(self, peer: _Peer, tget: Callable[[str, int], int], their_rx: int,
@@ -1243,6 +1313,77 @@ class SyncCore:
                 self._count("malformed")
         if learned and self._awaited:
             self._ask_again(out, learned, now)
+
+    # --- catch-up from a checkpoint (mesh.core.catchup) ----------------------------------------
+
+    def _wants_state(self, peer: _Peer, offered: int, now: int) -> bool:
+        """Whether to ask ``peer`` for the checkpoint state it offers (a frontier of
+        ``offered`` envelopes): we are that far behind it, have not asked anyone
+        lately, and it has not sent us one we refused."""
+        return (not self.installing and not peer.state_refused
+                and offered - self.replica.vv.total() >= self.catchup_min_behind
+                and self._mono(now) - self._state_asked >= config.CATCHUP_RETRY_MS)
+
+    def _on_state_request(self, out: list[Effect], peer: _Peer) -> None:
+        offer = self.state_offer
+        if (offer is None or self.stored.get(self.replica.node_id) < offer[0]
+                or peer.states_served >= config.CATCHUP_STATES_PER_SESSION):
+            self._note("state_not_served")  # (not the peer's fault: no refusal)
+            return
+        peer.states_served += 1
+        self._note("state_served")
+        self._certs_first(out, peer)
+        self._send(out, peer.id, offer[2], HIGH)
+
+    def _on_state(self, out: list[Effect], peer: _Peer, data: bytes, now: int) -> None:
+        """A checkpoint state: verified whole (``mesh.core.catchup`` invariant 1) or
+        refused whole (``bad_checkpoint_state``), and then we go on with the full
+        fetch, as we do meanwhile."""
+        if self.installing:
+            self._note("duplicate_state")
+            return
+        try:
+            ck_raw, blob = decode_state(data)
+            env = verify(decode(ck_raw), self.trust, now)
+            ck, state = verify_state(env, blob, self.replica.store_id, self.replica.role,
+                                     self.replica.checkpointer)
+        except EnvelopeError:
+            peer.state_refused = True
+            self._count("bad_checkpoint_state")
+            self._stop_awaiting(out, now)  # the full fetch, then
+            return
+        self.installing = True
+        out.append(InstallState(peer.id, env, ck, state))
+
+    def state_installed(self, replica: Replica | None, now: int) -> list[Effect]:
+        """The driver carried out an ``InstallState``: ``replica`` is the installed one
+        (durable), or None if it could not be installed. Our peers hear our new
+        vector at once and send the tail above the checkpoint's frontier."""
+        out: list[Effect] = []
+        self.installing = False
+        if replica is None:
+            self._note("state_not_installed")
+            self._stop_awaiting(out, now)
+            return out
+        self._await_until = None
+        self._note("state_installed")
+        self.replica = replica
+        self.stored = replica.vv.copy()
+        for peer in self.peers.values():
+            peer.unservable.clear()
+            if peer.ready:
+                self._send_vv(out, peer, now)
+        return out
+
+    def _stop_awaiting(self, out: list[Effect], now: int) -> None:
+        """Stop waiting for a checkpoint state: our summary (without ``cq``) tells
+        every peer to fetch us what we lack, from seq 1."""
+        if self._await_until is None:
+            return
+        self._await_until = None
+        for peer in self.peers.values():
+            if peer.ready:
+                self._send_vv(out, peer, now)
 
     def ready_peers(self) -> list[str]:
         """Peers with a live, handshaken session (whom a ``Send`` reaches now)."""
@@ -1633,6 +1774,9 @@ class SyncCore:
         node whose clock was set back an hour would go quiet for an hour."""
         out: list[Effect] = []
         soon = now + config.SYNC_TIMER_SLACK_MS
+        if (self._await_until is not None and not self.installing
+                and self._mono(now) >= self._await_until):
+            self._stop_awaiting(out, now)  # nobody offered one in time
         if now < self._timer_now:  # the clock went back: scan every deadline
             self._timer_now = now
             for peer in list(self.peers.values()):

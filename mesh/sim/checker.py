@@ -105,6 +105,10 @@ class Checker:
     #: (virtual ms, cut, frontier) of every checkpoint proposed, in order
     checkpoints_created: list[tuple[float, int, dict[str, int]]] = field(default_factory=list)
 
+    #: node -> frontier of the checkpoint state it installed (``mesh.core.catchup``):
+    #: held there without being on its disk, like a pruned prefix (invariant 4)
+    installed: dict[str, dict[str, int]] = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         self._marks = {n: {} for n in self.world.nodes}
         self.world.observers.append(self.observe)
@@ -144,14 +148,25 @@ class Checker:
                 self._acked_high[res.origin] = res.seq
         elif kind == "crash":
             node = self.world.nodes[data["node"]]
-            self._marks[node.node_id] = node.disk.durable_seqs()
+            self._marks[node.node_id] = self._kept(node)
             for reason, n in node.core.stats.items():
                 self.carried_stats[reason] = self.carried_stats.get(reason, 0) + n
             self._check_holders(node.node_id)
         elif kind == "recovered":  # memory rebuilt from disk after a failed write
             node = self.world.nodes[data["node"]]
-            self._marks[node.node_id] = node.disk.durable_seqs()
+            self._marks[node.node_id] = self._kept(node)
             self._check_holders(node.node_id)
+        elif kind == "state_installed":  # a checkpoint state (mesh.core.catchup)
+            self.installed[data["node"]] = dict(data["frontier"])
+            self._marks[data["node"]] = dict(data["vv"])
+
+    def _kept(self, node: SimNode) -> dict[str, int]:
+        """What a node holds after a crash or a rebuild: its disk's rows, above the
+        frontier of a checkpoint state it installed (its snapshot holds that)."""
+        kept = node.disk.durable_seqs()
+        for origin, seq in self.installed.get(node.node_id, {}).items():
+            kept[origin] = max(kept.get(origin, 0), seq)
+        return kept
 
     def _mark(self, node: str, env: Envelope) -> None:
         marks = self._marks[node]
@@ -282,7 +297,7 @@ class Checker:
                     continue
                 acked += 1
                 h = res.envelope.hash
-                missing = _missing_at(live, res.origin, res.seq, h)
+                missing = _missing_at(live, res.origin, res.seq, h, self.installed)
                 if (missing and node.node_id in self.gone and len(missing) == len(live)
                         and node.disk.hash_at(res.origin, res.seq) == h):
                     stranded += 1
@@ -314,16 +329,20 @@ class Checker:
         return dict(sorted(out.items()))
 
 
-def _missing_at(live: list[SimNode], origin: str, seq: int, h: bytes) -> list[str]:
+def _missing_at(live: list[SimNode], origin: str, seq: int, h: bytes,
+                installed: dict[str, dict[str, int]] | None = None) -> list[str]:
     """The live replicas that do not hold the envelope ``h`` at (origin, seq). A register
     that pruned it from its ledger behind a checkpoint it folded (``SimDisk.pruned``,
-    ``mesh.durable`` invariant 8) holds it if a live node keeping the archive does."""
+    ``mesh.durable`` invariant 8), or a node that installed a checkpoint state holding
+    it (``installed``: its frontier), holds it if a live node keeping the archive does."""
+    installed = installed or {}
     missing: list[str] = []
     archived: bool | None = None
     for m in live:
         if _held(m, origin, seq) == h:
             continue
-        if seq <= m.disk.pruned.get(origin, 0):
+        if (seq <= m.disk.pruned.get(origin, 0)
+                or seq <= installed.get(m.node_id, {}).get(origin, 0)):
             if archived is None:
                 archived = any(_held(a, origin, seq) == h for a in live
                                if not a.durable.prune_ledger)

@@ -21,7 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -192,6 +192,9 @@ class SimDisk:
         self.durable = 0
         self.fsync_ms = fsync_ms
         self.by_origin: dict[str, list[bytes]] = {}
+        #: origin -> seq of ``by_origin[origin][0]``: 1, or just above a checkpoint
+        #: frontier for a node that installed a checkpoint state (``mesh.core.catchup``)
+        self._start: dict[str, int] = {}
         #: origin -> highest seq pruned (``prune``): a deletion, it survives a crash
         self.pruned: dict[str, int] = {}
         self.syncing = False
@@ -242,7 +245,10 @@ class SimDisk:
         if first <= self.pruned.get(origin, 0):
             return []  # the run from ``first`` only: nothing past a pruned prefix
         rows = self.by_origin.get(origin, [])
-        return rows[first - 1 : min(last, first - 1 + limit)]
+        at = first - self._start.get(origin, 1)
+        if at < 0:
+            return []  # below the checkpoint state it installed: not on this disk
+        return rows[at : at + min(last - first + 1, limit)]
 
     def prune(self, upto: Mapping[str, int]) -> int:
         """``Prunable``: each origin's durable rows with seq <= ``upto[origin]`` are gone
@@ -250,7 +256,7 @@ class SimDisk:
         the platter's history for the checker, which knows the floors (``pruned``)."""
         gone = 0
         for origin, seq in upto.items():
-            have = len(self.by_origin.get(origin, []))
+            have = self._start.get(origin, 1) - 1 + len(self.by_origin.get(origin, []))
             floor = min(seq, have)
             if floor > self.pruned.get(origin, 0):
                 gone += floor - self.pruned.get(origin, 0)
@@ -336,8 +342,7 @@ class SimDisk:
 
     def mark_durable(self, upto: int) -> list[Envelope]:
         newly = self.rows[self.durable:upto]
-        for env in newly:
-            self.by_origin.setdefault(env.origin, []).append(env.raw)
+        self._index(newly)
         self.durable = upto
         if not self.lie_about_fsync:
             self._platter = upto
@@ -354,9 +359,20 @@ class SimDisk:
         self.durable = self._platter
         del self.rows[self.durable:]
         self.snapshots = [s for s in self.snapshots if s[0] <= self.durable]
-        self.by_origin = {}
-        for env in self.rows:
-            self.by_origin.setdefault(env.origin, []).append(env.raw)
+        self.by_origin, self._start = {}, {}
+        self._index(self.rows)
+
+    def _index(self, envs: Iterable[Envelope]) -> None:
+        """Each origin's rows by seq: contiguous from seq 1, or from just above the
+        frontier of a checkpoint state this node installed (then what it held below,
+        superseded by the state, leaves the index: read as not on disk)."""
+        by_origin, start = self.by_origin, self._start
+        for env in envs:
+            rows = by_origin.get(env.origin)
+            if rows is None or env.seq != start[env.origin] + len(rows):
+                rows = by_origin[env.origin] = []
+                start[env.origin] = env.seq
+            rows.append(env.raw)
 
     def hash_at(self, origin: str, seq: int) -> bytes | None:
         """The hash of ``origin``'s envelope ``seq`` among the durable rows."""
@@ -369,7 +385,8 @@ class SimDisk:
 
     def durable_seqs(self) -> dict[str, int]:
         """Per origin, the highest seq on disk (rows of one origin are contiguous)."""
-        return {origin: len(raws) for origin, raws in self.by_origin.items()}
+        return {origin: self._start[origin] - 1 + len(raws)
+                for origin, raws in self.by_origin.items()}
 
 
 class SimTransport:

@@ -678,6 +678,7 @@ class SimNode:
         self.driver.signed_listeners.append(self._signed)
         self.driver.applied_listeners.append(self._applied)
         self.driver.recovered_listeners.append(self._recovered)
+        self.driver.state_listeners.append(self._state_installed)
         for hook in self.on_boot:
             hook(self.driver)
         self.driver.start()
@@ -702,6 +703,10 @@ class SimNode:
 
     def _recovered(self) -> None:
         self.world.emit("recovered", node=self.node_id)
+
+    def _state_installed(self, frontier: dict[str, int]) -> None:
+        self.world.emit("state_installed", node=self.node_id, frontier=frontier,
+                        vv=self.replica.vv.to_dict())
 
     def _applied(self, envs: list[Envelope], local: bool) -> None:
         if not local:

@@ -147,3 +147,49 @@ async def test_a_register_prunes_its_ledger_behind_checkpoints_and_the_edge_keep
         led.prune({"reg-1": first})
     broken = verify_ledger(reg_id.data_dir)
     assert not broken.ok and any(f"reg-1: seq 1..{first}" in p for p in broken.problems)
+
+
+@pytest.mark.asyncio
+async def test_a_new_register_catches_up_from_the_edges_checkpoint_state(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catch-up from a checkpoint over the real session (``mesh.core.catchup``, driver
+    invariant 12): a register enrolled later asks the edge for its checkpoint state,
+    installs it (durably) and fetches only the tail; it holds what the edge holds, with
+    nothing below the frontier in its ledger, and restarts to the same state."""
+    monkeypatch.setattr(config, "CHECKPOINT_EVERY_MS", 150)
+    monkeypatch.setattr(config, "CATCHUP_MIN_BEHIND", 20)
+    edge_id = init_store(tmp_path / "edge", "store-1", now_ms=now_ms(), node_id="edge")
+    enrol_direct(tmp_path, edge_id, "reg-1")
+    edge = _node(tmp_path / "edge")
+    await edge.start()
+    reg = _node(tmp_path / "reg-1", [edge.url])
+    await reg.start()
+    try:
+        await reg.execute(lambda r: r.receive("SKU-1", 500, txn="rx-1", now_ms=now_ms()))
+        for i in range(60):
+            await reg.execute(lambda r, i=i: r.sell("SKU-1", 1, txn=f"s-{i}", now_ms=now_ms()))
+        await wait_until(lambda: edge.core.state_offer is not None
+                         and edge.core.state_offer[1] >= 50, 10, "a checkpoint state")
+        new_id = enrol_direct(tmp_path, edge_id, "reg-2")
+        new = _node(tmp_path / "reg-2", [edge.url])
+        await new.start()
+        try:
+            await wait_until(lambda: new.replica.vv == edge.replica.vv, 10,
+                             "the new register holds what the edge holds")
+            assert new.core.stats.get("state_installed") == 1, new.core.stats
+            assert edge.core.stats.get("state_served", 0) >= 1
+            assert new.replica.state_digest() == edge.replica.state_digest()
+            want = new.replica.state_digest()
+        finally:
+            await new.close()
+    finally:
+        await reg.close()
+        await edge.close()
+    with Ledger(new_id.ledger_path) as led:
+        assert led.read_origin("reg-1", 1, 1) == []  # not fetched from seq 1
+    again = _node(tmp_path / "reg-2")
+    await again.start()
+    try:
+        assert again.replica.state_digest() == want
+    finally:
+        await again.close()

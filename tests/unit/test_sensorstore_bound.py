@@ -27,7 +27,8 @@ def test_recent_rows_are_cut_back_once_per_slack_not_per_batch(tmp_path: Path) -
     seen_max = 0
     batch = 50
     for start in range(0, total, batch):
-        rows = [("sale", f"k{i}", "A", NOW + i, -1) for i in range(start, min(total, start + batch))]
+        rows = [("sale", f"k{i}", "A", NOW + i, -1)
+                for i in range(start, min(total, start + batch))]
         rows.append(("moved", "A", "A", NOW + start, 0))  # a second kind, upserted
         store.add_recent(rows).result()
         n = _rows_on_disk(tmp_path, "sale")
