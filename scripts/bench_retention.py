@@ -168,7 +168,14 @@ def child_main(data_dir: Path, with_commands: bool, checkpointer: str | None) ->
             break
         own_before = dr.replica.vv.get(dr.identity.node_id)
         if raws:
-            dr.ingest_verified([decode(r) for r in raws], meta["now"])
+            # as the sync core and driver do: apply each (verified) envelope, then
+            # persist what was applied (the core's Persist effect)
+            applied_envs: list[Any] = []
+            rep = dr.replica
+            for r in raws:
+                applied_envs.extend(rep.apply(decode(r), meta["now"]))
+            if applied_envs:
+                dr.persist(applied_envs)
         if till is not None:
             for kind, sku, at in meta.get("cmds", ()):
                 till.run(kind, sku, at)
@@ -300,8 +307,10 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         acc += 1.0 / (i + 1)
         cum.append(acc)
     step_ms = max(1, int(args.days * 86_400_000 / args.envelopes))
-    away = gens[-1]  # away for a tenth of the run, in the middle
-    away_from, away_to = args.envelopes * 45 // 100, args.envelopes * 55 // 100
+    away = gens[-1]  # away for --away-days of store time (at most a third), in the middle
+    away_n = min(args.envelopes // 3, int(args.away_days * 86_400_000 / step_ms))
+    away_from = (args.envelopes - away_n) // 2
+    away_to = away_from + away_n
     held: list[bytes] = []
     ck = ["--checkpointer", "edge"] if args.checkpoint_every else []
     reg = spawn("--child", str(reg_dir), "--commands", *ck)
@@ -367,10 +376,12 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                    "reg_held": reg_meta["held"], "edge_held": edge_meta["held"],
                    "reg_folds": reg_meta["folds"], "edge_folds": edge_meta["folds"]}
             rows.append(row)
-            console.print(f"  {sent:>10,} envelopes  register {row['reg_rss']:.0f} MB "
+            console.print(f"  {sent:>10,} envelopes held {row['reg_held']}/"
+                          f"{row['edge_held']} folds {row['reg_folds']}/{row['edge_folds']} "
+                          f"rows {reg_meta['rows']:,}/{edge_meta['rows']:,}  register {row['reg_rss']:.0f} MB "
                           f"({row['reg_disk'] / 1e6:.0f} MB disk)  edge {row['edge_rss']:.0f}"
                           f" MB ({row['edge_disk'] / 1e6:.0f} MB disk)  "
-                          f"{row['seconds']:.0f} s")
+                          f"{row['seconds']:.0f} s  load {os.getloadavg()[0]:.1f}", highlight=False)
             while nxt < len(checkpoints) and sent >= checkpoints[nxt]:
                 nxt += 1
     for p in (reg, edge):
@@ -381,8 +392,19 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         res = subprocess.run([sys.executable, str(HERE), "--restart", str(d), *ck],
                              capture_output=True, check=True, env=spawn_env(), timeout=600)
         restarts[name] = orjson.loads(res.stdout.splitlines()[-1])
+        console.print(f"  restart {name}: {restarts[name]}")
+    verify = {}
+    for name, d in (("register", reg_dir), ("edge", edge_dir)):
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-m", "mesh", "ledger", "verify", str(d)],
+                             capture_output=True, env=spawn_env())
+        verify[name] = {"seconds": time.perf_counter() - t0, "rc": res.returncode,
+                        "out": res.stdout.decode()[-300:] + res.stderr.decode()[-300:]}
+        console.print(f"  ledger verify {name}: rc {res.returncode}, "
+                      f"{verify[name]['seconds']:.1f} s\n{verify[name]['out']}")
     result = {"started": started, "envelopes": sent, "target": args.envelopes,
               "days": args.days, "seed": args.seed, "rows": rows, "restart": restarts,
+              "verify": verify, "away": [away_from, away_to],
               "complete": sent >= args.envelopes}
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
@@ -428,6 +450,8 @@ def main() -> None:
                     default=None, help="envelope counts to report at (comma-separated)")
     ap.add_argument("--seconds", type=float, default=1800.0, help="stop generating after")
     ap.add_argument("--seed", type=int, default=12)
+    ap.add_argument("--away-days", type=float, default=7.0,
+                    help="store time one till is away in the middle (at most a third)")
     ap.add_argument("--checkpoint-every", type=int, default=20, metavar="FRAMES",
                     help=f"the edge proposes a checkpoint every FRAMES frames of {BATCH} "
                          "envelopes (0: no checkpoints, as before issue 12)")
