@@ -378,7 +378,8 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             rows.append(row)
             console.print(f"  {sent:>10,} envelopes held {row['reg_held']}/"
                           f"{row['edge_held']} folds {row['reg_folds']}/{row['edge_folds']} "
-                          f"rows {reg_meta['rows']:,}/{edge_meta['rows']:,}  register {row['reg_rss']:.0f} MB "
+                          f"last row {reg_meta['rows']:,}/{edge_meta['rows']:,}  "
+                          f"register {row['reg_rss']:.0f} MB "
                           f"({row['reg_disk'] / 1e6:.0f} MB disk)  edge {row['edge_rss']:.0f}"
                           f" MB ({row['edge_disk'] / 1e6:.0f} MB disk)  "
                           f"{row['seconds']:.0f} s  load {os.getloadavg()[0]:.1f}", highlight=False)
