@@ -34,6 +34,7 @@ import struct
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections import deque
 from pathlib import Path
 from typing import IO, Any
@@ -156,6 +157,10 @@ class LocalTill:
 
 def child_main(data_dir: Path, with_commands: bool, checkpointer: str | None) -> None:
     inp, out = sys.stdin.buffer, sys.stdout.buffer
+    trace = bool(os.environ.get("BENCH_TRACEMALLOC"))
+    if trace:
+        tracemalloc.start(1)
+    last_snap: tracemalloc.Snapshot | None = None
     dr = DurableReplica.open(data_dir, checkpointer=checkpointer)
     till = LocalTill(dr) if with_commands else None
     applied = 0
@@ -200,6 +205,13 @@ def child_main(data_dir: Path, with_commands: bool, checkpointer: str | None) ->
                           exceptions=len(dr.replica.exceptions()))
             if till is not None:
                 report.update(dups=till.dups, refused=till.refused)
+            if trace:  # what is allocated, and what grew since the last report
+                snap = tracemalloc.take_snapshot()
+                stats = snap.compare_to(last_snap, "lineno") if last_snap is not None \
+                    else snap.statistics("lineno")
+                report["trace"] = [str(st) for st in stats[:10]]
+                report["traced_mb"] = tracemalloc.get_traced_memory()[0] / 2**20
+                last_snap = snap
         write_frame(out, report, back)
     dr.close()
 
@@ -376,6 +388,13 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                    "reg_held": reg_meta["held"], "edge_held": edge_meta["held"],
                    "reg_folds": reg_meta["folds"], "edge_folds": edge_meta["folds"]}
             rows.append(row)
+            for who, m in (("register", reg_meta), ("edge", edge_meta)):
+                if "trace" in m:
+                    row[f"{who}_trace"] = m["trace"]
+                    console.print(f"  tracemalloc {who}: {m['traced_mb']:.1f} MB traced; "
+                                  "top (growth since the last point):", highlight=False)
+                    for line in m["trace"]:
+                        console.print("    " + line, highlight=False, soft_wrap=True)
             console.print(f"  {sent:>10,} envelopes held {row['reg_held']}/"
                           f"{row['edge_held']} folds {row['reg_folds']}/{row['edge_folds']} "
                           f"last row {reg_meta['rows']:,}/{edge_meta['rows']:,}  "
