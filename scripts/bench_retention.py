@@ -9,18 +9,28 @@ two nodes under test, each in its own child process (so RSS is theirs alone):
 * ``edge``, the edge node: it ingests everything (the other registers' and r00's).
 
 The other 19 registers are generator replicas in this (parent) process; SKUs are
-picked with a Zipf-like skew (weight 1/(rank+1)); one register is away for a "week"
-(a tenth of the run) in the middle and delivers its envelopes late. Virtual time only:
-``--days`` of store time spread over the envelope count.
+picked with a Zipf-like skew (weight 1/(rank+1)); one register is away for
+``--away-days`` (a week) of store time in the middle (at most a third of the run) and
+delivers its envelopes late. Virtual time only: ``--days`` of store time (default a year
+per 20 M envelopes) spread over the envelope count. Remote envelopes are applied and
+persisted as the sync core and the driver do (``Replica.apply`` of each, then
+``DurableReplica.persist``); snapshots follow the product's schedule
+(``DurableReplica.maybe_snapshot`` after every frame: every ``SNAPSHOT_EVERY`` envelopes),
+and the register prunes its ledger there (``LEDGER_PRUNE_ROLES``); the edge keeps the
+archive. The edge proposes a checkpoint every ``--checkpoint-every`` frames.
 
 Each node reports RSS (VmRSS from /proc/self/status) and the ledger's bytes on disk at
-checkpoints of the envelope count; afterwards each data dir is reopened in a fresh
+checkpoints of the envelope count (printed as they are reached, so a run stopped by
+``--seconds`` still gives figures); afterwards each data dir is reopened in a fresh
 child process: the time to rebuild (snapshot + tail) and serve a first command, and the
-RSS after that. Remote envelopes are applied with ``ingest_verified`` (the signature is
-not what is measured here; ``bench_core.py`` times verification).
+RSS after that; then ``storemesh ledger verify`` is timed over the register's pruned
+ledger and the edge's archive. ``BENCH_TRACEMALLOC=1`` adds each node's traced Python
+memory and its top growth between points (slower).
 
     python scripts/bench_retention.py                      # 100k envelopes, quick
-    python scripts/bench_retention.py --envelopes 1000000  # the real run (~10 min)
+    python scripts/bench_retention.py --envelopes 1000000  # ~5 min at load 2
+    python scripts/bench_retention.py --envelopes 6000000 \
+        --checkpoints 1000000,2000000,3000000,4000000,5000000,6000000 --seconds 1380
 """
 
 from __future__ import annotations
