@@ -9,18 +9,28 @@ two nodes under test, each in its own child process (so RSS is theirs alone):
 * ``edge``, the edge node: it ingests everything (the other registers' and r00's).
 
 The other 19 registers are generator replicas in this (parent) process; SKUs are
-picked with a Zipf-like skew (weight 1/(rank+1)); one register is away for a "week"
-(a tenth of the run) in the middle and delivers its envelopes late. Virtual time only:
-``--days`` of store time spread over the envelope count.
+picked with a Zipf-like skew (weight 1/(rank+1)); one register is away for
+``--away-days`` (a week) of store time in the middle (at most a third of the run) and
+delivers its envelopes late. Virtual time only: ``--days`` of store time (default a year
+per 20 M envelopes) spread over the envelope count. Remote envelopes are applied and
+persisted as the sync core and the driver do (``Replica.apply`` of each, then
+``DurableReplica.persist``); snapshots follow the product's schedule
+(``DurableReplica.maybe_snapshot`` after every frame: every ``SNAPSHOT_EVERY`` envelopes),
+and the register prunes its ledger there (``LEDGER_PRUNE_ROLES``); the edge keeps the
+archive. The edge proposes a checkpoint every ``--checkpoint-every`` frames.
 
 Each node reports RSS (VmRSS from /proc/self/status) and the ledger's bytes on disk at
-checkpoints of the envelope count; afterwards each data dir is reopened in a fresh
+checkpoints of the envelope count (printed as they are reached, so a run stopped by
+``--seconds`` still gives figures); afterwards each data dir is reopened in a fresh
 child process: the time to rebuild (snapshot + tail) and serve a first command, and the
-RSS after that. Remote envelopes are applied with ``ingest_verified`` (the signature is
-not what is measured here; ``bench_core.py`` times verification).
+RSS after that; then ``storemesh ledger verify`` is timed over the register's pruned
+ledger and the edge's archive. ``BENCH_TRACEMALLOC=1`` adds each node's traced Python
+memory and its top growth between points (slower).
 
     python scripts/bench_retention.py                      # 100k envelopes, quick
-    python scripts/bench_retention.py --envelopes 1000000  # the real run (~10 min)
+    python scripts/bench_retention.py --envelopes 1000000  # ~5 min at load 2
+    python scripts/bench_retention.py --envelopes 6000000 \
+        --checkpoints 1000000,2000000,3000000,4000000,5000000,6000000 --seconds 1380
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import struct
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections import deque
 from pathlib import Path
 from typing import IO, Any
@@ -156,6 +167,10 @@ class LocalTill:
 
 def child_main(data_dir: Path, with_commands: bool, checkpointer: str | None) -> None:
     inp, out = sys.stdin.buffer, sys.stdout.buffer
+    trace = bool(os.environ.get("BENCH_TRACEMALLOC"))
+    if trace:
+        tracemalloc.start(1)
+    last_snap: tracemalloc.Snapshot | None = None
     dr = DurableReplica.open(data_dir, checkpointer=checkpointer)
     till = LocalTill(dr) if with_commands else None
     applied = 0
@@ -168,7 +183,14 @@ def child_main(data_dir: Path, with_commands: bool, checkpointer: str | None) ->
             break
         own_before = dr.replica.vv.get(dr.identity.node_id)
         if raws:
-            dr.ingest_verified([decode(r) for r in raws], meta["now"])
+            # as the sync core and driver do: apply each (verified) envelope, then
+            # persist what was applied (the core's Persist effect)
+            applied_envs: list[Any] = []
+            rep = dr.replica
+            for r in raws:
+                applied_envs.extend(rep.apply(decode(r), meta["now"]))
+            if applied_envs:
+                dr.persist(applied_envs)
         if till is not None:
             for kind, sku, at in meta.get("cmds", ()):
                 till.run(kind, sku, at)
@@ -193,6 +215,13 @@ def child_main(data_dir: Path, with_commands: bool, checkpointer: str | None) ->
                           exceptions=len(dr.replica.exceptions()))
             if till is not None:
                 report.update(dups=till.dups, refused=till.refused)
+            if trace:  # what is allocated, and what grew since the last report
+                snap = tracemalloc.take_snapshot()
+                stats = snap.compare_to(last_snap, "lineno") if last_snap is not None \
+                    else snap.statistics("lineno")
+                report["trace"] = [str(st) for st in stats[:10]]
+                report["traced_mb"] = tracemalloc.get_traced_memory()[0] / 2**20
+                last_snap = snap
         write_frame(out, report, back)
     dr.close()
 
@@ -300,8 +329,10 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         acc += 1.0 / (i + 1)
         cum.append(acc)
     step_ms = max(1, int(args.days * 86_400_000 / args.envelopes))
-    away = gens[-1]  # away for a tenth of the run, in the middle
-    away_from, away_to = args.envelopes * 45 // 100, args.envelopes * 55 // 100
+    away = gens[-1]  # away for --away-days of store time (at most a third), in the middle
+    away_n = min(args.envelopes // 3, int(args.away_days * 86_400_000 / step_ms))
+    away_from = (args.envelopes - away_n) // 2
+    away_to = away_from + away_n
     held: list[bytes] = []
     ck = ["--checkpointer", "edge"] if args.checkpoint_every else []
     reg = spawn("--child", str(reg_dir), "--commands", *ck)
@@ -367,10 +398,20 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                    "reg_held": reg_meta["held"], "edge_held": edge_meta["held"],
                    "reg_folds": reg_meta["folds"], "edge_folds": edge_meta["folds"]}
             rows.append(row)
-            console.print(f"  {sent:>10,} envelopes  register {row['reg_rss']:.0f} MB "
+            for who, m in (("register", reg_meta), ("edge", edge_meta)):
+                if "trace" in m:
+                    row[f"{who}_trace"] = m["trace"]
+                    console.print(f"  tracemalloc {who}: {m['traced_mb']:.1f} MB traced; "
+                                  "top (growth since the last point):", highlight=False)
+                    for line in m["trace"]:
+                        console.print("    " + line, highlight=False, soft_wrap=True)
+            console.print(f"  {sent:>10,} envelopes held {row['reg_held']}/"
+                          f"{row['edge_held']} folds {row['reg_folds']}/{row['edge_folds']} "
+                          f"last row {reg_meta['rows']:,}/{edge_meta['rows']:,}  "
+                          f"register {row['reg_rss']:.0f} MB "
                           f"({row['reg_disk'] / 1e6:.0f} MB disk)  edge {row['edge_rss']:.0f}"
                           f" MB ({row['edge_disk'] / 1e6:.0f} MB disk)  "
-                          f"{row['seconds']:.0f} s")
+                          f"{row['seconds']:.0f} s  load {os.getloadavg()[0]:.1f}", highlight=False)
             while nxt < len(checkpoints) and sent >= checkpoints[nxt]:
                 nxt += 1
     for p in (reg, edge):
@@ -381,8 +422,19 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         res = subprocess.run([sys.executable, str(HERE), "--restart", str(d), *ck],
                              capture_output=True, check=True, env=spawn_env(), timeout=600)
         restarts[name] = orjson.loads(res.stdout.splitlines()[-1])
+        console.print(f"  restart {name}: {restarts[name]}")
+    verify = {}
+    for name, d in (("register", reg_dir), ("edge", edge_dir)):
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-m", "mesh", "ledger", "verify", str(d)],
+                             capture_output=True, env=spawn_env())
+        verify[name] = {"seconds": time.perf_counter() - t0, "rc": res.returncode,
+                        "out": res.stdout.decode()[-300:] + res.stderr.decode()[-300:]}
+        console.print(f"  ledger verify {name}: rc {res.returncode}, "
+                      f"{verify[name]['seconds']:.1f} s\n{verify[name]['out']}")
     result = {"started": started, "envelopes": sent, "target": args.envelopes,
               "days": args.days, "seed": args.seed, "rows": rows, "restart": restarts,
+              "verify": verify, "away": [away_from, away_to],
               "complete": sent >= args.envelopes}
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
@@ -428,6 +480,8 @@ def main() -> None:
                     default=None, help="envelope counts to report at (comma-separated)")
     ap.add_argument("--seconds", type=float, default=1800.0, help="stop generating after")
     ap.add_argument("--seed", type=int, default=12)
+    ap.add_argument("--away-days", type=float, default=7.0,
+                    help="store time one till is away in the middle (at most a third)")
     ap.add_argument("--checkpoint-every", type=int, default=20, metavar="FRAMES",
                     help=f"the edge proposes a checkpoint every FRAMES frames of {BATCH} "
                          "envelopes (0: no checkpoints, as before issue 12)")
