@@ -249,7 +249,9 @@ class _SkuEvents:
             # No releases: availability after each event is a running sum; if it never
             # goes below zero nothing is flagged, and the loop below is not needed
             # (the same totals, read at C speed).
-            a_oh, a_res = self.d_oh[:n], self.d_res[:n]
+            whole = n == len(self.key)  # the common case: no slice to copy
+            a_oh = self.d_oh if whole else self.d_oh[:n]
+            a_res = self.d_res if whole else self.d_res[:n]
             if min(accumulate(map(sub, a_oh, a_res), initial=on_hand - reserved)) >= 0:
                 return out, on_hand + sum(a_oh), reserved + sum(a_res), n, 0
         while i < n or j < m:
