@@ -1385,6 +1385,7 @@ class Replica:
             "folded": self._folded,
             "catalog": sec(self.catalog.get_update()),
             "reviews": self.reviews.to_dict(),
+            "frontier": self.frontier.state(oi),  # the checkpointer's (mesh.core.checkpoint)
             "origins": list(origins),
         }
         state["sections"] = [len(x) for x in sections]
@@ -1447,6 +1448,8 @@ class Replica:
         self._folded = s["folded"]
         self._releases = None
         self.reviews = ReviewSet.from_dict(s.get("reviews"))
+        if s.get("frontier") is not None:  # absent from snapshots before: afresh
+            self.frontier.restore(s["frontier"], names)
         self._reserved = {}
         for rid in self.reservations.elements():
             rec = self.records[rid]
