@@ -75,6 +75,11 @@ IDEMPOTENCY_WINDOW_MS: Final = 14 * 86_400_000
 #: A week: a till unplugged over a long weekend still holds it; a till in a drawer does
 #: not hold every other node's memory for ever.
 FRONTIER_HORIZON_MS: Final = 7 * 86_400_000
+#: After a restart, how long every node the checkpointer's restored frontier tracks is
+#: still counted as heard (``Frontier.restore``): the snapshot's last-heard times may be
+#: older than the crash, and a live member must get the time to report before it could
+#: be left out of a checkpoint. Ten checkpoint periods.
+FRONTIER_RESUME_GRACE_MS: Final = 10 * 60_000
 #: How often the store's checkpointer (``TrustStore.checkpointer``, the first edge)
 #: proposes a checkpoint at the stable frontier (``mesh.driver`` invariant 10), if the
 #: frontier moved. A minute: memory above the frontier is a minute of sales plus the

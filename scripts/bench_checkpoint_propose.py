@@ -1,19 +1,28 @@
 """What proposing a checkpoint costs the checkpointer (issue 12): the ``ck`` op carries
-the proposer's fold hash, computed before signing by folding a scratch copy restored
-from a snapshot (``Replica._dry_fold``). Reports, for a store of SKUS SKUs and a tail
-of EVENTS sales from 4 registers, the propose time and the dry fold's share of it,
-against a snapshot and a plain command measured in the same run. Bounded: one store,
-ROUNDS proposals.
+the proposer's fold hash (``Replica.fold_hash``, computed before signing). Reports, for
+a store of SKUS SKUs and a tail of EVENTS sales from 4 registers, per round: the propose
+time, the fold hash's share of it, the scratch-copy dry fold (``Replica._dry_fold``, the
+method before, timed on the same checkpoint and checked to give the same hash), a
+snapshot and a plain command. Bounded: one store, ROUNDS proposals.
 
-    PYTHONPATH=. python scripts/bench_checkpoint_propose.py [SKUS] [EVENTS]
+With ``--baseline DIR`` the same measurement also runs in a child process importing
+``mesh`` from DIR (an older tree, e.g. ``git archive main mesh | tar -x -C DIR``), and
+a before/after table is printed; the machine load is printed beside it.
+
+    PYTHONPATH=. python scripts/bench_checkpoint_propose.py [SKUS] [EVENTS] [--baseline DIR]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import random
+import statistics
+import subprocess
 import sys
 import time
+from typing import Any
 
 from mesh.core.checkpoint import Frontier
 from mesh.core.identity import NodeKey
@@ -23,9 +32,7 @@ NOW = 1_700_000_000_000
 ROUNDS = 3
 
 
-def main() -> None:
-    skus = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
-    events = int(sys.argv[2]) if len(sys.argv) > 2 else 20_000
+def measure(skus: int, events: int, *, quiet: bool) -> dict[str, list[float]]:
     rng = random.Random(1)
     edge = Replica("s1", "edge", "edge", NodeKey.generate(), checkpointer="edge")
     regs = {f"r{i}": Replica("s1", f"r{i}", "register", NodeKey.generate(),
@@ -48,17 +55,22 @@ def main() -> None:
             assert env is not None
             edge.apply(env, t)
 
-    dry: list[float] = []
-    real_dry = Replica._dry_fold
+    # the method propose_checkpoint calls for the hash: _fold_plan (fold_hash's work,
+    # after) or the scratch-copy _dry_fold (before, in a baseline tree)
+    name = "_fold_plan" if hasattr(Replica, "_fold_plan") else "_dry_fold"
+    real = getattr(Replica, name)
+    fh: list[float] = []
 
-    def timed(self: Replica, ck: Checkpoint) -> bytes | None:
+    def timed(self: Replica, ck: Checkpoint) -> Any:
         t0 = time.perf_counter()
         try:
-            return real_dry(self, ck)
+            return real(self, ck)
         finally:
-            dry.append(time.perf_counter() - t0)
+            fh.append(time.perf_counter() - t0)
 
-    Replica._dry_fold = timed  # type: ignore[method-assign]
+    setattr(Replica, name, timed)
+    out: dict[str, list[float]] = {"propose": [], "hash": [], "scratch": [], "snapshot": [],
+                                   "command": []}
     for n in range(ROUNDS):
         burst(events)
         f = Frontier()
@@ -71,16 +83,56 @@ def main() -> None:
         t0 = time.perf_counter()
         res = edge.propose_checkpoint(frontier, members, txn=f"ck{n}", now_ms=t + 1)
         t_prop = time.perf_counter() - t0
-        assert res is not None and edge.ck_mismatches == 0
+        assert res is not None and res.envelope is not None and edge.ck_mismatches == 0
+        # the scratch-copy method on the same checkpoint, on a copy from before it
+        before = Replica("s1", "edge", "edge", checkpointer="edge")
+        before.restore(snap)
+        op = res.envelope.ops[0]
+        ck = Checkpoint(op["cut"], dict(op["f"]), "edge", res.envelope.seq, dict(op["h"]))
+        t0 = time.perf_counter()
+        old = Replica._dry_fold(before, ck)
+        t_old = time.perf_counter() - t0
+        assert old is not None and old.hex() == op["fh"], "fold hashes differ"
         t0 = time.perf_counter()
         plain = regs["r0"].sell("S0", 1, txn=f"plain{n}", now_ms=t + 2).envelope
         t_cmd = time.perf_counter() - t0
         assert plain is not None
         edge.apply(plain, t + 2)
-        print(f"round {n}: {skus} SKUs, {events} new events: propose {t_prop * 1e3:.1f} ms "
-              f"(dry fold {dry[-1] * 1e3:.1f} ms = {dry[-1] / t_prop:.0%}); snapshot "
-              f"{t_snap * 1e3:.1f} ms ({len(snap) / 1e6:.1f} MB); plain command "
-              f"{t_cmd * 1e3:.2f} ms; propose/command {t_prop / t_cmd:.0f}x")
+        for k, v in (("propose", t_prop), ("hash", fh[-1]), ("scratch", t_old),
+                     ("snapshot", t_snap), ("command", t_cmd)):
+            out[k].append(v * 1e3)
+        if not quiet:
+            print(f"round {n}: {skus} SKUs, {events} new events: propose {t_prop * 1e3:.1f} ms "
+                  f"({name} {fh[-1] * 1e3:.1f} ms = {fh[-1] / t_prop:.0%}); scratch dry fold "
+                  f"{t_old * 1e3:.1f} ms (same hash); snapshot {t_snap * 1e3:.1f} ms "
+                  f"({len(snap) / 1e6:.1f} MB); plain command {t_cmd * 1e3:.2f} ms")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("skus", nargs="?", type=int, default=2000)
+    ap.add_argument("events", nargs="?", type=int, default=20_000)
+    ap.add_argument("--baseline", metavar="DIR", help="also measure the mesh/ under DIR")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.json:  # the baseline child
+        print(json.dumps(measure(a.skus, a.events, quiet=True)))
+        return
+    base: dict[str, Any] | None = None
+    if a.baseline:
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(a.baseline))
+        child = subprocess.run([sys.executable, os.path.abspath(__file__), str(a.skus),
+                                str(a.events), "--json"], env=env, check=True,
+                               capture_output=True, text=True, cwd=a.baseline, timeout=600)
+        base = json.loads(child.stdout)
+    now = measure(a.skus, a.events, quiet=False)
+    if base is not None:
+        print(f"\nmedian of {ROUNDS} rounds, ms | baseline ({a.baseline}) | this tree | ratio")
+        for k, label in (("propose", "propose (whole)"), ("hash", "fold hash in propose"),
+                         ("snapshot", "snapshot"), ("command", "plain command")):
+            b, n = statistics.median(base[k]), statistics.median(now[k])
+            print(f"{label:22} | {b:10.1f} | {n:9.1f} | {b / n:5.1f}x")
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 

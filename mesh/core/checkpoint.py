@@ -20,11 +20,18 @@ Invariants:
     so every envelope of it above its own seq ``s`` of then. Per node the promises
     are kept as (s, c) pairs, ascending in both, the greatest ``c`` per ``s``, at most
     ``FLOORS_KEPT`` (the oldest go first); summaries without one (older peers) add none.
+ 6. ``state``/``restore`` carry the vectors and heard times across a restart (in the
+    replica's snapshot), so the horizon counts from when a node was really last heard
+    (or first listed); since the snapshot may be older than the crash, every node is
+    counted as heard at least until ``config.FRONTIER_RESUME_GRACE_MS`` after the first
+    ``now_ms`` seen after the restore. Clock floors are not carried: after a restart a
+    member's bound falls back to its newest stamp until it sends a floor again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from mesh import config
 from mesh.core.crdt import VersionVector
@@ -47,11 +54,15 @@ class Frontier:
         self._retired: set[str] = set()
         #: node -> its (own seq, clock floor) promises, ascending (invariant 5)
         self._floor: dict[str, list[tuple[int, int]]] = {}
+        #: restored from a snapshot and no time seen since (invariant 6)
+        self._resuming = False
+        self._resumed_at: int | None = None  # the first now_ms after the restore
 
     def observe(self, node: str, vv: VersionVector | Mapping[str, int], now_ms: int,
                 floor: int | None = None) -> None:
         """``node`` held ``vv`` at ``now_ms`` (its summary, or our own vector), and, if
         ``floor`` is given, promised that it signs nothing more with an HLC up to it."""
+        self._resume(now_ms)
         if node in self._retired:
             return
         held = self._held.get(node)
@@ -84,14 +95,51 @@ class Frontier:
     def members(self, enrolled: Iterable[str], now_ms: int) -> list[str]:
         """The enrolled nodes that hold the frontier back: not retired, and heard from
         (or, never heard, listed) within the horizon."""
+        self._resume(now_ms)
+        floor = (self._resumed_at - self.horizon_ms + config.FRONTIER_RESUME_GRACE_MS
+                 if self._resumed_at is not None else None)
         out = []
         for node in enrolled:
             if node in self._retired:
                 continue
             first = self._listed.setdefault(node, now_ms)
-            if now_ms - self._heard.get(node, first) <= self.horizon_ms:
+            heard = self._heard.get(node, first)
+            if floor is not None:
+                heard = max(heard, floor)
+            if now_ms - heard <= self.horizon_ms:
                 out.append(node)
         return sorted(out)
+
+    def _resume(self, now_ms: int) -> None:
+        if self._resuming:
+            self._resuming = False
+            self._resumed_at = now_ms
+
+    def state(self, index: Callable[[str], int]) -> dict[str, Any]:
+        """What a restart needs (invariant 5), nodes and origins as ``index`` numbers
+        them (the snapshot's small integers): per tracked node [node, heard, listed,
+        [[origin, seq], ...]] (None: not known), and the retired nodes."""
+        nodes = list(dict.fromkeys([*self._held, *self._heard, *self._listed]))
+        return {
+            "nodes": [[index(n), self._heard.get(n), self._listed.get(n),
+                       [[index(o), q] for o, q in self._held[n].to_dict().items()]
+                       if n in self._held else None] for n in nodes],
+            "retired": sorted(index(n) for n in self._retired),
+        }
+
+    def restore(self, state: Mapping[str, Any], names: Sequence[str]) -> None:
+        """Load ``state`` (from ``state``, ``names`` the snapshot's node names by
+        index) into this fresh frontier; the horizon stays this frontier's own."""
+        for n, heard, listed, held in state["nodes"]:
+            node = names[n]
+            if heard is not None:
+                self._heard[node] = heard
+            if listed is not None:
+                self._listed[node] = listed
+            if held is not None:
+                self._held[node] = VersionVector({names[o]: q for o, q in held})
+        self._retired = {names[n] for n in state["retired"]}
+        self._resuming = True
 
     def stable(self, enrolled: Iterable[str], now_ms: int) -> tuple[VersionVector, list[str]]:
         """The pointwise minimum of the members' vectors, and the members. A member

@@ -67,6 +67,8 @@ from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import accumulate
+from operator import sub
 from typing import Any, Final
 
 import orjson
@@ -160,6 +162,13 @@ class CommandResult:
     reservation_id: str | None = None
 
 
+#: A release in the replay: (key, origin, seq, kind, units, hlc) of the envelope.
+_Release = tuple[int, str, int, int, int, int]
+#: What a replay returns (``_SkuEvents._replay``): exceptions, on hand, reserved, and
+#: how many events and releases it replayed.
+_Replayed = tuple[list["OversellException"], int, int, int, int]
+
+
 class _SkuEvents:
     """Stock events of one SKU above the last checkpoint fold, in (key, origin, seq)
     order, as compact parallel arrays, plus the folded prefix: the totals it left and
@@ -230,8 +239,7 @@ class _SkuEvents:
         self.cache = None
         return True
 
-    def _replay(self, sku: str, releases: list[_Release], upto: int | None
-                ) -> tuple[list[OversellException], int, int, int, int]:
+    def _replay(self, sku: str, releases: list[_Release], upto: int | None) -> _Replayed:
         """Replay from the folded totals the events merged with ``releases`` (sorted),
         in (key, origin, seq) order, as far as key ``upto`` (None: all); flag every
         event that lowers availability below zero (invariant 6). Returns the
@@ -243,6 +251,15 @@ class _SkuEvents:
         if upto is not None:
             n = bisect_right(self.key, upto)
             m = bisect_right(releases, (upto, "\U0010ffff"))
+        if m == 0 and n:
+            # No releases: availability after each event is a running sum; if it never
+            # goes below zero nothing is flagged, and the loop below is not needed
+            # (the same totals, read at C speed).
+            whole = n == len(self.key)  # the common case: no slice to copy
+            a_oh = self.d_oh if whole else self.d_oh[:n]
+            a_res = self.d_res if whole else self.d_res[:n]
+            if min(accumulate(map(sub, a_oh, a_res), initial=on_hand - reserved)) >= 0:
+                return out, on_hand + sum(a_oh), reserved + sum(a_res), n, 0
         while i < n or j < m:
             key_i = (self.key[i], self.origin[i], self.seq[i]) if i < n else None
             key_j = releases[j][:3] if j < m else None
@@ -275,16 +292,28 @@ class _SkuEvents:
         self._final_fed = len(self.final)
         return self._final_sha.copy().digest()
 
+    def final_digest_with(self, more: list[OversellException]) -> bytes:
+        """What ``final_digest`` would be with ``more`` appended to ``final``, without
+        changing anything here (``Replica.fold_hash``)."""
+        sha = self._final_sha.copy()
+        for e in (*self.final[self._final_fed:], *more):
+            sha.update(orjson.dumps(e.to_dict(), option=orjson.OPT_SORT_KEYS))
+        return sha.digest()
+
     def exceptions(self, sku: str, releases: list[_Release]) -> list[OversellException]:
         if self.cache is None:
             self.cache = self.final + self._replay(sku, releases, None)[0]
         return self.cache
 
-    def fold(self, sku: str, releases: list[_Release], upto: int) -> int:
+    def fold(self, sku: str, releases: list[_Release], upto: int,
+             replayed: _Replayed | None = None) -> int:
         """Collapse the events (and ``releases``) with key <= ``upto`` into the totals
         and final exceptions; returns how many releases were folded (they lead the
-        sorted list)."""
-        out, self.base_oh, self.base_res, i, j = self._replay(sku, releases, upto)
+        sorted list). ``replayed``: that replay, done already on this very state
+        (``Replica.fold_hash``)."""
+        if replayed is None:
+            replayed = self._replay(sku, releases, upto)
+        out, self.base_oh, self.base_res, i, j = replayed
         self.final.extend(out)
         for a in (self.key, self.hlc, self.seq, self.d_oh, self.d_res, self.kind):
             del a[:i]
@@ -297,8 +326,6 @@ class _SkuEvents:
 #: replicas (the simulator's checker), not needed to serve.
 _CK_HASHES_KEPT: Final = 16
 
-#: A release in the replay: (key, origin, seq, kind, units, hlc) of the envelope.
-_Release = tuple[int, str, int, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +452,9 @@ class Replica:
         #: only the checkpointer uses it (``propose_checkpoint``)
         self.frontier = Frontier()
         self.folds = 0
+        #: (checkpoint key, fold hash, per-SKU replays) of the checkpoint
+        #: ``propose_checkpoint`` is applying, for its fold to reuse; None otherwise
+        self._ready: tuple[bytes, bytes, dict[str, _Replayed]] | None = None
         #: rid -> (hlc, origin, seq) of the envelope that added the reservation
         self._adds: dict[str, tuple[int, str, int]] = {}
         #: dot -> (hlc, origin, seq) of the first removal of a dot whose add is not held:
@@ -883,13 +913,26 @@ class Replica:
                 return 2 * ck.cut + 1 if hlc <= ck.cut else 2 * hlc
         return 2 * hlc
 
+    def _makes_late(self, ck: Checkpoint) -> bool:
+        """Whether adding ``ck`` changes any order key here: only an envelope held here
+        outside its frontier with an HLC within its cut becomes late (every other key
+        stays: frontiers and cuts grow). Scans the HLCs above the frontier only."""
+        for origin, hlcs in self._hlcs.items():
+            i = max(0, ck.frontier.get(origin, 0) + 1 - self._base.get(origin, 1))
+            if i < len(hlcs) and min(hlcs[i:]) <= ck.cut:
+                return True
+        return False
+
     def _add_checkpoint(self, ck: Checkpoint) -> None:
+        rekey = self._makes_late(ck)
         self._cks.append(ck)
         for ev in self._events.values():  # envelopes it does not hold may be late now
-            ev.rekey(self._key)
+            if rekey:
+                ev.rekey(self._key)
             ev.cache = None
-        self._removals = sorted((self._key(h, o, q), o, q, k, d, h)
-                                for _, o, q, k, d, h in self._removals)
+        if rekey:
+            self._removals = sorted((self._key(h, o, q), o, q, k, d, h)
+                                    for _, o, q, k, d, h in self._removals)
         self._releases = None
 
     def add_checkpoint(self, ck: Checkpoint) -> None:
@@ -920,8 +963,9 @@ class Replica:
                 self._ck_mismatch(CheckpointMismatch(ck.origin, ck.seq, "head:" + origin,
                                                      bytes.fromhex(named), held))
         releases = self._release_effects()
+        ready = self._ready[2] if self._ready and self._ready[0] == ck.key() else None
         for sku, ev in self._events.items():
-            ev.fold(sku, releases.get(sku, []), cut)
+            ev.fold(sku, releases.get(sku, []), cut, ready.get(sku) if ready else None)
         # Which reservations the folded prefix released, as _release_effects decides.
         released: set[str] = set()
         keep: list[tuple[int, str, int, int, tuple[tuple[str, int], ...], int]] = []
@@ -959,7 +1003,7 @@ class Replica:
                 del self._hlcs[origin][:drop]
                 self._base[origin] = base + drop
         self.folds += 1
-        own = self.checkpoint_hash(ck)
+        own = self._ready[1] if ready is not None and self._ready else self.checkpoint_hash(ck)
         self.checkpoint_hashes[ck.key()] = own
         if ck.fold_hash and own.hex() != ck.fold_hash:
             self._ck_mismatch(CheckpointMismatch(ck.origin, ck.seq, "fold",
@@ -1050,17 +1094,60 @@ class Replica:
                 return None
             heads[o] = h.hex()
         ck = Checkpoint(cut, f, self.node_id, self.vv.get(self.node_id) + 1, heads)
-        fold_hash = self._dry_fold(ck)
-        if fold_hash is None:
+        plan = self._fold_plan(ck)
+        if plan is None:
             return None
+        fold_hash, replayed = plan
         meta = {"kind": "checkpoint", "txn": txn}
         op = {"t": "ck", "cut": cut, "f": f, "h": heads, "fh": fold_hash.hex()}
         if self.state_hash is not None:  # the checkpoint state it serves (catch-up)
             sh = self.state_hash(replace(ck, fold_hash=fold_hash.hex()))
             if sh is not None:
                 op["sh"] = sh.hex()
-        env = self._local([op], meta, now_ms)
+        # the fold this envelope triggers at once reuses the replays (nothing else can
+        # change this replica in between: it is pure and this call is synchronous)
+        self._ready = (ck.key(), fold_hash, replayed) if replayed is not None else None
+        try:
+            env = self._local([op], meta, now_ms)
+        finally:
+            self._ready = None
         return CommandResult(env, self.node_id, env.seq)
+
+    def fold_hash(self, ck: Checkpoint) -> bytes | None:
+        """The hash folding ``ck`` (the next checkpoint) will leave here
+        (``checkpoint_hash``), without changing this replica; None if this replica
+        would not fold it at once (it does not hold the frontier of every checkpoint
+        up to it).
+
+        The common case costs one replay of the events up to the cut, read in place:
+        every earlier checkpoint folded and no envelope held here late for ``ck``, so
+        adding ``ck`` changes no order key and its fold replays, per SKU, exactly the
+        events and releases with a key up to twice the cut, from the folded totals, in
+        the order they are held (``_SkuEvents._replay`` is pure). Otherwise (a late
+        envelope, an unfolded checkpoint, folding off) it folds a scratch copy
+        (``_dry_fold``)."""
+        plan = self._fold_plan(ck)
+        return plan[0] if plan is not None else None
+
+    def _fold_plan(self, ck: Checkpoint) -> tuple[bytes, dict[str, _Replayed] | None] | None:
+        """``fold_hash``, and per SKU the replay it did (None from a scratch copy)."""
+        if any(self.vv.get(o) < q for o, q in ck.frontier.items()):
+            return None
+        if not self.fold_enabled or self._folded < len(self._cks) or self._makes_late(ck):
+            h = self._dry_fold(ck)
+            return (h, None) if h is not None else None
+        cut = 2 * ck.cut
+        releases = self._release_effects()
+        skus: dict[str, list[Any]] = {}
+        replayed: dict[str, _Replayed] = {}
+        for sku, ev in self._events.items():
+            r = replayed[sku] = ev._replay(sku, releases.get(sku, []), cut)
+            out, on_hand, reserved = r[0], r[1], r[2]
+            if on_hand or reserved or ev.final or out:
+                skus[sku] = [on_hand, reserved, len(ev.final) + len(out),
+                             ev.final_digest_with(out).hex()]
+        doc = {"ck": ck.key().hex(), "skus": skus}
+        return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).digest(), replayed
 
     def _dry_fold(self, ck: Checkpoint) -> bytes | None:
         """The hash folding ``ck`` will leave here, computed on a scratch copy (from a
@@ -1373,6 +1460,7 @@ class Replica:
             "folded": self._folded,
             "catalog": sec(self.catalog.get_update()),
             "reviews": self.reviews.to_dict(),
+            "frontier": self.frontier.state(oi),  # the checkpointer's (mesh.core.checkpoint)
             "origins": list(origins),
         }
         state["sections"] = [len(x) for x in sections]
@@ -1435,6 +1523,8 @@ class Replica:
         self._folded = s["folded"]
         self._releases = None
         self.reviews = ReviewSet.from_dict(s.get("reviews"))
+        if s.get("frontier") is not None:  # absent from snapshots before: afresh
+            self.frontier.restore(s["frontier"], names)
         self._reserved = {}
         for rid in self.reservations.elements():
             rec = self.records[rid]
