@@ -124,6 +124,13 @@ CATCHUP_WAIT_MS: Final = 5_000
 #: A verified state waits for storage to be idle (no append in flight) this many
 #: batches at most, then it is dropped (the full fetch goes on).
 CATCHUP_INSTALL_TRIES: Final = 1_000
+#: The checkpointer rebuilds its checkpoint state from its ledger after a restart (one
+#: replay of every envelope within the frontier, synchronously, at the first checkpoint
+#: tick) only while the store holds at most this many envelopes: a bigger archive would
+#: stall the event loop for seconds, so it serves no state until then (new tills fetch
+#: from seq 1, as before catch-up existed). Keeping the state beside the snapshot would
+#: lift this (docs/architecture.md, "Catch-up from a checkpoint").
+CATCHUP_REBUILD_MAX: Final = 100_000
 #: Bytes of envelopes the sender puts in one batch message before starting another.
 MAX_BATCH_BYTES: Final = 1024 * 1024
 #: Most envelopes in one batch message.

@@ -176,6 +176,7 @@ class DurableReplica(Generic[S]):
         self._ck_state_blob: bytes | None = None
         self.state_offer: tuple[int, int, bytes] | None = None
         self._offer_tried: bytes | None = None
+        self._rebuild_refused = False  # warned once that the archive is too big to replay
 
     @staticmethod
     def open(data_dir: Path, snapshot_every: int = config.SNAPSHOT_EVERY,
@@ -291,8 +292,18 @@ class DurableReplica(Generic[S]):
     def _state_from_scratch(self) -> Replica | None:
         """The checkpoint state of the newest checkpoint this node proposed, rebuilt
         from its ledger (the archive): every ck of its own chain in turn. O(the
-        archive): once after a restart, at the first checkpoint proposed."""
+        archive): once after a restart, at the first checkpoint proposed; None (no
+        state served) past ``config.CATCHUP_REBUILD_MAX`` envelopes, where the replay
+        would stall the event loop."""
         i = self.identity
+        held = sum(self.replica.vv.to_dict().values())
+        if held > config.CATCHUP_REBUILD_MAX:
+            if not self._rebuild_refused:
+                self._rebuild_refused = True
+                log.warning("checkpoint state not rebuilt after the restart: %d envelopes "
+                            "> CATCHUP_REBUILD_MAX %d (new tills fetch from seq 1)",
+                            held, config.CATCHUP_REBUILD_MAX)
+            return None
         state = Replica(i.store_id, BASE_NODE, i.role, checkpointer=self.checkpointer)
         top = self.replica.vv.get(i.node_id)
         seq = 1

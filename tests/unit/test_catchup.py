@@ -210,3 +210,21 @@ def test_a_till_that_installs_a_state_keeps_its_idempotency_window(store: _Store
     env = decode(r1.ledger.read_origin("r1", original, original)[0])
     res = r1.replica.sell(env.meta["sku"], 1, txn=sold, now_ms=store.t)
     assert res.duplicate and res.seq == original and res.envelope is None
+
+
+def test_a_restarted_checkpointer_over_a_big_archive_serves_no_state(
+        store: _Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # the rebuild replays the whole archive on the event loop: past the bound it is
+    # not done (no stall), no state is offered, and the next ck carries no ``sh``
+    from mesh import config
+
+    store.edge.close()
+    edge = DurableReplica.open(store.tmp / "edge")
+    store.edge = edge
+    held = sum(edge.replica.vv.to_dict().values())
+    monkeypatch.setattr(config, "CATCHUP_REBUILD_MAX", held - 1)
+    with caplog.at_level("WARNING"):
+        assert not edge.restore_offer()
+    assert edge.state_offer is None
+    assert "CATCHUP_REBUILD_MAX" in caplog.text
+    assert edge._state_from_scratch() is None
