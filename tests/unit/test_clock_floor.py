@@ -5,8 +5,6 @@ may follow the promise instead of the member's last envelope."""
 
 from __future__ import annotations
 
-import random
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +23,7 @@ from tests.unit.test_retention import (
     _history,
     _replay,
     _Store,
+    deliver_shuffled,
 )
 
 IDLE = "r2"
@@ -143,18 +142,7 @@ def test_the_idle_members_next_envelope_is_not_late_and_every_replica_agrees() -
 def _replay_trio(raws: list[bytes], order: int, *, fold: bool) -> Replica:
     r = _n(AWAY)  # an observer holding every envelope, in another order
     r.fold_enabled = fold
-    todo = list(raws)
-    random.Random(order).shuffle(todo)
-    while todo:
-        later = []
-        for raw in todo:
-            try:
-                r.apply(decode(raw), NOW)
-            except Exception:
-                later.append(raw)
-        assert len(later) < len(todo)
-        todo = later
-    return r
+    return deliver_shuffled(r, raws, order)
 
 
 def test_a_member_lying_with_a_huge_floor_only_makes_its_own_envelopes_late() -> None:

@@ -166,10 +166,15 @@ def _history(seed: int, steps: int) -> _Store:
 def _replay(raws: list[bytes], order_seed: int, *, fold: bool) -> Replica:
     r = _node("obs")
     r.fold_enabled = fold
-    rng = random.Random(order_seed)
+    return deliver_shuffled(r, raws, order_seed)
+
+
+def deliver_shuffled(r: Replica, raws: list[bytes], order_seed: int) -> Replica:
+    """Apply ``raws`` to ``r`` in an order shuffled by ``order_seed``; an envelope
+    whose chain has a gap waits for the next round."""
     todo = list(raws)
-    rng.shuffle(todo)
-    while todo:  # any order; a gap beyond the buffer waits for the next round
+    random.Random(order_seed).shuffle(todo)
+    while todo:
         later = []
         for raw in todo:
             try:
